@@ -1,0 +1,8 @@
+"""Canonicalization: bring any exported graph to the one form the later passes expect."""
+
+from __future__ import annotations
+
+from qcompiler.passes.canonicalize.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
+
+__all__ = ["FoldBatchNormPass", "FuseBiasAddPass"]

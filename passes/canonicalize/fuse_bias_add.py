@@ -1,0 +1,109 @@
+"""Fold a constant per-channel Add after Conv / Gemm / MatMul into the op's bias input.
+
+Exporters often write ``Add(Conv(x, W), b)`` with ``b`` of shape [C, 1, 1], or ``Add(MatMul(x, W), b)``;
+the quantizer and the integer lowering want the bias inside the op, where it becomes an int32 bias.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase, RewriteRuleSet
+
+
+def _const(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
+        return None
+    return value.const_value.numpy()
+
+
+def _per_channel(bias: np.ndarray, channels: int, channel_axis_from_end: int) -> np.ndarray | None:
+    """Return ``bias`` as a [channels] vector if it only varies along the channel axis, else None."""
+    if bias.size == 1:
+        return np.full((channels,), bias.reshape(()), dtype=bias.dtype)
+    shape = list(bias.shape)
+    if bias.size != channels or len(shape) < channel_axis_from_end:
+        return None
+    if shape[-channel_axis_from_end] != channels:
+        return None
+    return bias.reshape(channels)
+
+
+class _ConvAddBias(RewriteRuleClassBase):
+    """``Add(Conv(x, W[, b0]), b) -> Conv(x, W, b0 + b)`` for b constant per output channel."""
+
+    def pattern(self, op, x, w, bias):
+        return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias)
+
+    def check(self, context, x, w, bias, conv_out, **_) -> MatchResult:
+        result = MatchResult()
+        weight, add = _const(w), _const(bias)
+        if weight is None:
+            return result.fail("Conv weight is not constant")
+        if add is None:
+            return result.fail("added tensor is not constant")
+        rank = weight.ndim
+        if _per_channel(add, weight.shape[0], rank - 1) is None:
+            return result.fail(f"added constant of shape {add.shape} is not per output channel")
+        if add.ndim > rank:
+            return result.fail("added constant would broadcast the output to a higher rank")
+        return result
+
+    def rewrite(self, op, x, w, bias, conv_out, **_):
+        weight, add = _const(w), _const(bias)
+        assert weight is not None and add is not None
+        vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
+        assert vector is not None
+        node = conv_out.producer()
+        new_bias = op.initializer(ir.tensor(vector.astype(weight.dtype)), name=f"{bias.name}_bias")
+        return op.Conv(x, w, new_bias, **{k: a for k, a in node.attributes.items()})
+
+
+class _GemmAddBias(RewriteRuleClassBase):
+    """``Add(Gemm(x, W), b) -> Gemm(x, W, b)`` (no bias before, beta = 1)."""
+
+    def pattern(self, op, x, w, bias):
+        return op.Add(op.Gemm(x, w, _allow_other_attributes=True, _outputs=["gemm_out"]), bias)
+
+    def check(self, context, x, w, bias, gemm_out, **_) -> MatchResult:
+        result = MatchResult()
+        add = _const(bias)
+        if add is None:
+            return result.fail("added tensor is not constant")
+        if add.ndim > 2:
+            return result.fail("added constant has rank > 2")
+        return result
+
+    def rewrite(self, op, x, w, bias, gemm_out, **_):
+        node = gemm_out.producer()
+        return op.Gemm(x, w, bias, **{k: a for k, a in node.attributes.items()})
+
+
+class _MatMulAddBias(RewriteRuleClassBase):
+    """``Add(MatMul(x, W), b) -> Gemm(x, W, b)`` for 2-D x, constant W [K, N] and constant b."""
+
+    def pattern(self, op, x, w, bias):
+        return op.Add(op.MatMul(x, w), bias)
+
+    def check(self, context, x, w, bias, **_) -> MatchResult:
+        result = MatchResult()
+        weight, add = _const(w), _const(bias)
+        if weight is None or weight.ndim != 2:
+            return result.fail("MatMul weight is not a constant matrix")
+        if add is None:
+            return result.fail("added tensor is not constant")
+        if x.shape is None or len(x.shape) != 2:
+            return result.fail("MatMul input is not known to be 2-D")
+        if add.size not in (1, weight.shape[1]) or add.ndim > 2:
+            return result.fail(f"added constant of shape {add.shape} is not a bias of width {weight.shape[1]}")
+        return result
+
+    def rewrite(self, op, x, w, bias, **_):
+        return op.Gemm(x, w, bias)
+
+
+class FuseBiasAddPass(RewritePass):
+    """Constant per-channel ``Add`` after Conv / Gemm / 2-D MatMul becomes the op's bias."""
+
+    def __init__(self) -> None:
+        super().__init__(RewriteRuleSet([_ConvAddBias().rule(), _GemmAddBias().rule(), _MatMulAddBias().rule()]))

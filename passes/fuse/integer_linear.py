@@ -1,0 +1,99 @@
+"""Fuse ``MatMulInteger/ConvInteger -> Add(bias) -> Requantize`` into ``QGemm`` / ``QConv``.
+
+``Requantize(MatMulInteger(x, W) + b) = QGemm(x, W^T, b)``: the weight is stored transposed ([N, K], the
+layout the CPU kernel packs from) and the epilogue attributes move over unchanged.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase, RewriteRuleSet
+
+from qcompiler.dialect import DOMAIN
+from qcompiler.ir.graph import const_array
+
+_EPILOGUE = ("zero_point", "lo", "hi")
+
+
+def _epilogue(requant_out: ir.Value) -> dict[str, int]:
+    node = requant_out.producer()
+    assert node is not None
+    defaults = {"zero_point": 0, "lo": -128, "hi": 127}
+    return {k: node.attributes.get_int(k, defaults[k]) for k in _EPILOGUE}
+
+
+class _FuseMatMulInteger(RewriteRuleClassBase):
+    """``Requantize(MatMulInteger(x, W) + b, axis=-1) -> QGemm(x, W^T, b)``."""
+
+    def pattern(self, op, x, w, bias, multiplier, shift):
+        acc = op.Add(op.MatMulInteger(x, w), bias)
+        return op.Requantize(acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True,
+                             _outputs=["requant_out"])
+
+    def check(self, context, x, w, bias, multiplier, shift, requant_out, **_) -> MatchResult:
+        result = MatchResult()
+        weight, b = const_array(w), const_array(bias)
+        if weight is None or weight.ndim != 2 or weight.dtype != np.int8:
+            return result.fail("MatMulInteger weight is not a constant int8 matrix")
+        if b is None or b.dtype != np.int32 or b.size != weight.shape[1]:
+            return result.fail("the added tensor is not a constant int32 bias of width N")
+        if const_array(multiplier) is None or const_array(shift) is None:
+            return result.fail("multiplier/shift are not constant")
+        node = requant_out.producer()
+        axis = node.attributes.get_int("axis", 1)
+        rank = len(x.shape) if x.shape is not None else None
+        if const_array(multiplier).size > 1 and axis != -1 and (rank is None or axis != rank - 1):  # type: ignore[union-attr]
+            return result.fail(f"per-channel requantize on axis {axis} is not the output-feature axis")
+        return result
+
+    def rewrite(self, op, x, w, bias, multiplier, shift, requant_out, **_):
+        weight, b = const_array(w), const_array(bias)
+        assert weight is not None and b is not None
+        w_t = op.initializer(ir.tensor(np.ascontiguousarray(weight.T)), name=f"{w.name}_nk")
+        b_vec = op.initializer(ir.tensor(b.reshape(-1).astype(np.int32)), name=f"{bias.name}_vec")
+        return op.QGemm(x, w_t, b_vec, multiplier, shift, _domain=DOMAIN, **_epilogue(requant_out))
+
+
+class _FuseConvInteger(RewriteRuleClassBase):
+    """``Requantize(ConvInteger(x, W) + b, axis=1) -> QConv(x, W, b)``."""
+
+    def pattern(self, op, x, w, bias, multiplier, shift):
+        acc = op.Add(op.ConvInteger(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias)
+        return op.Requantize(acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True,
+                             _outputs=["requant_out"])
+
+    def check(self, context, x, w, bias, multiplier, shift, conv_out, requant_out, **_) -> MatchResult:
+        result = MatchResult()
+        weight, b = const_array(w), const_array(bias)
+        if weight is None or weight.ndim != 4 or weight.dtype != np.int8:
+            return result.fail("ConvInteger weight is not a constant int8 4-D tensor")
+        if b is None or b.dtype != np.int32 or b.size != weight.shape[0]:
+            return result.fail("the added tensor is not a constant int32 bias per output channel")
+        if const_array(multiplier) is None or const_array(shift) is None:
+            return result.fail("multiplier/shift are not constant")
+        if requant_out.producer().attributes.get_int("axis", 1) != 1 and const_array(multiplier).size > 1:  # type: ignore[union-attr]
+            return result.fail("per-channel requantize is not on the channel axis")
+        if conv_out.producer().attributes.get_string("auto_pad", "NOTSET") != "NOTSET":
+            return result.fail("auto_pad must be resolved to explicit pads")
+        return result
+
+    def rewrite(self, op, x, w, bias, multiplier, shift, conv_out, requant_out, **_):
+        conv = conv_out.producer()
+        b = const_array(bias)
+        assert b is not None
+        b_vec = op.initializer(ir.tensor(b.reshape(-1).astype(np.int32)), name=f"{bias.name}_vec")
+        attrs = {
+            "strides": list(conv.attributes.get_ints("strides", [1, 1])),
+            "pads": list(conv.attributes.get_ints("pads", [0, 0, 0, 0])),
+            "dilations": list(conv.attributes.get_ints("dilations", [1, 1])),
+            "group": conv.attributes.get_int("group", 1),
+        }
+        return op.QConv(x, w, b_vec, multiplier, shift, _domain=DOMAIN, **attrs, **_epilogue(requant_out))
+
+
+class FuseIntegerLinearPass(RewritePass):
+    """Integer product + bias + requantize -> ``qcompiler.QGemm`` / ``qcompiler.QConv`` (one kernel each)."""
+
+    def __init__(self) -> None:
+        super().__init__(RewriteRuleSet([_FuseMatMulInteger().rule(), _FuseConvInteger().rule()]))

@@ -1,0 +1,298 @@
+"""Dyadic integer rewriting (HAWQ-V3): every rescale of a QDQ graph becomes ``x * b >> c``.
+
+``DQ(x) -> Conv/Gemm/MatMul(DQ(W), DQ(b)) [-> Relu/Clip] -> Q``  becomes
+``ConvInteger/MatMulInteger(x, W) + b -> qcompiler.Requantize(M = S_x * S_w / S_y)``;
+residual ``Add`` becomes ``qcompiler.RescaleAdd``; ``GlobalAveragePool`` becomes ``Cast, ReduceSum,
+Requantize(M = S_x / (S_y * H * W))``; shape-only ops run on int8 unchanged. Float scales are turned
+into (b, c) exactly once, here, by :func:`qcompiler.dialect.quantize_multipliers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
+from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
+
+logger = logging.getLogger(__name__)
+
+_LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
+_SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+_ACTIVATIONS = frozenset({"Relu", "Clip"})
+_INTEGER_TYPES = frozenset(
+    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
+     ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.BOOL}
+)
+
+
+@dataclasses.dataclass
+class _Quantized:
+    """An int8 tensor and the float scale it stands for."""
+
+    value: ir.Value
+    scale: np.ndarray  # float64, scalar or per channel
+
+
+def _dequantized(value: ir.Value | None, what: str, node: ir.Node) -> _Quantized:
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear":
+        raise UnsupportedOpError(node_label(node), node.op_type, f"its {what} is not dequantized (no QDQ around it)")
+    scale = const_array(producer.inputs[1])
+    zero = const_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+    if scale is None:
+        raise UnsupportedOpError(node_label(node), node.op_type, f"the scale of its {what} is not constant")
+    if zero is not None and np.any(zero != 0):
+        raise UnsupportedOpError(
+            node_label(node), node.op_type, f"its {what} has a non-zero zero point: only symmetric quantization"
+        )
+    source = producer.inputs[0]
+    assert source is not None
+    return _Quantized(source, scale.astype(np.float64))
+
+
+def _quantized_output(node: ir.Node) -> tuple[ir.Node | None, ir.Node]:
+    """The fused activation (or None) and the QuantizeLinear that ends this node's group."""
+    out = node.outputs[0]
+    readers = consumers(out)
+    activation = None
+    if len(readers) == 1 and readers[0].op_type in _ACTIVATIONS and node.op_type not in _ACTIVATIONS:
+        activation = readers[0]
+        readers = consumers(activation.outputs[0])
+    quants = [r for r in readers if r.op_type == "QuantizeLinear"]
+    if len(quants) != 1:
+        raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized by one QuantizeLinear")
+    return activation, quants[0]
+
+
+def _clamp_bounds(activation: ir.Node | None, out_scale: float) -> tuple[int, int]:
+    if activation is None:
+        return -128, 127
+    if activation.op_type == "Relu":
+        return 0, 127
+    low = const_array(activation.inputs[1]) if len(activation.inputs) > 1 else None
+    high = const_array(activation.inputs[2]) if len(activation.inputs) > 2 else None
+    lo = -128 if low is None else int(np.clip(np.round(float(low) / out_scale), -128, 127))
+    hi = 127 if high is None else int(np.clip(np.round(float(high) / out_scale), -128, 127))
+    return lo, hi
+
+
+def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]:
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    if auto_pad in ("NOTSET", "VALID"):
+        pads = node.attributes.get_ints("pads", None)
+        return list(pads) if pads and auto_pad == "NOTSET" else [0, 0, 0, 0]
+    if x.shape is None or not all(isinstance(d, int) for d in x.shape[2:]):
+        raise UnsupportedOpError(node_label(node), node.op_type, "auto_pad SAME needs static spatial input dims")
+    strides = list(node.attributes.get_ints("strides", [1, 1]))
+    dilations = list(node.attributes.get_ints("dilations", [1, 1]))
+    begin, end = [], []
+    for axis in range(2):
+        size = int(x.shape[2 + axis])  # type: ignore[arg-type]
+        out = -(-size // strides[axis])
+        total = max(0, (out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - size)
+        small, large = total // 2, total - total // 2
+        begin.append(small if auto_pad == "SAME_UPPER" else large)
+        end.append(large if auto_pad == "SAME_UPPER" else small)
+    return begin + end
+
+
+class LowerQDQToIntegerPass(ir.passes.InPlacePass):
+    """Rewrite a static symmetric QDQ graph to integer-only ops between the input Q and the output DQ."""
+
+    preserves_outputs = False  # changes outputs by at most one quantization step (tested)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
+        modified = False
+        for node in list(graph):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
+                continue
+            if node.op_type in _ACTIVATIONS:
+                producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+                if producer is not None and producer.op_type in _LINEAR | {"Add", "GlobalAveragePool"}:
+                    continue  # fused into its producer's group
+            if node.op_type in _LINEAR:
+                self._lower_linear(graph, node)
+            elif node.op_type == "Add":
+                self._lower_add(graph, node)
+            elif node.op_type == "GlobalAveragePool":
+                self._lower_global_average_pool(graph, node)
+            elif node.op_type in _SHAPE_ONLY | _ACTIVATIONS:
+                self._lower_shape_only(graph, node)
+            else:
+                raise UnsupportedOpError(node_label(node), node.op_type, "no integer lowering for this op")
+            modified = True
+        RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+    def ensures(self, model: ir.Model) -> None:
+        offenders = float_ops_inside(model)
+        if offenders:
+            raise ir.passes.PostconditionError(
+                "float ops remain between input quantization and output dequantization: "
+                + ", ".join(offenders[:5])
+            )
+
+    # --- one lowering per op family ------------------------------------------------------------------
+    def _replace_group_output(self, graph: ir.Graph, quant: ir.Node, new_value: ir.Value) -> None:
+        old = quant.outputs[0]
+        name = old.name
+        old.name = f"{name}_lowered_away"
+        new_value.name = name
+        new_value.dtype = ir.DataType.INT8
+        new_value.shape = old.shape
+        old.replace_all_uses_with(new_value, replace_graph_outputs=True)
+
+    def _lower_linear(self, graph: ir.Graph, node: ir.Node) -> None:
+        x = _dequantized(node.inputs[0], "input", node)
+        w = _dequantized(node.inputs[1], "weight", node)
+        weight = const_array(w.value)
+        if weight is None or weight.dtype != np.int8:
+            raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
+        activation, quant = _quantized_output(node)
+        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        lo, hi = _clamp_bounds(activation, out_scale)
+        if node.op_type == "Conv":
+            channels, axis = weight.shape[0], 1
+        elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
+            weight = np.ascontiguousarray(weight.T)
+            channels, axis = weight.shape[1], -1
+        else:
+            channels, axis = weight.shape[1], -1
+        w_scale = np.broadcast_to(w.scale.reshape(-1), (channels,))
+        bias = np.zeros(channels, dtype=np.int32)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = _dequantized(node.inputs[2], "bias", node)
+            bias_q = const_array(b.value)
+            if bias_q is None or bias_q.dtype != np.int32:
+                raise UnsupportedOpError(node_label(node), node.op_type, "its bias is not a constant int32 tensor")
+            expected = x.scale.reshape(()) * w_scale
+            if not np.allclose(b.scale.reshape(-1), expected, rtol=1e-6):
+                raise UnsupportedOpError(node_label(node), node.op_type, "its bias scale is not S_x * S_w")
+            bias = np.broadcast_to(bias_q.reshape(-1), (channels,)).astype(np.int32)
+        multiplier, shift = quantize_multipliers(float(x.scale.reshape(())) * w_scale / out_scale)
+        base = quant.outputs[0].name or "y"
+        w_value = add_initializer(graph, f"{base}_weight", weight)
+        if node.op_type == "Conv":
+            kernel = (weight.shape[2], weight.shape[3])
+            if weight.ndim != 4:
+                raise UnsupportedOpError(node_label(node), "Conv", "only 2-D convolutions are supported")
+            attrs = {
+                "pads": _conv_pads(node, node.inputs[0], kernel),  # type: ignore[arg-type]
+                "strides": list(node.attributes.get_ints("strides", [1, 1])),
+                "dilations": list(node.attributes.get_ints("dilations", [1, 1])),
+                "group": node.attributes.get_int("group", 1),
+            }
+            product = ir.node("ConvInteger", [x.value, w_value], attributes=attrs)
+            bias_shape: tuple[int, ...] = (1, channels, 1, 1)
+        else:
+            product = ir.node("MatMulInteger", [x.value, w_value])
+            bias_shape = (channels,)
+        product.outputs[0].dtype = ir.DataType.INT32
+        bias_value = add_initializer(graph, f"{base}_bias", bias.reshape(bias_shape))
+        biased = ir.node("Add", [product.outputs[0], bias_value])
+        biased.outputs[0].dtype = ir.DataType.INT32
+        mult_value = add_initializer(graph, f"{base}_multiplier", multiplier)
+        shift_value = add_initializer(graph, f"{base}_shift", shift)
+        requant = ir.node(
+            "Requantize", [biased.outputs[0], mult_value, shift_value], domain=DOMAIN,
+            attributes={"axis": axis, "lo": lo, "hi": hi},
+        )
+        graph.insert_after(quant, [product, biased, requant])
+        self._replace_group_output(graph, quant, requant.outputs[0])
+
+    def _lower_add(self, graph: ir.Graph, node: ir.Node) -> None:
+        a = _dequantized(node.inputs[0], "first input", node)
+        b = _dequantized(node.inputs[1], "second input", node)
+        activation, quant = _quantized_output(node)
+        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        lo, hi = _clamp_bounds(activation, out_scale)
+        mult_a, mult_b, shift = quantize_multiplier_pair(
+            float(a.scale.reshape(())) / out_scale, float(b.scale.reshape(())) / out_scale
+        )
+        base = quant.outputs[0].name or "sum"
+        inputs = [
+            a.value, b.value,
+            add_initializer(graph, f"{base}_multiplier_a", np.array(mult_a, dtype=np.int32)),
+            add_initializer(graph, f"{base}_multiplier_b", np.array(mult_b, dtype=np.int32)),
+            add_initializer(graph, f"{base}_shift", np.array(shift, dtype=np.int32)),
+        ]
+        add = ir.node("RescaleAdd", inputs, domain=DOMAIN, attributes={"lo": lo, "hi": hi})
+        graph.insert_after(quant, add)
+        self._replace_group_output(graph, quant, add.outputs[0])
+
+    def _lower_global_average_pool(self, graph: ir.Graph, node: ir.Node) -> None:
+        x = _dequantized(node.inputs[0], "input", node)
+        activation, quant = _quantized_output(node)
+        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        shape = node.inputs[0].shape  # type: ignore[union-attr]
+        if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
+            raise UnsupportedOpError(node_label(node), node.op_type, "needs a 4-D input with static H and W")
+        count = int(shape[2]) * int(shape[3])  # type: ignore[arg-type]
+        lo, hi = _clamp_bounds(activation, out_scale)
+        base = quant.outputs[0].name or "pool"
+        widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
+        widen.outputs[0].dtype = ir.DataType.INT32
+        axes = add_initializer(graph, f"{base}_axes", np.array([2, 3], dtype=np.int64))
+        total = ir.node("ReduceSum", [widen.outputs[0], axes], attributes={"keepdims": 1})
+        total.outputs[0].dtype = ir.DataType.INT32
+        multiplier, shift = quantize_multipliers(np.array(float(x.scale.reshape(())) / (out_scale * count)))
+        requant = ir.node(
+            "Requantize",
+            [total.outputs[0], add_initializer(graph, f"{base}_multiplier", multiplier),
+             add_initializer(graph, f"{base}_shift", shift)],
+            domain=DOMAIN, attributes={"axis": 1, "lo": lo, "hi": hi},
+        )
+        graph.insert_after(quant, [widen, total, requant])
+        self._replace_group_output(graph, quant, requant.outputs[0])
+
+    def _lower_shape_only(self, graph: ir.Graph, node: ir.Node) -> None:
+        x = _dequantized(node.inputs[0], "input", node)
+        quants = [r for r in consumers(node.outputs[0]) if r.op_type == "QuantizeLinear"]
+        if len(quants) != 1:
+            raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized")
+        quant = quants[0]
+        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        if not np.isclose(out_scale, float(x.scale.reshape(())), rtol=1e-6):
+            raise UnsupportedOpError(
+                node_label(node), node.op_type, "input and output scales differ for a shape-only op"
+            )
+        if len(node.outputs) > 1 and node.outputs[1].uses():
+            raise UnsupportedOpError(node_label(node), node.op_type, "its second output is used")
+        inputs: list[ir.Value | None] = [x.value, *node.inputs[1:]]
+        if node.op_type == "Clip":
+            bounds = []
+            for i, fallback in ((1, -128), (2, 127)):
+                c = const_array(node.inputs[i]) if len(node.inputs) > i else None
+                level = fallback if c is None else int(np.clip(np.round(float(c) / out_scale), -128, 127))
+                bounds.append(add_initializer(graph, f"{quant.outputs[0].name}_clip{i}", np.array(level, np.int8)))
+            inputs = [x.value, *bounds]
+        attrs = dict(node.attributes.items())
+        integer = ir.node(node.op_type, inputs, attributes=attrs)
+        graph.insert_after(quant, integer)
+        self._replace_group_output(graph, quant, integer.outputs[0])
+
+
+def float_ops_inside(model: ir.Model) -> list[str]:
+    """Nodes computing on floats other than the input QuantizeLinear and the output DequantizeLinear."""
+    graph = model.graph
+    outputs = {id(v) for v in graph.outputs}
+    offenders = []
+    for node in graph:
+        if node.op_type == "QuantizeLinear" and node.inputs[0] is not None and node.inputs[0].producer() is None:
+            continue
+        if node.op_type == "DequantizeLinear" and id(node.outputs[0]) in outputs:
+            continue
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        if any(v.dtype is not None and v.dtype not in _INTEGER_TYPES for v in values):
+            offenders.append(node_label(node))
+        elif any(v.dtype is None for v in node.outputs):
+            offenders.append(node_label(node))
+    return offenders

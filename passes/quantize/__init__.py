@@ -1,0 +1,8 @@
+"""Quantization: observers, weight quantizers and the QDQ insertion pass."""
+
+from __future__ import annotations
+
+from qcompiler.passes.quantize.observers import MinMaxObserver, Observer, PercentileObserver, make_observer
+from qcompiler.passes.quantize.qdq import QuantizeQDQPass
+
+__all__ = ["MinMaxObserver", "Observer", "PercentileObserver", "QuantizeQDQPass", "make_observer"]

@@ -1,0 +1,242 @@
+"""Insert QuantizeLinear/DequantizeLinear pairs: static W8A8 in standard QDQ ONNX (runs in onnxruntime).
+
+Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``q = clamp(round(W / s_c), -127, 127)``.
+Activations: symmetric int8 per tensor from the calibrated threshold, ``s = absmax / 127``, zero point 0.
+Bias: int32 at scale ``s_x * s_w``, so the QDQ graph already carries the integer graph's bias rounding.
+Shape-only ops (MaxPool, Reshape, ...) and stand-alone ReLU keep their input's scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import CalibrationError, UnsupportedOpError
+from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+
+logger = logging.getLogger(__name__)
+
+WEIGHT_QMAX = 127
+ACT_QMAX = 127
+INT32_MAX = (1 << 31) - 1
+
+#: ops whose output gets its own calibrated scale
+ANCHOR_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
+#: activations that fuse into the anchor before them
+FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+#: ops that only move or select int8 values: their output keeps the input's scale
+PASS_THROUGH_OPS = frozenset(
+    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip"}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+    """What the QDQ pass produces. Validated on construction."""
+
+    weight_bits: int = 8
+    activation_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if self.weight_bits != 8:
+            raise ValueError(f"weight_bits: only 8 is supported by the integer path today, got {self.weight_bits}")
+        if self.activation_bits != 8:
+            raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
+
+
+def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric int8 per channel along ``axis``: ``(q in [-127, 127], scales float32)``."""
+    moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
+    absmax = np.abs(moved).max(axis=1)
+    scales = np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    shape = [1] * weight.ndim
+    shape[axis] = -1
+    q = np.clip(np.round(weight / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+    return q, scales
+
+
+def activation_scale(absmax: float) -> np.float32:
+    return np.float32(max(absmax, 1e-8) / ACT_QMAX)
+
+
+class QuantizeQDQPass(ir.passes.InPlacePass):
+    """Rewrite a float graph into static W8A8 QDQ form from calibrated activation thresholds.
+
+    Args:
+        ranges: activation name -> symmetric threshold (from :func:`qcompiler.calibrate.calibrate`).
+        config: bit widths.
+    """
+
+    preserves_outputs = False  # quantization changes the outputs by design; tests bound the change
+
+    def __init__(self, ranges: Mapping[str, float], config: QuantizeConfig | None = None) -> None:
+        super().__init__()
+        self.ranges = dict(ranges)
+        self.config = config or QuantizeConfig()
+
+    def requires(self, model: ir.Model) -> None:
+        if model.opset_imports.get("", 0) < 13:
+            raise ir.passes.PreconditionError("QuantizeQDQPass needs opset >= 13 (per-axis QuantizeLinear)")
+        for node in model.graph:
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                raise ir.passes.PreconditionError(f"model is already quantized (node {node_label(node)})")
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        self._check_supported(graph)
+        scale_of: dict[int, np.float32] = {}  # id(float value or its DQ output) -> scale
+        self._scale_of = scale_of
+        for value in list(graph.inputs):
+            if value.dtype == ir.DataType.FLOAT:
+                scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
+        for node in list(graph):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+                continue
+            if node.op_type in ("Conv", "Gemm", "MatMul"):
+                self._quantize_weights(graph, node, scale_of)
+            out = node.outputs[0]
+            if node.op_type in ANCHOR_OPS:
+                fused = consumers(out)
+                if (
+                    len(fused) == 1
+                    and fused[0].op_type in FUSABLE_ACTIVATIONS
+                    and not is_graph_output(graph, out)
+                ):
+                    continue  # the activation's output carries the scale
+                scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
+            elif node.op_type in FUSABLE_ACTIVATIONS and node.inputs[0] is not None and (
+                node.inputs[0].producer() is not None and node.inputs[0].producer().op_type in ANCHOR_OPS  # type: ignore[union-attr]
+                and id(node.inputs[0]) not in scale_of
+            ):
+                scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
+            else:  # pass-through: same scale as the input
+                source = node.inputs[0]
+                if source is None or id(source) not in scale_of:
+                    raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
+                scale_of[id(out)] = self._quantize_value(graph, out, None, scale_of[id(source)])
+        return ir.passes.PassResult(model, modified=True)
+
+    # --- helpers -------------------------------------------------------------------------------
+    def _check_supported(self, graph: ir.Graph) -> None:
+        for node in graph:
+            label = node_label(node)
+            if node.domain not in ("", "ai.onnx"):
+                raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
+            if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
+                raise UnsupportedOpError(
+                    label, node.op_type, "the W8A8 integer path does not handle this op yet; "
+                    "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS))
+                )
+            if node.op_type in ("Conv", "Gemm", "MatMul") and const_array(node.inputs[1]) is None:
+                raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
+            if node.op_type == "Add" and any(const_array(v) is not None for v in node.inputs):
+                raise UnsupportedOpError(
+                    label, "Add", "an Add of a constant that is not a Conv/Gemm bias is not supported yet"
+                )
+            if node.op_type == "Gemm":
+                alpha = node.attributes.get("alpha")
+                if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
+                    raise UnsupportedOpError(label, "Gemm", "transA=1 or alpha != 1 is not supported")
+            if node.op_type == "MatMul" and (w := const_array(node.inputs[1])) is not None and w.ndim != 2:
+                raise UnsupportedOpError(label, "MatMul", f"weight of rank {w.ndim}: only 2-D weights")
+
+    def _range(self, value: ir.Value) -> float:
+        if value.name not in self.ranges:
+            raise CalibrationError(
+                f"calibration: no range for tensor {value.name!r}; calibrate the same (canonicalized) model "
+                "that is being quantized"
+            )
+        return self.ranges[value.name]
+
+    def _quantize_value(
+        self, graph: ir.Graph, value: ir.Value, absmax: float | None, scale: np.float32 | None = None
+    ) -> np.float32:
+        """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it."""
+        if scale is None:
+            assert absmax is not None
+            scale = activation_scale(absmax)
+        base = value.name or "act"
+        readers = list(value.uses())  # before the Q node below becomes a reader too
+        scale_value = add_initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
+        zero_value = add_initializer(graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
+        quant = ir.node("QuantizeLinear", [value, scale_value, zero_value])
+        quant.outputs[0].name = f"{base}_q"
+        quant.outputs[0].dtype = ir.DataType.INT8
+        quant.outputs[0].shape = value.shape
+        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value])
+        deq_out = dequant.outputs[0]
+        deq_out.dtype = ir.DataType.FLOAT
+        deq_out.shape = value.shape
+        deq_out.name = f"{base}_dq"
+        producer = value.producer()
+        if producer is None:
+            graph.insert_before(graph.node(0), [quant, dequant])
+        else:
+            graph.insert_after(producer, [quant, dequant])
+        for reader, index in readers:
+            reader.replace_input_with(index, deq_out)
+        if is_graph_output(graph, value):
+            position = next(i for i, out in enumerate(graph.outputs) if out is value)
+            original = value.name
+            value.name = f"{original}_float"
+            quant.outputs[0].name = f"{original}_q"
+            deq_out.name = original
+            graph.outputs[position] = deq_out
+        self._scale_of[id(deq_out)] = scale
+        return scale
+
+    def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
+        source = node.inputs[0]
+        assert source is not None
+        dq_input = source.producer()
+        if dq_input is None or dq_input.op_type != "DequantizeLinear":
+            raise UnsupportedOpError(node_label(node), node.op_type, "its input activation is not quantized")
+        input_scale = scale_of[id(dq_input.inputs[0].producer().inputs[0])]  # type: ignore[union-attr]
+        weight = const_array(node.inputs[1])
+        assert weight is not None
+        if node.op_type == "Conv":
+            axis = 0
+        elif node.op_type == "Gemm":
+            axis = 0 if node.attributes.get_int("transB", 0) else 1
+        else:
+            axis = 1
+        q_weight, w_scales = quantize_weight_per_channel(weight, axis)
+        w_name = node.inputs[1].name or "weight"  # type: ignore[union-attr]
+        q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
+        s_value = add_initializer(graph, f"{w_name}_scale", w_scales)
+        z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros_like(w_scales, dtype=np.int8))
+        deq_w = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis})
+        deq_w.outputs[0].name = f"{w_name}_dq"
+        deq_w.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, deq_w)
+        node.replace_input_with(1, deq_w.outputs[0])
+        bias_index = 2
+        bias = const_array(node.inputs[bias_index]) if len(node.inputs) > bias_index else None
+        if bias is None:
+            return
+        channels = weight.shape[axis]
+        bias_vec = np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) if bias.size in (1, channels) else None
+        if bias_vec is None:
+            raise UnsupportedOpError(node_label(node), node.op_type, f"bias of shape {bias.shape} is not per channel")
+        bias_scales = (np.float64(input_scale) * w_scales.astype(np.float64)).astype(np.float32)
+        q_bias = np.round(bias_vec / bias_scales.astype(np.float64))
+        reduction = int(np.prod(weight.shape)) // channels
+        limit = INT32_MAX - reduction * 128 * 127
+        if np.any(np.abs(q_bias) > limit):
+            raise UnsupportedOpError(
+                node_label(node), node.op_type,
+                "the bias does not fit int32 at scale S_x*S_w; the input range is too small for this bias",
+            )
+        b_name = node.inputs[bias_index].name or "bias"  # type: ignore[union-attr]
+        qb_value = add_initializer(graph, f"{b_name}_quantized", q_bias.astype(np.int32))
+        sb_value = add_initializer(graph, f"{b_name}_scale", bias_scales)
+        zb_value = add_initializer(graph, f"{b_name}_zero_point", np.zeros(channels, dtype=np.int32))
+        deq_b = ir.node("DequantizeLinear", [qb_value, sb_value, zb_value], attributes={"axis": 0})
+        deq_b.outputs[0].name = f"{b_name}_dq"
+        deq_b.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, deq_b)
+        node.replace_input_with(bias_index, deq_b.outputs[0])

@@ -1,0 +1,135 @@
+"""Calibration: run the float graph in onnxruntime over batches and observe every activation's range."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+from tqdm.auto import tqdm
+
+from qcompiler.errors import CalibrationError
+from qcompiler.passes.quantize.observers import Observer, make_observer
+
+logger = logging.getLogger(__name__)
+
+Batch = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
+
+_FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+
+
+def input_specs(model: ir.Model) -> list[tuple[str, tuple[int | None, ...], np.dtype]]:
+    """(name, shape with None for dynamic dims, numpy dtype) of every graph input."""
+    specs = []
+    for value in model.graph.inputs:
+        shape = tuple(d if isinstance(d, int) else None for d in value.shape) if value.shape is not None else ()
+        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+        specs.append((value.name or "", shape, dtype))
+    return specs
+
+
+def as_feeds(model: ir.Model, batch: Any, argument: str = "calibration") -> dict[str, np.ndarray]:
+    """Turn a batch (dict, sequence of arrays, one array or torch tensors) into checked ORT feeds.
+
+    Raises:
+        CalibrationError: a missing input, or a shape or dtype that does not fit the model's input.
+    """
+    specs = input_specs(model)
+    if isinstance(batch, Mapping):
+        unknown = set(batch) - {name for name, _, _ in specs}
+        if unknown:
+            raise CalibrationError(
+                f"{argument}: unknown input name(s) {sorted(unknown)}; the model's inputs are "
+                f"{[name for name, _, _ in specs]}"
+            )
+        arrays = [batch.get(name) for name, _, _ in specs]
+    elif isinstance(batch, list | tuple):
+        arrays = list(batch)
+    else:
+        arrays = [batch]
+    if len(arrays) != len(specs):
+        raise CalibrationError(f"{argument}: the model takes {len(specs)} input(s), got {len(arrays)}")
+    feeds: dict[str, np.ndarray] = {}
+    for (name, shape, dtype), array in zip(specs, arrays, strict=True):
+        if array is None:
+            raise CalibrationError(f"{argument}: input {name!r} is missing")
+        array = np.asarray(array.detach().cpu().numpy() if hasattr(array, "detach") else array)
+        if array.ndim != len(shape) or any(d is not None and d != a for d, a in zip(shape, array.shape, strict=True)):
+            raise CalibrationError(
+                f"{argument}: input {name!r} has shape {tuple(array.shape)}, the model expects "
+                f"{tuple('?' if d is None else d for d in shape)}"
+            )
+        if array.dtype.kind not in "fiub":
+            raise CalibrationError(f"{argument}: input {name!r} has dtype {array.dtype}, expected {dtype}")
+        feeds[name] = array.astype(dtype, copy=False)
+    return feeds
+
+
+def _float_values(model: ir.Model) -> list[str]:
+    names = [v.name for v in model.graph.inputs if v.dtype in _FLOAT_TYPES and v.name]
+    for node in model.graph:
+        for value in node.outputs:
+            if value.name and (value.dtype is None or value.dtype in _FLOAT_TYPES):
+                names.append(value.name)
+    return names
+
+
+def _session_with_all_outputs(model: ir.Model, names: list[str]) -> ort.InferenceSession:
+    proto = ir.serde.serialize_model(model)
+    existing = {o.name for o in proto.graph.output}
+    for name in names:
+        if name not in existing:
+            proto.graph.output.append(onnx.ValueInfoProto(name=name))
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def calibrate(
+    model: ir.Model,
+    data: Iterable[Batch],
+    *,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """Observe the float graph on ``data`` and return the clipping threshold ``absmax`` of every activation.
+
+    Args:
+        model: the float model (not modified).
+        data: an iterable of batches; consumed once, one batch in memory at a time.
+        observer: ``minmax`` or ``percentile``.
+        percentile: the percentile of ``|x|`` for the percentile observer.
+        progress: show a progress bar.
+        max_batches: stop after this many batches.
+
+    Raises:
+        CalibrationError: no data, or a batch that does not fit the model.
+    """
+    names = _float_values(model)
+    session = _session_with_all_outputs(model, names)
+    output_names = [o.name for o in session.get_outputs()]
+    observers: dict[str, Observer] = {}
+    seen = 0
+    for batch in tqdm(data, desc="calibrating", unit="batch", disable=not progress):
+        feeds = as_feeds(model, batch)
+        results = session.run(output_names, feeds)
+        for name, values in zip(output_names, results, strict=True):
+            values = np.asarray(values)
+            if values.dtype.kind != "f":
+                continue
+            if name not in observers:
+                observers[name] = make_observer(observer, percentile)
+            observers[name].update(values)
+        seen += 1
+        if max_batches is not None and seen >= max_batches:
+            break
+    if seen == 0:
+        raise CalibrationError("calibration: the data iterable yielded no batch")
+    logger.info("calibrated %d tensors over %d batches", len(observers), seen)
+    return {name: obs.absmax() for name, obs in observers.items()}

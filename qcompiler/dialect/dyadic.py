@@ -1,0 +1,71 @@
+"""Dyadic numbers: a real rescale factor M written exactly once as ``b * 2^-c``.
+
+The lowering pass turns every float scale ratio into a (multiplier, shift) pair with this module and
+nowhere else, so the integer graph, the reference semantics and every backend agree by construction.
+
+Rounding rule (the one rule of the dialect): ``round_shift(v, c) = (v + 2^(c-1)) >> c`` with an
+arithmetic (flooring) shift, i.e. round half up, ties toward +infinity. It is exact in int64 arithmetic.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MULTIPLIER_MIN = 1 << 30
+MULTIPLIER_MAX = (1 << 31) - 1
+SHIFT_MIN = 1
+SHIFT_MAX = 62
+
+
+def quantize_multiplier(real: float) -> tuple[int, int]:
+    """Return ``(b, c)`` with ``b * 2^-c ~= real``, ``b`` in ``[2^30, 2^31)`` and ``c`` in ``[1, 62]``.
+
+    ``real`` must be positive and below ``2^30`` (the shift must stay at least 1). Multipliers too small
+    for a 62-bit shift keep ``c = 62`` and a smaller ``b`` (they round to zero on int32 inputs anyway).
+
+    Raises:
+        ValueError: ``real`` is not a finite positive number or is too large.
+    """
+    if not math.isfinite(real) or real <= 0.0:
+        raise ValueError(f"rescale factor must be finite and > 0, got {real!r}")
+    mantissa, exponent = math.frexp(real)  # real = mantissa * 2^exponent, mantissa in [0.5, 1)
+    multiplier = round(mantissa * (1 << 31))
+    if multiplier == 1 << 31:  # the mantissa rounded up to 1.0: renormalise instead of overflowing int32
+        multiplier = 1 << 30
+        exponent += 1
+    shift = 31 - exponent
+    if shift < SHIFT_MIN:
+        raise ValueError(f"rescale factor {real!r} is too large for a dyadic multiplier (shift {shift} < 1)")
+    if shift > SHIFT_MAX:
+        multiplier = round(real * 2.0**SHIFT_MAX)
+        shift = SHIFT_MAX
+    return int(multiplier), int(shift)
+
+
+def quantize_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Vectorised :func:`quantize_multiplier`: int32 arrays of multipliers and shifts."""
+    flat = np.asarray(reals, dtype=np.float64).reshape(-1)
+    pairs = [quantize_multiplier(float(r)) for r in flat]
+    mult = np.array([p[0] for p in pairs], dtype=np.int32).reshape(np.shape(reals))
+    shift = np.array([p[1] for p in pairs], dtype=np.int32).reshape(np.shape(reals))
+    return mult, shift
+
+
+def quantize_multiplier_pair(real_a: float, real_b: float) -> tuple[int, int, int]:
+    """Two factors sharing one shift: ``(b_a, b_b, c)`` with the larger multiplier in ``[2^30, 2^31)``."""
+    _, shift = quantize_multiplier(max(real_a, real_b))
+    mult_a = round(real_a * 2.0**shift)
+    mult_b = round(real_b * 2.0**shift)
+    if max(mult_a, mult_b) > MULTIPLIER_MAX:  # unreachable after frexp renormalisation; guards int32
+        shift -= 1
+        mult_a, mult_b = round(real_a * 2.0**shift), round(real_b * 2.0**shift)
+    return int(mult_a), int(mult_b), int(shift)
+
+
+def round_shift(value: np.ndarray, shift: np.ndarray) -> np.ndarray:
+    """``(value + 2^(shift-1)) >> shift`` in int64: the dialect's rounding rule (ties toward +inf)."""
+    value = np.asarray(value, dtype=np.int64)
+    shift = np.asarray(shift, dtype=np.int64)
+    return (value + (np.int64(1) << (shift - 1))) >> shift

@@ -1,0 +1,136 @@
+"""Numpy reference semantics of the ``qcompiler`` domain: the definition every backend must match.
+
+All arithmetic is exact integer arithmetic with int64 intermediates. The classes plug into
+``onnx.reference.ReferenceEvaluator`` through ``new_ops=REFERENCE_OPS``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+from numpy.lib.stride_tricks import sliding_window_view
+from onnx.reference import ReferenceEvaluator
+from onnx.reference.op_run import OpRun
+
+from qcompiler.dialect.dyadic import round_shift
+from qcompiler.dialect.schemas import DOMAIN
+
+
+def _channel_view(param: np.ndarray, rank: int, axis: int) -> np.ndarray:
+    """Reshape a scalar or per-channel parameter so it broadcasts along ``axis`` of a rank-``rank`` tensor."""
+    param = np.asarray(param, dtype=np.int64)
+    if param.size == 1:
+        return param.reshape(())
+    axis = axis % rank
+    shape = [1] * rank
+    shape[axis] = param.size
+    return param.reshape(shape)
+
+
+def requantize(
+    x: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    *,
+    axis: int = 1,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """``clamp(((x*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8; ``b``, ``c`` scalar or per channel on ``axis``."""
+    x64 = np.asarray(x, dtype=np.int64)
+    mult = _channel_view(multiplier, x64.ndim, axis)
+    sh = _channel_view(shift, x64.ndim, axis)
+    if np.any(sh < 1) or np.any(sh > 62):
+        raise ValueError("Requantize: shift must lie in [1, 62]")
+    y = round_shift(x64 * mult, sh) + zero_point
+    return np.clip(y, lo, hi).astype(np.int8)
+
+
+def qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
+    """int8 [..., K] x int8 [N, K]^T + int32 bias -> int32 accumulators (exact; checked against overflow)."""
+    acc = np.matmul(x.astype(np.int64), w.astype(np.int64).T) + bias.astype(np.int64)
+    return _as_int32(acc, "QGemm")
+
+
+def conv2d_int(
+    x: np.ndarray,
+    w: np.ndarray,
+    strides: Sequence[int],
+    pads: Sequence[int],
+    dilations: Sequence[int],
+    group: int,
+) -> np.ndarray:
+    """Exact int64 2-D NCHW convolution (cross-correlation, as ONNX Conv)."""
+    n, c, _, _ = x.shape
+    m, cg, kh, kw = w.shape
+    if c != cg * group:
+        raise ValueError(f"QConv: input has {c} channels, weights expect {cg} x group {group}")
+    xp = np.pad(x.astype(np.int64), ((0, 0), (0, 0), (pads[0], pads[2]), (pads[1], pads[3])))
+    dh, dw = dilations
+    window = sliding_window_view(xp, ((kh - 1) * dh + 1, (kw - 1) * dw + 1), axis=(2, 3))
+    window = window[:, :, :: strides[0], :: strides[1], ::dh, ::dw]  # [n, c, oh, ow, kh, kw]
+    out_per_group = m // group
+    outs = []
+    for g in range(group):
+        xs = window[:, g * cg : (g + 1) * cg]
+        ws = w[g * out_per_group : (g + 1) * out_per_group].astype(np.int64)
+        outs.append(np.einsum("nchwij,mcij->nmhw", xs, ws, optimize=True))
+    return np.concatenate(outs, axis=1)
+
+
+def _as_int32(acc: np.ndarray, op: str) -> np.ndarray:
+    if acc.size and (acc.max() > np.iinfo(np.int32).max or acc.min() < np.iinfo(np.int32).min):
+        raise OverflowError(f"{op}: int32 accumulator overflow; reduce the reduction length or bias range")
+    return acc.astype(np.int32)
+
+
+class Requantize(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, multiplier, shift, axis=1, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+        return (requantize(x, multiplier, shift, axis=axis, zero_point=zero_point, lo=lo, hi=hi),)
+
+
+class RescaleAdd(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, a, b, multiplier_a, multiplier_b, shift, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+        total = a.astype(np.int64) * np.int64(multiplier_a) + b.astype(np.int64) * np.int64(multiplier_b)
+        y = round_shift(total, np.int64(shift)) + zero_point
+        return (np.clip(y, lo, hi).astype(np.int8),)
+
+
+class QGemm(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, w, bias, multiplier, shift, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+        acc = qgemm(x, w, bias)
+        return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
+
+
+class QConv(OpRun):
+    op_domain = DOMAIN
+
+    def _run(  # type: ignore[override]
+        self, x, w, bias, multiplier, shift, strides=None, pads=None, dilations=None, group=1,
+        zero_point=0, lo=-128, hi=127,
+    ):
+        strides = list(strides) if strides else [1, 1]
+        pads = list(pads) if pads else [0, 0, 0, 0]
+        dilations = list(dilations) if dilations else [1, 1]
+        acc = conv2d_int(x, w, strides, pads, dilations, group) + bias.astype(np.int64).reshape(1, -1, 1, 1)
+        acc32 = _as_int32(acc, "QConv")
+        return (requantize(acc32, multiplier, shift, axis=1, zero_point=zero_point, lo=lo, hi=hi),)
+
+
+REFERENCE_OPS: list[type[OpRun]] = [Requantize, RescaleAdd, QGemm, QConv]
+
+
+def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[Any]:
+    """Run a model (standard ONNX plus the ``qcompiler`` domain) on the reference interpreter."""
+    evaluator = ReferenceEvaluator(model, new_ops=REFERENCE_OPS)
+    return list(evaluator.run(None, dict(feeds)))

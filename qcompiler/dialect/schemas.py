@@ -1,0 +1,112 @@
+"""ONNX schemas of the ``qcompiler`` domain, registered with ``onnx.defs`` so the checker knows them.
+
+The full specification (semantics, rounding, bit widths) is docs/dialect.md; the executable definition
+is :mod:`qcompiler.dialect.reference`.
+"""
+
+from __future__ import annotations
+
+import onnx.defs
+import onnx.helper
+from onnx.defs import OpSchema
+
+DOMAIN = "qcompiler"
+OPSET_VERSION = 1
+
+_I8 = "tensor(int8)"
+_I32 = "tensor(int32)"
+_INT = OpSchema.AttrType.INT
+_INTS = OpSchema.AttrType.INTS
+
+
+
+def _attr(name: str, default: int, doc: str) -> OpSchema.Attribute:
+    return OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), doc)
+
+
+_EPILOGUE_ATTRS = [
+    _attr("zero_point", 0, "output zero point added after the rescale"),
+    _attr("lo", -128, "lower clamp of the output (a fused ReLU raises it to zero_point)"),
+    _attr("hi", 127, "upper clamp of the output"),
+]
+
+
+def _param(name: str, type_str: str, doc: str) -> OpSchema.FormalParameter:
+    return OpSchema.FormalParameter(name, type_str, doc)
+
+
+def _schemas() -> list[OpSchema]:
+    requantize = OpSchema(
+        "Requantize",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = clamp(((x * multiplier + 2^(shift-1)) >> shift) + zero_point, lo, hi), int64 arithmetic.",
+        inputs=[
+            _param("x", "T", "integer input (int32 accumulators or int8)"),
+            _param("multiplier", _I32, "b in [2^30, 2^31), scalar or one per channel along axis"),
+            _param("shift", _I32, "c in [1, 62], same shape as multiplier"),
+        ],
+        outputs=[_param("y", _I8, "int8 output")],
+        type_constraints=[("T", [_I8, _I32], "integer input types")],
+        attributes=[_attr("axis", 1, "channel axis for per-channel multipliers"), *_EPILOGUE_ATTRS],
+    )
+    rescale_add = OpSchema(
+        "RescaleAdd",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = clamp(((a*multiplier_a + b*multiplier_b + 2^(shift-1)) >> shift) + zero_point, lo, hi).",
+        inputs=[
+            _param("a", _I8, "first addend"),
+            _param("b", _I8, "second addend (numpy broadcasting)"),
+            _param("multiplier_a", _I32, "scalar multiplier of a"),
+            _param("multiplier_b", _I32, "scalar multiplier of b"),
+            _param("shift", _I32, "scalar shared shift"),
+        ],
+        outputs=[_param("y", _I8, "int8 sum at the output scale")],
+        attributes=list(_EPILOGUE_ATTRS),
+    )
+    qgemm = OpSchema(
+        "QGemm",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = Requantize(x @ w^T + bias, axis=-1): int8 x int8 -> int32 accumulate, fused epilogue.",
+        inputs=[
+            _param("x", _I8, "activations [..., K]"),
+            _param("w", _I8, "weights [N, K] (nn.Linear layout)"),
+            _param("bias", _I32, "int32 bias [N] at scale S_x * S_w"),
+            _param("multiplier", _I32, "scalar or [N]"),
+            _param("shift", _I32, "scalar or [N]"),
+        ],
+        outputs=[_param("y", _I8, "int8 [..., N]")],
+        attributes=list(_EPILOGUE_ATTRS),
+    )
+    qconv = OpSchema(
+        "QConv",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = Requantize(conv2d(x, w) + bias, axis=1): 2-D NCHW convolution with a fused epilogue.",
+        inputs=[
+            _param("x", _I8, "activations [N, C, H, W]"),
+            _param("w", _I8, "weights [M, C/group, kH, kW]"),
+            _param("bias", _I32, "int32 bias [M] at scale S_x * S_w"),
+            _param("multiplier", _I32, "scalar or [M]"),
+            _param("shift", _I32, "scalar or [M]"),
+        ],
+        outputs=[_param("y", _I8, "int8 [N, M, OH, OW]")],
+        attributes=[
+            OpSchema.Attribute("strides", OpSchema.AttrType.INTS, "stride per spatial axis", required=False),
+            OpSchema.Attribute("pads", OpSchema.AttrType.INTS, "begin/end pads (ONNX order)", required=False),
+            OpSchema.Attribute("dilations", OpSchema.AttrType.INTS, "dilation per axis", required=False),
+            _attr("group", 1, "number of groups"),
+            *_EPILOGUE_ATTRS,
+        ],
+    )
+    return [requantize, rescale_add, qgemm, qconv]
+
+
+def register_schemas() -> None:
+    """Register every schema once (idempotent: a second import does nothing)."""
+    for schema in _schemas():
+        if onnx.defs.has(schema.name, DOMAIN):
+            continue
+        onnx.defs.register_schema(schema)

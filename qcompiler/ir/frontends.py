@@ -1,0 +1,100 @@
+"""Frontends: every supported model form becomes one ``onnx_ir.Model``."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
+
+from qcompiler.errors import ModelLoadError
+
+logger = logging.getLogger(__name__)
+
+ModelLike = Any  # torch.nn.Module | str | os.PathLike | onnx.ModelProto | ir.Model
+
+
+def load(
+    model: ModelLike,
+    example_inputs: Sequence[Any] | None = None,
+    dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+) -> ir.Model:
+    """Load ``model`` into an ``onnx_ir.Model`` with Constant nodes lifted to initializers.
+
+    Args:
+        model: a ``torch.nn.Module`` (captured with torch.export through ``torch.onnx.export(dynamo=True)``),
+            a path to an ONNX file (external data next to it is read), an ``onnx.ModelProto`` or an
+            ``onnx_ir.Model`` (used as is, not copied).
+        example_inputs: positional example inputs, required for a ``torch.nn.Module``.
+        dynamic_shapes: forwarded to ``torch.onnx.export`` for a ``torch.nn.Module``.
+
+    Raises:
+        ModelLoadError: the file is missing or malformed, or the module cannot be exported.
+    """
+    if isinstance(model, ir.Model):
+        result = model
+    elif isinstance(model, onnx.ModelProto):
+        result = ir.serde.deserialize_model(model)
+    elif isinstance(model, str | os.PathLike):
+        result = _load_file(Path(model))
+    elif _is_torch_module(model):
+        result = _export_torch(model, example_inputs, dynamic_shapes)
+    else:
+        raise ModelLoadError(
+            f"model: cannot load an object of type {type(model).__name__}; pass a torch.nn.Module, "
+            "a path to an .onnx file, an onnx.ModelProto or an onnx_ir.Model"
+        )
+    RemoveInitializersFromInputsPass()(result)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(result)
+    return result
+
+
+def _load_file(path: Path) -> ir.Model:
+    if not path.is_file():
+        raise ModelLoadError(f"model: no such ONNX file: {path}")
+    try:
+        proto = onnx.load(str(path), load_external_data=True)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ... for bad files
+        raise ModelLoadError(
+            f"model: {path} is not a readable ONNX file ({type(exc).__name__}: {exc}); "
+            "re-export it or check that its external data files sit next to it"
+        ) from exc
+    if not proto.graph.node:
+        raise ModelLoadError(f"model: {path} holds no graph nodes; is it an ONNX model file?")
+    try:
+        return ir.serde.deserialize_model(proto)
+    except Exception as exc:
+        raise ModelLoadError(f"model: {path} is malformed ONNX: {exc}") from exc
+
+
+def _is_torch_module(model: object) -> bool:
+    try:
+        import torch
+    except ImportError:  # torch is optional for ONNX users
+        return False
+    return isinstance(model, torch.nn.Module)
+
+
+def _export_torch(module: Any, example_inputs: Sequence[Any] | None, dynamic_shapes: Any) -> ir.Model:
+    import torch
+
+    if example_inputs is None:
+        raise ModelLoadError("example_inputs: required to capture a torch.nn.Module with torch.export")
+    args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
+    module = module.eval()
+    try:
+        with torch.no_grad():
+            program = torch.onnx.export(
+                module, args, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False
+            )
+    except Exception as exc:
+        raise ModelLoadError(f"model: torch.export of {type(module).__name__} failed: {exc}") from exc
+    if program is None:
+        raise ModelLoadError(f"model: torch.onnx.export returned nothing for {type(module).__name__}")
+    logger.info("captured %s with torch.export", type(module).__name__)
+    return program.model

@@ -1,0 +1,176 @@
+"""Pass pipelines: verify-each, per-pass timing and change counts, IR dumps, probe comparisons.
+
+A pipeline is a list of plain ``onnx_ir`` passes. It adds what a compiler developer needs when a
+pass goes wrong: the verifier after every pass, a comparison of outputs with the previous stage on a
+probe input, and the name of the pass that broke the graph.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import PassFailedError, VerificationError
+from qcompiler.ir.verifier import verify
+
+logger = logging.getLogger(__name__)
+
+Runner = Callable[[ir.Model, Mapping[str, np.ndarray]], list[np.ndarray]]
+
+
+@dataclasses.dataclass(frozen=True)
+class PassRecord:
+    """What one pass did: its name, wall time, the ``modified`` flag and the node changes by op type."""
+
+    name: str
+    seconds: float
+    modified: bool
+    nodes_before: int
+    nodes_after: int
+    added: Mapping[str, int]
+    removed: Mapping[str, int]
+
+    def as_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    model: ir.Model
+    records: tuple[PassRecord, ...]
+
+    @property
+    def modified(self) -> bool:
+        return any(r.modified for r in self.records)
+
+
+def _op_counts(model: ir.Model) -> collections.Counter[str]:
+    return collections.Counter(
+        f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in model.graph
+    )
+
+
+def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run any model of the pipeline (float, QDQ, or integer dialect) on the reference interpreter."""
+    from qcompiler.dialect import run_reference
+
+    return [np.asarray(o) for o in run_reference(ir.serde.serialize_model(model), feeds)]
+
+
+class Pipeline:
+    """Run passes in order with optional verification, probe comparison and IR dumps.
+
+    Args:
+        passes: ``onnx_ir`` passes (anything callable as ``pass_(model) -> PassResult``).
+        verify_each: run :func:`qcompiler.ir.verify` after every pass.
+        probe_inputs: feeds for an output comparison with the previous stage after every pass whose
+            class attribute ``preserves_outputs`` is true (default true).
+        rtol, atol: tolerance of that comparison.
+        dump_dir: write ``NN_passname.onnx`` after every pass.
+        runner: how to execute a model for the comparison (default: the reference interpreter).
+    """
+
+    def __init__(
+        self,
+        passes: Sequence[ir.passes.PassBase],
+        *,
+        verify_each: bool = True,
+        probe_inputs: Mapping[str, np.ndarray] | None = None,
+        rtol: float = 1e-5,
+        atol: float = 1e-6,
+        dump_dir: str | Path | None = None,
+        runner: Runner = run_model,
+    ) -> None:
+        self.passes = list(passes)
+        self.verify_each = verify_each
+        self.probe_inputs = dict(probe_inputs) if probe_inputs is not None else None
+        self.rtol = rtol
+        self.atol = atol
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.runner = runner
+
+    def __call__(self, model: ir.Model) -> PipelineResult:
+        return self.run(model)
+
+    def run(self, model: ir.Model) -> PipelineResult:
+        records: list[PassRecord] = []
+        reference = self._probe(model, "the input model") if self.probe_inputs is not None else None
+        if self.dump_dir is not None:
+            self.dump_dir.mkdir(parents=True, exist_ok=True)
+        for index, pass_ in enumerate(self.passes):
+            name = type(pass_).__name__
+            before = _op_counts(model)
+            start = time.perf_counter()
+            try:
+                result = pass_(model)
+            except PassFailedError:
+                raise
+            except Exception as exc:
+                raise PassFailedError(name, f"{type(exc).__name__}: {exc}") from exc
+            seconds = time.perf_counter() - start
+            model = result.model
+            after = _op_counts(model)
+            record = PassRecord(
+                name=name,
+                seconds=seconds,
+                modified=bool(result.modified),
+                nodes_before=sum(before.values()),
+                nodes_after=sum(after.values()),
+                added=dict(after - before),
+                removed=dict(before - after),
+            )
+            records.append(record)
+            logger.info("pass %s: %.3fs modified=%s nodes %d -> %d", name, seconds, record.modified,
+                        record.nodes_before, record.nodes_after)
+            if self.verify_each:
+                try:
+                    verify(model)
+                except VerificationError as exc:
+                    raise PassFailedError(name, str(exc)) from exc
+            if reference is not None and result.modified and getattr(pass_, "preserves_outputs", True):
+                outputs = self._probe(model, name)
+                self._compare(name, reference, outputs)
+                reference = outputs
+            if self.dump_dir is not None:
+                ir.save(model, self.dump_dir / f"{index:02d}_{name}.onnx")
+        return PipelineResult(model, tuple(records))
+
+    def _probe(self, model: ir.Model, stage: str) -> list[np.ndarray]:
+        assert self.probe_inputs is not None
+        try:
+            return self.runner(model, self.probe_inputs)
+        except Exception as exc:
+            raise PassFailedError(stage, f"the model no longer runs on the probe input: {exc}") from exc
+
+    def _compare(self, name: str, expected: list[np.ndarray], actual: list[np.ndarray]) -> None:
+        if len(expected) != len(actual):
+            raise PassFailedError(name, f"output count changed from {len(expected)} to {len(actual)}")
+        for position, (want, got) in enumerate(zip(expected, actual, strict=True)):
+            if want.shape != got.shape:
+                raise PassFailedError(name, f"output {position} shape changed {want.shape} -> {got.shape}")
+            want64, got64 = want.astype(np.float64), got.astype(np.float64)
+            if not np.allclose(got64, want64, rtol=self.rtol, atol=self.atol):
+                worst = float(np.max(np.abs(got64 - want64)))
+                raise PassFailedError(
+                    name, f"output {position} changed by up to {worst:.3g} on the probe input "
+                    f"(rtol={self.rtol}, atol={self.atol})"
+                )
+
+
+def format_records(records: Sequence[PassRecord]) -> str:
+    """A fixed-width table of pass records (for the CLI and reports)."""
+    lines = [f"{'pass':<36} {'ms':>9} {'modified':>8} {'nodes':>13}  changes"]
+    for r in records:
+        changes = ", ".join([f"+{v} {k}" for k, v in r.added.items()] + [f"-{v} {k}" for k, v in r.removed.items()])
+        lines.append(
+            f"{r.name:<36} {r.seconds * 1e3:>9.1f} {r.modified!s:>8} {r.nodes_before:>5} -> {r.nodes_after:<5}  "
+            f"{changes}"
+        )
+    return "\n".join(lines)
