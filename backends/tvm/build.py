@@ -1,0 +1,119 @@
+"""Build an integer ONNX model into a TVM module for the host CPU, run it, export and reload it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax
+
+from qcompiler.backends.tvm import importer, schedules
+from qcompiler.errors import TargetError
+
+logger = logging.getLogger(__name__)
+
+
+def host_cpu_features() -> set[str]:
+    """x86 feature flags of this machine (empty off Linux/x86)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple[tvm.target.Target, bool]:
+    """The TVM target for ``target`` and whether the AVX2 int8 intrinsics may be used.
+
+    ``"llvm"`` (or ``"cpu"``) means this machine: its CPU name from LLVM and its core count.
+
+    Raises:
+        TargetError: an unknown target name, or a GPU target (not built yet).
+    """
+    if isinstance(target, tvm.target.Target):
+        tvm_target = target
+    elif isinstance(target, Mapping):
+        tvm_target = tvm.target.Target(dict(target))
+    elif target in ("llvm", "cpu"):
+        cpu = tvm.target.codegen.llvm_get_system_cpu()
+        tvm_target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
+    elif target in ("cuda", "gpu"):
+        raise TargetError("target: the CUDA backend is not available yet; use target='llvm'")
+    else:
+        raise TargetError(f"target: unknown target {target!r}; use 'llvm' (this CPU) or a tvm.target.Target")
+    if tvm_target.kind.name != "llvm":
+        raise TargetError(f"target: kind {tvm_target.kind.name!r} is not supported; use 'llvm'")
+    mcpu = str(tvm_target.attrs.get("mcpu", ""))
+    host = tvm.target.codegen.llvm_get_system_cpu()
+    use_avx2 = "avx2" in host_cpu_features() if mcpu in ("", host) else _mcpu_has_avx2(mcpu)
+    return tvm_target, use_avx2
+
+
+def _mcpu_has_avx2(mcpu: str) -> bool:
+    prefixes = ("haswell", "broadwell", "skylake", "cascadelake", "icelake", "tigerlake", "sapphirerapids",
+                "alderlake", "znver", "x86-64-v3", "x86-64-v4", "cooperlake", "cannonlake", "rocketlake")
+    return mcpu.startswith(prefixes)
+
+
+class TVMModule:
+    """A built integer model: call :meth:`run` with numpy feeds."""
+
+    def __init__(self, executable: Any, input_names: list[str], input_dtypes: list[str]) -> None:
+        self.executable = executable
+        self.input_names = input_names
+        self.input_dtypes = input_dtypes
+        self._vm = relax.VirtualMachine(executable, tvm.cpu())
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
+                for n, d in zip(self.input_names, self.input_dtypes, strict=True)]
+        result = self._vm["main"](*args)
+        if isinstance(result, tvm.runtime.Tensor):
+            return [result.numpy()]
+        return [r.numpy() for r in result]
+
+    def time(self, feeds: Mapping[str, np.ndarray], number: int = 10, repeat: int = 5) -> float:
+        """Median seconds per call (TVM's time evaluator)."""
+        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
+                for n, d in zip(self.input_names, self.input_dtypes, strict=True)]
+        timer = self._vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        return float(timer(*args).median)
+
+    def export(self, path: str | Path) -> None:
+        self.executable.export_library(str(path))
+
+    @classmethod
+    def load(cls, path: str | Path, input_names: list[str], input_dtypes: list[str]) -> TVMModule:
+        return cls(tvm.runtime.load_module(str(path)), input_names, input_dtypes)
+
+    def llvm_ir(self) -> str:
+        """LLVM IR of the host module (the kernels); for the integer-only check."""
+        module = self.executable.mod
+        parts = [str(module.inspect_source("ll"))]
+        parts.extend(str(lib.inspect_source("ll")) for lib in module.imports)
+        return "\n".join(parts)
+
+
+def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any = "llvm") -> TVMModule:
+    """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``."""
+    tvm_target, use_avx2 = resolve_target(target)
+    with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
+        warnings.simplefilter("ignore", UserWarning)
+        mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()})
+    mod = schedules.schedule_module(mod, use_avx2)
+    with tvm_target:
+        executable = tvm.compile(mod, target=tvm_target)
+    names = [i.name for i in model.graph.input]
+    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]
+    logger.info("built %d functions for %s (avx2=%s)", len(mod.functions), tvm_target, use_avx2)
+    return TVMModule(executable, names, dtypes)

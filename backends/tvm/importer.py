@@ -1,0 +1,244 @@
+"""Import integer ONNX (standard ops + the ``qcompiler`` domain) into Relax.
+
+TVM's ONNX importer does the standard ops; this module adds converters for our domain (and ConvInteger,
+which TVM lacks) in one place, and replaces QuantizeLinear with a version that rounds half to even like
+ONNX (TVM's ``relax.op.quantize`` rounds differently at ties). The converters emit our TE kernels with
+pre-packed weights, tagged so :mod:`qcompiler.backends.tvm.schedules` can schedule them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+
+import numpy as np
+import onnx
+import tvm
+from tvm import relax, te, tirx
+from tvm.relax.frontend.onnx import onnx_frontend as OF
+
+from qcompiler.backends.tvm import kernels
+from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR
+from qcompiler.errors import UnsupportedOpError
+
+
+def _const_numpy(expr: relax.Expr, what: str, op: str) -> np.ndarray:
+    value = getattr(expr, "value", None)
+    if not isinstance(value, tvm.runtime.Tensor):
+        raise UnsupportedOpError("?", op, f"its {what} must be a constant initializer for the TVM backend")
+    return value.numpy()
+
+
+def _dtype(expr: relax.Expr) -> str:
+    return str(expr.ty.dtype.dtype) if hasattr(expr.ty.dtype, "dtype") else str(expr.ty.dtype)
+
+
+def _rank(expr: relax.Expr) -> int:
+    return int(expr.ty.ndim)
+
+
+def _static_shape(expr: relax.Expr, op: str) -> list[int]:
+    shape = expr.ty.shape
+    if shape is None:
+        raise UnsupportedOpError("?", op, "the TVM backend needs static input shapes; pass input shapes")
+    dims = []
+    for d in shape:
+        if not isinstance(d, tvm.tirx.IntImm | int):
+            raise UnsupportedOpError("?", op, "the TVM backend needs static input shapes; pass input shapes")
+        dims.append(int(d))
+    return dims
+
+
+def _epilogue(attr: dict) -> dict[str, int]:
+    return {"zero_point": int(attr.get("zero_point", 0)), "lo": int(attr.get("lo", -128)),
+            "hi": int(attr.get("hi", 127))}
+
+
+def _gemm_attrs(plan: kernels.GemmPlan) -> dict[str, object]:
+    return {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr}
+
+
+class QGemm(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        weight = _const_numpy(inputs[1], "weight", "QGemm")
+        plan = kernels.plan_gemm(weight)
+        shape = _static_shape(x, "QGemm")
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
+        args = [
+            relax.const(kernels.pack_weight(weight, plan), "int8"),
+            relax.const(kernels.pad_channels(_const_numpy(inputs[2], "bias", "QGemm"), plan, 0), "int32"),
+            relax.const(kernels.pad_channels(_const_numpy(inputs[3], "multiplier", "QGemm"), plan, 1 << 30), "int32"),
+            relax.const(kernels.pad_channels(_const_numpy(inputs[4], "shift", "QGemm"), plan, 31), "int32"),
+        ]
+        out = bb.emit_te(
+            functools.partial(kernels.qgemm_compute, plan=plan, **_epilogue(attr)), x2, *args,
+            primfunc_name_hint="qgemm", primfunc_attrs=_gemm_attrs(plan),
+        )
+        if len(shape) != 2:
+            return relax.op.reshape(out, [*shape[:-1], plan.n])
+        return out
+
+
+class QConv(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        weight = _const_numpy(inputs[1], "weight", "QConv")
+        batch, channels, height, width = _static_shape(x, "QConv")
+        out_channels, in_per_group, kh, kw = weight.shape
+        geometry = kernels.ConvGeometry(
+            batch=batch, channels=channels, height=height, width=width, kernel_h=kh, kernel_w=kw,
+            strides=tuple(attr.get("strides", (1, 1))), pads=tuple(attr.get("pads", (0, 0, 0, 0))),
+            dilations=tuple(attr.get("dilations", (1, 1))),
+        )
+        group = int(attr.get("group", 1))
+        bias = _const_numpy(inputs[2], "bias", "QConv")
+        mult = _const_numpy(inputs[3], "multiplier", "QConv")
+        shift = _const_numpy(inputs[4], "shift", "QConv")
+        if group == 1:
+            flat = weight.reshape(out_channels, in_per_group * kh * kw)
+            plan = kernels.plan_gemm(flat)
+            return bb.emit_te(
+                functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)), x,
+                relax.const(kernels.pack_weight(flat, plan), "int8"),
+                relax.const(kernels.pad_channels(bias, plan, 0), "int32"),
+                relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
+                relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
+                primfunc_name_hint="qconv", primfunc_attrs=_gemm_attrs(plan),
+            )
+        per_channel = [np.broadcast_to(v.reshape(-1), (out_channels,)).astype(np.int32) for v in (bias, mult, shift)]
+        direct = functools.partial(kernels.qconv_direct_compute, geometry=geometry, group=group, **_epilogue(attr))
+        return bb.emit_te(
+            direct, x, relax.const(weight, "int8"), *[relax.const(v, "int32") for v in per_channel],
+            primfunc_name_hint="qconv_grouped", primfunc_attrs={KERNEL_ATTR: "direct"},
+        )
+
+
+def _requantize_te(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, *, axis: int, zero_point: int,
+                   lo: int, hi: int) -> te.Tensor:
+    rank = len(x.shape)
+    axis = axis % rank if rank else 0
+    per_channel = int(mult.shape[0]) > 1
+
+    def body(*idx):
+        c = idx[axis] if per_channel else 0
+        return kernels.requantize_expr(x(*idx), mult[c], shift[c], zero_point, lo, hi)
+
+    return te.compute(x.shape, body, name="requant")
+
+
+class Requantize(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        mult = _const_numpy(inputs[1], "multiplier", "Requantize").reshape(-1).astype(np.int32)
+        shift = _const_numpy(inputs[2], "shift", "Requantize").reshape(-1).astype(np.int32)
+        body = functools.partial(_requantize_te, axis=int(attr.get("axis", 1)), **_epilogue(attr))
+        return bb.emit_te(
+            body, inputs[0], relax.const(mult, "int32"), relax.const(shift, "int32"),
+            primfunc_name_hint="requantize", primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )
+
+
+def _rescale_add_te(a: te.Tensor, b: te.Tensor, *, mult_a: int, mult_b: int, shift: int, zero_point: int,
+                    lo: int, hi: int) -> te.Tensor:
+    one = tirx.const(1, "int64")
+    c = tirx.const(shift, "int64")
+
+    def body(*idx):
+        total = a(*idx).astype("int64") * tirx.const(mult_a, "int64") + b(*idx).astype("int64") * tirx.const(
+            mult_b, "int64")
+        rounded = ((total + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
+        return te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
+
+    return te.compute(a.shape, body, name="rescale_add")
+
+
+class RescaleAdd(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        a, b = inputs[0], inputs[1]
+        if _static_shape(a, "RescaleAdd") != _static_shape(b, "RescaleAdd"):
+            raise UnsupportedOpError("?", "RescaleAdd", "broadcasting addends are not supported by the TVM backend")
+        scalars = [int(_const_numpy(inputs[i], name, "RescaleAdd").reshape(())) for i, name in
+                   ((2, "multiplier_a"), (3, "multiplier_b"), (4, "shift"))]
+        body = functools.partial(
+            _rescale_add_te, mult_a=scalars[0], mult_b=scalars[1], shift=scalars[2], **_epilogue(attr)
+        )
+        return bb.emit_te(
+            body, a, b,
+            primfunc_name_hint="rescale_add", primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )
+
+
+class ConvInteger(OF.OnnxOpConverter):
+    """Unfused int8 convolution (a graph lowered without the fuse pass)."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        if len(inputs) > 2 and any(i is not None for i in inputs[2:]):
+            raise UnsupportedOpError("?", "ConvInteger", "zero points are not supported (symmetric only)")
+        pads = list(attr.get("pads", (0, 0, 0, 0)))
+        return relax.op.nn.conv2d(
+            inputs[0], inputs[1], strides=attr.get("strides", (1, 1)), padding=pads,
+            dilation=attr.get("dilations", (1, 1)), groups=int(attr.get("group", 1)), out_dtype="int32",
+        )
+
+
+def _quantize_te(x: te.Tensor, scale: te.Tensor, zero: te.Tensor) -> te.Tensor:
+    def body(*idx):
+        level = tirx.nearbyint(x(*idx) / scale[()]) + zero[()].astype(x.dtype)
+        return te.max(te.min(level, tirx.const(127.0, x.dtype)), tirx.const(-128.0, x.dtype)).astype("int8")
+
+    return te.compute(x.shape, body, name="quantize")
+
+
+class QuantizeLinear(OF.OnnxOpConverter):
+    """Per-tensor int8 QuantizeLinear, rounding half to even exactly as ONNX specifies."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        zero = inputs[2] if len(inputs) > 2 else None
+        if zero is None or _dtype(zero) != "int8" or _rank(zero) != 0:
+            return OF.QuantizeLinear._impl_v13(bb, inputs, attr, params)
+        if _rank(inputs[1]) != 0:
+            return OF.QuantizeLinear._impl_v13(bb, inputs, attr, params)
+        return bb.emit_te(_quantize_te, inputs[0], inputs[1], zero, primfunc_name_hint="quantize_input",
+                          primfunc_attrs={KERNEL_ATTR: "elementwise"})
+
+    _impl_v19 = _impl_v13
+    _impl_v21 = _impl_v13
+
+
+_CONVERTERS = {
+    "QGemm": QGemm,
+    "QConv": QConv,
+    "Requantize": Requantize,
+    "RescaleAdd": RescaleAdd,
+    "ConvInteger": ConvInteger,
+    "QuantizeLinear": QuantizeLinear,
+}
+
+
+@contextlib.contextmanager
+def _extended_convert_map() -> Iterator[None]:
+    """TVM's importer looks converters up by op type only: extend its map for the duration of one import."""
+    original = OF._get_convert_map
+    OF._get_convert_map = lambda: {**original(), **_CONVERTERS}
+    try:
+        yield
+    finally:
+        OF._get_convert_map = original
+
+
+def import_onnx(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tvm.IRModule:
+    """Relax module of an integer ONNX model with static input ``shapes``."""
+    dtypes = {
+        i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input
+    }
+    opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    with _extended_convert_map():
+        return OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)

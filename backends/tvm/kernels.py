@@ -1,0 +1,185 @@
+"""TE definitions of the fused integer kernels and their weight packing.
+
+Every kernel computes exactly the reference semantics of :mod:`qcompiler.dialect.reference`:
+int8 x int8 products accumulated in int32, the int32 bias added, then the dyadic requantize
+``clamp(((acc * b + 2^(c-1)) >> c) + z, lo, hi)`` in int64. Weights are packed once, at compile time, into
+``[Np/8, Kp/KB, 8, KB]`` (the layout the AVX2 dot intrinsics read), zero-padded to the tile sizes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+from tvm import te, tirx
+
+LANES = 8  # int32 lanes of one AVX2 accumulator register
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmPlan:
+    """Padding and tiling decided at compile time from the weight's shape and values."""
+
+    n: int  # output features
+    k: int  # reduction length
+    kb: int  # reduction elements per intrinsic call (4: psign path, 2: int16 path)
+    nr: int  # accumulator registers per row of the register tile
+
+    @property
+    def n_padded(self) -> int:
+        tile = self.nr * LANES
+        return -(-self.n // tile) * tile
+
+    @property
+    def k_padded(self) -> int:
+        return -(-self.k // self.kb) * self.kb
+
+
+def plan_gemm(weight_nk: np.ndarray, exact_psign: bool | None = None) -> GemmPlan:
+    """Choose the intrinsic (psign is exact only if no weight is -128) and the register tile."""
+    n, k = weight_nk.shape
+    psign_ok = bool(weight_nk.min(initial=0) >= -127) if exact_psign is None else exact_psign
+    nr = max(1, min(4, -(-n // LANES)))
+    return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr)
+
+
+def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
+    """[N, K] int8 -> zero-padded [Np/8, Kp/KB, 8, KB]."""
+    padded = np.zeros((plan.n_padded, plan.k_padded), dtype=np.int8)
+    padded[: plan.n, : plan.k] = weight_nk
+    blocks = padded.reshape(plan.n_padded // LANES, LANES, plan.k_padded // plan.kb, plan.kb)
+    return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3))
+
+
+def pad_channels(values: np.ndarray, plan: GemmPlan, fill: int) -> np.ndarray:
+    """Scalar or [N] int32 epilogue parameter -> [Np] (padding columns are computed and dropped)."""
+    out = np.full((plan.n_padded,), fill, dtype=np.int32)
+    out[: plan.n] = np.broadcast_to(np.asarray(values, dtype=np.int32).reshape(-1), (plan.n,))
+    return out
+
+
+def requantize_expr(acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
+                    zero_point: int, lo: int, hi: int) -> tirx.PrimExpr:
+    """The dialect's rounding rule in int64: ``clamp(((acc*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8."""
+    one = tirx.const(1, "int64")
+    wide = acc.astype("int64") * multiplier.astype("int64")
+    c = shift.astype("int64")
+    rounded = ((wide + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
+    clamped = te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
+    return clamped.astype("int8")
+
+
+def qgemm_compute(
+    a: te.Tensor, packed: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
+    *, plan: GemmPlan, zero_point: int, lo: int, hi: int,
+) -> te.Tensor:
+    """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]."""
+    m = a.shape[0]
+    kb = plan.kb
+    if plan.k_padded != plan.k:
+        src = a
+        a = te.compute(
+            (m, plan.k_padded),
+            lambda i, k: tirx.if_then_else(k < plan.k, src[i, k], tirx.const(0, "int8")),
+            name="A_pad",
+        )
+    return _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, kb)
+
+
+def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, kb):
+    k = te.reduce_axis((0, plan.k_padded), name="k")
+    acc = te.compute(
+        (m, plan.n_padded),
+        lambda i, j: te.sum(
+            a[i, k].astype("int32") * packed[j // LANES, k // kb, j % LANES, k % kb].astype("int32"), axis=k
+        ),
+        name="C",
+    )
+    out = te.compute(
+        (m, plan.n_padded),
+        lambda i, j: requantize_expr(acc[i, j] + bias[j], multiplier[j], shift[j], zero_point, lo, hi),
+        name="requant",
+    )
+    if plan.n_padded == plan.n:
+        return out
+    return te.compute((m, plan.n), lambda i, j: out[i, j], name="unpad")
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvGeometry:
+    batch: int
+    channels: int
+    height: int
+    width: int
+    kernel_h: int
+    kernel_w: int
+    strides: tuple[int, int]
+    pads: tuple[int, int, int, int]
+    dilations: tuple[int, int]
+
+    @property
+    def out_h(self) -> int:
+        span = (self.kernel_h - 1) * self.dilations[0] + 1
+        return (self.height + self.pads[0] + self.pads[2] - span) // self.strides[0] + 1
+
+    @property
+    def out_w(self) -> int:
+        span = (self.kernel_w - 1) * self.dilations[1] + 1
+        return (self.width + self.pads[1] + self.pads[3] - span) // self.strides[1] + 1
+
+
+def qconv_compute(
+    x: te.Tensor, packed: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
+    *, geometry: ConvGeometry, plan: GemmPlan, zero_point: int, lo: int, hi: int,
+) -> te.Tensor:
+    """2-D NCHW convolution as im2col + the packed GEMM kernel, written back as NCHW int8."""
+    g = geometry
+    oh, ow = g.out_h, g.out_w
+    taps = g.kernel_h * g.kernel_w
+    rows = g.batch * oh * ow
+
+    def patch(r, kk):
+        n, rest = r // (oh * ow), r % (oh * ow)
+        y, xo = rest // ow, rest % ow
+        c, tap = kk // taps, kk % taps
+        ky, kx = tap // g.kernel_w, tap % g.kernel_w
+        iy = y * g.strides[0] + ky * g.dilations[0] - g.pads[0]
+        ix = xo * g.strides[1] + kx * g.dilations[1] - g.pads[1]
+        inside = tirx.all(kk < plan.k, iy >= 0, iy < g.height, ix >= 0, ix < g.width)
+        return tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8"))
+
+    cols = te.compute((rows, plan.k_padded), patch, name="im2col")
+    gemm = _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi, plan.kb)
+    return te.compute(
+        (g.batch, plan.n, oh, ow),
+        lambda n, c, y, xo: gemm[(n * oh + y) * ow + xo, c],
+        name="to_nchw",
+    )
+
+
+def qconv_direct_compute(
+    x: te.Tensor, weight: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
+    *, geometry: ConvGeometry, group: int, zero_point: int, lo: int, hi: int,
+) -> te.Tensor:
+    """Grouped (or any) convolution, direct form: the generic path without the GEMM kernel."""
+    g = geometry
+    out_channels, in_per_group = int(weight.shape[0]), int(weight.shape[1])
+    out_per_group = out_channels // group
+    rc = te.reduce_axis((0, in_per_group), name="rc")
+    ry = te.reduce_axis((0, g.kernel_h), name="ry")
+    rx = te.reduce_axis((0, g.kernel_w), name="rx")
+
+    def tap(n, oc, y, xo):
+        c = (oc // out_per_group) * in_per_group + rc
+        iy = y * g.strides[0] + ry * g.dilations[0] - g.pads[0]
+        ix = xo * g.strides[1] + rx * g.dilations[1] - g.pads[1]
+        inside = tirx.all(iy >= 0, iy < g.height, ix >= 0, ix < g.width)
+        value = tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8"))
+        return te.sum(value.astype("int32") * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx])
+
+    acc = te.compute((g.batch, out_channels, g.out_h, g.out_w), tap, name="C")
+    return te.compute(
+        acc.shape,
+        lambda n, c, y, xo: requantize_expr(acc[n, c, y, xo] + bias[c], multiplier[c], shift[c], zero_point, lo, hi),
+        name="requant",
+    )

@@ -1,0 +1,104 @@
+"""Hand schedules for the fused integer kernels, applied to PrimFuncs tagged by the importer.
+
+The GEMM schedule (also the core of the im2col convolution): an ``mr x (nr*8)`` register tile of int32
+accumulators streamed over K, the inner ``8 x KB`` block tensorized with an AVX2 dot intrinsic, the
+requantize epilogue computed on the tile while it is still in registers, the (column-block, row-block)
+loop parallel over cores. Every other tagged kernel gets a parallel outer loop and a vectorized inner one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import tvm
+from tvm import tirx
+from tvm.s_tir import Schedule
+
+from qcompiler.backends.tvm import intrinsics
+
+logger = logging.getLogger(__name__)
+
+KERNEL_ATTR = "qcompiler.kernel"
+KB_ATTR = "qcompiler.kb"
+NR_ATTR = "qcompiler.nr"
+
+
+def _block_names(sch: Schedule) -> list[str]:
+    root = sch.get_sblock("root")
+    return [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
+
+
+def _static(extent: tirx.PrimExpr) -> int | None:
+    return int(extent) if isinstance(extent, tirx.IntImm) else None
+
+
+def _parallel_elementwise(sch: Schedule, name: str, vector: bool = True) -> None:
+    block = sch.get_sblock(name)
+    loops = sch.get_loops(block)
+    if len(loops) > 1:
+        outer = sch.fuse(*loops[:-1])
+        sch.parallel(outer)
+    elif loops:
+        sch.parallel(loops[0])
+        return
+    if vector:
+        inner_extent = _static(sch.get(loops[-1]).extent)
+        if inner_extent is not None and inner_extent % 8 == 0 and inner_extent <= 64:
+            sch.vectorize(loops[-1])
+
+
+def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool) -> None:
+    """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
+    names = _block_names(sch)
+    block = sch.get_sblock("C")
+    epilogue = sch.get_sblock("requant")
+    i, j, k = sch.get_loops(block)
+    rows = _static(sch.get(i).extent)
+    mr = 2 if rows is not None and rows % 2 == 0 else 1
+    io, ii = sch.split(i, [None, mr])
+    jo, jt, ji = sch.split(j, [None, nr, 8])
+    ko, ki = sch.split(k, [None, kb])
+    sch.reorder(jo, io, ko, ii, jt, ji, ki)
+    sch.set_scope(block, 0, "local")
+    sch.reverse_compute_at(epilogue, io)
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+    sch.parallel(sch.fuse(jo, io))
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    update = sch.get_sblock("C_update")
+    loops = sch.get_loops(update)
+    sch.unroll(loops[-3])
+    sch.unroll(loops[-4])
+    if use_avx2:
+        intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
+        sch.tensorize(loops[-2], intrin)
+    else:
+        sch.vectorize(loops[-2])
+    for name in names:
+        if name in ("A_pad", "im2col", "unpad", "to_nchw"):
+            _parallel_elementwise(sch, name, vector=False)
+
+
+def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
+    """Replace every tagged PrimFunc of ``mod`` by its scheduled version."""
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
+            continue
+        kind = str(func.attrs[KERNEL_ATTR])
+        sch = Schedule(tvm.IRModule({"main": func}))
+        if kind == "gemm":
+            schedule_gemm(sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2)
+        elif kind == "elementwise":
+            for name in _block_names(sch):
+                _parallel_elementwise(sch, name)
+        elif kind == "direct":  # grouped convolution: parallel over (batch, channel), no tensorization
+            sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("C"))[:2]))
+            _parallel_elementwise(sch, "requant", vector=False)
+        else:
+            raise ValueError(f"unknown kernel kind {kind!r} on {gvar.name_hint}")
+        updates[gvar] = sch.mod["main"].with_attrs(dict(func.attrs))
+        logger.debug("scheduled %s (%s)", gvar.name_hint, kind)
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
