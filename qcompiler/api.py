@@ -1,0 +1,276 @@
+"""``qcompiler.compile``: model in, integer-only compiled code out; ``CompiledModel``, ``load``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompiler import calibrate as calibration_module
+from qcompiler.backends.tvm import TVMModule, build, resolve_target
+from qcompiler.config import Recipe, load_recipe
+from qcompiler.errors import CalibrationError, QCompilerError
+from qcompiler.ir import load as load_model
+from qcompiler.passes.lower import float_ops_inside
+from qcompiler.passes.quantize import QuantizeQDQPass
+from qcompiler.pipeline import Pipeline, PassRecord, format_records
+
+logger = logging.getLogger(__name__)
+
+LIBRARY_FILE = "model.so"
+INTEGER_FILE = "integer.onnx"
+QDQ_FILE = "qdq.onnx"
+REPORT_FILE = "report.json"
+
+
+def _to_numpy(value: Any) -> np.ndarray:
+    if hasattr(value, "detach"):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def calibration_batches(model: ir.Model, data: Any) -> Iterable[Any]:
+    """Normalise the calibration argument into an iterable of batches.
+
+    Accepted: an iterable of batches (dicts, tuples or arrays), or a mapping ``input name -> array`` (an
+    ``.npz``) whose arrays are either one batch of the input's shape or a stack ``[num_batches, *shape]``.
+    """
+    if isinstance(data, Mapping) or (hasattr(data, "files") and hasattr(data, "__getitem__")):
+        specs = calibration_module.input_specs(model)
+        keys = list(data.files) if hasattr(data, "files") else list(data)
+        names = [name for name, _, _ in specs]
+        missing = [n for n in names if n not in keys]
+        if missing:
+            raise CalibrationError(f"calibration: no data for input(s) {missing}; the file has {keys}")
+        arrays = {n: np.asarray(data[n]) for n in names}
+        counts = set()
+        for name, shape, _ in specs:
+            extra = arrays[name].ndim - len(shape)
+            if extra not in (0, 1):
+                raise CalibrationError(
+                    f"calibration: input {name!r} has shape {arrays[name].shape}; expected {shape} or "
+                    f"[num_batches, *{shape}]"
+                )
+            counts.add(1 if extra == 0 else arrays[name].shape[0])
+        if len(counts) != 1:
+            raise CalibrationError(f"calibration: inputs hold different numbers of batches: {sorted(counts)}")
+        count = counts.pop()
+        stacked = {n: a if a.ndim > len(s) else a[None] for (n, s, _), a in zip(specs, arrays.values(), strict=True)}
+        return [{n: stacked[n][i] for n in names} for i in range(count)]
+    if isinstance(data, np.ndarray) or hasattr(data, "detach"):
+        raise CalibrationError(
+            "calibration: a single array is ambiguous; pass a list of batches or a dict {input name: array}"
+        )
+    if not isinstance(data, Iterable):
+        raise CalibrationError(f"calibration: expected an iterable of batches, got {type(data).__name__}")
+    return data
+
+
+def _static_input_shapes(model: ir.Model, sample: Mapping[str, np.ndarray] | None) -> dict[str, list[int]]:
+    shapes: dict[str, list[int]] = {}
+    for name, shape, _ in calibration_module.input_specs(model):
+        if all(d is not None for d in shape):
+            shapes[name] = [int(d) for d in shape]  # type: ignore[arg-type]
+        elif sample is not None and name in sample:
+            shapes[name] = list(sample[name].shape)
+        else:
+            raise CalibrationError(f"input {name!r} has dynamic shape {shape}: give example_inputs to fix it")
+    return shapes
+
+
+def _fix_input_shapes(model: ir.Model, shapes: Mapping[str, list[int]]) -> None:
+    for value in model.graph.inputs:
+        if value.name in shapes:
+            value.shape = ir.Shape(shapes[value.name])
+
+
+class CompiledModel:
+    """An integer-only compiled model. Call it on numpy arrays or torch tensors."""
+
+    def __init__(self, module: TVMModule, integer_model: onnx.ModelProto, report: dict[str, Any],
+                 qdq_model: onnx.ModelProto | None = None) -> None:
+        self.module = module
+        self.integer_model = integer_model
+        self.qdq_model = qdq_model
+        self.report = report
+        self.input_names = [i.name for i in integer_model.graph.input]
+        self.output_names = [o.name for o in integer_model.graph.output]
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if len(args) + len(kwargs) != len(self.input_names):
+            raise TypeError(f"expected {len(self.input_names)} input(s) {self.input_names}")
+        feeds = dict(zip(self.input_names, args, strict=False))
+        unknown = set(kwargs) - set(self.input_names)
+        if unknown:
+            raise TypeError(f"unknown input name(s) {sorted(unknown)}; inputs are {self.input_names}")
+        feeds.update(kwargs)
+        as_torch = any(hasattr(v, "detach") for v in feeds.values())
+        arrays = {n: _to_numpy(v) for n, v in feeds.items()}
+        for name, shape in self.report["input_shapes"].items():
+            if list(arrays[name].shape) != list(shape):
+                raise ValueError(f"input {name!r}: shape {arrays[name].shape}, compiled for {tuple(shape)}")
+        outputs = self.module.run(arrays)
+        if as_torch:
+            import torch
+
+            outputs = [torch.from_numpy(o) for o in outputs]
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write the library, the integer (and QDQ) ONNX and the report; atomically (all or nothing).
+
+        Raises:
+            FileExistsError: ``directory`` exists and ``overwrite`` is false.
+        """
+        target = Path(directory)
+        if target.exists() and not overwrite:
+            raise FileExistsError(f"directory: {target} exists; pass overwrite=True to replace it")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            self.module.export(staging / LIBRARY_FILE)
+            onnx.save(self.integer_model, staging / INTEGER_FILE)
+            if self.qdq_model is not None:
+                onnx.save(self.qdq_model, staging / QDQ_FILE)
+            (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
+            if target.exists():
+                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+                os.replace(target, backup / target.name)
+                os.replace(staging, target)
+                shutil.rmtree(backup, ignore_errors=True)
+            else:
+                os.replace(staging, target)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        return target
+
+
+def load(directory: str | Path) -> CompiledModel:
+    """Reload a :meth:`CompiledModel.save` directory."""
+    root = Path(directory)
+    for name in (LIBRARY_FILE, INTEGER_FILE, REPORT_FILE):
+        if not (root / name).is_file():
+            raise QCompilerError(f"directory: {root} is not a saved qcompiler model ({name} is missing)")
+    integer_model = onnx.load(str(root / INTEGER_FILE))
+    report = json.loads((root / REPORT_FILE).read_text())
+    names = [i.name for i in integer_model.graph.input]
+    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in integer_model.graph.input]
+    module = TVMModule.load(root / LIBRARY_FILE, names, dtypes)
+    qdq = onnx.load(str(root / QDQ_FILE)) if (root / QDQ_FILE).is_file() else None
+    return CompiledModel(module, integer_model, report, qdq)
+
+
+def quantize_to_integer(
+    model: Any,
+    *,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    calibration: Any = None,
+    recipe: str | Path | Recipe = "w8a8",
+    verify: bool = True,
+    progress: bool = True,
+) -> tuple[ir.Model, ir.Model, list[PassRecord], dict[str, list[int]]]:
+    """Run the front half of :func:`compile`: canonicalize, calibrate, quantize (QDQ), lower, fuse.
+
+    Returns (qdq model, integer model, pass records, static input shapes).
+    """
+    chosen = load_recipe(recipe)
+    torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
+    ir_model = load_model(model, torch_args if torch_args is not None else None)
+    sample = None
+    if example_inputs is not None:
+        sample = calibration_module.as_feeds(ir_model, example_inputs, argument="example_inputs")
+    if calibration is None:
+        if sample is None:
+            raise CalibrationError(
+                "calibration: required (an iterable of representative batches or a dict of arrays); "
+                "example_inputs alone give poor ranges but are accepted as a last resort"
+            )
+        logger.warning("no calibration data: calibrating on example_inputs only")
+        calibration = [sample]
+    batches = calibration_batches(ir_model, calibration)
+    shapes = _static_input_shapes(ir_model, sample)
+    _fix_input_shapes(ir_model, shapes)
+    records: list[PassRecord] = []
+    canonical = Pipeline([spec.build() for spec in chosen.canonicalize], verify_each=verify).run(ir_model)
+    records += canonical.records
+    cal = chosen.calibration
+    ranges = calibration_module.calibrate(
+        canonical.model, batches, observer=cal.observer, percentile=cal.percentile, progress=progress,
+        max_batches=cal.max_batches,
+    )
+    quantized = Pipeline([QuantizeQDQPass(ranges, chosen.quantize), *[]], verify_each=verify).run(canonical.model)
+    records += quantized.records
+    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized.model))
+    lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized.model)
+    records += lowered.records
+    return qdq_copy, lowered.model, records, shapes
+
+
+def compile(  # noqa: A001 - the public name the README promises
+    model: Any,
+    target: Any = "llvm",
+    *,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    calibration: Any = None,
+    recipe: str | Path | Recipe = "w8a8",
+    verify: bool = True,
+    progress: bool = True,
+) -> CompiledModel:
+    """Quantize ``model`` and compile it to integer-only code for ``target``.
+
+    Args:
+        model: ``torch.nn.Module``, ONNX path, ``onnx.ModelProto`` or ``onnx_ir.Model``.
+        target: ``"llvm"`` (this CPU) or a ``tvm.target.Target`` of kind llvm.
+        example_inputs: one input batch; required for torch modules and for dynamic input shapes.
+        calibration: representative data: an iterable of batches or a dict ``{input: stacked batches}``.
+        recipe: a built-in recipe name (``w8a8``) or a TOML recipe path.
+        verify: check the IR after every pass.
+        progress: show progress bars.
+
+    Raises:
+        TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
+    """
+    resolve_target(target)  # fail on a bad target before any work
+    load_recipe(recipe)
+    start = time.perf_counter()
+    qdq, integer, records, shapes = quantize_to_integer(
+        model, example_inputs=example_inputs, calibration=calibration, recipe=recipe, verify=verify,
+        progress=progress,
+    )
+    remaining = float_ops_inside(integer)
+    if remaining:
+        raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
+    integer_proto = ir.serde.serialize_model(integer)
+    build_start = time.perf_counter()
+    module = build(integer_proto, shapes, target)
+    chosen = load_recipe(recipe)
+    report = {
+        "recipe": chosen.name,
+        "target": str(resolve_target(target)[0]),
+        "input_shapes": shapes,
+        "passes": [r.as_dict() for r in records],
+        "ops": _op_histogram(integer_proto),
+        "float_ops_inside": 0,
+        "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
+    }
+    logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
+    return CompiledModel(module, integer_proto, report, ir.serde.serialize_model(qdq))
+
+
+def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        key = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+        counts[key] = counts.get(key, 0) + 1
+    return counts

@@ -1,0 +1,113 @@
+"""Configuration as frozen dataclasses that validate themselves, and recipes loaded from TOML."""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from qcompiler.errors import RecipeError
+from qcompiler.passes.quantize.qdq import QuantizeConfig
+
+OBSERVERS = ("minmax", "percentile")
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrationConfig:
+    observer: str = "minmax"
+    percentile: float = 99.99
+    max_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.observer not in OBSERVERS:
+            raise ValueError(f"observer: {self.observer!r} is not one of {OBSERVERS}")
+        if not 0.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile: {self.percentile} is outside (0, 100]")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise ValueError(f"max_batches: {self.max_batches} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class PassSpec:
+    """A pass by registry name with its options."""
+
+    name: str
+    options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from qcompiler.registry import PASSES
+
+        if self.name not in PASSES:
+            raise ValueError(f"pass: unknown pass {self.name!r}; known passes: {sorted(PASSES)}")
+
+    def build(self) -> Any:
+        from qcompiler.registry import PASSES
+
+        return PASSES[self.name](**self.options)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    canonicalize: tuple[PassSpec, ...]
+    calibration: CalibrationConfig
+    quantize: QuantizeConfig
+    lower: tuple[PassSpec, ...]
+
+
+def builtin_recipes() -> list[str]:
+    return sorted(p.name.removesuffix(".toml") for p in resources.files("qcompiler.recipes").iterdir()
+                  if p.name.endswith(".toml"))
+
+
+def _pass_specs(entries: Sequence[Any], where: str) -> tuple[PassSpec, ...]:
+    specs = []
+    for entry in entries:
+        if isinstance(entry, str):
+            specs.append(PassSpec(entry))
+        elif isinstance(entry, Mapping) and "pass" in entry:
+            options = {k: v for k, v in entry.items() if k != "pass"}
+            specs.append(PassSpec(str(entry["pass"]), options))
+        else:
+            raise RecipeError(f"recipe {where}: entry {entry!r} is neither a pass name nor {{pass = ...}}")
+    return tuple(specs)
+
+
+def load_recipe(recipe: str | Path | Recipe) -> Recipe:
+    """A built-in recipe by name (``w8a8``) or a TOML file by path.
+
+    Raises:
+        RecipeError: unknown name, unreadable file, or invalid content (names the field).
+    """
+    if isinstance(recipe, Recipe):
+        return recipe
+    path = Path(recipe)
+    if path.suffix == ".toml" and path.is_file():
+        text = path.read_text()
+        where = str(path)
+    elif str(recipe) in builtin_recipes():
+        text = resources.files("qcompiler.recipes").joinpath(f"{recipe}.toml").read_text()
+        where = str(recipe)
+    else:
+        raise RecipeError(
+            f"recipe: unknown recipe {str(recipe)!r}; built-in recipes are {builtin_recipes()}, "
+            "or pass the path of a .toml file"
+        )
+    try:
+        data = tomllib.loads(text)
+        return Recipe(
+            name=str(data.get("name", where)),
+            description=str(data.get("description", "")),
+            canonicalize=_pass_specs(data.get("canonicalize", []), f"{where}: canonicalize"),
+            calibration=CalibrationConfig(**data.get("calibration", {})),
+            quantize=QuantizeConfig(**data.get("quantize", {})),
+            lower=_pass_specs(data.get("lower", []), f"{where}: lower"),
+        )
+    except RecipeError:
+        raise
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
+        raise RecipeError(f"recipe {where}: {exc}") from exc

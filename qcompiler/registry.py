@@ -1,0 +1,40 @@
+"""Pass names usable in recipes -> factories. Users register their own with :func:`register_pass`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
+from onnxscript.version_converter import ConvertVersionPass
+
+from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass
+from qcompiler.passes.fuse import FuseIntegerLinearPass
+from qcompiler.passes.lower import LowerQDQToIntegerPass
+
+
+def _fold_constants(input_size_limit: int = 1 << 24, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
+    return FoldConstantsPass(
+        shape_inference=True, input_size_limit=input_size_limit, output_size_limit=output_size_limit
+    )
+
+
+PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
+    "upgrade-opset": lambda opset=21: ConvertVersionPass(opset, fallback=True),
+    "fold-constants": _fold_constants,
+    "infer-shapes": ShapeInferencePass,
+    "fold-batchnorm": FoldBatchNormPass,
+    "fuse-bias-add": FuseBiasAddPass,
+    "remove-unused": RemoveUnusedNodesPass,
+    "lower-qdq-to-integer": LowerQDQToIntegerPass,
+    "fuse-integer-linear": FuseIntegerLinearPass,
+}
+
+
+def register_pass(name: str, factory: Callable[..., Any]) -> None:
+    """Make ``factory`` available to recipes under ``name``."""
+    if not name or name in PASSES:
+        raise ValueError(f"pass name {name!r} is empty or already registered")
+    PASSES[name] = factory
