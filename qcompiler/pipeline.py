@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.errors import PassFailedError, VerificationError
+from qcompiler.errors import PassFailedError, QCompilerError, VerificationError
 from qcompiler.ir.verifier import verify
 
 logger = logging.getLogger(__name__)
@@ -110,8 +110,8 @@ class Pipeline:
             start = time.perf_counter()
             try:
                 result = pass_(model)
-            except PassFailedError:
-                raise
+            except QCompilerError:
+                raise  # already names the pass, node or argument at fault
             except Exception as exc:
                 raise PassFailedError(name, f"{type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start

@@ -1,0 +1,22 @@
+"""Public test helpers: hypothesis strategies for valid graphs and equivalence assertions."""
+
+from __future__ import annotations
+
+from qcompiler.testing.assertions import (
+    assert_bit_exact,
+    assert_equivalent,
+    assert_within_quantization_step,
+    output_steps,
+)
+from qcompiler.testing.strategies import GeneratedModel, cnn_models, mlp_models, models
+
+__all__ = [
+    "GeneratedModel",
+    "assert_bit_exact",
+    "assert_equivalent",
+    "assert_within_quantization_step",
+    "cnn_models",
+    "mlp_models",
+    "models",
+    "output_steps",
+]

@@ -1,0 +1,127 @@
+"""Assertions for property tests of passes and backends."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompiler.dialect import run_reference
+from qcompiler.ir.verifier import verify
+
+Feeds = Mapping[str, np.ndarray]
+
+
+def _as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+
+
+def _copy_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(_as_proto(model))
+
+
+def assert_equivalent(
+    pass_: ir.passes.PassBase,
+    model: onnx.ModelProto | ir.Model,
+    inputs: Sequence[Feeds],
+    *,
+    rtol: float = 1e-9,
+    atol: float = 0.0,
+    float64: bool = True,
+) -> ir.Model:
+    """Run ``pass_`` on a copy of ``model`` and assert the outputs are unchanged within tolerance.
+
+    With ``float64`` the inputs are compared in float64 arithmetic: float initializers and inputs are cast
+    to double, so float-exact passes must agree to ~1e-9 relative. Also checks the verifier. Returns the
+    transformed model.
+    """
+    before = _copy_ir(model)
+    if float64:
+        before = _to_float64(before)
+    after = pass_(_copy_ir(before)).model
+    verify(after)
+    for feeds in inputs:
+        cast = {k: v.astype(np.float64) if float64 and v.dtype.kind == "f" else v for k, v in feeds.items()}
+        want = run_reference(_as_proto(before), cast)
+        got = run_reference(_as_proto(after), cast)
+        for index, (w, g) in enumerate(zip(want, got, strict=True)):
+            np.testing.assert_allclose(
+                np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol,
+                err_msg=f"{type(pass_).__name__} changed output {index}",
+            )
+    return after
+
+
+def _to_float64(model: ir.Model) -> ir.Model:
+    for value in model.graph.initializers.values():
+        if value.dtype == ir.DataType.FLOAT and value.const_value is not None:
+            value.const_value = ir.tensor(value.const_value.numpy().astype(np.float64), name=value.name)
+            value.dtype = ir.DataType.DOUBLE
+    for value in list(model.graph.inputs) + list(model.graph.outputs):
+        if value.dtype == ir.DataType.FLOAT:
+            value.dtype = ir.DataType.DOUBLE
+    for node in model.graph:
+        for value in node.outputs:
+            if value.dtype == ir.DataType.FLOAT:
+                value.dtype = ir.DataType.DOUBLE
+    return model
+
+
+def assert_bit_exact(
+    backend: Callable[[onnx.ModelProto], Any],
+    model: onnx.ModelProto | ir.Model,
+    inputs: Sequence[Feeds],
+) -> None:
+    """Build ``model`` with ``backend`` (returns an object with ``run(feeds) -> list[array]``) and assert
+    every output equals the reference interpreter's, bit for bit."""
+    proto = _as_proto(model)
+    runnable = backend(proto)
+    for feeds in inputs:
+        want = run_reference(proto, feeds)
+        got = runnable.run(feeds)
+        assert len(want) == len(got), f"backend returned {len(got)} outputs, reference {len(want)}"
+        for index, (w, g) in enumerate(zip(want, got, strict=True)):
+            w, g = np.asarray(w), np.asarray(g)
+            assert w.dtype == g.dtype and w.shape == g.shape, (
+                f"output {index}: backend gives {g.dtype}{g.shape}, reference {w.dtype}{w.shape}"
+            )
+            if not np.array_equal(w, g):
+                bad = int(np.count_nonzero(w != g))
+                raise AssertionError(f"output {index}: {bad} of {w.size} elements differ from the reference")
+
+
+def output_steps(model: onnx.ModelProto | ir.Model) -> list[float]:
+    """The quantization step (scale) of every graph output, read from the DequantizeLinear producing it."""
+    graph = _copy_ir(model).graph
+    steps = []
+    for out in graph.outputs:
+        producer = out.producer()
+        if producer is None or producer.op_type != "DequantizeLinear":
+            raise ValueError(f"output {out.name!r} is not produced by a DequantizeLinear")
+        scale = producer.inputs[1].const_value  # type: ignore[union-attr]
+        steps.append(float(np.max(scale.numpy())))  # type: ignore[union-attr]
+    return steps
+
+
+def assert_within_quantization_step(
+    qdq_model: onnx.ModelProto | ir.Model,
+    integer_model: onnx.ModelProto | ir.Model,
+    inputs: Sequence[Feeds],
+    steps: float = 1.0,
+) -> float:
+    """Assert the integer graph (reference interpreter) is within ``steps`` output quantization steps of the
+    QDQ graph for every output element. Returns the largest difference seen, in steps."""
+    qdq, integer = _as_proto(qdq_model), _as_proto(integer_model)
+    scales = output_steps(integer)
+    worst = 0.0
+    for feeds in inputs:
+        want = run_reference(qdq, feeds)
+        got = run_reference(integer, feeds)
+        for index, (w, g, step) in enumerate(zip(want, got, scales, strict=True)):
+            diff = float(np.max(np.abs(np.asarray(w, np.float64) - np.asarray(g, np.float64)), initial=0.0)) / step
+            worst = max(worst, diff)
+            assert diff <= steps + 1e-3, f"output {index}: integer graph is {diff:.3f} steps from the QDQ graph"
+    return worst

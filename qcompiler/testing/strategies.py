@@ -1,0 +1,179 @@
+"""Hypothesis strategies that generate valid float ONNX models: MLPs and CNNs with random shapes,
+residual adds, BatchNorm, ReLU and pooling. Weights are real-valued and well scaled, so the models
+are meaningful to quantize.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 21
+
+
+@dataclasses.dataclass(frozen=True)
+class GeneratedModel:
+    """A generated float model, its input name and shape, and a seed for drawing inputs."""
+
+    model: onnx.ModelProto
+    input_name: str
+    input_shape: tuple[int, ...]
+    seed: int
+    description: str
+
+    def inputs(self, count: int, offset: int = 0) -> list[dict[str, np.ndarray]]:
+        """``count`` random input batches (standard normal); ``offset`` picks a disjoint stream."""
+        rng = np.random.default_rng(self.seed * 7919 + offset)
+        return [{self.input_name: rng.standard_normal(self.input_shape).astype(np.float32)} for _ in range(count)]
+
+
+class _Builder:
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.counter = 0
+        self.parts: list[str] = []
+
+    def name(self, prefix: str) -> str:
+        self.counter += 1
+        return f"{prefix}{self.counter}"
+
+    def const(self, prefix: str, array: np.ndarray) -> str:
+        name = self.name(prefix)
+        self.initializers.append(numpy_helper.from_array(array, name))
+        return name
+
+    def node(self, op: str, inputs: list[str], **attrs: object) -> str:
+        out = self.name(op.lower() + "_")
+        self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
+        return out
+
+    def weight(self, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
+        return (self.rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
+
+    def batchnorm(self, x: str, channels: int) -> str:
+        gamma = self.rng.uniform(0.5, 1.5, channels).astype(np.float32)
+        beta = self.rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+        mean = self.rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+        var = self.rng.uniform(0.5, 2.0, channels).astype(np.float32)
+        inputs = [x] + [self.const("bn", a) for a in (gamma, beta, mean, var)]
+        self.parts.append("bn")
+        return self.node("BatchNormalization", inputs, epsilon=1e-5)
+
+    def model(self, x: str, shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, "generated",
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape))],
+            [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
+            self.initializers,
+        )
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model.ir_version = 10
+        model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
+        onnx.checker.check_model(model)
+        return model
+
+
+@st.composite
+def mlp_models(draw: st.DrawFn, max_layers: int = 4, max_width: int = 48) -> GeneratedModel:
+    """MLPs: Gemm (either weight layout) or MatMul + bias Add, optional BatchNorm, ReLU and residual adds."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    batch = draw(st.sampled_from([1, 2, 3, 8]))
+    width = draw(st.integers(1, max_width))
+    x = "input"
+    current, current_width = x, width
+    for _ in range(draw(st.integers(1, max_layers))):
+        out_width = draw(st.one_of(st.just(current_width), st.integers(1, max_width)))
+        layer_input = current
+        kind = draw(st.sampled_from(["gemm", "gemm_t", "matmul_add"]))
+        weight = b.weight((current_width, out_width), current_width)
+        bias = (b.rng.standard_normal(out_width) * 0.1).astype(np.float32)
+        if kind == "gemm":
+            y = b.node("Gemm", [current, b.const("w", weight), b.const("b", bias)])
+        elif kind == "gemm_t":
+            y = b.node("Gemm", [current, b.const("w", np.ascontiguousarray(weight.T)), b.const("b", bias)], transB=1)
+        else:
+            y = b.node("Add", [b.node("MatMul", [current, b.const("w", weight)]), b.const("b", bias)])
+        b.parts.append(kind)
+        if draw(st.booleans()):
+            y = b.batchnorm(y, out_width)
+        relu = draw(st.booleans())
+        if out_width == current_width and draw(st.booleans()):
+            if relu:
+                y = b.node("Relu", [y])
+            y = b.node("Add", [y, layer_input])
+            b.parts.append("residual")
+            if draw(st.booleans()):
+                y = b.node("Relu", [y])
+        elif relu:
+            y = b.node("Relu", [y])
+        current, current_width = y, out_width
+    model = b.model(x, (batch, width), current, (batch, current_width))
+    return GeneratedModel(model, x, (batch, width), seed, "mlp:" + ",".join(b.parts))
+
+
+@st.composite
+def cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
+    """CNNs: Conv (1x1/3x3, stride 1/2, with or without bias), BatchNorm, ReLU, MaxPool, residual adds,
+    then GlobalAveragePool or Flatten, and a Gemm head."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    batch = draw(st.sampled_from([1, 2]))
+    channels = draw(st.integers(1, 8))
+    height, width = draw(st.integers(4, 12)), draw(st.integers(4, 12))
+    x = "input"
+    current = x
+    c, h, w = channels, height, width
+    for _ in range(draw(st.integers(1, max_blocks))):
+        out_c = draw(st.one_of(st.just(c), st.integers(1, 16)))
+        kernel = draw(st.sampled_from([1, 3]))
+        stride = draw(st.sampled_from([1, 1, 2])) if min(h, w) >= 4 else 1
+        pad = kernel // 2
+        inputs = [current, b.const("w", b.weight((out_c, c, kernel, kernel), c * kernel * kernel))]
+        if draw(st.booleans()):
+            inputs.append(b.const("b", (b.rng.standard_normal(out_c) * 0.1).astype(np.float32)))
+        y = b.node("Conv", inputs, kernel_shape=[kernel, kernel], pads=[pad] * 4, strides=[stride, stride])
+        b.parts.append(f"conv{kernel}s{stride}")
+        out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
+        if draw(st.booleans()):
+            y = b.batchnorm(y, out_c)
+        relu = draw(st.booleans())
+        if (out_c, out_h, out_w) == (c, h, w) and draw(st.booleans()):
+            if relu:
+                y = b.node("Relu", [y])
+            y = b.node("Add", [y, current])
+            b.parts.append("residual")
+            if draw(st.booleans()):
+                y = b.node("Relu", [y])
+        elif relu:
+            y = b.node("Relu", [y])
+        if min(out_h, out_w) >= 4 and draw(st.booleans()):
+            y = b.node("MaxPool", [y], kernel_shape=[2, 2], strides=[2, 2])
+            out_h, out_w = out_h // 2, out_w // 2
+            b.parts.append("maxpool")
+        current, c, h, w = y, out_c, out_h, out_w
+    if draw(st.booleans()):
+        current = b.node("GlobalAveragePool", [current])
+        features = c
+        b.parts.append("gap")
+    else:
+        features = c * h * w
+    current = b.node("Flatten", [current], axis=1)
+    classes = draw(st.integers(1, 12))
+    current = b.node(
+        "Gemm", [current, b.const("w", b.weight((features, classes), features)),
+                 b.const("b", (b.rng.standard_normal(classes) * 0.1).astype(np.float32))]
+    )
+    model = b.model(x, (batch, channels, height, width), current, (batch, classes))
+    return GeneratedModel(model, x, (batch, channels, height, width), seed, "cnn:" + ",".join(b.parts))
+
+
+def models() -> st.SearchStrategy[GeneratedModel]:
+    """MLPs and CNNs."""
+    return st.one_of(mlp_models(), cnn_models())
