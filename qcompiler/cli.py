@@ -1,0 +1,82 @@
+"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``recipes`` to list recipes."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from qcompiler.config import builtin_recipes
+from qcompiler.errors import QCompilerError
+from qcompiler.pipeline import PassRecord, format_records
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qcompiler", description="Quantize and compile models to integer-only code.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    comp = sub.add_parser("compile", help="compile an ONNX model")
+    comp.add_argument("model", help="path of the .onnx file (external data next to it)")
+    comp.add_argument("--target", default="llvm", help="compilation target (default: llvm, this CPU)")
+    comp.add_argument("--recipe", default="w8a8", help="built-in recipe name or path of a .toml recipe")
+    comp.add_argument("--calibration", required=True,
+                      help=".npz with one array per model input: one batch, or a stack [num_batches, *shape]")
+    comp.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    comp.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier after each pass")
+    comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub.add_parser("recipes", help="list the built-in recipes")
+    return parser
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from qcompiler.api import compile as compile_model
+
+    calibration_path = Path(args.calibration)
+    if not calibration_path.is_file():
+        print(f"error: --calibration: no such file {calibration_path}", file=sys.stderr)
+        return 2
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        print(f"error: -o/--output: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    with np.load(calibration_path) as data:
+        calibration = {name: data[name] for name in data.files}
+    start = time.perf_counter()
+    compiled = compile_model(
+        args.model, args.target, calibration=calibration, recipe=args.recipe, verify=not args.no_verify,
+        progress=not args.quiet,
+    )
+    compiled.save(output, overwrite=args.overwrite)
+    records = [PassRecord(**r) for r in compiled.report["passes"]]
+    print(format_records(records))
+    print()
+    print(f"{'op':<28} {'count':>5}")
+    for op, count in sorted(compiled.report["ops"].items()):
+        print(f"{op:<28} {count:>5}")
+    print()
+    print(f"recipe {compiled.report['recipe']}, target {compiled.report['target']}")
+    print(f"compiled in {time.perf_counter() - start:.2f}s -> {output}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        if args.command == "recipes":
+            for name in builtin_recipes():
+                print(name)
+            return 0
+        return _compile(args)
+    except QCompilerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
