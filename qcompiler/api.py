@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import onnx
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler import calibrate as calibration_module
 from qcompiler.backends.tvm import TVMModule, build, resolve_target
@@ -209,7 +210,9 @@ def quantize_to_integer(
         canonical.model, batches, observer=cal.observer, percentile=cal.percentile, progress=progress,
         max_batches=cal.max_batches,
     )
-    quantized = Pipeline([QuantizeQDQPass(ranges, chosen.quantize), *[]], verify_each=verify).run(canonical.model)
+    quantized = Pipeline([QuantizeQDQPass(ranges, chosen.quantize), RemoveUnusedNodesPass()], verify_each=verify).run(
+        canonical.model
+    )
     records += quantized.records
     qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized.model))
     lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized.model)

@@ -19,6 +19,8 @@ logger = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
 
+ORT_MAX_IR_VERSION = 10  # enough for opset 21; onnxruntime 1.31 rejects IR > 13
+
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
 
@@ -80,6 +82,7 @@ def _float_values(model: ir.Model) -> list[str]:
 
 def _session_with_all_outputs(model: ir.Model, names: list[str]) -> ort.InferenceSession:
     proto = ir.serde.serialize_model(model)
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)  # newer onnx writes IR versions ORT rejects
     existing = {o.name for o in proto.graph.output}
     for name in names:
         if name not in existing:

@@ -1,0 +1,194 @@
+"""The public API on the real MNIST CNN (acceptance 2), save/load, the torch path, and bad input (acceptance 5)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import qcompiler
+from qcompiler.testing.data import digits_28x28, mnist_model_path, mnist_test_vector
+
+pytestmark = pytest.mark.tvm
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    return digits_28x28()
+
+
+@pytest.fixture(scope="module")
+def compiled_mnist(digits) -> qcompiler.CompiledModel:
+    images, _ = digits
+    calibration = [images[i : i + 1] for i in range(1, len(images), 9)]  # every 9th digit, offset 1
+    return qcompiler.compile(str(mnist_model_path()), target="llvm", calibration=calibration, progress=False)
+
+
+def test_mnist_shipped_test_vector(compiled_mnist) -> None:
+    x, expected = mnist_test_vector()
+    assert int(np.argmax(compiled_mnist(x))) == int(np.argmax(expected))
+
+
+def test_mnist_digits_accuracy_within_one_point_of_float(compiled_mnist, digits) -> None:
+    images, labels = digits
+    session = ort.InferenceSession(str(mnist_model_path()), providers=["CPUExecutionProvider"])
+    float_pred = np.array([session.run(None, {"Input3": images[i : i + 1]})[0].argmax() for i in range(len(images))])
+    int_pred = np.array([compiled_mnist(images[i : i + 1]).argmax() for i in range(len(images))])
+    float_acc = float(np.mean(float_pred == labels))
+    int_acc = float(np.mean(int_pred == labels))
+    assert abs(float_acc - 0.889) < 0.002, f"float accuracy {float_acc} differs from ASSETS.md's 88.9 %"
+    assert abs(int_acc - float_acc) <= 0.01, f"integer {int_acc:.4f} vs float {float_acc:.4f}"
+
+
+def test_integer_graph_has_no_float_op_inside(compiled_mnist) -> None:
+    from qcompiler.passes.lower import float_ops_inside
+
+    import onnx_ir as ir
+
+    model = ir.serde.deserialize_model(compiled_mnist.integer_model)
+    assert float_ops_inside(model) == []
+    ops = [n.op_type for n in compiled_mnist.integer_model.graph.node]
+    assert ops[0] == "QuantizeLinear" and ops[-1] == "DequantizeLinear"
+    assert ops.count("QConv") == 2 and ops.count("QGemm") == 1
+
+
+def test_qdq_model_runs_in_onnxruntime(compiled_mnist) -> None:
+    x, expected = mnist_test_vector()
+    session = ort.InferenceSession(compiled_mnist.qdq_model.SerializeToString(), providers=["CPUExecutionProvider"])
+    out = session.run(None, {"Input3": x})[0]
+    assert int(np.argmax(out)) == int(np.argmax(expected))
+
+
+def test_save_and_load_round_trip(compiled_mnist, tmp_path: Path) -> None:
+    x, _ = mnist_test_vector()
+    target = compiled_mnist.save(tmp_path / "mnist")
+    assert sorted(p.name for p in target.iterdir()) == ["integer.onnx", "model.so", "qdq.onnx", "report.json"]
+    reloaded = qcompiler.load(target)
+    np.testing.assert_array_equal(reloaded(x), compiled_mnist(x))
+    assert reloaded.report["recipe"] == "w8a8"
+    with pytest.raises(FileExistsError, match="overwrite"):
+        compiled_mnist.save(target)
+
+
+def test_save_failure_leaves_nothing_behind(compiled_mnist, tmp_path: Path, monkeypatch) -> None:
+    def broken_export(path):
+        Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(compiled_mnist.module, "export", broken_export)
+    with pytest.raises(OSError, match="disk full"):
+        compiled_mnist.save(tmp_path / "out")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_overwrite_replaces_atomically(compiled_mnist, tmp_path: Path) -> None:
+    target = tmp_path / "m"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    compiled_mnist.save(target, overwrite=True)
+    assert not (target / "stale.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+def test_torch_inputs_and_outputs(compiled_mnist) -> None:
+    import torch
+
+    x, _ = mnist_test_vector()
+    out = compiled_mnist(torch.from_numpy(x))
+    assert isinstance(out, torch.Tensor)
+    np.testing.assert_array_equal(out.numpy(), compiled_mnist(x))
+    with pytest.raises(ValueError, match="compiled for"):
+        compiled_mnist(np.zeros((2, 1, 28, 28), np.float32))
+
+
+def test_torch_module_end_to_end() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+    )
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((4, 16)).astype(np.float32) for _ in range(16)]
+    compiled = qcompiler.compile(module, example_inputs=(torch.from_numpy(batches[0]),), calibration=batches, progress=False)
+    x = rng.standard_normal((4, 16)).astype(np.float32)
+    with torch.no_grad():
+        expected = module(torch.from_numpy(x)).numpy()
+    got = compiled(x)
+    scale = np.abs(expected).max()
+    assert np.max(np.abs(got - expected)) < 0.05 * scale
+
+
+# --- bad input: clear errors that name the culprit ----------------------------------------------------------
+def test_unknown_recipe(tmp_path: Path) -> None:
+    with pytest.raises(qcompiler.RecipeError, match="unknown recipe 'w3a3'.*w8a8"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[], recipe="w3a3")
+
+
+def test_malformed_recipe_names_the_field(tmp_path: Path) -> None:
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('name = "mine"\ncanonicalize = ["no-such-pass"]\n')
+    with pytest.raises(qcompiler.RecipeError, match="no-such-pass"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[], recipe=recipe)
+    recipe.write_text('name = "mine"\n[quantize]\nweight_bits = 3\n')
+    with pytest.raises(qcompiler.RecipeError, match="weight_bits"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[], recipe=recipe)
+
+
+def test_unknown_target() -> None:
+    with pytest.raises(qcompiler.TargetError, match="unknown target 'tpu'"):
+        qcompiler.compile(str(mnist_model_path()), target="tpu", calibration=[])
+
+
+def test_malformed_onnx_file(tmp_path: Path) -> None:
+    bad = tmp_path / "broken.onnx"
+    bad.write_bytes(b"this is not a protobuf at all \x00\xff" * 10)
+    with pytest.raises(qcompiler.ModelLoadError, match="broken.onnx"):
+        qcompiler.compile(str(bad), calibration=[])
+    with pytest.raises(qcompiler.ModelLoadError, match="no such ONNX file"):
+        qcompiler.compile(str(tmp_path / "missing.onnx"), calibration=[])
+
+
+def test_calibration_of_the_wrong_shape(tmp_path: Path) -> None:
+    with pytest.raises(qcompiler.CalibrationError, match=r"input 'Input3' has shape \(1, 28, 28\).*\(1, 1, 28, 28\)"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[np.zeros((1, 28, 28), np.float32)], progress=False)
+    with pytest.raises(qcompiler.CalibrationError, match="no batch"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[], progress=False)
+    with pytest.raises(qcompiler.CalibrationError, match="unknown input name"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[{"image": np.zeros((1, 1, 28, 28))}], progress=False)
+
+
+def test_unsupported_op_names_the_node(tmp_path: Path) -> None:
+    w = np.ones((4, 4), np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Sigmoid", ["h"], ["y"], name="gate")],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    with pytest.raises(qcompiler.UnsupportedOpError, match="node 'gate' \\(op Sigmoid\\)") as info:
+        qcompiler.compile(model, calibration=[np.ones((1, 4), np.float32)], progress=False)
+    assert info.value.node_name == "gate"
+
+
+def test_nothing_written_when_compile_fails(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(qcompiler.CalibrationError):
+        qcompiler.compile(str(mnist_model_path()), calibration=[np.zeros((2, 2), np.float32)], progress=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_files_load(tmp_path: Path) -> None:
+    model = onnx.load(str(mnist_model_path()))
+    for tensor in model.graph.initializer:  # external data applies to raw_data tensors only
+        tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
+    path = tmp_path / "external.onnx"
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
+              size_threshold=0)
+    assert (tmp_path / "weights.bin").is_file()
+    ir_model = qcompiler.ir.load(path)
+    assert all(v.const_value is not None for v in ir_model.graph.initializers.values())
