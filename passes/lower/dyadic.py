@@ -14,7 +14,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
 from qcompiler.errors import UnsupportedOpError
@@ -109,6 +109,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        ShapeInferencePass()(model)  # pads for SAME convolutions and pool sizes need static shapes
         model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
         modified = False
         for node in list(graph):

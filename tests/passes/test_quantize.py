@@ -1,0 +1,112 @@
+"""Observers and the QDQ pass."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.calibrate import calibrate
+from qcompiler.errors import CalibrationError, UnsupportedOpError
+from qcompiler.passes.quantize import MinMaxObserver, PercentileObserver, QuantizeQDQPass
+from qcompiler.passes.quantize.qdq import QuantizeConfig, quantize_weight_per_channel
+
+
+def test_minmax_observer_streams() -> None:
+    obs = MinMaxObserver()
+    obs.update(np.array([1.0, -3.0]))
+    obs.update(np.array([2.5]))
+    assert obs.absmax() == 3.0
+
+
+def test_percentile_observer_ignores_rare_outliers_and_rebins() -> None:
+    rng = np.random.default_rng(0)
+    obs = PercentileObserver(percentile=99.0, bins=512)
+    data = rng.standard_normal(200_000)
+    for chunk in np.split(data, 20):
+        obs.update(chunk)
+    obs.update(np.array([1000.0]))  # one outlier far beyond everything: the range doubles many times
+    expected = np.percentile(np.abs(data), 99.0)
+    assert abs(obs.absmax() - expected) < 0.1 * expected + 1000.0 / 512 * 2
+    assert obs.absmax() < 10.0
+
+
+@pytest.mark.parametrize("bad", [{"percentile": 0.0}, {"bins": 3}])
+def test_percentile_observer_validates(bad) -> None:
+    with pytest.raises(ValueError):
+        PercentileObserver(**bad)
+
+
+def test_weight_quantization_is_symmetric_per_channel() -> None:
+    w = np.array([[1.0, -2.0], [0.0, 0.0], [0.5, 0.25]], np.float32)
+    q, scales = quantize_weight_per_channel(w, axis=0)
+    assert q.min() >= -127 and q.max() <= 127
+    np.testing.assert_allclose(scales, [2 / 127, 1.0, 0.5 / 127], rtol=1e-6)
+    np.testing.assert_array_equal(q[0], [64, -127])
+    np.testing.assert_array_equal(q[1], [0, 0])
+
+
+def test_config_validates() -> None:
+    with pytest.raises(ValueError, match="weight_bits"):
+        QuantizeConfig(weight_bits=4)
+
+
+def _mlp() -> ir.Model:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)],
+        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
+        [numpy_helper.from_array(a, n) for n, a in {
+            "w1": rng.standard_normal((8, 16)).astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32),
+            "w2": rng.standard_normal((3, 16)).astype(np.float32), "b2": rng.standard_normal(3).astype(np.float32)}.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return ir.serde.deserialize_model(model)
+
+
+def test_qdq_structure_and_onnxruntime_agrees_with_float() -> None:
+    model = _mlp()
+    rng = np.random.default_rng(1)
+    batches = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(8)]
+    float_out = [ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, b)[0] for b in batches]
+    ranges = calibrate(model, batches, progress=False)
+    QuantizeQDQPass(ranges)(model)
+    ops = [n.op_type for n in model.graph]
+    # input, relu output and graph output are quantized; the Gemm before the ReLU is not (fused)
+    assert ops.count("QuantizeLinear") == 3
+    assert ops.count("DequantizeLinear") == 3 + 4  # + two weights and two int32 biases
+    weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
+    assert {w.inputs[0].dtype for w in weights} == {ir.DataType.INT8, ir.DataType.INT32}
+    assert [n.attributes.get_int("axis") for n in weights] == [1, 0, 0, 0]  # w1 is [K, N]; w2 (transB) is [N, K]
+    proto = ir.serde.serialize_model(model).SerializeToString()
+    # onnxruntime's fused QDQ kernels (on by default) run the graph, but on AVX2 their u8 x s8 products
+    # saturate (vpmaddubsw), so only the unfused QDQ semantics are compared with float here.
+    default = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    assert default.run(None, batches[0])[0].shape == (4, 3)
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto, options, providers=["CPUExecutionProvider"])
+    for batch, want in zip(batches, float_out, strict=True):
+        got = session.run(None, batch)[0]
+        assert np.max(np.abs(got - want)) < 0.05 * np.max(np.abs(want))
+
+
+def test_missing_range_is_a_calibration_error() -> None:
+    with pytest.raises(CalibrationError, match="no range for tensor 'x'"):
+        QuantizeQDQPass({})(_mlp())
+
+
+def test_dynamic_weight_is_rejected_with_the_node_name() -> None:
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "x2"], ["y"], name="attention_scores")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]), helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    with pytest.raises(UnsupportedOpError, match="attention_scores.*constant initializer"):
+        QuantizeQDQPass({"x": 1.0, "x2": 1.0, "y": 1.0})(model)
