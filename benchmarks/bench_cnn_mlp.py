@@ -19,10 +19,10 @@ import onnxruntime as ort
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_seconds, print_table, save  # noqa: E402
+from common import median_seconds, print_table, save
 
-import qcompiler  # noqa: E402
-from qcompiler.testing.data import digits_28x28, mnist_model_path  # noqa: E402
+import qcompiler
+from qcompiler.testing.data import digits_28x28, mnist_model_path
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 
@@ -44,8 +44,13 @@ def mnist_torch(model: onnx.ModelProto) -> torch.nn.Module:
 
 def train_mlp(x: np.ndarray, y: np.ndarray) -> torch.nn.Module:
     torch.manual_seed(0)
-    mlp = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256), torch.nn.ReLU(),
-                              torch.nn.Linear(256, 10))
+    mlp = torch.nn.Sequential(
+        torch.nn.Linear(64, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 256),
+        torch.nn.ReLU(),
+        torch.nn.Linear(256, 10),
+    )
     opt = torch.optim.Adam(mlp.parameters(), lr=1e-3)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     for _ in range(60):
@@ -76,8 +81,9 @@ def main() -> None:
     images, labels = digits_28x28()
     calib_idx, test_idx = np.arange(1, len(images), 9), np.arange(len(images))
     start = time.perf_counter()
-    compiled = qcompiler.compile(str(mnist_model_path()), calibration=[images[i : i + 1] for i in calib_idx],
-                                 progress=False)
+    compiled = qcompiler.compile(
+        str(mnist_model_path()), calibration=[images[i : i + 1] for i in calib_idx], progress=False
+    )
     compile_s = time.perf_counter() - start
     onnx_model = onnx.load(str(mnist_model_path()))
     net, session = mnist_torch(onnx_model), ort_session(str(mnist_model_path()))
@@ -88,12 +94,21 @@ def main() -> None:
         runners = {
             "qcompiler int8 (TVM, integer-only)": (compiled, lambda: compiled(x0)),
             "torch float32": (lambda x: net(torch.from_numpy(x)).numpy(), lambda: net(x0_t)),
-            "onnxruntime float32": (lambda x: session.run(None, {"Input3": x})[0], lambda: session.run(None, {"Input3": x0})),
+            "onnxruntime float32": (
+                lambda x: session.run(None, {"Input3": x})[0],
+                lambda: session.run(None, {"Input3": x0}),
+            ),
         }
         mnist_rows = []
         for name, (predict, call) in runners.items():
-            mnist_rows.append({"model": "MNIST CNN (b=1)", "runtime": name, "accuracy": accuracy(predict, xs, labels),
-                               "latency_us": median_seconds(call) * 1e6})
+            mnist_rows.append(
+                {
+                    "model": "MNIST CNN (b=1)",
+                    "runtime": name,
+                    "accuracy": accuracy(predict, xs, labels),
+                    "latency_us": median_seconds(call) * 1e6,
+                }
+            )
     _add_ratios(mnist_rows)
     mnist_rows[0]["compile_s"] = compile_s
     rows += mnist_rows
@@ -110,7 +125,9 @@ def main() -> None:
     test_batches = [data[test][i : i + batch] for i in range(0, 576, batch)]
     calib = [data[train][i : i + batch] for i in range(0, 1152, batch)]
     start = time.perf_counter()
-    compiled_mlp = qcompiler.compile(mlp, example_inputs=(torch.from_numpy(calib[0]),), calibration=calib, progress=False)
+    compiled_mlp = qcompiler.compile(
+        mlp, example_inputs=(torch.from_numpy(calib[0]),), calibration=calib, progress=False
+    )
     mlp_compile_s = time.perf_counter() - start
     onnx_mlp = compiled_mlp.qdq_model  # for ORT float, export the float graph
     del onnx_mlp
@@ -123,14 +140,21 @@ def main() -> None:
         runners = {
             "qcompiler int8 (TVM, integer-only)": (compiled_mlp, lambda: compiled_mlp(xb)),
             "torch float32": (lambda x: mlp(torch.from_numpy(x)).numpy(), lambda: mlp(xb_t)),
-            "onnxruntime float32": (lambda x: mlp_session.run(None, {input_name: x})[0],
-                                    lambda: mlp_session.run(None, {input_name: xb})),
+            "onnxruntime float32": (
+                lambda x: mlp_session.run(None, {input_name: x})[0],
+                lambda: mlp_session.run(None, {input_name: xb}),
+            ),
         }
         mlp_rows = []
         for name, (predict, call) in runners.items():
-            mlp_rows.append({"model": f"MLP 64-256-256-10 (b={batch})", "runtime": name,
-                             "accuracy": accuracy(predict, test_batches, target[test]),
-                             "latency_us": median_seconds(call) * 1e6})
+            mlp_rows.append(
+                {
+                    "model": f"MLP 64-256-256-10 (b={batch})",
+                    "runtime": name,
+                    "accuracy": accuracy(predict, test_batches, target[test]),
+                    "latency_us": median_seconds(call) * 1e6,
+                }
+            )
     _add_ratios(mlp_rows)
     mlp_rows[0]["compile_s"] = mlp_compile_s
     rows += mlp_rows

@@ -46,7 +46,11 @@ def _fmt(value: Any) -> str:
 def save(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    payload = {"machine": platform.processor() or platform.machine(), "python": platform.python_version(),
-               "rows": rows, **(extra or {})}
+    payload = {
+        "machine": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "rows": rows,
+        **(extra or {}),
+    }
     path.write_text(json.dumps(payload, indent=2))
     return path

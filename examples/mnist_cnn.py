@@ -37,8 +37,7 @@ def main() -> None:
 
     start = time.perf_counter()
     compiled = qcompiler.compile(str(mnist_model_path()), target="llvm", calibration=calibration, recipe="w8a8")
-    print(f"compiled to integer-only CPU code in {time.perf_counter() - start:.2f}s "
-          f"({compiled.report['target']})")
+    print(f"compiled to integer-only CPU code in {time.perf_counter() - start:.2f}s ({compiled.report['target']})")
     print("integer graph:", ", ".join(f"{op} x{n}" for op, n in compiled.report["ops"].items()))
 
     session = ort.InferenceSession(str(mnist_model_path()), providers=["CPUExecutionProvider"])
@@ -56,7 +55,9 @@ def main() -> None:
     print(f"{'':28} {'accuracy':>9} {'latency (us)':>13}")
     print(f"{'float32 (onnxruntime)':28} {float_acc:>9.2%} {t_float * 1e6:>13.1f}")
     print(f"{'int8 integer-only (TVM)':28} {int_acc:>9.2%} {t_int * 1e6:>13.1f}")
-    print(f"accuracy change {100 * (int_acc - float_acc):+.2f} points; integer/float latency ratio {t_int / t_float:.2f}")
+    print(
+        f"accuracy change {100 * (int_acc - float_acc):+.2f} points; integer/float latency ratio {t_int / t_float:.2f}"
+    )
     print(f"agreement with float predictions: {np.mean(int_pred == float_pred):.2%}")
 
 

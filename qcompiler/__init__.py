@@ -1,7 +1,7 @@
 """qcompiler: quantize neural networks and compile them to integer-only code.
 
-    >>> compiled = qcompiler.compile("model.onnx", target="llvm", calibration=batches)
-    >>> logits = compiled(x)
+>>> compiled = qcompiler.compile("model.onnx", target="llvm", calibration=batches)
+>>> logits = compiled(x)
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from qcompiler.errors import CalibrationError, QCompilerError
 from qcompiler.ir import load as load_model
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
-from qcompiler.pipeline import Pipeline, PassRecord, format_records
+from qcompiler.pipeline import PassRecord, Pipeline, format_records
 
 logger = logging.getLogger(__name__)
 
@@ -98,8 +98,13 @@ def _fix_input_shapes(model: ir.Model, shapes: Mapping[str, list[int]]) -> None:
 class CompiledModel:
     """An integer-only compiled model. Call it on numpy arrays or torch tensors."""
 
-    def __init__(self, module: TVMModule, integer_model: onnx.ModelProto, report: dict[str, Any],
-                 qdq_model: onnx.ModelProto | None = None) -> None:
+    def __init__(
+        self,
+        module: TVMModule,
+        integer_model: onnx.ModelProto,
+        report: dict[str, Any],
+        qdq_model: onnx.ModelProto | None = None,
+    ) -> None:
         self.module = module
         self.integer_model = integer_model
         self.qdq_model = qdq_model
@@ -166,7 +171,9 @@ def load(directory: str | Path) -> CompiledModel:
     integer_model = onnx.load(str(root / INTEGER_FILE))
     report = json.loads((root / REPORT_FILE).read_text())
     names = [i.name for i in integer_model.graph.input]
-    dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in integer_model.graph.input]
+    dtypes = [
+        onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in integer_model.graph.input
+    ]
     module = TVMModule.load(root / LIBRARY_FILE, names, dtypes)
     qdq = onnx.load(str(root / QDQ_FILE)) if (root / QDQ_FILE).is_file() else None
     return CompiledModel(module, integer_model, report, qdq)
@@ -207,7 +214,11 @@ def quantize_to_integer(
     records += canonical.records
     cal = chosen.calibration
     ranges = calibration_module.calibrate(
-        canonical.model, batches, observer=cal.observer, percentile=cal.percentile, progress=progress,
+        canonical.model,
+        batches,
+        observer=cal.observer,
+        percentile=cal.percentile,
+        progress=progress,
         max_batches=cal.max_batches,
     )
     quantized = Pipeline([QuantizeQDQPass(ranges, chosen.quantize), RemoveUnusedNodesPass()], verify_each=verify).run(
@@ -220,7 +231,7 @@ def quantize_to_integer(
     return qdq_copy, lowered.model, records, shapes
 
 
-def compile(  # noqa: A001 - the public name the README promises
+def compile(
     model: Any,
     target: Any = "llvm",
     *,
@@ -248,7 +259,11 @@ def compile(  # noqa: A001 - the public name the README promises
     load_recipe(recipe)
     start = time.perf_counter()
     qdq, integer, records, shapes = quantize_to_integer(
-        model, example_inputs=example_inputs, calibration=calibration, recipe=recipe, verify=verify,
+        model,
+        example_inputs=example_inputs,
+        calibration=calibration,
+        recipe=recipe,
+        verify=verify,
         progress=progress,
     )
     remaining = float_ops_inside(integer)

@@ -23,8 +23,11 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("model", help="path of the .onnx file (external data next to it)")
     comp.add_argument("--target", default="llvm", help="compilation target (default: llvm, this CPU)")
     comp.add_argument("--recipe", default="w8a8", help="built-in recipe name or path of a .toml recipe")
-    comp.add_argument("--calibration", required=True,
-                      help=".npz with one array per model input: one batch, or a stack [num_batches, *shape]")
+    comp.add_argument(
+        "--calibration",
+        required=True,
+        help=".npz with one array per model input: one batch, or a stack [num_batches, *shape]",
+    )
     comp.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     comp.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier after each pass")
@@ -48,7 +51,11 @@ def _compile(args: argparse.Namespace) -> int:
         calibration = {name: data[name] for name in data.files}
     start = time.perf_counter()
     compiled = compile_model(
-        args.model, args.target, calibration=calibration, recipe=args.recipe, verify=not args.no_verify,
+        args.model,
+        args.target,
+        calibration=calibration,
+        recipe=args.recipe,
+        verify=not args.no_verify,
         progress=not args.quiet,
     )
     compiled.save(output, overwrite=args.overwrite)

@@ -60,8 +60,9 @@ class Recipe:
 
 
 def builtin_recipes() -> list[str]:
-    return sorted(p.name.removesuffix(".toml") for p in resources.files("qcompiler.recipes").iterdir()
-                  if p.name.endswith(".toml"))
+    return sorted(
+        p.name.removesuffix(".toml") for p in resources.files("qcompiler.recipes").iterdir() if p.name.endswith(".toml")
+    )
 
 
 def _pass_specs(entries: Sequence[Any], where: str) -> tuple[PassSpec, ...]:

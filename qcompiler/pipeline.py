@@ -127,8 +127,14 @@ class Pipeline:
                 removed=dict(before - after),
             )
             records.append(record)
-            logger.info("pass %s: %.3fs modified=%s nodes %d -> %d", name, seconds, record.modified,
-                        record.nodes_before, record.nodes_after)
+            logger.info(
+                "pass %s: %.3fs modified=%s nodes %d -> %d",
+                name,
+                seconds,
+                record.modified,
+                record.nodes_before,
+                record.nodes_after,
+            )
             if self.verify_each:
                 try:
                     verify(model)
@@ -159,8 +165,9 @@ class Pipeline:
             if not np.allclose(got64, want64, rtol=self.rtol, atol=self.atol):
                 worst = float(np.max(np.abs(got64 - want64)))
                 raise PassFailedError(
-                    name, f"output {position} changed by up to {worst:.3g} on the probe input "
-                    f"(rtol={self.rtol}, atol={self.atol})"
+                    name,
+                    f"output {position} changed by up to {worst:.3g} on the probe input "
+                    f"(rtol={self.rtol}, atol={self.atol})",
                 )
 
 

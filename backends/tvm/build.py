@@ -60,8 +60,22 @@ def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple
 
 
 def _mcpu_has_avx2(mcpu: str) -> bool:
-    prefixes = ("haswell", "broadwell", "skylake", "cascadelake", "icelake", "tigerlake", "sapphirerapids",
-                "alderlake", "znver", "x86-64-v3", "x86-64-v4", "cooperlake", "cannonlake", "rocketlake")
+    prefixes = (
+        "haswell",
+        "broadwell",
+        "skylake",
+        "cascadelake",
+        "icelake",
+        "tigerlake",
+        "sapphirerapids",
+        "alderlake",
+        "znver",
+        "x86-64-v3",
+        "x86-64-v4",
+        "cooperlake",
+        "cannonlake",
+        "rocketlake",
+    )
     return mcpu.startswith(prefixes)
 
 
@@ -75,8 +89,10 @@ class TVMModule:
         self._vm = relax.VirtualMachine(executable, tvm.cpu())
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
-                for n, d in zip(self.input_names, self.input_dtypes, strict=True)]
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
+            for n, d in zip(self.input_names, self.input_dtypes, strict=True)
+        ]
         result = self._vm["main"](*args)
         if isinstance(result, tvm.runtime.Tensor):
             return [result.numpy()]
@@ -84,8 +100,10 @@ class TVMModule:
 
     def time(self, feeds: Mapping[str, np.ndarray], number: int = 10, repeat: int = 5) -> float:
         """Median seconds per call (TVM's time evaluator)."""
-        args = [tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
-                for n, d in zip(self.input_names, self.input_dtypes, strict=True)]
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feeds[n], dtype=d))
+            for n, d in zip(self.input_names, self.input_dtypes, strict=True)
+        ]
         timer = self._vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
         return float(timer(*args).median)
 

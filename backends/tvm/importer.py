@@ -51,8 +51,11 @@ def _static_shape(expr: relax.Expr, op: str) -> list[int]:
 
 
 def _epilogue(attr: dict) -> dict[str, int]:
-    return {"zero_point": int(attr.get("zero_point", 0)), "lo": int(attr.get("lo", -128)),
-            "hi": int(attr.get("hi", 127))}
+    return {
+        "zero_point": int(attr.get("zero_point", 0)),
+        "lo": int(attr.get("lo", -128)),
+        "hi": int(attr.get("hi", 127)),
+    }
 
 
 def _gemm_attrs(plan: kernels.GemmPlan) -> dict[str, object]:
@@ -75,8 +78,11 @@ class QGemm(OF.OnnxOpConverter):
             relax.const(kernels.pad_channels(_const_numpy(inputs[4], "shift", "QGemm"), plan, 31), "int32"),
         ]
         out = bb.emit_te(
-            functools.partial(kernels.qgemm_compute, plan=plan, **_epilogue(attr)), x2, *args,
-            primfunc_name_hint="qgemm", primfunc_attrs=_gemm_attrs(plan),
+            functools.partial(kernels.qgemm_compute, plan=plan, **_epilogue(attr)),
+            x2,
+            *args,
+            primfunc_name_hint="qgemm",
+            primfunc_attrs=_gemm_attrs(plan),
         )
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], plan.n])
@@ -91,8 +97,14 @@ class QConv(OF.OnnxOpConverter):
         batch, channels, height, width = _static_shape(x, "QConv")
         out_channels, in_per_group, kh, kw = weight.shape
         geometry = kernels.ConvGeometry(
-            batch=batch, channels=channels, height=height, width=width, kernel_h=kh, kernel_w=kw,
-            strides=tuple(attr.get("strides", (1, 1))), pads=tuple(attr.get("pads", (0, 0, 0, 0))),
+            batch=batch,
+            channels=channels,
+            height=height,
+            width=width,
+            kernel_h=kh,
+            kernel_w=kw,
+            strides=tuple(attr.get("strides", (1, 1))),
+            pads=tuple(attr.get("pads", (0, 0, 0, 0))),
             dilations=tuple(attr.get("dilations", (1, 1))),
         )
         group = int(attr.get("group", 1))
@@ -103,23 +115,30 @@ class QConv(OF.OnnxOpConverter):
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
             plan = kernels.plan_gemm(flat)
             return bb.emit_te(
-                functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)), x,
+                functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)),
+                x,
                 relax.const(kernels.pack_weight(flat, plan), "int8"),
                 relax.const(kernels.pad_channels(bias, plan, 0), "int32"),
                 relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
                 relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
-                primfunc_name_hint="qconv", primfunc_attrs=_gemm_attrs(plan),
+                primfunc_name_hint="qconv",
+                primfunc_attrs=_gemm_attrs(plan),
             )
         per_channel = [np.broadcast_to(v.reshape(-1), (out_channels,)).astype(np.int32) for v in (bias, mult, shift)]
         direct = functools.partial(kernels.qconv_direct_compute, geometry=geometry, group=group, **_epilogue(attr))
         return bb.emit_te(
-            direct, x, relax.const(weight, "int8"), *[relax.const(v, "int32") for v in per_channel],
-            primfunc_name_hint="qconv_grouped", primfunc_attrs={KERNEL_ATTR: "direct"},
+            direct,
+            x,
+            relax.const(weight, "int8"),
+            *[relax.const(v, "int32") for v in per_channel],
+            primfunc_name_hint="qconv_grouped",
+            primfunc_attrs={KERNEL_ATTR: "direct"},
         )
 
 
-def _requantize_te(x: te.Tensor, mult: te.Tensor, shift: te.Tensor, *, axis: int, zero_point: int,
-                   lo: int, hi: int) -> te.Tensor:
+def _requantize_te(
+    x: te.Tensor, mult: te.Tensor, shift: te.Tensor, *, axis: int, zero_point: int, lo: int, hi: int
+) -> te.Tensor:
     rank = len(x.shape)
     axis = axis % rank if rank else 0
     per_channel = int(mult.shape[0]) > 1
@@ -138,19 +157,25 @@ class Requantize(OF.OnnxOpConverter):
         shift = _const_numpy(inputs[2], "shift", "Requantize").reshape(-1).astype(np.int32)
         body = functools.partial(_requantize_te, axis=int(attr.get("axis", 1)), **_epilogue(attr))
         return bb.emit_te(
-            body, inputs[0], relax.const(mult, "int32"), relax.const(shift, "int32"),
-            primfunc_name_hint="requantize", primfunc_attrs={KERNEL_ATTR: "elementwise"},
+            body,
+            inputs[0],
+            relax.const(mult, "int32"),
+            relax.const(shift, "int32"),
+            primfunc_name_hint="requantize",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
         )
 
 
-def _rescale_add_te(a: te.Tensor, b: te.Tensor, *, mult_a: int, mult_b: int, shift: int, zero_point: int,
-                    lo: int, hi: int) -> te.Tensor:
+def _rescale_add_te(
+    a: te.Tensor, b: te.Tensor, *, mult_a: int, mult_b: int, shift: int, zero_point: int, lo: int, hi: int
+) -> te.Tensor:
     one = tirx.const(1, "int64")
     c = tirx.const(shift, "int64")
 
     def body(*idx):
         total = a(*idx).astype("int64") * tirx.const(mult_a, "int64") + b(*idx).astype("int64") * tirx.const(
-            mult_b, "int64")
+            mult_b, "int64"
+        )
         rounded = ((total + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
         return te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
 
@@ -163,14 +188,19 @@ class RescaleAdd(OF.OnnxOpConverter):
         a, b = inputs[0], inputs[1]
         if _static_shape(a, "RescaleAdd") != _static_shape(b, "RescaleAdd"):
             raise UnsupportedOpError("?", "RescaleAdd", "broadcasting addends are not supported by the TVM backend")
-        scalars = [int(_const_numpy(inputs[i], name, "RescaleAdd").reshape(())) for i, name in
-                   ((2, "multiplier_a"), (3, "multiplier_b"), (4, "shift"))]
+        scalars = [
+            int(_const_numpy(inputs[i], name, "RescaleAdd").reshape(()))
+            for i, name in ((2, "multiplier_a"), (3, "multiplier_b"), (4, "shift"))
+        ]
         body = functools.partial(
             _rescale_add_te, mult_a=scalars[0], mult_b=scalars[1], shift=scalars[2], **_epilogue(attr)
         )
         return bb.emit_te(
-            body, a, b,
-            primfunc_name_hint="rescale_add", primfunc_attrs={KERNEL_ATTR: "elementwise"},
+            body,
+            a,
+            b,
+            primfunc_name_hint="rescale_add",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
         )
 
 
@@ -183,8 +213,13 @@ class ConvInteger(OF.OnnxOpConverter):
             raise UnsupportedOpError("?", "ConvInteger", "zero points are not supported (symmetric only)")
         pads = list(attr.get("pads", (0, 0, 0, 0)))
         return relax.op.nn.conv2d(
-            inputs[0], inputs[1], strides=attr.get("strides", (1, 1)), padding=pads,
-            dilation=attr.get("dilations", (1, 1)), groups=int(attr.get("group", 1)), out_dtype="int32",
+            inputs[0],
+            inputs[1],
+            strides=attr.get("strides", (1, 1)),
+            padding=pads,
+            dilation=attr.get("dilations", (1, 1)),
+            groups=int(attr.get("group", 1)),
+            out_dtype="int32",
         )
 
 
@@ -206,8 +241,14 @@ class QuantizeLinear(OF.OnnxOpConverter):
             return OF.QuantizeLinear._impl_v13(bb, inputs, attr, params)
         if _rank(inputs[1]) != 0:
             return OF.QuantizeLinear._impl_v13(bb, inputs, attr, params)
-        return bb.emit_te(_quantize_te, inputs[0], inputs[1], zero, primfunc_name_hint="quantize_input",
-                          primfunc_attrs={KERNEL_ATTR: "elementwise"})
+        return bb.emit_te(
+            _quantize_te,
+            inputs[0],
+            inputs[1],
+            zero,
+            primfunc_name_hint="quantize_input",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )
 
     _impl_v19 = _impl_v13
     _impl_v21 = _impl_v13

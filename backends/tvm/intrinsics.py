@@ -42,9 +42,7 @@ def _dot8x4_psign_impl(
         a = T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32")
         b = B.vload([0, 0], dtype="int8x32")
         abs_a = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), a, a, dtype="int8x32")
-        signed_b = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), b, a, dtype="int8x32"
-        )
+        signed_b = T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"), b, a, dtype="int8x32")
         pairs = T.call_llvm_pure_intrin(
             T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"), abs_a, signed_b, dtype="int16x16"
         )

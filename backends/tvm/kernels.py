@@ -58,8 +58,9 @@ def pad_channels(values: np.ndarray, plan: GemmPlan, fill: int) -> np.ndarray:
     return out
 
 
-def requantize_expr(acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr,
-                    zero_point: int, lo: int, hi: int) -> tirx.PrimExpr:
+def requantize_expr(
+    acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr, zero_point: int, lo: int, hi: int
+) -> tirx.PrimExpr:
     """The dialect's rounding rule in int64: ``clamp(((acc*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8."""
     one = tirx.const(1, "int64")
     wide = acc.astype("int64") * multiplier.astype("int64")
@@ -70,8 +71,16 @@ def requantize_expr(acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.P
 
 
 def qgemm_compute(
-    a: te.Tensor, packed: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
-    *, plan: GemmPlan, zero_point: int, lo: int, hi: int,
+    a: te.Tensor,
+    packed: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    *,
+    plan: GemmPlan,
+    zero_point: int,
+    lo: int,
+    hi: int,
 ) -> te.Tensor:
     """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]."""
     m = a.shape[0]
@@ -129,8 +138,17 @@ class ConvGeometry:
 
 
 def qconv_compute(
-    x: te.Tensor, packed: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
-    *, geometry: ConvGeometry, plan: GemmPlan, zero_point: int, lo: int, hi: int,
+    x: te.Tensor,
+    packed: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    *,
+    geometry: ConvGeometry,
+    plan: GemmPlan,
+    zero_point: int,
+    lo: int,
+    hi: int,
 ) -> te.Tensor:
     """2-D NCHW convolution as im2col + the packed GEMM kernel, written back as NCHW int8."""
     g = geometry
@@ -158,8 +176,17 @@ def qconv_compute(
 
 
 def qconv_direct_compute(
-    x: te.Tensor, weight: te.Tensor, bias: te.Tensor, multiplier: te.Tensor, shift: te.Tensor,
-    *, geometry: ConvGeometry, group: int, zero_point: int, lo: int, hi: int,
+    x: te.Tensor,
+    weight: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    *,
+    geometry: ConvGeometry,
+    group: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
 ) -> te.Tensor:
     """Grouped (or any) convolution, direct form: the generic path without the GEMM kernel."""
     g = geometry

@@ -18,5 +18,9 @@ class FoldBatchNormPass(RewritePass):
 
     def __init__(self) -> None:
         super().__init__(
-            [fuse_batchnorm_into_conv_rule, fuse_batchnorm_into_conv_transpose_rule, fuse_batchnorm_into_gemm_rule]
+            [
+                fuse_batchnorm_into_conv_rule,
+                fuse_batchnorm_into_conv_transpose_rule,
+                fuse_batchnorm_into_gemm_rule,
+            ]
         )

@@ -28,8 +28,9 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
 
     def pattern(self, op, x, w, bias, multiplier, shift):
         acc = op.Add(op.MatMulInteger(x, w), bias)
-        return op.Requantize(acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True,
-                             _outputs=["requant_out"])
+        return op.Requantize(
+            acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True, _outputs=["requant_out"]
+        )
 
     def check(self, context, x, w, bias, multiplier, shift, requant_out, **_) -> MatchResult:
         result = MatchResult()
@@ -60,8 +61,9 @@ class _FuseConvInteger(RewriteRuleClassBase):
 
     def pattern(self, op, x, w, bias, multiplier, shift):
         acc = op.Add(op.ConvInteger(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias)
-        return op.Requantize(acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True,
-                             _outputs=["requant_out"])
+        return op.Requantize(
+            acc, multiplier, shift, _domain=DOMAIN, _allow_other_attributes=True, _outputs=["requant_out"]
+        )
 
     def check(self, context, x, w, bias, multiplier, shift, conv_out, requant_out, **_) -> MatchResult:
         result = MatchResult()

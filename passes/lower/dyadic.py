@@ -26,8 +26,16 @@ _LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
 _SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
 _INTEGER_TYPES = frozenset(
-    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT16, ir.DataType.INT32, ir.DataType.INT64,
-     ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.BOOL}
+    {
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.INT4,
+        ir.DataType.UINT4,
+        ir.DataType.BOOL,
+    }
 )
 
 
@@ -49,7 +57,9 @@ def _dequantized(value: ir.Value | None, what: str, node: ir.Node) -> _Quantized
         raise UnsupportedOpError(node_label(node), node.op_type, f"the scale of its {what} is not constant")
     if zero is not None and np.any(zero != 0):
         raise UnsupportedOpError(
-            node_label(node), node.op_type, f"its {what} has a non-zero zero point: only symmetric quantization"
+            node_label(node),
+            node.op_type,
+            f"its {what} has a non-zero zero point: only symmetric quantization",
         )
     source = producer.inputs[0]
     assert source is not None
@@ -93,7 +103,7 @@ def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]
     dilations = list(node.attributes.get_ints("dilations", [1, 1]))
     begin, end = [], []
     for axis in range(2):
-        size = int(x.shape[2 + axis])  # type: ignore[arg-type]
+        size = int(x.shape[2 + axis])
         out = -(-size // strides[axis])
         total = max(0, (out - 1) * strides[axis] + (kernel[axis] - 1) * dilations[axis] + 1 - size)
         small, large = total // 2, total - total // 2
@@ -137,8 +147,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         offenders = float_ops_inside(model)
         if offenders:
             raise ir.passes.PostconditionError(
-                "float ops remain between input quantization and output dequantization: "
-                + ", ".join(offenders[:5])
+                "float ops remain between input quantization and output dequantization: " + ", ".join(offenders[:5])
             )
 
     # --- one lowering per op family ------------------------------------------------------------------
@@ -186,7 +195,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             if weight.ndim != 4:
                 raise UnsupportedOpError(node_label(node), "Conv", "only 2-D convolutions are supported")
             attrs = {
-                "pads": _conv_pads(node, node.inputs[0], kernel),  # type: ignore[arg-type]
+                "pads": _conv_pads(node, node.inputs[0], kernel),
                 "strides": list(node.attributes.get_ints("strides", [1, 1])),
                 "dilations": list(node.attributes.get_ints("dilations", [1, 1])),
                 "group": node.attributes.get_int("group", 1),
@@ -203,7 +212,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         mult_value = add_initializer(graph, f"{base}_multiplier", multiplier)
         shift_value = add_initializer(graph, f"{base}_shift", shift)
         requant = ir.node(
-            "Requantize", [biased.outputs[0], mult_value, shift_value], domain=DOMAIN,
+            "Requantize",
+            [biased.outputs[0], mult_value, shift_value],
+            domain=DOMAIN,
             attributes={"axis": axis, "lo": lo, "hi": hi},
         )
         graph.insert_after(quant, [product, biased, requant])
@@ -220,7 +231,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         )
         base = quant.outputs[0].name or "sum"
         inputs = [
-            a.value, b.value,
+            a.value,
+            b.value,
             add_initializer(graph, f"{base}_multiplier_a", np.array(mult_a, dtype=np.int32)),
             add_initializer(graph, f"{base}_multiplier_b", np.array(mult_b, dtype=np.int32)),
             add_initializer(graph, f"{base}_shift", np.array(shift, dtype=np.int32)),
@@ -233,10 +245,10 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         x = _dequantized(node.inputs[0], "input", node)
         activation, quant = _quantized_output(node)
         out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
-        shape = node.inputs[0].shape  # type: ignore[union-attr]
+        shape = node.inputs[0].shape
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
             raise UnsupportedOpError(node_label(node), node.op_type, "needs a 4-D input with static H and W")
-        count = int(shape[2]) * int(shape[3])  # type: ignore[arg-type]
+        count = int(shape[2]) * int(shape[3])
         lo, hi = _clamp_bounds(activation, out_scale)
         base = quant.outputs[0].name or "pool"
         widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
@@ -247,9 +259,13 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         multiplier, shift = quantize_multipliers(np.array(float(x.scale.reshape(())) / (out_scale * count)))
         requant = ir.node(
             "Requantize",
-            [total.outputs[0], add_initializer(graph, f"{base}_multiplier", multiplier),
-             add_initializer(graph, f"{base}_shift", shift)],
-            domain=DOMAIN, attributes={"axis": 1, "lo": lo, "hi": hi},
+            [
+                total.outputs[0],
+                add_initializer(graph, f"{base}_multiplier", multiplier),
+                add_initializer(graph, f"{base}_shift", shift),
+            ],
+            domain=DOMAIN,
+            attributes={"axis": 1, "lo": lo, "hi": hi},
         )
         graph.insert_after(quant, [widen, total, requant])
         self._replace_group_output(graph, quant, requant.outputs[0])
@@ -292,8 +308,8 @@ def float_ops_inside(model: ir.Model) -> list[str]:
         if node.op_type == "DequantizeLinear" and id(node.outputs[0]) in outputs:
             continue
         values = [v for v in (*node.inputs, *node.outputs) if v is not None]
-        if any(v.dtype is not None and v.dtype not in _INTEGER_TYPES for v in values):
-            offenders.append(node_label(node))
-        elif any(v.dtype is None for v in node.outputs):
+        computes_on_floats = any(v.dtype is not None and v.dtype not in _INTEGER_TYPES for v in values)
+        untyped_result = any(v.dtype is None for v in node.outputs)
+        if computes_on_floats or untyped_result:
             offenders.append(node_label(node))
     return offenders

@@ -101,16 +101,17 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             out = node.outputs[0]
             if node.op_type in ANCHOR_OPS:
                 fused = consumers(out)
-                if (
-                    len(fused) == 1
-                    and fused[0].op_type in FUSABLE_ACTIVATIONS
-                    and not is_graph_output(graph, out)
-                ):
+                if len(fused) == 1 and fused[0].op_type in FUSABLE_ACTIVATIONS and not is_graph_output(graph, out):
                     continue  # the activation's output carries the scale
                 scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
-            elif node.op_type in FUSABLE_ACTIVATIONS and node.inputs[0] is not None and (
-                node.inputs[0].producer() is not None and node.inputs[0].producer().op_type in ANCHOR_OPS  # type: ignore[union-attr]
-                and id(node.inputs[0]) not in scale_of
+            elif (
+                node.op_type in FUSABLE_ACTIVATIONS
+                and node.inputs[0] is not None
+                and (
+                    node.inputs[0].producer() is not None
+                    and node.inputs[0].producer().op_type in ANCHOR_OPS
+                    and id(node.inputs[0]) not in scale_of
+                )
             ):
                 scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             else:  # pass-through: same scale as the input
@@ -128,8 +129,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
             if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
                 raise UnsupportedOpError(
-                    label, node.op_type, "the W8A8 integer path does not handle this op yet; "
-                    "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS))
+                    label,
+                    node.op_type,
+                    "the W8A8 integer path does not handle this op yet; "
+                    "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
                 )
             if node.op_type in ("Conv", "Gemm", "MatMul") and const_array(node.inputs[1]) is None:
                 raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
@@ -195,7 +198,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         dq_input = source.producer()
         if dq_input is None or dq_input.op_type != "DequantizeLinear":
             raise UnsupportedOpError(node_label(node), node.op_type, "its input activation is not quantized")
-        input_scale = scale_of[id(dq_input.inputs[0].producer().inputs[0])]  # type: ignore[union-attr]
+        input_scale = scale_of[id(dq_input.inputs[0].producer().inputs[0])]
         weight = const_array(node.inputs[1])
         assert weight is not None
         if node.op_type == "Conv":
@@ -205,7 +208,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         else:
             axis = 1
         q_weight, w_scales = quantize_weight_per_channel(weight, axis)
-        w_name = node.inputs[1].name or "weight"  # type: ignore[union-attr]
+        w_name = node.inputs[1].name or "weight"
         q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
         s_value = add_initializer(graph, f"{w_name}_scale", w_scales)
         z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros_like(w_scales, dtype=np.int8))
@@ -219,7 +222,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if bias is None:
             return
         channels = weight.shape[axis]
-        bias_vec = np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) if bias.size in (1, channels) else None
+        bias_vec = (
+            np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) if bias.size in (1, channels) else None
+        )
         if bias_vec is None:
             raise UnsupportedOpError(node_label(node), node.op_type, f"bias of shape {bias.shape} is not per channel")
         bias_scales = (np.float64(input_scale) * w_scales.astype(np.float64)).astype(np.float32)
@@ -228,10 +233,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         limit = INT32_MAX - reduction * 128 * 127
         if np.any(np.abs(q_bias) > limit):
             raise UnsupportedOpError(
-                node_label(node), node.op_type,
+                node_label(node),
+                node.op_type,
                 "the bias does not fit int32 at scale S_x*S_w; the input range is too small for this bias",
             )
-        b_name = node.inputs[bias_index].name or "bias"  # type: ignore[union-attr]
+        b_name = node.inputs[bias_index].name or "bias"
         qb_value = add_initializer(graph, f"{b_name}_quantized", q_bias.astype(np.int32))
         sb_value = add_initializer(graph, f"{b_name}_scale", bias_scales)
         zb_value = add_initializer(graph, f"{b_name}_zero_point", np.zeros(channels, dtype=np.int32))

@@ -64,7 +64,7 @@ def quantize_multiplier_pair(real_a: float, real_b: float) -> tuple[int, int, in
     return int(mult_a), int(mult_b), int(shift)
 
 
-def round_shift(value: np.ndarray, shift: np.ndarray) -> np.ndarray:
+def round_shift(value: np.ndarray | np.integer, shift: np.ndarray | np.integer) -> np.ndarray:
     """``(value + 2^(shift-1)) >> shift`` in int64: the dialect's rounding rule (ties toward +inf)."""
     value = np.asarray(value, dtype=np.int64)
     shift = np.asarray(shift, dtype=np.int64)

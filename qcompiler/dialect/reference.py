@@ -65,7 +65,7 @@ def conv2d_int(
     group: int,
 ) -> np.ndarray:
     """Exact int64 2-D NCHW convolution (cross-correlation, as ONNX Conv)."""
-    n, c, _, _ = x.shape
+    _, c, _, _ = x.shape
     m, cg, kh, kw = w.shape
     if c != cg * group:
         raise ValueError(f"QConv: input has {c} channels, weights expect {cg} x group {group}")
@@ -91,14 +91,14 @@ def _as_int32(acc: np.ndarray, op: str) -> np.ndarray:
 class Requantize(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, multiplier, shift, axis=1, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+    def _run(self, x, multiplier, shift, axis=1, zero_point=0, lo=-128, hi=127):
         return (requantize(x, multiplier, shift, axis=axis, zero_point=zero_point, lo=lo, hi=hi),)
 
 
 class RescaleAdd(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, a, b, multiplier_a, multiplier_b, shift, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+    def _run(self, a, b, multiplier_a, multiplier_b, shift, zero_point=0, lo=-128, hi=127):
         total = a.astype(np.int64) * np.int64(multiplier_a) + b.astype(np.int64) * np.int64(multiplier_b)
         y = round_shift(total, np.int64(shift)) + zero_point
         return (np.clip(y, lo, hi).astype(np.int8),)
@@ -107,7 +107,7 @@ class RescaleAdd(OpRun):
 class QGemm(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, w, bias, multiplier, shift, zero_point=0, lo=-128, hi=127):  # type: ignore[override]
+    def _run(self, x, w, bias, multiplier, shift, zero_point=0, lo=-128, hi=127):
         acc = qgemm(x, w, bias)
         return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
 
@@ -115,9 +115,20 @@ class QGemm(OpRun):
 class QConv(OpRun):
     op_domain = DOMAIN
 
-    def _run(  # type: ignore[override]
-        self, x, w, bias, multiplier, shift, strides=None, pads=None, dilations=None, group=1,
-        zero_point=0, lo=-128, hi=127,
+    def _run(
+        self,
+        x,
+        w,
+        bias,
+        multiplier,
+        shift,
+        strides=None,
+        pads=None,
+        dilations=None,
+        group=1,
+        zero_point=0,
+        lo=-128,
+        hi=127,
     ):
         strides = list(strides) if strides else [1, 1]
         pads = list(pads) if pads else [0, 0, 0, 0]

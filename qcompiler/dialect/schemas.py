@@ -19,7 +19,6 @@ _INT = OpSchema.AttrType.INT
 _INTS = OpSchema.AttrType.INTS
 
 
-
 def _attr(name: str, default: int, doc: str) -> OpSchema.Attribute:
     return OpSchema.Attribute(name, onnx.helper.make_attribute(name, default), doc)
 

@@ -53,8 +53,7 @@ def _check_schema(node: ir.Node, label: str, version: int) -> None:
     except onnx.defs.SchemaError:
         if domain in ("", "qcompiler"):
             raise VerificationError(
-                f"node {label}: op {node.op_type} has no schema in domain {domain or 'ai.onnx'} "
-                f"at opset {version}"
+                f"node {label}: op {node.op_type} has no schema in domain {domain or 'ai.onnx'} at opset {version}"
             ) from None
         return  # third-party domains are checked by whoever defines them
     inputs = len(node.inputs)

@@ -49,7 +49,10 @@ def assert_equivalent(
         got = run_reference(_as_proto(after), cast)
         for index, (w, g) in enumerate(zip(want, got, strict=True)):
             np.testing.assert_allclose(
-                np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=rtol, atol=atol,
+                np.asarray(g, np.float64),
+                np.asarray(w, np.float64),
+                rtol=rtol,
+                atol=atol,
                 err_msg=f"{type(pass_).__name__} changed output {index}",
             )
     return after
@@ -101,8 +104,8 @@ def output_steps(model: onnx.ModelProto | ir.Model) -> list[float]:
         producer = out.producer()
         if producer is None or producer.op_type != "DequantizeLinear":
             raise ValueError(f"output {out.name!r} is not produced by a DequantizeLinear")
-        scale = producer.inputs[1].const_value  # type: ignore[union-attr]
-        steps.append(float(np.max(scale.numpy())))  # type: ignore[union-attr]
+        scale = producer.inputs[1].const_value
+        steps.append(float(np.max(scale.numpy())))
     return steps
 
 

@@ -7,8 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-MNIST_DIR = SHARED_DATA / "mnist-conv"
+MNIST_DIR = Path(__file__).resolve().parent / "assets" / "mnist-conv"  # a copy of ../shared/data/mnist-conv
 
 
 def digits_28x28() -> tuple[np.ndarray, np.ndarray]:
@@ -30,7 +29,7 @@ def digits_28x28() -> tuple[np.ndarray, np.ndarray]:
 
 
 def mnist_model_path() -> Path:
-    """The trained ONNX model zoo MNIST CNN shipped in ../shared/data/mnist-conv."""
+    """The trained ONNX model zoo MNIST CNN (shipped with the package; see assets/mnist-conv/README.md)."""
     return MNIST_DIR / "model.onnx"
 
 

@@ -6,6 +6,7 @@ are meaningful to quantize.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 import onnx
@@ -48,7 +49,7 @@ class _Builder:
         self.initializers.append(numpy_helper.from_array(array, name))
         return name
 
-    def node(self, op: str, inputs: list[str], **attrs: object) -> str:
+    def node(self, op: str, inputs: list[str], **attrs: Any) -> str:
         out = self.name(op.lower() + "_")
         self.nodes.append(helper.make_node(op, inputs, [out], name=self.name(op), **attrs))
         return out
@@ -67,7 +68,8 @@ class _Builder:
 
     def model(self, x: str, shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> onnx.ModelProto:
         graph = helper.make_graph(
-            self.nodes, "generated",
+            self.nodes,
+            "generated",
             [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape))],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
             self.initializers,
@@ -167,8 +169,12 @@ def cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
     current = b.node("Flatten", [current], axis=1)
     classes = draw(st.integers(1, 12))
     current = b.node(
-        "Gemm", [current, b.const("w", b.weight((features, classes), features)),
-                 b.const("b", (b.rng.standard_normal(classes) * 0.1).astype(np.float32))]
+        "Gemm",
+        [
+            current,
+            b.const("w", b.weight((features, classes), features)),
+            b.const("b", (b.rng.standard_normal(classes) * 0.1).astype(np.float32)),
+        ],
     )
     model = b.model(x, (batch, channels, height, width), current, (batch, classes))
     return GeneratedModel(model, x, (batch, channels, height, width), seed, "cnn:" + ",".join(b.parts))

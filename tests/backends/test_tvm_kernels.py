@@ -18,7 +18,8 @@ pytestmark = pytest.mark.tvm
 
 def _single(op, inputs, x_shape, inits, out_dtype=TensorProto.INT8, x_dtype=TensorProto.INT8, domain=DOMAIN, **attrs):
     graph = helper.make_graph(
-        [helper.make_node(op, ["x", *inputs], ["y"], domain=domain, **attrs)], "k",
+        [helper.make_node(op, ["x", *inputs], ["y"], domain=domain, **attrs)],
+        "k",
         [helper.make_tensor_value_info("x", x_dtype, list(x_shape))],
         [helper.make_tensor_value_info("y", out_dtype, None)],
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
@@ -34,7 +35,9 @@ def _epilogue_params(rng, n, per_channel):
     count = n if per_channel else 1
     mult = rng.integers(1 << 30, 1 << 31, count).astype(np.int32)
     shift = rng.integers(36, 44, count).astype(np.int32)
-    return mult.reshape(-1) if per_channel else mult.reshape(()), shift.reshape(-1) if per_channel else shift.reshape(())
+    return mult.reshape(-1) if per_channel else mult.reshape(()), shift.reshape(-1) if per_channel else shift.reshape(
+        ()
+    )
 
 
 @pytest.mark.parametrize(("m", "n", "k"), [(1, 1, 1), (1, 10, 256), (3, 33, 5), (17, 64, 130), (8, 40, 64), (2, 7, 3)])
@@ -59,7 +62,12 @@ def test_qgemm_bit_exact(m: int, n: int, k: int, weights_with_minus_128: bool) -
 def test_qgemm_on_3d_input() -> None:
     rng = np.random.default_rng(3)
     w = rng.integers(-127, 128, (24, 16)).astype(np.int8)
-    inits = {"w": w, "b": np.zeros(24, np.int32), "m": np.array(1 << 30, np.int32), "s": np.array(38, np.int32)}
+    inits = {
+        "w": w,
+        "b": np.zeros(24, np.int32),
+        "m": np.array(1 << 30, np.int32),
+        "s": np.array(38, np.int32),
+    }
     model = _single("QGemm", ["w", "b", "m", "s"], (2, 5, 16), inits)
     assert_bit_exact(_builder((2, 5, 16)), model, [{"x": rng.integers(-128, 128, (2, 5, 16)).astype(np.int8)}])
 
@@ -78,8 +86,12 @@ def test_qconv_bit_exact(shape, w_shape, attrs) -> None:
     rng = np.random.default_rng(sum(shape) + sum(w_shape))
     w = rng.integers(-127, 128, w_shape).astype(np.int8)
     out_c = w_shape[0]
-    inits = {"w": w, "b": rng.integers(-3000, 3000, out_c).astype(np.int32),
-             "m": rng.integers(1 << 30, 1 << 31, out_c).astype(np.int32), "s": np.full(out_c, 37, np.int32)}
+    inits = {
+        "w": w,
+        "b": rng.integers(-3000, 3000, out_c).astype(np.int32),
+        "m": rng.integers(1 << 30, 1 << 31, out_c).astype(np.int32),
+        "s": np.full(out_c, 37, np.int32),
+    }
     model = _single("QConv", ["w", "b", "m", "s"], shape, inits, lo=0, **attrs)
     feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": np.full(shape, -128, np.int8)}]
     assert_bit_exact(_builder(shape), model, feeds)
@@ -88,16 +100,27 @@ def test_qconv_bit_exact(shape, w_shape, attrs) -> None:
 def test_requantize_and_rescale_add_at_ties() -> None:
     # multiplier 2^30 with shift 31 halves: odd accumulators land exactly on .5 ties
     x = np.arange(-255, 256, dtype=np.int32).reshape(1, 511)
-    model = _single("Requantize", ["m", "s"], x.shape, {"m": np.array(1 << 30, np.int32), "s": np.array(31, np.int32)},
-                    x_dtype=TensorProto.INT32, axis=1)
+    model = _single(
+        "Requantize",
+        ["m", "s"],
+        x.shape,
+        {"m": np.array(1 << 30, np.int32), "s": np.array(31, np.int32)},
+        x_dtype=TensorProto.INT32,
+        axis=1,
+    )
     assert_bit_exact(_builder(x.shape), model, [{"x": x}])
     a = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
     graph = helper.make_graph(
-        [helper.make_node("RescaleAdd", ["x", "x2", "ma", "mb", "s"], ["y"], domain=DOMAIN, lo=0)], "add",
+        [helper.make_node("RescaleAdd", ["x", "x2", "ma", "mb", "s"], ["y"], domain=DOMAIN, lo=0)],
+        "add",
         [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 256])],
         [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
-        [numpy_helper.from_array(a[:, ::-1].copy(), "x2"), numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
-         numpy_helper.from_array(np.array(3 << 28, np.int32), "mb"), numpy_helper.from_array(np.array(31, np.int32), "s")],
+        [
+            numpy_helper.from_array(a[:, ::-1].copy(), "x2"),
+            numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
+            numpy_helper.from_array(np.array(3 << 28, np.int32), "mb"),
+            numpy_helper.from_array(np.array(31, np.int32), "s"),
+        ],
     )
     add = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
     # a/2 + 3b/8 hits exact .5 ties for many (a, b) pairs
@@ -107,10 +130,17 @@ def test_requantize_and_rescale_add_at_ties() -> None:
 def test_quantize_linear_rounds_half_to_even_like_onnx() -> None:
     x = (np.arange(-300, 300, dtype=np.float32) * 0.5).reshape(1, 600)  # every other value is a tie
     graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
-        "q", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])],
+        [
+            helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "q",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
-        [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")],
+        [
+            numpy_helper.from_array(np.array(1.0, np.float32), "s"),
+            numpy_helper.from_array(np.array(0, np.int8), "z"),
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     assert_bit_exact(_builder((1, 600)), model, [{"x": x}])
@@ -125,7 +155,9 @@ def test_unknown_target_is_rejected() -> None:
         resolve_target("cuda")
 
 
-FLOAT_INSTRUCTIONS = re.compile(r"\b(fadd|fsub|fmul|fdiv|frem|fcmp|fptosi|fptoui|sitofp|uitofp|fpext|fptrunc)\b|\b(float|double)\b")
+FLOAT_INSTRUCTIONS = re.compile(
+    r"\b(fadd|fsub|fmul|fdiv|frem|fcmp|fptosi|fptoui|sitofp|uitofp|fpext|fptrunc)\b|\b(float|double)\b"
+)
 
 
 def _functions(llvm_ir: str) -> dict[str, str]:
@@ -138,18 +170,27 @@ def _functions(llvm_ir: str) -> dict[str, str]:
 def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
     """Acceptance 4: the int8 -> int8 core of a compiled CNN has no floating-point instruction at all."""
     rng = np.random.default_rng(7)
-    inits = {"w": rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8), "b": np.zeros(8, np.int32),
-             "m": np.full(8, 1 << 30, np.int32), "s": np.full(8, 38, np.int32),
-             "w2": rng.integers(-127, 128, (10, 8 * 4 * 4)).astype(np.int8), "b2": np.zeros(10, np.int32),
-             "m2": np.full(10, 1 << 30, np.int32), "s2": np.full(10, 38, np.int32),
-             "shape": np.array([1, 128], np.int64)}
+    inits = {
+        "w": rng.integers(-127, 128, (8, 3, 3, 3)).astype(np.int8),
+        "b": np.zeros(8, np.int32),
+        "m": np.full(8, 1 << 30, np.int32),
+        "s": np.full(8, 38, np.int32),
+        "w2": rng.integers(-127, 128, (10, 8 * 4 * 4)).astype(np.int8),
+        "b2": np.zeros(10, np.int32),
+        "m2": np.full(10, 1 << 30, np.int32),
+        "s2": np.full(10, 38, np.int32),
+        "shape": np.array([1, 128], np.int64),
+    }
     graph = helper.make_graph(
-        [helper.make_node("QConv", ["x", "w", "b", "m", "s"], ["c"], domain=DOMAIN, pads=[1, 1, 1, 1], lo=0),
-         helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
-         helper.make_node("RescaleAdd", ["p", "p", "m", "m", "s"], ["r"], domain=DOMAIN),
-         helper.make_node("Reshape", ["r", "shape"], ["f"]),
-         helper.make_node("QGemm", ["f", "w2", "b2", "m2", "s2"], ["y"], domain=DOMAIN)],
-        "core", [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 3, 8, 8])],
+        [
+            helper.make_node("QConv", ["x", "w", "b", "m", "s"], ["c"], domain=DOMAIN, pads=[1, 1, 1, 1], lo=0),
+            helper.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+            helper.make_node("RescaleAdd", ["p", "p", "m", "m", "s"], ["r"], domain=DOMAIN),
+            helper.make_node("Reshape", ["r", "shape"], ["f"]),
+            helper.make_node("QGemm", ["f", "w2", "b2", "m2", "s2"], ["y"], domain=DOMAIN),
+        ],
+        "core",
+        [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 3, 8, 8])],
         [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
@@ -158,14 +199,21 @@ def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
     model.graph.node[2].input[2] = "ma"
     model.graph.node[2].input[3] = "ma"
     model.graph.node[2].input[4] = "sa"
-    model.graph.initializer.extend([numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
-                                    numpy_helper.from_array(np.array(31, np.int32), "sa")])
+    model.graph.initializer.extend(
+        [
+            numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
+            numpy_helper.from_array(np.array(31, np.int32), "sa"),
+        ]
+    )
     module = build(model, {"x": [1, 3, 8, 8]})
     functions = _functions(module.llvm_ir())
     assert any("qconv" in name for name in functions), "kernel functions not found in the LLVM IR"
     fp16_helpers = {"__truncsfhf2", "__extendhfsf2"}  # present in every TVM LLVM module, never called here
-    offenders = {name: sorted(set(m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)))
-                 for name, body in functions.items() if name not in fp16_helpers and FLOAT_INSTRUCTIONS.search(body)}
+    offenders = {
+        name: sorted(set(m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)))
+        for name, body in functions.items()
+        if name not in fp16_helpers and FLOAT_INSTRUCTIONS.search(body)
+    }
     assert not offenders, f"float instructions in integer kernels: {offenders}"
     if "avx2" in host_cpu_features():
         assert "llvm.x86.avx2.pmadd" in module.llvm_ir(), "the AVX2 int8 dot intrinsic was not used"

@@ -14,7 +14,9 @@ from qcompiler.testing import GeneratedModel, assert_equivalent, models
 
 def _model(nodes, x_shape, inits) -> onnx.ModelProto:
     graph = helper.make_graph(
-        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
@@ -32,8 +34,12 @@ def _ops(model: ir.Model) -> list[str]:
 
 def test_conv_add_becomes_conv_with_bias() -> None:
     model = _model(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"])], (1, 2, 5, 5),
-        {"w": RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "b": RNG.standard_normal((3, 1, 1)).astype(np.float32)},
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"])],
+        (1, 2, 5, 5),
+        {
+            "w": RNG.standard_normal((3, 2, 3, 3)).astype(np.float32),
+            "b": RNG.standard_normal((3, 1, 1)).astype(np.float32),
+        },
     )
     feeds = [{"x": RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)}]
     after = assert_equivalent(FuseBiasAddPass(), model, feeds)
@@ -43,8 +49,12 @@ def test_conv_add_becomes_conv_with_bias() -> None:
 
 def test_matmul_add_becomes_gemm() -> None:
     model = _model(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], (4, 6),
-        {"w": RNG.standard_normal((6, 3)).astype(np.float32), "b": RNG.standard_normal((1, 3)).astype(np.float32)},
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        (4, 6),
+        {
+            "w": RNG.standard_normal((6, 3)).astype(np.float32),
+            "b": RNG.standard_normal((1, 3)).astype(np.float32),
+        },
     )
     after = assert_equivalent(FuseBiasAddPass(), model, [{"x": RNG.standard_normal((4, 6)).astype(np.float32)}])
     assert _ops(after) == ["Gemm"]
@@ -53,11 +63,16 @@ def test_matmul_add_becomes_gemm() -> None:
 def test_near_misses_are_left_alone() -> None:
     # a per-pixel (not per-channel) constant, and a 3-D MatMul input: neither is a bias
     per_pixel = _model(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"])], (1, 2, 5, 5),
-        {"w": RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "b": RNG.standard_normal((1, 1, 3, 3)).astype(np.float32)},
+        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"])],
+        (1, 2, 5, 5),
+        {
+            "w": RNG.standard_normal((3, 2, 3, 3)).astype(np.float32),
+            "b": RNG.standard_normal((1, 1, 3, 3)).astype(np.float32),
+        },
     )
     batched = _model(
-        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])], (2, 4, 6),
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        (2, 4, 6),
         {"w": RNG.standard_normal((6, 3)).astype(np.float32), "b": RNG.standard_normal(3).astype(np.float32)},
     )
     for model in (per_pixel, batched):
@@ -69,14 +84,26 @@ def test_near_misses_are_left_alone() -> None:
 def test_batchnorm_folds_into_conv() -> None:
     c = 3
     model = _model(
-        [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"])],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"]),
+            helper.make_node("BatchNormalization", ["c", "g", "b", "m", "v"], ["y"]),
+        ],
         (1, 2, 5, 5),
-        {"w": RNG.standard_normal((c, 2, 3, 3)).astype(np.float32), "g": RNG.uniform(0.5, 2, c).astype(np.float32),
-         "b": RNG.standard_normal(c).astype(np.float32), "m": RNG.standard_normal(c).astype(np.float32),
-         "v": RNG.uniform(0.5, 2, c).astype(np.float32)},
+        {
+            "w": RNG.standard_normal((c, 2, 3, 3)).astype(np.float32),
+            "g": RNG.uniform(0.5, 2, c).astype(np.float32),
+            "b": RNG.standard_normal(c).astype(np.float32),
+            "m": RNG.standard_normal(c).astype(np.float32),
+            "v": RNG.uniform(0.5, 2, c).astype(np.float32),
+        },
     )
-    after = assert_equivalent(FoldBatchNormPass(), model, [{"x": RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)}],
-                              rtol=1e-7, atol=1e-9)
+    after = assert_equivalent(
+        FoldBatchNormPass(),
+        model,
+        [{"x": RNG.standard_normal((1, 2, 5, 5)).astype(np.float32)}],
+        rtol=1e-7,
+        atol=1e-9,
+    )
     assert _ops(after) == ["Conv"]
 
 

@@ -23,8 +23,19 @@ def _qdq_conv_residual() -> ir.Model:
     sw = rng.uniform(0.001, 0.01, 3).astype(np.float32)
     bias = rng.integers(-200, 200, 3).astype(np.int32)
     z8 = np.array(0, np.int8)
-    inits = {"sx": sx, "sy": sy, "sr": sr, "sp": sp, "z": z8, "w": w, "sw": sw, "zw": np.zeros(3, np.int8),
-             "b": bias, "sb": (sx * sw).astype(np.float32), "zb": np.zeros(3, np.int32)}
+    inits = {
+        "sx": sx,
+        "sy": sy,
+        "sr": sr,
+        "sp": sp,
+        "z": z8,
+        "w": w,
+        "sw": sw,
+        "zw": np.zeros(3, np.int8),
+        "b": bias,
+        "sb": (sx * sw).astype(np.float32),
+        "zb": np.zeros(3, np.int32),
+    }
     nodes = [
         helper.make_node("QuantizeLinear", ["x", "sx", "z"], ["xq"]),
         helper.make_node("DequantizeLinear", ["xq", "sx", "z"], ["xd"]),
@@ -42,7 +53,9 @@ def _qdq_conv_residual() -> ir.Model:
         helper.make_node("DequantizeLinear", ["pq", "sp", "z"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "qdq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        nodes,
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 1, 1])],
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
@@ -57,8 +70,15 @@ def test_lowering_structure_and_step_bound() -> None:
     lowered = LowerQDQToIntegerPass()(qdq).model
     ops = [(n.domain, n.op_type) for n in lowered.graph]
     assert ops == [
-        ("", "QuantizeLinear"), ("", "ConvInteger"), ("", "Add"), (DOMAIN, "Requantize"),
-        (DOMAIN, "RescaleAdd"), ("", "Cast"), ("", "ReduceSum"), (DOMAIN, "Requantize"), ("", "DequantizeLinear"),
+        ("", "QuantizeLinear"),
+        ("", "ConvInteger"),
+        ("", "Add"),
+        (DOMAIN, "Requantize"),
+        (DOMAIN, "RescaleAdd"),
+        ("", "Cast"),
+        ("", "ReduceSum"),
+        (DOMAIN, "Requantize"),
+        ("", "DequantizeLinear"),
     ]
     assert float_ops_inside(lowered) == []
     requant = next(n for n in lowered.graph if n.op_type == "Requantize")
@@ -91,8 +111,10 @@ def test_asymmetric_activation_is_rejected_by_name() -> None:
 
 def test_float_op_without_qdq_is_rejected() -> None:
     graph = helper.make_graph(
-        [helper.make_node("Relu", ["x"], ["y"], name="lonely_relu")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        [helper.make_node("Relu", ["x"], ["y"], name="lonely_relu")],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
     with pytest.raises(UnsupportedOpError, match="lonely_relu.*not dequantized"):

@@ -56,13 +56,23 @@ def test_config_validates() -> None:
 def _mlp() -> ir.Model:
     rng = np.random.default_rng(0)
     graph = helper.make_graph(
-        [helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1)],
-        "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
+        [
+            helper.make_node("Gemm", ["x", "w1", "b1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("Gemm", ["r", "w2", "b2"], ["y"], transB=1),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, 8])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 3])],
-        [numpy_helper.from_array(a, n) for n, a in {
-            "w1": rng.standard_normal((8, 16)).astype(np.float32), "b1": rng.standard_normal(16).astype(np.float32),
-            "w2": rng.standard_normal((3, 16)).astype(np.float32), "b2": rng.standard_normal(3).astype(np.float32)}.items()],
+        [
+            numpy_helper.from_array(a, n)
+            for n, a in {
+                "w1": rng.standard_normal((8, 16)).astype(np.float32),
+                "b1": rng.standard_normal(16).astype(np.float32),
+                "w2": rng.standard_normal((3, 16)).astype(np.float32),
+                "b2": rng.standard_normal(3).astype(np.float32),
+            }.items()
+        ],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     model.ir_version = 10
@@ -73,7 +83,9 @@ def test_qdq_structure_and_onnxruntime_agrees_with_float() -> None:
     model = _mlp()
     rng = np.random.default_rng(1)
     batches = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(8)]
-    float_out = [ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, b)[0] for b in batches]
+    float_out = [
+        ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString()).run(None, b)[0] for b in batches
+    ]
     ranges = calibrate(model, batches, progress=False)
     QuantizeQDQPass(ranges)(model)
     ops = [n.op_type for n in model.graph]
@@ -82,7 +94,12 @@ def test_qdq_structure_and_onnxruntime_agrees_with_float() -> None:
     assert ops.count("DequantizeLinear") == 3 + 4  # + two weights and two int32 biases
     weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].const_value is not None]
     assert {w.inputs[0].dtype for w in weights} == {ir.DataType.INT8, ir.DataType.INT32}
-    assert [n.attributes.get_int("axis") for n in weights] == [1, 0, 0, 0]  # w1 is [K, N]; w2 (transB) is [N, K]
+    assert [n.attributes.get_int("axis") for n in weights] == [
+        1,
+        0,
+        0,
+        0,
+    ]  # w1 is [K, N]; w2 (transB) is [N, K]
     proto = ir.serde.serialize_model(model).SerializeToString()
     # onnxruntime's fused QDQ kernels (on by default) run the graph, but on AVX2 their u8 x s8 products
     # saturate (vpmaddubsw), so only the unfused QDQ semantics are compared with float here.
@@ -103,8 +120,12 @@ def test_missing_range_is_a_calibration_error() -> None:
 
 def test_dynamic_weight_is_rejected_with_the_node_name() -> None:
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "x2"], ["y"], name="attention_scores")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]), helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 2])],
+        [helper.make_node("MatMul", ["x", "x2"], ["y"], name="attention_scores")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2]),
+            helper.make_tensor_value_info("x2", TensorProto.FLOAT, [2, 2]),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
     )
     model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))

@@ -45,9 +45,9 @@ def test_mnist_digits_accuracy_within_one_point_of_float(compiled_mnist, digits)
 
 
 def test_integer_graph_has_no_float_op_inside(compiled_mnist) -> None:
-    from qcompiler.passes.lower import float_ops_inside
-
     import onnx_ir as ir
+
+    from qcompiler.passes.lower import float_ops_inside
 
     model = ir.serde.deserialize_model(compiled_mnist.integer_model)
     assert float_ops_inside(model) == []
@@ -110,11 +110,17 @@ def test_torch_module_end_to_end() -> None:
 
     torch.manual_seed(0)
     module = torch.nn.Sequential(
-        torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4)
+        torch.nn.Linear(16, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 4),
     )
     rng = np.random.default_rng(0)
     batches = [rng.standard_normal((4, 16)).astype(np.float32) for _ in range(16)]
-    compiled = qcompiler.compile(module, example_inputs=(torch.from_numpy(batches[0]),), calibration=batches, progress=False)
+    compiled = qcompiler.compile(
+        module, example_inputs=(torch.from_numpy(batches[0]),), calibration=batches, progress=False
+    )
     x = rng.standard_normal((4, 16)).astype(np.float32)
     with torch.no_grad():
         expected = module(torch.from_numpy(x)).numpy()
@@ -165,9 +171,14 @@ def test_calibration_of_the_wrong_shape(tmp_path: Path) -> None:
 def test_unsupported_op_names_the_node(tmp_path: Path) -> None:
     w = np.ones((4, 4), np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Sigmoid", ["h"], ["y"], name="gate")],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [numpy_helper.from_array(w, "w")],
+        [
+            helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+            helper.make_node("Sigmoid", ["h"], ["y"], name="gate"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     with pytest.raises(qcompiler.UnsupportedOpError, match="node 'gate' \\(op Sigmoid\\)") as info:
@@ -187,8 +198,14 @@ def test_external_data_files_load(tmp_path: Path) -> None:
     for tensor in model.graph.initializer:  # external data applies to raw_data tensors only
         tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor), tensor.name))
     path = tmp_path / "external.onnx"
-    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="weights.bin",
-              size_threshold=0)
+    onnx.save(
+        model,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert (tmp_path / "weights.bin").is_file()
     ir_model = qcompiler.ir.load(path)
     assert all(v.const_value is not None for v in ir_model.graph.initializers.values())

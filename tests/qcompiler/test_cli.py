@@ -38,7 +38,21 @@ def test_compile_writes_a_loadable_model(calibration_file: Path, tmp_path: Path,
 
 def test_errors_exit_non_zero_with_a_message(calibration_file: Path, tmp_path: Path, capsys) -> None:
     model = str(mnist_model_path())
-    assert main(["compile", model, "--calibration", str(calibration_file), "-o", str(tmp_path / "a"), "--recipe", "w9"]) == 1
+    assert (
+        main(
+            [
+                "compile",
+                model,
+                "--calibration",
+                str(calibration_file),
+                "-o",
+                str(tmp_path / "a"),
+                "--recipe",
+                "w9",
+            ]
+        )
+        == 1
+    )
     assert "unknown recipe 'w9'" in capsys.readouterr().err
     assert main(["compile", model, "--calibration", str(tmp_path / "none.npz"), "-o", str(tmp_path / "b")]) == 2
     assert "--calibration" in capsys.readouterr().err

@@ -22,7 +22,12 @@ def test_checker_knows_the_dialect() -> None:
         [helper.make_node("QGemm", ["x", "w", "b", "m", "s"], ["y"], domain=DOMAIN, lo=0)],
         [helper.make_tensor_value_info("x", TensorProto.INT8, [2, 3])],
         [helper.make_tensor_value_info("y", TensorProto.INT8, [2, 4])],
-        {"w": w, "b": np.zeros(4, np.int32), "m": np.full(4, 1 << 30, np.int32), "s": np.full(4, 31, np.int32)},
+        {
+            "w": w,
+            "b": np.zeros(4, np.int32),
+            "m": np.full(4, 1 << 30, np.int32),
+            "s": np.full(4, 31, np.int32),
+        },
     )
     onnx.checker.check_model(model)
     bad = helper.make_node("QGemm", ["x", "w"], ["y"], domain=DOMAIN)
@@ -39,15 +44,22 @@ def test_qgemm_is_matmulinteger_add_requantize() -> None:
     mult = rng.integers(1 << 30, 1 << 31, 3).astype(np.int32)
     shift = np.array([38, 39, 40], np.int32)
     inits = {"w": w, "b": bias, "m": mult, "s": shift, "wt": np.ascontiguousarray(w.T)}
-    fused = _model([helper.make_node("QGemm", ["x", "w", "b", "m", "s"], ["y"], domain=DOMAIN, lo=-5, hi=90)],
-                   [helper.make_tensor_value_info("x", TensorProto.INT8, [5, 7])],
-                   [helper.make_tensor_value_info("y", TensorProto.INT8, [5, 3])], inits)
-    unfused = _model([
-        helper.make_node("MatMulInteger", ["x", "wt"], ["acc"]),
-        helper.make_node("Add", ["acc", "b"], ["biased"]),
-        helper.make_node("Requantize", ["biased", "m", "s"], ["y"], domain=DOMAIN, axis=-1, lo=-5, hi=90),
-    ], [helper.make_tensor_value_info("x", TensorProto.INT8, [5, 7])],
-        [helper.make_tensor_value_info("y", TensorProto.INT8, [5, 3])], inits)
+    fused = _model(
+        [helper.make_node("QGemm", ["x", "w", "b", "m", "s"], ["y"], domain=DOMAIN, lo=-5, hi=90)],
+        [helper.make_tensor_value_info("x", TensorProto.INT8, [5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [5, 3])],
+        inits,
+    )
+    unfused = _model(
+        [
+            helper.make_node("MatMulInteger", ["x", "wt"], ["acc"]),
+            helper.make_node("Add", ["acc", "b"], ["biased"]),
+            helper.make_node("Requantize", ["biased", "m", "s"], ["y"], domain=DOMAIN, axis=-1, lo=-5, hi=90),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.INT8, [5, 7])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [5, 3])],
+        inits,
+    )
     a = run_reference(fused, {"x": x})[0]
     b = run_reference(unfused, {"x": x})[0]
     expected = requantize(x.astype(np.int64) @ w.astype(np.int64).T + bias, mult, shift, axis=-1, lo=-5, hi=90)
@@ -61,9 +73,12 @@ def test_conv_reference_matches_onnx_convinteger() -> None:
     x = rng.integers(-128, 128, (2, 4, 9, 7)).astype(np.int8)
     w = rng.integers(-128, 128, (6, 2, 3, 3)).astype(np.int8)
     attrs = {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2], "group": 2}
-    model = _model([helper.make_node("ConvInteger", ["x", "w"], ["y"], **attrs)],
-                   [helper.make_tensor_value_info("x", TensorProto.INT8, list(x.shape))],
-                   [helper.make_tensor_value_info("y", TensorProto.INT32, None)], {"w": w})
+    model = _model(
+        [helper.make_node("ConvInteger", ["x", "w"], ["y"], **attrs)],
+        [helper.make_tensor_value_info("x", TensorProto.INT8, list(x.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        {"w": w},
+    )
     want = run_reference(model, {"x": x})[0]
     got = conv2d_int(x, w, attrs["strides"], attrs["pads"], attrs["dilations"], attrs["group"])
     np.testing.assert_array_equal(got, want)

@@ -39,13 +39,20 @@ def test_pair_shares_the_shift() -> None:
     assert abs(a / 2**shift - 0.3) < 1e-9 and abs(b / 2**shift - 0.05) < 1e-9
 
 
-@pytest.mark.parametrize(("value", "shift", "expected"), [(3, 1, 2), (-3, 1, -1), (1, 1, 1), (-1, 1, 0), (5, 2, 1), (6, 2, 2), (-6, 2, -1)])
+@pytest.mark.parametrize(
+    ("value", "shift", "expected"),
+    [(3, 1, 2), (-3, 1, -1), (1, 1, 1), (-1, 1, 0), (5, 2, 1), (6, 2, 2), (-6, 2, -1)],
+)
 def test_round_shift_ties_go_up(value: int, shift: int, expected: int) -> None:
     assert int(round_shift(np.array(value), np.array(shift))) == expected
 
 
-@given(st.integers(-(2**31), 2**31 - 1), st.integers(1 << 30, (1 << 31) - 1), st.integers(1, 62),
-       st.integers(-20, 20))
+@given(
+    st.integers(-(2**31), 2**31 - 1),
+    st.integers(1 << 30, (1 << 31) - 1),
+    st.integers(1, 62),
+    st.integers(-20, 20),
+)
 def test_requantize_matches_exact_rational_rounding(acc: int, mult: int, shift: int, zero: int) -> None:
     exact = Fraction(acc * mult, 1 << shift)
     expected = math.floor(exact + Fraction(1, 2)) + zero  # round half up

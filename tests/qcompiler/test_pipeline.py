@@ -19,14 +19,21 @@ from qcompiler.pipeline import Pipeline, format_records, run_model
 def _conv_bn_model() -> ir.Model:
     rng = np.random.default_rng(0)
     inits = {
-        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "b": rng.standard_normal((4, 1, 1)).astype(np.float32),
-        "g": rng.uniform(0.5, 1.5, 4).astype(np.float32), "beta": rng.standard_normal(4).astype(np.float32),
-        "mu": rng.standard_normal(4).astype(np.float32), "var": rng.uniform(0.5, 2, 4).astype(np.float32),
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "b": rng.standard_normal((4, 1, 1)).astype(np.float32),
+        "g": rng.uniform(0.5, 1.5, 4).astype(np.float32),
+        "beta": rng.standard_normal(4).astype(np.float32),
+        "mu": rng.standard_normal(4).astype(np.float32),
+        "var": rng.uniform(0.5, 2, 4).astype(np.float32),
     }
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Add", ["c", "b"], ["a"]),
-         helper.make_node("BatchNormalization", ["a", "g", "beta", "mu", "var"], ["y"])],
-        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
+        [
+            helper.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            helper.make_node("Add", ["c", "b"], ["a"]),
+            helper.make_node("BatchNormalization", ["a", "g", "beta", "mu", "var"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 6, 6])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 6, 6])],
         [numpy_helper.from_array(a, n) for n, a in inits.items()],
     )
@@ -49,8 +56,12 @@ class ScaleOutputPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         out = model.graph.outputs[0]
-        two = ir.Value(name="two", shape=ir.Shape([]), type=ir.TensorType(ir.DataType.FLOAT),
-                       const_value=ir.tensor(np.array(2.0, np.float32), name="two"))
+        two = ir.Value(
+            name="two",
+            shape=ir.Shape([]),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.tensor(np.array(2.0, np.float32), name="two"),
+        )
         model.graph.register_initializer(two)
         node = ir.node("Mul", [out, two])
         model.graph.append(node)
@@ -83,7 +94,10 @@ def test_probe_comparison_names_the_pass_that_changed_outputs() -> None:
 
 def test_dump_dir(tmp_path: Path) -> None:
     Pipeline([FuseBiasAddPass(), FoldBatchNormPass()], dump_dir=tmp_path).run(_conv_bn_model())
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["00_FuseBiasAddPass.onnx", "01_FoldBatchNormPass.onnx"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "00_FuseBiasAddPass.onnx",
+        "01_FoldBatchNormPass.onnx",
+    ]
 
 
 def test_our_passes_run_in_a_plain_onnx_ir_pass_manager_and_next_to_onnxscript() -> None:
@@ -114,6 +128,6 @@ def test_recipe_errors(tmp_path: Path) -> None:
     bad.write_text('[calibration]\nobserver = "median"\n')
     with pytest.raises(RecipeError, match="observer"):
         load_recipe(bad)
-    bad.write_text('canonicalize = [42]\n')
+    bad.write_text("canonicalize = [42]\n")
     with pytest.raises(RecipeError, match="neither a pass name"):
         load_recipe(bad)
