@@ -19,7 +19,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels
-from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR
+from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR
 from qcompiler.errors import UnsupportedOpError
 
 
@@ -122,7 +122,7 @@ class QConv(OF.OnnxOpConverter):
                 relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
                 relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
                 primfunc_name_hint="qconv",
-                primfunc_attrs=_gemm_attrs(plan),
+                primfunc_attrs={**_gemm_attrs(plan), ROW_TILE_ATTR: geometry.out_w},
             )
         per_channel = [np.broadcast_to(v.reshape(-1), (out_channels,)).astype(np.int32) for v in (bias, mult, shift)]
         direct = functools.partial(kernels.qconv_direct_compute, geometry=geometry, group=group, **_epilogue(attr))

@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 KERNEL_ATTR = "qcompiler.kernel"
 KB_ATTR = "qcompiler.kb"
 NR_ATTR = "qcompiler.nr"
+ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
 
 
 def _block_names(sch: Schedule) -> list[str]:
@@ -47,7 +48,21 @@ def _parallel_elementwise(sch: Schedule, name: str, vector: bool = True) -> None
             sch.vectorize(loops[-1])
 
 
-def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool) -> None:
+def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
+    """Rows split by the output width so ``row // (OH*OW)`` and ``row % OW`` simplify away; the reduction
+    index (channel, tap) is decoded once per column block instead of per element."""
+    block = sch.get_sblock("im2col")
+    rows, cols = sch.get_loops(block)
+    extent = _static(sch.get(rows).extent)
+    if row_tile is None or extent is None or extent % row_tile:
+        _parallel_elementwise(sch, "im2col", vector=False)
+        return
+    outer, inner = sch.split(rows, [None, row_tile])
+    sch.reorder(outer, cols, inner)
+    sch.parallel(outer)
+
+
+def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int | None = None) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
     names = _block_names(sch)
     block = sch.get_sblock("C")
@@ -75,7 +90,9 @@ def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool) -> None:
     else:
         sch.vectorize(loops[-2])
     for name in names:
-        if name in ("A_pad", "im2col", "unpad", "to_nchw"):
+        if name == "im2col":
+            _schedule_im2col(sch, row_tile)
+        elif name in ("A_pad", "unpad", "to_nchw"):
             _parallel_elementwise(sch, name, vector=False)
 
 
@@ -88,7 +105,8 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
         kind = str(func.attrs[KERNEL_ATTR])
         sch = Schedule(tvm.IRModule({"main": func}))
         if kind == "gemm":
-            schedule_gemm(sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2)
+            row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
+            schedule_gemm(sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2, row_tile)
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)
