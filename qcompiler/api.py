@@ -24,7 +24,7 @@ from qcompiler.errors import CalibrationError, QCompilerError
 from qcompiler.ir import load as load_model
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
-from qcompiler.pipeline import PassRecord, Pipeline, format_records
+from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
 
 logger = logging.getLogger(__name__)
 
@@ -210,7 +210,15 @@ def quantize_to_integer(
     shapes = _static_input_shapes(ir_model, sample)
     _fix_input_shapes(ir_model, shapes)
     records: list[PassRecord] = []
-    canonical = Pipeline([spec.build() for spec in chosen.canonicalize], verify_each=verify).run(ir_model)
+    probe = next(iter(batches), None) if verify and isinstance(batches, list) else None
+    canonical = Pipeline(
+        [spec.build() for spec in chosen.canonicalize],
+        verify_each=verify,
+        probe_inputs=calibration_module.as_feeds(ir_model, probe) if probe is not None else None,
+        rtol=1e-4,
+        atol=1e-4,
+        runner=run_onnxruntime,
+    ).run(ir_model)
     records += canonical.records
     cal = chosen.calibration
     ranges = calibration_module.calibrate(

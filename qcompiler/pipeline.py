@@ -64,6 +64,20 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarr
     return [np.asarray(o) for o in run_reference(ir.serde.serialize_model(model), feeds)]
 
 
+def run_onnxruntime(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run a standard-ONNX model in onnxruntime (fast probe runner for float stages)."""
+    import onnxruntime as ort
+
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = min(proto.ir_version, 10)
+    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name in used]  # onnxruntime rejects dangling initializers
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    return [np.asarray(o) for o in session.run(None, dict(feeds))]
+
+
 class Pipeline:
     """Run passes in order with optional verification, probe comparison and IR dumps.
 

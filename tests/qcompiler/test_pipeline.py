@@ -131,3 +131,18 @@ def test_recipe_errors(tmp_path: Path) -> None:
     bad.write_text("canonicalize = [42]\n")
     with pytest.raises(RecipeError, match="neither a pass name"):
         load_recipe(bad)
+
+
+def test_compile_verifies_a_user_pass_from_a_recipe(tmp_path: Path) -> None:
+    """A user pass in a user recipe that changes outputs is caught by compile's probe and named."""
+    import qcompiler
+    from qcompiler.registry import PASSES, register_pass
+    from qcompiler.testing.data import mnist_model_path
+
+    if "test-scale-output" not in PASSES:
+        register_pass("test-scale-output", ScaleOutputPass)
+    recipe = tmp_path / "broken.toml"
+    recipe.write_text('name = "broken"\ncanonicalize = ["infer-shapes", "test-scale-output"]\nlower = []\n')
+    batch = np.zeros((1, 1, 28, 28), np.float32) + 100.0
+    with pytest.raises(PassFailedError, match="ScaleOutputPass"):
+        qcompiler.compile(str(mnist_model_path()), calibration=[batch], recipe=recipe, progress=False)
