@@ -67,7 +67,7 @@ class QGemm(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x = inputs[0]
         weight = _const_numpy(inputs[1], "weight", "QGemm")
-        plan = kernels.plan_gemm(weight)
+        plan = kernels.plan_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"))
         shape = _static_shape(x, "QGemm")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
@@ -113,7 +113,7 @@ class QConv(OF.OnnxOpConverter):
         shift = _const_numpy(inputs[4], "shift", "QConv")
         if group == 1:
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
-            plan = kernels.plan_gemm(flat)
+            plan = kernels.plan_gemm(flat, shift)
             return bb.emit_te(
                 functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)),
                 x,

@@ -47,14 +47,20 @@ def _dot8x4_psign_impl(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
                 T.call_llvm_pure_intrin(  # |a|
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"
+                    ),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"
+                    ),
                     dtype="int8x32",
                 ),
                 T.call_llvm_pure_intrin(  # b * sign(a)
                     T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"),
                     B.vload([0, 0], dtype="int8x32"),
-                    T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
+                    T.reinterpret(
+                        T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"
+                    ),
                     dtype="int8x32",
                 ),
                 dtype="int16x16",

@@ -24,6 +24,7 @@ class GemmPlan:
     k: int  # reduction length
     kb: int  # reduction elements per intrinsic call (4: psign path, 2: int16 path)
     nr: int  # accumulator registers per row of the register tile
+    hi32_epilogue: bool = False  # every shift >= 31: use the vectorizable requantize form
 
     @property
     def n_padded(self) -> int:
@@ -35,12 +36,13 @@ class GemmPlan:
         return -(-self.k // self.kb) * self.kb
 
 
-def plan_gemm(weight_nk: np.ndarray, exact_psign: bool | None = None) -> GemmPlan:
-    """Choose the intrinsic (psign is exact only if no weight is -128) and the register tile."""
+def plan_gemm(weight_nk: np.ndarray, shifts: np.ndarray | None = None, exact_psign: bool | None = None) -> GemmPlan:
+    """Choose the intrinsic (psign is exact only if no weight is -128), the register tile and the epilogue."""
     n, k = weight_nk.shape
     psign_ok = bool(weight_nk.min(initial=0) >= -127) if exact_psign is None else exact_psign
     nr = max(1, min(4, -(-n // LANES)))
-    return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr)
+    hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
+    return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr, hi32_epilogue=hi32)
 
 
 def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
@@ -70,6 +72,30 @@ def requantize_expr(
     return clamped.astype("int8")
 
 
+#: shifts from which :func:`requantize_expr_hi32` applies (every rescale factor below 1)
+HI32_MIN_SHIFT = 31
+
+
+def requantize_expr_hi32(
+    acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr, zero_point: int, lo: int, hi: int
+) -> tirx.PrimExpr:
+    """The same rounding rule for shifts c >= 31, written so AVX2 vectorizes it (no 64-bit arithmetic shift).
+
+    With ``Q = acc*b + 2^(c-1)`` (|Q| < 2^62): ``floor(Q / 2^c) = floor(floor(Q*2^s1 / 2^32) / 2^s2)`` with
+    ``s1 = max(0, 32-c)`` (0 or 1, so ``Q*2^s1`` still fits int64) and ``s2 = max(0, c-32)``. The inner floor is
+    the high 32 bits of a 64-bit value (vpmuldq, vpsllvq, a shuffle); the outer one an int32 arithmetic shift
+    (vpsravd). Nested floors by positive powers of two compose exactly, so this equals :func:`requantize_expr`.
+    """
+    c = shift.astype("int32")
+    s1 = te.max(tirx.const(32, "int32") - c, tirx.const(0, "int32")).astype("int64")
+    s2 = te.max(c - tirx.const(32, "int32"), tirx.const(0, "int32"))
+    rounding = tirx.const(1, "int64") << (c.astype("int64") - tirx.const(1, "int64"))
+    wide = acc.astype("int64") * multiplier.astype("int64") + rounding
+    high = ((wide << s1) >> tirx.const(32, "int64")).astype("int32")
+    rounded = (high >> s2) + tirx.const(zero_point, "int32")
+    return te.max(te.min(rounded, tirx.const(hi, "int32")), tirx.const(lo, "int32")).astype("int8")
+
+
 def qgemm_compute(
     a: te.Tensor,
     packed: te.Tensor,
@@ -96,6 +122,7 @@ def qgemm_compute(
 
 
 def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, kb):
+    epilogue = requantize_expr_hi32 if plan.hi32_epilogue else requantize_expr
     k = te.reduce_axis((0, plan.k_padded), name="k")
     acc = te.compute(
         (m, plan.n_padded),
@@ -106,7 +133,7 @@ def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, h
     )
     out = te.compute(
         (m, plan.n_padded),
-        lambda i, j: requantize_expr(acc[i, j] + bias[j], multiplier[j], shift[j], zero_point, lo, hi),
+        lambda i, j: epilogue(acc[i, j] + bias[j], multiplier[j], shift[j], zero_point, lo, hi),
         name="requant",
     )
     if plan.n_padded == plan.n:

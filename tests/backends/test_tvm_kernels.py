@@ -217,3 +217,24 @@ def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
     assert not offenders, f"float instructions in integer kernels: {offenders}"
     if "avx2" in host_cpu_features():
         assert "llvm.x86.avx2.pmadd" in module.llvm_ir(), "the AVX2 int8 dot intrinsic was not used"
+
+
+@pytest.mark.parametrize("shifts", [(31, 31), (31, 32), (32, 33), (31, 62), (30, 40), (5, 9)])
+def test_qgemm_epilogue_forms_agree_at_every_shift(shifts: tuple[int, int]) -> None:
+    """Shifts >= 31 take the vectorizable high-32-bit epilogue, smaller ones the plain int64 one; both must
+    match the reference at ties and extremes (bias chosen to reach the int32 accumulator's edges)."""
+    rng = np.random.default_rng(sum(shifts))
+    n, k = 16, 8
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    shift = rng.integers(shifts[0], shifts[1] + 1, n).astype(np.int32)
+    mult = np.where(np.arange(n) % 2 == 0, 1 << 30, rng.integers(1 << 30, 1 << 31, n)).astype(np.int32)
+    bias = rng.integers(-(2**30), 2**30, n).astype(np.int32)
+    bias[:4] = [2**31 - 1 - k * 128 * 128, -(2**31) + k * 128 * 128, 0, 1]
+    model = _single("QGemm", ["w", "b", "m", "s"], (4, k), {"w": w, "b": bias, "m": mult, "s": shift})
+    feeds = [
+        {"x": rng.integers(-128, 128, (4, k)).astype(np.int8)},
+        {"x": np.full((4, k), -128, np.int8)},
+        {"x": np.full((4, k), 127, np.int8)},
+        {"x": np.eye(4, k, dtype=np.int8)},  # small accumulators: many exact .5 ties with b = 2^30
+    ]
+    assert_bit_exact(_builder((4, k)), model, feeds)
