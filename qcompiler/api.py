@@ -85,7 +85,10 @@ def _static_input_shapes(model: ir.Model, sample: Mapping[str, np.ndarray] | Non
         elif sample is not None and name in sample:
             shapes[name] = list(sample[name].shape)
         else:
-            raise CalibrationError(f"input {name!r} has dynamic shape {shape}: give example_inputs to fix it")
+            raise CalibrationError(
+                f"example_inputs: input {name!r} has dynamic shape {shape}; give example_inputs (or calibration "
+                "as a list of batches) to fix the shape the code is compiled for"
+            )
     return shapes
 
 
@@ -207,6 +210,8 @@ def quantize_to_integer(
         logger.warning("no calibration data: calibrating on example_inputs only")
         calibration = [sample]
     batches = calibration_batches(ir_model, calibration)
+    if sample is None and isinstance(batches, list) and batches:
+        sample = calibration_module.as_feeds(ir_model, batches[0])  # fixes dynamic dims to the data's
     shapes = _static_input_shapes(ir_model, sample)
     _fix_input_shapes(ir_model, shapes)
     records: list[PassRecord] = []

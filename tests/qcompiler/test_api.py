@@ -209,3 +209,29 @@ def test_external_data_files_load(tmp_path: Path) -> None:
     assert (tmp_path / "weights.bin").is_file()
     ir_model = qcompiler.ir.load(path)
     assert all(v.const_value is not None for v in ir_model.graph.initializers.values())
+
+
+def test_dynamic_batch_is_fixed_from_the_data() -> None:
+    rng = np.random.default_rng(0)
+    graph = helper.make_graph(
+        [helper.make_node("Gemm", ["x", "w", "b"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 6])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        [
+            numpy_helper.from_array(rng.standard_normal((6, 5)).astype(np.float32), "w"),
+            numpy_helper.from_array(rng.standard_normal(5).astype(np.float32), "b"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    batches = [rng.standard_normal((3, 6)).astype(np.float32) for _ in range(8)]
+    compiled = qcompiler.compile(model, calibration=batches, progress=False)
+    assert compiled.report["input_shapes"] == {"x": [3, 6]}
+    x = batches[0]
+    expected = np.maximum(
+        x @ numpy_helper.to_array(graph.initializer[0]) + numpy_helper.to_array(graph.initializer[1]), 0
+    )
+    assert np.max(np.abs(compiled(x) - expected)) < 0.05 * np.abs(expected).max()
+    generator = (b for b in batches)  # a stream cannot fix the shape: the error says what to pass
+    with pytest.raises(qcompiler.CalibrationError, match="example_inputs: input 'x' has dynamic shape"):
+        qcompiler.compile(model, calibration=generator, progress=False)
