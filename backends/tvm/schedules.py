@@ -18,6 +18,10 @@ from qcompiler.backends.tvm import intrinsics
 
 logger = logging.getLogger(__name__)
 
+#: below these sizes a parallel region costs more than it saves (measured on 2 cores: GEMMs win from ~0.5M MACs)
+PARALLEL_MIN_MACS = 1 << 19
+PARALLEL_MIN_ELEMENTS = 1 << 16
+
 KERNEL_ATTR = "qcompiler.kernel"
 KB_ATTR = "qcompiler.kb"
 NR_ATTR = "qcompiler.nr"
@@ -33,9 +37,24 @@ def _static(extent: tirx.PrimExpr) -> int | None:
     return int(extent) if isinstance(extent, tirx.IntImm) else None
 
 
+def _extent_product(sch: Schedule, loops: list) -> int | None:
+    total = 1
+    for loop in loops:
+        extent = _static(sch.get(loop).extent)
+        if extent is None:
+            return None
+        total *= extent
+    return total
+
+
 def _parallel_elementwise(sch: Schedule, name: str, vector: bool = True) -> None:
     block = sch.get_sblock(name)
     loops = sch.get_loops(block)
+    size = _extent_product(sch, loops)
+    if size is not None and size < PARALLEL_MIN_ELEMENTS:
+        if vector:
+            _vectorize_inner(sch, loops[-1])
+        return
     if len(loops) > 1:
         outer = sch.fuse(*loops[:-1])
         sch.parallel(outer)
@@ -43,9 +62,13 @@ def _parallel_elementwise(sch: Schedule, name: str, vector: bool = True) -> None
         sch.parallel(loops[0])
         return
     if vector:
-        inner_extent = _static(sch.get(loops[-1]).extent)
-        if inner_extent is not None and inner_extent % 8 == 0 and inner_extent <= 64:
-            sch.vectorize(loops[-1])
+        _vectorize_inner(sch, loops[-1])
+
+
+def _vectorize_inner(sch: Schedule, loop) -> None:
+    inner_extent = _static(sch.get(loop).extent)
+    if inner_extent is not None and inner_extent % 8 == 0 and inner_extent <= 64:
+        sch.vectorize(loop)
 
 
 def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
@@ -59,7 +82,8 @@ def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
         return
     outer, inner = sch.split(rows, [None, row_tile])
     sch.reorder(outer, cols, inner)
-    sch.parallel(outer)
+    if extent * (_static(sch.get(cols).extent) or 0) >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
 
 
 def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int | None = None) -> None:
@@ -69,6 +93,8 @@ def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int
     epilogue = sch.get_sblock("requant")
     i, j, k = sch.get_loops(block)
     rows = _static(sch.get(i).extent)
+    macs = _extent_product(sch, [i, j, k])
+    parallel = macs is None or macs >= PARALLEL_MIN_MACS
     mr = 2 if rows is not None and rows % 2 == 0 else 1
     io, ii = sch.split(i, [None, mr])
     jo, jt, ji = sch.split(j, [None, nr, 8])
@@ -77,7 +103,9 @@ def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int
     sch.set_scope(block, 0, "local")
     sch.reverse_compute_at(epilogue, io)
     sch.vectorize(sch.get_loops(epilogue)[-1])
-    sch.parallel(sch.fuse(jo, io))
+    outer = sch.fuse(jo, io)
+    if parallel:
+        sch.parallel(outer)
     init = sch.decompose_reduction(block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     update = sch.get_sblock("C_update")
