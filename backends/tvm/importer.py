@@ -18,7 +18,7 @@ import tvm
 from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as OF
 
-from qcompiler.backends.tvm import kernels
+from qcompiler.backends.tvm import kernels, nonlinear
 from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR
 from qcompiler.errors import UnsupportedOpError
 
@@ -254,7 +254,41 @@ class QuantizeLinear(OF.OnnxOpConverter):
     _impl_v21 = _impl_v13
 
 
+class IntSoftmax(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        body = functools.partial(
+            nonlinear.softmax_compute,
+            ln2_q=int(attr["ln2_q"]),
+            b_q=int(attr["b_q"]),
+            c_q=int(attr["c_q"]),
+            input_shift=int(attr.get("input_shift", 0)),
+        )
+        return bb.emit_te(body, inputs[0], primfunc_name_hint="int_softmax", primfunc_attrs={KERNEL_ATTR: "rowwise"})
+
+
+class IntLayerNorm(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        params_ = [
+            relax.const(_const_numpy(inputs[i], name, "IntLayerNorm").reshape(-1).astype(np.int32), "int32")
+            for i, name in ((1, "multiplier"), (2, "shift"), (3, "bias"))
+        ]
+        body = functools.partial(
+            nonlinear.layernorm_compute,
+            rms=bool(attr.get("rms", 0)),
+            epsilon_q=int(attr.get("epsilon_q", 0)),
+            frac_bits=int(attr.get("frac_bits", 0)),
+            **_epilogue(attr),
+        )
+        return bb.emit_te(
+            body, inputs[0], *params_, primfunc_name_hint="int_layernorm", primfunc_attrs={KERNEL_ATTR: "rowwise"}
+        )
+
+
 _CONVERTERS = {
+    "IntSoftmax": IntSoftmax,
+    "IntLayerNorm": IntLayerNorm,
     "QGemm": QGemm,
     "QConv": QConv,
     "Requantize": Requantize,

@@ -15,6 +15,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
+from qcompiler.dialect import nonlinear
 from qcompiler.dialect.dyadic import round_shift
 from qcompiler.dialect.schemas import DOMAIN
 
@@ -138,7 +139,35 @@ class QConv(OpRun):
         return (requantize(acc32, multiplier, shift, axis=1, zero_point=zero_point, lo=lo, hi=hi),)
 
 
-REFERENCE_OPS: list[type[OpRun]] = [Requantize, RescaleAdd, QGemm, QConv]
+class IntSoftmax(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, ln2_q=1, b_q=0, c_q=0, input_shift=0):
+        return (nonlinear.int_softmax(x, ln2_q, b_q, c_q, input_shift),)
+
+
+class IntLayerNorm(OpRun):
+    op_domain = DOMAIN
+
+    def _run(
+        self, x, multiplier, shift, bias, rms=0, epsilon_q=0, frac_bits=0, zero_point=0, lo=-128, hi=127
+    ):
+        y = nonlinear.int_layernorm(
+            x,
+            multiplier,
+            shift,
+            bias,
+            rms=bool(rms),
+            epsilon_q=epsilon_q,
+            frac_bits=frac_bits,
+            zero_point=zero_point,
+            lo=lo,
+            hi=hi,
+        )
+        return (y,)
+
+
+REFERENCE_OPS: list[type[OpRun]] = [Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm]
 
 
 def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[Any]:

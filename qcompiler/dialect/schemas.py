@@ -100,7 +100,42 @@ def _schemas() -> list[OpSchema]:
             *_EPILOGUE_ATTRS,
         ],
     )
-    return [requantize, rescale_add, qgemm, qconv]
+    int_softmax = OpSchema(
+        "IntSoftmax",
+        DOMAIN,
+        OPSET_VERSION,
+        "Softmax over the last axis with I-BERT's integer exp; int8 probabilities at scale 2^-7.",
+        inputs=[_param("x", "T", "integer scores (int8 or int32) at scale S")],
+        outputs=[_param("y", _I8, "probabilities * 2^7, in [0, 127]")],
+        type_constraints=[("T", [_I8, _I32], "integer input types")],
+        attributes=[
+            _attr("ln2_q", 1, "floor(ln2 / S'), S' = S / 2^input_shift"),
+            _attr("b_q", 0, "floor(1.353 / S')"),
+            _attr("c_q", 0, "floor(0.344 / (0.3585 S'^2))"),
+            _attr("input_shift", 0, "exact left shift of (x - max) to the fine scale S'"),
+        ],
+    )
+    int_layernorm = OpSchema(
+        "IntLayerNorm",
+        DOMAIN,
+        OPSET_VERSION,
+        "LayerNorm (or RMSNorm) over the last axis in integers with an exact integer square root, then a "
+        "per-channel signed dyadic affine rescale.",
+        inputs=[
+            _param("x", _I8, "int8 input"),
+            _param("multiplier", _I32, "signed per-channel multiplier of gamma / S_y (2^-15 folded in)"),
+            _param("shift", _I32, "per-channel shift"),
+            _param("bias", _I32, "per-channel round(beta / S_y)"),
+        ],
+        outputs=[_param("y", _I8, "int8 output")],
+        attributes=[
+            _attr("rms", 0, "1: RMSNorm (no mean subtraction)"),
+            _attr("epsilon_q", 0, "epsilon in units of the radicand sum(d^2) 4^frac_bits / C"),
+            _attr("frac_bits", 0, "fractional bits of the integer standard deviation, in [0, 8]"),
+            *_EPILOGUE_ATTRS,
+        ],
+    )
+    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm]
 
 
 def register_schemas() -> None:

@@ -1,0 +1,111 @@
+"""TE definitions of the integer nonlinearities, equal bit for bit to qcompiler.dialect.nonlinear.
+
+Rows are the last axis. Every stage is int64 (no float): reductions for max / sum, the I-BERT exp, the
+integer square root as a fixed number of branch-free Newton steps (one TE stage each, so the expression
+does not grow exponentially), the normalising reciprocal and the dyadic output rescale.
+"""
+
+from __future__ import annotations
+
+from tvm import te, tirx
+
+from qcompiler.dialect.nonlinear import (
+    ISQRT_TVM_ITERATIONS,
+    NORM_FRACTION_BITS,
+    NORM_RECIP_BITS,
+    SOFTMAX_NORM_BITS,
+    SOFTMAX_OUT_BITS,
+)
+
+
+def _i64(value: int) -> tirx.PrimExpr:
+    return tirx.const(value, "int64")
+
+
+def _round_shift(value: tirx.PrimExpr, shift: tirx.PrimExpr) -> tirx.PrimExpr:
+    return (value + (_i64(1) << (shift - _i64(1)))) >> shift
+
+
+def softmax_compute(x: te.Tensor, *, ln2_q: int, b_q: int, c_q: int, input_shift: int) -> te.Tensor:
+    outer, length = list(x.shape[:-1]), x.shape[-1]
+    k = te.reduce_axis((0, length), name="k")
+    row_max = te.compute(outer, lambda *i: te.max(x[(*i, k)].astype("int64"), axis=k), name="row_max")
+
+    def exp_body(*idx):
+        q = (x[idx].astype("int64") - row_max[idx[:-1]]) << _i64(input_shift)
+        z = tirx.floordiv(-q, _i64(ln2_q))
+        r = q + z * _i64(ln2_q)
+        poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
+        return tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+
+    exps = te.compute(x.shape, exp_body, name="int_exp")
+    k2 = te.reduce_axis((0, length), name="k2")
+    total = te.compute(outer, lambda *i: te.sum(exps[(*i, k2)], axis=k2), name="row_sum")
+    factor = te.compute(outer, lambda *i: tirx.floordiv(_i64(1) << _i64(SOFTMAX_NORM_BITS), total[i]), name="recip")
+    shift = _i64(SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS)
+    return te.compute(
+        x.shape,
+        lambda *idx: te.min(_round_shift(exps[idx] * factor[idx[:-1]], shift), _i64(127)).astype("int8"),
+        name="softmax",
+    )
+
+
+def isqrt_stages(n: te.Tensor) -> te.Tensor:
+    """floor(sqrt(n)) per element of an int64 tensor: Newton from 2^ceil(bits/2), min-guarded steps."""
+    shape = list(n.shape)
+
+    def start(*i):
+        value = n[i]
+        bits = _i64(64) - tirx.clz(value).astype("int64")
+        return tirx.Select(value > _i64(0), _i64(1) << tirx.floordiv(bits + _i64(1), _i64(2)), _i64(1))
+
+    def newton_step(prev: te.Tensor):
+        return lambda *i: te.max(te.min(prev[i], (prev[i] + tirx.floordiv(n[i], prev[i])) >> _i64(1)), _i64(1))
+
+    x = te.compute(shape, start, name="isqrt_0")
+    for step in range(1, ISQRT_TVM_ITERATIONS + 1):
+        x = te.compute(shape, newton_step(x), name=f"isqrt_{step}")
+    return te.compute(shape, lambda *i: tirx.Select(n[i] > _i64(0), x[i], _i64(0)), name="isqrt")
+
+
+def layernorm_compute(
+    x: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    bias: te.Tensor,
+    *,
+    rms: bool,
+    epsilon_q: int,
+    frac_bits: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
+) -> te.Tensor:
+    outer, channels = list(x.shape[:-1]), x.shape[-1]
+    c64 = channels.astype("int64") if hasattr(channels, "astype") else _i64(int(channels))
+    k = te.reduce_axis((0, channels), name="k")
+    row_sum = te.compute(outer, lambda *i: te.sum(x[(*i, k)].astype("int64"), axis=k), name="row_sum")
+    if rms:
+        deviation = te.compute(x.shape, lambda *idx: c64 * x[idx].astype("int64"), name="deviation")
+    else:
+        deviation = te.compute(x.shape, lambda *idx: c64 * x[idx].astype("int64") - row_sum[idx[:-1]], name="deviation")
+    k2 = te.reduce_axis((0, channels), name="k2")
+    squares = te.compute(
+        outer, lambda *i: te.sum(deviation[(*i, k2)] * deviation[(*i, k2)], axis=k2), name="row_squares"
+    )
+    radicand = te.compute(
+        outer, lambda *i: tirx.floordiv(squares[i] << _i64(2 * frac_bits), c64) + _i64(epsilon_q), name="radicand"
+    )
+    root = isqrt_stages(radicand)
+    factor = te.compute(
+        outer, lambda *i: tirx.floordiv(_i64(1) << _i64(NORM_RECIP_BITS), te.max(root[i], _i64(1))), name="recip"
+    )
+
+    def body(*idx):
+        c = idx[-1]
+        normalized = (deviation[idx] * factor[idx[:-1]]) >> _i64(NORM_RECIP_BITS - NORM_FRACTION_BITS - frac_bits)
+        scaled = _round_shift(normalized * multiplier[c].astype("int64"), shift[c].astype("int64"))
+        value = scaled + bias[c].astype("int64") + _i64(zero_point)
+        return te.max(te.min(value, _i64(hi)), _i64(lo)).astype("int8")
+
+    return te.compute(x.shape, body, name="layernorm")

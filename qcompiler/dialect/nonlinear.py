@@ -1,0 +1,199 @@
+"""Reference semantics of the integer nonlinearities (I-BERT style): exact integer square root, softmax,
+LayerNorm and RMSNorm. All arithmetic is int64; float appears only in :func:`softmax_constants` and
+:func:`layernorm_constants`, which the lowering calls once to turn scales into integer attributes.
+
+Bit widths (checked by the worst-case tests in tests/qcompiler/test_nonlinear.py):
+- isqrt: any 0 <= n < 2^62; Newton from 2^ceil(bits(n)/2), stopping when the iterate stops decreasing.
+- softmax: input int32 (int8 widened) at scale S with ``ln2_q = floor(ln2 / S)`` in [1, 2^14]: the polynomial
+  ``(r + b_q)^2 + c_q`` stays below 2^31, an exponent below 2^30, a row sum of up to 2^33 entries fits int64.
+- layernorm: int8 input along the last axis, C <= 2^15 channels: ``|d| = |C x - sum| <= 255 C``,
+  ``sum d^2 <= 65025 C^3``, times ``4^frac_bits`` (chosen so the product stays below 2^62: 8 for C <= 1625);
+  normalized values carry 15 fractional bits.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qcompiler.dialect.dyadic import quantize_multiplier, round_shift
+
+# I-BERT's second-order fit of exp on [-ln2, 0]: exp(r) ~= A (r + B)^2 + C; max relative error 1.9e-3 there
+EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344
+SOFTMAX_OUT_BITS = 7  # probabilities in int8 at scale 2^-7 (1.0 saturates to 127/128)
+SOFTMAX_NORM_BITS = 62  # numerator of the normalising reciprocal
+NORM_FRACTION_BITS = 15  # fractional bits of the normalized value before the affine rescale
+# numerator of the reciprocal 2^47 / s: s < 2^31 keeps 16+ bits in it, and |d| <= s sqrt(C) / 2^f bounds
+# |d * factor| by sqrt(C) 2^(47-f) < 2^55 (a 2^31 numerator, as in I-BERT, loses 0.4 % once s nears 2^23)
+NORM_RECIP_BITS = 47
+ISQRT_TVM_ITERATIONS = 8  # fixed Newton steps with a min() guard: enough from 2^ceil(bits/2) for n < 2^62
+
+
+def bit_length(n: np.ndarray) -> np.ndarray:
+    """Per-element ``int.bit_length`` of non-negative int64 values (exact, no floats)."""
+    t = np.asarray(n, dtype=np.int64).copy()
+    length = np.zeros_like(t)
+    for step in (32, 16, 8, 4, 2, 1):
+        big = t >= (np.int64(1) << step)
+        length += np.where(big, step, 0)
+        t = np.where(big, t >> step, t)
+    return length + (t > 0)
+
+
+def isqrt(n: np.ndarray) -> np.ndarray:
+    """Exact ``floor(sqrt(n))`` for int64 ``0 <= n < 2^62`` by Newton's iteration.
+
+    ``x <- floor((x + floor(n / x)) / 2)`` from ``x0 = 2^ceil(bits(n) / 2) > sqrt(n)``, stopping when the
+    iterate stops decreasing (REFERENCES.md section 4); a fixed iteration count is wrong for small n and
+    n = m^2 - 1.
+    """
+    n = np.asarray(n, dtype=np.int64)
+    if np.any(n < 0) or np.any(n >= np.int64(1) << 62):
+        raise ValueError("isqrt: input must lie in [0, 2^62)")
+    x = np.int64(1) << ((bit_length(n) + 1) // 2)
+    active = n > 0
+    while np.any(active):
+        safe = np.where(active, x, 1)
+        nxt = (safe + n // safe) >> 1
+        decreasing = active & (nxt < x)
+        x = np.where(decreasing, nxt, x)
+        active = decreasing
+    return np.where(n > 0, x, 0)
+
+
+def isqrt_fixed_iterations(n: np.ndarray, iterations: int = ISQRT_TVM_ITERATIONS) -> np.ndarray:
+    """The branch-free form the kernels use: ``x <- min(x, (x + n // x) >> 1)`` a fixed number of times.
+
+    Equal to :func:`isqrt` whenever ``iterations`` covers the longest strictly decreasing run (tested).
+    """
+    n = np.asarray(n, dtype=np.int64)
+    x = np.int64(1) << ((bit_length(n) + 1) // 2)
+    for _ in range(iterations):
+        x = np.maximum(np.minimum(x, (x + n // x) >> 1), 1)  # never 0: floor(sqrt(n)) >= 1 for n >= 1
+    return np.where(n > 0, x, 0)
+
+
+# --- softmax ---------------------------------------------------------------------------------------------
+SOFTMAX_MIN_LN2_Q = 1 << 10  # finer input steps than this cost nothing and keep the floors of b, c below 0.1 %
+
+
+def softmax_constants(scale: float) -> dict[str, int]:
+    """Integer attributes of IntSoftmax for an input scale ``S`` (float, once, at lowering time).
+
+    A coarse input (int8 scores) is first shifted left by ``input_shift`` bits, exactly, so that
+    ``ln2_q = floor(ln2 / S')`` with ``S' = S / 2^input_shift`` is at least 2^10: otherwise the floors of the
+    polynomial constants alone cost several percent (S = 0.05 gives ln2_q = 13 and a 3.6 % error).
+    """
+    if not 0.0 < scale < math.log(2.0):
+        raise ValueError(f"softmax input scale {scale} must lie in (0, ln2)")
+    input_shift = max(0, math.ceil(math.log2(SOFTMAX_MIN_LN2_Q * scale / math.log(2.0))))
+    fine = scale / (1 << input_shift)
+    ln2_q = math.floor(math.log(2.0) / fine)
+    if ln2_q > 1 << 14:
+        raise ValueError(f"softmax input scale {scale} too small: floor(ln2 / S) = {ln2_q} > 2^14")
+    return {
+        "input_shift": input_shift,
+        "ln2_q": ln2_q,
+        "b_q": math.floor(EXP_B / fine),
+        "c_q": math.floor(EXP_C / (EXP_A * fine * fine)),
+    }
+
+
+def int_exp(q: np.ndarray, ln2_q: int, b_q: int, c_q: int) -> np.ndarray:
+    """I-BERT i-exp for ``q <= 0``: ``((r + b_q)^2 + c_q) >> z`` with ``q = -z ln2_q + r``, r in (-ln2_q, 0]."""
+    q = np.asarray(q, dtype=np.int64)
+    z = (-q) // ln2_q
+    r = q + z * ln2_q
+    poly = (r + b_q) * (r + b_q) + c_q
+    return np.where(z < 62, poly >> np.minimum(z, 62), 0)
+
+
+def int_softmax(x: np.ndarray, ln2_q: int, b_q: int, c_q: int, input_shift: int = 0, axis: int = -1) -> np.ndarray:
+    """Softmax along ``axis`` in integers; output int8 probabilities at scale 2^-7.
+
+    ``e = int_exp((x - max) << input_shift)``; ``factor = floor(2^62 / sum(e))`` (e <= sum, so
+    ``e * factor <= 2^62`` fits int64; I-BERT's 2^32 numerator loses all precision once the sum nears 2^32);
+    ``y = min(round_shift(e * factor, 55), 127)``.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    e = int_exp((x - x.max(axis=axis, keepdims=True)) << input_shift, ln2_q, b_q, c_q)
+    total = e.sum(axis=axis, keepdims=True)
+    factor = (np.int64(1) << SOFTMAX_NORM_BITS) // total
+    shift = SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS
+    y = round_shift(e * factor, np.int64(shift))
+    return np.minimum(y, 127).astype(np.int8)
+
+
+# --- LayerNorm / RMSNorm ------------------------------------------------------------------------------------
+MAX_NORM_CHANNELS = 1 << 15
+MAX_FRAC_BITS = 8
+
+
+def layernorm_frac_bits(channels: int) -> int:
+    """Fractional bits of the integer standard deviation: as many as keep ``sum(d^2) 4^f`` below 2^62."""
+    if not 1 <= channels <= MAX_NORM_CHANNELS:
+        raise ValueError(f"IntLayerNorm: {channels} channels is outside [1, {MAX_NORM_CHANNELS}]")
+    worst_bits = math.log2(65025.0 * channels**3)
+    return max(0, min(MAX_FRAC_BITS, math.floor((61.9 - worst_bits) / 2)))
+
+
+def layernorm_constants(
+    input_scale: float, output_scale: float, gamma: np.ndarray, beta: np.ndarray, epsilon: float, channels: int
+) -> dict[str, np.ndarray | int]:
+    """Integer parameters of IntLayerNorm: signed per-channel multipliers for ``gamma / S_y`` applied to a
+    normalized value with 15 fractional bits, the output bias ``round(beta / S_y)``, the fractional bits ``f``
+    of the integer standard deviation and epsilon in units of the radicand ``sum(d^2) 4^f / C = C^2 4^f var /
+    S_x^2``."""
+    frac_bits = layernorm_frac_bits(channels)
+    mults, shifts = [], []
+    for g in np.asarray(gamma, dtype=np.float64).reshape(-1):
+        real = abs(g) / output_scale / (1 << NORM_FRACTION_BITS)
+        if real == 0.0:
+            mults.append(0)
+            shifts.append(31)
+            continue
+        m, s = quantize_multiplier(real)
+        mults.append(int(math.copysign(m, g)))
+        shifts.append(s)
+    bias = np.round(np.asarray(beta, dtype=np.float64).reshape(-1) / output_scale)
+    eps_q = round(epsilon * channels * channels * 4.0**frac_bits / (input_scale * input_scale))
+    return {
+        "frac_bits": frac_bits,
+        "multiplier": np.array(mults, dtype=np.int32),
+        "shift": np.array(shifts, dtype=np.int32),
+        "bias": np.clip(bias, -(2**31), 2**31 - 1).astype(np.int32),
+        "epsilon_q": int(min(eps_q, 2**62)),
+    }
+
+
+def int_layernorm(
+    x: np.ndarray,
+    multiplier: np.ndarray,
+    shift: np.ndarray,
+    bias: np.ndarray,
+    *,
+    rms: bool = False,
+    epsilon_q: int = 0,
+    frac_bits: int = 0,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """LayerNorm (or RMSNorm with ``rms``) over the last axis in integers, then a per-channel affine rescale.
+
+    ``d = C x - sum(x)`` (``C x`` for RMSNorm); ``s = isqrt(floor(sum(d^2) 4^f / C) + epsilon_q)``
+    (= C std 2^f in input steps); ``factor = floor(2^47 / s)``; ``n = (d * factor) >> (32 - f)`` (the normalized
+    value times 2^15); ``y = clamp(round_shift(n * multiplier, shift) + bias + zero_point, lo, hi)``.
+    """
+    x = np.asarray(x, dtype=np.int64)
+    channels = x.shape[-1]
+    if not 0 <= frac_bits <= MAX_FRAC_BITS:
+        raise ValueError(f"IntLayerNorm: frac_bits {frac_bits} outside [0, {MAX_FRAC_BITS}]")
+    d = channels * x if rms else channels * x - x.sum(axis=-1, keepdims=True)
+    s = isqrt(((d * d).sum(axis=-1, keepdims=True) << (2 * frac_bits)) // channels + epsilon_q)
+    factor = (np.int64(1) << NORM_RECIP_BITS) // np.maximum(s, 1)
+    normalized = (d * factor) >> (NORM_RECIP_BITS - NORM_FRACTION_BITS - frac_bits)
+    mult = np.asarray(multiplier, dtype=np.int64)
+    y = round_shift(normalized * mult, np.asarray(shift, dtype=np.int64)) + np.asarray(bias, np.int64) + zero_point
+    return np.clip(y, lo, hi).astype(np.int8)

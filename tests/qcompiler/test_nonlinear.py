@@ -1,0 +1,196 @@
+"""Integer nonlinearities: exact isqrt on every edge class, documented error bounds against float, worst-case
+bit widths, and TVM bit-exact against the reference."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from qcompiler.dialect import DOMAIN
+from qcompiler.dialect.nonlinear import (
+    int_layernorm,
+    int_softmax,
+    isqrt,
+    isqrt_fixed_iterations,
+    layernorm_constants,
+    softmax_constants,
+)
+
+
+def _exact(values: np.ndarray) -> np.ndarray:
+    return np.array([math.isqrt(int(v)) for v in values], dtype=np.int64)
+
+
+# --- isqrt ----------------------------------------------------------------------------------------------
+def test_isqrt_every_small_n() -> None:
+    n = np.arange(0, 1 << 20, dtype=np.int64)
+    root = isqrt(n)
+    assert np.array_equal(root * root <= n, np.ones_like(n, bool))
+    assert np.all((root + 1) * (root + 1) > n)
+    assert np.array_equal(isqrt_fixed_iterations(n), root)
+
+
+@pytest.mark.parametrize("offset", [-1, 0, 1])
+def test_isqrt_squares_and_neighbours(offset: int) -> None:
+    m = np.arange(1, 1 << 16, dtype=np.int64)
+    n = m * m + offset
+    expected = _exact(n)
+    assert np.array_equal(isqrt(n), expected)
+    assert np.array_equal(isqrt_fixed_iterations(n), expected)
+
+
+def test_isqrt_extremes_and_random_62_bit() -> None:
+    n = np.array([2**32 - 1, 2**32, 2**62 - 1, 2**61, (2**31 - 1) ** 2, 3], dtype=np.int64)
+    assert np.array_equal(isqrt(n), _exact(n))
+    sample = np.random.default_rng(0).integers(0, 2**62, 200_000)
+    assert np.array_equal(isqrt_fixed_iterations(sample), isqrt(sample))
+    assert np.array_equal(isqrt(sample[:2000]), _exact(sample[:2000]))
+    with pytest.raises(ValueError, match="isqrt"):
+        isqrt(np.array([-1]))
+
+
+# --- softmax --------------------------------------------------------------------------------------------
+SOFTMAX_BOUND = "|y / 128 - p| <= 2^-8 + 4e-3 p"
+
+
+def _float_softmax(x: np.ndarray, scale: float) -> np.ndarray:
+    z = x.astype(np.float64) * scale
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@settings(max_examples=150)
+@given(
+    st.floats(1e-4, 0.69),
+    st.integers(1, 1024),
+    st.integers(0, 2**31 - 1),
+    st.sampled_from(["random", "equal", "one_hot", "extremes"]),
+)
+def test_softmax_error_bound(scale: float, length: int, seed: int, kind: str) -> None:
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (3, length))
+    if kind == "equal":
+        x[:] = rng.integers(-128, 128)
+    elif kind == "one_hot":
+        x[:] = -128
+        x[:, rng.integers(length)] = 127
+    elif kind == "extremes":
+        x = rng.choice(np.array([-128, 127]), (3, length))
+    y = int_softmax(x, **softmax_constants(scale)).astype(np.float64) / 128
+    p = _float_softmax(x, scale)
+    assert np.all(np.abs(y - p) <= 2**-8 + 4e-3 * p + 1e-12), SOFTMAX_BOUND
+
+
+def test_softmax_worst_case_bit_widths() -> None:
+    # the largest row sum: a long row of equal values at the finest allowed scale
+    k = softmax_constants(1e-4)
+    y = int_softmax(np.zeros((1, 1 << 16), np.int64), **k)
+    assert y.dtype == np.int8 and np.all(y == 0)  # 2^-16 rounds to 0 at 2^-7
+    y = int_softmax(np.array([[127, -128]]), **k)
+    assert y.tolist() == [[64, 64]] or abs(int(y[0, 0]) - 64) <= 1
+
+
+@pytest.mark.parametrize("bad", [0.0, 0.7, -1.0])
+def test_softmax_rejects_scales_out_of_range(bad: float) -> None:
+    with pytest.raises(ValueError, match="softmax input scale"):
+        softmax_constants(bad)
+
+
+# --- LayerNorm / RMSNorm --------------------------------------------------------------------------------
+def _float_norm(x: np.ndarray, scale: float, gamma, beta, eps: float, rms: bool) -> np.ndarray:
+    xf = x.astype(np.float64) * scale
+    if rms:
+        return xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + eps) * gamma + beta
+    mu = xf.mean(-1, keepdims=True)
+    return (xf - mu) / np.sqrt(xf.var(-1, keepdims=True) + eps) * gamma + beta
+
+
+@settings(max_examples=120)
+@given(st.integers(2, 1024), st.floats(1e-3, 1.0), st.booleans(), st.integers(0, 2**31 - 1))
+def test_layernorm_error_bound(channels: int, scale: float, rms: bool, seed: int) -> None:
+    """Bound: |y - y_float / S_y| <= 1 step + |normalized part| * 2^-9 for rows with std >= 1 input step."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-128, 128, (4, channels))
+    gamma = rng.uniform(-2, 2, channels)
+    beta = rng.uniform(-1, 1, channels)
+    reference = _float_norm(x, scale, gamma, beta, 1e-5, rms)
+    out_scale = max(np.abs(reference).max(), 1e-3) / 127
+    k = layernorm_constants(scale, out_scale, gamma, beta, 1e-5, channels)
+    y = int_layernorm(
+        x, k["multiplier"], k["shift"], k["bias"], rms=rms, epsilon_q=int(k["epsilon_q"]), frac_bits=int(k["frac_bits"])
+    )
+    target = np.clip(reference / out_scale, -128, 127)
+    normalized_part = np.abs(target - beta / out_scale)
+    std_ok = (x.std(-1) >= 1.0)[:, None] if not rms else np.ones((4, 1), bool)
+    err = np.abs(y - target)
+    assert np.all(~std_ok | (err <= 1.0 + normalized_part * 2**-9 + 1e-9))
+
+
+def test_layernorm_constant_row_and_extremes() -> None:
+    channels = 4096  # frac_bits drops to keep sum(d^2) 4^f below 2^62
+    k = layernorm_constants(0.1, 0.05, np.ones(channels), np.full(channels, 0.5), 1e-5, channels)
+    constant = np.full((1, channels), 77)
+    extra = {"epsilon_q": int(k["epsilon_q"]), "frac_bits": int(k["frac_bits"])}
+    y = int_layernorm(constant, k["multiplier"], k["shift"], k["bias"], **extra)
+    assert np.all(y == 10)  # d = 0: only beta / S_y = 10 remains
+    extremes = np.where(np.arange(channels) % 2 == 0, 127, -128)[None, :]  # largest sum(d^2)
+    y = int_layernorm(extremes, k["multiplier"], k["shift"], k["bias"], **extra)
+    reference = _float_norm(extremes, 0.1, 1.0, 0.5, 1e-5, False) / 0.05
+    assert np.max(np.abs(y - np.clip(reference, -128, 127))) <= 1.0
+
+
+# --- TVM bit-exact ----------------------------------------------------------------------------------------
+def _single(op: str, inputs: list[str], shape: tuple[int, ...], inits: dict, **attrs):
+    graph = helper.make_graph(
+        [helper.make_node(op, ["x", *inputs], ["y"], domain=DOMAIN, **attrs)], "k",
+        [helper.make_tensor_value_info("x", TensorProto.INT8, list(shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+
+
+def _assert_tvm_matches(model, shape, feeds) -> None:
+    from qcompiler.backends.tvm import build
+    from qcompiler.testing import assert_bit_exact
+
+    assert_bit_exact(lambda proto: build(proto, {"x": list(shape)}), model, feeds)
+
+
+@pytest.mark.tvm
+@settings(max_examples=12)
+@given(st.floats(1e-4, 0.69), st.integers(1, 300), st.integers(0, 2**31 - 1))
+def test_softmax_tvm_bit_exact(scale: float, length: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (2, 3, length)
+    model = _single("IntSoftmax", [], shape, {}, **softmax_constants(scale))
+    extremes = rng.choice(np.array([-128, 127], np.int8), shape)
+    _assert_tvm_matches(model, shape, [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": extremes}])
+
+
+@pytest.mark.tvm
+@settings(max_examples=12)
+@given(st.integers(1, 512), st.booleans(), st.integers(0, 2**31 - 1))
+def test_layernorm_tvm_bit_exact(channels: int, rms: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    k = layernorm_constants(0.05, 0.03, rng.uniform(-2, 2, channels), rng.uniform(-1, 1, channels), 1e-5, channels)
+    shape = (3, channels)
+    inits = {"m": k["multiplier"], "s": k["shift"], "b": k["bias"]}
+    model = _single(
+        "IntLayerNorm",
+        ["m", "s", "b"],
+        shape,
+        inits,
+        rms=int(rms),
+        epsilon_q=int(k["epsilon_q"]),
+        frac_bits=int(k["frac_bits"]),
+    )
+    x = rng.integers(-128, 128, shape).astype(np.int8)
+    x[0] = 5  # constant row
+    x[1] = np.where(np.arange(channels) % 2 == 0, 127, -128)  # extremes
+    _assert_tvm_matches(model, shape, [{"x": x}])
