@@ -286,7 +286,51 @@ class IntLayerNorm(OF.OnnxOpConverter):
         )
 
 
+def _scalar_rescale(inputs, op: str) -> dict[str, int]:
+    return {
+        "multiplier": int(_const_numpy(inputs[1], "multiplier", op).reshape(())),
+        "shift": int(_const_numpy(inputs[2], "shift", op).reshape(())),
+    }
+
+
+class IntGelu(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        body = functools.partial(
+            nonlinear.gelu_compute,
+            **_scalar_rescale(inputs, "IntGelu"),
+            input_shift=int(attr.get("input_shift", 0)),
+            b_q=int(attr["b_q"]),
+            c_q=int(attr["c_q"]),
+            pre_shift=int(attr.get("pre_shift", 0)),
+            **_epilogue(attr),
+        )
+        return bb.emit_te(body, inputs[0], primfunc_name_hint="int_gelu", primfunc_attrs={KERNEL_ATTR: "elementwise"})
+
+
+class IntSigmoid(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        body = functools.partial(
+            nonlinear.sigmoid_compute,
+            **_scalar_rescale(inputs, "IntSigmoid"),
+            input_shift=int(attr.get("input_shift", 0)),
+            ln2_q=int(attr["ln2_q"]),
+            b_q=int(attr["b_q"]),
+            c_q=int(attr["c_q"]),
+            one_q=int(attr["one_q"]),
+            silu=bool(attr.get("silu", 0)),
+            pre_shift=int(attr.get("pre_shift", 0)),
+            **_epilogue(attr),
+        )
+        return bb.emit_te(
+            body, inputs[0], primfunc_name_hint="int_sigmoid", primfunc_attrs={KERNEL_ATTR: "elementwise"}
+        )
+
+
 _CONVERTERS = {
+    "IntGelu": IntGelu,
+    "IntSigmoid": IntSigmoid,
     "IntSoftmax": IntSoftmax,
     "IntLayerNorm": IntLayerNorm,
     "QGemm": QGemm,

@@ -13,6 +13,7 @@ from qcompiler.dialect.nonlinear import (
     ISQRT_TVM_ITERATIONS,
     NORM_FRACTION_BITS,
     NORM_RECIP_BITS,
+    SIGMOID_BITS,
     SOFTMAX_NORM_BITS,
     SOFTMAX_OUT_BITS,
 )
@@ -109,3 +110,66 @@ def layernorm_compute(
         return te.max(te.min(value, _i64(hi)), _i64(lo)).astype("int8")
 
     return te.compute(x.shape, body, name="layernorm")
+
+
+def _output_stage(
+    value: tirx.PrimExpr, pre_shift: int, multiplier: int, shift: int, zero_point: int, lo: int, hi: int
+) -> tirx.PrimExpr:
+    reduced = _round_shift(value, _i64(pre_shift)) if pre_shift else value
+    y = _round_shift(reduced * _i64(multiplier), _i64(shift)) + _i64(zero_point)
+    return te.max(te.min(y, _i64(hi)), _i64(lo)).astype("int8")
+
+
+def gelu_compute(
+    x: te.Tensor,
+    *,
+    multiplier: int,
+    shift: int,
+    input_shift: int,
+    b_q: int,
+    c_q: int,
+    pre_shift: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
+) -> te.Tensor:
+    def body(*idx):
+        q = x[idx].astype("int64") << _i64(input_shift)
+        clipped = te.min(te.abs(q), _i64(b_q)) - _i64(b_q)
+        magnitude = _i64(c_q) - clipped * clipped
+        sign = tirx.Select(q > _i64(0), _i64(1), tirx.Select(q < _i64(0), _i64(-1), _i64(0)))
+        value = q * (sign * magnitude + _i64(c_q))
+        return _output_stage(value, pre_shift, multiplier, shift, zero_point, lo, hi)
+
+    return te.compute(x.shape, body, name="gelu")
+
+
+def sigmoid_compute(
+    x: te.Tensor,
+    *,
+    multiplier: int,
+    shift: int,
+    input_shift: int,
+    ln2_q: int,
+    b_q: int,
+    c_q: int,
+    one_q: int,
+    silu: bool,
+    pre_shift: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
+) -> te.Tensor:
+    def body(*idx):
+        v = x[idx].astype("int64")
+        q = -(te.abs(v) << _i64(input_shift))
+        z = tirx.floordiv(-q, _i64(ln2_q))
+        r = q + z * _i64(ln2_q)
+        poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
+        e = tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+        low = tirx.floordiv(e << _i64(SIGMOID_BITS), e + _i64(one_q))
+        sigma = tirx.Select(v >= _i64(0), (_i64(1) << _i64(SIGMOID_BITS)) - low, low)
+        value = v * sigma if silu else sigma
+        return _output_stage(value, pre_shift, multiplier, shift, zero_point, lo, hi)
+
+    return te.compute(x.shape, body, name="silu" if silu else "sigmoid")

@@ -197,3 +197,109 @@ def int_layernorm(
     mult = np.asarray(multiplier, dtype=np.int64)
     y = round_shift(normalized * mult, np.asarray(shift, dtype=np.int64)) + np.asarray(bias, np.int64) + zero_point
     return np.clip(y, lo, hi).astype(np.int8)
+
+
+# --- shared output stage ------------------------------------------------------------------------------------
+def prescaled_requantize_constants(value_scale: float, max_abs_value: float, output_scale: float) -> dict[str, int]:
+    """(pre_shift, multiplier, shift) for ``y = round_shift(round_shift(V, t) * b, c)``, V up to ``max_abs_value``.
+
+    ``t`` brings V below 2^31 so the product with ``b < 2^31`` stays below 2^62; ``b 2^-c = S_V 2^t / S_y``.
+    """
+    pre_shift = max(0, math.ceil(math.log2(max(max_abs_value, 1.0))) + 1 - 31)
+    multiplier, shift = quantize_multiplier(value_scale * (1 << pre_shift) / output_scale)
+    return {"pre_shift": pre_shift, "multiplier": multiplier, "shift": shift}
+
+
+def _output_stage(value: np.ndarray, pre_shift: int, multiplier, shift, zero_point: int, lo: int, hi: int):
+    reduced = round_shift(value, np.int64(pre_shift)) if pre_shift else value
+    y = round_shift(reduced * np.int64(multiplier), np.int64(shift)) + zero_point
+    return np.clip(y, lo, hi).astype(np.int8)
+
+
+def _fine_shift(scale: float, unit: float, minimum: int = 1 << 10) -> int:
+    """Left shift making ``floor(unit / (scale / 2^k)) >= minimum`` (exact refinement of an int8 input)."""
+    return max(0, math.ceil(math.log2(minimum * scale / unit)))
+
+
+# --- GELU (I-BERT i-GELU with i-erf) ---------------------------------------------------------------------
+ERF_A, ERF_B = 0.2888, 1.769  # erf(x) ~= sgn(x) (1 - A (min(|x|, B) - B)^2)
+
+
+def gelu_constants(input_scale: float, output_scale: float) -> dict[str, int]:
+    """Integer attributes of IntGelu for int8 input at ``input_scale`` and int8 output at ``output_scale``."""
+    erf_step = input_scale / math.sqrt(2.0)  # erf(x / sqrt 2): the same integer q, a step of S / sqrt 2
+    input_shift = _fine_shift(erf_step, ERF_B)
+    fine = erf_step / (1 << input_shift)
+    b_q = math.floor(ERF_B / fine)
+    c_q = math.floor(1.0 / (ERF_A * fine * fine))
+    erf_scale = ERF_A * fine * fine  # erf ~= erf_scale * L, L in [-c_q, c_q]
+    max_q = 128 << input_shift
+    value_scale = (input_scale / (1 << input_shift)) * erf_scale / 2.0
+    out = prescaled_requantize_constants(value_scale, max_q * 2.0 * c_q, output_scale)
+    return {"input_shift": input_shift, "b_q": b_q, "c_q": c_q, **out}
+
+
+def int_gelu(
+    x: np.ndarray,
+    multiplier: int,
+    shift: int,
+    *,
+    input_shift: int,
+    b_q: int,
+    c_q: int,
+    pre_shift: int,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """``q = x << input_shift``; ``L = sgn(q) (c_q - (min(|q|, b_q) - b_q)^2)`` (= erf(x / sqrt 2) / S_erf);
+    ``V = q (L + c_q)`` (= 2 GELU(x) / (S S_erf)); ``y = requant(round_shift(V, pre_shift))``."""
+    q = np.asarray(x, dtype=np.int64) << input_shift
+    clipped = np.minimum(np.abs(q), b_q) - b_q
+    erf_level = np.sign(q) * (c_q - clipped * clipped)
+    return _output_stage(q * (erf_level + c_q), pre_shift, multiplier, shift, zero_point, lo, hi)
+
+
+# --- sigmoid and SiLU (i-exp of -|x|) ---------------------------------------------------------------------
+SIGMOID_BITS = 30  # sigmoid carried as an integer in [0, 2^30]
+
+
+def sigmoid_constants(input_scale: float, output_scale: float, silu: bool) -> dict[str, int]:
+    """Integer attributes of IntSigmoid (``silu``: x * sigmoid(x)) for int8 input and output."""
+    input_shift = _fine_shift(input_scale, math.log(2.0))
+    fine = input_scale / (1 << input_shift)
+    exp = {"ln2_q": math.floor(math.log(2.0) / fine), "b_q": math.floor(EXP_B / fine),
+           "c_q": math.floor(EXP_C / (EXP_A * fine * fine))}  # fmt: skip
+    one_q = math.floor(1.0 / (EXP_A * fine * fine))  # 1.0 at the i-exp output scale
+    if silu:
+        value_scale, max_value = input_scale / (1 << SIGMOID_BITS), 128.0 * (1 << SIGMOID_BITS)
+    else:
+        value_scale, max_value = 1.0 / (1 << SIGMOID_BITS), float(1 << SIGMOID_BITS)
+    out = prescaled_requantize_constants(value_scale, max_value, output_scale)
+    return {"input_shift": input_shift, **exp, "one_q": one_q, **out}
+
+
+def int_sigmoid(
+    x: np.ndarray,
+    multiplier: int,
+    shift: int,
+    *,
+    input_shift: int,
+    ln2_q: int,
+    b_q: int,
+    c_q: int,
+    one_q: int,
+    pre_shift: int,
+    silu: bool = False,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """``e = i_exp(-|x| << input_shift)``; ``s = floor(e 2^30 / (e + one_q))`` (= sigmoid(-|x|) 2^30);
+    ``sigma = x >= 0 ? 2^30 - s : s``; ``V = silu ? x sigma : sigma``; ``y = requant(round_shift(V, pre_shift))``."""
+    x = np.asarray(x, dtype=np.int64)
+    e = int_exp(-(np.abs(x) << input_shift), ln2_q, b_q, c_q)
+    low = (e << SIGMOID_BITS) // (e + one_q)
+    sigma = np.where(x >= 0, (np.int64(1) << SIGMOID_BITS) - low, low)
+    value = x * sigma if silu else sigma
+    return _output_stage(value, pre_shift, multiplier, shift, zero_point, lo, hi)

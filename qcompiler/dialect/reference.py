@@ -149,9 +149,7 @@ class IntSoftmax(OpRun):
 class IntLayerNorm(OpRun):
     op_domain = DOMAIN
 
-    def _run(
-        self, x, multiplier, shift, bias, rms=0, epsilon_q=0, frac_bits=0, zero_point=0, lo=-128, hi=127
-    ):
+    def _run(self, x, multiplier, shift, bias, rms=0, epsilon_q=0, frac_bits=0, zero_point=0, lo=-128, hi=127):
         y = nonlinear.int_layernorm(
             x,
             multiplier,
@@ -167,7 +165,65 @@ class IntLayerNorm(OpRun):
         return (y,)
 
 
-REFERENCE_OPS: list[type[OpRun]] = [Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm]
+class IntGelu(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, multiplier, shift, input_shift=0, b_q=1, c_q=1, pre_shift=0, zero_point=0, lo=-128, hi=127):
+        y = nonlinear.int_gelu(
+            x,
+            int(multiplier),
+            int(shift),
+            input_shift=input_shift,
+            b_q=b_q,
+            c_q=c_q,
+            pre_shift=pre_shift,
+            zero_point=zero_point,
+            lo=lo,
+            hi=hi,
+        )
+        return (y,)
+
+
+class IntSigmoid(OpRun):
+    op_domain = DOMAIN
+
+    def _run(
+        self,
+        x,
+        multiplier,
+        shift,
+        input_shift=0,
+        ln2_q=1,
+        b_q=0,
+        c_q=0,
+        one_q=1,
+        silu=0,
+        pre_shift=0,
+        zero_point=0,
+        lo=-128,
+        hi=127,
+    ):
+        y = nonlinear.int_sigmoid(
+            x,
+            int(multiplier),
+            int(shift),
+            input_shift=input_shift,
+            ln2_q=ln2_q,
+            b_q=b_q,
+            c_q=c_q,
+            one_q=one_q,
+            pre_shift=pre_shift,
+            silu=bool(silu),
+            zero_point=zero_point,
+            lo=lo,
+            hi=hi,
+        )
+        return (y,)
+
+
+REFERENCE_OPS: list[type[OpRun]] = [
+    Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid,
+]  # fmt: skip
 
 
 def run_reference(model: onnx.ModelProto, feeds: Mapping[str, np.ndarray]) -> list[Any]:

@@ -135,7 +135,45 @@ def _schemas() -> list[OpSchema]:
             *_EPILOGUE_ATTRS,
         ],
     )
-    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm]
+    rescale_inputs = [
+        _param("x", _I8, "int8 input"),
+        _param("multiplier", _I32, "scalar b of the output rescale"),
+        _param("shift", _I32, "scalar c of the output rescale"),
+    ]
+    int_gelu = OpSchema(
+        "IntGelu",
+        DOMAIN,
+        OPSET_VERSION,
+        "GELU with I-BERT's integer erf (serves the erf and the tanh forms); int8 in, int8 out.",
+        inputs=rescale_inputs,
+        outputs=[_param("y", _I8, "int8 output")],
+        attributes=[
+            _attr("input_shift", 0, "exact left shift to the fine scale"),
+            _attr("b_q", 1, "floor(1.769 / s_erf)"),
+            _attr("c_q", 1, "floor(1 / (0.2888 s_erf^2))"),
+            _attr("pre_shift", 0, "rounding right shift before the output rescale"),
+            *_EPILOGUE_ATTRS,
+        ],
+    )
+    int_sigmoid = OpSchema(
+        "IntSigmoid",
+        DOMAIN,
+        OPSET_VERSION,
+        "Sigmoid (or SiLU = x sigmoid(x) with silu=1) from I-BERT's integer exp of -|x|; int8 in, int8 out.",
+        inputs=rescale_inputs,
+        outputs=[_param("y", _I8, "int8 output")],
+        attributes=[
+            _attr("input_shift", 0, "exact left shift to the fine scale"),
+            _attr("ln2_q", 1, "floor(ln2 / s)"),
+            _attr("b_q", 0, "floor(1.353 / s)"),
+            _attr("c_q", 0, "floor(0.344 / (0.3585 s^2))"),
+            _attr("one_q", 1, "floor(1 / (0.3585 s^2)): 1.0 at the exp output scale"),
+            _attr("silu", 0, "1: x * sigmoid(x)"),
+            _attr("pre_shift", 0, "rounding right shift before the output rescale"),
+            *_EPILOGUE_ATTRS,
+        ],
+    )
+    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm, int_gelu, int_sigmoid]
 
 
 def register_schemas() -> None:

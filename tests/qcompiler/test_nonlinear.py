@@ -13,11 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.dialect import DOMAIN
 from qcompiler.dialect.nonlinear import (
+    gelu_constants,
+    int_gelu,
     int_layernorm,
+    int_sigmoid,
     int_softmax,
     isqrt,
     isqrt_fixed_iterations,
     layernorm_constants,
+    sigmoid_constants,
     softmax_constants,
 )
 
@@ -194,3 +198,68 @@ def test_layernorm_tvm_bit_exact(channels: int, rms: bool, seed: int) -> None:
     x[0] = 5  # constant row
     x[1] = np.where(np.arange(channels) % 2 == 0, 127, -128)  # extremes
     _assert_tvm_matches(model, shape, [{"x": x}])
+
+
+# --- GELU, sigmoid, SiLU: every int8 input, many scales ---------------------------------------------------
+ALL_INT8 = np.arange(-128, 128, dtype=np.int64)
+
+
+def _gelu_erf(x: np.ndarray) -> np.ndarray:
+    from scipy.special import erf
+
+    return 0.5 * x * (1 + erf(x / np.sqrt(2)))
+
+
+def _gelu_tanh(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
+
+
+def _split(constants: dict) -> tuple[int, int, dict]:
+    rest = {k: v for k, v in constants.items() if k not in ("multiplier", "shift")}
+    return constants["multiplier"], constants["shift"], rest
+
+
+GELU_BOUND = 0.0205  # i-GELU's own approximation error is 0.0182 (erf form) / 0.0178 (tanh form) on R
+
+
+@settings(max_examples=120)
+@given(st.floats(1e-3, 1.0), st.sampled_from(["erf", "tanh"]))
+def test_gelu_error_bound(scale: float, form: str) -> None:
+    """|y S_y - GELU(x)| <= S_y / 2 + 0.0205 for every int8 input."""
+    exact = (_gelu_erf if form == "erf" else _gelu_tanh)(ALL_INT8 * scale)
+    out_scale = max(np.abs(exact).max(), 1e-6) / 127
+    multiplier, shift, rest = _split(gelu_constants(scale, out_scale))
+    y = int_gelu(ALL_INT8, multiplier, shift, **rest)
+    assert np.all(np.abs(y * out_scale - exact) <= out_scale / 2 + GELU_BOUND)
+
+
+@settings(max_examples=120)
+@given(st.floats(1e-3, 2.0), st.booleans())
+def test_sigmoid_and_silu_error_bound(scale: float, silu: bool) -> None:
+    """sigmoid: |y S_y - sigmoid(x)| <= S_y / 2 + 4e-3; SiLU: <= S_y / 2 + 4e-3 |x|, for every int8 input."""
+    from scipy.special import expit
+
+    xf = ALL_INT8 * scale
+    exact = xf * expit(xf) if silu else expit(xf)
+    out_scale = max(np.abs(exact).max(), 1e-6) / 127
+    multiplier, shift, rest = _split(sigmoid_constants(scale, out_scale, silu))
+    y = int_sigmoid(ALL_INT8, multiplier, shift, silu=silu, **{k: v for k, v in rest.items()})
+    slack = 4e-3 * (np.abs(xf) if silu else 1.0)
+    assert np.all(np.abs(y * out_scale - exact) <= out_scale / 2 + slack + 1e-12)
+
+
+@pytest.mark.tvm
+@settings(max_examples=8)
+@given(st.floats(1e-3, 1.0), st.sampled_from(["gelu", "sigmoid", "silu"]))
+def test_gelu_sigmoid_silu_tvm_bit_exact(scale: float, op: str) -> None:
+    x = ALL_INT8.astype(np.int8).reshape(2, 128)
+    if op == "gelu":
+        multiplier, shift, rest = _split(gelu_constants(scale, 0.02))
+        name = "IntGelu"
+    else:
+        multiplier, shift, rest = _split(sigmoid_constants(scale, 0.01, op == "silu"))
+        rest["silu"] = int(op == "silu")
+        name = "IntSigmoid"
+    inits = {"m": np.array(multiplier, np.int32), "s": np.array(shift, np.int32)}
+    model = _single(name, ["m", "s"], x.shape, inits, **rest)
+    _assert_tvm_matches(model, x.shape, [{"x": x}])
