@@ -9,7 +9,6 @@ into (b, c) exactly once, here, by :func:`qcompiler.dialect.quantize_multipliers
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 
 import numpy as np
@@ -19,6 +18,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
+from qcompiler.passes.lower.groups import dequantized, quantized_output, replace_group_output
+from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
 
 logger = logging.getLogger(__name__)
 
@@ -37,47 +38,6 @@ _INTEGER_TYPES = frozenset(
         ir.DataType.BOOL,
     }
 )
-
-
-@dataclasses.dataclass
-class _Quantized:
-    """An int8 tensor and the float scale it stands for."""
-
-    value: ir.Value
-    scale: np.ndarray  # float64, scalar or per channel
-
-
-def _dequantized(value: ir.Value | None, what: str, node: ir.Node) -> _Quantized:
-    producer = value.producer() if value is not None else None
-    if producer is None or producer.op_type != "DequantizeLinear":
-        raise UnsupportedOpError(node_label(node), node.op_type, f"its {what} is not dequantized (no QDQ around it)")
-    scale = const_array(producer.inputs[1])
-    zero = const_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
-    if scale is None:
-        raise UnsupportedOpError(node_label(node), node.op_type, f"the scale of its {what} is not constant")
-    if zero is not None and np.any(zero != 0):
-        raise UnsupportedOpError(
-            node_label(node),
-            node.op_type,
-            f"its {what} has a non-zero zero point: only symmetric quantization",
-        )
-    source = producer.inputs[0]
-    assert source is not None
-    return _Quantized(source, scale.astype(np.float64))
-
-
-def _quantized_output(node: ir.Node) -> tuple[ir.Node | None, ir.Node]:
-    """The fused activation (or None) and the QuantizeLinear that ends this node's group."""
-    out = node.outputs[0]
-    readers = consumers(out)
-    activation = None
-    if len(readers) == 1 and readers[0].op_type in _ACTIVATIONS and node.op_type not in _ACTIVATIONS:
-        activation = readers[0]
-        readers = consumers(activation.outputs[0])
-    quants = [r for r in readers if r.op_type == "QuantizeLinear"]
-    if len(quants) != 1:
-        raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized by one QuantizeLinear")
-    return activation, quants[0]
 
 
 def _clamp_bounds(activation: ir.Node | None, out_scale: float) -> tuple[int, int]:
@@ -135,6 +95,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 self._lower_add(graph, node)
             elif node.op_type == "GlobalAveragePool":
                 self._lower_global_average_pool(graph, node)
+            elif node.op_type in NONLINEAR_LOWERINGS:
+                NONLINEAR_LOWERINGS[node.op_type](graph, node)
             elif node.op_type in _SHAPE_ONLY | _ACTIVATIONS:
                 self._lower_shape_only(graph, node)
             else:
@@ -151,22 +113,13 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             )
 
     # --- one lowering per op family ------------------------------------------------------------------
-    def _replace_group_output(self, graph: ir.Graph, quant: ir.Node, new_value: ir.Value) -> None:
-        old = quant.outputs[0]
-        name = old.name
-        old.name = f"{name}_lowered_away"
-        new_value.name = name
-        new_value.dtype = ir.DataType.INT8
-        new_value.shape = old.shape
-        old.replace_all_uses_with(new_value, replace_graph_outputs=True)
-
     def _lower_linear(self, graph: ir.Graph, node: ir.Node) -> None:
-        x = _dequantized(node.inputs[0], "input", node)
-        w = _dequantized(node.inputs[1], "weight", node)
+        x = dequantized(node.inputs[0], "input", node)
+        w = dequantized(node.inputs[1], "weight", node)
         weight = const_array(w.value)
         if weight is None or weight.dtype != np.int8:
             raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
-        activation, quant = _quantized_output(node)
+        activation, quant = quantized_output(node)
         out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
         lo, hi = _clamp_bounds(activation, out_scale)
         if node.op_type == "Conv":
@@ -179,7 +132,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         w_scale = np.broadcast_to(w.scale.reshape(-1), (channels,))
         bias = np.zeros(channels, dtype=np.int32)
         if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = _dequantized(node.inputs[2], "bias", node)
+            b = dequantized(node.inputs[2], "bias", node)
             bias_q = const_array(b.value)
             if bias_q is None or bias_q.dtype != np.int32:
                 raise UnsupportedOpError(node_label(node), node.op_type, "its bias is not a constant int32 tensor")
@@ -218,12 +171,12 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             attributes={"axis": axis, "lo": lo, "hi": hi},
         )
         graph.insert_after(quant, [product, biased, requant])
-        self._replace_group_output(graph, quant, requant.outputs[0])
+        replace_group_output(quant, requant.outputs[0])
 
     def _lower_add(self, graph: ir.Graph, node: ir.Node) -> None:
-        a = _dequantized(node.inputs[0], "first input", node)
-        b = _dequantized(node.inputs[1], "second input", node)
-        activation, quant = _quantized_output(node)
+        a = dequantized(node.inputs[0], "first input", node)
+        b = dequantized(node.inputs[1], "second input", node)
+        activation, quant = quantized_output(node)
         out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
         lo, hi = _clamp_bounds(activation, out_scale)
         mult_a, mult_b, shift = quantize_multiplier_pair(
@@ -239,11 +192,11 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         ]
         add = ir.node("RescaleAdd", inputs, domain=DOMAIN, attributes={"lo": lo, "hi": hi})
         graph.insert_after(quant, add)
-        self._replace_group_output(graph, quant, add.outputs[0])
+        replace_group_output(quant, add.outputs[0])
 
     def _lower_global_average_pool(self, graph: ir.Graph, node: ir.Node) -> None:
-        x = _dequantized(node.inputs[0], "input", node)
-        activation, quant = _quantized_output(node)
+        x = dequantized(node.inputs[0], "input", node)
+        activation, quant = quantized_output(node)
         out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
         shape = node.inputs[0].shape
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
@@ -268,10 +221,10 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             attributes={"axis": 1, "lo": lo, "hi": hi},
         )
         graph.insert_after(quant, [widen, total, requant])
-        self._replace_group_output(graph, quant, requant.outputs[0])
+        replace_group_output(quant, requant.outputs[0])
 
     def _lower_shape_only(self, graph: ir.Graph, node: ir.Node) -> None:
-        x = _dequantized(node.inputs[0], "input", node)
+        x = dequantized(node.inputs[0], "input", node)
         quants = [r for r in consumers(node.outputs[0]) if r.op_type == "QuantizeLinear"]
         if len(quants) != 1:
             raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized")
@@ -294,7 +247,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         attrs = dict(node.attributes.items())
         integer = ir.node(node.op_type, inputs, attributes=attrs)
         graph.insert_after(quant, integer)
-        self._replace_group_output(graph, quant, integer.outputs[0])
+        replace_group_output(quant, integer.outputs[0])
 
 
 def float_ops_inside(model: ir.Model) -> list[str]:

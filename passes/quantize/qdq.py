@@ -24,8 +24,13 @@ WEIGHT_QMAX = 127
 ACT_QMAX = 127
 INT32_MAX = (1 << 31) - 1
 
-#: ops whose output gets its own calibrated scale
-ANCHOR_OPS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
+#: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
+NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "Gelu", "Sigmoid"})
+SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
+#: ops after which a ReLU/Clip fuses into the integer epilogue
+FUSING_ANCHORS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
+#: ops whose output gets its own scale
+ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS
 #: activations that fuse into the anchor before them
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 #: ops that only move or select int8 values: their output keeps the input's scale
@@ -46,6 +51,10 @@ class QuantizeConfig:
             raise ValueError(f"weight_bits: only 8 is supported by the integer path today, got {self.weight_bits}")
         if self.activation_bits != 8:
             raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
+
+
+def _rank(value: ir.Value | None) -> int:
+    return len(value.shape) if value is not None and value.shape is not None else -1
 
 
 def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
@@ -99,9 +108,16 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             if node.op_type in ("Conv", "Gemm", "MatMul"):
                 self._quantize_weights(graph, node, scale_of)
             out = node.outputs[0]
-            if node.op_type in ANCHOR_OPS:
+            if node.op_type == "Softmax":
+                scale_of[id(out)] = self._quantize_value(graph, out, None, SOFTMAX_OUTPUT_SCALE)
+            elif node.op_type in ANCHOR_OPS:
                 fused = consumers(out)
-                if len(fused) == 1 and fused[0].op_type in FUSABLE_ACTIVATIONS and not is_graph_output(graph, out):
+                if (
+                    node.op_type in FUSING_ANCHORS
+                    and len(fused) == 1
+                    and fused[0].op_type in FUSABLE_ACTIVATIONS
+                    and not is_graph_output(graph, out)
+                ):
                     continue  # the activation's output carries the scale
                 scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (
@@ -109,7 +125,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 and node.inputs[0] is not None
                 and (
                     node.inputs[0].producer() is not None
-                    and node.inputs[0].producer().op_type in ANCHOR_OPS
+                    and node.inputs[0].producer().op_type in FUSING_ANCHORS
                     and id(node.inputs[0]) not in scale_of
                 )
             ):
@@ -144,6 +160,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 alpha = node.attributes.get("alpha")
                 if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
                     raise UnsupportedOpError(label, "Gemm", "transA=1 or alpha != 1 is not supported")
+            if node.op_type in ("Softmax", "LayerNormalization") and node.attributes.get_int("axis", -1) not in (
+                -1,
+                _rank(node.inputs[0]) - 1,
+            ):
+                raise UnsupportedOpError(label, node.op_type, "only the last axis is supported")
+            if node.op_type == "LayerNormalization" and (
+                const_array(node.inputs[1]) is None or (len(node.inputs) > 2 and const_array(node.inputs[2]) is None)
+            ):
+                raise UnsupportedOpError(label, node.op_type, "scale and bias must be constant initializers")
             if node.op_type == "MatMul" and (w := const_array(node.inputs[1])) is not None and w.ndim != 2:
                 raise UnsupportedOpError(label, "MatMul", f"weight of rank {w.ndim}: only 2-D weights")
 

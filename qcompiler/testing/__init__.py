@@ -8,7 +8,7 @@ from qcompiler.testing.assertions import (
     assert_within_quantization_step,
     output_steps,
 )
-from qcompiler.testing.strategies import GeneratedModel, cnn_models, mlp_models, models
+from qcompiler.testing.strategies import GeneratedModel, cnn_models, mlp_models, models, token_mlp_models
 
 __all__ = [
     "GeneratedModel",
@@ -19,4 +19,5 @@ __all__ = [
     "mlp_models",
     "models",
     "output_steps",
+    "token_mlp_models",
 ]

@@ -183,3 +183,46 @@ def cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
 def models() -> st.SearchStrategy[GeneratedModel]:
     """MLPs and CNNs."""
     return st.one_of(mlp_models(), cnn_models())
+
+
+@st.composite
+def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
+    """Transformer-style blocks on [tokens, features]: LayerNorm, Gemm, GELU (erf or tanh) or Sigmoid, Gemm,
+    residual Add, optional second LayerNorm, then a Gemm head and a Softmax over the last axis."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    tokens = draw(st.integers(1, 16))
+    width = draw(st.integers(2, max_width))
+    hidden = draw(st.integers(2, 2 * max_width))
+    x = "input"
+
+    def layernorm(value: str) -> str:
+        gamma = b.rng.uniform(0.5, 1.5, width).astype(np.float32)
+        beta = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+        b.parts.append("layernorm")
+        return b.node("LayerNormalization", [value, b.const("g", gamma), b.const("beta", beta)], axis=-1)
+
+    def gemm(value: str, fan_in: int, fan_out: int) -> str:
+        weight = b.weight((fan_in, fan_out), fan_in)
+        bias = (b.rng.standard_normal(fan_out) * 0.1).astype(np.float32)
+        return b.node("Gemm", [value, b.const("w", weight), b.const("b", bias)])
+
+    normed = layernorm(x)
+    up = gemm(normed, width, hidden)
+    activation = draw(st.sampled_from(["gelu", "gelu_tanh", "sigmoid"]))
+    if activation == "sigmoid":
+        act = b.node("Sigmoid", [up])
+    else:
+        act = b.node("Gelu", [up], approximate="tanh" if activation == "gelu_tanh" else "none")
+    b.parts.append(activation)
+    down = gemm(act, hidden, width)
+    current = b.node("Add", [down, x])
+    b.parts.append("residual")
+    if draw(st.booleans()):
+        current = layernorm(current)
+    classes = draw(st.integers(2, 16))
+    logits = gemm(current, width, classes)
+    out = b.node("Softmax", [logits], axis=-1)
+    b.parts.append("softmax")
+    model = b.model(x, (tokens, width), out, (tokens, classes))
+    return GeneratedModel(model, x, (tokens, width), seed, "token-mlp:" + ",".join(b.parts))

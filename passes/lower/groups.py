@@ -1,0 +1,72 @@
+"""QDQ node groups: reading the int8 input behind a DequantizeLinear, finding the QuantizeLinear that ends a
+group, and replacing that group's quantized output by an integer op's output."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.graph import const_array, consumers, node_label
+
+_ACTIVATIONS = frozenset({"Relu", "Clip"})
+
+
+@dataclasses.dataclass
+class Quantized:
+    """An int8 tensor and the float scale it stands for."""
+
+    value: ir.Value
+    scale: np.ndarray  # float64, scalar or per channel
+
+
+def dequantized(value: ir.Value | None, what: str, node: ir.Node) -> Quantized:
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear":
+        raise UnsupportedOpError(node_label(node), node.op_type, f"its {what} is not dequantized (no QDQ around it)")
+    scale = const_array(producer.inputs[1])
+    zero = const_array(producer.inputs[2]) if len(producer.inputs) > 2 else None
+    if scale is None:
+        raise UnsupportedOpError(node_label(node), node.op_type, f"the scale of its {what} is not constant")
+    if zero is not None and np.any(zero != 0):
+        raise UnsupportedOpError(
+            node_label(node),
+            node.op_type,
+            f"its {what} has a non-zero zero point: only symmetric quantization",
+        )
+    source = producer.inputs[0]
+    assert source is not None
+    return Quantized(source, scale.astype(np.float64))
+
+
+def quantized_output(node: ir.Node) -> tuple[ir.Node | None, ir.Node]:
+    """The fused activation (or None) and the QuantizeLinear that ends this node's group."""
+    out = node.outputs[0]
+    readers = consumers(out)
+    activation = None
+    if len(readers) == 1 and readers[0].op_type in _ACTIVATIONS and node.op_type not in _ACTIVATIONS:
+        activation = readers[0]
+        readers = consumers(activation.outputs[0])
+    quants = [r for r in readers if r.op_type == "QuantizeLinear"]
+    if len(quants) != 1:
+        raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized by one QuantizeLinear")
+    return activation, quants[0]
+
+
+def output_scale(quant: ir.Node) -> float:
+    scale = const_array(quant.inputs[1])
+    assert scale is not None
+    return float(scale.reshape(()))
+
+
+def replace_group_output(quant: ir.Node, new_value: ir.Value) -> None:
+    """Give ``new_value`` the name and readers of ``quant``'s int8 output (graph outputs included)."""
+    old = quant.outputs[0]
+    name = old.name
+    old.name = f"{name}_lowered_away"
+    new_value.name = name
+    new_value.dtype = ir.DataType.INT8
+    new_value.shape = old.shape
+    old.replace_all_uses_with(new_value, replace_graph_outputs=True)

@@ -1,0 +1,83 @@
+"""Lowering of the float nonlinearities of a QDQ graph to the integer ones of the dialect.
+
+``DQ(x) -> Softmax | LayerNormalization | Gelu | Sigmoid -> Q`` becomes ``IntSoftmax | IntLayerNorm | IntGelu |
+IntSigmoid`` on the int8 input; the float scales become integer attributes here, once, through
+:mod:`qcompiler.dialect.nonlinear`. Each keeps its documented error bound (docs/dialect.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.dialect import DOMAIN
+from qcompiler.dialect import nonlinear as integer
+from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.graph import add_initializer, const_array, node_label
+from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
+
+
+def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:
+    graph.insert_after(quant, node)
+    replace_group_output(quant, node.outputs[0])
+
+
+def _scalars(graph: ir.Graph, base: str, constants: dict) -> tuple[ir.Value, ir.Value, dict]:
+    multiplier = add_initializer(graph, f"{base}_multiplier", np.array(constants["multiplier"], np.int32))
+    shift = add_initializer(graph, f"{base}_shift", np.array(constants["shift"], np.int32))
+    rest = {k: int(v) for k, v in constants.items() if k not in ("multiplier", "shift")}
+    return multiplier, shift, rest
+
+
+def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
+    x = dequantized(node.inputs[0], "input", node)
+    _, quant = quantized_output(node)
+    if not np.isclose(output_scale(quant), 1.0 / 128.0):
+        raise UnsupportedOpError(node_label(node), "Softmax", "its output must be quantized at scale 2^-7")
+    constants = integer.softmax_constants(float(x.scale.reshape(())))
+    _emit(graph, quant, ir.node("IntSoftmax", [x.value], domain=DOMAIN, attributes=constants))
+
+
+def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
+    x = dequantized(node.inputs[0], "input", node)
+    _, quant = quantized_output(node)
+    gamma = const_array(node.inputs[1])
+    beta = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if gamma is None:
+        raise UnsupportedOpError(node_label(node), node.op_type, "its scale must be a constant initializer")
+    channels = gamma.size
+    beta = np.zeros(channels) if beta is None else beta
+    epsilon = node.attributes.get_float("epsilon", 1e-5)
+    constants = integer.layernorm_constants(
+        float(x.scale.reshape(())), output_scale(quant), gamma, beta, epsilon, channels
+    )
+    base = quant.outputs[0].name or "norm"
+    params = [add_initializer(graph, f"{base}_{k}", np.asarray(constants[k])) for k in ("multiplier", "shift", "bias")]
+    attrs = {"epsilon_q": int(constants["epsilon_q"]), "frac_bits": int(constants["frac_bits"])}
+    _emit(graph, quant, ir.node("IntLayerNorm", [x.value, *params], domain=DOMAIN, attributes=attrs))
+
+
+def lower_gelu(graph: ir.Graph, node: ir.Node) -> None:
+    x = dequantized(node.inputs[0], "input", node)
+    _, quant = quantized_output(node)
+    constants = integer.gelu_constants(float(x.scale.reshape(())), output_scale(quant))
+    multiplier, shift, attrs = _scalars(graph, quant.outputs[0].name or "gelu", constants)
+    _emit(graph, quant, ir.node("IntGelu", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
+
+
+def lower_sigmoid(graph: ir.Graph, node: ir.Node) -> None:
+    x = dequantized(node.inputs[0], "input", node)
+    _, quant = quantized_output(node)
+    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scale(quant), silu=False)
+    multiplier, shift, attrs = _scalars(graph, quant.outputs[0].name or "sigmoid", constants)
+    _emit(graph, quant, ir.node("IntSigmoid", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
+
+
+NONLINEAR_LOWERINGS: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
+    "Softmax": lower_softmax,
+    "LayerNormalization": lower_layernorm,
+    "Gelu": lower_gelu,
+    "Sigmoid": lower_sigmoid,
+}
