@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
-from qcompiler.passes.lower.groups import dequantized, quantized_output, replace_group_output
+from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
 from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
 
 logger = logging.getLogger(__name__)
@@ -38,6 +38,14 @@ _INTEGER_TYPES = frozenset(
         ir.DataType.BOOL,
     }
 )
+
+
+def _is_activation(value: ir.Value | None) -> bool:
+    """True when ``value`` is a dequantized run-time tensor rather than a dequantized weight."""
+    producer = value.producer() if value is not None else None
+    if producer is None or producer.op_type != "DequantizeLinear":
+        return False
+    return const_array(producer.inputs[0]) is None
 
 
 def _clamp_bounds(activation: ir.Node | None, out_scale: float) -> tuple[int, int]:
@@ -93,6 +101,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 self._lower_linear(graph, node)
             elif node.op_type == "Add":
                 self._lower_add(graph, node)
+            elif node.op_type in ("Mul", "Div"):
+                self._lower_scalar(graph, node)
             elif node.op_type == "GlobalAveragePool":
                 self._lower_global_average_pool(graph, node)
             elif node.op_type in NONLINEAR_LOWERINGS:
@@ -113,7 +123,56 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             )
 
     # --- one lowering per op family ------------------------------------------------------------------
+    def _lower_activation_matmul(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``DQ(a) @ DQ(b) -> Q`` (attention's QK^T and PV): MatMulInteger then Requantize(S_a S_b / S_y)."""
+        a = dequantized(node.inputs[0], "first input", node)
+        b = dequantized(node.inputs[1], "second input", node)
+        activation, quant = quantized_output(node)
+        out_scale = output_scale(quant)
+        lo, hi = _clamp_bounds(activation, out_scale)
+        product = ir.node("MatMulInteger", [a.value, b.value])
+        product.outputs[0].dtype = ir.DataType.INT32
+        self._requantize_after(
+            graph, quant, product, float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale, lo, hi
+        )
+
+    def _lower_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``DQ(x) * c`` or ``DQ(x) / c`` for a positive constant c: one Requantize of the int8 input."""
+        x = dequantized(node.inputs[0], "input", node)
+        constant = const_array(node.inputs[1])
+        assert constant is not None
+        c = float(constant.reshape(()))
+        _, quant = quantized_output(node)
+        factor = c if node.op_type == "Mul" else 1.0 / c
+        self._requantize_after(graph, quant, None, float(x.scale.reshape(())) * factor / output_scale(quant), -128, 127,
+                               source=x.value)  # fmt: skip
+
+    def _requantize_after(
+        self,
+        graph: ir.Graph,
+        quant: ir.Node,
+        producer: ir.Node | None,
+        real: float,
+        lo: int,
+        hi: int,
+        source: ir.Value | None = None,
+    ) -> None:
+        multiplier, shift = quantize_multipliers(np.array(real))
+        base = quant.outputs[0].name or "y"
+        value = producer.outputs[0] if producer is not None else source
+        requant = ir.node(
+            "Requantize",
+            [value, add_initializer(graph, f"{base}_multiplier", multiplier),
+             add_initializer(graph, f"{base}_shift", shift)],
+            domain=DOMAIN, attributes={"axis": -1, "lo": lo, "hi": hi},
+        )  # fmt: skip
+        graph.insert_after(quant, [producer, requant] if producer is not None else [requant])
+        replace_group_output(quant, requant.outputs[0])
+
     def _lower_linear(self, graph: ir.Graph, node: ir.Node) -> None:
+        if node.op_type == "MatMul" and _is_activation(node.inputs[1]):
+            self._lower_activation_matmul(graph, node)
+            return
         x = dequantized(node.inputs[0], "input", node)
         w = dequantized(node.inputs[1], "weight", node)
         weight = const_array(w.value)

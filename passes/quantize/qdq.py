@@ -29,8 +29,10 @@ NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "Gelu", "Sigmoid"})
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
 #: ops after which a ReLU/Clip fuses into the integer epilogue
 FUSING_ANCHORS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
+#: multiplication or division by a positive constant scalar (attention's 1/sqrt(d)): a pure rescale
+SCALAR_OPS = frozenset({"Mul", "Div"})
 #: ops whose output gets its own scale
-ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS
+ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS | SCALAR_OPS
 #: activations that fuse into the anchor before them
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 #: ops that only move or select int8 values: their output keeps the input's scale
@@ -105,7 +107,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 continue
-            if node.op_type in ("Conv", "Gemm", "MatMul"):
+            if node.op_type in ("Conv", "Gemm") or (
+                node.op_type == "MatMul" and const_array(node.inputs[1]) is not None
+            ):
                 self._quantize_weights(graph, node, scale_of)
             out = node.outputs[0]
             if node.op_type == "Softmax":
@@ -150,7 +154,14 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     "the W8A8 integer path does not handle this op yet; "
                     "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
                 )
-            if node.op_type in ("Conv", "Gemm", "MatMul") and const_array(node.inputs[1]) is None:
+            if node.op_type in SCALAR_OPS:
+                constants = [const_array(v) for v in node.inputs]
+                scalar = constants[1]
+                if constants[0] is not None or scalar is None or scalar.size != 1 or float(scalar.reshape(())) <= 0:
+                    raise UnsupportedOpError(
+                        label, node.op_type, "only an activation times (or divided by) a positive constant scalar"
+                    )
+            if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
                 raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
             if node.op_type == "Add" and any(const_array(v) is not None for v in node.inputs):
                 raise UnsupportedOpError(

@@ -8,10 +8,18 @@ from qcompiler.testing.assertions import (
     assert_within_quantization_step,
     output_steps,
 )
-from qcompiler.testing.strategies import GeneratedModel, cnn_models, mlp_models, models, token_mlp_models
+from qcompiler.testing.strategies import (
+    GeneratedModel,
+    attention_models,
+    cnn_models,
+    mlp_models,
+    models,
+    token_mlp_models,
+)
 
 __all__ = [
     "GeneratedModel",
+    "attention_models",
     "assert_bit_exact",
     "assert_equivalent",
     "assert_within_quantization_step",

@@ -226,3 +226,46 @@ def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
     b.parts.append("softmax")
     model = b.model(x, (tokens, width), out, (tokens, classes))
     return GeneratedModel(model, x, (tokens, width), seed, "token-mlp:" + ",".join(b.parts))
+
+
+@st.composite
+def attention_models(draw: st.DrawFn) -> GeneratedModel:
+    """Pre-norm self-attention on [tokens, features]: LayerNorm, Q/K/V projections, heads by Reshape/Transpose,
+    Q K^T scaled by 1/sqrt(d) (Mul or Div), Softmax, P V, head merge, output projection, residual Add."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    tokens = draw(st.integers(1, 12))
+    heads = draw(st.integers(1, 4))
+    head_dim = draw(st.sampled_from([2, 4, 8, 16]))
+    width = heads * head_dim
+    x = "input"
+    gamma = b.rng.uniform(0.5, 1.5, width).astype(np.float32)
+    beta = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+    normed = b.node("LayerNormalization", [x, b.const("g", gamma), b.const("beta", beta)], axis=-1)
+
+    def projection(value: str) -> str:
+        weight = b.weight((width, width), width)
+        bias = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+        return b.node("Gemm", [value, b.const("w", weight), b.const("b", bias)])
+
+    split_shape = b.const("shape", np.array([tokens, heads, head_dim], np.int64))
+    q = b.node("Transpose", [b.node("Reshape", [projection(normed), split_shape])], perm=[1, 0, 2])
+    k = b.node("Transpose", [b.node("Reshape", [projection(normed), split_shape])], perm=[1, 2, 0])
+    v = b.node("Transpose", [b.node("Reshape", [projection(normed), split_shape])], perm=[1, 0, 2])
+    scores = b.node("MatMul", [q, k])
+    if draw(st.booleans()):
+        scaled = b.node("Mul", [scores, b.const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))])
+        b.parts.append("mul-scale")
+    else:
+        scaled = b.node("Div", [scores, b.const("scale", np.array(np.sqrt(head_dim), np.float32))])
+        b.parts.append("div-scale")
+    probs = b.node("Softmax", [scaled], axis=-1)
+    context = b.node("MatMul", [probs, v])
+    merged = b.node(
+        "Reshape",
+        [b.node("Transpose", [context], perm=[1, 0, 2]), b.const("shape", np.array([tokens, width], np.int64))],
+    )
+    out = b.node("Add", [projection(merged), x])
+    b.parts.append(f"heads={heads}x{head_dim}")
+    model = b.model(x, (tokens, width), out, (tokens, width))
+    return GeneratedModel(model, x, (tokens, width), seed, "attention:" + ",".join(b.parts))
