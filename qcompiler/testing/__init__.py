@@ -19,10 +19,10 @@ from qcompiler.testing.strategies import (
 
 __all__ = [
     "GeneratedModel",
-    "attention_models",
     "assert_bit_exact",
     "assert_equivalent",
     "assert_within_quantization_step",
+    "attention_models",
     "cnn_models",
     "mlp_models",
     "models",
