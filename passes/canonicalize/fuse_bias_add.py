@@ -102,8 +102,41 @@ class _MatMulAddBias(RewriteRuleClassBase):
         return op.Gemm(x, w, bias)
 
 
+class _BatchedMatMulAddBias(RewriteRuleClassBase):
+    """``Add(MatMul(x, W), b) -> Reshape(Gemm(Reshape(x, [-1, K]), W, b), [*lead, N])`` for N-D x with static
+    leading dims (transformer linears on [batch, tokens, features]): one integer linear with an int32 bias."""
+
+    def pattern(self, op, x, w, bias):
+        return op.Add(op.MatMul(x, w), bias)
+
+    def check(self, context, x, w, bias, **_) -> MatchResult:
+        result = MatchResult()
+        weight, add = _const(w), _const(bias)
+        if weight is None or weight.ndim != 2:
+            return result.fail("MatMul weight is not a constant matrix")
+        if add is None or add.size not in (1, weight.shape[1]) or any(d != 1 for d in add.shape[:-1]):
+            return result.fail("added tensor is not a constant bias along the last axis")
+        if x.shape is None or len(x.shape) < 3 or not all(isinstance(d, int) for d in x.shape):
+            return result.fail("MatMul input is not known to be static and of rank >= 3")
+        return result
+
+    def rewrite(self, op, x, w, bias, **_):
+        weight = _const(w)
+        assert weight is not None and x.shape is not None
+        k, n = weight.shape
+        flat = op.Reshape(x, op.initializer(ir.tensor(np.array([-1, k], np.int64)), name=f"{w.name}_flat_shape"))
+        vector = np.broadcast_to(_const(bias).reshape(-1), (n,)).astype(weight.dtype)  # type: ignore[union-attr]
+        gemm = op.Gemm(flat, w, op.initializer(ir.tensor(vector), name=f"{bias.name}_bias"))
+        lead = [int(d) for d in x.shape[:-1]]
+        return op.Reshape(gemm, op.initializer(ir.tensor(np.array([*lead, n], np.int64)), name=f"{w.name}_out_shape"))
+
+
 class FuseBiasAddPass(RewritePass):
-    """Constant per-channel ``Add`` after Conv / Gemm / 2-D MatMul becomes the op's bias."""
+    """Constant per-channel ``Add`` after Conv / Gemm / MatMul becomes the op's bias."""
 
     def __init__(self) -> None:
-        super().__init__(RewriteRuleSet([_ConvAddBias().rule(), _GemmAddBias().rule(), _MatMulAddBias().rule()]))
+        super().__init__(
+            RewriteRuleSet(
+                [_ConvAddBias().rule(), _GemmAddBias().rule(), _MatMulAddBias().rule(), _BatchedMatMulAddBias().rule()]
+            )
+        )

@@ -187,10 +187,12 @@ def models() -> st.SearchStrategy[GeneratedModel]:
 
 @st.composite
 def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
-    """Transformer-style blocks on [tokens, features]: LayerNorm, Gemm, GELU (erf or tanh) or Sigmoid, Gemm,
-    residual Add, optional second LayerNorm, then a Gemm head and a Softmax over the last axis."""
+    """Transformer-style blocks on [tokens, features] (or [batch, tokens, features] with MatMul + Add linears, as
+    exporters write them): LayerNorm, linear, GELU (erf or tanh) or Sigmoid, linear, residual Add, optional second
+    LayerNorm, then a linear head and a Softmax over the last axis."""
     seed = draw(st.integers(0, 2**31 - 1))
     b = _Builder(np.random.default_rng(seed))
+    batch = draw(st.sampled_from([None, 1, 2]))
     tokens = draw(st.integers(1, 16))
     width = draw(st.integers(2, max_width))
     hidden = draw(st.integers(2, 2 * max_width))
@@ -205,6 +207,8 @@ def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
     def gemm(value: str, fan_in: int, fan_out: int) -> str:
         weight = b.weight((fan_in, fan_out), fan_in)
         bias = (b.rng.standard_normal(fan_out) * 0.1).astype(np.float32)
+        if batch is not None:
+            return b.node("Add", [b.node("MatMul", [value, b.const("w", weight)]), b.const("b", bias)])
         return b.node("Gemm", [value, b.const("w", weight), b.const("b", bias)])
 
     normed = layernorm(x)
@@ -224,8 +228,11 @@ def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
     logits = gemm(current, width, classes)
     out = b.node("Softmax", [logits], axis=-1)
     b.parts.append("softmax")
-    model = b.model(x, (tokens, width), out, (tokens, classes))
-    return GeneratedModel(model, x, (tokens, width), seed, "token-mlp:" + ",".join(b.parts))
+    lead = (tokens,) if batch is None else (batch, tokens)
+    if batch is not None:
+        b.parts.append(f"batch={batch}")
+    model = b.model(x, (*lead, width), out, (*lead, classes))
+    return GeneratedModel(model, x, (*lead, width), seed, "token-mlp:" + ",".join(b.parts))
 
 
 @st.composite

@@ -60,8 +60,18 @@ def test_matmul_add_becomes_gemm() -> None:
     assert _ops(after) == ["Gemm"]
 
 
+def test_batched_matmul_add_becomes_reshape_gemm_reshape() -> None:
+    model = _model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
+        (2, 4, 6),
+        {"w": RNG.standard_normal((6, 3)).astype(np.float32), "b": RNG.standard_normal(3).astype(np.float32)},
+    )
+    after = assert_equivalent(FuseBiasAddPass(), model, [{"x": RNG.standard_normal((2, 4, 6)).astype(np.float32)}])
+    assert _ops(after) == ["Reshape", "Gemm", "Reshape"]
+
+
 def test_near_misses_are_left_alone() -> None:
-    # a per-pixel (not per-channel) constant, and a 3-D MatMul input: neither is a bias
+    # a per-pixel (not per-channel) constant, and a 3-D MatMul input of dynamic batch: neither is rewritten
     per_pixel = _model(
         [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Add", ["c", "b"], ["y"])],
         (1, 2, 5, 5),
@@ -72,7 +82,7 @@ def test_near_misses_are_left_alone() -> None:
     )
     batched = _model(
         [helper.make_node("MatMul", ["x", "w"], ["m"]), helper.make_node("Add", ["m", "b"], ["y"])],
-        (2, 4, 6),
+        ("batch", 4, 6),
         {"w": RNG.standard_normal((6, 3)).astype(np.float32), "b": RNG.standard_normal(3).astype(np.float32)},
     )
     for model in (per_pixel, batched):
