@@ -81,3 +81,49 @@ def test_attention_blocks_quick(generated: GeneratedModel) -> None:
 @given(attention_models())
 def test_attention_blocks_100(generated: GeneratedModel) -> None:
     _check_attention(generated)
+
+
+def test_embeddings_are_int8_lookups() -> None:
+    """Word + position embeddings (Gather from constant tables), summed and normalised: int8 tables, int8
+    lookups, a rescaled add, integer LayerNorm; bit-exact in TVM."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    vocab, positions, width, tokens = 50, 16, 24, 6
+    inits = {
+        "words": rng.standard_normal((vocab, width)).astype(np.float32),
+        "pos_table": (rng.standard_normal((positions, width)) * 0.3).astype(np.float32),
+        "pos_ids": np.arange(tokens, dtype=np.int64)[None, :],
+        "g": rng.uniform(0.5, 1.5, width).astype(np.float32),
+        "b": (rng.standard_normal(width) * 0.1).astype(np.float32),
+    }
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["words", "ids"], ["w"]),
+            helper.make_node("Gather", ["pos_table", "pos_ids"], ["p"]),
+            helper.make_node("Add", ["w", "p"], ["e"]),
+            helper.make_node("LayerNormalization", ["e", "g", "b"], ["y"], axis=-1),
+        ],
+        "embeddings",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, tokens])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, tokens, width])],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    batches = [{"ids": rng.integers(0, vocab, (2, tokens))} for _ in range(8)]
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=batches, progress=False)
+    assert float_ops_inside(integer) == []
+    ops = [n.op_type for n in integer.graph]
+    # the position lookup has constant indices: folded to a constant addend, quantized int8 like the table
+    assert ops.count("Gather") == 1 and "RescaleAdd" in ops and "IntLayerNorm" in ops
+    gather = next(n for n in integer.graph if n.op_type == "Gather")
+    add = next(n for n in integer.graph if n.op_type == "RescaleAdd")
+    for constant in (gather.inputs[0].const_value, add.inputs[1].const_value):
+        assert constant is not None and constant.dtype.name == "INT8"
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, batches[:2])
+    step = output_steps(integer)[0]
+    for feeds in batches[:2]:
+        want = run_reference(ir.serde.serialize_model(qdq), feeds)[0]
+        got = run_reference(ir.serde.serialize_model(integer), feeds)[0]
+        assert np.max(np.abs(got - want)) <= 2 * step  # LayerNorm bound: 1 step + 2^-9 of the value

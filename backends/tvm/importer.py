@@ -171,23 +171,31 @@ def _rescale_add_te(
 ) -> te.Tensor:
     one = tirx.const(1, "int64")
     c = tirx.const(shift, "int64")
+    shape_a, shape_b = [int(d) for d in a.shape], [int(d) for d in b.shape]
+    rank = max(len(shape_a), len(shape_b))
+    shape_a, shape_b = [1] * (rank - len(shape_a)) + shape_a, [1] * (rank - len(shape_b)) + shape_b
+    out_shape = [max(x, y) for x, y in zip(shape_a, shape_b, strict=True)]
+
+    def read(tensor: te.Tensor, padded: list[int], idx: tuple) -> tirx.PrimExpr:
+        """numpy broadcasting: size-1 dims read index 0, missing leading dims are dropped."""
+        skip = rank - len(tensor.shape)
+        return tensor(*[0 if padded[d] == 1 else idx[d] for d in range(skip, rank)])
 
     def body(*idx):
-        total = a(*idx).astype("int64") * tirx.const(mult_a, "int64") + b(*idx).astype("int64") * tirx.const(
-            mult_b, "int64"
-        )
+        total = read(a, shape_a, idx).astype("int64") * tirx.const(mult_a, "int64") + read(b, shape_b, idx).astype(
+            "int64"
+        ) * tirx.const(mult_b, "int64")
         rounded = ((total + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
         return te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
 
-    return te.compute(a.shape, body, name="rescale_add")
+    return te.compute(out_shape, body, name="rescale_add")
 
 
 class RescaleAdd(OF.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
         a, b = inputs[0], inputs[1]
-        if _static_shape(a, "RescaleAdd") != _static_shape(b, "RescaleAdd"):
-            raise UnsupportedOpError("?", "RescaleAdd", "broadcasting addends are not supported by the TVM backend")
+        _static_shape(a, "RescaleAdd"), _static_shape(b, "RescaleAdd")
         scalars = [
             int(_const_numpy(inputs[i], name, "RescaleAdd").reshape(()))
             for i, name in ((2, "multiplier_a"), (3, "multiplier_b"), (4, "shift"))

@@ -20,11 +20,12 @@ from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
 from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
+from qcompiler.passes.quantize.qdq import computes_on_floats
 
 logger = logging.getLogger(__name__)
 
 _LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
-_SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+_SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather"})
 _ACTIVATIONS = frozenset({"Relu", "Clip"})
 _INTEGER_TYPES = frozenset(
     {
@@ -93,6 +94,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
                 continue
+            if not computes_on_floats(node):
+                continue  # index and mask arithmetic is integer already
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
                 if producer is not None and producer.op_type in _LINEAR | {"Add", "GlobalAveragePool"}:

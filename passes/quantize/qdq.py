@@ -37,8 +37,15 @@ ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS | SCALAR_OPS
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 #: ops that only move or select int8 values: their output keeps the input's scale
 PASS_THROUGH_OPS = frozenset(
-    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip"}
+    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip", "Gather"}
 )
+_FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
+
+
+def computes_on_floats(node: ir.Node) -> bool:
+    """False for nodes that only move integers or booleans (mask and index arithmetic): nothing to quantize."""
+    values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+    return any(v.dtype is None or v.dtype in _FLOATS for v in values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +112,14 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             if value.dtype == ir.DataType.FLOAT:
                 scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
         for node in list(graph):
-            if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
+            if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not computes_on_floats(node):
                 continue
+            if node.op_type == "Gather":
+                self._quantize_table(graph, node, scale_of, index=0)
+            if node.op_type == "Add":  # a constant addend (e.g. folded position embeddings): int8 per tensor
+                for index, value in enumerate(node.inputs):
+                    if const_array(value) is not None:
+                        self._quantize_table(graph, node, scale_of, index=index)
             if node.op_type in ("Conv", "Gemm") or (
                 node.op_type == "MatMul" and const_array(node.inputs[1]) is not None
             ):
@@ -145,6 +158,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     def _check_supported(self, graph: ir.Graph) -> None:
         for node in graph:
             label = node_label(node)
+            if not computes_on_floats(node):
+                continue
+            if node.op_type == "Gather" and (const_array(node.inputs[0]) is None or node.attributes.get_int("axis", 0)):
+                raise UnsupportedOpError(label, "Gather", "only row lookups (axis 0) in a constant table (embeddings)")
             if node.domain not in ("", "ai.onnx"):
                 raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
             if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
@@ -163,10 +180,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     )
             if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
                 raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
-            if node.op_type == "Add" and any(const_array(v) is not None for v in node.inputs):
-                raise UnsupportedOpError(
-                    label, "Add", "an Add of a constant that is not a Conv/Gemm bias is not supported yet"
-                )
+            if node.op_type == "Add" and all(const_array(v) is not None for v in node.inputs):
+                raise UnsupportedOpError(label, "Add", "both addends are constants: fold constants first")
             if node.op_type == "Gemm":
                 alpha = node.attributes.get("alpha")
                 if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
@@ -227,6 +242,24 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             graph.outputs[position] = deq_out
         self._scale_of[id(deq_out)] = scale
         return scale
+
+    def _quantize_table(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, np.float32], index: int) -> None:
+        """A constant operand (embedding table, constant addend): symmetric int8 per tensor, so every looked-up
+        row shares one scale."""
+        table = const_array(node.inputs[index])
+        assert table is not None
+        scale = np.float32(max(float(np.abs(table).max()), 1e-8) / WEIGHT_QMAX)
+        q_table = np.clip(np.round(table / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        name = node.inputs[index].name or "table"
+        q_value = add_initializer(graph, f"{name}_quantized", q_table)
+        s_value = add_initializer(graph, f"{name}_scale", np.array(scale, np.float32))
+        z_value = add_initializer(graph, f"{name}_zero_point", np.array(0, np.int8))
+        deq = ir.node("DequantizeLinear", [q_value, s_value, z_value])
+        deq.outputs[0].name = f"{name}_dq"
+        deq.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, deq)
+        node.replace_input_with(index, deq.outputs[0])
+        scale_of[id(deq.outputs[0])] = scale
 
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
