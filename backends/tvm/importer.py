@@ -272,7 +272,8 @@ class IntSoftmax(OF.OnnxOpConverter):
             c_q=int(attr["c_q"]),
             input_shift=int(attr.get("input_shift", 0)),
         )
-        return bb.emit_te(body, inputs[0], primfunc_name_hint="int_softmax", primfunc_attrs={KERNEL_ATTR: "rowwise"})
+        args = [inputs[0]] + ([inputs[1]] if len(inputs) > 1 and inputs[1] is not None else [])
+        return bb.emit_te(body, *args, primfunc_name_hint="int_softmax", primfunc_attrs={KERNEL_ATTR: "rowwise"})
 
 
 class IntLayerNorm(OF.OnnxOpConverter):

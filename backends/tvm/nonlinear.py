@@ -27,22 +27,47 @@ def _round_shift(value: tirx.PrimExpr, shift: tirx.PrimExpr) -> tirx.PrimExpr:
     return (value + (_i64(1) << (shift - _i64(1)))) >> shift
 
 
-def softmax_compute(x: te.Tensor, *, ln2_q: int, b_q: int, c_q: int, input_shift: int) -> te.Tensor:
+def broadcast_read(tensor: te.Tensor, shape: list[int], idx: tuple) -> tirx.PrimExpr:
+    """Read ``tensor`` at ``idx`` of the broadcast ``shape`` (numpy rules: size-1 dims read 0)."""
+    own = [int(d) for d in tensor.shape]
+    skip = len(shape) - len(own)
+    return tensor(*[0 if own[d - skip] == 1 else idx[d] for d in range(skip, len(shape))])
+
+
+def softmax_compute(
+    x: te.Tensor, mask: te.Tensor | None = None, *, ln2_q: int, b_q: int, c_q: int, input_shift: int
+) -> te.Tensor:
     outer, length = list(x.shape[:-1]), x.shape[-1]
+    shape = [int(d) for d in x.shape]
+    floor = _i64(-(2**61))
+
+    def kept(idx) -> tirx.PrimExpr:
+        return broadcast_read(mask, shape, idx) if mask is not None else tirx.const(True, "bool")
+
     k = te.reduce_axis((0, length), name="k")
-    row_max = te.compute(outer, lambda *i: te.max(x[(*i, k)].astype("int64"), axis=k), name="row_max")
+    raw_max = te.compute(
+        outer, lambda *i: te.max(tirx.Select(kept((*i, k)), x[(*i, k)].astype("int64"), floor), axis=k), name="row_max"
+    )
+    row_max = te.compute(outer, lambda *i: tirx.Select(raw_max[i] == floor, _i64(0), raw_max[i]), name="row_max_or_0")
 
     def exp_body(*idx):
-        q = (x[idx].astype("int64") - row_max[idx[:-1]]) << _i64(input_shift)
+        q = te.min(x[idx].astype("int64") - row_max[idx[:-1]], _i64(0)) << _i64(input_shift)
         z = tirx.floordiv(-q, _i64(ln2_q))
         r = q + z * _i64(ln2_q)
         poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
-        return tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+        value = tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+        return tirx.Select(kept(idx), value, _i64(0))
 
     exps = te.compute(x.shape, exp_body, name="int_exp")
     k2 = te.reduce_axis((0, length), name="k2")
     total = te.compute(outer, lambda *i: te.sum(exps[(*i, k2)], axis=k2), name="row_sum")
-    factor = te.compute(outer, lambda *i: tirx.floordiv(_i64(1) << _i64(SOFTMAX_NORM_BITS), total[i]), name="recip")
+    factor = te.compute(
+        outer,
+        lambda *i: tirx.Select(
+            total[i] > _i64(0), tirx.floordiv(_i64(1) << _i64(SOFTMAX_NORM_BITS), te.max(total[i], _i64(1))), _i64(0)
+        ),
+        name="recip",
+    )
     shift = _i64(SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS)
     return te.compute(
         x.shape,

@@ -109,17 +109,30 @@ def int_exp(q: np.ndarray, ln2_q: int, b_q: int, c_q: int) -> np.ndarray:
     return np.where(z < 62, poly >> np.minimum(z, 62), 0)
 
 
-def int_softmax(x: np.ndarray, ln2_q: int, b_q: int, c_q: int, input_shift: int = 0, axis: int = -1) -> np.ndarray:
+def int_softmax(
+    x: np.ndarray,
+    ln2_q: int,
+    b_q: int,
+    c_q: int,
+    input_shift: int = 0,
+    mask: np.ndarray | None = None,
+    axis: int = -1,
+) -> np.ndarray:
     """Softmax along ``axis`` in integers; output int8 probabilities at scale 2^-7.
 
     ``e = int_exp((x - max) << input_shift)``; ``factor = floor(2^62 / sum(e))`` (e <= sum, so
     ``e * factor <= 2^62`` fits int64; I-BERT's 2^32 numerator loses all precision once the sum nears 2^32);
-    ``y = min(round_shift(e * factor, 55), 127)``.
+    ``y = min(round_shift(e * factor, 55), 127)``. With a boolean ``mask`` (numpy broadcasting), false entries
+    are left out (e = 0, and of the max): the integer form of adding -inf; a row with nothing left is all 0.
     """
     x = np.asarray(x, dtype=np.int64)
-    e = int_exp((x - x.max(axis=axis, keepdims=True)) << input_shift, ln2_q, b_q, c_q)
+    keep = np.ones(x.shape, dtype=bool) if mask is None else np.broadcast_to(np.asarray(mask, dtype=bool), x.shape)
+    floor = np.iinfo(np.int64).min // 4
+    row_max = np.where(keep, x, floor).max(axis=axis, keepdims=True)
+    row_max = np.where(row_max == floor, 0, row_max)
+    e = np.where(keep, int_exp(np.minimum(x - row_max, 0) << input_shift, ln2_q, b_q, c_q), 0)
     total = e.sum(axis=axis, keepdims=True)
-    factor = (np.int64(1) << SOFTMAX_NORM_BITS) // total
+    factor = np.where(total > 0, (np.int64(1) << SOFTMAX_NORM_BITS) // np.maximum(total, 1), 0)
     shift = SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS
     y = round_shift(e * factor, np.int64(shift))
     return np.minimum(y, 127).astype(np.int8)

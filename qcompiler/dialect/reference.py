@@ -142,8 +142,8 @@ class QConv(OpRun):
 class IntSoftmax(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, ln2_q=1, b_q=0, c_q=0, input_shift=0):
-        return (nonlinear.int_softmax(x, ln2_q, b_q, c_q, input_shift),)
+    def _run(self, x, mask=None, ln2_q=1, b_q=0, c_q=0, input_shift=0):
+        return (nonlinear.int_softmax(x, ln2_q, b_q, c_q, input_shift, mask=mask),)
 
 
 class IntLayerNorm(OpRun):

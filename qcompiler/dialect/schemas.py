@@ -105,8 +105,16 @@ def _schemas() -> list[OpSchema]:
         DOMAIN,
         OPSET_VERSION,
         "Softmax over the last axis with I-BERT's integer exp; int8 probabilities at scale 2^-7.",
-        inputs=[_param("x", "T", "integer scores (int8 or int32) at scale S")],
-        outputs=[_param("y", _I8, "probabilities * 2^7, in [0, 127]")],
+        inputs=[
+            _param("x", "T", "integer scores (int8 or int32) at scale S"),
+            OpSchema.FormalParameter(
+                "mask",
+                "tensor(bool)",
+                "optional: false entries are left out (adding -inf)",
+                param_option=OpSchema.FormalParameterOption.Optional,
+            ),
+        ],
+        outputs=[_param("y", _I8, "probabilities * 2^7, in [0, 127]; 0 where masked")],
         type_constraints=[("T", [_I8, _I32], "integer input types")],
         attributes=[
             _attr("ln2_q", 1, "floor(ln2 / S'), S' = S / 2^input_shift"),

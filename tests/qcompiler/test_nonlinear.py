@@ -263,3 +263,43 @@ def test_gelu_sigmoid_silu_tvm_bit_exact(scale: float, op: str) -> None:
     inits = {"m": np.array(multiplier, np.int32), "s": np.array(shift, np.int32)}
     model = _single(name, ["m", "s"], x.shape, inits, **rest)
     _assert_tvm_matches(model, x.shape, [{"x": x}])
+
+
+def test_masked_softmax_leaves_masked_entries_out() -> None:
+    rng = np.random.default_rng(3)
+    scale = 0.05
+    x = rng.integers(-128, 128, (2, 3, 5, 7))
+    mask = rng.random((2, 1, 1, 7)) > 0.4
+    mask[1] = False  # batch 1: every key masked -> all-zero rows (float softmax would give NaN)
+    y = int_softmax(x, **softmax_constants(scale), mask=mask).astype(np.float64) / 128
+    assert np.all(y[np.broadcast_to(~mask, y.shape)] == 0)
+    assert np.all(y[1] == 0)
+    z = np.where(np.broadcast_to(mask, x.shape), x * scale, -np.inf)[0]
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert np.all(np.abs(y[0] - p) <= 2**-8 + 4e-3 * p + 1e-12)
+
+
+@pytest.mark.tvm
+def test_masked_softmax_tvm_bit_exact() -> None:
+    from onnx import TensorProto, helper
+
+    rng = np.random.default_rng(4)
+    shape = (2, 3, 4, 9)
+    graph = helper.make_graph(
+        [helper.make_node("IntSoftmax", ["x", "m"], ["y"], domain=DOMAIN, **softmax_constants(0.08))],
+        "masked",
+        [
+            helper.make_tensor_value_info("x", TensorProto.INT8, list(shape)),
+            helper.make_tensor_value_info("m", TensorProto.BOOL, [2, 1, 1, 9]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    from qcompiler.backends.tvm import build
+    from qcompiler.testing import assert_bit_exact
+
+    mask = rng.random((2, 1, 1, 9)) > 0.3
+    mask[1] = False
+    feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8), "m": mask}]
+    assert_bit_exact(lambda proto: build(proto, {"x": list(shape), "m": [2, 1, 1, 9]}), model, feeds)
