@@ -21,6 +21,7 @@ from qcompiler.ir.graph import add_initializer, const_array, consumers, node_lab
 from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
 from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
 from qcompiler.passes.quantize.qdq import computes_on_floats
+from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +92,15 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         ShapeInferencePass()(model)  # pads for SAME convolutions and pool sizes need static shapes
         model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
         modified = False
+        groups = softmax_groups(graph)
+        inside_groups = set().union(*(g.ids for g in groups)) | {id(n) for n in graph if is_mask_where(n)}
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
                 continue
             if not computes_on_floats(node):
                 continue  # index and mask arithmetic is integer already
+            if id(node) in inside_groups:
+                continue  # absorbed by the IntSoftmax of its group (removed below once unused)
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
                 if producer is not None and producer.op_type in _LINEAR | {"Add", "GlobalAveragePool"}:

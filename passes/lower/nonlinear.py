@@ -15,8 +15,9 @@ import onnx_ir as ir
 from qcompiler.dialect import DOMAIN
 from qcompiler.dialect import nonlinear as integer
 from qcompiler.errors import UnsupportedOpError
-from qcompiler.ir.graph import add_initializer, const_array, node_label
+from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
+from qcompiler.passes.quantize.softmax_groups import softmax_group
 
 
 def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:
@@ -32,12 +33,18 @@ def _scalars(graph: ir.Graph, base: str, constants: dict) -> tuple[ir.Value, ir.
 
 
 def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
-    x = dequantized(node.inputs[0], "input", node)
-    _, quant = quantized_output(node)
+    """A softmax group (mask Add, Softmax, NaN guard) becomes one ``IntSoftmax(scores, keep)``."""
+    group = softmax_group(node)
+    x = dequantized(group.scores, "input", node)
+    quants = [r for r in consumers(group.output) if r.op_type == "QuantizeLinear"]
+    if len(quants) != 1:
+        raise UnsupportedOpError(node_label(node), "Softmax", "its output is not quantized by one QuantizeLinear")
+    quant = quants[0]
     if not np.isclose(output_scale(quant), 1.0 / 128.0):
         raise UnsupportedOpError(node_label(node), "Softmax", "its output must be quantized at scale 2^-7")
     constants = integer.softmax_constants(float(x.scale.reshape(())))
-    _emit(graph, quant, ir.node("IntSoftmax", [x.value], domain=DOMAIN, attributes=constants))
+    inputs = [x.value] if group.keep is None else [x.value, group.keep]
+    _emit(graph, quant, ir.node("IntSoftmax", inputs, domain=DOMAIN, attributes=constants))
 
 
 def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:

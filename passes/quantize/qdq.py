@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,9 @@ def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarr
 
 
 def activation_scale(absmax: float) -> np.float32:
-    return np.float32(max(absmax, 1e-8) / ACT_QMAX)
+    """``absmax / 127``; a tensor that was exactly 0 on all calibration data (e.g. attention output with every
+    key masked) gets the unit range, so a following int32 bias at ``S_x S_w`` still fits."""
+    return np.float32((absmax if absmax > 0.0 else 1.0) / ACT_QMAX)
 
 
 class QuantizeQDQPass(ir.passes.InPlacePass):
@@ -105,7 +108,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
-        self._check_supported(graph)
+        groups = {id(g.softmax): g for g in softmax_groups(graph)}
+        inside_groups = set().union(*(g.ids for g in groups.values())) | {id(n) for n in graph if is_mask_where(n)}
+        self._check_supported(graph, inside_groups)
         scale_of: dict[int, np.float32] = {}  # id(float value or its DQ output) -> scale
         self._scale_of = scale_of
         for value in list(graph.inputs):
@@ -114,6 +119,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not computes_on_floats(node):
                 continue
+            if id(node) in inside_groups:
+                continue  # masks and NaN guards stay float inside the softmax group
             if node.op_type == "Gather":
                 self._quantize_table(graph, node, scale_of, index=0)
             if node.op_type == "Add":  # a constant addend (e.g. folded position embeddings): int8 per tensor
@@ -126,7 +133,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 self._quantize_weights(graph, node, scale_of)
             out = node.outputs[0]
             if node.op_type == "Softmax":
-                scale_of[id(out)] = self._quantize_value(graph, out, None, SOFTMAX_OUTPUT_SCALE)
+                group_out = groups[id(node)].output
+                scale_of[id(group_out)] = self._quantize_value(graph, group_out, None, SOFTMAX_OUTPUT_SCALE)
             elif node.op_type in ANCHOR_OPS:
                 fused = consumers(out)
                 if (
@@ -155,10 +163,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     # --- helpers -------------------------------------------------------------------------------
-    def _check_supported(self, graph: ir.Graph) -> None:
+    def _check_supported(self, graph: ir.Graph, inside_groups: set[int]) -> None:
         for node in graph:
             label = node_label(node)
-            if not computes_on_floats(node):
+            if not computes_on_floats(node) or id(node) in inside_groups:
                 continue
             if node.op_type == "Gather" and (const_array(node.inputs[0]) is None or node.attributes.get_int("axis", 0)):
                 raise UnsupportedOpError(label, "Gather", "only row lookups (axis 0) in a constant table (embeddings)")

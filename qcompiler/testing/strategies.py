@@ -25,11 +25,15 @@ class GeneratedModel:
     input_shape: tuple[int, ...]
     seed: int
     description: str
+    fixed_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # e.g. an attention mask
 
     def inputs(self, count: int, offset: int = 0) -> list[dict[str, np.ndarray]]:
         """``count`` random input batches (standard normal); ``offset`` picks a disjoint stream."""
         rng = np.random.default_rng(self.seed * 7919 + offset)
-        return [{self.input_name: rng.standard_normal(self.input_shape).astype(np.float32)} for _ in range(count)]
+        return [
+            {self.input_name: rng.standard_normal(self.input_shape).astype(np.float32), **self.fixed_inputs}
+            for _ in range(count)
+        ]
 
 
 class _Builder:
@@ -66,11 +70,14 @@ class _Builder:
         self.parts.append("bn")
         return self.node("BatchNormalization", inputs, epsilon=1e-5)
 
-    def model(self, x: str, shape: tuple[int, ...], out: str, out_shape: tuple[int, ...]) -> onnx.ModelProto:
+    def model(
+        self, x: str, shape: tuple[int, ...], out: str, out_shape: tuple[int, ...],
+        extra_inputs: list[onnx.ValueInfoProto] | None = None,
+    ) -> onnx.ModelProto:  # fmt: skip
         graph = helper.make_graph(
             self.nodes,
             "generated",
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape))],
+            [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape)), *(extra_inputs or [])],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
             self.initializers,
         )
@@ -266,7 +273,24 @@ def attention_models(draw: st.DrawFn) -> GeneratedModel:
     else:
         scaled = b.node("Div", [scores, b.const("scale", np.array(np.sqrt(head_dim), np.float32))])
         b.parts.append("div-scale")
-    probs = b.node("Softmax", [scaled], axis=-1)
+    masked = draw(st.booleans())
+    fixed: dict[str, np.ndarray] = {}
+    extra = []
+    if masked:  # torch SDPA's export: Where(keep, 0, -inf) added to the scores, and a NaN guard after Softmax
+        keep = b.rng.random((1, 1, tokens)) > 0.3
+        if draw(st.booleans()):
+            keep[:] = False  # every key masked: the guard turns the NaN rows into zeros
+        fixed["keep"] = keep
+        extra.append(helper.make_tensor_value_info("keep", TensorProto.BOOL, [1, 1, tokens]))
+        additive = b.node(
+            "Where",
+            ["keep", b.const("zero", np.array(0.0, np.float32)), b.const("ninf", np.array(-np.inf, np.float32))],
+        )
+        probs = b.node("Softmax", [b.node("Add", [scaled, additive])], axis=-1)
+        probs = b.node("Where", [b.node("IsNaN", [probs]), b.const("zero", np.array(0.0, np.float32)), probs])
+        b.parts.append("masked")
+    else:
+        probs = b.node("Softmax", [scaled], axis=-1)
     context = b.node("MatMul", [probs, v])
     merged = b.node(
         "Reshape",
@@ -274,5 +298,5 @@ def attention_models(draw: st.DrawFn) -> GeneratedModel:
     )
     out = b.node("Add", [projection(merged), x])
     b.parts.append(f"heads={heads}x{head_dim}")
-    model = b.model(x, (tokens, width), out, (tokens, width))
-    return GeneratedModel(model, x, (tokens, width), seed, "attention:" + ",".join(b.parts))
+    model = b.model(x, (tokens, width), out, (tokens, width), extra)
+    return GeneratedModel(model, x, (tokens, width), seed, "attention:" + ",".join(b.parts), fixed)

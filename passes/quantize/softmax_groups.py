@@ -1,0 +1,100 @@
+"""Softmax groups as exporters write them (torch's scaled_dot_product_attention with a boolean mask):
+
+    mask_add = Where(keep, 0.0, -inf);  p = Softmax(Add(scores, mask_add));  out = Where(IsNaN(p), 0.0, p)
+
+The quantizer keeps the whole group in float between the int8 scores and the group's output (quantized at the
+softmax scale 2^-7); the lowering turns it into one ``IntSoftmax(scores, keep)``, whose empty rows are all 0:
+exactly what the NaN guard produces.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from qcompiler.ir.graph import const_array, consumers
+
+DROP_THRESHOLD = -1e4  # an additive value at or below this drops the entry (exporters use -inf or finfo.min)
+
+
+def additive_mask_condition(value: ir.Value | None) -> ir.Value | None:
+    """``keep`` when ``value = Where(keep, 0, -inf)`` (boolean ``keep``), else None."""
+    node = value.producer() if value is not None else None
+    if node is None or node.op_type != "Where" or node.inputs[0] is None:
+        return None
+    keep_value, drop_value = const_array(node.inputs[1]), const_array(node.inputs[2])
+    if keep_value is None or drop_value is None or keep_value.size != 1 or drop_value.size != 1:
+        return None
+    if float(keep_value.reshape(())) != 0.0 or not float(drop_value.reshape(())) <= DROP_THRESHOLD:
+        return None
+    if node.inputs[0].dtype not in (ir.DataType.BOOL, None):
+        return None
+    return node.inputs[0]
+
+
+@dataclasses.dataclass
+class SoftmaxGroup:
+    softmax: ir.Node
+    scores: ir.Value  # the float scores entering the group (before the mask)
+    keep: ir.Value | None  # boolean mask, or None
+    members: list[ir.Node]  # the group's nodes other than the Softmax (mask Add, IsNaN, guard Where)
+    output: ir.Value  # the group's float output
+
+    @property
+    def ids(self) -> set[int]:
+        return {id(n) for n in self.members}
+
+
+def _nan_guard(softmax: ir.Node) -> tuple[ir.Node, ir.Node] | None:
+    probabilities = softmax.outputs[0]
+    readers = consumers(probabilities)
+    if len(readers) != 2 or {r.op_type for r in readers} != {"IsNaN", "Where"}:
+        return None
+    is_nan = next(r for r in readers if r.op_type == "IsNaN")
+    guard = next(r for r in readers if r.op_type == "Where")
+    zero = const_array(guard.inputs[1])
+    if guard.inputs[0] is not is_nan.outputs[0] or guard.inputs[2] is not probabilities:
+        return None
+    if zero is None or zero.size != 1 or float(zero.reshape(())) != 0.0:
+        return None
+    return is_nan, guard
+
+
+def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
+    """The group around a Softmax node (a plain Softmax is a group of one)."""
+    scores = softmax.inputs[0]
+    assert scores is not None
+    members: list[ir.Node] = []
+    keep = None
+    producer = scores.producer()
+    if producer is not None and producer.op_type == "Add" and len(consumers(scores)) == 1:
+        for index in (0, 1):
+            condition = additive_mask_condition(producer.inputs[index])
+            if condition is not None:
+                keep = condition
+                members.append(producer)
+                other = producer.inputs[1 - index]
+                assert other is not None
+                scores = other
+                break
+    output = softmax.outputs[0]
+    guard = _nan_guard(softmax)
+    if guard is not None:
+        members.extend(guard)
+        output = guard[1].outputs[0]
+    return SoftmaxGroup(softmax, scores, keep, members, output)
+
+
+def softmax_groups(graph: ir.Graph) -> list[SoftmaxGroup]:
+    return [softmax_group(node) for node in graph if node.op_type == "Softmax"]
+
+
+def is_mask_where(node: ir.Node) -> bool:
+    """A ``Where(keep, 0, -inf)`` whose readers are all masked-softmax Adds."""
+    if node.op_type != "Where" or additive_mask_condition(node.outputs[0]) is None:
+        return False
+    return all(r.op_type == "Add" for r in consumers(node.outputs[0]))
+
+
+__all__ = ["SoftmaxGroup", "additive_mask_condition", "is_mask_where", "softmax_group", "softmax_groups"]
