@@ -171,20 +171,12 @@ def _rescale_add_te(
 ) -> te.Tensor:
     one = tirx.const(1, "int64")
     c = tirx.const(shift, "int64")
-    shape_a, shape_b = [int(d) for d in a.shape], [int(d) for d in b.shape]
-    rank = max(len(shape_a), len(shape_b))
-    shape_a, shape_b = [1] * (rank - len(shape_a)) + shape_a, [1] * (rank - len(shape_b)) + shape_b
-    out_shape = [max(x, y) for x, y in zip(shape_a, shape_b, strict=True)]
-
-    def read(tensor: te.Tensor, padded: list[int], idx: tuple) -> tirx.PrimExpr:
-        """numpy broadcasting: size-1 dims read index 0, missing leading dims are dropped."""
-        skip = rank - len(tensor.shape)
-        return tensor(*[0 if padded[d] == 1 else idx[d] for d in range(skip, rank)])
+    out_shape = [int(d) for d in np.broadcast_shapes(tuple(int(d) for d in a.shape), tuple(int(d) for d in b.shape))]
 
     def body(*idx):
-        total = read(a, shape_a, idx).astype("int64") * tirx.const(mult_a, "int64") + read(b, shape_b, idx).astype(
-            "int64"
-        ) * tirx.const(mult_b, "int64")
+        wide_a = nonlinear.broadcast_read(a, out_shape, idx).astype("int64")
+        wide_b = nonlinear.broadcast_read(b, out_shape, idx).astype("int64")
+        total = wide_a * tirx.const(mult_a, "int64") + wide_b * tirx.const(mult_b, "int64")
         rounded = ((total + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
         return te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
 

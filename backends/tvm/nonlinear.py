@@ -27,6 +27,14 @@ def _round_shift(value: tirx.PrimExpr, shift: tirx.PrimExpr) -> tirx.PrimExpr:
     return (value + (_i64(1) << (shift - _i64(1)))) >> shift
 
 
+def int_exp(q: tirx.PrimExpr, ln2_q: int, b_q: int, c_q: int) -> tirx.PrimExpr:
+    """I-BERT i-exp of ``q <= 0`` (int64), as :func:`qcompiler.dialect.nonlinear.int_exp`."""
+    z = tirx.floordiv(-q, _i64(ln2_q))
+    r = q + z * _i64(ln2_q)
+    poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
+    return tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+
+
 def broadcast_read(tensor: te.Tensor, shape: list[int], idx: tuple) -> tirx.PrimExpr:
     """Read ``tensor`` at ``idx`` of the broadcast ``shape`` (numpy rules: size-1 dims read 0)."""
     own = [int(d) for d in tensor.shape]
@@ -52,11 +60,7 @@ def softmax_compute(
 
     def exp_body(*idx):
         q = te.min(x[idx].astype("int64") - row_max[idx[:-1]], _i64(0)) << _i64(input_shift)
-        z = tirx.floordiv(-q, _i64(ln2_q))
-        r = q + z * _i64(ln2_q)
-        poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
-        value = tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
-        return tirx.Select(kept(idx), value, _i64(0))
+        return tirx.Select(kept(idx), int_exp(q, ln2_q, b_q, c_q), _i64(0))
 
     exps = te.compute(x.shape, exp_body, name="int_exp")
     k2 = te.reduce_axis((0, length), name="k2")
@@ -187,11 +191,7 @@ def sigmoid_compute(
 ) -> te.Tensor:
     def body(*idx):
         v = x[idx].astype("int64")
-        q = -(te.abs(v) << _i64(input_shift))
-        z = tirx.floordiv(-q, _i64(ln2_q))
-        r = q + z * _i64(ln2_q)
-        poly = (r + _i64(b_q)) * (r + _i64(b_q)) + _i64(c_q)
-        e = tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
+        e = int_exp(-(te.abs(v) << _i64(input_shift)), ln2_q, b_q, c_q)
         low = tirx.floordiv(e << _i64(SIGMOID_BITS), e + _i64(one_q))
         sigma = tirx.Select(v >= _i64(0), (_i64(1) << _i64(SIGMOID_BITS)) - low, low)
         value = v * sigma if silu else sigma
