@@ -12,7 +12,7 @@ from typing import Any
 from qcompiler.errors import RecipeError
 from qcompiler.passes.quantize.qdq import QuantizeConfig
 
-OBSERVERS = ("minmax", "percentile")
+OBSERVERS = ("minmax", "percentile", "mse")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from qcompiler.passes.quantize.observers import MinMaxObserver, Observer, PercentileObserver, make_observer
+from qcompiler.passes.quantize.observers import (
+    MinMaxObserver,
+    MSEObserver,
+    Observer,
+    PercentileObserver,
+    make_observer,
+)
 from qcompiler.passes.quantize.qdq import QuantizeQDQPass
 
-__all__ = ["MinMaxObserver", "Observer", "PercentileObserver", "QuantizeQDQPass", "make_observer"]
+__all__ = ["MSEObserver", "MinMaxObserver", "Observer", "PercentileObserver", "QuantizeQDQPass", "make_observer"]
