@@ -129,8 +129,6 @@ def main() -> None:
         mlp, example_inputs=(torch.from_numpy(calib[0]),), calibration=calib, progress=False
     )
     mlp_compile_s = time.perf_counter() - start
-    onnx_mlp = compiled_mlp.qdq_model  # for ORT float, export the float graph
-    del onnx_mlp
     exported = torch.onnx.export(mlp, (torch.from_numpy(calib[0]),), dynamo=True, verbose=False).model_proto
     exported.ir_version = min(exported.ir_version, 10)
     mlp_session = ort_session(exported)

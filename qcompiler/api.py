@@ -268,14 +268,14 @@ def compile(
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
     """
-    resolve_target(target)  # fail on a bad target before any work
-    load_recipe(recipe)
+    tvm_target, _ = resolve_target(target)  # fail on a bad target or recipe before any work
+    chosen = load_recipe(recipe)
     start = time.perf_counter()
     qdq, integer, records, shapes = quantize_to_integer(
         model,
         example_inputs=example_inputs,
         calibration=calibration,
-        recipe=recipe,
+        recipe=chosen,
         verify=verify,
         progress=progress,
     )
@@ -284,11 +284,10 @@ def compile(
         raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
     integer_proto = ir.serde.serialize_model(integer)
     build_start = time.perf_counter()
-    module = build(integer_proto, shapes, target)
-    chosen = load_recipe(recipe)
+    module = build(integer_proto, shapes, tvm_target)
     report = {
         "recipe": chosen.name,
-        "target": str(resolve_target(target)[0]),
+        "target": str(tvm_target),
         "input_shapes": shapes,
         "passes": [r.as_dict() for r in records],
         "ops": _op_histogram(integer_proto),

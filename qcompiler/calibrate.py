@@ -7,19 +7,16 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 from tqdm.auto import tqdm
 
 from qcompiler.errors import CalibrationError
+from qcompiler.ir.ort_session import onnxruntime_session
 from qcompiler.passes.quantize.observers import Observer, make_observer
 
 logger = logging.getLogger(__name__)
 
 Batch = Mapping[str, np.ndarray] | Sequence[np.ndarray] | np.ndarray
-
-ORT_MAX_IR_VERSION = 10  # enough for opset 21; onnxruntime 1.31 rejects IR > 13
 
 _FLOAT_TYPES = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
 
@@ -80,18 +77,6 @@ def _float_values(model: ir.Model) -> list[str]:
     return names
 
 
-def _session_with_all_outputs(model: ir.Model, names: list[str]) -> ort.InferenceSession:
-    proto = ir.serde.serialize_model(model)
-    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)  # newer onnx writes IR versions ORT rejects
-    existing = {o.name for o in proto.graph.output}
-    for name in names:
-        if name not in existing:
-            proto.graph.output.append(onnx.ValueInfoProto(name=name))
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def calibrate(
     model: ir.Model,
     data: Iterable[Batch],
@@ -115,7 +100,7 @@ def calibrate(
         CalibrationError: no data, or a batch that does not fit the model.
     """
     names = _float_values(model)
-    session = _session_with_all_outputs(model, names)
+    session = onnxruntime_session(model, names, optimize=False)
     output_names = [o.name for o in session.get_outputs()]
     observers: dict[str, Observer] = {}
     seen = 0

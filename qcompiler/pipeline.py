@@ -66,15 +66,9 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarr
 
 def run_onnxruntime(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
     """Run a standard-ONNX model in onnxruntime (fast probe runner for float stages)."""
-    import onnxruntime as ort
+    from qcompiler.ir.ort_session import onnxruntime_session
 
-    proto = ir.serde.serialize_model(model)
-    proto.ir_version = min(proto.ir_version, 10)
-    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
-    kept = [t for t in proto.graph.initializer if t.name in used]  # onnxruntime rejects dangling initializers
-    del proto.graph.initializer[:]
-    proto.graph.initializer.extend(kept)
-    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = onnxruntime_session(model)
     return [np.asarray(o) for o in session.run(None, dict(feeds))]
 
 

@@ -110,7 +110,6 @@ def qgemm_compute(
 ) -> te.Tensor:
     """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]."""
     m = a.shape[0]
-    kb = plan.kb
     if plan.k_padded != plan.k:
         src = a
         a = te.compute(
@@ -118,10 +117,11 @@ def qgemm_compute(
             lambda i, k: tirx.if_then_else(k < plan.k, src[i, k], tirx.const(0, "int8")),
             name="A_pad",
         )
-    return _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, kb)
+    return _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi)
 
 
-def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, kb):
+def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi):
+    kb = plan.kb
     epilogue = requantize_expr_hi32 if plan.hi32_epilogue else requantize_expr
     k = te.reduce_axis((0, plan.k_padded), name="k")
     acc = te.compute(
@@ -194,7 +194,7 @@ def qconv_compute(
         return tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8"))
 
     cols = te.compute((rows, plan.k_padded), patch, name="im2col")
-    gemm = _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi, plan.kb)
+    gemm = _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi)
     return te.compute(
         (g.batch, plan.n, oh, ow),
         lambda n, c, y, xo: gemm[(n * oh + y) * ow + xo, c],

@@ -18,7 +18,15 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
-from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
+from qcompiler.passes.lower.groups import (
+    ACTIVATIONS as _ACTIVATIONS,
+)
+from qcompiler.passes.lower.groups import (
+    dequantized,
+    output_scale,
+    quantized_output,
+    replace_group_output,
+)
 from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
 from qcompiler.passes.quantize.qdq import computes_on_floats
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
@@ -27,7 +35,6 @@ logger = logging.getLogger(__name__)
 
 _LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
 _SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather"})
-_ACTIVATIONS = frozenset({"Relu", "Clip"})
 _INTEGER_TYPES = frozenset(
     {
         ir.DataType.INT8,
@@ -140,9 +147,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         lo, hi = _clamp_bounds(activation, out_scale)
         product = ir.node("MatMulInteger", [a.value, b.value])
         product.outputs[0].dtype = ir.DataType.INT32
-        self._requantize_after(
-            graph, quant, product, float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale, lo, hi
-        )
+        real = float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale
+        self._requantize_after(graph, quant, product.outputs[0], real, lo=lo, hi=hi, producers=[product])
 
     def _lower_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
         """``DQ(x) * c`` or ``DQ(x) / c`` for a positive constant c: one Requantize of the int8 input."""
@@ -152,29 +158,31 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         c = float(constant.reshape(()))
         _, quant = quantized_output(node)
         factor = c if node.op_type == "Mul" else 1.0 / c
-        self._requantize_after(graph, quant, None, float(x.scale.reshape(())) * factor / output_scale(quant), -128, 127,
-                               source=x.value)  # fmt: skip
+        self._requantize_after(graph, quant, x.value, float(x.scale.reshape(())) * factor / output_scale(quant))
 
     def _requantize_after(
         self,
         graph: ir.Graph,
         quant: ir.Node,
-        producer: ir.Node | None,
-        real: float,
-        lo: int,
-        hi: int,
-        source: ir.Value | None = None,
+        value: ir.Value,
+        reals: np.ndarray | float,
+        *,
+        axis: int = -1,
+        lo: int = -128,
+        hi: int = 127,
+        producers: list[ir.Node] | tuple[ir.Node, ...] = (),
     ) -> None:
-        multiplier, shift = quantize_multipliers(np.array(real))
+        """Insert ``producers`` then ``Requantize(value)`` with the rescale ``reals`` (scalar or per channel
+        along ``axis``), and make its output the group's quantized output."""
+        multiplier, shift = quantize_multipliers(np.asarray(reals, dtype=np.float64))
         base = quant.outputs[0].name or "y"
-        value = producer.outputs[0] if producer is not None else source
         requant = ir.node(
             "Requantize",
             [value, add_initializer(graph, f"{base}_multiplier", multiplier),
              add_initializer(graph, f"{base}_shift", shift)],
-            domain=DOMAIN, attributes={"axis": -1, "lo": lo, "hi": hi},
+            domain=DOMAIN, attributes={"axis": axis, "lo": lo, "hi": hi},
         )  # fmt: skip
-        graph.insert_after(quant, [producer, requant] if producer is not None else [requant])
+        graph.insert_after(quant, [*producers, requant])
         replace_group_output(quant, requant.outputs[0])
 
     def _lower_linear(self, graph: ir.Graph, node: ir.Node) -> None:
@@ -187,7 +195,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if weight is None or weight.dtype != np.int8:
             raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
         activation, quant = quantized_output(node)
-        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        out_scale = output_scale(quant)
         lo, hi = _clamp_bounds(activation, out_scale)
         if node.op_type == "Conv":
             channels, axis = weight.shape[0], 1
@@ -207,7 +215,6 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             if not np.allclose(b.scale.reshape(-1), expected, rtol=1e-6):
                 raise UnsupportedOpError(node_label(node), node.op_type, "its bias scale is not S_x * S_w")
             bias = np.broadcast_to(bias_q.reshape(-1), (channels,)).astype(np.int32)
-        multiplier, shift = quantize_multipliers(float(x.scale.reshape(())) * w_scale / out_scale)
         base = quant.outputs[0].name or "y"
         w_value = add_initializer(graph, f"{base}_weight", weight)
         if node.op_type == "Conv":
@@ -229,22 +236,16 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         bias_value = add_initializer(graph, f"{base}_bias", bias.reshape(bias_shape))
         biased = ir.node("Add", [product.outputs[0], bias_value])
         biased.outputs[0].dtype = ir.DataType.INT32
-        mult_value = add_initializer(graph, f"{base}_multiplier", multiplier)
-        shift_value = add_initializer(graph, f"{base}_shift", shift)
-        requant = ir.node(
-            "Requantize",
-            [biased.outputs[0], mult_value, shift_value],
-            domain=DOMAIN,
-            attributes={"axis": axis, "lo": lo, "hi": hi},
+        reals = float(x.scale.reshape(())) * w_scale / out_scale
+        self._requantize_after(
+            graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[product, biased]
         )
-        graph.insert_after(quant, [product, biased, requant])
-        replace_group_output(quant, requant.outputs[0])
 
     def _lower_add(self, graph: ir.Graph, node: ir.Node) -> None:
         a = dequantized(node.inputs[0], "first input", node)
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
-        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        out_scale = output_scale(quant)
         lo, hi = _clamp_bounds(activation, out_scale)
         mult_a, mult_b, shift = quantize_multiplier_pair(
             float(a.scale.reshape(())) / out_scale, float(b.scale.reshape(())) / out_scale
@@ -264,7 +265,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     def _lower_global_average_pool(self, graph: ir.Graph, node: ir.Node) -> None:
         x = dequantized(node.inputs[0], "input", node)
         activation, quant = quantized_output(node)
-        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        out_scale = output_scale(quant)
         shape = node.inputs[0].shape
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
             raise UnsupportedOpError(node_label(node), node.op_type, "needs a 4-D input with static H and W")
@@ -276,19 +277,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         axes = add_initializer(graph, f"{base}_axes", np.array([2, 3], dtype=np.int64))
         total = ir.node("ReduceSum", [widen.outputs[0], axes], attributes={"keepdims": 1})
         total.outputs[0].dtype = ir.DataType.INT32
-        multiplier, shift = quantize_multipliers(np.array(float(x.scale.reshape(())) / (out_scale * count)))
-        requant = ir.node(
-            "Requantize",
-            [
-                total.outputs[0],
-                add_initializer(graph, f"{base}_multiplier", multiplier),
-                add_initializer(graph, f"{base}_shift", shift),
-            ],
-            domain=DOMAIN,
-            attributes={"axis": 1, "lo": lo, "hi": hi},
-        )
-        graph.insert_after(quant, [widen, total, requant])
-        replace_group_output(quant, requant.outputs[0])
+        real = float(x.scale.reshape(())) / (out_scale * count)
+        self._requantize_after(graph, quant, total.outputs[0], real, axis=1, lo=lo, hi=hi, producers=[widen, total])
 
     def _lower_shape_only(self, graph: ir.Graph, node: ir.Node) -> None:
         x = dequantized(node.inputs[0], "input", node)
@@ -296,7 +286,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if len(quants) != 1:
             raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized")
         quant = quants[0]
-        out_scale = float(const_array(quant.inputs[1]))  # type: ignore[arg-type]
+        out_scale = output_scale(quant)
         if not np.isclose(out_scale, float(x.scale.reshape(())), rtol=1e-6):
             raise UnsupportedOpError(
                 node_label(node), node.op_type, "input and output scales differ for a shape-only op"

@@ -11,7 +11,7 @@ import onnx_ir as ir
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import const_array, consumers, node_label
 
-_ACTIVATIONS = frozenset({"Relu", "Clip"})
+ACTIVATIONS = frozenset({"Relu", "Clip"})  # fused into the epilogue of the op before them
 
 
 @dataclasses.dataclass
@@ -46,7 +46,7 @@ def quantized_output(node: ir.Node) -> tuple[ir.Node | None, ir.Node]:
     out = node.outputs[0]
     readers = consumers(out)
     activation = None
-    if len(readers) == 1 and readers[0].op_type in _ACTIVATIONS and node.op_type not in _ACTIVATIONS:
+    if len(readers) == 1 and readers[0].op_type in ACTIVATIONS and node.op_type not in ACTIVATIONS:
         activation = readers[0]
         readers = consumers(activation.outputs[0])
     quants = [r for r in readers if r.op_type == "QuantizeLinear"]

@@ -1,0 +1,32 @@
+"""One way to hand an ``onnx_ir.Model`` to onnxruntime (calibration and the pipeline's probe runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import onnx
+import onnx_ir as ir
+import onnxruntime as ort
+
+ORT_MAX_IR_VERSION = 10  # enough for opset 21; newer onnx writes IR versions onnxruntime 1.31 rejects (> 13)
+
+
+def onnxruntime_session(
+    model: ir.Model, extra_outputs: Sequence[str] = (), optimize: bool = True
+) -> ort.InferenceSession:
+    """A CPU session for ``model``, with ``extra_outputs`` (intermediate value names) exposed as outputs.
+
+    Dangling initializers are dropped (onnxruntime rejects them) and the IR version is capped.
+    """
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+    existing = {o.name for o in proto.graph.output}
+    proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in extra_outputs if n not in existing)
+    used = {name for node in proto.graph.node for name in node.input} | {o.name for o in proto.graph.output}
+    kept = [t for t in proto.graph.initializer if t.name in used]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
