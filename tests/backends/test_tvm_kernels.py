@@ -12,19 +12,15 @@ from qcompiler.backends.tvm import build, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import DOMAIN
 from qcompiler.testing import assert_bit_exact
+from qcompiler.testing.models import single_node_model
 
 pytestmark = pytest.mark.tvm
 
 
 def _single(op, inputs, x_shape, inits, out_dtype=TensorProto.INT8, x_dtype=TensorProto.INT8, domain=DOMAIN, **attrs):
-    graph = helper.make_graph(
-        [helper.make_node(op, ["x", *inputs], ["y"], domain=domain, **attrs)],
-        "k",
-        [helper.make_tensor_value_info("x", x_dtype, list(x_shape))],
-        [helper.make_tensor_value_info("y", out_dtype, None)],
-        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    return single_node_model(
+        op, inputs, x_shape, inits, input_dtype=x_dtype, output_dtype=out_dtype, domain=domain, **attrs
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
 
 
 def _builder(shape):

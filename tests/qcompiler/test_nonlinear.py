@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from onnx import TensorProto, helper, numpy_helper
+from onnx import TensorProto, helper
 
 from qcompiler.dialect import DOMAIN
 from qcompiler.dialect.nonlinear import (
@@ -24,6 +24,7 @@ from qcompiler.dialect.nonlinear import (
     sigmoid_constants,
     softmax_constants,
 )
+from qcompiler.testing.models import single_node_model
 
 
 def _exact(values: np.ndarray) -> np.ndarray:
@@ -149,16 +150,6 @@ def test_layernorm_constant_row_and_extremes() -> None:
 
 
 # --- TVM bit-exact ----------------------------------------------------------------------------------------
-def _single(op: str, inputs: list[str], shape: tuple[int, ...], inits: dict, **attrs):
-    graph = helper.make_graph(
-        [helper.make_node(op, ["x", *inputs], ["y"], domain=DOMAIN, **attrs)], "k",
-        [helper.make_tensor_value_info("x", TensorProto.INT8, list(shape))],
-        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
-        [numpy_helper.from_array(a, n) for n, a in inits.items()],
-    )  # fmt: skip
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
-
-
 def _assert_tvm_matches(model, shape, feeds) -> None:
     from qcompiler.backends.tvm import build
     from qcompiler.testing import assert_bit_exact
@@ -172,7 +163,7 @@ def _assert_tvm_matches(model, shape, feeds) -> None:
 def test_softmax_tvm_bit_exact(scale: float, length: int, seed: int) -> None:
     rng = np.random.default_rng(seed)
     shape = (2, 3, length)
-    model = _single("IntSoftmax", [], shape, {}, **softmax_constants(scale))
+    model = single_node_model("IntSoftmax", [], shape, {}, **softmax_constants(scale))
     extremes = rng.choice(np.array([-128, 127], np.int8), shape)
     _assert_tvm_matches(model, shape, [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": extremes}])
 
@@ -185,7 +176,7 @@ def test_layernorm_tvm_bit_exact(channels: int, rms: bool, seed: int) -> None:
     k = layernorm_constants(0.05, 0.03, rng.uniform(-2, 2, channels), rng.uniform(-1, 1, channels), 1e-5, channels)
     shape = (3, channels)
     inits = {"m": k["multiplier"], "s": k["shift"], "b": k["bias"]}
-    model = _single(
+    model = single_node_model(
         "IntLayerNorm",
         ["m", "s", "b"],
         shape,
@@ -261,7 +252,7 @@ def test_gelu_sigmoid_silu_tvm_bit_exact(scale: float, op: str) -> None:
         rest["silu"] = int(op == "silu")
         name = "IntSigmoid"
     inits = {"m": np.array(multiplier, np.int32), "s": np.array(shift, np.int32)}
-    model = _single(name, ["m", "s"], x.shape, inits, **rest)
+    model = single_node_model(name, ["m", "s"], x.shape, inits, **rest)
     _assert_tvm_matches(model, x.shape, [{"x": x}])
 
 
@@ -282,7 +273,6 @@ def test_masked_softmax_leaves_masked_entries_out() -> None:
 
 @pytest.mark.tvm
 def test_masked_softmax_tvm_bit_exact() -> None:
-    from onnx import TensorProto, helper
 
     rng = np.random.default_rng(4)
     shape = (2, 3, 4, 9)
