@@ -61,6 +61,10 @@ class _Builder:
     def weight(self, shape: tuple[int, ...], fan_in: int) -> np.ndarray:
         return (self.rng.standard_normal(shape) / np.sqrt(max(fan_in, 1))).astype(np.float32)
 
+    def small(self, size: int) -> np.ndarray:
+        """A bias-like vector: N(0, 0.1^2), float32."""
+        return (self.rng.standard_normal(size) * 0.1).astype(np.float32)
+
     def batchnorm(self, x: str, channels: int) -> str:
         gamma = self.rng.uniform(0.5, 1.5, channels).astype(np.float32)
         beta = self.rng.uniform(-0.5, 0.5, channels).astype(np.float32)
@@ -102,7 +106,7 @@ def mlp_models(draw: st.DrawFn, max_layers: int = 4, max_width: int = 48) -> Gen
         layer_input = current
         kind = draw(st.sampled_from(["gemm", "gemm_t", "matmul_add"]))
         weight = b.weight((current_width, out_width), current_width)
-        bias = (b.rng.standard_normal(out_width) * 0.1).astype(np.float32)
+        bias = b.small(out_width)
         if kind == "gemm":
             y = b.node("Gemm", [current, b.const("w", weight), b.const("b", bias)])
         elif kind == "gemm_t":
@@ -146,7 +150,7 @@ def cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
         pad = kernel // 2
         inputs = [current, b.const("w", b.weight((out_c, c, kernel, kernel), c * kernel * kernel))]
         if draw(st.booleans()):
-            inputs.append(b.const("b", (b.rng.standard_normal(out_c) * 0.1).astype(np.float32)))
+            inputs.append(b.const("b", b.small(out_c)))
         y = b.node("Conv", inputs, kernel_shape=[kernel, kernel], pads=[pad] * 4, strides=[stride, stride])
         b.parts.append(f"conv{kernel}s{stride}")
         out_h, out_w = (h + 2 * pad - kernel) // stride + 1, (w + 2 * pad - kernel) // stride + 1
@@ -180,7 +184,7 @@ def cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
         [
             current,
             b.const("w", b.weight((features, classes), features)),
-            b.const("b", (b.rng.standard_normal(classes) * 0.1).astype(np.float32)),
+            b.const("b", b.small(classes)),
         ],
     )
     model = b.model(x, (batch, channels, height, width), current, (batch, classes))
@@ -207,13 +211,13 @@ def token_mlp_models(draw: st.DrawFn, max_width: int = 64) -> GeneratedModel:
 
     def layernorm(value: str) -> str:
         gamma = b.rng.uniform(0.5, 1.5, width).astype(np.float32)
-        beta = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+        beta = b.small(width)
         b.parts.append("layernorm")
         return b.node("LayerNormalization", [value, b.const("g", gamma), b.const("beta", beta)], axis=-1)
 
     def gemm(value: str, fan_in: int, fan_out: int) -> str:
         weight = b.weight((fan_in, fan_out), fan_in)
-        bias = (b.rng.standard_normal(fan_out) * 0.1).astype(np.float32)
+        bias = b.small(fan_out)
         if batch is not None:
             return b.node("Add", [b.node("MatMul", [value, b.const("w", weight)]), b.const("b", bias)])
         return b.node("Gemm", [value, b.const("w", weight), b.const("b", bias)])
@@ -254,12 +258,12 @@ def attention_models(draw: st.DrawFn) -> GeneratedModel:
     width = heads * head_dim
     x = "input"
     gamma = b.rng.uniform(0.5, 1.5, width).astype(np.float32)
-    beta = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+    beta = b.small(width)
     normed = b.node("LayerNormalization", [x, b.const("g", gamma), b.const("beta", beta)], axis=-1)
 
     def projection(value: str) -> str:
         weight = b.weight((width, width), width)
-        bias = (b.rng.standard_normal(width) * 0.1).astype(np.float32)
+        bias = b.small(width)
         return b.node("Gemm", [value, b.const("w", weight), b.const("b", bias)])
 
     split_shape = b.const("shape", np.array([tokens, heads, head_dim], np.int64))
