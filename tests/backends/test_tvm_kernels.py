@@ -12,7 +12,7 @@ from qcompiler.backends.tvm import build, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import DOMAIN
 from qcompiler.testing import assert_bit_exact
-from qcompiler.testing.models import single_node_model
+from qcompiler.testing.kernel_models import single_node_model
 
 pytestmark = pytest.mark.tvm
 

@@ -24,7 +24,7 @@ from qcompiler.dialect.nonlinear import (
     sigmoid_constants,
     softmax_constants,
 )
-from qcompiler.testing.models import single_node_model
+from qcompiler.testing.kernel_models import single_node_model
 
 
 def _exact(values: np.ndarray) -> np.ndarray:
