@@ -1,6 +1,7 @@
 """Tiny hand-made models for kernel tests: one node of the ``qcompiler`` domain (or a standard op).
 
 (Not ``models.py``: that name would shadow the ``qcompiler.testing.models`` strategy.)
+"""
 
 from __future__ import annotations
 
