@@ -226,7 +226,7 @@ def quantize_to_integer(
     ).run(ir_model)
     records += canonical.records
     cal = chosen.calibration
-    ranges = calibration_module.calibrate(
+    ranges = calibration_module.observe(
         canonical.model,
         batches,
         observer=cal.observer,
@@ -234,9 +234,10 @@ def quantize_to_integer(
         progress=progress,
         max_batches=cal.max_batches,
     )
-    quantized = Pipeline([QuantizeQDQPass(ranges, chosen.quantize), RemoveUnusedNodesPass()], verify_each=verify).run(
-        canonical.model
-    )
+    quantized = Pipeline(
+        [QuantizeQDQPass(ranges.thresholds, chosen.quantize, ranges.channel_absmax), RemoveUnusedNodesPass()],
+        verify_each=verify,
+    ).run(canonical.model)
     records += quantized.records
     qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized.model))
     lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized.model)

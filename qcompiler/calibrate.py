@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -77,7 +78,16 @@ def _float_values(model: ir.Model) -> list[str]:
     return names
 
 
-def calibrate(
+@dataclasses.dataclass
+class ActivationRanges:
+    """What calibration observed: the clipping threshold of every activation (from the chosen observer) and
+    its exact per-channel ``max |x|`` along the last axis (for wide int16 tensors and per-channel scales)."""
+
+    thresholds: dict[str, float]
+    channel_absmax: dict[str, np.ndarray]
+
+
+def observe(
     model: ir.Model,
     data: Iterable[Batch],
     *,
@@ -85,13 +95,13 @@ def calibrate(
     percentile: float = 99.99,
     progress: bool = True,
     max_batches: int | None = None,
-) -> dict[str, float]:
-    """Observe the float graph on ``data`` and return the clipping threshold ``absmax`` of every activation.
+) -> ActivationRanges:
+    """Observe the float graph on ``data``: thresholds from ``observer`` and exact per-channel maxima.
 
     Args:
         model: the float model (not modified).
         data: an iterable of batches; consumed once, one batch in memory at a time.
-        observer: ``minmax`` or ``percentile``.
+        observer: ``minmax``, ``percentile`` or ``mse``.
         percentile: the percentile of ``|x|`` for the percentile observer.
         progress: show a progress bar.
         max_batches: stop after this many batches.
@@ -103,6 +113,7 @@ def calibrate(
     session = onnxruntime_session(model, names, optimize=False)
     output_names = [o.name for o in session.get_outputs()]
     observers: dict[str, Observer] = {}
+    channel_absmax: dict[str, np.ndarray] = {}
     seen = 0
     for batch in tqdm(data, desc="calibrating", unit="batch", disable=not progress):
         feeds = as_feeds(model, batch)
@@ -114,10 +125,34 @@ def calibrate(
             if name not in observers:
                 observers[name] = make_observer(observer, percentile)
             observers[name].update(values)
+            if values.size:
+                per_channel = np.abs(values.reshape(-1, values.shape[-1] if values.ndim else 1)).max(axis=0)
+                previous = channel_absmax.get(name)
+                if previous is None:
+                    channel_absmax[name] = per_channel.astype(np.float64)
+                elif previous.shape == per_channel.shape:
+                    np.maximum(previous, per_channel, out=previous)
+                else:  # the last axis changed size between batches: only the overall maximum is meaningful
+                    channel_absmax[name] = np.array([max(previous.max(), per_channel.max())])
         seen += 1
         if max_batches is not None and seen >= max_batches:
             break
     if seen == 0:
         raise CalibrationError("calibration: the data iterable yielded no batch")
     logger.info("calibrated %d tensors over %d batches", len(observers), seen)
-    return {name: obs.absmax() for name, obs in observers.items()}
+    return ActivationRanges({name: obs.absmax() for name, obs in observers.items()}, channel_absmax)
+
+
+def calibrate(
+    model: ir.Model,
+    data: Iterable[Batch],
+    *,
+    observer: str = "minmax",
+    percentile: float = 99.99,
+    progress: bool = True,
+    max_batches: int | None = None,
+) -> dict[str, float]:
+    """The clipping threshold ``absmax`` of every activation (:func:`observe` without the per-channel maxima)."""
+    return observe(
+        model, data, observer=observer, percentile=percentile, progress=progress, max_batches=max_batches
+    ).thresholds

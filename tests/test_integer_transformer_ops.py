@@ -54,6 +54,16 @@ def test_token_mlp_blocks_100(generated: GeneratedModel) -> None:
 ATTENTION_BASE_STEPS = 4
 
 
+def _int8_step(integer: ir.Model) -> float:
+    """The output step of an int8 output of the same range: the error comes from the int8 tensors inside, so
+    a wide (int16) output is judged in the steps an int8 one would have."""
+    step = output_steps(integer)[0]
+    output_dq = integer.graph.outputs[0].producer()
+    assert output_dq is not None
+    wide = output_dq.inputs[0].dtype == ir.DataType.INT16
+    return step * 32767 / 127 if wide else step
+
+
 def _check_attention(generated: GeneratedModel) -> None:
     qdq, integer, _, shapes = quantize_to_integer(generated.model, calibration=generated.inputs(8), progress=False)
     assert float_ops_inside(integer) == []
@@ -61,7 +71,7 @@ def _check_attention(generated: GeneratedModel) -> None:
     assert ops.count("MatMulInteger") == 2 and "IntSoftmax" in ops and "IntLayerNorm" in ops
     probe = generated.inputs(2, offset=1)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
-    step = output_steps(integer)[0]
+    step = _int8_step(integer)
     qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
     for feeds in probe:
         want = run_reference(qdq_proto, feeds)[0]

@@ -20,6 +20,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
 from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR
+from qcompiler.dialect import storage_dtype
 from qcompiler.errors import UnsupportedOpError
 
 
@@ -167,18 +168,30 @@ class Requantize(OF.OnnxOpConverter):
 
 
 def _rescale_add_te(
-    a: te.Tensor, b: te.Tensor, *, mult_a: int, mult_b: int, shift: int, zero_point: int, lo: int, hi: int
+    a: te.Tensor,
+    b: te.Tensor,
+    mult_a: te.Tensor,
+    mult_b: te.Tensor,
+    *,
+    shift: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
 ) -> te.Tensor:
     one = tirx.const(1, "int64")
     c = tirx.const(shift, "int64")
     out_shape = [int(d) for d in np.broadcast_shapes(tuple(int(d) for d in a.shape), tuple(int(d) for d in b.shape))]
 
+    def multiplier(mult: te.Tensor, idx: tuple) -> tirx.PrimExpr:
+        return mult[idx[-1] if int(mult.shape[0]) > 1 else 0].astype("int64")
+
     def body(*idx):
         wide_a = nonlinear.broadcast_read(a, out_shape, idx).astype("int64")
         wide_b = nonlinear.broadcast_read(b, out_shape, idx).astype("int64")
-        total = wide_a * tirx.const(mult_a, "int64") + wide_b * tirx.const(mult_b, "int64")
+        total = wide_a * multiplier(mult_a, idx) + wide_b * multiplier(mult_b, idx)
         rounded = ((total + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
-        return te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64")).astype("int8")
+        clamped = te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
+        return clamped.astype(storage_dtype(lo, hi).name)
 
     return te.compute(out_shape, body, name="rescale_add")
 
@@ -188,17 +201,17 @@ class RescaleAdd(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         a, b = inputs[0], inputs[1]
         _static_shape(a, "RescaleAdd"), _static_shape(b, "RescaleAdd")
-        scalars = [
-            int(_const_numpy(inputs[i], name, "RescaleAdd").reshape(()))
-            for i, name in ((2, "multiplier_a"), (3, "multiplier_b"), (4, "shift"))
+        mults = [
+            relax.const(_const_numpy(inputs[i], name, "RescaleAdd").reshape(-1).astype(np.int32), "int32")
+            for i, name in ((2, "multiplier_a"), (3, "multiplier_b"))
         ]
-        body = functools.partial(
-            _rescale_add_te, mult_a=scalars[0], mult_b=scalars[1], shift=scalars[2], **_epilogue(attr)
-        )
+        shift = int(_const_numpy(inputs[4], "shift", "RescaleAdd").reshape(()))
+        body = functools.partial(_rescale_add_te, shift=shift, **_epilogue(attr))
         return bb.emit_te(
             body,
             a,
             b,
+            *mults,
             primfunc_name_hint="rescale_add",
             primfunc_attrs={KERNEL_ATTR: "elementwise"},
         )
@@ -287,11 +300,12 @@ class IntLayerNorm(OF.OnnxOpConverter):
         )
 
 
-def _scalar_rescale(inputs, op: str) -> dict[str, int]:
-    return {
-        "multiplier": int(_const_numpy(inputs[1], "multiplier", op).reshape(())),
-        "shift": int(_const_numpy(inputs[2], "shift", op).reshape(())),
-    }
+def _output_rescale(inputs, op: str) -> list[relax.Expr]:
+    """The output multiplier and shift (one, or one per channel of the last axis) as int32 constants."""
+    return [
+        relax.const(_const_numpy(inputs[i], name, op).reshape(-1).astype(np.int32), "int32")
+        for i, name in ((1, "multiplier"), (2, "shift"))
+    ]
 
 
 class IntGelu(OF.OnnxOpConverter):
@@ -299,14 +313,19 @@ class IntGelu(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         body = functools.partial(
             nonlinear.gelu_compute,
-            **_scalar_rescale(inputs, "IntGelu"),
             input_shift=int(attr.get("input_shift", 0)),
             b_q=int(attr["b_q"]),
             c_q=int(attr["c_q"]),
             pre_shift=int(attr.get("pre_shift", 0)),
             **_epilogue(attr),
         )
-        return bb.emit_te(body, inputs[0], primfunc_name_hint="int_gelu", primfunc_attrs={KERNEL_ATTR: "elementwise"})
+        return bb.emit_te(
+            body,
+            inputs[0],
+            *_output_rescale(inputs, "IntGelu"),
+            primfunc_name_hint="int_gelu",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )
 
 
 class IntSigmoid(OF.OnnxOpConverter):
@@ -314,7 +333,6 @@ class IntSigmoid(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         body = functools.partial(
             nonlinear.sigmoid_compute,
-            **_scalar_rescale(inputs, "IntSigmoid"),
             input_shift=int(attr.get("input_shift", 0)),
             ln2_q=int(attr["ln2_q"]),
             b_q=int(attr["b_q"]),
@@ -325,7 +343,11 @@ class IntSigmoid(OF.OnnxOpConverter):
             **_epilogue(attr),
         )
         return bb.emit_te(
-            body, inputs[0], primfunc_name_hint="int_sigmoid", primfunc_attrs={KERNEL_ATTR: "elementwise"}
+            body,
+            inputs[0],
+            *_output_rescale(inputs, "IntSigmoid"),
+            primfunc_name_hint="int_sigmoid",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
         )
 
 

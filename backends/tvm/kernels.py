@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 from tvm import te, tirx
 
+from qcompiler.dialect import storage_dtype
+
 LANES = 8  # int32 lanes of one AVX2 accumulator register
 
 
@@ -63,13 +65,14 @@ def pad_channels(values: np.ndarray, plan: GemmPlan, fill: int) -> np.ndarray:
 def requantize_expr(
     acc: tirx.PrimExpr, multiplier: tirx.PrimExpr, shift: tirx.PrimExpr, zero_point: int, lo: int, hi: int
 ) -> tirx.PrimExpr:
-    """The dialect's rounding rule in int64: ``clamp(((acc*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8."""
+    """The dialect's rounding rule in int64: ``clamp(((acc*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8 (int16 for a
+    wide clamp, :func:`qcompiler.dialect.storage_dtype`)."""
     one = tirx.const(1, "int64")
     wide = acc.astype("int64") * multiplier.astype("int64")
     c = shift.astype("int64")
     rounded = ((wide + (one << (c - one))) >> c) + tirx.const(zero_point, "int64")
     clamped = te.max(te.min(rounded, tirx.const(hi, "int64")), tirx.const(lo, "int64"))
-    return clamped.astype("int8")
+    return clamped.astype(storage_dtype(lo, hi).name)
 
 
 #: shifts from which :func:`requantize_expr_hi32` applies (every rescale factor below 1)
@@ -93,7 +96,7 @@ def requantize_expr_hi32(
     wide = acc.astype("int64") * multiplier.astype("int64") + rounding
     high = ((wide << s1) >> tirx.const(32, "int64")).astype("int32")
     rounded = (high >> s2) + tirx.const(zero_point, "int32")
-    return te.max(te.min(rounded, tirx.const(hi, "int32")), tirx.const(lo, "int32")).astype("int8")
+    return te.max(te.min(rounded, tirx.const(hi, "int32")), tirx.const(lo, "int32")).astype(storage_dtype(lo, hi).name)
 
 
 def qgemm_compute(

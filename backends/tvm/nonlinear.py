@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from tvm import te, tirx
 
+from qcompiler.dialect import storage_dtype
 from qcompiler.dialect.nonlinear import (
     ISQRT_TVM_ITERATIONS,
     NORM_FRACTION_BITS,
@@ -136,24 +137,33 @@ def layernorm_compute(
         normalized = (deviation[idx] * factor[idx[:-1]]) >> _i64(NORM_RECIP_BITS - NORM_FRACTION_BITS - frac_bits)
         scaled = _round_shift(normalized * multiplier[c].astype("int64"), shift[c].astype("int64"))
         value = scaled + bias[c].astype("int64") + _i64(zero_point)
-        return te.max(te.min(value, _i64(hi)), _i64(lo)).astype("int8")
+        return te.max(te.min(value, _i64(hi)), _i64(lo)).astype(storage_dtype(lo, hi).name)
 
     return te.compute(x.shape, body, name="layernorm")
 
 
 def _output_stage(
-    value: tirx.PrimExpr, pre_shift: int, multiplier: int, shift: int, zero_point: int, lo: int, hi: int
+    value: tirx.PrimExpr,
+    idx: tuple,
+    pre_shift: int,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    zero_point: int,
+    lo: int,
+    hi: int,
 ) -> tirx.PrimExpr:
+    """The output rescale; ``multiplier``/``shift`` hold one value or one per channel of the last axis."""
+    c = idx[-1] if int(multiplier.shape[0]) > 1 else 0
     reduced = _round_shift(value, _i64(pre_shift)) if pre_shift else value
-    y = _round_shift(reduced * _i64(multiplier), _i64(shift)) + _i64(zero_point)
-    return te.max(te.min(y, _i64(hi)), _i64(lo)).astype("int8")
+    y = _round_shift(reduced * multiplier[c].astype("int64"), shift[c].astype("int64")) + _i64(zero_point)
+    return te.max(te.min(y, _i64(hi)), _i64(lo)).astype(storage_dtype(lo, hi).name)
 
 
 def gelu_compute(
     x: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
     *,
-    multiplier: int,
-    shift: int,
     input_shift: int,
     b_q: int,
     c_q: int,
@@ -168,16 +178,16 @@ def gelu_compute(
         magnitude = _i64(c_q) - clipped * clipped
         sign = tirx.Select(q > _i64(0), _i64(1), tirx.Select(q < _i64(0), _i64(-1), _i64(0)))
         value = q * (sign * magnitude + _i64(c_q))
-        return _output_stage(value, pre_shift, multiplier, shift, zero_point, lo, hi)
+        return _output_stage(value, idx, pre_shift, multiplier, shift, zero_point, lo, hi)
 
     return te.compute(x.shape, body, name="gelu")
 
 
 def sigmoid_compute(
     x: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
     *,
-    multiplier: int,
-    shift: int,
     input_shift: int,
     ln2_q: int,
     b_q: int,
@@ -195,6 +205,6 @@ def sigmoid_compute(
         low = tirx.floordiv(e << _i64(SIGMOID_BITS), e + _i64(one_q))
         sigma = tirx.Select(v >= _i64(0), (_i64(1) << _i64(SIGMOID_BITS)) - low, low)
         value = v * sigma if silu else sigma
-        return _output_stage(value, pre_shift, multiplier, shift, zero_point, lo, hi)
+        return _output_stage(value, idx, pre_shift, multiplier, shift, zero_point, lo, hi)
 
     return te.compute(x.shape, body, name="silu" if silu else "sigmoid")

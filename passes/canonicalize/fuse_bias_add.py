@@ -124,11 +124,17 @@ class _BatchedMatMulAddBias(RewriteRuleClassBase):
         weight = _const(w)
         assert weight is not None and x.shape is not None
         k, n = weight.shape
+        lead = [int(d) for d in x.shape[:-1]]
+        rows = int(np.prod(lead))
         flat = op.Reshape(x, op.initializer(ir.tensor(np.array([-1, k], np.int64)), name=f"{w.name}_flat_shape"))
         vector = np.broadcast_to(_const(bias).reshape(-1), (n,)).astype(weight.dtype)  # type: ignore[union-attr]
         gemm = op.Gemm(flat, w, op.initializer(ir.tensor(vector), name=f"{bias.name}_bias"))
-        lead = [int(d) for d in x.shape[:-1]]
-        return op.Reshape(gemm, op.initializer(ir.tensor(np.array([*lead, n], np.int64)), name=f"{w.name}_out_shape"))
+        out = op.Reshape(gemm, op.initializer(ir.tensor(np.array([*lead, n], np.int64)), name=f"{w.name}_out_shape"))
+        # static shapes on the new values: later passes read them (which ops keep the last axis)
+        for value, shape in ((flat, [rows, k]), (gemm, [rows, n]), (out, [*lead, n])):
+            value.shape = ir.Shape(shape)
+            value.dtype = x.dtype
+        return out
 
 
 class FuseBiasAddPass(RewritePass):

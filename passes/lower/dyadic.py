@@ -23,7 +23,9 @@ from qcompiler.passes.lower.groups import (
 )
 from qcompiler.passes.lower.groups import (
     dequantized,
+    output_bounds,
     output_scale,
+    output_scales,
     quantized_output,
     replace_group_output,
 )
@@ -57,16 +59,19 @@ def _is_activation(value: ir.Value | None) -> bool:
     return const_array(producer.inputs[0]) is None
 
 
-def _clamp_bounds(activation: ir.Node | None, out_scale: float) -> tuple[int, int]:
+def _clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]:
+    """The output clamp of a group: its storage range (int8 or int16), narrowed by a fused ReLU or Clip."""
+    lo, hi = output_bounds(quant)
     if activation is None:
-        return -128, 127
+        return lo, hi
     if activation.op_type == "Relu":
-        return 0, 127
+        return 0, hi
+    out_scale = output_scale(quant)
     low = const_array(activation.inputs[1]) if len(activation.inputs) > 1 else None
     high = const_array(activation.inputs[2]) if len(activation.inputs) > 2 else None
-    lo = -128 if low is None else int(np.clip(np.round(float(low) / out_scale), -128, 127))
-    hi = 127 if high is None else int(np.clip(np.round(float(high) / out_scale), -128, 127))
-    return lo, hi
+    clip_lo = lo if low is None else int(np.clip(np.round(float(low) / out_scale), lo, hi))
+    clip_hi = hi if high is None else int(np.clip(np.round(float(high) / out_scale), lo, hi))
+    return clip_lo, clip_hi
 
 
 def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]:
@@ -144,7 +149,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
-        lo, hi = _clamp_bounds(activation, out_scale)
+        lo, hi = _clamp_bounds(activation, quant)
         product = ir.node("MatMulInteger", [a.value, b.value])
         product.outputs[0].dtype = ir.DataType.INT32
         real = float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale
@@ -158,7 +163,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         c = float(constant.reshape(()))
         _, quant = quantized_output(node)
         factor = c if node.op_type == "Mul" else 1.0 / c
-        self._requantize_after(graph, quant, x.value, float(x.scale.reshape(())) * factor / output_scale(quant))
+        lo, hi = output_bounds(quant)
+        real = float(x.scale.reshape(())) * factor / output_scale(quant)
+        self._requantize_after(graph, quant, x.value, real, lo=lo, hi=hi)
 
     def _requantize_after(
         self,
@@ -196,7 +203,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
-        lo, hi = _clamp_bounds(activation, out_scale)
+        lo, hi = _clamp_bounds(activation, quant)
         if node.op_type == "Conv":
             channels, axis = weight.shape[0], 1
         elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
@@ -246,16 +253,15 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
-        lo, hi = _clamp_bounds(activation, out_scale)
-        mult_a, mult_b, shift = quantize_multiplier_pair(
-            float(a.scale.reshape(())) / out_scale, float(b.scale.reshape(())) / out_scale
-        )
+        lo, hi = _clamp_bounds(activation, quant)
+        # per-channel input scales (a per-channel norm output) give one multiplier per channel of the last axis
+        mult_a, mult_b, shift = quantize_multiplier_pair(a.scale / out_scale, b.scale / out_scale)
         base = quant.outputs[0].name or "sum"
         inputs = [
             a.value,
             b.value,
-            add_initializer(graph, f"{base}_multiplier_a", np.array(mult_a, dtype=np.int32)),
-            add_initializer(graph, f"{base}_multiplier_b", np.array(mult_b, dtype=np.int32)),
+            add_initializer(graph, f"{base}_multiplier_a", np.asarray(mult_a, dtype=np.int32)),
+            add_initializer(graph, f"{base}_multiplier_b", np.asarray(mult_b, dtype=np.int32)),
             add_initializer(graph, f"{base}_shift", np.array(shift, dtype=np.int32)),
         ]
         add = ir.node("RescaleAdd", inputs, domain=DOMAIN, attributes={"lo": lo, "hi": hi})
@@ -270,7 +276,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
             raise UnsupportedOpError(node_label(node), node.op_type, "needs a 4-D input with static H and W")
         count = int(shape[2]) * int(shape[3])
-        lo, hi = _clamp_bounds(activation, out_scale)
+        lo, hi = _clamp_bounds(activation, quant)
         base = quant.outputs[0].name or "pool"
         widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
         widen.outputs[0].dtype = ir.DataType.INT32
@@ -286,8 +292,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if len(quants) != 1:
             raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized")
         quant = quants[0]
-        out_scale = output_scale(quant)
-        if not np.isclose(out_scale, float(x.scale.reshape(())), rtol=1e-6):
+        out_scales = output_scales(quant)
+        if out_scales.shape != x.scale.shape or not np.allclose(out_scales, x.scale, rtol=1e-6):
             raise UnsupportedOpError(
                 node_label(node), node.op_type, "input and output scales differ for a shape-only op"
             )
@@ -296,6 +302,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         inputs: list[ir.Value | None] = [x.value, *node.inputs[1:]]
         if node.op_type == "Clip":
             bounds = []
+            out_scale = output_scale(quant)
             for i, fallback in ((1, -128), (2, 127)):
                 c = const_array(node.inputs[i]) if len(node.inputs) > i else None
                 level = fallback if c is None else int(np.clip(np.round(float(c) / out_scale), -128, 127))

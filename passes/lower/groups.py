@@ -16,7 +16,7 @@ ACTIVATIONS = frozenset({"Relu", "Clip"})  # fused into the epilogue of the op b
 
 @dataclasses.dataclass
 class Quantized:
-    """An int8 tensor and the float scale it stands for."""
+    """An int8 (or int16) tensor and the float scale it stands for."""
 
     value: ir.Value
     scale: np.ndarray  # float64, scalar or per channel
@@ -55,10 +55,32 @@ def quantized_output(node: ir.Node) -> tuple[ir.Node | None, ir.Node]:
     return activation, quants[0]
 
 
-def output_scale(quant: ir.Node) -> float:
+def output_scales(quant: ir.Node) -> np.ndarray:
+    """The scale of a group's QuantizeLinear: a float64 scalar, or one per channel of the last axis."""
     scale = const_array(quant.inputs[1])
     assert scale is not None
-    return float(scale.reshape(()))
+    return scale.astype(np.float64).reshape(()) if scale.size == 1 else scale.astype(np.float64).reshape(-1)
+
+
+def output_scale(quant: ir.Node) -> float:
+    """The single scale of a group's QuantizeLinear (ops whose integer form has one output scale)."""
+    scales = output_scales(quant)
+    if scales.ndim:
+        producer = quant.inputs[0].producer() if quant.inputs[0] is not None else None
+        label = node_label(producer) if producer is not None else node_label(quant)
+        op = producer.op_type if producer is not None else "QuantizeLinear"
+        raise UnsupportedOpError(label, op, "its output is quantized per channel; its integer form has one scale")
+    return float(scales)
+
+
+def output_bounds(quant: ir.Node) -> tuple[int, int]:
+    """The clamp of a group's integer output: the range of its QuantizeLinear's type (int8 or int16)."""
+    dtype = quant.outputs[0].dtype
+    if dtype == ir.DataType.INT16:
+        return -32768, 32767
+    if dtype in (ir.DataType.INT8, None):
+        return -128, 127
+    raise UnsupportedOpError(node_label(quant), "QuantizeLinear", f"output type {dtype}: only int8 and int16")
 
 
 def replace_group_output(quant: ir.Node, new_value: ir.Value) -> None:
@@ -67,6 +89,6 @@ def replace_group_output(quant: ir.Node, new_value: ir.Value) -> None:
     name = old.name
     old.name = f"{name}_lowered_away"
     new_value.name = name
-    new_value.dtype = ir.DataType.INT8
+    new_value.dtype = old.dtype if old.dtype is not None else ir.DataType.INT8
     new_value.shape = old.shape
     old.replace_all_uses_with(new_value, replace_graph_outputs=True)

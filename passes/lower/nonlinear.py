@@ -16,7 +16,14 @@ from qcompiler.dialect import DOMAIN
 from qcompiler.dialect import nonlinear as integer
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
-from qcompiler.passes.lower.groups import dequantized, output_scale, quantized_output, replace_group_output
+from qcompiler.passes.lower.groups import (
+    dequantized,
+    output_bounds,
+    output_scale,
+    output_scales,
+    quantized_output,
+    replace_group_output,
+)
 from qcompiler.passes.quantize.softmax_groups import softmax_group
 
 
@@ -25,11 +32,13 @@ def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:
     replace_group_output(quant, node.outputs[0])
 
 
-def _scalars(graph: ir.Graph, base: str, constants: dict) -> tuple[ir.Value, ir.Value, dict]:
-    multiplier = add_initializer(graph, f"{base}_multiplier", np.array(constants["multiplier"], np.int32))
-    shift = add_initializer(graph, f"{base}_shift", np.array(constants["shift"], np.int32))
+def _rescale(graph: ir.Graph, quant: ir.Node, base: str, constants: dict) -> tuple[ir.Value, ir.Value, dict]:
+    """The output multiplier and shift (one, or one per channel) as initializers; the rest as attributes."""
+    multiplier = add_initializer(graph, f"{base}_multiplier", np.asarray(constants["multiplier"], np.int32))
+    shift = add_initializer(graph, f"{base}_shift", np.asarray(constants["shift"], np.int32))
     rest = {k: int(v) for k, v in constants.items() if k not in ("multiplier", "shift")}
-    return multiplier, shift, rest
+    lo, hi = output_bounds(quant)
+    return multiplier, shift, {**rest, "lo": lo, "hi": hi}
 
 
 def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
@@ -57,28 +66,35 @@ def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
     channels = gamma.size
     beta = np.zeros(channels) if beta is None else beta
     epsilon = node.attributes.get_float("epsilon", 1e-5)
-    constants = integer.layernorm_constants(
-        float(x.scale.reshape(())), output_scale(quant), gamma, beta, epsilon, channels
-    )
+    if x.scale.ndim:
+        raise UnsupportedOpError(node_label(node), node.op_type, "its input must have one scale (per tensor)")
+    input_bits = 16 if x.value.dtype == ir.DataType.INT16 else 8
+    try:
+        constants = integer.layernorm_constants(
+            float(x.scale), output_scales(quant), gamma, beta, epsilon, channels, input_bits=input_bits
+        )
+    except ValueError as exc:
+        raise UnsupportedOpError(node_label(node), node.op_type, str(exc)) from exc
     base = quant.outputs[0].name or "norm"
     params = [add_initializer(graph, f"{base}_{k}", np.asarray(constants[k])) for k in ("multiplier", "shift", "bias")]
-    attrs = {"epsilon_q": int(constants["epsilon_q"]), "frac_bits": int(constants["frac_bits"])}
+    lo, hi = output_bounds(quant)
+    attrs = {"epsilon_q": int(constants["epsilon_q"]), "frac_bits": int(constants["frac_bits"]), "lo": lo, "hi": hi}
     _emit(graph, quant, ir.node("IntLayerNorm", [x.value, *params], domain=DOMAIN, attributes=attrs))
 
 
 def lower_gelu(graph: ir.Graph, node: ir.Node) -> None:
     x = dequantized(node.inputs[0], "input", node)
     _, quant = quantized_output(node)
-    constants = integer.gelu_constants(float(x.scale.reshape(())), output_scale(quant))
-    multiplier, shift, attrs = _scalars(graph, quant.outputs[0].name or "gelu", constants)
+    constants = integer.gelu_constants(float(x.scale.reshape(())), output_scales(quant))
+    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "gelu", constants)
     _emit(graph, quant, ir.node("IntGelu", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
 
 
 def lower_sigmoid(graph: ir.Graph, node: ir.Node) -> None:
     x = dequantized(node.inputs[0], "input", node)
     _, quant = quantized_output(node)
-    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scale(quant), silu=False)
-    multiplier, shift, attrs = _scalars(graph, quant.outputs[0].name or "sigmoid", constants)
+    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scales(quant), silu=False)
+    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "sigmoid", constants)
     _emit(graph, quant, ir.node("IntSigmoid", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
 
 

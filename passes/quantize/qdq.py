@@ -1,7 +1,9 @@
 """Insert QuantizeLinear/DequantizeLinear pairs: static W8A8 in standard QDQ ONNX (runs in onnxruntime).
 
 Weights: symmetric int8 per output channel, ``s_c = max|W_c| / 127``, ``q = clamp(round(W / s_c), -127, 127)``.
-Activations: symmetric int8 per tensor from the calibrated threshold, ``s = absmax / 127``, zero point 0.
+Activations: symmetric int8 per tensor from the calibrated threshold, ``s = absmax / 127``, zero point 0;
+residual-stream tensors int16 at ``max|x| / 32767`` and norm outputs per channel when the readers allow it
+(:mod:`qcompiler.passes.quantize.precision`; linear readers fold the per-channel ratios into their weights).
 Bias: int32 at scale ``s_x * s_w``, so the QDQ graph already carries the integer graph's bias rounding.
 Shape-only ops (MaxPool, Reshape, ...) and stand-alone ReLU keep their input's scale.
 """
@@ -11,18 +13,21 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.passes.quantize.precision import plan_precision
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 
 WEIGHT_QMAX = 127
 ACT_QMAX = 127
+WIDE_QMAX = 32767
 INT32_MAX = (1 << 31) - 1
 
 #: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
@@ -55,8 +60,14 @@ class QuantizeConfig:
 
     weight_bits: int = 8
     activation_bits: int = 8
+    #: 16: tensors only residual adds and norms read are int16 (never GEMM operands); 8: all int8
+    residual_bits: int = 16
+    #: norm outputs read only by linear layers and adds get one scale per channel (folded into the weights)
+    per_channel_norm_outputs: bool = True
 
     def __post_init__(self) -> None:
+        if self.residual_bits not in (8, 16):
+            raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits != 8:
             raise ValueError(f"weight_bits: only 8 is supported by the integer path today, got {self.weight_bits}")
         if self.activation_bits != 8:
@@ -78,6 +89,14 @@ def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarr
     return q, scales
 
 
+def _folds_input_scales(node: ir.Node, index: int) -> bool:
+    """A linear layer reading ``index`` as its activation with a constant 2-D weight it can fold scales into."""
+    if node.op_type not in ("Gemm", "MatMul") or index != 0:
+        return False
+    weight = const_array(node.inputs[1])
+    return weight is not None and weight.ndim == 2
+
+
 def activation_scale(absmax: float) -> np.float32:
     """``absmax / 127``; a tensor that was exactly 0 on all calibration data (e.g. attention output with every
     key masked) gets the unit range, so a following int32 bias at ``S_x S_w`` still fits."""
@@ -90,14 +109,22 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     Args:
         ranges: activation name -> symmetric threshold (from :func:`qcompiler.calibrate.calibrate`).
         config: bit widths.
+        channel_absmax: activation name -> exact ``max |x|`` per channel of the last axis
+            (:func:`qcompiler.calibrate.observe`); without it every activation is per-tensor int8.
     """
 
     preserves_outputs = False  # quantization changes the outputs by design; tests bound the change
 
-    def __init__(self, ranges: Mapping[str, float], config: QuantizeConfig | None = None) -> None:
+    def __init__(
+        self,
+        ranges: Mapping[str, float],
+        config: QuantizeConfig | None = None,
+        channel_absmax: Mapping[str, np.ndarray] | None = None,
+    ) -> None:
         super().__init__()
         self.ranges = dict(ranges)
         self.config = config or QuantizeConfig()
+        self.channel_absmax = dict(channel_absmax) if channel_absmax is not None else None
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 13:
@@ -111,8 +138,17 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         groups = {id(g.softmax): g for g in softmax_groups(graph)}
         inside_groups = set().union(*(g.ids for g in groups.values())) | {id(n) for n in graph if is_mask_where(n)}
         self._check_supported(graph, inside_groups)
-        scale_of: dict[int, np.float32] = {}  # id(float value or its DQ output) -> scale
+        scale_of: dict[int, Any] = {}  # id(float value or its DQ output) -> scale (float32 scalar or per channel)
         self._scale_of = scale_of
+        self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
+        self._fold_of: dict[int, np.ndarray] = {}  # id(DQ output read by linear layers) -> t / t0 per channel
+        stats = self.channel_absmax
+        plan = plan_precision(
+            graph,
+            inside_groups,
+            wide=stats is not None and self.config.residual_bits == 16,
+            per_channel=stats is not None and self.config.per_channel_norm_outputs,
+        )
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT:
                 scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
@@ -144,7 +180,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     and not is_graph_output(graph, out)
                 ):
                     continue  # the activation's output carries the scale
-                scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
+                if id(out) in plan.wide:
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._wide_scale(out), bits=16)
+                elif id(out) in plan.per_channel:
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._channel_scales(out))
+                else:
+                    scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (
                 node.op_type in FUSABLE_ACTIVATIONS
                 and node.inputs[0] is not None
@@ -159,7 +200,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 source = node.inputs[0]
                 if source is None or id(source) not in scale_of:
                     raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
-                scale_of[id(out)] = self._quantize_value(graph, out, None, scale_of[id(source)])
+                scale_of[id(out)] = self._quantize_value(
+                    graph, out, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8)
+                )
         return ir.passes.PassResult(model, modified=True)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -214,33 +257,81 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
         return self.ranges[value.name]
 
+    def _wide_scale(self, value: ir.Value) -> np.float32:
+        """int16 scale from the exact maximum (16 bits leave no reason to clip)."""
+        assert self.channel_absmax is not None
+        stats = self.channel_absmax.get(value.name or "")
+        if stats is None:
+            raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
+        absmax = float(stats.max())
+        return np.float32((absmax if absmax > 0.0 else 1.0) / WIDE_QMAX)
+
+    def _channel_scales(self, value: ir.Value) -> np.ndarray:
+        """One int8 scale per channel of the last axis, ``max|x_c| / 127``; channels that stayed (near) zero in
+        calibration get 2^-10 of the largest scale, so their ratio folded into a weight stays representable."""
+        assert self.channel_absmax is not None
+        stats = self.channel_absmax.get(value.name or "")
+        if stats is None or stats.size < 2:
+            raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
+        top = float(stats.max()) if stats.max() > 0 else 1.0
+        return (np.maximum(stats, top / 1024.0) / ACT_QMAX).astype(np.float32)
+
     def _quantize_value(
-        self, graph: ir.Graph, value: ir.Value, absmax: float | None, scale: np.float32 | None = None
-    ) -> np.float32:
-        """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it."""
+        self,
+        graph: ir.Graph,
+        value: ir.Value,
+        absmax: float | None,
+        scale: Any = None,
+        bits: int = 8,
+    ) -> Any:
+        """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it.
+
+        ``scale`` may be one float or one per channel of the last axis; then linear readers (constant weights)
+        get their own ``DQ`` at the largest scale ``t0`` and fold ``t / t0`` into their weights.
+        """
         if scale is None:
             assert absmax is not None
             scale = activation_scale(absmax)
+        scales = np.asarray(scale, dtype=np.float32)
+        per_channel = scales.size > 1
+        storage = {8: (ir.DataType.INT8, np.int8), 16: (ir.DataType.INT16, np.int16)}[bits]
         base = value.name or "act"
         readers = list(value.uses())  # before the Q node below becomes a reader too
-        scale_value = add_initializer(graph, f"{base}_scale", np.array(scale, dtype=np.float32))
-        zero_value = add_initializer(graph, f"{base}_zero_point", np.array(0, dtype=np.int8))
-        quant = ir.node("QuantizeLinear", [value, scale_value, zero_value])
+        scale_value = add_initializer(graph, f"{base}_scale", scales)
+        zero_value = add_initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, dtype=storage[1]))
+        axis = {"axis": -1} if per_channel else {}
+        quant = ir.node("QuantizeLinear", [value, scale_value, zero_value], attributes=axis)
         quant.outputs[0].name = f"{base}_q"
-        quant.outputs[0].dtype = ir.DataType.INT8
+        quant.outputs[0].dtype = storage[0]
         quant.outputs[0].shape = value.shape
-        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value])
+        dequant = ir.node("DequantizeLinear", [quant.outputs[0], scale_value, zero_value], attributes=axis)
         deq_out = dequant.outputs[0]
         deq_out.dtype = ir.DataType.FLOAT
         deq_out.shape = value.shape
         deq_out.name = f"{base}_dq"
+        new_nodes = [quant, dequant]
+        linear_readers = [(r, i) for r, i in readers if per_channel and _folds_input_scales(r, i)]
+        linear_target = deq_out
+        if linear_readers:
+            top = np.float32(scales.max())
+            top_value = add_initializer(graph, f"{base}_scale_linear", np.array(top, dtype=np.float32))
+            top_zero = add_initializer(graph, f"{base}_zero_point_linear", np.array(0, dtype=np.int8))
+            shared = ir.node("DequantizeLinear", [quant.outputs[0], top_value, top_zero])
+            shared.outputs[0].dtype = ir.DataType.FLOAT
+            shared.outputs[0].shape = value.shape
+            shared.outputs[0].name = f"{base}_dq_linear"
+            new_nodes.append(shared)
+            linear_target = shared.outputs[0]
+            self._scale_of[id(shared.outputs[0])] = top
+            self._fold_of[id(shared.outputs[0])] = scales.astype(np.float64) / float(top)
         producer = value.producer()
         if producer is None:
-            graph.insert_before(graph.node(0), [quant, dequant])
+            graph.insert_before(graph.node(0), new_nodes)
         else:
-            graph.insert_after(producer, [quant, dequant])
+            graph.insert_after(producer, new_nodes)
         for reader, index in readers:
-            reader.replace_input_with(index, deq_out)
+            target = linear_target if (reader, index) in linear_readers else deq_out
+            reader.replace_input_with(index, target)
         if is_graph_output(graph, value):
             position = next(i for i, out in enumerate(graph.outputs) if out is value)
             original = value.name
@@ -248,8 +339,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             quant.outputs[0].name = f"{original}_q"
             deq_out.name = original
             graph.outputs[position] = deq_out
-        self._scale_of[id(deq_out)] = scale
-        return scale
+        self._scale_of[id(deq_out)] = scales if per_channel else np.float32(scales)
+        self._bits_of[id(deq_out)] = bits
+        return self._scale_of[id(deq_out)]
 
     def _quantize_table(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, np.float32], index: int) -> None:
         """A constant operand (embedding table, constant addend): symmetric int8 per tensor, so every looked-up
@@ -275,7 +367,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         dq_input = source.producer()
         if dq_input is None or dq_input.op_type != "DequantizeLinear":
             raise UnsupportedOpError(node_label(node), node.op_type, "its input activation is not quantized")
-        input_scale = scale_of[id(dq_input.inputs[0].producer().inputs[0])]
+        input_scale = scale_of[id(source)]
         weight = const_array(node.inputs[1])
         assert weight is not None
         if node.op_type == "Conv":
@@ -284,6 +376,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             axis = 0 if node.attributes.get_int("transB", 0) else 1
         else:
             axis = 1
+        fold = self._fold_of.get(id(source))
+        if fold is not None:  # a per-channel input read at the largest scale: its ratios go into the weight rows
+            rows = [1, 1]
+            rows[1 - axis] = -1
+            weight = weight.astype(np.float64) * fold.reshape(rows)
         q_weight, w_scales = quantize_weight_per_channel(weight, axis)
         w_name = node.inputs[1].name or "weight"
         q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)

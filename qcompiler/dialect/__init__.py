@@ -11,6 +11,7 @@ from qcompiler.dialect.dyadic import (
     quantize_multiplier_pair,
     quantize_multipliers,
     round_shift,
+    storage_dtype,
 )
 from qcompiler.dialect.reference import REFERENCE_OPS, requantize, run_reference
 from qcompiler.dialect.schemas import DOMAIN, OPSET_VERSION, register_schemas
@@ -27,4 +28,5 @@ __all__ = [
     "requantize",
     "round_shift",
     "run_reference",
+    "storage_dtype",
 ]

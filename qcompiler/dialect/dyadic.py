@@ -10,6 +10,7 @@ arithmetic (flooring) shift, i.e. round half up, ties toward +infinity. It is ex
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -53,15 +54,37 @@ def quantize_multipliers(reals: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mult, shift
 
 
-def quantize_multiplier_pair(real_a: float, real_b: float) -> tuple[int, int, int]:
-    """Two factors sharing one shift: ``(b_a, b_b, c)`` with the larger multiplier in ``[2^30, 2^31)``."""
-    _, shift = quantize_multiplier(max(real_a, real_b))
-    mult_a = round(real_a * 2.0**shift)
-    mult_b = round(real_b * 2.0**shift)
-    if max(mult_a, mult_b) > MULTIPLIER_MAX:  # unreachable after frexp renormalisation; guards int32
+def quantize_multiplier_pair(real_a: Any, real_b: Any) -> tuple[Any, Any, int]:
+    """Two factors sharing one shift: ``(b_a, b_b, c)`` with the largest multiplier in ``[2^30, 2^31)``.
+
+    Each factor is a float (giving an int) or an array of per-channel factors (giving an int32 array).
+    """
+    arrays = [np.asarray(r, dtype=np.float64) for r in (real_a, real_b)]
+    _, shift = quantize_multiplier(float(max(a.max() for a in arrays)))
+    mults = [np.round(a * 2.0**shift) for a in arrays]
+    if max(m.max() for m in mults) > MULTIPLIER_MAX:  # unreachable after frexp renormalisation; guards int32
         shift -= 1
-        mult_a, mult_b = round(real_a * 2.0**shift), round(real_b * 2.0**shift)
-    return int(mult_a), int(mult_b), int(shift)
+        mults = [np.round(a * 2.0**shift) for a in arrays]
+    out = [int(m) if np.ndim(r) == 0 else m.astype(np.int32) for m, r in zip(mults, (real_a, real_b), strict=True)]
+    return out[0], out[1], int(shift)
+
+
+def storage_dtype(lo: int, hi: int) -> np.dtype:
+    """The integer type of an output clamped to ``[lo, hi]``: int8 when it fits, else int16.
+
+    Every op with an output clamp (Requantize, RescaleAdd, QGemm, QConv, IntLayerNorm, IntGelu, IntSigmoid)
+    stores its result in this type, so a wide (int16) tensor is declared by its clamp bounds alone.
+
+    Raises:
+        ValueError: the bounds are empty or do not fit int16.
+    """
+    if lo > hi:
+        raise ValueError(f"output clamp [{lo}, {hi}] is empty")
+    if lo >= -128 and hi <= 127:
+        return np.dtype(np.int8)
+    if lo >= -32768 and hi <= 32767:
+        return np.dtype(np.int16)
+    raise ValueError(f"output clamp [{lo}, {hi}] does not fit int16")
 
 
 def round_shift(value: np.ndarray | np.integer, shift: np.ndarray | np.integer) -> np.ndarray:

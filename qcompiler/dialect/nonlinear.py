@@ -8,16 +8,19 @@ Bit widths (checked by the worst-case tests in tests/qcompiler/test_nonlinear.py
   ``(r + b_q)^2 + c_q`` stays below 2^31, an exponent below 2^30, a row sum of up to 2^33 entries fits int64.
 - layernorm: int8 input along the last axis, C <= 2^15 channels: ``|d| = |C x - sum| <= 255 C``,
   ``sum d^2 <= 65025 C^3``, times ``4^frac_bits`` (chosen so the product stays below 2^62: 8 for C <= 1625);
+  int16 input (a wide residual stream): ``|d| <= 65535 C``, frac_bits 2 for C = 384, 1 for C = 576, refused
+  above C = 1023;
   normalized values carry 15 fractional bits.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from qcompiler.dialect.dyadic import quantize_multiplier, round_shift
+from qcompiler.dialect.dyadic import quantize_multiplier, quantize_multipliers, round_shift, storage_dtype
 
 # I-BERT's second-order fit of exp on [-ln2, 0]: exp(r) ~= A (r + B)^2 + C; max relative error 1.9e-3 there
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344
@@ -143,25 +146,40 @@ MAX_NORM_CHANNELS = 1 << 15
 MAX_FRAC_BITS = 8
 
 
-def layernorm_frac_bits(channels: int) -> int:
-    """Fractional bits of the integer standard deviation: as many as keep ``sum(d^2) 4^f`` below 2^62."""
+def layernorm_frac_bits(channels: int, input_bits: int = 8) -> int:
+    """Fractional bits of the integer standard deviation: as many as keep ``sum(d^2) 4^f`` below 2^62 for
+    ``input_bits``-bit inputs (``|d| <= (2^bits - 1) C``)."""
     if not 1 <= channels <= MAX_NORM_CHANNELS:
         raise ValueError(f"IntLayerNorm: {channels} channels is outside [1, {MAX_NORM_CHANNELS}]")
-    worst_bits = math.log2(65025.0 * channels**3)
-    return max(0, min(MAX_FRAC_BITS, math.floor((61.9 - worst_bits) / 2)))
+    worst_bits = math.log2(float((1 << input_bits) - 1) ** 2 * channels**3)
+    frac_bits = math.floor((61.9 - worst_bits) / 2)
+    if frac_bits < 0:
+        raise ValueError(
+            f"IntLayerNorm: {channels} channels of {input_bits}-bit input overflow the int64 sum of squares; "
+            "quantize the norm's input to int8"
+        )
+    return min(MAX_FRAC_BITS, frac_bits)
 
 
 def layernorm_constants(
-    input_scale: float, output_scale: float, gamma: np.ndarray, beta: np.ndarray, epsilon: float, channels: int
+    input_scale: float,
+    output_scale: float | np.ndarray,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    epsilon: float,
+    channels: int,
+    input_bits: int = 8,
 ) -> dict[str, np.ndarray | int]:
     """Integer parameters of IntLayerNorm: signed per-channel multipliers for ``gamma / S_y`` applied to a
     normalized value with 15 fractional bits, the output bias ``round(beta / S_y)``, the fractional bits ``f``
     of the integer standard deviation and epsilon in units of the radicand ``sum(d^2) 4^f / C = C^2 4^f var /
-    S_x^2``."""
-    frac_bits = layernorm_frac_bits(channels)
+    S_x^2``. ``output_scale`` is one scale or one per channel (a per-channel quantized output)."""
+    frac_bits = layernorm_frac_bits(channels, input_bits)
+    gammas = np.broadcast_to(np.asarray(gamma, dtype=np.float64).reshape(-1), (channels,))
+    out_scales = np.broadcast_to(np.asarray(output_scale, dtype=np.float64).reshape(-1), (channels,))
     mults, shifts = [], []
-    for g in np.asarray(gamma, dtype=np.float64).reshape(-1):
-        real = abs(g) / output_scale / (1 << NORM_FRACTION_BITS)
+    for g, out_scale in zip(gammas, out_scales, strict=True):
+        real = abs(g) / out_scale / (1 << NORM_FRACTION_BITS)
         if real == 0.0:
             mults.append(0)
             shifts.append(31)
@@ -169,7 +187,7 @@ def layernorm_constants(
         m, s = quantize_multiplier(real)
         mults.append(int(math.copysign(m, g)))
         shifts.append(s)
-    bias = np.round(np.asarray(beta, dtype=np.float64).reshape(-1) / output_scale)
+    bias = np.round(np.broadcast_to(np.asarray(beta, dtype=np.float64).reshape(-1), (channels,)) / out_scales)
     eps_q = round(epsilon * channels * channels * 4.0**frac_bits / (input_scale * input_scale))
     return {
         "frac_bits": frac_bits,
@@ -209,24 +227,37 @@ def int_layernorm(
     normalized = (d * factor) >> (NORM_RECIP_BITS - NORM_FRACTION_BITS - frac_bits)
     mult = np.asarray(multiplier, dtype=np.int64)
     y = round_shift(normalized * mult, np.asarray(shift, dtype=np.int64)) + np.asarray(bias, np.int64) + zero_point
-    return np.clip(y, lo, hi).astype(np.int8)
+    return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
 
 
 # --- shared output stage ------------------------------------------------------------------------------------
-def prescaled_requantize_constants(value_scale: float, max_abs_value: float, output_scale: float) -> dict[str, int]:
+def prescaled_requantize_constants(
+    value_scale: float, max_abs_value: float, output_scale: float | np.ndarray
+) -> dict[str, Any]:
     """(pre_shift, multiplier, shift) for ``y = round_shift(round_shift(V, t) * b, c)``, V up to ``max_abs_value``.
 
     ``t`` brings V below 2^31 so the product with ``b < 2^31`` stays below 2^62; ``b 2^-c = S_V 2^t / S_y``.
+    A per-channel ``output_scale`` (array) gives int32 arrays of multipliers and shifts.
     """
     pre_shift = max(0, math.ceil(math.log2(max(max_abs_value, 1.0))) + 1 - 31)
-    multiplier, shift = quantize_multiplier(value_scale * (1 << pre_shift) / output_scale)
-    return {"pre_shift": pre_shift, "multiplier": multiplier, "shift": shift}
+    scales = np.asarray(output_scale, dtype=np.float64)
+    if scales.ndim == 0:
+        multiplier, shift = quantize_multiplier(value_scale * (1 << pre_shift) / float(scales))
+        return {"pre_shift": pre_shift, "multiplier": multiplier, "shift": shift}
+    multipliers, shifts = quantize_multipliers(value_scale * (1 << pre_shift) / scales)
+    return {"pre_shift": pre_shift, "multiplier": multipliers, "shift": shifts}
 
 
 def _output_stage(value: np.ndarray, pre_shift: int, multiplier, shift, zero_point: int, lo: int, hi: int):
+    """``clamp(round_shift(round_shift(V, t) * b, c) + z)``; ``b``, ``c`` scalars or one per channel of the last
+    axis (a per-channel quantized output)."""
     reduced = round_shift(value, np.int64(pre_shift)) if pre_shift else value
-    y = round_shift(reduced * np.int64(multiplier), np.int64(shift)) + zero_point
-    return np.clip(y, lo, hi).astype(np.int8)
+    mult: np.ndarray = np.asarray(multiplier, dtype=np.int64).reshape(-1)
+    sh: np.ndarray = np.asarray(shift, dtype=np.int64).reshape(-1)
+    if mult.size == 1:
+        mult, sh = mult.reshape(()), sh.reshape(())
+    y = round_shift(reduced * mult, sh) + zero_point
+    return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
 
 
 def _fine_shift(scale: float, unit: float, minimum: int = 1 << 10) -> int:
@@ -238,7 +269,7 @@ def _fine_shift(scale: float, unit: float, minimum: int = 1 << 10) -> int:
 ERF_A, ERF_B = 0.2888, 1.769  # erf(x) ~= sgn(x) (1 - A (min(|x|, B) - B)^2)
 
 
-def gelu_constants(input_scale: float, output_scale: float) -> dict[str, int]:
+def gelu_constants(input_scale: float, output_scale: float | np.ndarray) -> dict[str, Any]:
     """Integer attributes of IntGelu for int8 input at ``input_scale`` and int8 output at ``output_scale``."""
     erf_step = input_scale / math.sqrt(2.0)  # erf(x / sqrt 2): the same integer q, a step of S / sqrt 2
     input_shift = _fine_shift(erf_step, ERF_B)
@@ -254,8 +285,8 @@ def gelu_constants(input_scale: float, output_scale: float) -> dict[str, int]:
 
 def int_gelu(
     x: np.ndarray,
-    multiplier: int,
-    shift: int,
+    multiplier: int | np.ndarray,
+    shift: int | np.ndarray,
     *,
     input_shift: int,
     b_q: int,
@@ -277,7 +308,7 @@ def int_gelu(
 SIGMOID_BITS = 30  # sigmoid carried as an integer in [0, 2^30]
 
 
-def sigmoid_constants(input_scale: float, output_scale: float, silu: bool) -> dict[str, int]:
+def sigmoid_constants(input_scale: float, output_scale: float | np.ndarray, silu: bool) -> dict[str, Any]:
     """Integer attributes of IntSigmoid (``silu``: x * sigmoid(x)) for int8 input and output."""
     input_shift = _fine_shift(input_scale, math.log(2.0))
     fine = input_scale / (1 << input_shift)
@@ -294,8 +325,8 @@ def sigmoid_constants(input_scale: float, output_scale: float, silu: bool) -> di
 
 def int_sigmoid(
     x: np.ndarray,
-    multiplier: int,
-    shift: int,
+    multiplier: int | np.ndarray,
+    shift: int | np.ndarray,
     *,
     input_shift: int,
     ln2_q: int,

@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from qcompiler.dialect import nonlinear
-from qcompiler.dialect.dyadic import round_shift
+from qcompiler.dialect.dyadic import round_shift, storage_dtype
 from qcompiler.dialect.schemas import DOMAIN
 
 
@@ -41,14 +41,36 @@ def requantize(
     lo: int = -128,
     hi: int = 127,
 ) -> np.ndarray:
-    """``clamp(((x*b + 2^(c-1)) >> c) + z, lo, hi)`` as int8; ``b``, ``c`` scalar or per channel on ``axis``."""
+    """``clamp(((x*b + 2^(c-1)) >> c) + z, lo, hi)`` in :func:`storage_dtype` (int8, or int16 for a wide clamp);
+    ``b``, ``c`` scalar or per channel on ``axis``."""
     x64 = np.asarray(x, dtype=np.int64)
     mult = _channel_view(multiplier, x64.ndim, axis)
     sh = _channel_view(shift, x64.ndim, axis)
     if np.any(sh < 1) or np.any(sh > 62):
         raise ValueError("Requantize: shift must lie in [1, 62]")
     y = round_shift(x64 * mult, sh) + zero_point
-    return np.clip(y, lo, hi).astype(np.int8)
+    return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
+
+
+def rescale_add(
+    a: np.ndarray,
+    b: np.ndarray,
+    multiplier_a: np.ndarray,
+    multiplier_b: np.ndarray,
+    shift: np.ndarray,
+    *,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """``clamp(round_shift(a*b_a + b*b_b, c) + z, lo, hi)``; the multipliers are scalars or one per channel of
+    the last axis (numpy broadcasting), the shift one scalar; int8 or int16 addends."""
+    rank = max(np.ndim(a), np.ndim(b))
+    mult_a = _channel_view(multiplier_a, rank, -1)
+    mult_b = _channel_view(multiplier_b, rank, -1)
+    total = np.asarray(a, dtype=np.int64) * mult_a + np.asarray(b, dtype=np.int64) * mult_b
+    y = round_shift(total, np.int64(np.asarray(shift).reshape(()))) + zero_point
+    return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
 
 
 def qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
@@ -100,9 +122,7 @@ class RescaleAdd(OpRun):
     op_domain = DOMAIN
 
     def _run(self, a, b, multiplier_a, multiplier_b, shift, zero_point=0, lo=-128, hi=127):
-        total = a.astype(np.int64) * np.int64(multiplier_a) + b.astype(np.int64) * np.int64(multiplier_b)
-        y = round_shift(total, np.int64(shift)) + zero_point
-        return (np.clip(y, lo, hi).astype(np.int8),)
+        return (rescale_add(a, b, multiplier_a, multiplier_b, shift, zero_point=zero_point, lo=lo, hi=hi),)
 
 
 class QGemm(OpRun):
@@ -171,8 +191,8 @@ class IntGelu(OpRun):
     def _run(self, x, multiplier, shift, input_shift=0, b_q=1, c_q=1, pre_shift=0, zero_point=0, lo=-128, hi=127):
         y = nonlinear.int_gelu(
             x,
-            int(multiplier),
-            int(shift),
+            multiplier,
+            shift,
             input_shift=input_shift,
             b_q=b_q,
             c_q=c_q,
@@ -205,8 +225,8 @@ class IntSigmoid(OpRun):
     ):
         y = nonlinear.int_sigmoid(
             x,
-            int(multiplier),
-            int(shift),
+            multiplier,
+            shift,
             input_shift=input_shift,
             ln2_q=ln2_q,
             b_q=b_q,

@@ -14,7 +14,10 @@ DOMAIN = "qcompiler"
 OPSET_VERSION = 1
 
 _I8 = "tensor(int8)"
+_I16 = "tensor(int16)"
 _I32 = "tensor(int32)"
+#: outputs with a clamp: int8, or int16 when [lo, hi] does not fit int8 (qcompiler.dialect.storage_dtype)
+_OUT = ("Y", [_I8, _I16], "int8, or int16 when the clamp [lo, hi] needs it")
 _INT = OpSchema.AttrType.INT
 _INTS = OpSchema.AttrType.INTS
 
@@ -25,8 +28,8 @@ def _attr(name: str, default: int, doc: str) -> OpSchema.Attribute:
 
 _EPILOGUE_ATTRS = [
     _attr("zero_point", 0, "output zero point added after the rescale"),
-    _attr("lo", -128, "lower clamp of the output (a fused ReLU raises it to zero_point)"),
-    _attr("hi", 127, "upper clamp of the output"),
+    _attr("lo", -128, "lower clamp of the output (a fused ReLU raises it to zero_point); below -128: int16 output"),
+    _attr("hi", 127, "upper clamp of the output; above 127: int16 output"),
 ]
 
 
@@ -41,12 +44,12 @@ def _schemas() -> list[OpSchema]:
         OPSET_VERSION,
         "y = clamp(((x * multiplier + 2^(shift-1)) >> shift) + zero_point, lo, hi), int64 arithmetic.",
         inputs=[
-            _param("x", "T", "integer input (int32 accumulators or int8)"),
+            _param("x", "T", "integer input (int32 accumulators, int8 or int16)"),
             _param("multiplier", _I32, "b in [2^30, 2^31), scalar or one per channel along axis"),
             _param("shift", _I32, "c in [1, 62], same shape as multiplier"),
         ],
-        outputs=[_param("y", _I8, "int8 output")],
-        type_constraints=[("T", [_I8, _I32], "integer input types")],
+        outputs=[_param("y", "Y", "int8 or int16 output")],
+        type_constraints=[("T", [_I8, _I16, _I32], "integer input types"), _OUT],
         attributes=[_attr("axis", 1, "channel axis for per-channel multipliers"), *_EPILOGUE_ATTRS],
     )
     rescale_add = OpSchema(
@@ -55,13 +58,14 @@ def _schemas() -> list[OpSchema]:
         OPSET_VERSION,
         "y = clamp(((a*multiplier_a + b*multiplier_b + 2^(shift-1)) >> shift) + zero_point, lo, hi).",
         inputs=[
-            _param("a", _I8, "first addend"),
-            _param("b", _I8, "second addend (numpy broadcasting)"),
-            _param("multiplier_a", _I32, "scalar multiplier of a"),
-            _param("multiplier_b", _I32, "scalar multiplier of b"),
+            _param("a", "A", "first addend"),
+            _param("b", "B", "second addend (numpy broadcasting)"),
+            _param("multiplier_a", _I32, "multiplier of a: scalar or one per channel of the last axis"),
+            _param("multiplier_b", _I32, "multiplier of b: scalar or one per channel of the last axis"),
             _param("shift", _I32, "scalar shared shift"),
         ],
-        outputs=[_param("y", _I8, "int8 sum at the output scale")],
+        outputs=[_param("y", "Y", "the sum at the output scale")],
+        type_constraints=[("A", [_I8, _I16], "int8 or int16"), ("B", [_I8, _I16], "int8 or int16"), _OUT],
         attributes=list(_EPILOGUE_ATTRS),
     )
     qgemm = OpSchema(
@@ -76,7 +80,8 @@ def _schemas() -> list[OpSchema]:
             _param("multiplier", _I32, "scalar or [N]"),
             _param("shift", _I32, "scalar or [N]"),
         ],
-        outputs=[_param("y", _I8, "int8 [..., N]")],
+        outputs=[_param("y", "Y", "int8 (or int16) [..., N]")],
+        type_constraints=[_OUT],
         attributes=list(_EPILOGUE_ATTRS),
     )
     qconv = OpSchema(
@@ -91,7 +96,8 @@ def _schemas() -> list[OpSchema]:
             _param("multiplier", _I32, "scalar or [M]"),
             _param("shift", _I32, "scalar or [M]"),
         ],
-        outputs=[_param("y", _I8, "int8 [N, M, OH, OW]")],
+        outputs=[_param("y", "Y", "int8 (or int16) [N, M, OH, OW]")],
+        type_constraints=[_OUT],
         attributes=[
             OpSchema.Attribute("strides", OpSchema.AttrType.INTS, "stride per spatial axis", required=False),
             OpSchema.Attribute("pads", OpSchema.AttrType.INTS, "begin/end pads (ONNX order)", required=False),
@@ -130,12 +136,13 @@ def _schemas() -> list[OpSchema]:
         "LayerNorm (or RMSNorm) over the last axis in integers with an exact integer square root, then a "
         "per-channel signed dyadic affine rescale.",
         inputs=[
-            _param("x", _I8, "int8 input"),
+            _param("x", "T", "int8 or int16 (wide residual stream) input"),
             _param("multiplier", _I32, "signed per-channel multiplier of gamma / S_y (2^-15 folded in)"),
             _param("shift", _I32, "per-channel shift"),
             _param("bias", _I32, "per-channel round(beta / S_y)"),
         ],
-        outputs=[_param("y", _I8, "int8 output")],
+        outputs=[_param("y", "Y", "int8 (or int16) output")],
+        type_constraints=[("T", [_I8, _I16], "integer input types"), _OUT],
         attributes=[
             _attr("rms", 0, "1: RMSNorm (no mean subtraction)"),
             _attr("epsilon_q", 0, "epsilon in units of the radicand sum(d^2) 4^frac_bits / C"),

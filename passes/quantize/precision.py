@@ -1,0 +1,117 @@
+"""Which activations get more than one int8 scale: wide (int16) residual tensors and per-channel norm outputs.
+
+Transformers carry a few huge channels in the residual stream (BERT's outlier dimensions, Llama's massive
+activations). One int8 scale per tensor then leaves the other channels a handful of levels. Two integer-only
+remedies, chosen from the graph alone:
+
+- **Wide tensors.** A tensor that only residual adds and norms read (the residual stream: a residual sum,
+  an output projection that writes into it) is never a GEMM operand, so it can be int16 at no cost to the W8A8
+  kernels: ``RescaleAdd`` and ``IntLayerNorm`` take and produce int16.
+- **Per-channel norm and activation outputs.** A LayerNorm, GELU or sigmoid output read only by
+  constant-weight linear layers, residual adds and graph outputs gets one scale per channel of its last axis
+  (the integer op's output rescale takes one multiplier per channel at no cost). Linear layers fold the ratios
+  into their weight rows before the weights are quantized (``W'[c, :] = W[c, :] t_c / t_0``) and read the
+  int8 values at the single scale ``t_0``: the run-time GEMM stays per-tensor (REFERENCES.md section 1:
+  RepQuant, OutlierTune). Residual adds take one multiplier per channel.
+
+Only shape ops that keep the last axis pass either property through to their readers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Set
+
+import onnx_ir as ir
+
+from qcompiler.ir.graph import const_array, consumers, is_graph_output
+
+#: ops that move values without changing them; their output inherits the input's precision
+_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+#: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
+_WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul"})
+#: producers whose integer form can write one scale per channel of the last axis
+_PER_CHANNEL_PRODUCERS = frozenset({"LayerNormalization", "Gelu", "Sigmoid"})
+
+
+@dataclasses.dataclass(frozen=True)
+class PrecisionPlan:
+    """``id(value)`` sets: values stored as int16, values quantized per channel of the last axis."""
+
+    wide: Set[int]
+    per_channel: Set[int]
+
+
+def _keeps_last_axis(node: ir.Node) -> bool:
+    source, out = node.inputs[0], node.outputs[0]
+    if source is None or source.shape is None or out.shape is None or len(source.shape) == 0 or len(out.shape) == 0:
+        return False
+    if node.op_type == "Transpose":
+        perm = node.attributes.get_ints("perm", None)
+        return perm is not None and perm[-1] == len(perm) - 1
+    last_in, last_out = source.shape[-1], out.shape[-1]
+    return isinstance(last_in, int) and last_in == last_out
+
+
+def _readers_all(graph: ir.Graph, value: ir.Value, accept: Callable[[ir.Node, int], bool], excluded: Set[int]) -> bool:
+    """Every reader of ``value`` (looking through last-axis-keeping shape ops) satisfies ``accept``."""
+    readers = list(value.uses())
+    if not readers and not is_graph_output(graph, value):
+        return False
+    for node, index in readers:
+        if id(node) in excluded:
+            return False
+        if node.op_type in _PASS_THROUGH and index == 0:
+            if not _keeps_last_axis(node) or not _readers_all(graph, node.outputs[0], accept, excluded):
+                return False
+        elif not accept(node, index):
+            return False
+    return True
+
+
+def _is_residual_add(node: ir.Node, index: int) -> bool:
+    return node.op_type == "Add" and any(const_array(v) is None for v in node.inputs)
+
+
+def _reads_wide(node: ir.Node, index: int) -> bool:
+    return _is_residual_add(node, index) or (node.op_type == "LayerNormalization" and index == 0)
+
+
+def _reads_per_channel(node: ir.Node, index: int) -> bool:
+    if _is_residual_add(node, index):
+        return True
+    if node.op_type in ("Gemm", "MatMul") and index == 0:
+        weight = const_array(node.inputs[1])
+        return weight is not None and weight.ndim == 2
+    return False
+
+
+def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_channel: bool) -> PrecisionPlan:
+    """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
+
+    Args:
+        graph: the float graph, before QDQ insertion.
+        excluded: ``id(node)`` of nodes that must keep per-tensor int8 inputs (softmax groups).
+        wide: enable int16 residual tensors.
+        per_channel: enable per-channel norm outputs.
+    """
+    wide_ids: set[int] = set()
+    channel_ids: set[int] = set()
+    for node in graph:
+        if id(node) in excluded or not node.outputs:
+            continue
+        out = node.outputs[0]
+        if len(consumers(out)) == 1 and consumers(out)[0].op_type in ("Relu", "Clip"):
+            continue  # a fused activation carries the output
+        if wide and node.op_type in _WIDE_PRODUCERS:
+            if node.op_type != "Add" and const_array(node.inputs[1]) is None:
+                continue  # activation x activation products stay int8
+            if _readers_all(graph, out, _reads_wide, excluded):
+                wide_ids.add(id(out))
+        elif (
+            per_channel
+            and node.op_type in _PER_CHANNEL_PRODUCERS
+            and _readers_all(graph, out, _reads_per_channel, excluded)
+        ):
+            channel_ids.add(id(out))
+    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids))
