@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.backends.tvm import build, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
-from qcompiler.dialect import DOMAIN
+from qcompiler.dialect import DOMAIN, run_reference
 from qcompiler.testing import assert_bit_exact
 from qcompiler.testing.kernel_models import single_node_model
 
@@ -234,3 +234,50 @@ def test_qgemm_epilogue_forms_agree_at_every_shift(shifts: tuple[int, int]) -> N
         {"x": np.eye(4, k, dtype=np.int8)},  # small accumulators: many exact .5 ties with b = 2^30
     ]
     assert_bit_exact(_builder((4, k)), model, feeds)
+
+
+def test_rescale_add_wide_and_per_channel_bit_exact() -> None:
+    """int16 + per-channel-scaled int8 -> int16 (the residual stream of a post-norm transformer), at ties."""
+    rng = np.random.default_rng(5)
+    channels = 37
+    a = rng.integers(-32768, 32768, (2, 6, channels)).astype(np.int16)
+    a[0, 0] = 32767
+    a[0, 1] = -32768
+    b = rng.integers(-128, 128, (2, 6, channels)).astype(np.int8)
+    mult_b = rng.integers(1 << 20, 1 << 31, channels).astype(np.int32)
+    graph = helper.make_graph(
+        [helper.make_node("RescaleAdd", ["x", "b", "ma", "mb", "s"], ["y"], domain=DOMAIN, lo=-32768, hi=32767)],
+        "wide_add",
+        [helper.make_tensor_value_info("x", TensorProto.INT16, list(a.shape))],
+        [helper.make_tensor_value_info("y", TensorProto.INT16, None)],
+        [
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
+            numpy_helper.from_array(mult_b, "mb"),
+            numpy_helper.from_array(np.array(31, np.int32), "s"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    assert_bit_exact(_builder(a.shape), model, [{"x": a}])
+    assert run_reference(model, {"x": a})[0].dtype == np.int16
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_qgemm_int16_output_bit_exact(per_channel: bool) -> None:
+    """A wide clamp makes the GEMM write int16 (an output projection into the residual stream)."""
+    rng = np.random.default_rng(11)
+    m, n, k = 9, 21, 70
+    mult, shift = _epilogue_params(rng, n, per_channel)
+    shift = (shift - 8).astype(np.int32)  # rescales large enough to use the int16 range
+    inits = {
+        "w": rng.integers(-127, 128, (n, k)).astype(np.int8),
+        "b": rng.integers(-5000, 5000, n).astype(np.int32),
+        "m": mult,
+        "s": shift,
+    }
+    model = _single("QGemm", ["w", "b", "m", "s"], (m, k), inits, out_dtype=TensorProto.INT16, lo=-32768, hi=32767)
+    x = rng.integers(-128, 128, (m, k)).astype(np.int8)
+    x[0] = 127
+    assert_bit_exact(_builder((m, k)), model, [{"x": x}])
+    y = run_reference(model, {"x": x})[0]
+    assert y.dtype == np.int16 and np.abs(y).max() > 127

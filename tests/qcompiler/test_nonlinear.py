@@ -21,6 +21,7 @@ from qcompiler.dialect.nonlinear import (
     isqrt,
     isqrt_fixed_iterations,
     layernorm_constants,
+    layernorm_frac_bits,
     sigmoid_constants,
     softmax_constants,
 )
@@ -293,3 +294,93 @@ def test_masked_softmax_tvm_bit_exact() -> None:
     mask[1] = False
     feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8), "m": mask}]
     assert_bit_exact(lambda proto: build(proto, {"x": list(shape), "m": [2, 1, 1, 9]}), model, feeds)
+
+
+# --- wide (int16) inputs and per-channel output scales -------------------------------------------------------
+@settings(max_examples=60)
+@given(st.sampled_from([8, 64, 384, 576, 1000]), st.floats(1e-4, 1e-2), st.booleans(), st.integers(0, 2**31 - 1))
+def test_layernorm_int16_input_error_bound(channels: int, scale: float, rms: bool, seed: int) -> None:
+    """int16 input (a wide residual stream) with per-channel output scales: the same bound, per channel."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-32768, 32768, (4, channels))
+    x[0, : channels // 8 + 1] = 32767  # an outlier block, as in BERT's residual stream
+    gamma = rng.uniform(-2, 2, channels)
+    beta = rng.uniform(-1, 1, channels)
+    reference = _float_norm(x, scale, gamma, beta, 1e-5, rms)
+    out_scales = np.maximum(np.abs(reference).max(0), 1e-3) / 127
+    k = layernorm_constants(scale, out_scales, gamma, beta, 1e-5, channels, input_bits=16)
+    y = int_layernorm(
+        x, k["multiplier"], k["shift"], k["bias"], rms=rms, epsilon_q=int(k["epsilon_q"]), frac_bits=int(k["frac_bits"])
+    )
+    target = np.clip(reference / out_scales, -128, 127)
+    err = np.abs(y - target)
+    assert np.all(err <= 1.0 + np.abs(target - beta / out_scales) * 2**-9 + 1e-9)
+
+
+def test_layernorm_int16_input_refuses_too_many_channels() -> None:
+    assert layernorm_frac_bits(1000, input_bits=16) >= 0
+    with pytest.raises(ValueError, match="1024 channels of 16-bit input overflow"):
+        layernorm_frac_bits(1024, input_bits=16)
+
+
+def test_layernorm_int16_worst_case_fits_int64() -> None:
+    for channels in (384, 576, 1000):
+        k = layernorm_constants(1e-3, 0.05, np.ones(channels), np.zeros(channels), 1e-5, channels, input_bits=16)
+        f = int(k["frac_bits"])
+        extremes = np.where(np.arange(channels) % 2 == 0, 32767, -32768)
+        d = channels * extremes - extremes.sum()
+        assert int((d.astype(object) ** 2).sum()) << (2 * f) < 2**62
+
+
+def test_gelu_per_channel_output_scales_match_per_tensor_ones() -> None:
+    """A per-channel output rescale gives, channel by channel, what a per-tensor one with that scale gives."""
+    scales = np.array([0.01, 0.02, 0.05, 0.2])
+    per_channel = gelu_constants(0.05, scales)
+    x = np.tile(ALL_INT8[:, None], (1, 4))
+    multiplier, shift, rest = _split(per_channel)
+    y = int_gelu(x, multiplier, shift, **rest)
+    for c, s in enumerate(scales):
+        m_c, s_c, rest_c = _split(gelu_constants(0.05, float(s)))
+        assert rest_c == rest
+        assert np.array_equal(y[:, c], int_gelu(ALL_INT8, m_c, s_c, **rest_c))
+
+
+@pytest.mark.tvm
+@settings(max_examples=8)
+@given(st.sampled_from([8, 384, 576]), st.booleans(), st.integers(0, 2**31 - 1))
+def test_layernorm_int16_tvm_bit_exact(channels: int, rms: bool, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    out_scales = rng.uniform(0.005, 0.05, channels)
+    k = layernorm_constants(
+        1e-3, out_scales, rng.uniform(-2, 2, channels), rng.uniform(-1, 1, channels), 1e-5, channels, input_bits=16
+    )
+    shape = (3, channels)
+    model = single_node_model(
+        "IntLayerNorm",
+        ["m", "s", "b"],
+        shape,
+        {"m": k["multiplier"], "s": k["shift"], "b": k["bias"]},
+        input_dtype=TensorProto.INT16,
+        rms=int(rms),
+        epsilon_q=int(k["epsilon_q"]),
+        frac_bits=int(k["frac_bits"]),
+    )
+    x = rng.integers(-32768, 32768, shape).astype(np.int16)
+    x[1] = np.where(np.arange(channels) % 2 == 0, 32767, -32768)  # the largest sum of squares
+    _assert_tvm_matches(model, shape, [{"x": x}])
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("op", ["gelu", "silu"])
+def test_per_channel_output_rescale_tvm_bit_exact(op: str) -> None:
+    x = np.tile(ALL_INT8.astype(np.int8)[:, None], (1, 5))
+    scales = np.array([0.003, 0.01, 0.02, 0.07, 0.3])
+    if op == "gelu":
+        multiplier, shift, rest = _split(gelu_constants(0.04, scales))
+        name = "IntGelu"
+    else:
+        multiplier, shift, rest = _split(sigmoid_constants(0.04, scales, silu=True))
+        rest["silu"] = 1
+        name = "IntSigmoid"
+    inits = {"m": np.asarray(multiplier, np.int32), "s": np.asarray(shift, np.int32)}
+    _assert_tvm_matches(single_node_model(name, ["m", "s"], x.shape, inits, **rest), x.shape, [{"x": x}])
