@@ -6,6 +6,7 @@ from qcompiler.testing.assertions import (
     assert_bit_exact,
     assert_equivalent,
     assert_within_quantization_step,
+    float_functions,
     output_steps,
 )
 from qcompiler.testing.strategies import (
@@ -24,6 +25,7 @@ __all__ = [
     "assert_within_quantization_step",
     "attention_models",
     "cnn_models",
+    "float_functions",
     "mlp_models",
     "models",
     "output_steps",

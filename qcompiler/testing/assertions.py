@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -128,3 +129,28 @@ def assert_within_quantization_step(
             worst = max(worst, diff)
             assert diff <= steps + 1e-3, f"output {index}: integer graph is {diff:.3f} steps from the QDQ graph"
     return worst
+
+
+#: LLVM IR floating-point instructions and types (an integer-only kernel has none)
+FLOAT_INSTRUCTIONS = re.compile(
+    r"\b(fadd|fsub|fmul|fdiv|frem|fcmp|fptosi|fptoui|sitofp|uitofp|fpext|fptrunc)\b|\b(float|double)\b"
+)
+#: helpers TVM puts in every LLVM module and never calls from integer code
+_FP16_HELPERS = frozenset({"__truncsfhf2", "__extendhfsf2"})
+
+
+def llvm_functions(llvm_ir: str) -> dict[str, str]:
+    """Function name -> its body, for every function defined in an LLVM IR module."""
+    bodies = {}
+    for match in re.finditer(r"^define [^@]*@\"?([\w.$]+)\"?\(.*?^}", llvm_ir, re.S | re.M):
+        bodies[match.group(1)] = match.group(0)
+    return bodies
+
+
+def float_functions(llvm_ir: str) -> dict[str, list[str]]:
+    """Functions of an LLVM IR module that use floating point, with the float instructions each uses."""
+    return {
+        name: sorted({m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)})
+        for name, body in llvm_functions(llvm_ir).items()
+        if name not in _FP16_HELPERS and FLOAT_INSTRUCTIONS.search(body)
+    }

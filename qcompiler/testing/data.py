@@ -39,3 +39,21 @@ def mnist_test_vector() -> tuple[np.ndarray, np.ndarray]:
     x = onnx.numpy_helper.to_array(onnx.load_tensor(str(folder / "input_0.pb")))
     y = onnx.numpy_helper.to_array(onnx.load_tensor(str(folder / "output_0.pb")))
     return x, y
+
+
+#: WikiText-2's test split, in the shared data folder next to the repository (../shared/data; ASSETS.md)
+WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "test.txt"
+
+
+def wikitext_sentences(min_chars: int = 40) -> list[str]:
+    """Real sentences: the lines of WikiText-2's test split longer than ``min_chars``, headings left out.
+
+    Raises:
+        FileNotFoundError: the shared data folder is not next to the repository.
+    """
+    if not WIKITEXT_TEST.is_file():
+        raise FileNotFoundError(
+            f"WikiText-2 not found at {WIKITEXT_TEST}: the shared data folder must sit next to the repo"
+        )
+    lines = (line.strip() for line in WIKITEXT_TEST.read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if len(line) > min_chars and not line.startswith("=")]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -11,7 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler.backends.tvm import build, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import DOMAIN, run_reference
-from qcompiler.testing import assert_bit_exact
+from qcompiler.testing import assert_bit_exact, float_functions
+from qcompiler.testing.assertions import llvm_functions
 from qcompiler.testing.kernel_models import single_node_model
 
 pytestmark = pytest.mark.tvm
@@ -151,18 +150,6 @@ def test_unknown_target_is_rejected() -> None:
         resolve_target("cuda")
 
 
-FLOAT_INSTRUCTIONS = re.compile(
-    r"\b(fadd|fsub|fmul|fdiv|frem|fcmp|fptosi|fptoui|sitofp|uitofp|fpext|fptrunc)\b|\b(float|double)\b"
-)
-
-
-def _functions(llvm_ir: str) -> dict[str, str]:
-    bodies = {}
-    for match in re.finditer(r"^define [^@]*@\"?([\w.$]+)\"?\(.*?^}", llvm_ir, re.S | re.M):
-        bodies[match.group(1)] = match.group(0)
-    return bodies
-
-
 def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
     """Acceptance 4: the int8 -> int8 core of a compiled CNN has no floating-point instruction at all."""
     rng = np.random.default_rng(7)
@@ -202,14 +189,9 @@ def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
         ]
     )
     module = build(model, {"x": [1, 3, 8, 8]})
-    functions = _functions(module.llvm_ir())
+    functions = llvm_functions(module.llvm_ir())
     assert any("qconv" in name for name in functions), "kernel functions not found in the LLVM IR"
-    fp16_helpers = {"__truncsfhf2", "__extendhfsf2"}  # present in every TVM LLVM module, never called here
-    offenders = {
-        name: sorted(set(m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)))
-        for name, body in functions.items()
-        if name not in fp16_helpers and FLOAT_INSTRUCTIONS.search(body)
-    }
+    offenders = float_functions(module.llvm_ir())
     assert not offenders, f"float instructions in integer kernels: {offenders}"
     if "avx2" in host_cpu_features():
         assert "llvm.x86.avx2.pmadd" in module.llvm_ir(), "the AVX2 int8 dot intrinsic was not used"
