@@ -10,12 +10,12 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from onnxscript.version_converter import ConvertVersionPass
 
-from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass
+from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerQDQToIntegerPass
 
 
-def _fold_constants(input_size_limit: int = 1 << 24, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
+def _fold_constants(input_size_limit: int = 1 << 26, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
     return FoldConstantsPass(
         shape_inference=True, input_size_limit=input_size_limit, output_size_limit=output_size_limit
     )
@@ -27,6 +27,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "infer-shapes": ShapeInferencePass,
     "fold-batchnorm": FoldBatchNormPass,
     "fuse-bias-add": FuseBiasAddPass,
+    "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,
     "lower-qdq-to-integer": LowerQDQToIntegerPass,
     "fuse-integer-linear": FuseIntegerLinearPass,

@@ -4,5 +4,6 @@ from __future__ import annotations
 
 from qcompiler.passes.canonicalize.fold_batchnorm import FoldBatchNormPass
 from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
+from qcompiler.passes.canonicalize.rms_norm import FuseRMSNormPass
 
-__all__ = ["FoldBatchNormPass", "FuseBiasAddPass"]
+__all__ = ["FoldBatchNormPass", "FuseBiasAddPass", "FuseRMSNormPass"]

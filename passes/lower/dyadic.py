@@ -29,14 +29,18 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
-from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS
+from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS, lower_silu
 from qcompiler.passes.quantize.qdq import computes_on_floats
+from qcompiler.passes.quantize.silu import silu_sigmoid, silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 
 _LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
-_SHAPE_ONLY = frozenset({"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather"})
+_SHAPE_ONLY = frozenset(
+    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather", "Slice", "Concat",
+     "Expand"}
+)  # fmt: skip
 _INTEGER_TYPES = frozenset(
     {
         ir.DataType.INT8,
@@ -57,6 +61,11 @@ def _is_activation(value: ir.Value | None) -> bool:
     if producer is None or producer.op_type != "DequantizeLinear":
         return False
     return const_array(producer.inputs[0]) is None
+
+
+def _is_scalar(value: ir.Value | None) -> bool:
+    constant = const_array(value)
+    return constant is not None and constant.size == 1
 
 
 def _clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]:
@@ -106,6 +115,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         modified = False
         groups = softmax_groups(graph)
         inside_groups = set().union(*(g.ids for g in groups)) | {id(n) for n in graph if is_mask_where(n)}
+        inside_groups |= silu_sigmoids(graph)  # lowered with their Mul
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
                 continue
@@ -121,8 +131,14 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 self._lower_linear(graph, node)
             elif node.op_type == "Add":
                 self._lower_add(graph, node)
-            elif node.op_type in ("Mul", "Div"):
+            elif node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
+                lower_silu(graph, node, sigmoid)
+            elif node.op_type in ("Mul", "Div") and _is_activation(node.inputs[0]) and _is_scalar(node.inputs[1]):
                 self._lower_scalar(graph, node)
+            elif node.op_type == "Mul":
+                self._lower_product(graph, node)
+            elif node.op_type == "Neg":
+                self._lower_neg(graph, node)
             elif node.op_type == "GlobalAveragePool":
                 self._lower_global_average_pool(graph, node)
             elif node.op_type in NONLINEAR_LOWERINGS:
@@ -166,6 +182,42 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         lo, hi = output_bounds(quant)
         real = float(x.scale.reshape(())) * factor / output_scale(quant)
         self._requantize_after(graph, quant, x.value, real, lo=lo, hi=hi)
+
+    def _lower_product(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``DQ(a) * DQ(b) -> Q`` (SwiGLU's gate times up, RoPE's x times a cos/sin table): the int32 product,
+        then one Requantize (``S_a S_b / S_y``, per channel of the last axis for a per-channel output)."""
+        a = dequantized(node.inputs[0], "first input", node)
+        b = dequantized(node.inputs[1], "second input", node)
+        if a.scale.ndim or b.scale.ndim:
+            raise UnsupportedOpError(node_label(node), "Mul", "per-channel factors are not supported")
+        _, quant = quantized_output(node)
+        lo, hi = output_bounds(quant)
+        widened = []
+        for operand in (a, b):
+            cast = ir.node("Cast", [operand.value], attributes={"to": ir.DataType.INT32})
+            cast.outputs[0].dtype = ir.DataType.INT32
+            widened.append(cast)
+        product = ir.node("Mul", [widened[0].outputs[0], widened[1].outputs[0]])
+        product.outputs[0].dtype = ir.DataType.INT32
+        reals = float(a.scale) * float(b.scale) / output_scales(quant)
+        self._requantize_after(
+            graph, quant, product.outputs[0], reals, axis=-1, lo=lo, hi=hi, producers=[*widened, product]
+        )
+
+    def _lower_neg(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``-x`` on int8 (RoPE's rotate-half): widened first, so -(-128) saturates to 127 as the QDQ graph's
+        QuantizeLinear does, instead of wrapping."""
+        x = dequantized(node.inputs[0], "input", node)
+        quants = [r for r in consumers(node.outputs[0]) if r.op_type == "QuantizeLinear"]
+        if len(quants) != 1 or not np.allclose(output_scales(quants[0]), x.scale, rtol=1e-6):
+            raise UnsupportedOpError(node_label(node), "Neg", "its output must be quantized at its input's scale")
+        lo, hi = output_bounds(quants[0])
+        widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
+        widen.outputs[0].dtype = ir.DataType.INT32
+        negate = ir.node("Neg", [widen.outputs[0]])
+        negate.outputs[0].dtype = ir.DataType.INT32
+        # an identity Requantize (b 2^-c = 1) is the clamp back to the storage type
+        self._requantize_after(graph, quants[0], negate.outputs[0], 1.0, lo=lo, hi=hi, producers=[widen, negate])
 
     def _requantize_after(
         self,
@@ -300,6 +352,11 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if len(node.outputs) > 1 and node.outputs[1].uses():
             raise UnsupportedOpError(node_label(node), node.op_type, "its second output is used")
         inputs: list[ir.Value | None] = [x.value, *node.inputs[1:]]
+        if node.op_type == "Concat":
+            parts = [dequantized(v, f"input {i}", node) for i, v in enumerate(node.inputs)]
+            if any(p.scale.shape != x.scale.shape or not np.allclose(p.scale, x.scale, rtol=1e-6) for p in parts):
+                raise UnsupportedOpError(node_label(node), "Concat", "its inputs have different scales")
+            inputs = [p.value for p in parts]
         if node.op_type == "Clip":
             bounds = []
             out_scale = output_scale(quant)

@@ -52,15 +52,20 @@ def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
     if not np.isclose(output_scale(quant), 1.0 / 128.0):
         raise UnsupportedOpError(node_label(node), "Softmax", "its output must be quantized at scale 2^-7")
     constants = integer.softmax_constants(float(x.scale.reshape(())))
-    inputs = [x.value] if group.keep is None else [x.value, group.keep]
+    keep = group.keep
+    if group.keep_constant is not None:  # a constant additive mask (a causal mask folded at export)
+        keep = add_initializer(graph, f"{quant.outputs[0].name or 'softmax'}_keep", group.keep_constant)
+    inputs = [x.value] if keep is None else [x.value, keep]
     _emit(graph, quant, ir.node("IntSoftmax", inputs, domain=DOMAIN, attributes=constants))
 
 
 def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
+    """LayerNormalization and RMSNormalization (gamma only) become IntLayerNorm (``rms`` for the latter)."""
     x = dequantized(node.inputs[0], "input", node)
     _, quant = quantized_output(node)
+    rms = node.op_type == "RMSNormalization"
     gamma = const_array(node.inputs[1])
-    beta = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    beta = const_array(node.inputs[2]) if not rms and len(node.inputs) > 2 and node.inputs[2] is not None else None
     if gamma is None:
         raise UnsupportedOpError(node_label(node), node.op_type, "its scale must be a constant initializer")
     channels = gamma.size
@@ -78,7 +83,13 @@ def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
     base = quant.outputs[0].name or "norm"
     params = [add_initializer(graph, f"{base}_{k}", np.asarray(constants[k])) for k in ("multiplier", "shift", "bias")]
     lo, hi = output_bounds(quant)
-    attrs = {"epsilon_q": int(constants["epsilon_q"]), "frac_bits": int(constants["frac_bits"]), "lo": lo, "hi": hi}
+    attrs = {
+        "epsilon_q": int(constants["epsilon_q"]),
+        "frac_bits": int(constants["frac_bits"]),
+        "rms": int(rms),
+        "lo": lo,
+        "hi": hi,
+    }
     _emit(graph, quant, ir.node("IntLayerNorm", [x.value, *params], domain=DOMAIN, attributes=attrs))
 
 
@@ -88,6 +99,16 @@ def lower_gelu(graph: ir.Graph, node: ir.Node) -> None:
     constants = integer.gelu_constants(float(x.scale.reshape(())), output_scales(quant))
     multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "gelu", constants)
     _emit(graph, quant, ir.node("IntGelu", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
+
+
+def lower_silu(graph: ir.Graph, node: ir.Node, sigmoid: ir.Node) -> None:
+    """``Mul(x, Sigmoid(x))`` (the Sigmoid left in float by the quantizer) becomes ``IntSigmoid(x, silu=1)``."""
+    x = dequantized(sigmoid.inputs[0], "input", sigmoid)
+    _, quant = quantized_output(node)
+    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scales(quant), silu=True)
+    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "silu", constants)
+    attrs["silu"] = 1
+    _emit(graph, quant, ir.node("IntSigmoid", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
 
 
 def lower_sigmoid(graph: ir.Graph, node: ir.Node) -> None:
@@ -101,6 +122,7 @@ def lower_sigmoid(graph: ir.Graph, node: ir.Node) -> None:
 NONLINEAR_LOWERINGS: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
     "Softmax": lower_softmax,
     "LayerNormalization": lower_layernorm,
+    "RMSNormalization": lower_layernorm,
     "Gelu": lower_gelu,
     "Sigmoid": lower_sigmoid,
 }

@@ -7,7 +7,8 @@ remedies, chosen from the graph alone:
 - **Wide tensors.** A tensor that only residual adds and norms read (the residual stream: a residual sum,
   an output projection that writes into it) is never a GEMM operand, so it can be int16 at no cost to the W8A8
   kernels: ``RescaleAdd`` and ``IntLayerNorm`` take and produce int16.
-- **Per-channel norm and activation outputs.** A LayerNorm, GELU or sigmoid output read only by
+- **Per-channel norm and activation outputs.** A LayerNorm, RMSNorm, GELU, sigmoid or product (SwiGLU) output
+  read only by
   constant-weight linear layers, residual adds and graph outputs gets one scale per channel of its last axis
   (the integer op's output rescale takes one multiplier per channel at no cost). Linear layers fold the ratios
   into their weight rows before the weights are quantized (``W'[c, :] = W[c, :] t_c / t_0``) and read the
@@ -31,7 +32,7 @@ _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsque
 #: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
 _WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul"})
 #: producers whose integer form can write one scale per channel of the last axis
-_PER_CHANNEL_PRODUCERS = frozenset({"LayerNormalization", "Gelu", "Sigmoid"})
+_PER_CHANNEL_PRODUCERS = frozenset({"LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid", "Mul"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _is_residual_add(node: ir.Node, index: int) -> bool:
 
 
 def _reads_wide(node: ir.Node, index: int) -> bool:
-    return _is_residual_add(node, index) or (node.op_type == "LayerNormalization" and index == 0)
+    return _is_residual_add(node, index) or (node.op_type in ("LayerNormalization", "RMSNormalization") and index == 0)
 
 
 def _reads_per_channel(node: ir.Node, index: int) -> bool:

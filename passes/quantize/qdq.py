@@ -21,6 +21,7 @@ import onnx_ir as ir
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
 from qcompiler.passes.quantize.precision import plan_precision
+from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
@@ -31,11 +32,13 @@ WIDE_QMAX = 32767
 INT32_MAX = (1 << 31) - 1
 
 #: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
-NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "Gelu", "Sigmoid"})
+NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid"})
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
 #: ops after which a ReLU/Clip fuses into the integer epilogue
 FUSING_ANCHORS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
-#: multiplication or division by a positive constant scalar (attention's 1/sqrt(d)): a pure rescale
+#: Mul: by a positive constant scalar (attention's 1/sqrt(d): a pure rescale), SiLU's x * Sigmoid(x), a product
+#: of two activations (SwiGLU) or of an activation and a constant tensor (RoPE's cos and sin tables);
+#: Div: by a positive constant scalar
 SCALAR_OPS = frozenset({"Mul", "Div"})
 #: ops whose output gets its own scale
 ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS | SCALAR_OPS
@@ -43,8 +46,9 @@ ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS | SCALAR_OPS
 FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
 #: ops that only move or select int8 values: their output keeps the input's scale
 PASS_THROUGH_OPS = frozenset(
-    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip", "Gather"}
-)
+    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip", "Gather",
+     "Slice", "Concat", "Expand", "Neg"}
+)  # fmt: skip
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
 
 
@@ -87,6 +91,14 @@ def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarr
     shape[axis] = -1
     q = np.clip(np.round(weight / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
     return q, scales
+
+
+def _is_scalar_rescale(node: ir.Node) -> bool:
+    """``x * c`` or ``x / c`` with a positive constant scalar c: one Requantize."""
+    if node.op_type not in ("Mul", "Div") or len(node.inputs) != 2 or const_array(node.inputs[0]) is not None:
+        return False
+    scalar = const_array(node.inputs[1])
+    return scalar is not None and scalar.size == 1 and float(scalar.reshape(())) > 0
 
 
 def _folds_input_scales(node: ir.Node, index: int) -> bool:
@@ -137,11 +149,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         graph = model.graph
         groups = {id(g.softmax): g for g in softmax_groups(graph)}
         inside_groups = set().union(*(g.ids for g in groups.values())) | {id(n) for n in graph if is_mask_where(n)}
+        inside_groups |= silu_sigmoids(graph)  # the Sigmoid of x * Sigmoid(x) stays inside the SiLU group
         self._check_supported(graph, inside_groups)
         scale_of: dict[int, Any] = {}  # id(float value or its DQ output) -> scale (float32 scalar or per channel)
         self._scale_of = scale_of
         self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
         self._fold_of: dict[int, np.ndarray] = {}  # id(DQ output read by linear layers) -> t / t0 per channel
+        self._tables: dict[int, ir.Value] = {}  # id(constant) -> its dequantized int8 table
         stats = self.channel_absmax
         plan = plan_precision(
             graph,
@@ -159,7 +173,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 continue  # masks and NaN guards stay float inside the softmax group
             if node.op_type == "Gather":
                 self._quantize_table(graph, node, scale_of, index=0)
-            if node.op_type == "Add":  # a constant addend (e.g. folded position embeddings): int8 per tensor
+            if node.op_type == "Add" or (node.op_type == "Mul" and not _is_scalar_rescale(node)):
+                # a constant addend (folded position embeddings) or factor (RoPE's tables): int8 per tensor
                 for index, value in enumerate(node.inputs):
                     if const_array(value) is not None:
                         self._quantize_table(graph, node, scale_of, index=index)
@@ -196,7 +211,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 )
             ):
                 scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
-            else:  # pass-through: same scale as the input
+            else:  # pass-through: same scale as the input (for Concat: the first input's)
                 source = node.inputs[0]
                 if source is None or id(source) not in scale_of:
                     raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
@@ -222,13 +237,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     "the W8A8 integer path does not handle this op yet; "
                     "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
                 )
-            if node.op_type in SCALAR_OPS:
-                constants = [const_array(v) for v in node.inputs]
-                scalar = constants[1]
-                if constants[0] is not None or scalar is None or scalar.size != 1 or float(scalar.reshape(())) <= 0:
-                    raise UnsupportedOpError(
-                        label, node.op_type, "only an activation times (or divided by) a positive constant scalar"
-                    )
+            if node.op_type == "Div" and not _is_scalar_rescale(node):
+                raise UnsupportedOpError(label, "Div", "only an activation divided by a positive constant scalar")
+            if node.op_type == "Mul" and all(const_array(v) is not None for v in node.inputs):
+                raise UnsupportedOpError(label, "Mul", "both factors are constants: fold constants first")
             if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
                 raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
             if node.op_type == "Add" and all(const_array(v) is not None for v in node.inputs):
@@ -237,12 +249,14 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 alpha = node.attributes.get("alpha")
                 if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
                     raise UnsupportedOpError(label, "Gemm", "transA=1 or alpha != 1 is not supported")
-            if node.op_type in ("Softmax", "LayerNormalization") and node.attributes.get_int("axis", -1) not in (
+            if node.op_type in ("Softmax", "LayerNormalization", "RMSNormalization") and node.attributes.get_int(
+                "axis", -1
+            ) not in (
                 -1,
                 _rank(node.inputs[0]) - 1,
             ):
                 raise UnsupportedOpError(label, node.op_type, "only the last axis is supported")
-            if node.op_type == "LayerNormalization" and (
+            if node.op_type in ("LayerNormalization", "RMSNormalization") and (
                 const_array(node.inputs[1]) is None or (len(node.inputs) > 2 and const_array(node.inputs[2]) is None)
             ):
                 raise UnsupportedOpError(label, node.op_type, "scale and bias must be constant initializers")
@@ -344,9 +358,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         return self._scale_of[id(deq_out)]
 
     def _quantize_table(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, np.float32], index: int) -> None:
-        """A constant operand (embedding table, constant addend): symmetric int8 per tensor, so every looked-up
-        row shares one scale."""
-        table = const_array(node.inputs[index])
+        """A constant operand (embedding table, constant addend or factor): symmetric int8 per tensor, so every
+        looked-up row shares one scale. A constant read by several nodes (RoPE's tables) is quantized once."""
+        source = node.inputs[index]
+        assert source is not None
+        shared = self._tables.get(id(source))
+        if shared is not None:
+            node.replace_input_with(index, shared)
+            return
+        table = const_array(source)
         assert table is not None
         scale = np.float32(max(float(np.abs(table).max()), 1e-8) / WEIGHT_QMAX)
         q_table = np.clip(np.round(table / scale), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
@@ -360,6 +380,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         graph.insert_before(node, deq)
         node.replace_input_with(index, deq.outputs[0])
         scale_of[id(deq.outputs[0])] = scale
+        self._tables[id(source)] = deq.outputs[0]
 
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]

@@ -2,15 +2,17 @@
 
     mask_add = Where(keep, 0.0, -inf);  p = Softmax(Add(scores, mask_add));  out = Where(IsNaN(p), 0.0, p)
 
-The quantizer keeps the whole group in float between the int8 scores and the group's output (quantized at the
-softmax scale 2^-7); the lowering turns it into one ``IntSoftmax(scores, keep)``, whose empty rows are all 0:
-exactly what the NaN guard produces.
+The additive mask may also be a constant of 0 and -inf (a causal mask folded at export). The quantizer keeps
+the whole group in float between the int8 scores and the group's output (quantized at the softmax scale 2^-7);
+the lowering turns it into one ``IntSoftmax(scores, keep)``, whose empty rows are all 0: exactly what the NaN
+guard produces.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.ir.graph import const_array, consumers
@@ -33,11 +35,23 @@ def additive_mask_condition(value: ir.Value | None) -> ir.Value | None:
     return node.inputs[0]
 
 
+def constant_mask(value: ir.Value | None) -> np.ndarray | None:
+    """``keep = (M == 0)`` when ``value`` is a constant ``M`` of zeros and drops (<= -1e4 or -inf), else None."""
+    mask = const_array(value)
+    if mask is None or mask.dtype.kind != "f":
+        return None
+    zero, drop = mask == 0.0, mask <= DROP_THRESHOLD
+    if not np.all(zero | drop) or np.all(zero):
+        return None
+    return zero
+
+
 @dataclasses.dataclass
 class SoftmaxGroup:
     softmax: ir.Node
     scores: ir.Value  # the float scores entering the group (before the mask)
     keep: ir.Value | None  # boolean mask, or None
+    keep_constant: np.ndarray | None  # boolean mask from a constant additive mask, or None
     members: list[ir.Node]  # the group's nodes other than the Softmax (mask Add, IsNaN, guard Where)
     output: ir.Value  # the group's float output
 
@@ -67,12 +81,14 @@ def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
     assert scores is not None
     members: list[ir.Node] = []
     keep = None
+    keep_constant = None
     producer = scores.producer()
     if producer is not None and producer.op_type == "Add" and len(consumers(scores)) == 1:
         for index in (0, 1):
             condition = additive_mask_condition(producer.inputs[index])
-            if condition is not None:
-                keep = condition
+            constant = constant_mask(producer.inputs[index])
+            if condition is not None or constant is not None:
+                keep, keep_constant = condition, constant
                 members.append(producer)
                 other = producer.inputs[1 - index]
                 assert other is not None
@@ -83,7 +99,7 @@ def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
     if guard is not None:
         members.extend(guard)
         output = guard[1].outputs[0]
-    return SoftmaxGroup(softmax, scores, keep, members, output)
+    return SoftmaxGroup(softmax, scores, keep, keep_constant, members, output)
 
 
 def softmax_groups(graph: ir.Graph) -> list[SoftmaxGroup]:
@@ -97,4 +113,11 @@ def is_mask_where(node: ir.Node) -> bool:
     return all(r.op_type == "Add" for r in consumers(node.outputs[0]))
 
 
-__all__ = ["SoftmaxGroup", "additive_mask_condition", "is_mask_where", "softmax_group", "softmax_groups"]
+__all__ = [
+    "SoftmaxGroup",
+    "additive_mask_condition",
+    "constant_mask",
+    "is_mask_where",
+    "softmax_group",
+    "softmax_groups",
+]

@@ -29,7 +29,8 @@ def load(
     Args:
         model: a ``torch.nn.Module`` (captured with torch.export through ``torch.onnx.export(dynamo=True)``),
             a path to an ONNX file (external data next to it is read), an ``onnx.ModelProto`` or an
-            ``onnx_ir.Model`` (used as is, not copied).
+            ``onnx_ir.Model`` (used as is, not copied; initializers in external data files are read into memory,
+            since the passes rewrite them and onnxruntime runs the model from memory).
         example_inputs: positional example inputs, required for a ``torch.nn.Module``.
         dynamic_shapes: forwarded to ``torch.onnx.export`` for a ``torch.nn.Module``.
 
@@ -37,7 +38,7 @@ def load(
         ModelLoadError: the file is missing or malformed, or the module cannot be exported.
     """
     if isinstance(model, ir.Model):
-        result = model
+        result = ir.external_data.load_to_model(model)
     elif isinstance(model, onnx.ModelProto):
         result = ir.serde.deserialize_model(model)
     elif isinstance(model, str | os.PathLike):

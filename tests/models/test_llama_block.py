@@ -1,0 +1,90 @@
+"""A small Llama (random weights, transformers' own LlamaForCausalLM, exported by torch's dynamo exporter): the
+graph SmolLM2 is made of (decomposed RMSNorm, RoPE with rotate-half, grouped-query attention, a causal mask
+folded to a constant, SiLU as x * Sigmoid(x), SwiGLU products, tied head) goes to integer-only code with no
+model-specific code: TVM bit-exact with the reference, close to the QDQ graph and to float."""
+
+from __future__ import annotations
+
+import collections
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompiler
+from qcompiler.api import quantize_to_integer
+from qcompiler.backends.tvm import build
+from qcompiler.dialect import run_reference
+from qcompiler.passes.lower import float_ops_inside
+from qcompiler.testing import assert_bit_exact
+
+pytestmark = pytest.mark.tvm
+VOCAB, TOKENS = 256, 16
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers", reason="pip install -e '.[models]'")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    rng = np.random.default_rng(0)
+    example = rng.integers(0, VOCAB, (1, TOKENS))
+    exported = qcompiler.ir.load(Logits(), example_inputs=(torch.from_numpy(example),))
+    calibration = [{"ids": rng.integers(0, VOCAB, (1, TOKENS))} for _ in range(8)]
+    probe = [{"ids": rng.integers(0, VOCAB, (1, TOKENS))} for _ in range(2)]
+    with torch.no_grad():
+        reference = [model(input_ids=torch.from_numpy(p["ids"])).logits.numpy() for p in probe]
+    return exported, calibration, probe, reference
+
+
+def test_llama_block_lowers_to_integer_only(tiny_llama) -> None:
+    exported, calibration, probe, reference = tiny_llama
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))  # the passes rewrite it in place
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, progress=False)
+    assert float_ops_inside(integer) == []
+    ops = collections.Counter(n.op_type for n in integer.graph)
+    norms = [n for n in integer.graph if n.op_type == "IntLayerNorm"]
+    assert len(norms) == 5 and all(n.attributes.get_int("rms", 0) == 1 for n in norms)  # 2 per layer + final
+    silus = [n for n in integer.graph if n.op_type == "IntSigmoid"]
+    assert len(silus) == 2 and all(n.attributes.get_int("silu", 0) == 1 for n in silus)
+    softmaxes = [n for n in integer.graph if n.op_type == "IntSoftmax"]
+    assert len(softmaxes) == 2 and all(len(n.inputs) == 2 for n in softmaxes)  # the causal mask, as a bool constant
+    assert ops["Neg"] == 4 and ops["Concat"] == 4 and ops["Expand"] == 4  # rotate-half on q and k; GQA
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+
+    qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
+    for feeds, want in zip(probe, reference, strict=True):
+        simulated, ours = run_reference(qdq_proto, feeds)[0], run_reference(proto, feeds)[0]
+        scale = float(np.abs(want).max())
+        assert np.abs(ours - simulated).max() <= 0.02 * scale  # measured 0.006 of 1.17
+        assert np.abs(ours - want).max() <= 0.1 * scale  # measured 0.03
+        assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # measured 1.0
+
+
+def test_rms_norm_is_fused_and_exact(tiny_llama) -> None:
+    """The canonical RMSNormalization computes what the decomposed form did (onnxruntime, float)."""
+    from qcompiler.passes.canonicalize import FuseRMSNormPass
+    from qcompiler.pipeline import run_onnxruntime
+
+    exported, _, probe, _ = tiny_llama
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    before = run_onnxruntime(model, probe[0])[0]
+    result = FuseRMSNormPass()(model)
+    assert result.modified and sum(n.op_type == "RMSNormalization" for n in model.graph) == 5
+    assert not any(n.op_type in ("Pow", "ReduceMean", "Reciprocal") for n in model.graph)
+    assert model.opset_imports[""] >= 23
+    np.testing.assert_allclose(run_onnxruntime(model, probe[0])[0], before, rtol=1e-4, atol=1e-5)
