@@ -276,6 +276,7 @@ class IntSoftmax(OF.OnnxOpConverter):
             b_q=int(attr["b_q"]),
             c_q=int(attr["c_q"]),
             input_shift=int(attr.get("input_shift", 0)),
+            out_bits=int(attr.get("out_bits", 7)),
         )
         args = [inputs[0]] + ([inputs[1]] if len(inputs) > 1 and inputs[1] is not None else [])
         return bb.emit_te(body, *args, primfunc_name_hint="int_softmax", primfunc_attrs={KERNEL_ATTR: "rowwise"})

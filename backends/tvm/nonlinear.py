@@ -44,7 +44,14 @@ def broadcast_read(tensor: te.Tensor, shape: list[int], idx: tuple) -> tirx.Prim
 
 
 def softmax_compute(
-    x: te.Tensor, mask: te.Tensor | None = None, *, ln2_q: int, b_q: int, c_q: int, input_shift: int
+    x: te.Tensor,
+    mask: te.Tensor | None = None,
+    *,
+    ln2_q: int,
+    b_q: int,
+    c_q: int,
+    input_shift: int,
+    out_bits: int = SOFTMAX_OUT_BITS,
 ) -> te.Tensor:
     outer, length = list(x.shape[:-1]), x.shape[-1]
     shape = [int(d) for d in x.shape]
@@ -73,10 +80,13 @@ def softmax_compute(
         ),
         name="recip",
     )
-    shift = _i64(SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS)
+    shift = _i64(SOFTMAX_NORM_BITS - out_bits)
+    top = (1 << out_bits) - 1
     return te.compute(
         x.shape,
-        lambda *idx: te.min(_round_shift(exps[idx] * factor[idx[:-1]], shift), _i64(127)).astype("int8"),
+        lambda *idx: te.min(_round_shift(exps[idx] * factor[idx[:-1]], shift), _i64(top)).astype(
+            storage_dtype(0, top).name
+        ),
         name="softmax",
     )
 

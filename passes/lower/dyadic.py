@@ -166,10 +166,22 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
         lo, hi = _clamp_bounds(activation, quant)
-        product = ir.node("MatMulInteger", [a.value, b.value])
-        product.outputs[0].dtype = ir.DataType.INT32
         real = float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale
-        self._requantize_after(graph, quant, product.outputs[0], real, lo=lo, hi=hi, producers=[product])
+        if a.value.dtype == ir.DataType.INT8 and b.value.dtype == ir.DataType.INT8:
+            product = ir.node("MatMulInteger", [a.value, b.value])
+            product.outputs[0].dtype = ir.DataType.INT32
+            self._requantize_after(graph, quant, product.outputs[0], real, lo=lo, hi=hi, producers=[product])
+            return
+        # int16 probabilities times int8 values: an int32 MatMul; the sum stays below 2^31 because the
+        # probabilities of a row sum to at most 2^15 (plus rounding), so |P V| <= 2^15 * 128 (1 + T 2^-16)
+        widened = []
+        for operand in (a, b):
+            cast = ir.node("Cast", [operand.value], attributes={"to": ir.DataType.INT32})
+            cast.outputs[0].dtype = ir.DataType.INT32
+            widened.append(cast)
+        product = ir.node("MatMul", [widened[0].outputs[0], widened[1].outputs[0]])
+        product.outputs[0].dtype = ir.DataType.INT32
+        self._requantize_after(graph, quant, product.outputs[0], real, lo=lo, hi=hi, producers=[*widened, product])
 
     def _lower_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
         """``DQ(x) * c`` or ``DQ(x) / c`` for a positive constant c: one Requantize of the int8 input."""

@@ -49,9 +49,12 @@ def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
     if len(quants) != 1:
         raise UnsupportedOpError(node_label(node), "Softmax", "its output is not quantized by one QuantizeLinear")
     quant = quants[0]
-    if not np.isclose(output_scale(quant), 1.0 / 128.0):
-        raise UnsupportedOpError(node_label(node), "Softmax", "its output must be quantized at scale 2^-7")
-    constants = integer.softmax_constants(float(x.scale.reshape(())))
+    out_bits = 15 if quant.outputs[0].dtype == ir.DataType.INT16 else 7
+    if not np.isclose(output_scale(quant), 2.0**-out_bits):
+        raise UnsupportedOpError(
+            node_label(node), "Softmax", "its output must be quantized at scale 2^-7 (int8) or 2^-15 (int16)"
+        )
+    constants = {**integer.softmax_constants(float(x.scale.reshape(()))), "out_bits": out_bits}
     keep = group.keep
     if group.keep_constant is not None:  # a constant additive mask (a causal mask folded at export)
         keep = add_initializer(graph, f"{quant.outputs[0].name or 'softmax'}_keep", group.keep_constant)

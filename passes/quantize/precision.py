@@ -4,9 +4,10 @@ Transformers carry a few huge channels in the residual stream (BERT's outlier di
 activations). One int8 scale per tensor then leaves the other channels a handful of levels. Two integer-only
 remedies, chosen from the graph alone:
 
-- **Wide tensors.** A tensor that only residual adds and norms read (the residual stream: a residual sum,
-  an output projection that writes into it) is never a GEMM operand, so it can be int16 at no cost to the W8A8
-  kernels: ``RescaleAdd`` and ``IntLayerNorm`` take and produce int16.
+- **Wide tensors.** A tensor that only residual adds, norms and elementwise activation products read (the
+  residual stream: a residual sum, an output projection that writes into it; SwiGLU's gate and up halves) is
+  never a GEMM operand, so it can be int16 at no cost to the W8A8 kernels: ``RescaleAdd``, ``IntLayerNorm`` and
+  the int32 product take int16.
 - **Per-channel norm and activation outputs.** A LayerNorm, RMSNorm, GELU, sigmoid or product (SwiGLU) output
   read only by
   constant-weight linear layers, residual adds and graph outputs gets one scale per channel of its last axis
@@ -21,8 +22,9 @@ Only shape ops that keep the last axis pass either property through to their rea
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Set
+from collections.abc import Callable, Mapping, Set
 
+import numpy as np
 import onnx_ir as ir
 
 from qcompiler.ir.graph import const_array, consumers, is_graph_output
@@ -30,7 +32,7 @@ from qcompiler.ir.graph import const_array, consumers, is_graph_output
 #: ops that move values without changing them; their output inherits the input's precision
 _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 #: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
-_WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul"})
+_WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul", "Mul"})
 #: producers whose integer form can write one scale per channel of the last axis
 _PER_CHANNEL_PRODUCERS = frozenset({"LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid", "Mul"})
 
@@ -41,6 +43,8 @@ class PrecisionPlan:
 
     wide: Set[int]
     per_channel: Set[int]
+    #: for per-channel values: max |W[c, :]| per input channel over every linear layer reading them
+    weight_absmax: Mapping[int, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _keeps_last_axis(node: ir.Node) -> bool:
@@ -74,8 +78,16 @@ def _is_residual_add(node: ir.Node, index: int) -> bool:
     return node.op_type == "Add" and any(const_array(v) is None for v in node.inputs)
 
 
+def _is_activation_product(node: ir.Node, index: int) -> bool:
+    """An elementwise product of two activations (SwiGLU's gate times up): computed in int32, so int16 factors
+    (|a b| < 2^30) cost nothing."""
+    return node.op_type == "Mul" and all(const_array(v) is None for v in node.inputs)
+
+
 def _reads_wide(node: ir.Node, index: int) -> bool:
-    return _is_residual_add(node, index) or (node.op_type in ("LayerNormalization", "RMSNormalization") and index == 0)
+    if node.op_type in ("LayerNormalization", "RMSNormalization"):
+        return index == 0
+    return _is_residual_add(node, index) or _is_activation_product(node, index)
 
 
 def _reads_per_channel(node: ir.Node, index: int) -> bool:
@@ -85,6 +97,27 @@ def _reads_per_channel(node: ir.Node, index: int) -> bool:
         weight = const_array(node.inputs[1])
         return weight is not None and weight.ndim == 2
     return False
+
+
+def _linear_readers(value: ir.Value) -> list[ir.Node]:
+    found = []
+    for node, index in value.uses():
+        if node.op_type in _PASS_THROUGH and index == 0:
+            found.extend(_linear_readers(node.outputs[0]))
+        elif _reads_per_channel(node, index) and node.op_type in ("Gemm", "MatMul"):
+            found.append(node)
+    return found
+
+
+def linear_weight_absmax(value: ir.Value) -> np.ndarray | None:
+    """``max |W[c, :]|`` per input channel c over every constant-weight linear layer reading ``value``."""
+    rows = []
+    for node in _linear_readers(value):
+        weight = const_array(node.inputs[1])
+        assert weight is not None
+        in_axis = 1 if node.op_type == "Gemm" and node.attributes.get_int("transB", 0) else 0
+        rows.append(np.abs(weight.astype(np.float64)).max(axis=1 - in_axis))
+    return np.max(rows, axis=0) if rows else None
 
 
 def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_channel: bool) -> PrecisionPlan:
@@ -98,21 +131,24 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
     """
     wide_ids: set[int] = set()
     channel_ids: set[int] = set()
+    weight_absmax: dict[int, np.ndarray] = {}
     for node in graph:
         if id(node) in excluded or not node.outputs:
             continue
         out = node.outputs[0]
         if len(consumers(out)) == 1 and consumers(out)[0].op_type in ("Relu", "Clip"):
             continue  # a fused activation carries the output
-        if wide and node.op_type in _WIDE_PRODUCERS:
-            if node.op_type != "Add" and const_array(node.inputs[1]) is None:
-                continue  # activation x activation products stay int8
-            if _readers_all(graph, out, _reads_wide, excluded):
-                wide_ids.add(id(out))
+        if wide and node.op_type in _WIDE_PRODUCERS and _readers_all(graph, out, _reads_wide, excluded):
+            if node.op_type in ("Gemm", "MatMul") and const_array(node.inputs[1]) is None:
+                continue  # attention's activation x activation products stay int8
+            wide_ids.add(id(out))
         elif (
             per_channel
             and node.op_type in _PER_CHANNEL_PRODUCERS
             and _readers_all(graph, out, _reads_per_channel, excluded)
         ):
             channel_ids.add(id(out))
-    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids))
+            weights = linear_weight_absmax(out)
+            if weights is not None:
+                weight_absmax[id(out)] = weights
+    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax)

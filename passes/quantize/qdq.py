@@ -68,8 +68,18 @@ class QuantizeConfig:
     residual_bits: int = 16
     #: norm outputs read only by linear layers and adds get one scale per channel (folded into the weights)
     per_channel_norm_outputs: bool = True
+    #: how much of a per-channel activation's range the folded weights take on (SmoothQuant's alpha):
+    #: ``t_c ~ max|x_c|^a / max|W_c|^(1-a)``; 1 quantizes every channel at its own range
+    migration_alpha: float = 1.0
+    #: softmax probabilities: 8 (int8 at 2^-7) or 16 (int16 at 2^-15: long rows, where most probabilities are
+    #: below 2^-8; the P V product then runs in int32)
+    softmax_bits: int = 8
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.migration_alpha <= 1.0:
+            raise ValueError(f"migration_alpha: must lie in (0, 1], got {self.migration_alpha}")
+        if self.softmax_bits not in (8, 16):
+            raise ValueError(f"softmax_bits: must be 8 or 16, got {self.softmax_bits}")
         if self.residual_bits not in (8, 16):
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits != 8:
@@ -185,7 +195,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             out = node.outputs[0]
             if node.op_type == "Softmax":
                 group_out = groups[id(node)].output
-                scale_of[id(group_out)] = self._quantize_value(graph, group_out, None, SOFTMAX_OUTPUT_SCALE)
+                bits = self.config.softmax_bits
+                scale = SOFTMAX_OUTPUT_SCALE if bits == 8 else np.float32(2.0**-15)
+                scale_of[id(group_out)] = self._quantize_value(graph, group_out, None, scale, bits=bits)
             elif node.op_type in ANCHOR_OPS:
                 fused = consumers(out)
                 if (
@@ -198,7 +210,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 if id(out) in plan.wide:
                     scale_of[id(out)] = self._quantize_value(graph, out, None, self._wide_scale(out), bits=16)
                 elif id(out) in plan.per_channel:
-                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._channel_scales(out))
+                    scales = self._channel_scales(out, plan.weight_absmax.get(id(out)))
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
                 else:
                     scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (
@@ -280,15 +293,24 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         absmax = float(stats.max())
         return np.float32((absmax if absmax > 0.0 else 1.0) / WIDE_QMAX)
 
-    def _channel_scales(self, value: ir.Value) -> np.ndarray:
-        """One int8 scale per channel of the last axis, ``max|x_c| / 127``; channels that stayed (near) zero in
-        calibration get 2^-10 of the largest scale, so their ratio folded into a weight stays representable."""
+    def _channel_scales(self, value: ir.Value, weight_absmax: np.ndarray | None) -> np.ndarray:
+        """One int8 scale per channel of the last axis: ``max|x_c| / 127`` (alpha 1), or SmoothQuant's balance
+        ``t_c = d s_c``, ``s_c = max|x_c|^a / max|W_c|^(1-a)``, ``d = max_c(max|x_c| / s_c) / 127`` when linear
+        layers read the value; channels that stayed (near) zero in calibration get 2^-10 of the largest range,
+        so their ratio folded into a weight stays representable."""
         assert self.channel_absmax is not None
         stats = self.channel_absmax.get(value.name or "")
         if stats is None or stats.size < 2:
             raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
         top = float(stats.max()) if stats.max() > 0 else 1.0
-        return (np.maximum(stats, top / 1024.0) / ACT_QMAX).astype(np.float32)
+        ranges = np.maximum(stats, top / 1024.0)
+        alpha = self.config.migration_alpha
+        if alpha >= 1.0 or weight_absmax is None or weight_absmax.shape != ranges.shape:
+            return (ranges / ACT_QMAX).astype(np.float32)
+        weights = np.maximum(weight_absmax, float(weight_absmax.max()) / 1024.0 + 1e-30)
+        balance = ranges**alpha / weights ** (1.0 - alpha)
+        step = float((ranges / balance).max()) / ACT_QMAX
+        return (step * balance).astype(np.float32)
 
     def _quantize_value(
         self,

@@ -25,6 +25,7 @@ from qcompiler.dialect.dyadic import quantize_multiplier, quantize_multipliers, 
 # I-BERT's second-order fit of exp on [-ln2, 0]: exp(r) ~= A (r + B)^2 + C; max relative error 1.9e-3 there
 EXP_A, EXP_B, EXP_C = 0.3585, 1.353, 0.344
 SOFTMAX_OUT_BITS = 7  # probabilities in int8 at scale 2^-7 (1.0 saturates to 127/128)
+SOFTMAX_BITS_CHOICES = (7, 15)  # int8 or int16 probabilities
 SOFTMAX_NORM_BITS = 62  # numerator of the normalising reciprocal
 NORM_FRACTION_BITS = 15  # fractional bits of the normalized value before the affine rescale
 # numerator of the reciprocal 2^47 / s: s < 2^31 keeps 16+ bits in it, and |d| <= s sqrt(C) / 2^f bounds
@@ -120,8 +121,10 @@ def int_softmax(
     input_shift: int = 0,
     mask: np.ndarray | None = None,
     axis: int = -1,
+    out_bits: int = SOFTMAX_OUT_BITS,
 ) -> np.ndarray:
-    """Softmax along ``axis`` in integers; output int8 probabilities at scale 2^-7.
+    """Softmax along ``axis`` in integers; output probabilities at scale ``2^-out_bits``: int8 for 7 bits (the
+    default), int16 for 15 (long rows, where 2^-7 rounds most probabilities to 0).
 
     ``e = int_exp((x - max) << input_shift)``; ``factor = floor(2^62 / sum(e))`` (e <= sum, so
     ``e * factor <= 2^62`` fits int64; I-BERT's 2^32 numerator loses all precision once the sum nears 2^32);
@@ -136,9 +139,11 @@ def int_softmax(
     e = np.where(keep, int_exp(np.minimum(x - row_max, 0) << input_shift, ln2_q, b_q, c_q), 0)
     total = e.sum(axis=axis, keepdims=True)
     factor = np.where(total > 0, (np.int64(1) << SOFTMAX_NORM_BITS) // np.maximum(total, 1), 0)
-    shift = SOFTMAX_NORM_BITS - SOFTMAX_OUT_BITS
-    y = round_shift(e * factor, np.int64(shift))
-    return np.minimum(y, 127).astype(np.int8)
+    if out_bits not in SOFTMAX_BITS_CHOICES:
+        raise ValueError(f"IntSoftmax: out_bits must be one of {SOFTMAX_BITS_CHOICES}, got {out_bits}")
+    top = (1 << out_bits) - 1
+    y = round_shift(e * factor, np.int64(SOFTMAX_NORM_BITS - out_bits))
+    return np.minimum(y, top).astype(storage_dtype(0, top))
 
 
 # --- LayerNorm / RMSNorm ------------------------------------------------------------------------------------

@@ -162,8 +162,8 @@ class QConv(OpRun):
 class IntSoftmax(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, mask=None, ln2_q=1, b_q=0, c_q=0, input_shift=0):
-        return (nonlinear.int_softmax(x, ln2_q, b_q, c_q, input_shift, mask=mask),)
+    def _run(self, x, mask=None, ln2_q=1, b_q=0, c_q=0, input_shift=0, out_bits=nonlinear.SOFTMAX_OUT_BITS):
+        return (nonlinear.int_softmax(x, ln2_q, b_q, c_q, input_shift, mask=mask, out_bits=out_bits),)
 
 
 class IntLayerNorm(OpRun):

@@ -120,13 +120,14 @@ def _schemas() -> list[OpSchema]:
                 param_option=OpSchema.FormalParameterOption.Optional,
             ),
         ],
-        outputs=[_param("y", _I8, "probabilities * 2^7, in [0, 127]; 0 where masked")],
-        type_constraints=[("T", [_I8, _I32], "integer input types")],
+        outputs=[_param("y", "Y", "probabilities * 2^out_bits, in [0, 2^out_bits - 1]; 0 where masked")],
+        type_constraints=[("T", [_I8, _I32], "integer input types"), _OUT],
         attributes=[
             _attr("ln2_q", 1, "floor(ln2 / S'), S' = S / 2^input_shift"),
             _attr("b_q", 0, "floor(1.353 / S')"),
             _attr("c_q", 0, "floor(0.344 / (0.3585 S'^2))"),
             _attr("input_shift", 0, "exact left shift of (x - max) to the fine scale S'"),
+            _attr("out_bits", 7, "7: int8 probabilities at 2^-7; 15: int16 at 2^-15"),
         ],
     )
     int_layernorm = OpSchema(

@@ -64,9 +64,9 @@ def _post_norm_block(seed: int = 0) -> tuple[object, list[dict[str, np.ndarray]]
     return model, [batch() for _ in range(8)]
 
 
-def _recipe(residual_bits: int, per_channel: bool) -> Recipe:
+def _recipe(residual_bits: int, per_channel: bool, alpha: float = 1.0) -> Recipe:
     base = load_recipe("w8a8")
-    quantize = QuantizeConfig(residual_bits=residual_bits, per_channel_norm_outputs=per_channel)
+    quantize = QuantizeConfig(residual_bits=residual_bits, per_channel_norm_outputs=per_channel, migration_alpha=alpha)
     return Recipe("test", "", base.canonicalize, CalibrationConfig(), quantize, base.lower)
 
 
@@ -90,12 +90,15 @@ def test_plan_chooses_wide_residuals_and_per_channel_norm_outputs() -> None:
     assert_bit_exact(lambda proto: build(proto, shapes), integer, batches[:2])
 
 
-def test_integer_graph_matches_its_qdq_graph() -> None:
+@pytest.mark.parametrize("alpha", [1.0, 0.5])
+def test_integer_graph_matches_its_qdq_graph(alpha: float) -> None:
     """The folded weights and per-channel rescales are the QDQ graph's arithmetic, not an approximation of it:
     LN1's per-channel int8 output and the first linear's output (which reads it at t0 through folded weights)
     are within one step of the QDQ graph's (the LayerNorm bound; rounding). A wrong fold is tens of steps off."""
     model, batches = _post_norm_block(1)
-    qdq, integer, _, _ = quantize_to_integer(model, calibration=batches, recipe=_recipe(16, True), progress=False)
+    qdq, integer, _, _ = quantize_to_integer(
+        model, calibration=batches, recipe=_recipe(16, True, alpha), progress=False
+    )
     names = ["n1_q", "hb_q"]
     qdq_eval = ReferenceEvaluator(ir.serde.serialize_model(qdq), new_ops=REFERENCE_OPS)
     int_eval = ReferenceEvaluator(ir.serde.serialize_model(integer), new_ops=REFERENCE_OPS)
@@ -120,6 +123,36 @@ def test_wide_and_per_channel_beat_per_tensor_int8_on_outliers(seed: int) -> Non
     assert errors["planned"] < errors["per-tensor"] / 2.5, errors
 
 
-def test_config_validates_residual_bits() -> None:
+def test_config_validates_residual_bits_and_alpha() -> None:
     with pytest.raises(ValueError, match="residual_bits"):
         QuantizeConfig(residual_bits=12)
+    with pytest.raises(ValueError, match="migration_alpha"):
+        QuantizeConfig(migration_alpha=0.0)
+
+
+def test_migration_alpha_balances_activation_and_weight_ranges() -> None:
+    """alpha < 1: the per-channel scales follow SmoothQuant's s_c = max|x_c|^a / max|W_c|^(1-a) (up to one common
+    factor), and the widest channel still fits int8 exactly."""
+    model, batches = _post_norm_block(2)
+    qdq, _, _, _ = quantize_to_integer(model, calibration=batches, recipe=_recipe(16, True, 0.5), progress=False)
+    quant = next(n for n in qdq.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "n1")
+    scales = const_array(quant.inputs[1]).astype(np.float64)
+    x_max = np.zeros(WIDTH)
+    for feeds in batches:
+        normed = run_reference(_first_norm(model), feeds)[0]
+        x_max = np.maximum(x_max, np.abs(normed).reshape(-1, WIDTH).max(0))
+    w_max = np.abs(numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == "w1"))).max(1)
+    balance = np.sqrt(x_max) / np.sqrt(w_max)
+    np.testing.assert_allclose(scales / scales.max(), balance / balance.max(), rtol=1e-4)
+    assert np.max(x_max / scales) == pytest.approx(127.0, rel=1e-4)
+
+
+def _first_norm(model):
+    """The block cut after LN1 (its output n1 as the graph output)."""
+    import onnx
+
+    cut = onnx.ModelProto()
+    cut.CopyFrom(model)
+    del cut.graph.output[:]
+    cut.graph.output.append(helper.make_tensor_value_info("n1", TensorProto.FLOAT, None))
+    return cut
