@@ -51,10 +51,12 @@ def tiny_llama():
     return exported, calibration, probe, reference
 
 
-def test_llama_block_lowers_to_integer_only(tiny_llama) -> None:
+@pytest.mark.parametrize("recipe", ["w8a8", "w8a8-llm"])
+def test_llama_block_lowers_to_integer_only(tiny_llama, recipe: str) -> None:
+    """w8a8-llm adds 16-bit softmax probabilities (an int32 P V product) and balanced per-channel scales."""
     exported, calibration, probe, reference = tiny_llama
     model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))  # the passes rewrite it in place
-    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, progress=False)
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
     assert float_ops_inside(integer) == []
     ops = collections.Counter(n.op_type for n in integer.graph)
     norms = [n for n in integer.graph if n.op_type == "IntLayerNorm"]
@@ -64,6 +66,10 @@ def test_llama_block_lowers_to_integer_only(tiny_llama) -> None:
     softmaxes = [n for n in integer.graph if n.op_type == "IntSoftmax"]
     assert len(softmaxes) == 2 and all(len(n.inputs) == 2 for n in softmaxes)  # the causal mask, as a bool constant
     assert ops["Neg"] == 4 and ops["Concat"] == 4 and ops["Expand"] == 4  # rotate-half on q and k; GQA
+    if recipe == "w8a8-llm":  # int16 probabilities: the P V product is an int32 MatMul
+        assert all(n.outputs[0].dtype == ir.DataType.INT16 for n in softmaxes) and ops["MatMul"] == 2
+    wide = {n.op_type for n in integer.graph for v in n.outputs if v.dtype == ir.DataType.INT16}
+    assert {"RescaleAdd", "IntSigmoid", "QGemm"} <= wide  # residual stream, SiLU output, up projection
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
 
     qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
