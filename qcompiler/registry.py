@@ -13,6 +13,7 @@ from onnxscript.version_converter import ConvertVersionPass
 from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerQDQToIntegerPass
+from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
 
 
 def _fold_constants(input_size_limit: int = 1 << 26, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
@@ -29,6 +30,9 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,
+    "fold-norm-gains": FoldNormGainsPass,
+    "rotate-residual": RotateResidualPass,
+    "rotate-heads": RotateHeadsPass,
     "lower-qdq-to-integer": LowerQDQToIntegerPass,
     "fuse-integer-linear": FuseIntegerLinearPass,
 }

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qcompiler.testing.assertions import (
     assert_bit_exact,
     assert_equivalent,
+    assert_float_exact_pass,
     assert_within_quantization_step,
     float_functions,
     output_steps,
@@ -16,12 +17,14 @@ from qcompiler.testing.strategies import (
     mlp_models,
     models,
     token_mlp_models,
+    transformer_models,
 )
 
 __all__ = [
     "GeneratedModel",
     "assert_bit_exact",
     "assert_equivalent",
+    "assert_float_exact_pass",
     "assert_within_quantization_step",
     "attention_models",
     "cnn_models",
@@ -30,4 +33,5 @@ __all__ = [
     "models",
     "output_steps",
     "token_mlp_models",
+    "transformer_models",
 ]

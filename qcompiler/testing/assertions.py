@@ -59,6 +59,46 @@ def assert_equivalent(
     return after
 
 
+def assert_float_exact_pass(
+    make_pass: Callable[[], ir.passes.PassBase],
+    model: onnx.ModelProto | ir.Model,
+    inputs: Sequence[Feeds],
+    *,
+    rtol: float = 1e-9,
+) -> tuple[ir.Model, bool]:
+    """The three properties every float-exact pass owes its users, checked in float64:
+
+    - equivalence: outputs within ``rtol`` relative (to each output's largest magnitude) of the input model's;
+    - an honest ``modified`` flag: False exactly when the serialized model is unchanged;
+    - idempotence: a second run (a fresh pass object) reports no change and changes nothing.
+
+    Returns the transformed model and its ``modified`` flag.
+    """
+    before = _to_float64(_copy_ir(model))
+    before_bytes = ir.serde.serialize_model(before).SerializeToString(deterministic=True)
+    result = make_pass()(_copy_ir(before))
+    after = result.model
+    verify(after)
+    after_bytes = ir.serde.serialize_model(after).SerializeToString(deterministic=True)
+    name = type(make_pass()).__name__
+    changed = after_bytes != before_bytes
+    assert result.modified == changed, (
+        f"{name} reported modified={result.modified} but the model {'changed' if changed else 'did not change'}"
+    )
+    for feeds in inputs:
+        cast = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in feeds.items()}
+        want = run_reference(_as_proto(before), cast)
+        got = run_reference(_as_proto(after), cast)
+        for index, (w, g) in enumerate(zip(want, got, strict=True)):
+            w, g = np.asarray(w, np.float64), np.asarray(g, np.float64)
+            error = float(np.abs(g - w).max()) / max(float(np.abs(w).max()), 1e-300)
+            assert error <= rtol, f"{name} changed output {index} by {error:.3g} relative (limit {rtol:g})"
+    again = make_pass()(_copy_ir(after))
+    again_bytes = ir.serde.serialize_model(again.model).SerializeToString(deterministic=True)
+    assert not again.modified and again_bytes == after_bytes, f"{name} is not idempotent: a second run changed it"
+    return after, bool(result.modified)
+
+
 def _to_float64(model: ir.Model) -> ir.Model:
     for value in model.graph.initializers.values():
         if value.dtype == ir.DataType.FLOAT and value.const_value is not None:

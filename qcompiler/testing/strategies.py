@@ -26,10 +26,16 @@ class GeneratedModel:
     seed: int
     description: str
     fixed_inputs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # e.g. an attention mask
+    vocab: int | None = None  # token-id input (int64 in [0, vocab)) instead of a float one
 
     def inputs(self, count: int, offset: int = 0) -> list[dict[str, np.ndarray]]:
-        """``count`` random input batches (standard normal); ``offset`` picks a disjoint stream."""
+        """``count`` random input batches (standard normal, or token ids); ``offset`` picks a disjoint stream."""
         rng = np.random.default_rng(self.seed * 7919 + offset)
+        if self.vocab is not None:
+            return [
+                {self.input_name: rng.integers(0, self.vocab, self.input_shape), **self.fixed_inputs}
+                for _ in range(count)
+            ]
         return [
             {self.input_name: rng.standard_normal(self.input_shape).astype(np.float32), **self.fixed_inputs}
             for _ in range(count)
@@ -76,16 +82,17 @@ class _Builder:
 
     def model(
         self, x: str, shape: tuple[int, ...], out: str, out_shape: tuple[int, ...],
-        extra_inputs: list[onnx.ValueInfoProto] | None = None,
+        extra_inputs: list[onnx.ValueInfoProto] | None = None, input_type: int = TensorProto.FLOAT,
+        opset: int = OPSET,
     ) -> onnx.ModelProto:  # fmt: skip
         graph = helper.make_graph(
             self.nodes,
             "generated",
-            [helper.make_tensor_value_info(x, TensorProto.FLOAT, list(shape)), *(extra_inputs or [])],
+            [helper.make_tensor_value_info(x, input_type, list(shape)), *(extra_inputs or [])],
             [helper.make_tensor_value_info(out, TensorProto.FLOAT, list(out_shape))],
             self.initializers,
         )
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
         model.ir_version = 10
         model = onnx.shape_inference.infer_shapes(model, strict_mode=True)
         onnx.checker.check_model(model)
@@ -304,3 +311,106 @@ def attention_models(draw: st.DrawFn) -> GeneratedModel:
     b.parts.append(f"heads={heads}x{head_dim}")
     model = b.model(x, (tokens, width), out, (tokens, width), extra)
     return GeneratedModel(model, x, (tokens, width), seed, "attention:" + ",".join(b.parts), fixed)
+
+
+@st.composite
+def transformer_models(draw: st.DrawFn, max_layers: int = 2) -> GeneratedModel:
+    """Small language models on [tokens] ids: an embedding lookup, 1-2 transformer blocks and a head.
+
+    Draws pre-norm or post-norm blocks, RMSNorm or LayerNorm (with random gains and shifts), multi-head or
+    grouped-query attention (KV heads shared by Unsqueeze/Expand/Reshape, as torch exports them), rotary embeddings
+    (rotate-half with constant cos/sin tables) or none, a causal mask, SwiGLU or GELU MLPs, linears with biases
+    (``Gemm``) or without (``MatMul``), and a final norm before the head in pre-norm models. Everything the
+    float-exact transforms must handle, in the shapes exporters write.
+    """
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    vocab = draw(st.integers(4, 24))
+    tokens = draw(st.integers(2, 8))
+    kv_heads = draw(st.integers(1, 2))
+    heads = kv_heads * draw(st.integers(1, 3))
+    head_dim = draw(st.sampled_from([2, 4, 6, 8]))
+    hidden = heads * head_dim
+    inner = draw(st.integers(2, 24))
+    layers = draw(st.integers(1, max_layers))
+    norm_kind = draw(st.sampled_from(["rms", "layer"]))
+    pre_norm = draw(st.booleans())
+    biases = draw(st.booleans())
+    rope = draw(st.booleans())
+    mlp = draw(st.sampled_from(["swiglu", "gelu"]))
+    b.parts += [norm_kind, "pre-norm" if pre_norm else "post-norm", f"heads={heads}/{kv_heads}x{head_dim}",
+                mlp, "bias" if biases else "no-bias", *(["rope"] if rope else []), f"layers={layers}"]  # fmt: skip
+
+    def norm(value: str) -> str:
+        gain = b.const("g", b.rng.uniform(0.5, 1.5, hidden).astype(np.float32))
+        if norm_kind == "rms":
+            return b.node("RMSNormalization", [value, gain], axis=-1, epsilon=1e-5)
+        return b.node("LayerNormalization", [value, gain, b.const("beta", b.small(hidden))], axis=-1)
+
+    def linear(value: str, fan_in: int, fan_out: int) -> str:
+        weight = b.const("w", b.weight((fan_in, fan_out), fan_in))
+        if biases:
+            return b.node("Gemm", [value, weight, b.const("b", b.small(fan_out))])
+        return b.node("MatMul", [value, weight])
+
+    def shape(*dims: int) -> str:
+        return b.const("shape", np.array(dims, np.int64))
+
+    def split_heads(value: str, count: int) -> str:  # [T, count*d] -> [count, T, d]
+        return b.node("Transpose", [b.node("Reshape", [value, shape(tokens, count, head_dim)])], perm=[1, 0, 2])
+
+    def share(value: str) -> str:  # [kv, T, d] -> [heads, T, d]
+        if heads == kv_heads:
+            return value
+        group = heads // kv_heads
+        expanded = b.node("Expand", [b.node("Unsqueeze", [value, shape(1)]), shape(kv_heads, group, tokens, head_dim)])
+        return b.node("Reshape", [expanded, shape(heads, tokens, head_dim)])
+
+    position = np.arange(tokens)[:, None] * (10000.0 ** (-np.arange(head_dim // 2) / max(head_dim // 2, 1)))[None]
+    angles = np.concatenate([position, position], axis=1)
+    cos, sin = b.const("cos", np.cos(angles).astype(np.float32)), b.const("sin", np.sin(angles).astype(np.float32))
+    half = head_dim // 2
+
+    def rotary(value: str) -> str:
+        first = b.node("Slice", [value, shape(0), shape(half), shape(-1)])
+        second = b.node("Slice", [value, shape(half), shape(head_dim), shape(-1)])
+        rotated = b.node("Concat", [b.node("Neg", [second]), first], axis=-1)
+        return b.node("Add", [b.node("Mul", [value, cos]), b.node("Mul", [rotated, sin])])
+
+    mask = b.const("mask", np.triu(np.full((tokens, tokens), -1e4, np.float32), 1))
+    scale = b.const("scale", np.array(1.0 / np.sqrt(head_dim), np.float32))
+
+    def attention(value: str) -> str:
+        q = split_heads(linear(value, hidden, hidden), heads)
+        k = split_heads(linear(value, hidden, kv_heads * head_dim), kv_heads)
+        v = split_heads(linear(value, hidden, kv_heads * head_dim), kv_heads)
+        if rope:
+            q, k = rotary(q), rotary(k)
+        k = b.node("Transpose", [share(k)], perm=[0, 2, 1])
+        scores = b.node("Add", [b.node("Mul", [b.node("MatMul", [q, k]), scale]), mask])
+        context = b.node("MatMul", [b.node("Softmax", [scores], axis=-1), share(v)])
+        merged = b.node("Reshape", [b.node("Transpose", [context], perm=[1, 0, 2]), shape(tokens, hidden)])
+        return linear(merged, hidden, hidden)
+
+    def feed_forward(value: str) -> str:
+        if mlp == "swiglu":
+            gate = linear(value, hidden, inner)
+            act = b.node("Mul", [b.node("Mul", [gate, b.node("Sigmoid", [gate])]), linear(value, hidden, inner)])
+        else:
+            act = b.node("Gelu", [linear(value, hidden, inner)])
+        return linear(act, inner, hidden)
+
+    table = b.const("embedding", b.rng.standard_normal((vocab, hidden)).astype(np.float32))
+    x = b.node("Gather", [table, "ids"], axis=0)
+    for _ in range(layers):
+        if pre_norm:
+            x = b.node("Add", [x, attention(norm(x))])
+            x = b.node("Add", [x, feed_forward(norm(x))])
+        else:
+            x = norm(b.node("Add", [x, attention(x)]))
+            x = norm(b.node("Add", [x, feed_forward(x)]))
+    if pre_norm:
+        x = norm(x)
+    logits = linear(x, hidden, vocab)
+    model = b.model("ids", (tokens,), logits, (tokens, vocab), input_type=TensorProto.INT64, opset=23)
+    return GeneratedModel(model, "ids", (tokens,), seed, "transformer:" + ",".join(b.parts), vocab=vocab)

@@ -1,0 +1,8 @@
+"""Float-exact transforms: norm folding, rotations (and, to come, scale migration and learned transforms)."""
+
+from __future__ import annotations
+
+from qcompiler.passes.transform.fold_norms import FoldNormGainsPass
+from qcompiler.passes.transform.rotate import RotateHeadsPass, RotateResidualPass
+
+__all__ = ["FoldNormGainsPass", "RotateHeadsPass", "RotateResidualPass"]

@@ -1,0 +1,93 @@
+"""Rotation fusion (QuaRot, SpinQuant): orthogonal changes of basis folded into the weights, exact in float.
+
+- ``RotateResidualPass`` (R1): one orthogonal Q of size hidden on every residual stream the region analysis
+  finds rotatable: embedding tables ``E <- E Q``, writers ``W <- W Q`` (and biases), readers ``W <- Q^T W``.
+  Needs weightless RMSNorms on the stream (``fold-norm-gains`` first): ``RMSN(x Q) = RMSN(x) Q``.
+- ``RotateHeadsPass`` (R2): a rotation R of size head_dim on every attention value path, on the output side of
+  the V projection (every head, grouped-query heads included) and the input side of the output projection:
+  the attention product mixes tokens, not channels, so ``P (V R) = (P V) R``.
+
+The rotation is a randomised Hadamard matrix (``diag(s) H / sqrt(n)``, passes/transform/hadamard.py) where one
+of that order can be built and a random orthogonal matrix elsewhere (the default, ``"hadamard-or-random"``);
+``"hadamard"`` refuses sizes without one (before any weight changes), ``"random"`` always draws a random one.
+Regions the analysis blocks are skipped, with the reason logged and kept in ``skipped``. A pass records what it
+did in the model's metadata and does nothing the second time (rotating twice would compose a second, different
+rotation), so both are idempotent.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir.graph import node_label
+from qcompiler.ir.regions import head_pairs, residual_streams
+from qcompiler.passes.transform.hadamard import rotation as make_rotation
+from qcompiler.passes.transform.weights import blockwise, rotate_input, rotate_output, set_input_constant
+
+logger = logging.getLogger(__name__)
+
+
+class _RotationPass(ir.passes.InPlacePass):
+    marker = ""
+
+    def __init__(self, rotation: str = "hadamard-or-random", seed: int = 0) -> None:
+        super().__init__()
+        make_rotation(4, rotation, seed)  # fail on a bad kind when the recipe is read, not mid-pipeline
+        self.rotation = rotation
+        self.seed = seed
+        self.skipped: dict[str, list[str]] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.skipped = {}
+        if self.marker in model.metadata_props:
+            return ir.passes.PassResult(model, modified=False)
+        modified = self.rotate(model.graph)
+        if modified:
+            model.metadata_props[self.marker] = f"{self.rotation}:{self.seed}"
+        return ir.passes.PassResult(model, modified=modified)
+
+    def rotate(self, graph: ir.Graph) -> bool:
+        raise NotImplementedError
+
+
+class RotateResidualPass(_RotationPass):
+    marker = "qcompiler.rotate_residual"
+
+    def rotate(self, graph: ir.Graph) -> bool:
+        plan = []  # every rotation first: a size without a Hadamard matrix fails before any weight changes
+        for index, stream in enumerate(residual_streams(graph)):
+            if stream.blockers:
+                self.skipped[f"residual stream #{index}"] = stream.blockers
+                logger.info("rotate-residual: stream #%d skipped: %s", index, "; ".join(stream.blockers[:3]))
+                continue
+            plan.append((stream, make_rotation(stream.hidden, self.rotation, self.seed + index)))
+        for stream, q in plan:
+            for gather in stream.embeddings:
+                table = gather.inputs[0].const_value.numpy()  # type: ignore[union-attr]
+                set_input_constant(graph, gather, 0, (table.astype(np.float64) @ q).astype(table.dtype))
+            for writer in stream.writers:
+                rotate_output(graph, writer, q)
+            for reader in stream.all_readers:
+                rotate_input(graph, reader, q)
+        return bool(plan)
+
+
+class RotateHeadsPass(_RotationPass):
+    marker = "qcompiler.rotate_heads"
+
+    def rotate(self, graph: ir.Graph) -> bool:
+        plan = []
+        for pair in head_pairs(graph):
+            if pair.blockers or pair.o is None or pair.head_dim is None:
+                self.skipped[node_label(pair.v.node)] = pair.blockers
+                logger.info("rotate-heads: %s skipped: %s", pair.v.label, "; ".join(pair.blockers))
+                continue
+            plan.append((pair, make_rotation(pair.head_dim, self.rotation, self.seed)))
+        for pair, r in plan:
+            assert pair.o is not None and pair.head_dim is not None
+            rotate_output(graph, pair.v, blockwise(r, pair.v.out_features // pair.head_dim))
+            rotate_input(graph, pair.o, blockwise(r, pair.o.in_features // pair.head_dim))
+        return bool(plan)

@@ -1,0 +1,470 @@
+"""Region analysis: where the float-exact transforms (norm folding, scale migration, rotations) can go.
+
+Passes never look for layer names. They ask this module, which reads the graph alone (a networkx view of the
+onnx_ir graph for the connectivity questions) for:
+
+- **linear groups**: a tensor and every linear with a constant weight that reads it (``MatMul`` with a 2-D
+  constant right operand, ``Gemm``), seen through flattening ``Reshape``s that keep the last axis;
+- **norms** and the linears reading their outputs (where a norm gain can fold);
+- **residual streams**: tensors joined by residual ``Add``s, with every writer (a linear or an embedding
+  lookup), every norm that reads them and every linear that reads those norms;
+- **attention heads**: the V projection -> ``Reshape`` to heads -> ``P @ V`` -> merge heads -> output
+  projection path, where a per-head rotation of size head_dim is exact (grouped-query attention included:
+  ``Expand`` copies whole heads);
+
+and for each region the reasons a transform cannot apply, naming the node. ``report(model)`` puts it together;
+``qcompiler inspect MODEL`` prints it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+
+import networkx as nx
+import numpy as np
+import onnx_ir as ir
+
+from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
+
+NORM_OPS = ("RMSNormalization", "LayerNormalization")
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """A linear op with a constant weight: ``y = x W (+ b)`` with W read from input ``weight_index``.
+
+    ``in_axis`` is the axis of the stored weight array that contracts with the activation (0 for MatMul and
+    Gemm without transB, 1 for Gemm with transB); ``bias_index`` the input holding the bias, if any.
+    """
+
+    node: ir.Node
+    weight_index: int
+    in_axis: int
+    bias_index: int | None
+
+    @property
+    def weight(self) -> np.ndarray:
+        array = const_array(self.node.inputs[self.weight_index])
+        assert array is not None
+        return array
+
+    @property
+    def bias(self) -> np.ndarray | None:
+        if self.bias_index is None:
+            return None
+        return const_array(self.node.inputs[self.bias_index])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.weight.shape[self.in_axis])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.weight.shape[1 - self.in_axis])
+
+    @property
+    def label(self) -> str:
+        return node_label(self.node)
+
+
+def as_linear(node: ir.Node, activation: ir.Value | None = None) -> Linear | None:
+    """``node`` as a :class:`Linear` if it is one (and reads ``activation`` as its data input, when given)."""
+    if node.domain not in ("", "ai.onnx") or len(node.inputs) < 2:
+        return None
+    if activation is not None and node.inputs[0] is not activation:
+        return None
+    weight = const_array(node.inputs[1])
+    if weight is None or weight.ndim != 2 or node.inputs[0] is None or const_array(node.inputs[0]) is not None:
+        return None
+    if node.op_type == "MatMul":
+        return Linear(node, 1, 0, None)
+    if node.op_type == "Gemm":
+        attrs = node.attributes
+        if attrs.get_int("transA", 0) or attrs.get_float("alpha", 1.0) != 1.0 or attrs.get_float("beta", 1.0) != 1.0:
+            return None
+        bias = 2 if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if bias is not None and const_array(node.inputs[2]) is None:
+            return None
+        return Linear(node, 1, 1 if attrs.get_int("transB", 0) else 0, bias)
+    return None
+
+
+def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    if value is None or value.shape is None:
+        return None
+    dims = []
+    for dim in value.shape:
+        if not isinstance(dim, int):
+            return None
+        dims.append(dim)
+    return tuple(dims)
+
+
+def _keeps_last_axis_reshape(node: ir.Node) -> bool:
+    """A Reshape that only regroups the leading axes (the last axis, whole, stays last)."""
+    if node.op_type != "Reshape":
+        return False
+    before, after = static_shape(node.inputs[0]), static_shape(node.outputs[0])
+    return before is not None and after is not None and len(before) > 0 and len(after) > 0 and before[-1] == after[-1]
+
+
+def linear_readers(value: ir.Value) -> tuple[list[Linear], list[str]]:
+    """The linears reading ``value`` (directly or through last-axis-keeping Reshapes) and, for every other
+    reader, why it is not one."""
+    linears: list[Linear] = []
+    others: list[str] = []
+    for node in consumers(value):
+        linear = as_linear(node, value)
+        if linear is not None:
+            linears.append(linear)
+        elif _keeps_last_axis_reshape(node) and node.inputs[0] is value:
+            inner, rest = linear_readers(node.outputs[0])
+            linears += inner
+            others += rest
+        else:
+            others.append(f"{node_label(node)} ({node.op_type}) reads it and is not a linear with a constant weight")
+    return linears, others
+
+
+def linear_writer(value: ir.Value) -> Linear | None:
+    """The linear that produces ``value`` (directly or through a last-axis-keeping Reshape read by nothing
+    else), or None."""
+    node = value.producer()
+    if node is None:
+        return None
+    linear = as_linear(node)
+    if linear is not None:
+        return linear if len(consumers(value)) >= 1 else None
+    if _keeps_last_axis_reshape(node) and len(consumers(node.inputs[0])) == 1:
+        return linear_writer(node.inputs[0])
+    return None
+
+
+def to_networkx(graph: ir.Graph) -> nx.DiGraph:
+    """Nodes of ``graph`` as a DiGraph (edges follow values), each networkx node being the ``ir.Node``."""
+    view = nx.DiGraph()
+    for node in graph:
+        view.add_node(node)
+        for value in node.inputs:
+            if value is not None and value.producer() is not None:
+                view.add_edge(value.producer(), node)
+    return view
+
+
+# -- norms ------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class NormRegion:
+    """A norm and the linears reading its output; ``blockers`` say why its gain cannot fold into them."""
+
+    norm: ir.Node
+    readers: list[Linear]
+    blockers: list[str]
+
+    @property
+    def gain(self) -> np.ndarray | None:
+        return const_array(self.norm.inputs[1]) if len(self.norm.inputs) > 1 else None
+
+    @property
+    def shift(self) -> np.ndarray | None:
+        return const_array(self.norm.inputs[2]) if len(self.norm.inputs) > 2 else None
+
+    @property
+    def weightless(self) -> bool:
+        gain, shift = self.gain, self.shift
+        return (gain is None or bool(np.all(gain == 1))) and (shift is None or not np.any(shift))
+
+
+def _norm_axis_is_last(node: ir.Node) -> bool:
+    shape = static_shape(node.inputs[0])
+    axis = node.attributes.get_int("axis", -1)
+    return shape is not None and axis in (-1, len(shape) - 1)
+
+
+def norm_regions(graph: ir.Graph) -> list[NormRegion]:
+    regions = []
+    for node in graph:
+        if node.op_type not in NORM_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        blockers = []
+        if not _norm_axis_is_last(node):
+            blockers.append(f"{node_label(node)}: normalises more than the last axis, or its shape is not static")
+        for index in (1, 2):
+            if len(node.inputs) > index and node.inputs[index] is not None and const_array(node.inputs[index]) is None:
+                blockers.append(f"{node_label(node)}: its gain or shift is computed at run time")
+        readers, others = linear_readers(node.outputs[0])
+        blockers += others
+        if is_graph_output(graph, node.outputs[0]):
+            blockers.append(f"{node_label(node)}: its output is a graph output")
+        regions.append(NormRegion(node, readers, blockers))
+    return regions
+
+
+# -- residual streams -------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ResidualStream:
+    """Tensors joined by residual Adds, with what writes them and what reads them.
+
+    A rotation ``x -> x Q`` of the stream is exact when every writer absorbs Q on its output side (linears:
+    ``W Q``; embedding tables: ``E Q``), every reader absorbs ``Q^T`` on its input side (the linears after each
+    weightless RMSNorm, or reading the stream directly), and every norm on the stream commutes with Q (a
+    weightless RMSNormalization over the last axis). ``blockers`` list what prevents it.
+    """
+
+    hidden: int
+    values: list[ir.Value]
+    adds: list[ir.Node]
+    writers: list[Linear]
+    embeddings: list[ir.Node]  # Gather nodes from a constant table
+    norms: list[NormRegion]
+    readers: list[Linear]  # linears reading the stream directly
+    blockers: list[str]
+
+    @property
+    def all_readers(self) -> list[Linear]:
+        return self.readers + [r for norm in self.norms for r in norm.readers]
+
+
+def _residual_add(node: ir.Node) -> bool:
+    if node.op_type != "Add" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 2:
+        return False
+    a, b = node.inputs
+    if a is None or b is None or const_array(a) is not None or const_array(b) is not None:
+        return False
+    sa, sb = static_shape(a), static_shape(b)
+    return sa is not None and sa == sb and len(sa) >= 2
+
+
+def _embedding(node: ir.Node | None) -> bool:
+    if node is None or node.op_type != "Gather" or node.attributes.get_int("axis", 0) != 0:
+        return False
+    table = const_array(node.inputs[0])
+    return table is not None and table.ndim == 2
+
+
+def residual_streams(graph: ir.Graph) -> list[ResidualStream]:
+    adds = [node for node in graph if _residual_add(node)]
+    joined = nx.Graph()
+    for node in adds:
+        joined.add_node(node.outputs[0])
+        for value in node.inputs:
+            joined.add_edge(node.outputs[0], value)
+    add_set = {id(n) for n in adds}
+    norms_by_node = {id(r.norm): r for r in norm_regions(graph)}
+    streams = []
+    for component in nx.connected_components(joined):
+        values = sorted(component, key=lambda v: v.name or "")
+        norms: list[NormRegion] = []
+        for value in values:
+            for node in consumers(value):
+                if id(node) in norms_by_node and node.inputs[0] is value:
+                    norms.append(norms_by_node[id(node)])
+        if not norms:
+            continue  # an Add of two computed tensors that no norm reads (RoPE's halves, say): not a stream
+        streams.append(_describe_stream(graph, values, add_set, norms))
+    return streams
+
+
+def _describe_stream(graph: ir.Graph, values: list[ir.Value], add_set: set[int], norms: list[NormRegion]):
+    blockers: list[str] = []
+    writers: list[Linear] = []
+    embeddings: list[ir.Node] = []
+    readers: list[Linear] = []
+    stream_adds: dict[int, ir.Node] = {}
+    hidden = static_shape(values[0])[-1]  # type: ignore[index]
+    norm_ids = {id(r.norm) for r in norms}
+    for value in values:
+        producer = value.producer()
+        if producer is not None and id(producer) in add_set:
+            stream_adds[id(producer)] = producer
+        elif _embedding(producer):
+            embeddings.append(producer)  # type: ignore[arg-type]
+        elif (writer := linear_writer(value)) is not None:
+            writers.append(writer)
+        elif producer is None:
+            blockers.append(f"graph input {value.name!r} feeds the residual stream")
+        else:
+            blockers.append(
+                f"{node_label(producer)} ({producer.op_type}) writes into the residual stream and is not a linear "
+                "with a constant weight or an embedding lookup"
+            )
+        if is_graph_output(graph, value):
+            blockers.append(f"the residual stream tensor {value.name!r} is a graph output")
+        for node in consumers(value):
+            if id(node) in add_set or id(node) in norm_ids:
+                continue
+            linear = as_linear(node, value)
+            if linear is not None:
+                readers.append(linear)
+            else:
+                blockers.append(f"{node_label(node)} ({node.op_type}) reads the residual stream")
+    for region in norms:
+        norm = region.norm
+        if norm.op_type == "LayerNormalization":
+            blockers.append(
+                f"{node_label(norm)} (LayerNormalization) subtracts the mean, which does not commute with a "
+                "rotation (only a zero-mean residual stream could make it an RMSNorm)"
+            )
+        elif not region.weightless:
+            blockers.append(f"{node_label(norm)} has a gain: run fold-norm-gains first")
+        blockers += region.blockers
+    return ResidualStream(hidden, values, list(stream_adds.values()), writers, embeddings, norms, readers, blockers)
+
+
+# -- attention heads --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class HeadPair:
+    """A value projection and the output projection that reads its heads after ``P @ V``.
+
+    A per-head rotation ``R`` of size ``head_dim`` (``W_v -> W_v (I (x) R)``, ``W_o -> (I (x) R)^T W_o``) is
+    exact: every op in between moves whole head_dim blocks (the attention product mixes tokens, not channels).
+    """
+
+    v: Linear
+    o: Linear | None
+    head_dim: int | None
+    blockers: list[str]
+
+
+def _trace_value_path(start: ir.Value) -> tuple[Linear | None, int | None, bool, str | None]:
+    """Follow V's output to the linear that reads the merged heads.
+
+    Returns (o linear, head_dim, whether an attention product read it as V, why the path stops if it does).
+    """
+    current, head_dim, through_pv = start, None, False
+    for _ in range(64):
+        readers = consumers(current)
+        if len(readers) != 1:
+            return None, head_dim, through_pv, f"{current.name!r} has {len(readers)} readers"
+        node = readers[0]
+        before, after = static_shape(node.inputs[0]), static_shape(node.outputs[0]) if node.outputs else None
+        if node.op_type == "Reshape" and before is not None and after is not None:
+            if head_dim is None:
+                if len(after) == len(before) + 1 and after[:-2] == before[:-1] and after[-2] * after[-1] == before[-1]:
+                    head_dim = after[-1]  # [..., heads * d] -> [..., heads, d] (one head included)
+                elif after[-1] == before[-1]:
+                    pass  # flatten/unflatten around a Gemm
+                else:
+                    reason = f"{node_label(node)} reshapes the projection's output in an unknown way"
+                    return None, None, through_pv, reason
+            elif through_pv and len(before) >= 2 and after[-1] == before[-2] * before[-1] and after[:-1] == before[:-2]:
+                linears, others = linear_readers(node.outputs[0])
+                if len(linears) == 1 and not others:
+                    return linears[0], head_dim, through_pv, None
+                reason = f"the merged heads {node.outputs[0].name!r} are not read by one linear"
+                return None, head_dim, through_pv, reason
+            elif after[-1] == head_dim:
+                pass  # leading axes regrouped (grouped-query attention's expanded heads)
+            else:
+                return None, head_dim, through_pv, f"{node_label(node)} reshapes across the head_dim axis"
+        elif node.op_type == "Transpose":
+            rank = len(before) if before is not None else 0
+            perm = list(node.attributes.get_ints("perm", list(range(rank))[::-1]))
+            if not perm or perm[-1] != len(perm) - 1:
+                return None, head_dim, through_pv, f"{node_label(node)} moves the channel axis"
+        elif node.op_type in ("Unsqueeze", "Expand") and before is not None and after is not None:
+            if after[-1] != before[-1]:
+                return None, head_dim, through_pv, f"{node_label(node)} changes the channel axis"
+        elif node.op_type == "MatMul" and node.inputs[1] is current and head_dim is not None:
+            through_pv = True
+        else:
+            return None, head_dim, through_pv, f"{node_label(node)} ({node.op_type}) is not on an attention value path"
+        current = node.outputs[0]
+    return None, head_dim, through_pv, "path too long"
+
+
+def head_pairs(graph: ir.Graph) -> list[HeadPair]:
+    """Every linear whose output is split into heads and read as the V operand of an attention product."""
+    pairs = []
+    for node in graph:
+        linear = as_linear(node)
+        if linear is None:
+            continue
+        o, head_dim, through_pv, reason = _trace_value_path(node.outputs[0])
+        if head_dim is None:
+            continue  # never split into heads: not a value projection
+        if o is None and not through_pv:
+            continue  # never reached an attention product as its V operand: a query, key or other projection
+        blockers = [] if reason is None else [reason]
+        if o is not None and o.in_features % head_dim:
+            blockers.append(f"{o.label} reads {o.in_features} features, not a multiple of head_dim {head_dim}")
+        pairs.append(HeadPair(linear, o, head_dim, blockers))
+    return pairs
+
+
+# -- the report -------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class RegionReport:
+    streams: list[ResidualStream]
+    norms: list[NormRegion]
+    heads: list[HeadPair]
+    linears: list[Linear]
+
+    def coverage(self) -> dict[str, list[str]]:
+        """For every linear (by label): the regions covering it, or the reasons none does."""
+        cover: dict[str, list[str]] = {lin.label: [] for lin in self.linears}
+        reasons: dict[str, list[str]] = {lin.label: [] for lin in self.linears}
+        for index, stream in enumerate(self.streams):
+            role = "residual" if not stream.blockers else "residual (blocked)"
+            for lin in stream.all_readers:
+                (cover if not stream.blockers else reasons)[lin.label].append(f"{role} #{index} reader")
+            for lin in stream.writers:
+                (cover if not stream.blockers else reasons)[lin.label].append(f"{role} #{index} writer")
+        for pair in self.heads:
+            if pair.blockers:
+                reasons[pair.v.label].append("head V blocked: " + "; ".join(pair.blockers))
+                continue
+            cover[pair.v.label].append(f"head V (head_dim {pair.head_dim})")
+            if pair.o is not None:
+                cover[pair.o.label].append(f"head O (head_dim {pair.head_dim})")
+        for norm in self.norms:
+            if not norm.blockers:
+                for lin in norm.readers:
+                    cover[lin.label].append(f"norm gain of {node_label(norm.norm)}")
+        out = {}
+        for label in cover:
+            out[label] = cover[label] or [
+                "not covered: "
+                + ("; ".join(reasons[label]) or "reads no norm, residual stream or attention value path")
+            ]
+        return out
+
+    def format(self) -> str:
+        lines = [f"{len(self.linears)} linears, {len(self.norms)} norms, {len(self.streams)} residual streams, "
+                 f"{len(self.heads)} attention value paths"]  # fmt: skip
+        for index, stream in enumerate(self.streams):
+            state = "rotatable" if not stream.blockers else "blocked"
+            lines.append(
+                f"residual stream #{index}: hidden {stream.hidden}, {len(stream.adds)} adds, "
+                f"{len(stream.norms)} norms, "
+                f"{len(stream.embeddings)} embeddings, {len(stream.writers)} writers, "
+                f"{len(stream.all_readers)} readers: {state}"
+            )
+            for reason in _unique(stream.blockers)[:8]:
+                lines.append(f"    blocked: {reason}")
+        for pair in self.heads:
+            target = pair.o.label if pair.o is not None else "?"
+            state = "rotatable" if not pair.blockers else "blocked: " + "; ".join(pair.blockers)
+            lines.append(f"heads: {pair.v.label} -> {target}, head_dim {pair.head_dim}: {state}")
+        lines.append("linears:")
+        for label, roles in self.coverage().items():
+            lines.append(f"    {label}: {', '.join(roles)}")
+        return "\n".join(lines)
+
+
+def _unique(items: Iterable[str]) -> list[str]:
+    return list(dict.fromkeys(items))
+
+
+def report(model: ir.Model | ir.Graph) -> RegionReport:
+    graph = model.graph if isinstance(model, ir.Model) else model
+    linears = [lin for node in graph if (lin := as_linear(node)) is not None]
+    return RegionReport(residual_streams(graph), norm_regions(graph), head_pairs(graph), linears)

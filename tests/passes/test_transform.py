@@ -1,0 +1,148 @@
+"""Float-exact transforms (norm folding, residual and per-head rotations) and the region analysis they rely on:
+property-tested on generated transformer blocks in float64 (equivalence to 1e-9, honest ``modified``,
+idempotence), with the regions each kind of block must (and must not) offer."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from qcompiler.ir.regions import report
+from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
+from qcompiler.passes.transform.hadamard import (
+    NoHadamardError,
+    hadamard,
+    has_hadamard,
+    random_hadamard,
+    random_orthogonal,
+    rotation,
+)
+from qcompiler.testing import GeneratedModel, assert_float_exact_pass, transformer_models
+
+PROPERTY = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# -- Hadamard matrices ------------------------------------------------------------------------------------
+
+
+def test_every_constructible_order_up_to_512_is_hadamard() -> None:
+    orders = [n for n in range(1, 513) if has_hadamard(n)]
+    for n in orders:
+        h = hadamard(n)
+        assert set(np.unique(h)) <= {-1, 1}
+        h = h.astype(np.float64)
+        np.testing.assert_array_equal(h @ h.T, n * np.eye(n), err_msg=f"order {n}")
+    # every power of two, the Paley orders and the transformer sizes that need them
+    assert {1, 2, 4, 12, 20, 28, 36, 44, 60, 108, 140, 384} <= set(orders)
+    assert len(orders) >= 100
+
+
+@pytest.mark.parametrize("n", [576, 768, 1536, 2304, 3072, 4096])
+def test_transformer_widths_have_hadamard_matrices(n: int) -> None:
+    h = hadamard(n).astype(np.float64)  # +-1 sums up to 4096: exact in float64, and BLAS-fast
+    np.testing.assert_array_equal(h @ h.T, n * np.eye(n))
+
+
+@pytest.mark.parametrize("n", [3, 6, 52, 172])
+def test_orders_without_construction_are_refused_by_name(n: int) -> None:
+    with pytest.raises(NoHadamardError, match=rf"order {n}\b.*rotation='random'"):
+        hadamard(n)
+    q = rotation(n, "hadamard-or-random", seed=1)  # the documented fallback
+    np.testing.assert_allclose(q @ q.T, np.eye(n), atol=1e-12)
+
+
+def test_rotations_are_orthogonal_and_seeded() -> None:
+    for q in (random_hadamard(576, seed=3), random_orthogonal(40, seed=3)):
+        np.testing.assert_allclose(q @ q.T, np.eye(len(q)), atol=1e-12)
+    np.testing.assert_array_equal(random_hadamard(64, 5), random_hadamard(64, 5))
+    assert not np.array_equal(random_hadamard(64, 5), random_hadamard(64, 6))
+    with pytest.raises(ValueError, match="rotation kind 'givens'"):
+        rotation(8, "givens")
+
+
+# -- property tests on generated transformers -------------------------------------------------------------
+
+
+def _parts(generated: GeneratedModel) -> list[str]:
+    return generated.description.split(":", 1)[1].split(",")
+
+
+def _folded(generated: GeneratedModel) -> ir.Model:
+    model = ir.serde.deserialize_model(generated.model)
+    FoldNormGainsPass()(model)
+    return model
+
+
+@PROPERTY
+@given(transformer_models())
+def test_fold_norm_gains_is_exact(generated: GeneratedModel) -> None:
+    after, modified = assert_float_exact_pass(FoldNormGainsPass, generated.model, generated.inputs(2))
+    pre_norm = "pre-norm" in generated.description
+    if pre_norm and "bias" in _parts(generated):  # every norm feeds linears with biases
+        assert modified
+        assert all(region.weightless for region in report(after).norms), generated.description
+    if not pre_norm:  # post-norm: the next residual Add reads every norm but the last, whose gain alone folds
+        layers = int(generated.description.rsplit("layers=", 1)[1])
+        parts = _parts(generated)
+        kept = [region for region in report(after).norms if not region.weightless]
+        shift_stuck = "layer" in parts and "no-bias" in parts  # a LayerNorm shift needs a bias in its readers
+        assert len(kept) == 2 * layers - (0 if shift_stuck else 1), generated.description
+        assert sum(any("(Add) reads it" in b for b in region.blockers) for region in kept) == 2 * layers - 1
+
+
+@PROPERTY
+@given(transformer_models())
+def test_rotate_residual_is_exact(generated: GeneratedModel) -> None:
+    folded = _folded(generated)
+    streams = report(folded).streams
+    rotatable = "rms" in generated.description and "pre-norm" in generated.description
+    after, modified = assert_float_exact_pass(RotateResidualPass, folded, generated.inputs(2))
+    assert modified == rotatable, (generated.description, [s.blockers for s in streams])
+    if "layer" in _parts(generated) and "pre-norm" in generated.description:
+        assert any("LayerNormalization" in b for s in streams for b in s.blockers)
+    if rotatable:  # the embedding, every writer and every reader moved; the linears all covered
+        (stream,) = streams
+        layers = int(generated.description.rsplit("layers=", 1)[1])
+        assert len(stream.writers) == 2 * layers and len(stream.embeddings) == 1
+        assert len(stream.all_readers) == 5 * layers + 1 if "swiglu" in generated.description else 4 * layers + 1
+        assert after.metadata_props["qcompiler.rotate_residual"] == "hadamard-or-random:0"
+
+
+@PROPERTY
+@given(transformer_models())
+def test_rotate_heads_is_exact(generated: GeneratedModel) -> None:
+    layers = int(generated.description.rsplit("layers=", 1)[1])
+    pairs = report(ir.serde.deserialize_model(generated.model)).heads
+    assert len(pairs) == layers and not any(p.blockers for p in pairs), generated.description  # GQA included
+    _, modified = assert_float_exact_pass(RotateHeadsPass, generated.model, generated.inputs(2))
+    assert modified
+
+
+@settings(max_examples=40, deadline=None)
+@given(transformer_models())
+def test_all_rotations_together_are_exact_with_random_orthogonal(generated: GeneratedModel) -> None:
+    folded = _folded(generated)
+    after, _ = assert_float_exact_pass(lambda: RotateResidualPass("random", seed=7), folded, generated.inputs(1))
+    assert_float_exact_pass(lambda: RotateHeadsPass("random", seed=7), after, generated.inputs(1))
+
+
+# -- regions on a hand-written graph ------------------------------------------------------------------------
+
+
+def test_region_report_names_what_blocks_a_rotation() -> None:
+    """A norm read by a non-linear op blocks its stream, and the report says which node and why."""
+    from hypothesis import find
+
+    generated = find(transformer_models(), lambda g: "rms" in g.description and "pre-norm" in g.description)
+    model = _folded(generated)
+    norm = next(n for n in model.graph if n.op_type == "RMSNormalization")
+    tap = ir.node("Relu", [norm.outputs[0]], name="debug_tap")
+    model.graph.append(tap)
+    model.graph.outputs.append(tap.outputs[0])
+    tap.outputs[0].name = "tap"
+    text = report(model).format()
+    assert "blocked: debug_tap (Relu) reads it and is not a linear with a constant weight" in text
+    result = RotateResidualPass()(model)
+    assert not result.modified
