@@ -1,4 +1,5 @@
-"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``recipes`` to list recipes."""
+"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``inspect`` its transformable regions,
+``recipes`` to list recipes."""
 
 from __future__ import annotations
 
@@ -33,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier after each pass")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub.add_parser("recipes", help="list the built-in recipes")
+    inspect = sub.add_parser("inspect", help="print the regions the float-exact transforms can rewrite")
+    inspect.add_argument("model", help="path of the .onnx file (external data next to it)")
+    inspect.add_argument("--recipe", default="w8a8", help="recipe whose canonicalize passes run first (default: w8a8)")
+    inspect.add_argument(
+        "--fold-norms", action="store_true", help="fold norm gains into their readers first (rotations need it)"
+    )
     return parser
 
 
@@ -71,6 +78,28 @@ def _compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import onnx_ir as ir
+
+    from qcompiler.config import load_recipe
+    from qcompiler.ir import regions
+    from qcompiler.ir.frontends import load as load_model
+    from qcompiler.passes.transform import FoldNormGainsPass
+    from qcompiler.pipeline import Pipeline
+
+    path = Path(args.model)
+    if not path.is_file():
+        print(f"error: model: no such file {path}", file=sys.stderr)
+        return 2
+    model = load_model(str(path))
+    passes: list[ir.passes.PassBase] = [spec.build() for spec in load_recipe(args.recipe).canonicalize]
+    if args.fold_norms:
+        passes.append(FoldNormGainsPass())
+    model = Pipeline(passes, verify_each=False).run(model).model
+    print(regions.report(model).format())
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -79,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for name in builtin_recipes():
                 print(name)
             return 0
+        if args.command == "inspect":
+            return _inspect(args)
         return _compile(args)
     except QCompilerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -300,6 +300,10 @@ def _describe_stream(graph: ir.Graph, values: list[ir.Value], add_set: set[int],
             linear = as_linear(node, value)
             if linear is not None:
                 readers.append(linear)
+            elif _keeps_last_axis_reshape(node) and node.inputs[0] is value:  # flattened for a Gemm
+                inner, others = linear_readers(node.outputs[0])
+                readers += inner
+                blockers += others
             else:
                 blockers.append(f"{node_label(node)} ({node.op_type}) reads the residual stream")
     for region in norms:
@@ -413,11 +417,12 @@ class RegionReport:
         cover: dict[str, list[str]] = {lin.label: [] for lin in self.linears}
         reasons: dict[str, list[str]] = {lin.label: [] for lin in self.linears}
         for index, stream in enumerate(self.streams):
-            role = "residual" if not stream.blockers else "residual (blocked)"
-            for lin in stream.all_readers:
-                (cover if not stream.blockers else reasons)[lin.label].append(f"{role} #{index} reader")
-            for lin in stream.writers:
-                (cover if not stream.blockers else reasons)[lin.label].append(f"{role} #{index} writer")
+            for role, members in (("reader", stream.all_readers), ("writer", stream.writers)):
+                for lin in members:
+                    if stream.blockers:
+                        reasons[lin.label].append(f"residual #{index} {role}, blocked: {stream.blockers[0]}")
+                    else:
+                        cover[lin.label].append(f"residual #{index} {role}")
         for pair in self.heads:
             if pair.blockers:
                 reasons[pair.v.label].append("head V blocked: " + "; ".join(pair.blockers))

