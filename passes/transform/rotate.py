@@ -66,7 +66,7 @@ class RotateResidualPass(_RotationPass):
             plan.append((stream, make_rotation(stream.hidden, self.rotation, self.seed + index)))
         for stream, q in plan:
             for gather in stream.embeddings:
-                table = gather.inputs[0].const_value.numpy()  # type: ignore[union-attr]
+                table = gather.inputs[0].const_value.numpy()
                 set_input_constant(graph, gather, 0, (table.astype(np.float64) @ q).astype(table.dtype))
             for writer in stream.writers:
                 rotate_output(graph, writer, q)

@@ -282,7 +282,7 @@ def _describe_stream(graph: ir.Graph, values: list[ir.Value], add_set: set[int],
         if producer is not None and id(producer) in add_set:
             stream_adds[id(producer)] = producer
         elif _embedding(producer):
-            embeddings.append(producer)  # type: ignore[arg-type]
+            embeddings.append(producer)
         elif (writer := linear_writer(value)) is not None:
             writers.append(writer)
         elif producer is None:
