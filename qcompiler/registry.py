@@ -13,7 +13,7 @@ from onnxscript.version_converter import ConvertVersionPass
 from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerQDQToIntegerPass
-from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
+from qcompiler.passes.transform import FoldNormGainsPass, OnlineHadamardPass, RotateHeadsPass, RotateResidualPass
 
 
 def _fold_constants(input_size_limit: int = 1 << 26, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
@@ -33,6 +33,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fold-norm-gains": FoldNormGainsPass,
     "rotate-residual": RotateResidualPass,
     "rotate-heads": RotateHeadsPass,
+    "online-hadamard": lambda targets=("mlp",): OnlineHadamardPass(tuple(targets)),
     "lower-qdq-to-integer": LowerQDQToIntegerPass,
     "fuse-integer-linear": FuseIntegerLinearPass,
 }

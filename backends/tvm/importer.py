@@ -352,7 +352,29 @@ class IntSigmoid(OF.OnnxOpConverter):
         )
 
 
+class Hadamard(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        block = _const_numpy(inputs[1], "block h", "Hadamard").astype(np.int8)
+        shape = _static_shape(inputs[0], "Hadamard")
+        n, k = shape[-1], block.shape[0]
+        runs = n // k if k else 0
+        if block.ndim != 2 or block.shape != (k, k) or n % k or runs & (runs - 1):
+            raise UnsupportedOpError("?", "Hadamard", f"width {n} is not the block order {k} times a power of two")
+        rows = int(np.prod(shape[:-1], dtype=np.int64))
+        flat = bb.emit(relax.op.reshape(inputs[0], (rows, n)))
+        out = bb.emit_te(
+            kernels.hadamard_compute,
+            flat,
+            relax.const(block, "int8"),
+            primfunc_name_hint="hadamard",
+            primfunc_attrs={KERNEL_ATTR: "hadamard"},
+        )
+        return bb.emit(relax.op.reshape(out, shape))
+
+
 _CONVERTERS = {
+    "Hadamard": Hadamard,
     "IntGelu": IntGelu,
     "IntSigmoid": IntSigmoid,
     "IntSoftmax": IntSoftmax,

@@ -9,6 +9,7 @@ int8 x int8 products accumulated in int32, the int32 bias added, then the dyadic
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 from tvm import te, tirx
@@ -240,3 +241,40 @@ def qconv_direct_compute(
         lambda n, c, y, xo: requantize_expr(acc[n, c, y, xo] + bias[c], multiplier[c], shift[c], zero_point, lo, hi),
         name="requant",
     )
+
+
+def hadamard_compute(x: te.Tensor, h: te.Tensor) -> te.Tensor:
+    """``x @ (S_{2^m} (x) h)`` on ``[rows, n]`` in int32 (qcompiler.dialect.hadamard): the K x K block product
+    on each run of K channels, then one butterfly stage per bit of the run index (``n (K + m)`` adds)."""
+    rows, n = (int(d) for d in x.shape)
+    k = int(h.shape[0])
+    runs = n // k
+    if k == 1:
+        t = te.compute((rows, n), lambda r, i: x[r, i].astype("int32") * h[0, 0].astype("int32"), name="hadamard_block")
+    else:
+        red = te.reduce_axis((0, k), name="kk")
+        t = te.compute(
+            (rows, n),
+            lambda r, i: te.sum(
+                x[r, tirx.floordiv(i, k) * k + red].astype("int32") * h[red, tirx.floormod(i, k)].astype("int32"),
+                axis=red,
+            ),
+            name="hadamard_block",
+        )
+    half = 1
+    while half < runs:
+        t = te.compute((rows, n), _butterfly(t, half * k), name=f"hadamard_stage{half}")
+        half *= 2
+    return t
+
+
+def _butterfly(t: te.Tensor, stride: int) -> Callable[[tirx.PrimExpr, tirx.PrimExpr], tirx.PrimExpr]:
+    """One Sylvester stage on channels ``stride`` apart: ``(a, b) -> (a + b, a - b)``."""
+
+    def body(r: tirx.PrimExpr, i: tirx.PrimExpr) -> tirx.PrimExpr:
+        upper = tirx.floormod(tirx.floordiv(i, stride), 2) == 1
+        low = t[r, tirx.if_then_else(upper, i - stride, i)]
+        high = t[r, tirx.if_then_else(upper, i, i + stride)]
+        return tirx.if_then_else(upper, low - high, low + high)
+
+    return body

@@ -140,6 +140,11 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)
+        elif kind == "hadamard":  # [rows, n] stages: parallel over rows (unvectorized: strided butterflies)
+            for name in _block_names(sch):
+                loops = sch.get_loops(sch.get_sblock(name))
+                if _static(sch.get(loops[0]).extent) not in (None, 1):
+                    sch.parallel(loops[0])
         elif kind == "direct":  # grouped convolution: parallel over (batch, channel), no tensorization
             sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("C"))[:2]))
             _parallel_elementwise(sch, "requant", vector=False)

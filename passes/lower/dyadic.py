@@ -2,9 +2,10 @@
 
 ``DQ(x) -> Conv/Gemm/MatMul(DQ(W), DQ(b)) [-> Relu/Clip] -> Q``  becomes
 ``ConvInteger/MatMulInteger(x, W) + b -> qcompiler.Requantize(M = S_x * S_w / S_y)``;
-residual ``Add`` becomes ``qcompiler.RescaleAdd``; ``GlobalAveragePool`` becomes ``Cast, ReduceSum,
-Requantize(M = S_x / (S_y * H * W))``; shape-only ops run on int8 unchanged. Float scales are turned
-into (b, c) exactly once, here, by :func:`qcompiler.dialect.quantize_multipliers`.
+a MatMul by a Hadamard matrix ``c (S (x) h)`` (an online Hadamard) becomes ``qcompiler.Hadamard(x, h) ->
+Requantize(M = S_x c / S_y)``; residual ``Add`` becomes ``qcompiler.RescaleAdd``; ``GlobalAveragePool``
+becomes ``Cast, ReduceSum, Requantize(M = S_x / (S_y * H * W))``; shape-only ops run on int8 unchanged.
+Float scales are turned into (b, c) exactly once, here, by :func:`qcompiler.dialect.quantize_multipliers`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
+from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import (
@@ -265,6 +267,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         weight = const_array(w.value)
         if weight is None or weight.dtype != np.int8:
             raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
+        if node.op_type == "MatMul" and self._lower_hadamard(graph, node, x, w.scale, weight):
+            return
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
         lo, hi = _clamp_bounds(activation, quant)
@@ -311,6 +315,30 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         self._requantize_after(
             graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[product, biased]
         )
+
+    def _lower_hadamard(self, graph: ir.Graph, node: ir.Node, x, w_scale: np.ndarray, weight: np.ndarray) -> bool:
+        """``DQ(x) @ DQ(+-1 signs at one scale c) -> Q``: ``Hadamard(x, h)`` (exact int32 adds), then one
+        Requantize. False (nothing changed) when the weight is not a per-tensor ``S (x) h``."""
+        scales = np.asarray(w_scale, dtype=np.float64).reshape(-1)
+        if np.asarray(x.scale).size != 1 or not np.allclose(scales, scales[0], rtol=1e-6):
+            return False
+        structure = hadamard_structure(weight)
+        if structure is None:
+            return False
+        unit, block = structure
+        n = weight.shape[0]
+        if x.value.dtype == ir.DataType.INT16 and n > MAX_ORDER_INT16:
+            raise UnsupportedOpError(node_label(node), "MatMul", f"an int16 Hadamard of order {n} overflows int32")
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
+        base = quant.outputs[0].name or "y"
+        transform = ir.node(
+            "Hadamard", [x.value, add_initializer(graph, f"{base}_hadamard_block", block)], domain=DOMAIN
+        )
+        transform.outputs[0].dtype = ir.DataType.INT32
+        real = float(np.asarray(x.scale).reshape(())) * scales[0] * unit / output_scale(quant)
+        self._requantize_after(graph, quant, transform.outputs[0], real, lo=lo, hi=hi, producers=[transform])
+        return True
 
     def _lower_add(self, graph: ir.Graph, node: ir.Node) -> None:
         a = dequantized(node.inputs[0], "first input", node)

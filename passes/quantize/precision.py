@@ -7,7 +7,8 @@ remedies, chosen from the graph alone:
 - **Wide tensors.** A tensor that only residual adds, norms and elementwise activation products read (the
   residual stream: a residual sum, an output projection that writes into it; SwiGLU's gate and up halves) is
   never a GEMM operand, so it can be int16 at no cost to the W8A8 kernels: ``RescaleAdd``, ``IntLayerNorm`` and
-  the int32 product take int16.
+  the int32 product take int16; so does an online Hadamard (a MatMul by ``c (S (x) h)``: exact adds in
+  int32), which makes the rotation see its input at 16 bits before its output goes back to int8.
 - **Per-channel norm and activation outputs.** A LayerNorm, RMSNorm, GELU, sigmoid or product (SwiGLU) output
   read only by
   constant-weight linear layers, residual adds and graph outputs gets one scale per channel of its last axis
@@ -27,6 +28,7 @@ from collections.abc import Callable, Mapping, Set
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.dialect.hadamard import hadamard_structure
 from qcompiler.ir.graph import const_array, consumers, is_graph_output
 
 #: ops that move values without changing them; their output inherits the input's precision
@@ -58,8 +60,15 @@ def _keeps_last_axis(node: ir.Node) -> bool:
     return isinstance(last_in, int) and last_in == last_out
 
 
-def _readers_all(graph: ir.Graph, value: ir.Value, accept: Callable[[ir.Node, int], bool], excluded: Set[int]) -> bool:
-    """Every reader of ``value`` (looking through last-axis-keeping shape ops) satisfies ``accept``."""
+def _readers_all(
+    graph: ir.Graph,
+    value: ir.Value,
+    accept: Callable[[ir.Node, int], bool],
+    excluded: Set[int],
+    any_shape: bool = False,
+) -> bool:
+    """Every reader of ``value`` (looking through last-axis-keeping shape ops, or through every shape op with
+    ``any_shape``: storage width survives a head merge, per-channel scales do not) satisfies ``accept``."""
     readers = list(value.uses())
     if not readers and not is_graph_output(graph, value):
         return False
@@ -67,11 +76,29 @@ def _readers_all(graph: ir.Graph, value: ir.Value, accept: Callable[[ir.Node, in
         if id(node) in excluded:
             return False
         if node.op_type in _PASS_THROUGH and index == 0:
-            if not _keeps_last_axis(node) or not _readers_all(graph, node.outputs[0], accept, excluded):
+            if not (any_shape or _keeps_last_axis(node)) or not _readers_all(
+                graph, node.outputs[0], accept, excluded, any_shape
+            ):
                 return False
         elif not accept(node, index):
             return False
     return True
+
+
+def hadamard_matmul(node: ir.Node) -> tuple[float, np.ndarray] | None:
+    """``(c, h)`` for a MatMul by a constant ``c (S (x) h)`` (an online Hadamard: the integer ``Hadamard`` op),
+    else None."""
+    if node.op_type != "MatMul" or len(node.inputs) != 2:
+        return None
+    weight = const_array(node.inputs[1])
+    if weight is None or const_array(node.inputs[0]) is not None:
+        return None
+    return hadamard_structure(weight)
+
+
+def _reads_through_hadamard(node: ir.Node, index: int) -> bool:
+    """An online Hadamard reads its input exactly in int32 (``|y| <= n max|x|``), so int16 costs nothing."""
+    return index == 0 and hadamard_matmul(node) is not None
 
 
 def _is_residual_add(node: ir.Node, index: int) -> bool:
@@ -87,7 +114,7 @@ def _is_activation_product(node: ir.Node, index: int) -> bool:
 def _reads_wide(node: ir.Node, index: int) -> bool:
     if node.op_type in ("LayerNormalization", "RMSNormalization"):
         return index == 0
-    return _is_residual_add(node, index) or _is_activation_product(node, index)
+    return _is_residual_add(node, index) or _is_activation_product(node, index) or _reads_through_hadamard(node, index)
 
 
 def _reads_per_channel(node: ir.Node, index: int) -> bool:
@@ -95,7 +122,7 @@ def _reads_per_channel(node: ir.Node, index: int) -> bool:
         return True
     if node.op_type in ("Gemm", "MatMul") and index == 0:
         weight = const_array(node.inputs[1])
-        return weight is not None and weight.ndim == 2
+        return weight is not None and weight.ndim == 2 and hadamard_matmul(node) is None
     return False
 
 
@@ -138,9 +165,12 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
         out = node.outputs[0]
         if len(consumers(out)) == 1 and consumers(out)[0].op_type in ("Relu", "Clip"):
             continue  # a fused activation carries the output
-        if wide and node.op_type in _WIDE_PRODUCERS and _readers_all(graph, out, _reads_wide, excluded):
-            if node.op_type in ("Gemm", "MatMul") and const_array(node.inputs[1]) is None:
-                continue  # attention's activation x activation products stay int8
+        hadamard_only = wide and _readers_all(graph, out, _reads_through_hadamard, excluded, any_shape=True)
+        if wide and node.op_type in _WIDE_PRODUCERS and (
+            hadamard_only or _readers_all(graph, out, _reads_wide, excluded)
+        ):
+            if node.op_type in ("Gemm", "MatMul") and const_array(node.inputs[1]) is None and not hadamard_only:
+                continue  # attention's activation x activation products stay int8 (unless a Hadamard reads them)
             wide_ids.add(id(out))
         elif (
             per_channel

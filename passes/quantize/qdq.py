@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
-from qcompiler.passes.quantize.precision import plan_precision
+from qcompiler.passes.quantize.precision import hadamard_matmul, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
@@ -424,7 +424,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             rows = [1, 1]
             rows[1 - axis] = -1
             weight = weight.astype(np.float64) * fold.reshape(rows)
-        q_weight, w_scales = quantize_weight_per_channel(weight, axis)
+        hadamard = hadamard_matmul(node) if fold is None else None
+        if hadamard is not None:  # an online Hadamard: its +-1 signs exactly, at the one scale c
+            q_weight = np.sign(weight).astype(np.int8)
+            w_scales = np.full(weight.shape[axis], hadamard[0], dtype=np.float32)
+        else:
+            q_weight, w_scales = quantize_weight_per_channel(weight, axis)
         w_name = node.inputs[1].name or "weight"
         q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
         s_value = add_initializer(graph, f"{w_name}_scale", w_scales)

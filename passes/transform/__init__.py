@@ -3,6 +3,6 @@
 from __future__ import annotations
 
 from qcompiler.passes.transform.fold_norms import FoldNormGainsPass
-from qcompiler.passes.transform.rotate import RotateHeadsPass, RotateResidualPass
+from qcompiler.passes.transform.rotate import OnlineHadamardPass, RotateHeadsPass, RotateResidualPass
 
-__all__ = ["FoldNormGainsPass", "RotateHeadsPass", "RotateResidualPass"]
+__all__ = ["FoldNormGainsPass", "OnlineHadamardPass", "RotateHeadsPass", "RotateResidualPass"]

@@ -20,6 +20,7 @@ import functools
 
 import numpy as np
 
+from qcompiler.dialect.hadamard import sylvester
 from qcompiler.errors import QCompilerError
 
 
@@ -127,3 +128,21 @@ def rotation(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarray:
     if kind in ("hadamard", "hadamard-or-random"):
         return random_hadamard(n, seed)
     raise ValueError(f"rotation kind {kind!r}: expected 'hadamard', 'hadamard-or-random' or 'random'")
+
+
+def online_hadamard(n: int) -> np.ndarray:
+    """The +-1 Hadamard matrix ``S_{2^m} (x) H_K`` of order ``n = K 2^m`` with the largest m (smallest block):
+    the structure the integer ``Hadamard`` op computes in ``n (K + m)`` adds (qcompiler.dialect.hadamard).
+
+    Raises:
+        NoHadamardError: no block order K = n / 2^m has a construction here.
+    """
+    m = (n & -n).bit_length() - 1 if n >= 1 else 0
+    while m >= 0:
+        k = n >> m
+        if k == 1 or (k % 4 == 0 and has_hadamard(k)):
+            return np.kron(sylvester(m), _construct(k))
+        m -= 1
+    raise NoHadamardError(
+        f"no Hadamard matrix of order {n} = K * 2^m with a constructible block K; the online Hadamard needs one"
+    )

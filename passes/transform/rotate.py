@@ -22,8 +22,10 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.ir.graph import node_label
-from qcompiler.ir.regions import head_pairs, residual_streams
+from qcompiler.dialect.hadamard import hadamard_structure
+from qcompiler.ir.graph import add_initializer, node_label
+from qcompiler.ir.regions import hadamard_sites, head_pairs, residual_streams
+from qcompiler.passes.transform.hadamard import NoHadamardError, online_hadamard
 from qcompiler.passes.transform.hadamard import rotation as make_rotation
 from qcompiler.passes.transform.weights import blockwise, rotate_input, rotate_output, set_input_constant
 
@@ -91,3 +93,75 @@ class RotateHeadsPass(_RotationPass):
             rotate_output(graph, pair.v, blockwise(r, pair.v.out_features // pair.head_dim))
             rotate_input(graph, pair.o, blockwise(r, pair.o.in_features // pair.head_dim))
         return bool(plan)
+
+
+class OnlineHadamardPass(ir.passes.InPlacePass):
+    """Online Hadamard rotations (QuaRot): ``x -> x H`` at run time, ``W -> H^T W`` offline, where no offline
+    rotation reaches: the input of every down projection (after the nonlinearity or the gated product) and,
+    with ``"attention"``, the merged heads before every output projection.
+
+    ``H = S_{2^m} (x) H_K / sqrt(n)`` is inserted as a float ``MatMul`` by that constant: exact in float and
+    runnable by any ONNX runtime (calibration included); the quantizer recognises the structure, quantizes the
+    MatMul's input at 16 bits and the lowering turns it into the integer ``Hadamard`` op (``n (K + m)`` adds).
+    Sites whose width has no such matrix are skipped, with the reason kept in ``skipped``.
+
+    Args:
+        targets: which sites: ``"mlp"`` and/or ``"attention"``.
+    """
+
+    marker = "qcompiler.online_hadamard"
+
+    def __init__(self, targets: tuple[str, ...] | list[str] = ("mlp",)) -> None:
+        super().__init__()
+        unknown = sorted(set(targets) - {"mlp", "attention"})
+        if unknown or not targets:
+            raise ValueError(f"targets: expected 'mlp' and/or 'attention', got {list(targets)}")
+        self.targets = tuple(targets)
+        self.skipped: dict[str, list[str]] = {}
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        self.skipped = {}
+        if self.marker in model.metadata_props:
+            return ir.passes.PassResult(model, modified=False)
+        graph = model.graph
+        plan = []
+        for site in hadamard_sites(graph):
+            if site.kind not in self.targets:
+                continue
+            where = f"{site.kind} input {site.value.name!r}"
+            blockers = list(site.blockers)
+            if any(hadamard_structure(r.weight) is not None for r in site.readers):
+                blockers.append("already read through a Hadamard matrix")
+            size = site.size
+            matrix = None
+            if not blockers and size is not None:
+                try:
+                    matrix = online_hadamard(size)
+                except NoHadamardError as error:
+                    blockers.append(str(error))
+            if blockers or matrix is None or size is None:
+                self.skipped[where] = blockers
+                logger.info("online-hadamard: %s skipped: %s", where, "; ".join(blockers))
+                continue
+            plan.append((site, matrix / np.sqrt(size)))
+        for site, h in plan:
+            dtype = site.value.dtype.numpy() if site.value.dtype is not None else np.float32
+            base = site.value.name or "x"
+            uses = list(site.value.uses())
+            matmul = ir.node("MatMul", [site.value, add_initializer(graph, f"{base}_hadamard", h.astype(dtype))])
+            matmul.outputs[0].name = f"{base}_rotated"
+            matmul.outputs[0].dtype = site.value.dtype
+            matmul.outputs[0].shape = site.value.shape
+            matmul.metadata_props[self.marker] = site.kind
+            for reader, index in uses:
+                reader.replace_input_with(index, matmul.outputs[0])
+            producer = site.value.producer()
+            if producer is None:
+                graph.insert_before(graph.node(0), matmul)
+            else:
+                graph.insert_after(producer, matmul)
+            for linear in site.readers:
+                rotate_input(graph, linear, h)
+        if plan:
+            model.metadata_props[self.marker] = ",".join(self.targets)
+        return ir.passes.PassResult(model, modified=bool(plan))

@@ -17,6 +17,7 @@ from onnx.reference.op_run import OpRun
 
 from qcompiler.dialect import nonlinear
 from qcompiler.dialect.dyadic import round_shift, storage_dtype
+from qcompiler.dialect.hadamard import hadamard_transform
 from qcompiler.dialect.schemas import DOMAIN
 
 
@@ -241,8 +242,15 @@ class IntSigmoid(OpRun):
         return (y,)
 
 
+class Hadamard(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, h):
+        return (_as_int32(hadamard_transform(x, h), "Hadamard"),)
+
+
 REFERENCE_OPS: list[type[OpRun]] = [
-    Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid,
+    Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid, Hadamard,
 ]  # fmt: skip
 
 

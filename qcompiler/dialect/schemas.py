@@ -189,7 +189,20 @@ def _schemas() -> list[OpSchema]:
             *_EPILOGUE_ATTRS,
         ],
     )
-    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm, int_gelu, int_sigmoid]
+    hadamard = OpSchema(
+        "Hadamard",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = x @ (S_{2^m} (x) h) over the last axis, exact in int32: the block product h on each run of K "
+        "channels, then m Sylvester butterfly stages (qcompiler.dialect.hadamard).",
+        inputs=[
+            _param("x", "T", "int8 or int16 activations [..., n], n = K 2^m, n < 2^16"),
+            _param("h", _I8, "the K x K block (+-1 for a Hadamard matrix)"),
+        ],
+        outputs=[_param("y", _I32, "int32 [..., n]: |y| <= n max|x| max|h|")],
+        type_constraints=[("T", [_I8, _I16], "integer input types")],
+    )
+    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm, int_gelu, int_sigmoid, hadamard]
 
 
 def register_schemas() -> None:

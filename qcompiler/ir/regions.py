@@ -402,6 +402,68 @@ def head_pairs(graph: ir.Graph) -> list[HeadPair]:
     return pairs
 
 
+# -- online Hadamard sites -------------------------------------------------------------------------------
+
+#: elementwise nonlinearities whose output no offline rotation reaches (a rotation does not commute with them)
+ELEMENTWISE_NONLINEAR = frozenset(
+    {"Gelu", "Relu", "Sigmoid", "Tanh", "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Mish",
+     "Selu", "Celu", "Erf"}
+)  # fmt: skip
+
+
+@dataclasses.dataclass
+class HadamardSite:
+    """An activation that only linears read and no offline rotation reaches: where an online Hadamard goes.
+
+    ``kind`` is ``"mlp"`` (the output of an elementwise nonlinearity or of a gated product: the input of a
+    down projection) or ``"attention"`` (the merged heads read by an output projection).
+    """
+
+    value: ir.Value
+    readers: list[Linear]
+    kind: str
+    blockers: list[str]
+
+    @property
+    def size(self) -> int | None:
+        return self.readers[0].in_features if self.readers else None
+
+
+def _gated_or_nonlinear(node: ir.Node) -> bool:
+    if node.domain not in ("", "ai.onnx") or not node.outputs:
+        return False
+    if node.op_type in ELEMENTWISE_NONLINEAR:
+        return True
+    return node.op_type == "Mul" and len(node.inputs) == 2 and all(const_array(v) is None for v in node.inputs)
+
+
+def hadamard_sites(graph: ir.Graph) -> list[HadamardSite]:
+    """Every down-projection input and every attention output projection input, with blockers."""
+    sites: list[HadamardSite] = []
+    seen: set[int] = set()
+
+    def add(value: ir.Value, kind: str) -> None:
+        if id(value) in seen:
+            return
+        seen.add(id(value))
+        readers, others = linear_readers(value)
+        if not readers:
+            return
+        blockers = list(others)
+        sizes = {r.in_features for r in readers}
+        if len(sizes) > 1:
+            blockers.append(f"its readers take different widths {sorted(sizes)}")
+        sites.append(HadamardSite(value, readers, kind, blockers))
+
+    for node in graph:
+        if _gated_or_nonlinear(node):
+            add(node.outputs[0], "mlp")
+    for pair in head_pairs(graph):
+        if pair.o is not None and pair.o.node.inputs[0] is not None:
+            add(pair.o.node.inputs[0], "attention")
+    return sites
+
+
 # -- the report -------------------------------------------------------------------------------------------
 
 

@@ -9,6 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 from qcompiler.backends.tvm import build, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import DOMAIN, run_reference
+from qcompiler.dialect.hadamard import split_sylvester
+from qcompiler.passes.transform.hadamard import online_hadamard
 from qcompiler.testing import assert_bit_exact, float_functions
 from qcompiler.testing.assertions import llvm_functions
 from qcompiler.testing.kernel_models import single_node_model
@@ -263,3 +265,27 @@ def test_qgemm_int16_output_bit_exact(per_channel: bool) -> None:
     assert_bit_exact(_builder((m, k)), model, [{"x": x}])
     y = run_reference(model, {"x": x})[0]
     assert y.dtype == np.int16 and np.abs(y).max() > 127
+
+
+@pytest.mark.parametrize(
+    ("shape", "n"),
+    [((1, 2), 2), ((3, 64), 64), ((2, 5, 12), 12), ((4, 24), 24), ((7, 80), 80), ((2, 576), 576), ((3, 1536), 1536)],
+)
+@pytest.mark.parametrize("x_dtype", [TensorProto.INT8, TensorProto.INT16])
+def test_hadamard_bit_exact(shape: tuple[int, ...], n: int, x_dtype: int) -> None:
+    """The integer Hadamard (block product, then butterflies) against the reference, at the extremes: the
+    signs of H's first column make ``|y_0| = n max|x|``, the largest sum it can reach."""
+    block = split_sylvester(online_hadamard(n))
+    assert block is not None
+    rng = np.random.default_rng(n)
+    model = _single("Hadamard", ["h"], shape, {"h": block}, out_dtype=TensorProto.INT32, x_dtype=x_dtype)
+    info = np.iinfo(np.int16 if x_dtype == TensorProto.INT16 else np.int8)
+    dtype = np.int16 if x_dtype == TensorProto.INT16 else np.int8
+    feeds = [
+        {"x": rng.integers(info.min, info.max + 1, shape).astype(dtype)},
+        {"x": np.full(shape, info.min, dtype)},
+        {"x": (online_hadamard(n)[:, 0] * info.max * np.ones(shape)).astype(dtype)},
+    ]
+    assert_bit_exact(_builder(shape), model, feeds)
+    got = run_reference(model, feeds[2])[0]
+    assert got.dtype == np.int32 and int(np.abs(got).max()) == n * int(info.max)

@@ -94,3 +94,38 @@ def test_rms_norm_is_fused_and_exact(tiny_llama) -> None:
     assert not any(n.op_type in ("Pow", "ReduceMean", "Reciprocal") for n in model.graph)
     assert model.opset_imports[""] >= 23
     np.testing.assert_allclose(run_onnxruntime(model, probe[0])[0], before, rtol=1e-4, atol=1e-5)
+
+
+def test_rotated_llama_block_with_online_hadamards(tiny_llama) -> None:
+    """Norm folding, the residual and per-head rotations and online Hadamards (MLP and attention): every
+    down and output projection reads a ``Hadamard`` op at int16 input, still integer-only and bit-exact."""
+    import dataclasses
+
+    from qcompiler.config import PassSpec, load_recipe
+
+    exported, calibration, probe, reference = tiny_llama
+    base = load_recipe("w8a8-llm")
+    extra = (
+        PassSpec("fold-norm-gains"),
+        PassSpec("rotate-residual"),
+        PassSpec("rotate-heads"),
+        PassSpec("online-hadamard", {"targets": ["mlp", "attention"]}),
+    )
+    names = [spec.name for spec in base.canonicalize]
+    at = names.index("fuse-rms-norm") + 1
+    recipe = dataclasses.replace(base, canonicalize=base.canonicalize[:at] + extra + base.canonicalize[at:])
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    transforms = [n for n in integer.graph if n.op_type == "Hadamard"]
+    assert len(transforms) == 4  # per layer: before down_proj (128 = 2^7) and before o_proj (64)
+    assert all(n.inputs[0].dtype == ir.DataType.INT16 for n in transforms)
+    assert {n.inputs[1].const_value.numpy().shape for n in transforms} == {(1, 1)}  # powers of two: pure Sylvester
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
+    for feeds, want in zip(probe, reference, strict=True):
+        simulated, ours = run_reference(qdq_proto, feeds)[0], run_reference(proto, feeds)[0]
+        scale = float(np.abs(want).max())
+        assert np.abs(ours - simulated).max() <= 0.02 * scale
+        assert np.abs(ours - want).max() <= 0.1 * scale
+        assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9

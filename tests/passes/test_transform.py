@@ -9,12 +9,15 @@ import onnx_ir as ir
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from qcompiler.ir.regions import report
-from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
+from qcompiler.dialect.hadamard import hadamard_structure, hadamard_transform, split_sylvester, sylvester
+from qcompiler.ir.graph import const_array
+from qcompiler.ir.regions import hadamard_sites, report
+from qcompiler.passes.transform import FoldNormGainsPass, OnlineHadamardPass, RotateHeadsPass, RotateResidualPass
 from qcompiler.passes.transform.hadamard import (
     NoHadamardError,
     hadamard,
     has_hadamard,
+    online_hadamard,
     random_hadamard,
     random_orthogonal,
     rotation,
@@ -60,6 +63,34 @@ def test_rotations_are_orthogonal_and_seeded() -> None:
     assert not np.array_equal(random_hadamard(64, 5), random_hadamard(64, 6))
     with pytest.raises(ValueError, match="rotation kind 'givens'"):
         rotation(8, "givens")
+
+
+@pytest.mark.parametrize(("n", "block"), [(2, 1), (64, 1), (12, 12), (20, 20), (576, 36), (1536, 12), (384, 12)])
+def test_online_hadamard_has_the_fast_structure(n: int, block: int) -> None:
+    matrix = online_hadamard(n)
+    assert np.array_equal(matrix @ matrix.T, n * np.eye(n, dtype=np.int64))
+    structure = hadamard_structure((matrix / np.sqrt(n)).astype(np.float32))
+    assert structure is not None
+    scale, h = structure
+    assert h.shape == (block, block) and abs(scale - n**-0.5) < 1e-7
+    x = np.random.default_rng(n).integers(-(2**15), 2**15, size=(3, n))
+    assert np.array_equal(hadamard_transform(x, h), x @ matrix)
+
+
+def test_hadamard_structure_rejects_what_is_not_one() -> None:
+    rng = np.random.default_rng(0)
+    assert hadamard_structure(rng.standard_normal((16, 16))) is None
+    signs = sylvester(4).astype(np.float64)
+    assert hadamard_structure(signs / 4) is not None
+    flipped = signs.copy()
+    flipped[3, 5] *= -1  # +-1 entries, but no longer S (x) h with an orthogonal block
+    assert hadamard_structure(flipped / 4) is None
+    assert split_sylvester(np.ones((6, 6), dtype=np.int64)) is not None  # kron(S_2, ones(3)): a block...
+    assert hadamard_structure(np.ones((6, 6))) is None  # ...that is not a Hadamard matrix
+    with pytest.raises(NoHadamardError, match="order 6"):
+        online_hadamard(6)
+    with pytest.raises(ValueError, match="block order"):
+        hadamard_transform(np.zeros((2, 24), dtype=np.int64), np.ones((5, 5), dtype=np.int8))
 
 
 # -- property tests on generated transformers -------------------------------------------------------------
@@ -126,6 +157,41 @@ def test_all_rotations_together_are_exact_with_random_orthogonal(generated: Gene
     folded = _folded(generated)
     after, _ = assert_float_exact_pass(lambda: RotateResidualPass("random", seed=7), folded, generated.inputs(1))
     assert_float_exact_pass(lambda: RotateHeadsPass("random", seed=7), after, generated.inputs(1))
+
+
+def _has_online(n: int | None) -> bool:
+    try:
+        online_hadamard(n or 0)
+    except NoHadamardError:
+        return False
+    return True
+
+
+@PROPERTY
+@given(transformer_models())
+def test_online_hadamard_is_exact(generated: GeneratedModel) -> None:
+    layers = int(generated.description.rsplit("layers=", 1)[1])
+    sites = hadamard_sites(ir.serde.deserialize_model(generated.model).graph)
+    assert sorted(site.kind for site in sites) == ["attention"] * layers + ["mlp"] * layers, generated.description
+    assert not any(site.blockers for site in sites)
+    expected = sum(_has_online(site.size) for site in sites)
+    after, modified = assert_float_exact_pass(
+        lambda: OnlineHadamardPass(("mlp", "attention")), generated.model, generated.inputs(2)
+    )
+    assert modified == (expected > 0)
+    inserted = [
+        node
+        for node in after.graph
+        if node.op_type == "MatMul"
+        and (weight := const_array(node.inputs[1])) is not None
+        and hadamard_structure(weight) is not None
+    ]
+    assert len(inserted) == expected, generated.description
+
+
+def test_online_hadamard_rejects_unknown_targets() -> None:
+    with pytest.raises(ValueError, match="targets: expected 'mlp' and/or 'attention'"):
+        OnlineHadamardPass(("down",))
 
 
 # -- regions on a hand-written graph ------------------------------------------------------------------------
