@@ -166,8 +166,10 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
         if len(consumers(out)) == 1 and consumers(out)[0].op_type in ("Relu", "Clip"):
             continue  # a fused activation carries the output
         hadamard_only = wide and _readers_all(graph, out, _reads_through_hadamard, excluded, any_shape=True)
-        if wide and node.op_type in _WIDE_PRODUCERS and (
-            hadamard_only or _readers_all(graph, out, _reads_wide, excluded)
+        if (
+            wide
+            and node.op_type in _WIDE_PRODUCERS
+            and (hadamard_only or _readers_all(graph, out, _reads_wide, excluded))
         ):
             if node.op_type in ("Gemm", "MatMul") and const_array(node.inputs[1]) is None and not hadamard_only:
                 continue  # attention's activation x activation products stay int8 (unless a Hadamard reads them)

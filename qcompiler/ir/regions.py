@@ -473,6 +473,7 @@ class RegionReport:
     norms: list[NormRegion]
     heads: list[HeadPair]
     linears: list[Linear]
+    hadamards: list[HadamardSite] = dataclasses.field(default_factory=list)
 
     def coverage(self) -> dict[str, list[str]]:
         """For every linear (by label): the regions covering it, or the reasons none does."""
@@ -492,6 +493,10 @@ class RegionReport:
             cover[pair.v.label].append(f"head V (head_dim {pair.head_dim})")
             if pair.o is not None:
                 cover[pair.o.label].append(f"head O (head_dim {pair.head_dim})")
+        for site in self.hadamards:
+            if not site.blockers:
+                for lin in site.readers:
+                    cover[lin.label].append(f"online Hadamard ({site.kind}, order {site.size})")
         for norm in self.norms:
             if not norm.blockers:
                 for lin in norm.readers:
@@ -506,7 +511,7 @@ class RegionReport:
 
     def format(self) -> str:
         lines = [f"{len(self.linears)} linears, {len(self.norms)} norms, {len(self.streams)} residual streams, "
-                 f"{len(self.heads)} attention value paths"]  # fmt: skip
+                 f"{len(self.heads)} attention value paths, {len(self.hadamards)} online Hadamard sites"]  # fmt: skip
         for index, stream in enumerate(self.streams):
             state = "rotatable" if not stream.blockers else "blocked"
             lines.append(
@@ -521,6 +526,10 @@ class RegionReport:
             target = pair.o.label if pair.o is not None else "?"
             state = "rotatable" if not pair.blockers else "blocked: " + "; ".join(pair.blockers)
             lines.append(f"heads: {pair.v.label} -> {target}, head_dim {pair.head_dim}: {state}")
+        for site in self.hadamards:
+            state = "ready" if not site.blockers else "blocked: " + "; ".join(site.blockers)
+            readers = ", ".join(lin.label for lin in site.readers)
+            lines.append(f"online Hadamard ({site.kind}): {site.value.name} -> {readers}, order {site.size}: {state}")
         lines.append("linears:")
         for label, roles in self.coverage().items():
             lines.append(f"    {label}: {', '.join(roles)}")
@@ -534,4 +543,4 @@ def _unique(items: Iterable[str]) -> list[str]:
 def report(model: ir.Model | ir.Graph) -> RegionReport:
     graph = model.graph if isinstance(model, ir.Model) else model
     linears = [lin for node in graph if (lin := as_linear(node)) is not None]
-    return RegionReport(residual_streams(graph), norm_regions(graph), head_pairs(graph), linears)
+    return RegionReport(residual_streams(graph), norm_regions(graph), head_pairs(graph), linears, hadamard_sites(graph))

@@ -89,5 +89,8 @@ def test_inspect_prints_regions_and_coverage(tmp_path: Path, capsys) -> None:
     assert len(coverage) == 7 * 2 + 1  # q, k, v, o, gate, up, down per layer and the head: every one listed
     assert sum("residual #0 writer" in line for line in coverage) == 4  # o and down projections
     assert sum("head O" in line for line in coverage) == 2
+    sites = [line for line in text.splitlines() if line.startswith("online Hadamard (")]
+    assert len(sites) == 4 and sum("(mlp)" in line for line in sites) == 2  # down and o projections, per layer
+    assert sum("online Hadamard (mlp" in line for line in coverage) == 2
     assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
