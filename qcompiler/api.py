@@ -233,9 +233,13 @@ def quantize_to_integer(
         percentile=cal.percentile,
         progress=progress,
         max_batches=cal.max_batches,
+        hessians=chosen.quantize.weight_quantizer == "gptq",
     )
     quantized = Pipeline(
-        [QuantizeQDQPass(ranges.thresholds, chosen.quantize, ranges.channel_absmax), RemoveUnusedNodesPass()],
+        [
+            QuantizeQDQPass(ranges.thresholds, chosen.quantize, ranges.channel_absmax, ranges.hessians),
+            RemoveUnusedNodesPass(),
+        ],
         verify_each=verify,
     ).run(canonical.model)
     records += quantized.records

@@ -85,6 +85,19 @@ class ActivationRanges:
 
     thresholds: dict[str, float]
     channel_absmax: dict[str, np.ndarray]
+    #: ``2 X^T X / N`` of every activation a constant-weight linear reads (with ``hessians=True``): for GPTQ
+    hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+
+def _linear_inputs(model: ir.Model) -> set[str]:
+    """Names of the activations read as input 0 by a MatMul/Gemm with a constant 2-D weight."""
+    names = set()
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[0] is not None:
+            weight = node.inputs[1]
+            if weight is not None and weight.const_value is not None and len(weight.const_value.shape) == 2:
+                names.add(node.inputs[0].name)
+    return names
 
 
 def observe(
@@ -95,6 +108,7 @@ def observe(
     percentile: float = 99.99,
     progress: bool = True,
     max_batches: int | None = None,
+    hessians: bool = False,
 ) -> ActivationRanges:
     """Observe the float graph on ``data``: thresholds from ``observer`` and exact per-channel maxima.
 
@@ -105,11 +119,15 @@ def observe(
         percentile: the percentile of ``|x|`` for the percentile observer.
         progress: show a progress bar.
         max_batches: stop after this many batches.
+        hessians: also accumulate ``X^T X`` of every linear layer's input (GPTQ).
 
     Raises:
         CalibrationError: no data, or a batch that does not fit the model.
     """
     names = _float_values(model)
+    wanted = _linear_inputs(model) if hessians else set()
+    sums: dict[str, np.ndarray] = {}
+    counts: dict[str, int] = {}
     session = onnxruntime_session(model, names, optimize=False)
     output_names = [o.name for o in session.get_outputs()]
     observers: dict[str, Observer] = {}
@@ -125,6 +143,10 @@ def observe(
             if name not in observers:
                 observers[name] = make_observer(observer, percentile)
             observers[name].update(values)
+            if name in wanted and values.ndim:
+                rows = values.reshape(-1, values.shape[-1]).astype(np.float64)
+                sums[name] = sums.get(name, 0.0) + rows.T @ rows
+                counts[name] = counts.get(name, 0) + len(rows)
             if values.size:
                 per_channel = np.abs(values.reshape(-1, values.shape[-1] if values.ndim else 1)).max(axis=0)
                 previous = channel_absmax.get(name)
@@ -140,7 +162,11 @@ def observe(
     if seen == 0:
         raise CalibrationError("calibration: the data iterable yielded no batch")
     logger.info("calibrated %d tensors over %d batches", len(observers), seen)
-    return ActivationRanges({name: obs.absmax() for name, obs in observers.items()}, channel_absmax)
+    return ActivationRanges(
+        {name: obs.absmax() for name, obs in observers.items()},
+        channel_absmax,
+        {name: 2.0 * total / max(counts[name], 1) for name, total in sums.items()},
+    )
 
 
 def calibrate(

@@ -23,6 +23,7 @@ from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph
 from qcompiler.passes.quantize.precision import hadamard_matmul, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
+from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +75,18 @@ class QuantizeConfig:
     #: softmax probabilities: 8 (int8 at 2^-7) or 16 (int16 at 2^-15: long rows, where most probabilities are
     #: below 2^-8; the P V product then runs in int32)
     softmax_bits: int = 8
+    #: ``rtn`` (round to nearest) or ``gptq`` (error compensation through the calibration inputs' Hessian)
+    weight_quantizer: str = "rtn"
+    #: GPTQ's damping, a fraction of the Hessian's mean diagonal
+    gptq_damp: float = 0.01
+    #: GPTQ quantizes the rows with the largest Hessian diagonal first
+    gptq_act_order: bool = True
 
     def __post_init__(self) -> None:
+        if self.weight_quantizer not in ("rtn", "gptq"):
+            raise ValueError(f"weight_quantizer: must be 'rtn' or 'gptq', got {self.weight_quantizer!r}")
+        if not 0.0 <= self.gptq_damp < 1.0:
+            raise ValueError(f"gptq_damp: must lie in [0, 1), got {self.gptq_damp}")
         if not 0.0 < self.migration_alpha <= 1.0:
             raise ValueError(f"migration_alpha: must lie in (0, 1], got {self.migration_alpha}")
         if self.softmax_bits not in (8, 16):
@@ -133,6 +144,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         config: bit widths.
         channel_absmax: activation name -> exact ``max |x|`` per channel of the last axis
             (:func:`qcompiler.calibrate.observe`); without it every activation is per-tensor int8.
+        hessians: activation name -> ``2 X^T X / N`` (``observe(..., hessians=True)``), needed by
+            ``weight_quantizer = "gptq"``.
     """
 
     preserves_outputs = False  # quantization changes the outputs by design; tests bound the change
@@ -142,11 +155,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         ranges: Mapping[str, float],
         config: QuantizeConfig | None = None,
         channel_absmax: Mapping[str, np.ndarray] | None = None,
+        hessians: Mapping[str, np.ndarray] | None = None,
     ) -> None:
         super().__init__()
         self.ranges = dict(ranges)
         self.config = config or QuantizeConfig()
         self.channel_absmax = dict(channel_absmax) if channel_absmax is not None else None
+        self.hessians = dict(hessians or {})
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 13:
@@ -166,6 +181,23 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
         self._fold_of: dict[int, np.ndarray] = {}  # id(DQ output read by linear layers) -> t / t0 per channel
         self._tables: dict[int, ir.Value] = {}  # id(constant) -> its dequantized int8 table
+        # the float activation every linear reads, by name, before Q/DQ pairs are inserted in front of it
+        self._float_input = {
+            id(node): node.inputs[0].name for node in graph if node.op_type in ("Gemm", "MatMul") and node.inputs[0]
+        }
+        if self.config.weight_quantizer == "gptq":
+            missing = [
+                node_label(node)
+                for node in graph
+                if node.op_type in ("Gemm", "MatMul")
+                and const_array(node.inputs[1]) is not None
+                and self._float_input.get(id(node)) not in self.hessians
+            ]
+            if missing:
+                raise CalibrationError(
+                    f"weight_quantizer 'gptq': no input Hessian for {missing[:3]}; calibrate with "
+                    "observe(..., hessians=True) on the same canonicalized model"
+                )
         stats = self.channel_absmax
         plan = plan_precision(
             graph,
@@ -404,6 +436,21 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale_of[id(deq.outputs[0])] = scale
         self._tables[id(source)] = deq.outputs[0]
 
+    def _gptq(
+        self, node: ir.Node, weight: np.ndarray, axis: int, fold: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric per-output-channel int8 codes by GPTQ; the input Hessian follows a folded per-channel
+        input (the layer reads ``x / r``, so ``H -> diag(1/r) H diag(1/r)``)."""
+        h = self.hessians[self._float_input[id(node)]]
+        if fold is not None:
+            inv = 1.0 / fold.astype(np.float64)
+            h = h * inv[:, None] * inv[None, :]
+        in_out = weight.astype(np.float64) if axis == 1 else weight.astype(np.float64).T
+        spec = WeightQuantSpec(self.config.weight_bits)
+        result = gptq(in_out, h, spec, damp=self.config.gptq_damp, act_order=self.config.gptq_act_order)
+        q, scales = result.q, result.scales[0].astype(np.float32)
+        return (q if axis == 1 else q.T).astype(np.int8), scales
+
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
         assert source is not None
@@ -428,6 +475,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if hadamard is not None:  # an online Hadamard: its +-1 signs exactly, at the one scale c
             q_weight = np.sign(weight).astype(np.int8)
             w_scales = np.full(weight.shape[axis], hadamard[0], dtype=np.float32)
+        elif self.config.weight_quantizer == "gptq" and node.op_type != "Conv":
+            q_weight, w_scales = self._gptq(node, weight, axis, fold)
         else:
             q_weight, w_scales = quantize_weight_per_channel(weight, axis)
         w_name = node.inputs[1].name or "weight"

@@ -1,0 +1,223 @@
+"""Weight quantizers: round-to-nearest (with an optional clipping search) and GPTQ, per output channel or per
+group of input rows, 2 to 8 bits, symmetric or asymmetric; INT4 packing two per byte.
+
+Conventions: a weight is ``W [in, out]`` (``y = x W``, the :class:`~qcompiler.ir.regions.Linear` layout). A
+group is ``group_size`` consecutive input rows sharing one scale (and zero point) per output column; per channel
+is one group spanning every row. Codes are integers: symmetric ``q in [-(2^(b-1) - 1), 2^(b-1) - 1]`` with zero
+point 0 (the -2^(b-1) code is left unused, so negating a code never overflows and the AVX2 ``psign`` path stays
+exact); asymmetric ``q in [0, 2^b - 1]`` with an integer zero point. ``W ~ (q - z) s``.
+
+GPTQ (Frantar et al., REFERENCES.md section 5) quantizes the rows of W in order (largest Hessian diagonal
+first with ``act_order``) and, after each, spreads its rounding error over the rows not yet quantized through
+the inverse Hessian ``H = 2 X^T X`` (damped by a fraction of its mean diagonal), which minimises the layer's
+output error ``||X W - X Q||`` one row at a time. With ``H = I`` nothing spreads and GPTQ is exactly RTN.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightQuantSpec:
+    """How to quantize a weight. Validated on construction."""
+
+    bits: int = 8
+    #: rows per group along the input axis; None: one scale per output channel
+    group_size: int | None = None
+    symmetric: bool = True
+    #: search a per-column (per-group) clipping ratio on this grid, minimising the weight's squared error
+    clip_grid: tuple[float, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 2 <= self.bits <= 8:
+            raise ValueError(f"bits: must lie in [2, 8], got {self.bits}")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size: must be >= 1 or None (per channel), got {self.group_size}")
+        if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
+            raise ValueError(f"clip_grid: ratios must lie in (0, 1], got {list(self.clip_grid)}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1) - 1) if self.symmetric else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedWeight:
+    """Integer codes ``q [in, out]`` (int8 storage), ``scales`` and ``zeros`` of shape ``[groups, out]``."""
+
+    q: np.ndarray
+    scales: np.ndarray
+    zeros: np.ndarray
+    group_size: int
+
+    def dequantize(self) -> np.ndarray:
+        rows = np.arange(self.q.shape[0]) // self.group_size
+        return (self.q.astype(np.float64) - self.zeros[rows]) * self.scales[rows]
+
+
+def _group_size(spec: WeightQuantSpec, rows: int) -> int:
+    return rows if spec.group_size is None else min(spec.group_size, rows)
+
+
+def _params(block: np.ndarray, spec: WeightQuantSpec, ratio: float | np.ndarray = 1.0) -> tuple[np.ndarray, ...]:
+    """Scale and zero point per column of ``block [rows, out]`` from its (clipped) range."""
+    if spec.symmetric:
+        absmax = np.abs(block).max(axis=0) * ratio
+        scale = np.where(absmax > 0, absmax / spec.qmax, 1.0)
+        return scale, np.zeros_like(scale)
+    lo = np.minimum(block.min(axis=0), 0.0) * ratio
+    hi = np.maximum(block.max(axis=0), 0.0) * ratio
+    scale = np.where(hi > lo, (hi - lo) / spec.qmax, 1.0)
+    zero = np.clip(np.round(-lo / scale), 0, spec.qmax)
+    return scale, zero
+
+
+def _codes(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: WeightQuantSpec) -> np.ndarray:
+    return np.clip(np.round(values / scale) + zero, spec.qmin, spec.qmax)
+
+
+def _group_params(block: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero per column, with the clipping ratio from ``spec.clip_grid`` that minimises the block's
+    squared rounding error column by column (ratio 1 always competes)."""
+    best_scale, best_zero = _params(block, spec)
+    if not spec.clip_grid:
+        return best_scale, best_zero
+    best_err = (((_codes(block, best_scale, best_zero, spec) - best_zero) * best_scale - block) ** 2).sum(axis=0)
+    for ratio in spec.clip_grid:
+        scale, zero = _params(block, spec, ratio)
+        err = (((_codes(block, scale, zero, spec) - zero) * scale - block) ** 2).sum(axis=0)
+        better = err < best_err
+        best_scale = np.where(better, scale, best_scale)
+        best_zero = np.where(better, zero, best_zero)
+        best_err = np.minimum(err, best_err)
+    return best_scale, best_zero
+
+
+def quantize_rtn(weight: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
+    """Round to nearest, per group (with the clipping search if ``spec.clip_grid``).
+
+    Args:
+        weight: ``[in, out]`` float.
+    """
+    w = _as_matrix(weight)
+    rows, cols = w.shape
+    size = _group_size(spec, rows)
+    groups = -(-rows // size)
+    scales, zeros = np.empty((groups, cols)), np.empty((groups, cols))
+    q = np.empty(w.shape)
+    for g in range(groups):
+        block = w[g * size : (g + 1) * size]
+        scales[g], zeros[g] = _group_params(block, spec)
+        q[g * size : (g + 1) * size] = _codes(block, scales[g], zeros[g], spec)
+    return QuantizedWeight(q.astype(np.int8), scales, zeros, size)
+
+
+def gptq(
+    weight: np.ndarray,
+    hessian: np.ndarray,
+    spec: WeightQuantSpec,
+    *,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block: int = 128,
+) -> QuantizedWeight:
+    """GPTQ with lazy batched updates (``block`` rows at a time).
+
+    Args:
+        weight: ``[in, out]`` float.
+        hessian: ``[in, in]``, ``2 X^T X`` over calibration inputs (any positive multiple works).
+        spec: bits, groups, symmetry, clipping grid (the group's parameters are chosen when GPTQ reaches the
+            group's first row, from the weights updated so far).
+        damp: fraction of the mean diagonal added to the diagonal.
+        act_order: quantize rows in order of decreasing Hessian diagonal (groups still follow the original
+            row order, so the stored layout stays plain).
+        block: rows per lazy batch.
+
+    Raises:
+        ValueError: shapes that do not match, or a Hessian that is not finite.
+    """
+    w = _as_matrix(weight).copy()
+    rows, cols = w.shape
+    h = np.asarray(hessian, dtype=np.float64).copy()
+    if h.shape != (rows, rows):
+        raise ValueError(f"hessian: expected shape {(rows, rows)} for a weight with {rows} input rows, got {h.shape}")
+    if not np.all(np.isfinite(h)):
+        raise ValueError("hessian: contains NaN or infinity")
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0  # rows no calibration input ever excites: quantized plainly
+    w[dead] = w[dead]
+    h[np.diag_indices(rows)] += damp * float(np.mean(np.diag(h)))
+    order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(rows)
+    w, h = w[order], h[np.ix_(order, order)]
+    # upper Cholesky factor of H^-1: row i holds the update coefficients for the rows after i
+    inverse = np.linalg.cholesky(np.linalg.inv(h)).T
+    size = _group_size(spec, rows)
+    groups = -(-rows // size)
+    scales, zeros = np.ones((groups, cols)), np.zeros((groups, cols))
+    fixed = np.zeros(groups, dtype=bool)
+    q = np.empty(w.shape)
+    for start in range(0, rows, block):
+        stop = min(start + block, rows)
+        errors = np.zeros((stop - start, cols))
+        for i in range(start, stop):
+            g = order[i] // size
+            if not fixed[g]:  # the group's parameters, from its rows as updated so far
+                members = np.nonzero(order // size == g)[0]
+                scales[g], zeros[g] = _group_params(w[members], spec)
+                fixed[g] = True
+            q[i] = _codes(w[i], scales[g], zeros[g], spec)
+            error = (w[i] - (q[i] - zeros[g]) * scales[g]) / inverse[i, i]
+            w[i + 1 : stop] -= np.outer(inverse[i, i + 1 : stop], error)
+            errors[i - start] = error
+        w[stop:] -= inverse[start:stop, stop:].T @ errors
+    restored = np.empty_like(q)
+    restored[order] = q
+    return QuantizedWeight(restored.astype(np.int8), scales, zeros, size)
+
+
+def hessian(inputs: np.ndarray) -> np.ndarray:
+    """``2 X^T X / N`` over the rows of ``inputs [..., in]`` (float64)."""
+    x = np.asarray(inputs, dtype=np.float64).reshape(-1, np.shape(inputs)[-1])
+    return 2.0 * (x.T @ x) / max(len(x), 1)
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """Two signed 4-bit codes per byte along the last axis, low nibble first: ``[..., 2k] -> [..., k]`` uint8.
+
+    Raises:
+        ValueError: a code outside [-8, 7] or an odd last axis.
+    """
+    q = np.asarray(codes)
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4: the last axis must be even, got {q.shape[-1]}; pad it with a zero code")
+    if q.size and (q.min() < -8 or q.max() > 7):
+        raise ValueError(f"pack_int4: codes must lie in [-8, 7], got [{q.min()}, {q.max()}]")
+    nibbles = (q.astype(np.int16) & 0xF).astype(np.uint8)
+    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+
+
+def unpack_int4(packed: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: ``[..., k]`` uint8 -> ``[..., 2k]`` int8 in [-8, 7]."""
+    p = np.asarray(packed, dtype=np.uint8)
+    low = (p & 0xF).astype(np.int8)
+    high = (p >> 4).astype(np.int8)
+    out = np.empty((*p.shape[:-1], 2 * p.shape[-1]), dtype=np.int8)
+    out[..., 0::2] = np.where(low > 7, low - 16, low)
+    out[..., 1::2] = np.where(high > 7, high - 16, high)
+    return out
+
+
+def _as_matrix(weight: np.ndarray) -> np.ndarray:
+    w = np.asarray(weight, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"weight: expected a 2-D [in, out] matrix, got shape {w.shape}")
+    if not np.all(np.isfinite(w)):
+        raise ValueError("weight: contains NaN or infinity")
+    return w
