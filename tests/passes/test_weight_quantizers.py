@@ -135,3 +135,65 @@ def test_int4_packing_round_trips_every_code() -> None:
         pack_int4(np.zeros((2, 3), np.int8))
     with pytest.raises(ValueError, match=r"codes must lie in \[-8, 7\]"):
         pack_int4(np.array([8, 0]))
+
+
+# -- float simulation (FakeQuantizePass) ----------------------------------------------------------------------
+
+
+def _mlp(rng: np.random.Generator):
+    import onnx_ir as ir
+    from onnx import TensorProto, helper, numpy_helper
+
+    w1 = rng.standard_normal((64, 48)).astype(np.float32)
+    w2 = rng.standard_normal((48, 8)).astype(np.float32)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("MatMul", ["r", "w2"], ["y"])]  # fmt: skip
+    graph = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 8])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    return model, w1, w2
+
+
+def _per_token(x: np.ndarray, bits: int, clip: float = 1.0) -> np.ndarray:
+    qmax = 2 ** (bits - 1) - 1
+    s = np.maximum(clip * np.abs(x).max(-1, keepdims=True) / qmax, 1e-12)
+    return np.clip(np.round(x / s), -qmax, qmax) * s
+
+
+@pytest.mark.parametrize(("bits", "clip"), [(8, 1.0), (4, 0.9)])
+def test_fake_quantize_pass_matches_its_numpy_definition(bits: int, clip: float) -> None:
+    from qcompiler.passes.quantize.fake import FakeQuantConfig, FakeQuantizePass
+    from qcompiler.pipeline import run_onnxruntime
+
+    rng = np.random.default_rng(bits)
+    model, w1, w2 = _mlp(rng)
+    x = rng.standard_normal((5, 64)).astype(np.float32) * rng.uniform(0.1, 5, (5, 1)).astype(np.float32)
+    spec = WeightQuantSpec(4, group_size=16)
+    config = FakeQuantConfig(weight=spec, activation_bits=bits, activation_clip=clip)
+    assert FakeQuantizePass(config)(model).modified
+    got = run_onnxruntime(model, {"x": x})[0]
+    q1 = quantize_rtn(w1.astype(np.float64), spec).dequantize()
+    q2 = quantize_rtn(w2.astype(np.float64), spec).dequantize()
+    want = _per_token(np.maximum(_per_token(x.astype(np.float64), bits, clip) @ q1, 0), bits, clip) @ q2
+    np.testing.assert_allclose(got, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_fake_quantize_gptq_needs_hessians_and_uses_them() -> None:
+    from qcompiler.calibrate import observe
+    from qcompiler.errors import CalibrationError
+    from qcompiler.passes.quantize.fake import FakeQuantConfig, FakeQuantizePass
+
+    rng = np.random.default_rng(11)
+    model, _, _ = _mlp(rng)
+    config = FakeQuantConfig(weight_quantizer="gptq", activation_bits=None)
+    with pytest.raises(CalibrationError, match="no input Hessian for"):
+        FakeQuantizePass(config)(model)
+    x = rng.standard_normal((5, 64)).astype(np.float32)
+    ranges = observe(model, [{"x": x}] * 2, progress=False, hessians=True)
+    assert set(ranges.hessians) == {"x", "r"}
+    assert FakeQuantizePass(config, ranges.hessians)(model).modified
+    with pytest.raises(ValueError, match="activation_bits"):
+        FakeQuantConfig(activation_bits=1)
