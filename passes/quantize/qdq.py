@@ -484,7 +484,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         s_value = add_initializer(graph, f"{w_name}_scale", w_scales)
         z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros_like(w_scales, dtype=np.int8))
         deq_w = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis})
-        deq_w.outputs[0].name = f"{w_name}_dq"
+        shared = len(node.inputs[1].uses()) > 1  # one constant read by several nodes (online Hadamards)
+        deq_w.outputs[0].name = f"{q_value.name}_dq" if shared else f"{w_name}_dq"
         deq_w.outputs[0].dtype = ir.DataType.FLOAT
         graph.insert_before(node, deq_w)
         node.replace_input_with(1, deq_w.outputs[0])

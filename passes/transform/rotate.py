@@ -144,11 +144,15 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 logger.info("online-hadamard: %s skipped: %s", where, "; ".join(blockers))
                 continue
             plan.append((site, matrix / np.sqrt(size)))
+        shared: dict[tuple[int, str], ir.Value] = {}  # one constant per order and dtype, read by every site
         for site, h in plan:
             dtype = site.value.dtype.numpy() if site.value.dtype is not None else np.float32
             base = site.value.name or "x"
             uses = list(site.value.uses())
-            matmul = ir.node("MatMul", [site.value, add_initializer(graph, f"{base}_hadamard", h.astype(dtype))])
+            key = (h.shape[0], np.dtype(dtype).name)
+            if key not in shared:
+                shared[key] = add_initializer(graph, f"online_hadamard_{h.shape[0]}", h.astype(dtype))
+            matmul = ir.node("MatMul", [site.value, shared[key]])
             matmul.outputs[0].name = f"{base}_rotated"
             matmul.outputs[0].dtype = site.value.dtype
             matmul.outputs[0].shape = site.value.shape

