@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 from qcompiler import dialect as dialect  # registers the qcompiler ONNX schemas
-from qcompiler.api import CompiledModel, compile, load
+from qcompiler.api import CompiledModel, compile, load, simulate
 from qcompiler.errors import (
     CalibrationError,
     ModelLoadError,
@@ -31,4 +31,5 @@ __all__ = [
     "UnsupportedOpError",
     "compile",
     "load",
+    "simulate",
 ]

@@ -20,7 +20,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qcompiler import calibrate as calibration_module
 from qcompiler.backends.tvm import TVMModule, build, resolve_target
 from qcompiler.config import Recipe, load_recipe
-from qcompiler.errors import CalibrationError, QCompilerError
+from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
@@ -249,6 +249,51 @@ def quantize_to_integer(
     return qdq_copy, lowered.model, records, shapes
 
 
+def simulate(
+    model: Any,
+    *,
+    calibration: Any,
+    recipe: str | Path | Recipe = "w4a8",
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    verify: bool = True,
+    progress: bool = True,
+) -> ir.Model:
+    """Float simulation of a low-bit recipe (``[simulate]``: W4A8, W4A4): canonicalize (rotations included),
+    then weights replaced by their RTN/GPTQ values and linear inputs fake-quantized per token. The result is a
+    float ONNX model any runtime executes; use it to measure what a recipe costs in accuracy.
+
+    Raises:
+        RecipeError: the recipe has no ``[simulate]`` section.
+        CalibrationError: no calibration data.
+    """
+    from qcompiler.passes.quantize.fake import FakeQuantizePass
+
+    chosen = load_recipe(recipe)
+    if chosen.simulate is None:
+        raise RecipeError(
+            f"recipe {chosen.name!r} has no [simulate] section: it targets the integer path, use quantize_to_integer"
+        )
+    if calibration is None:
+        raise CalibrationError("calibration: required (an iterable of representative batches)")
+    torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
+    ir_model = load_model(model, torch_args)
+    batches = list(calibration_batches(ir_model, calibration))
+    probe = calibration_module.as_feeds(ir_model, batches[0]) if verify and batches else None
+    canonical = Pipeline(
+        [spec.build() for spec in chosen.canonicalize],
+        verify_each=verify,
+        probe_inputs=probe,
+        rtol=1e-4,
+        atol=1e-4,
+        runner=run_onnxruntime,
+    ).run(ir_model)
+    hessians = None
+    if chosen.simulate.weight_quantizer == "gptq":
+        hessians = calibration_module.observe(canonical.model, batches, progress=progress, hessians=True).hessians
+    FakeQuantizePass(chosen.simulate, hessians)(canonical.model)
+    return canonical.model
+
+
 def compile(
     model: Any,
     target: Any = "llvm",
@@ -275,6 +320,11 @@ def compile(
     """
     tvm_target, _ = resolve_target(target)  # fail on a bad target or recipe before any work
     chosen = load_recipe(recipe)
+    if chosen.simulate is not None:
+        raise RecipeError(
+            f"recipe {chosen.name!r} is a float simulation ([simulate]: low-bit weights, per-token activations) "
+            "with no integer lowering yet; run it with qcompiler.simulate, or compile with w8a8 / w8a8-llm"
+        )
     start = time.perf_counter()
     qdq, integer, records, shapes = quantize_to_integer(
         model,

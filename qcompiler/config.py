@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from qcompiler.errors import RecipeError
+from qcompiler.passes.quantize.fake import FakeQuantConfig
 from qcompiler.passes.quantize.qdq import QuantizeConfig
+from qcompiler.passes.quantize.weights import WeightQuantSpec
 
 OBSERVERS = ("minmax", "percentile", "mse")
 
@@ -57,6 +59,29 @@ class Recipe:
     calibration: CalibrationConfig
     quantize: QuantizeConfig
     lower: tuple[PassSpec, ...]
+    #: a float-simulation recipe (``[simulate]``: low-bit weights, per-token activations) instead of the
+    #: integer path; run by :func:`qcompiler.simulate`
+    simulate: FakeQuantConfig | None = None
+
+
+def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
+    """``[simulate]``: weight_bits, group_size (0: per channel), symmetric, clip_grid, weight_quantizer,
+    activation_bits (0: float activations), activation_clip, gptq_damp, gptq_act_order."""
+    fields = dict(data)
+    known = {"weight_bits", "group_size", "symmetric", "clip_grid", "weight_quantizer", "activation_bits",
+             "activation_clip", "gptq_damp", "gptq_act_order"}  # fmt: skip
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"simulate: unknown keys {unknown}; known: {sorted(known)}")
+    group = int(fields.pop("group_size", 128))
+    weight = WeightQuantSpec(
+        bits=int(fields.pop("weight_bits", 4)),
+        group_size=group or None,
+        symmetric=bool(fields.pop("symmetric", True)),
+        clip_grid=tuple(float(r) for r in fields.pop("clip_grid", ())),
+    )
+    activation_bits = int(fields.pop("activation_bits", 8))
+    return FakeQuantConfig(weight=weight, activation_bits=activation_bits or None, **fields)
 
 
 def builtin_recipes() -> list[str]:
@@ -107,6 +132,7 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
             calibration=CalibrationConfig(**data.get("calibration", {})),
             quantize=QuantizeConfig(**data.get("quantize", {})),
             lower=_pass_specs(data.get("lower", []), f"{where}: lower"),
+            simulate=_simulate_config(data["simulate"]) if "simulate" in data else None,
         )
     except RecipeError:
         raise

@@ -22,8 +22,22 @@ def _fold_constants(input_size_limit: int = 1 << 26, output_size_limit: int = 1 
     )
 
 
+class UpgradeOpsetPass(ir.passes.InPlacePass):
+    """Convert the default domain to ``opset`` if the model's is older; never downgrade (a model at opset 23
+    with RMSNormalization has no opset-21 form)."""
+
+    def __init__(self, opset: int = 21) -> None:
+        super().__init__()
+        self.opset = opset
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0)) >= self.opset:
+            return ir.passes.PassResult(model, modified=False)
+        return ConvertVersionPass(self.opset, fallback=True)(model)
+
+
 PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
-    "upgrade-opset": lambda opset=21: ConvertVersionPass(opset, fallback=True),
+    "upgrade-opset": UpgradeOpsetPass,
     "fold-constants": _fold_constants,
     "infer-shapes": ShapeInferencePass,
     "fold-batchnorm": FoldBatchNormPass,

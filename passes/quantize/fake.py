@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 class FakeQuantConfig:
     """Weights (``weight``) and per-token activations (``activation_bits``; None keeps them float)."""
 
-    weight: WeightQuantSpec = WeightQuantSpec(4, group_size=128)
+    weight: WeightQuantSpec = dataclasses.field(default_factory=lambda: WeightQuantSpec(4, group_size=128))
     weight_quantizer: str = "rtn"
     activation_bits: int | None = 8
     activation_clip: float = 1.0

@@ -235,3 +235,69 @@ def test_dynamic_batch_is_fixed_from_the_data() -> None:
     generator = (b for b in batches)  # a stream cannot fix the shape: the error says what to pass
     with pytest.raises(qcompiler.CalibrationError, match="example_inputs: input 'x' has dynamic shape"):
         qcompiler.compile(model, calibration=generator, progress=False)
+
+
+# --- float-simulation recipes (w4a8, w4a4) ----------------------------------------------------------------------
+
+
+def _pre_norm_llama_block():
+    from hypothesis import find
+
+    from qcompiler.testing import transformer_models
+
+    return find(
+        transformer_models(),
+        lambda g: all(p in g.description for p in ("rms", "pre-norm", "swiglu", "layers=2")) and "x4" in g.description,
+    )
+
+
+def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> None:
+    from qcompiler.config import load_recipe
+
+    w4a8, w4a4 = load_recipe("w4a8"), load_recipe("w4a4")
+    assert w4a8.simulate is not None and w4a4.simulate is not None
+    assert (w4a8.simulate.weight.bits, w4a8.simulate.weight.group_size, w4a8.simulate.activation_bits) == (4, 128, 8)
+    assert (w4a4.simulate.activation_bits, w4a4.simulate.activation_clip, w4a4.simulate.weight_quantizer) == (
+        4, 0.9, "gptq",
+    )  # fmt: skip
+    assert "online-hadamard" in [spec.name for spec in w4a4.canonicalize]
+    generated = _pre_norm_llama_block()
+    path = tmp_path / "block.onnx"
+    onnx.save(generated.model, str(path))
+    with pytest.raises(qcompiler.RecipeError, match="float simulation.*qcompiler.simulate"):
+        qcompiler.compile(str(path), "llvm", calibration=generated.inputs(2), recipe="w4a8")
+    with pytest.raises(qcompiler.RecipeError, match="no \\[simulate\\] section"):
+        qcompiler.simulate(str(path), calibration=generated.inputs(2), recipe="w8a8")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('name = "bad"\n[simulate]\nweight_bitz = 4\n')
+    with pytest.raises(qcompiler.RecipeError, match="unknown keys \\['weight_bitz'\\]"):
+        qcompiler.simulate(str(path), calibration=generated.inputs(2), recipe=bad)
+
+
+def test_simulate_runs_the_rotated_gptq_recipe_and_8_bits_stay_close() -> None:
+    """w4a4 on a generated Llama block: a float graph with rotations, online Hadamards, GPTQ weights and
+    per-token activations; at 8 bits the same pipeline stays within a few percent of float."""
+    import dataclasses
+
+    from qcompiler.config import load_recipe
+    from qcompiler.passes.quantize.weights import WeightQuantSpec
+    from qcompiler.pipeline import run_onnxruntime
+
+    generated = _pre_norm_llama_block()
+    calibration, probe = generated.inputs(8), generated.inputs(2, offset=1)
+    reference = [ort.InferenceSession(generated.model.SerializeToString()).run(None, feeds)[0] for feeds in probe]
+    w4a4 = qcompiler.simulate(generated.model, calibration=calibration, recipe="w4a4", progress=False)
+    # one fake quantizer per linear input: q/k/v, o, gate/up, down per layer, and the head
+    assert sum(n.op_type == "Round" for n in w4a4.graph) == 4 * 2 + 1
+    base = load_recipe("w4a4")
+    assert base.simulate is not None
+    eight = dataclasses.replace(
+        base,
+        simulate=dataclasses.replace(base.simulate, weight=WeightQuantSpec(8), activation_bits=8, activation_clip=1.0),
+    )
+    simulated = qcompiler.simulate(generated.model, calibration=calibration, recipe=eight, progress=False)
+    for feeds, want in zip(probe, reference, strict=True):
+        got = run_onnxruntime(simulated, feeds)[0]
+        assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+        low = run_onnxruntime(w4a4, feeds)[0]
+        assert np.all(np.isfinite(low))
