@@ -101,4 +101,6 @@ def test_minilm_regions_and_head_rotation_float_exact() -> None:
     assert sum("head V" in roles[0] for roles in coverage.values()) == 6
     assert sum("head O" in roles[0] for roles in coverage.values()) == 6
     uncovered = [roles[0] for roles in coverage.values() if roles[0].startswith("not covered")]
-    assert len(uncovered) == 24 and all("LayerNormalization" in reason for reason in uncovered)
+    assert len(uncovered) == 18 and all("LayerNormalization" in reason for reason in uncovered)
+    # the FFN output projections read GELU outputs: an online Hadamard can go there (issue 4)
+    assert sum(roles[0].startswith("online Hadamard (mlp, order 1536)") for roles in coverage.values()) == 6
