@@ -13,7 +13,13 @@ from onnxscript.version_converter import ConvertVersionPass
 from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerQDQToIntegerPass
-from qcompiler.passes.transform import FoldNormGainsPass, OnlineHadamardPass, RotateHeadsPass, RotateResidualPass
+from qcompiler.passes.transform import (
+    EqualizeCrossLayerPass,
+    FoldNormGainsPass,
+    OnlineHadamardPass,
+    RotateHeadsPass,
+    RotateResidualPass,
+)
 
 
 def _fold_constants(input_size_limit: int = 1 << 26, output_size_limit: int = 1 << 26) -> ir.passes.PassBase:
@@ -45,6 +51,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,
     "fold-norm-gains": FoldNormGainsPass,
+    "equalize-cross-layer": EqualizeCrossLayerPass,
     "rotate-residual": RotateResidualPass,
     "rotate-heads": RotateHeadsPass,
     "online-hadamard": lambda targets=("mlp",): OnlineHadamardPass(tuple(targets)),

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
+from qcompiler.passes.transform.equalize import EqualizeCrossLayerPass
 from qcompiler.passes.transform.fold_norms import FoldNormGainsPass
 from qcompiler.passes.transform.rotate import OnlineHadamardPass, RotateHeadsPass, RotateResidualPass
 
-__all__ = ["FoldNormGainsPass", "OnlineHadamardPass", "RotateHeadsPass", "RotateResidualPass"]
+__all__ = ["EqualizeCrossLayerPass", "FoldNormGainsPass", "OnlineHadamardPass", "RotateHeadsPass", "RotateResidualPass"]
