@@ -196,6 +196,22 @@ def quantize_to_integer(
     Returns (qdq model, integer model, pass records, static input shapes).
     """
     chosen = load_recipe(recipe)
+    quantized, records, shapes = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)
+    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized))
+    lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized)
+    records += lowered.records
+    return qdq_copy, lowered.model, records, shapes
+
+
+def _quantize_qdq(
+    model: Any,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
+    calibration: Any,
+    chosen: Recipe,
+    verify: bool,
+    progress: bool,
+) -> tuple[ir.Model, list[PassRecord], dict[str, list[int]]]:
+    """Canonicalize, calibrate and quantize to QDQ: (the QDQ model, pass records, static input shapes)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
     ir_model = load_model(model, torch_args if torch_args is not None else None)
     sample = None
@@ -243,36 +259,34 @@ def quantize_to_integer(
         verify_each=verify,
     ).run(canonical.model)
     records += quantized.records
-    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized.model))
-    lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized.model)
-    records += lowered.records
-    return qdq_copy, lowered.model, records, shapes
+    return quantized.model, records, shapes
 
 
 def simulate(
     model: Any,
     *,
     calibration: Any,
-    recipe: str | Path | Recipe = "w4a8",
+    recipe: str | Path | Recipe = "w4a8-dynamic",
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     verify: bool = True,
     progress: bool = True,
 ) -> ir.Model:
-    """Float simulation of a low-bit recipe (``[simulate]``: W4A8, W4A4): canonicalize (rotations included),
-    then weights replaced by their RTN/GPTQ values and linear inputs fake-quantized per token. The result is a
-    float ONNX model any runtime executes; use it to measure what a recipe costs in accuracy.
+    """Float simulation of a recipe: a float ONNX model any runtime executes, to measure what the recipe costs
+    in accuracy.
+
+    An integer-path recipe (``w8a8``, ``w4a8``, ...) gives its QDQ graph: the exact weights and static activation
+    scales the integer code uses, with float nonlinearities (the compiled model stays within about one output
+    quantization step of it). A ``[simulate]`` recipe (``w4a8-dynamic``, ``w4a4``) canonicalizes (rotations
+    included), then replaces weights by their RTN/GPTQ values and fake-quantizes linear inputs per token.
 
     Raises:
-        RecipeError: the recipe has no ``[simulate]`` section.
         CalibrationError: no calibration data.
     """
     from qcompiler.passes.quantize.fake import FakeQuantizePass
 
     chosen = load_recipe(recipe)
     if chosen.simulate is None:
-        raise RecipeError(
-            f"recipe {chosen.name!r} has no [simulate] section: it targets the integer path, use quantize_to_integer"
-        )
+        return _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)[0]
     if calibration is None:
         raise CalibrationError("calibration: required (an iterable of representative batches)")
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
@@ -323,7 +337,7 @@ def compile(
     if chosen.simulate is not None:
         raise RecipeError(
             f"recipe {chosen.name!r} is a float simulation ([simulate]: low-bit weights, per-token activations) "
-            "with no integer lowering yet; run it with qcompiler.simulate, or compile with w8a8 / w8a8-llm"
+            "with no integer lowering; run it with qcompiler.simulate, or compile with w8a8, w8a8-llm or w4a8"
         )
     start = time.perf_counter()
     qdq, integer, records, shapes = quantize_to_integer(

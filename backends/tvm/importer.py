@@ -19,7 +19,7 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
-from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR
+from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR, WEIGHT_DTYPE_ATTR
 from qcompiler.dialect import storage_dtype
 from qcompiler.errors import UnsupportedOpError
 
@@ -87,6 +87,45 @@ class QGemm(OF.OnnxOpConverter):
         )
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], plan.n])
+        return out
+
+
+class QGemmInt4(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        packed = _const_numpy(inputs[1], "packed weight", "QGemmInt4").astype(np.uint8)
+        group_scale = _const_numpy(inputs[2], "group_scale", "QGemmInt4")
+        shift = _const_numpy(inputs[5], "shift", "QGemmInt4")
+        shape = _static_shape(x, "QGemmInt4")
+        n, k = packed.shape[0], shape[-1]
+        if int(group_scale.max(initial=1)) > kernels.INT4_INT16_MAX_SCALE or int(group_scale.min(initial=1)) < 1:
+            raise UnsupportedOpError(
+                "?", "QGemmInt4", f"group scales must lie in [1, {kernels.INT4_INT16_MAX_SCALE}] for int16 weights"
+            )
+        plan = kernels.plan_int4_gemm(n, k, shift)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
+        args = [
+            relax.const(packed, "uint8"),
+            relax.const(group_scale.astype(np.int16), "int16"),
+            relax.const(kernels.pad_channels(_const_numpy(inputs[3], "bias", "QGemmInt4"), plan, 0), "int32"),
+            relax.const(
+                kernels.pad_channels(_const_numpy(inputs[4], "multiplier", "QGemmInt4"), plan, 1 << 30), "int32"
+            ),
+            relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
+        ]
+        out = bb.emit_te(
+            functools.partial(
+                kernels.qgemm_int4_compute, plan=plan, group_size=int(attr.get("group_size", 128)), **_epilogue(attr)
+            ),
+            x2,
+            *args,
+            primfunc_name_hint="qgemm_int4",
+            primfunc_attrs={**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"},
+        )
+        if len(shape) != 2:
+            return relax.op.reshape(out, [*shape[:-1], n])
         return out
 
 
@@ -380,6 +419,7 @@ _CONVERTERS = {
     "IntSoftmax": IntSoftmax,
     "IntLayerNorm": IntLayerNorm,
     "QGemm": QGemm,
+    "QGemmInt4": QGemmInt4,
     "QConv": QConv,
     "Requantize": Requantize,
     "RescaleAdd": RescaleAdd,

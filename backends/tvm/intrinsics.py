@@ -3,6 +3,7 @@
 ``psign``: ``|a| * (b * sign(a))`` through vpsignb / vpmaddubsw / vpmaddwd. vpmaddubsw saturates its int16
 pair sums, which can only happen when a weight is -128; it is exact for weights in [-127, 127] (what the
 symmetric weight quantizer produces). ``i16``: sign-extend to int16 then vpmaddwd, exact for every int8.
+``s8s16``: the same against int16 weights (int4 codes times their integer group scale: ``QGemmInt4``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from tvm.script import tirx as T
 
 AVX2_DOT_8X4_PSIGN = "qcompiler_avx2_dot_8x4_s8s8s32_psign"
 AVX2_DOT_8X2_I16 = "qcompiler_avx2_dot_8x2_s8s8s32_i16"
+AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
 
 
 @T.prim_func(s_tir=True)
@@ -106,5 +108,44 @@ def _dot8x2_i16_impl(
         )
 
 
+@T.prim_func(s_tir=True)
+def _dot8x2_s16_desc(
+    A: T.Buffer((2,), "int8", offset_factor=1),
+    B: T.Buffer((8, 2), "int16", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        for i in T.serial(0, 8):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot8x2_s16_impl(
+    A: T.Buffer((2,), "int8", offset_factor=1),
+    B: T.Buffer((8, 2), "int16", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # int8 activations widened to int16 pairs against int16 weights (int4 codes times their group scale):
+    # vpmaddwd sums two exact int16 x int16 products in int32
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(
+                T.broadcast(T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32"), 8),
+                dtype="int16x16",
+            ),
+            B.vload([0, 0], dtype="int16x16"),
+            dtype="int32x8",
+        )
+
+
 TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot8x4_desc, _dot8x4_psign_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_I16, _dot8x2_desc, _dot8x2_i16_impl, override=True)
+TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot8x2_s16_desc, _dot8x2_s16_impl, override=True)

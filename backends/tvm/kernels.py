@@ -124,6 +124,59 @@ def qgemm_compute(
     return _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi)
 
 
+#: the expanded int4 weight (code times group scale) fits int16 when every group scale is at most this
+INT4_INT16_MAX_SCALE = 32767 // 8
+
+
+def plan_int4_gemm(n: int, k: int, shifts: np.ndarray | None = None) -> GemmPlan:
+    """Tiling of an int4 GEMM: int16 weight pairs (the ``s8s16`` intrinsic), the register tile of :func:`plan_gemm`."""
+    nr = max(1, min(4, -(-n // LANES)))
+    hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
+    return GemmPlan(n=n, k=k, kb=2, nr=nr, hi32_epilogue=hi32)
+
+
+def qgemm_int4_compute(
+    a: te.Tensor,
+    packed: te.Tensor,
+    group_scale: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    *,
+    plan: GemmPlan,
+    group_size: int,
+    zero_point: int,
+    lo: int,
+    hi: int,
+) -> te.Tensor:
+    """``requant(a[M, K] @ (codes * group_scale)^T + bias)``: the int4 codes (two per byte, low nibble first) are
+    expanded times their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the
+    GEMM runs on int16 weight pairs. The expansion runs once per call: ``N K`` element operations."""
+    m = a.shape[0]
+    if plan.k_padded != plan.k:
+        src = a
+        a = te.compute(
+            (m, plan.k_padded),
+            lambda i, k: tirx.if_then_else(k < plan.k, src[i, k], tirx.const(0, "int8")),
+            name="A_pad",
+        )
+
+    def expand(jo, ko, ji, ki):
+        n = jo * LANES + ji
+        k = ko * plan.kb + ki
+        row = te.min(n, plan.n - 1)
+        col = te.min(k, plan.k - 1)
+        byte = packed[row, col // 2].astype("int32")
+        nibble = (byte >> ((col % 2) * 4)) & 15
+        code = tirx.Select(nibble > 7, nibble - 16, nibble)
+        value = code * group_scale[row, col // group_size].astype("int32")
+        inside = tirx.all(n < plan.n, k < plan.k)
+        return tirx.Select(inside, value, tirx.const(0, "int32")).astype("int16")
+
+    weights = te.compute((plan.n_padded // LANES, plan.k_padded // plan.kb, LANES, plan.kb), expand, name="W_expand")
+    return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi)
+
+
 def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi):
     kb = plan.kb
     epilogue = requantize_expr_hi32 if plan.hi32_epilogue else requantize_expr

@@ -25,6 +25,7 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 KERNEL_ATTR = "qcompiler.kernel"
 KB_ATTR = "qcompiler.kb"
 NR_ATTR = "qcompiler.nr"
+WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (the s8s16 intrinsic)
 ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
 
 
@@ -86,7 +87,9 @@ def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
         sch.parallel(outer)
 
 
-def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int | None = None) -> None:
+def schedule_gemm(
+    sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int | None = None, int16_weights: bool = False
+) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
     names = _block_names(sch)
     block = sch.get_sblock("C")
@@ -113,14 +116,17 @@ def schedule_gemm(sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int
     sch.unroll(loops[-3])
     sch.unroll(loops[-4])
     if use_avx2:
-        intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
+        if int16_weights:
+            intrin = intrinsics.AVX2_DOT_8X2_S8S16
+        else:
+            intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
     else:
         sch.vectorize(loops[-2])
     for name in names:
         if name == "im2col":
             _schedule_im2col(sch, row_tile)
-        elif name in ("A_pad", "unpad", "to_nchw"):
+        elif name in ("A_pad", "unpad", "to_nchw", "W_expand"):
             _parallel_elementwise(sch, name, vector=False)
 
 
@@ -136,7 +142,10 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
         sch = Schedule(tvm.IRModule({"main": func}))
         if kind == "gemm":
             row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
-            schedule_gemm(sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2, row_tile)
+            int16_weights = WEIGHT_DTYPE_ATTR in func.attrs and str(func.attrs[WEIGHT_DTYPE_ATTR]) == "int16"
+            schedule_gemm(
+                sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2, row_tile, int16_weights=int16_weights
+            )
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)

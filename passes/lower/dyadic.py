@@ -17,7 +17,9 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
+from qcompiler.dialect.dyadic import group_scale_bits
 from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
+from qcompiler.dialect.int4 import pack_int4
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import (
@@ -264,6 +266,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             return
         x = dequantized(node.inputs[0], "input", node)
         w = dequantized(node.inputs[1], "weight", node)
+        if w.value.dtype == ir.DataType.INT4 and node.op_type in ("MatMul", "Gemm"):
+            self._lower_int4_linear(graph, node, x, w)
+            return
         weight = const_array(w.value)
         if weight is None or weight.dtype != np.int8:
             raise UnsupportedOpError(node_label(node), node.op_type, "its weight is not a constant int8 tensor")
@@ -315,6 +320,69 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         self._requantize_after(
             graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[product, biased]
         )
+
+    def _lower_int4_linear(self, graph: ir.Graph, node: ir.Node, x, w) -> None:
+        """``DQ(x) @ DQ(int4 codes, group scales) -> Q``: one ``QGemmInt4`` with its epilogue. The group scales
+        ``s[n, g]`` must be ``s_max[n] b / 2^B`` with integers ``b`` (the QDQ pass's grid): the kernel multiplies
+        each group's int32 sum by ``b`` and the accumulator scale is ``S_x s_max / 2^B``."""
+        label = node_label(node)
+        dq = node.inputs[1].producer()
+        assert dq is not None
+        codes = const_array(w.value)
+        assert codes is not None
+        codes = codes.astype(np.int8)
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        codes_nk = codes if transposed else codes.T  # [N, K]
+        n, k = codes_nk.shape
+        block = dq.attributes.get_int("block_size", 0)
+        scale = np.asarray(w.scale, dtype=np.float64)
+        if block:
+            scale_ng = scale if transposed else scale.T
+        else:
+            scale_ng = np.broadcast_to(scale.reshape(-1), (n,)).reshape(n, 1)
+        group = block if block else k
+        bits = group_scale_bits(k, group if block else None)
+        top = scale_ng.max(axis=1)
+        steps = np.round(scale_ng / top[:, None] * 2.0**bits)
+        if np.any(steps < 1) or not np.allclose(steps * top[:, None] / 2.0**bits, scale_ng, rtol=1e-6, atol=0):
+            raise UnsupportedOpError(
+                label, node.op_type,
+                f"its int4 group scales are not multiples of 1/2^{bits} of each row's largest; quantize with "
+                "qcompiler's QDQ pass (it snaps them to that grid)",
+            )  # fmt: skip
+        unit = top / 2.0**bits
+        bias = np.zeros(n, dtype=np.int64)
+        if len(node.inputs) > 2 and node.inputs[2] is not None:
+            b = dequantized(node.inputs[2], "bias", node)
+            bias_q = const_array(b.value)
+            if bias_q is None or bias_q.dtype != np.int32:
+                raise UnsupportedOpError(label, node.op_type, "its bias is not a constant int32 tensor")
+            if not np.allclose(b.scale.reshape(-1), float(np.asarray(x.scale).reshape(())) * unit, rtol=1e-6):
+                raise UnsupportedOpError(label, node.op_type, "its bias scale is not S_x * s_max / 2^B")
+            bias = np.broadcast_to(bias_q.reshape(-1), (n,)).astype(np.int64)
+        sizes = np.minimum(group, k - np.arange(steps.shape[1]) * group)
+        worst = (steps * sizes * 128 * np.abs(codes_nk).max(axis=1, keepdims=True)).sum(axis=1) + np.abs(bias)
+        if worst.max() > np.iinfo(np.int32).max:
+            raise UnsupportedOpError(label, node.op_type, "its int4 accumulator bound exceeds int32")
+        padded = np.zeros((n, k + k % 2), dtype=np.int8)
+        padded[:, :k] = codes_nk
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
+        reals = float(np.asarray(x.scale).reshape(())) * unit / output_scale(quant)
+        multiplier, shift = quantize_multipliers(reals)
+        base = quant.outputs[0].name or "y"
+        gemm = ir.node(
+            "QGemmInt4",
+            [x.value,
+             add_initializer(graph, f"{base}_weight_int4", pack_int4(padded)),
+             add_initializer(graph, f"{base}_group_scale", steps.astype(np.int16)),
+             add_initializer(graph, f"{base}_bias", bias.astype(np.int32)),
+             add_initializer(graph, f"{base}_multiplier", multiplier),
+             add_initializer(graph, f"{base}_shift", shift)],
+            domain=DOMAIN, attributes={"group_size": group, "lo": lo, "hi": hi},
+        )  # fmt: skip
+        graph.insert_after(quant, gemm)
+        replace_group_output(quant, gemm.outputs[0])
 
     def _lower_hadamard(self, graph: ir.Graph, node: ir.Node, x, w_scale: np.ndarray, weight: np.ndarray) -> bool:
         """``DQ(x) @ DQ(+-1 signs at one scale c) -> Q``: ``Hadamard(x, h)`` (exact int32 adds), then one

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
 from qcompiler.passes.quantize.precision import hadamard_matmul, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq
+from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +82,11 @@ class QuantizeConfig:
     gptq_damp: float = 0.01
     #: GPTQ quantizes the rows with the largest Hessian diagonal first
     gptq_act_order: bool = True
+    #: int4 weights (``weight_bits = 4``, MatMul/Gemm; convolutions and online Hadamards keep their codes):
+    #: input channels per scale group, 0 for one scale per output channel
+    group_size: int = 0
+    #: int4 weights: per-group clipping ratios searched for the smallest weight error (1 always competes)
+    weight_clip_grid: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight_quantizer not in ("rtn", "gptq"):
@@ -93,8 +99,14 @@ class QuantizeConfig:
             raise ValueError(f"softmax_bits: must be 8 or 16, got {self.softmax_bits}")
         if self.residual_bits not in (8, 16):
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
-        if self.weight_bits != 8:
-            raise ValueError(f"weight_bits: only 8 is supported by the integer path today, got {self.weight_bits}")
+        if self.weight_bits not in (4, 8):
+            raise ValueError(f"weight_bits: the integer path supports 8 and 4, got {self.weight_bits}")
+        if self.group_size < 0 or (self.group_size and self.weight_bits != 4):
+            raise ValueError(f"group_size: groups need weight_bits = 4 and a size >= 1 (0: per channel), got "
+                             f"{self.group_size} with weight_bits = {self.weight_bits}")  # fmt: skip
+        object.__setattr__(self, "weight_clip_grid", tuple(float(r) for r in self.weight_clip_grid))
+        if any(not 0.0 < r <= 1.0 for r in self.weight_clip_grid):
+            raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
         if self.activation_bits != 8:
             raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
 
@@ -166,6 +178,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 13:
             raise ir.passes.PreconditionError("QuantizeQDQPass needs opset >= 13 (per-axis QuantizeLinear)")
+        if self.config.weight_bits == 4 and model.opset_imports.get("", 0) < 21:
+            raise ir.passes.PreconditionError(
+                "weight_bits = 4 needs opset >= 21 (INT4 and blocked DequantizeLinear): put "
+                '{ pass = "upgrade-opset", opset = 21 } first in the recipe\'s canonicalize list'
+            )
         for node in model.graph:
             if node.op_type in ("QuantizeLinear", "DequantizeLinear"):
                 raise ir.passes.PreconditionError(f"model is already quantized (node {node_label(node)})")
@@ -436,20 +453,61 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale_of[id(deq.outputs[0])] = scale
         self._tables[id(source)] = deq.outputs[0]
 
-    def _gptq(
-        self, node: ir.Node, weight: np.ndarray, axis: int, fold: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Symmetric per-output-channel int8 codes by GPTQ; the input Hessian follows a folded per-channel
-        input (the layer reads ``x / r``, so ``H -> diag(1/r) H diag(1/r)``)."""
+    def _hessian(self, node: ir.Node, fold: np.ndarray | None) -> np.ndarray:
+        """The layer's input Hessian; it follows a folded per-channel input (the layer reads ``x / r``, so
+        ``H -> diag(1/r) H diag(1/r)``)."""
         h = self.hessians[self._float_input[id(node)]]
         if fold is not None:
             inv = 1.0 / fold.astype(np.float64)
             h = h * inv[:, None] * inv[None, :]
+        return h
+
+    def _gptq(
+        self, node: ir.Node, weight: np.ndarray, axis: int, fold: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Symmetric per-output-channel int8 codes by GPTQ."""
         in_out = weight.astype(np.float64) if axis == 1 else weight.astype(np.float64).T
         spec = WeightQuantSpec(self.config.weight_bits)
-        result = gptq(in_out, h, spec, damp=self.config.gptq_damp, act_order=self.config.gptq_act_order)
+        result = gptq(
+            in_out, self._hessian(node, fold), spec, damp=self.config.gptq_damp, act_order=self.config.gptq_act_order
+        )
         q, scales = result.q, result.scales[0].astype(np.float32)
         return (q if axis == 1 else q.T).astype(np.int8), scales
+
+    def _int4_weight(
+        self, graph: ir.Graph, node: ir.Node, weight: np.ndarray, axis: int, fold: np.ndarray | None
+    ) -> tuple[ir.Value, np.ndarray]:
+        """Symmetric int4 codes per group of input channels (or per output channel), the group scales on the
+        integer grid of :func:`qcompiler.dialect.group_scale_bits`: the INT4 ``DequantizeLinear`` (blocked
+        along the input axis for groups) and the per-channel unit scale ``s_max / 2^B`` the bias is stored at."""
+        in_out = weight.astype(np.float64) if axis == 1 else weight.astype(np.float64).T
+        k = in_out.shape[0]
+        group = self.config.group_size if 0 < self.config.group_size < k else None
+        bits = group_scale_bits(k, group)
+        spec = WeightQuantSpec(4, group, True, self.config.weight_clip_grid, scale_grid_bits=bits if group else None)
+        if self.config.weight_quantizer == "gptq":
+            result = gptq(in_out, self._hessian(node, fold), spec, damp=self.config.gptq_damp,
+                          act_order=self.config.gptq_act_order)  # fmt: skip
+        else:
+            result = quantize_rtn(in_out, spec)
+        scales = result.scales.astype(np.float32)  # [groups, out]
+        unit = (result.scales.max(axis=0) / 2.0**bits).astype(np.float32)
+        codes = result.q if axis == 1 else result.q.T
+        w_name = node.inputs[1].name or "weight"
+        q_value = add_initializer(graph, f"{w_name}_quantized", codes.astype(np.int8), ir.DataType.INT4)
+        if group is None:
+            dq_scales, attributes = scales[0], {"axis": axis}
+        else:  # blocked along the input axis: the scale has the weight's shape with that axis divided
+            dq_scales = scales if axis == 1 else np.ascontiguousarray(scales.T)
+            attributes = {"axis": 1 - axis, "block_size": group}
+        s_value = add_initializer(graph, f"{w_name}_scale", dq_scales)
+        z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros(dq_scales.shape, np.int8), ir.DataType.INT4)
+        deq_w = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes=attributes)
+        deq_w.outputs[0].name = f"{w_name}_dq"
+        deq_w.outputs[0].dtype = ir.DataType.FLOAT
+        graph.insert_before(node, deq_w)
+        node.replace_input_with(1, deq_w.outputs[0])
+        return q_value, unit
 
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
@@ -472,23 +530,28 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             rows[1 - axis] = -1
             weight = weight.astype(np.float64) * fold.reshape(rows)
         hadamard = hadamard_matmul(node) if fold is None else None
-        if hadamard is not None:  # an online Hadamard: its +-1 signs exactly, at the one scale c
-            q_weight = np.sign(weight).astype(np.int8)
-            w_scales = np.full(weight.shape[axis], hadamard[0], dtype=np.float32)
-        elif self.config.weight_quantizer == "gptq" and node.op_type != "Conv":
-            q_weight, w_scales = self._gptq(node, weight, axis, fold)
+        accumulator_bound = (int(np.prod(weight.shape)) // weight.shape[axis]) * 128 * 127
+        if hadamard is None and self.config.weight_bits == 4 and node.op_type != "Conv":
+            _, w_scales = self._int4_weight(graph, node, weight, axis, fold)
+            accumulator_bound = INT4_ACC_BUDGET
         else:
-            q_weight, w_scales = quantize_weight_per_channel(weight, axis)
-        w_name = node.inputs[1].name or "weight"
-        q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
-        s_value = add_initializer(graph, f"{w_name}_scale", w_scales)
-        z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros_like(w_scales, dtype=np.int8))
-        deq_w = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis})
-        shared = len(node.inputs[1].uses()) > 1  # one constant read by several nodes (online Hadamards)
-        deq_w.outputs[0].name = f"{q_value.name}_dq" if shared else f"{w_name}_dq"
-        deq_w.outputs[0].dtype = ir.DataType.FLOAT
-        graph.insert_before(node, deq_w)
-        node.replace_input_with(1, deq_w.outputs[0])
+            if hadamard is not None:  # an online Hadamard: its +-1 signs exactly, at the one scale c
+                q_weight = np.sign(weight).astype(np.int8)
+                w_scales = np.full(weight.shape[axis], hadamard[0], dtype=np.float32)
+            elif self.config.weight_quantizer == "gptq" and node.op_type != "Conv":
+                q_weight, w_scales = self._gptq(node, weight, axis, fold)
+            else:
+                q_weight, w_scales = quantize_weight_per_channel(weight, axis)
+            w_name = node.inputs[1].name or "weight"
+            q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
+            s_value = add_initializer(graph, f"{w_name}_scale", w_scales)
+            z_value = add_initializer(graph, f"{w_name}_zero_point", np.zeros_like(w_scales, dtype=np.int8))
+            deq_w = ir.node("DequantizeLinear", [q_value, s_value, z_value], attributes={"axis": axis})
+            shared = len(node.inputs[1].uses()) > 1  # one constant read by several nodes (online Hadamards)
+            deq_w.outputs[0].name = f"{q_value.name}_dq" if shared else f"{w_name}_dq"
+            deq_w.outputs[0].dtype = ir.DataType.FLOAT
+            graph.insert_before(node, deq_w)
+            node.replace_input_with(1, deq_w.outputs[0])
         bias_index = 2
         bias = const_array(node.inputs[bias_index]) if len(node.inputs) > bias_index else None
         if bias is None:
@@ -501,8 +564,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             raise UnsupportedOpError(node_label(node), node.op_type, f"bias of shape {bias.shape} is not per channel")
         bias_scales = (np.float64(input_scale) * w_scales.astype(np.float64)).astype(np.float32)
         q_bias = np.round(bias_vec / bias_scales.astype(np.float64))
-        reduction = int(np.prod(weight.shape)) // channels
-        limit = INT32_MAX - reduction * 128 * 127
+        limit = INT32_MAX - accumulator_bound
         if np.any(np.abs(q_bias) > limit):
             raise UnsupportedOpError(
                 node_label(node),

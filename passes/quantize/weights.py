@@ -19,6 +19,12 @@ import dataclasses
 
 import numpy as np
 
+from qcompiler.dialect.int4 import pack_int4, unpack_int4
+
+__all__ = [
+    "QuantizedWeight", "WeightQuantSpec", "gptq", "hessian", "pack_int4", "quantize_rtn", "snap_scales", "unpack_int4",
+]  # fmt: skip
+
 
 @dataclasses.dataclass(frozen=True)
 class WeightQuantSpec:
@@ -30,6 +36,10 @@ class WeightQuantSpec:
     symmetric: bool = True
     #: search a per-column (per-group) clipping ratio on this grid, minimising the weight's squared error
     clip_grid: tuple[float, ...] = ()
+    #: snap every group scale up to a multiple of ``s_max / 2^scale_grid_bits``, ``s_max`` the column's largest
+    #: group scale: the integer kernels then rescale groups by exact integers ``b in [1, 2^bits]``
+    #: (:func:`qcompiler.dialect.group_scale_bits`); symmetric only
+    scale_grid_bits: int | None = None
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -38,6 +48,10 @@ class WeightQuantSpec:
             raise ValueError(f"group_size: must be >= 1 or None (per channel), got {self.group_size}")
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
             raise ValueError(f"clip_grid: ratios must lie in (0, 1], got {list(self.clip_grid)}")
+        if self.scale_grid_bits is not None and not (0 <= self.scale_grid_bits <= 14 and self.symmetric):
+            raise ValueError(
+                f"scale_grid_bits: must lie in [0, 14] with symmetric quantization, got {self.scale_grid_bits}"
+            )
 
     @property
     def qmin(self) -> int:
@@ -100,6 +114,24 @@ def _group_params(block: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray,
     return best_scale, best_zero
 
 
+def snap_scales(scales: np.ndarray, bits: int) -> np.ndarray:
+    """Group scales ``[groups, out]`` rounded up to ``s_max * b / 2^bits`` with integer ``b in [1, 2^bits]``,
+    ``s_max`` each column's largest (rounding up never clips a code)."""
+    top = scales.max(axis=0, keepdims=True)
+    steps = np.clip(np.ceil(scales / top * 2.0**bits - 1e-9), 1, 2**bits)
+    return top * steps / 2.0**bits
+
+
+def _all_group_params(w: np.ndarray, spec: WeightQuantSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
+    groups = -(-w.shape[0] // size)
+    scales, zeros = np.empty((groups, w.shape[1])), np.empty((groups, w.shape[1]))
+    for g in range(groups):
+        scales[g], zeros[g] = _group_params(w[g * size : (g + 1) * size], spec)
+    if spec.scale_grid_bits is not None:
+        scales = snap_scales(scales, spec.scale_grid_bits)
+    return scales, zeros
+
+
 def quantize_rtn(weight: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
     """Round to nearest, per group (with the clipping search if ``spec.clip_grid``).
 
@@ -107,15 +139,10 @@ def quantize_rtn(weight: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
         weight: ``[in, out]`` float.
     """
     w = _as_matrix(weight)
-    rows, cols = w.shape
-    size = _group_size(spec, rows)
-    groups = -(-rows // size)
-    scales, zeros = np.empty((groups, cols)), np.empty((groups, cols))
-    q = np.empty(w.shape)
-    for g in range(groups):
-        block = w[g * size : (g + 1) * size]
-        scales[g], zeros[g] = _group_params(block, spec)
-        q[g * size : (g + 1) * size] = _codes(block, scales[g], zeros[g], spec)
+    size = _group_size(spec, w.shape[0])
+    scales, zeros = _all_group_params(w, spec, size)
+    rows = np.arange(w.shape[0]) // size
+    q = _codes(w, scales[rows], zeros[rows], spec)
     return QuantizedWeight(q.astype(np.int8), scales, zeros, size)
 
 
@@ -127,6 +154,7 @@ def gptq(
     damp: float = 0.01,
     act_order: bool = False,
     block: int = 128,
+    static_groups: bool = False,
 ) -> QuantizedWeight:
     """GPTQ with lazy batched updates (``block`` rows at a time).
 
@@ -139,6 +167,8 @@ def gptq(
         act_order: quantize rows in order of decreasing Hessian diagonal (groups still follow the original
             row order, so the stored layout stays plain).
         block: rows per lazy batch.
+        static_groups: every group's parameters from the original weights, before any update (forced by
+            ``spec.scale_grid_bits``, which snaps all of a column's group scales together).
 
     Raises:
         ValueError: shapes that do not match, or a Hessian that is not finite.
@@ -152,7 +182,6 @@ def gptq(
         raise ValueError("hessian: contains NaN or infinity")
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0  # rows no calibration input ever excites: quantized plainly
-    w[dead] = w[dead]
     h[np.diag_indices(rows)] += damp * float(np.mean(np.diag(h)))
     order = np.argsort(-np.diag(h), kind="stable") if act_order else np.arange(rows)
     w, h = w[order], h[np.ix_(order, order)]
@@ -162,6 +191,11 @@ def gptq(
     groups = -(-rows // size)
     scales, zeros = np.ones((groups, cols)), np.zeros((groups, cols))
     fixed = np.zeros(groups, dtype=bool)
+    if static_groups or spec.scale_grid_bits is not None:
+        restored_w = np.empty_like(w)
+        restored_w[order] = w
+        scales, zeros = _all_group_params(restored_w, spec, size)
+        fixed[:] = True
     q = np.empty(w.shape)
     for start in range(0, rows, block):
         stop = min(start + block, rows)
@@ -186,32 +220,6 @@ def hessian(inputs: np.ndarray) -> np.ndarray:
     """``2 X^T X / N`` over the rows of ``inputs [..., in]`` (float64)."""
     x = np.asarray(inputs, dtype=np.float64).reshape(-1, np.shape(inputs)[-1])
     return 2.0 * (x.T @ x) / max(len(x), 1)
-
-
-def pack_int4(codes: np.ndarray) -> np.ndarray:
-    """Two signed 4-bit codes per byte along the last axis, low nibble first: ``[..., 2k] -> [..., k]`` uint8.
-
-    Raises:
-        ValueError: a code outside [-8, 7] or an odd last axis.
-    """
-    q = np.asarray(codes)
-    if q.shape[-1] % 2:
-        raise ValueError(f"pack_int4: the last axis must be even, got {q.shape[-1]}; pad it with a zero code")
-    if q.size and (q.min() < -8 or q.max() > 7):
-        raise ValueError(f"pack_int4: codes must lie in [-8, 7], got [{q.min()}, {q.max()}]")
-    nibbles = (q.astype(np.int16) & 0xF).astype(np.uint8)
-    return nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
-
-
-def unpack_int4(packed: np.ndarray) -> np.ndarray:
-    """Inverse of :func:`pack_int4`: ``[..., k]`` uint8 -> ``[..., 2k]`` int8 in [-8, 7]."""
-    p = np.asarray(packed, dtype=np.uint8)
-    low = (p & 0xF).astype(np.int8)
-    high = (p >> 4).astype(np.int8)
-    out = np.empty((*p.shape[:-1], 2 * p.shape[-1]), dtype=np.int8)
-    out[..., 0::2] = np.where(low > 7, low - 16, low)
-    out[..., 1::2] = np.where(high > 7, high - 16, high)
-    return out
 
 
 def _as_matrix(weight: np.ndarray) -> np.ndarray:

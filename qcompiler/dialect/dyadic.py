@@ -92,3 +92,25 @@ def round_shift(value: np.ndarray | np.integer, shift: np.ndarray | np.integer) 
     value = np.asarray(value, dtype=np.int64)
     shift = np.asarray(shift, dtype=np.int64)
     return (value + (np.int64(1) << (shift - 1))) >> shift
+
+
+#: the int32 accumulator budget an int4 GEMM's products may take (the rest is the bias's)
+INT4_ACC_BUDGET = 1 << 30
+#: largest symmetric int4 code and int8 activation magnitude
+INT4_QMAX, INT8_ABS_MAX = 7, 128
+
+
+def group_scale_bits(k: int, group_size: int | None) -> int:
+    """Bits ``B`` of the integer group rescales of an int4 GEMM with reduction length ``k``: each group's
+    scale is ``s_max * b / 2^B`` with ``b in [1, 2^B]``, and ``k * 128 * 7 * 2^B <= 2^30`` keeps the int32
+    accumulator (and room for the bias) from overflowing. 8 up to K = 4681; 0 for one group (per channel).
+
+    Raises:
+        ValueError: ``k`` too long for even 2 bits of group-scale resolution.
+    """
+    if group_size is None or group_size >= k:
+        return 0
+    bits = min(8, int(np.floor(np.log2(INT4_ACC_BUDGET / (k * INT8_ABS_MAX * INT4_QMAX)))))
+    if bits < 2:
+        raise ValueError(f"group_scale_bits: K = {k} is too long for grouped int4 weights with int32 accumulation")
+    return bits

@@ -18,6 +18,7 @@ from onnx.reference.op_run import OpRun
 from qcompiler.dialect import nonlinear
 from qcompiler.dialect.dyadic import round_shift, storage_dtype
 from qcompiler.dialect.hadamard import hadamard_transform
+from qcompiler.dialect.int4 import unpack_int4
 from qcompiler.dialect.schemas import DOMAIN
 
 
@@ -80,6 +81,22 @@ def qgemm(x: np.ndarray, w: np.ndarray, bias: np.ndarray) -> np.ndarray:
     return _as_int32(acc, "QGemm")
 
 
+def qgemm_int4(x: np.ndarray, w: np.ndarray, group_scale: np.ndarray, bias: np.ndarray, group_size: int) -> np.ndarray:
+    """int8 ``x [..., K]`` times packed int4 ``w [N, ceil(K/2)]`` with one integer rescale per (row, group), plus
+    the int32 bias -> int32 accumulators (exact; checked against overflow)."""
+    k = x.shape[-1]
+    codes = unpack_int4(np.asarray(w, dtype=np.uint8))
+    if codes.shape[-1] not in (k, k + 1):
+        raise ValueError(f"QGemmInt4: packed weights hold {codes.shape[-1]} codes per row, the input has K = {k}")
+    groups = -(-k // group_size)
+    scale = np.asarray(group_scale, dtype=np.int64)
+    if scale.shape != (codes.shape[0], groups):
+        raise ValueError(f"QGemmInt4: group_scale must be [N, {groups}] for K = {k}, got {list(scale.shape)}")
+    expanded = codes[:, :k].astype(np.int64) * np.repeat(scale, group_size, axis=1)[:, :k]
+    acc = np.matmul(x.astype(np.int64), expanded.T) + bias.astype(np.int64)
+    return _as_int32(acc, "QGemmInt4")
+
+
 def conv2d_int(
     x: np.ndarray,
     w: np.ndarray,
@@ -131,6 +148,14 @@ class QGemm(OpRun):
 
     def _run(self, x, w, bias, multiplier, shift, zero_point=0, lo=-128, hi=127):
         acc = qgemm(x, w, bias)
+        return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
+
+
+class QGemmInt4(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x, w, group_scale, bias, multiplier, shift, group_size=128, zero_point=0, lo=-128, hi=127):
+        acc = qgemm_int4(x, w, group_scale, bias, group_size)
         return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
 
 
@@ -250,7 +275,7 @@ class Hadamard(OpRun):
 
 
 REFERENCE_OPS: list[type[OpRun]] = [
-    Requantize, RescaleAdd, QGemm, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid, Hadamard,
+    Requantize, RescaleAdd, QGemm, QGemmInt4, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid, Hadamard,
 ]  # fmt: skip
 
 

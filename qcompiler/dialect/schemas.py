@@ -84,6 +84,24 @@ def _schemas() -> list[OpSchema]:
         type_constraints=[_OUT],
         attributes=list(_EPILOGUE_ATTRS),
     )
+    qgemm_int4 = OpSchema(
+        "QGemmInt4",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = Requantize(sum_g group_scale[:, g] * (x_g @ w_g^T) + bias, axis=-1): int8 activations, int4 weights "
+        "packed two per byte with one integer scale per group of input channels, exact int32 accumulation.",
+        inputs=[
+            _param("x", _I8, "activations [..., K]"),
+            _param("w", "tensor(uint8)", "weights [N, ceil(K/2)]: code k of row n in byte k//2, low nibble first"),
+            _param("group_scale", _I16, "[N, ceil(K/group_size)]: integer group rescales b in [1, 2^14]"),
+            _param("bias", _I32, "int32 bias [N] at the accumulator scale"),
+            _param("multiplier", _I32, "scalar or [N]"),
+            _param("shift", _I32, "scalar or [N]"),
+        ],
+        outputs=[_param("y", "Y", "int8 (or int16) [..., N]")],
+        type_constraints=[_OUT],
+        attributes=[_attr("group_size", 128, "input channels per group"), *_EPILOGUE_ATTRS],
+    )
     qconv = OpSchema(
         "QConv",
         DOMAIN,
@@ -202,7 +220,18 @@ def _schemas() -> list[OpSchema]:
         outputs=[_param("y", _I32, "int32 [..., n]: |y| <= n max|x| max|h|")],
         type_constraints=[("T", [_I8, _I16], "integer input types")],
     )
-    return [requantize, rescale_add, qgemm, qconv, int_softmax, int_layernorm, int_gelu, int_sigmoid, hadamard]
+    return [
+        requantize,
+        rescale_add,
+        qgemm,
+        qgemm_int4,
+        qconv,
+        int_softmax,
+        int_layernorm,
+        int_gelu,
+        int_sigmoid,
+        hadamard,
+    ]
 
 
 def register_schemas() -> None:

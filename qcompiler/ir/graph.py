@@ -32,13 +32,14 @@ def _names(graph: ir.Graph) -> set[str]:
     return names
 
 
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray) -> ir.Value:
-    """Register ``array`` as a new initializer named after ``base`` and return its value."""
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """Register ``array`` as a new initializer named after ``base`` and return its value; ``dtype`` stores it
+    as another element type (``INT4`` codes given as int8)."""
     name = unique_name(graph, base)
     array = np.asarray(array)
     if not array.flags.c_contiguous:  # np.ascontiguousarray would turn a 0-d scale into shape [1]
         array = array.copy(order="C")
-    tensor = ir.tensor(array, name=name)
+    tensor = ir.tensor(array, dtype=dtype, name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

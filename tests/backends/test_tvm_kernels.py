@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from qcompiler.backends.tvm import build, resolve_target
@@ -289,3 +291,81 @@ def test_hadamard_bit_exact(shape: tuple[int, ...], n: int, x_dtype: int) -> Non
     assert_bit_exact(_builder(shape), model, feeds)
     got = run_reference(model, feeds[2])[0]
     assert got.dtype == np.int32 and int(np.abs(got).max()) == n * int(info.max)
+
+
+# --- int4 weights (QGemmInt4) ------------------------------------------------------------------------------------
+
+
+def _int4_model(rng, m, n, k, group, *, extreme_codes=False, max_scale=256):
+    from qcompiler.dialect.int4 import pack_int4
+
+    codes = rng.integers(-8, 8, (n, k + k % 2)).astype(np.int8)
+    codes[:, k:] = 0  # the padding nibble of an odd K
+    if extreme_codes:
+        codes[:, :k] = -8  # the largest-magnitude products
+    groups = -(-k // group)
+    scales = rng.integers(1, max_scale + 1, (n, groups)).astype(np.int16)
+    if extreme_codes:
+        scales[:] = max_scale
+    mult, shift = _epilogue_params(rng, n, per_channel=bool(n % 2))
+    inits = {
+        "w": pack_int4(codes),
+        "g": scales,
+        "b": rng.integers(-5000, 5000, n).astype(np.int32),
+        "m": mult,
+        "s": shift,
+    }
+    return _single("QGemmInt4", ["w", "g", "b", "m", "s"], (m, k), inits, out_dtype=TensorProto.INT16,
+                   group_size=group, lo=-20000, hi=20000)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group"),
+    [
+        (1, 1, 2, 2),
+        (1, 10, 256, 128),
+        (3, 33, 5, 2),
+        (17, 64, 130, 32),
+        (2, 7, 3, 3),
+        (5, 24, 300, 128),
+        (1, 9, 64, 64),
+    ],
+)
+def test_qgemm_int4_bit_exact(m: int, n: int, k: int, group: int) -> None:
+    """Odd K (a padding nibble), K not a multiple of the group, N not a multiple of the tile, M = 1; random and
+    extreme codes (-8 everywhere at the largest group scale) and extreme activations."""
+    rng = np.random.default_rng(m * 1000 + n * 10 + k)
+    for extreme in (False, True):
+        model = _int4_model(rng, m, n, k, group, extreme_codes=extreme)
+        feeds = [
+            {"x": rng.integers(-128, 128, (m, k)).astype(np.int8)},
+            {"x": np.full((m, k), -128, np.int8)},
+            {"x": np.full((m, k), 127, np.int8)},
+        ]
+        assert_bit_exact(_builder((m, k)), model, feeds)
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    m=st.integers(1, 9), n=st.integers(1, 40), k=st.integers(1, 200), group=st.sampled_from([2, 8, 32, 128]),
+    seed=st.integers(0, 2**16),
+)  # fmt: skip
+def test_qgemm_int4_bit_exact_on_generated_shapes(m: int, n: int, k: int, group: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    model = _int4_model(rng, m, n, k, group)
+    assert_bit_exact(_builder((m, k)), model, [{"x": rng.integers(-128, 128, (m, k)).astype(np.int8)}])
+
+
+def test_qgemm_int4_kernel_uses_the_int16_dot_and_no_float() -> None:
+    module = build(_int4_model(np.random.default_rng(1), 16, 64, 256, 128), {"x": [16, 256]})
+    assert not float_functions(module.llvm_ir())
+    if "avx2" in host_cpu_features():
+        assert "llvm.x86.avx2.pmadd.wd" in module.llvm_ir()
+
+
+def test_qgemm_int4_reference_rejects_mismatched_shapes() -> None:
+    rng = np.random.default_rng(2)
+    model = _int4_model(rng, 2, 4, 64, 32)
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 70  # K = 70: 35 bytes per row expected
+    with pytest.raises(ValueError, match="packed weights hold 64 codes per row, the input has K = 70"):
+        run_reference(model, {"x": np.zeros((2, 70), np.int8)})

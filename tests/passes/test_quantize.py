@@ -49,8 +49,12 @@ def test_weight_quantization_is_symmetric_per_channel() -> None:
 
 
 def test_config_validates() -> None:
-    with pytest.raises(ValueError, match="weight_bits"):
-        QuantizeConfig(weight_bits=4)
+    with pytest.raises(ValueError, match="weight_bits: the integer path supports 8 and 4, got 3"):
+        QuantizeConfig(weight_bits=3)
+    with pytest.raises(ValueError, match="group_size: groups need weight_bits = 4"):
+        QuantizeConfig(group_size=128)
+    with pytest.raises(ValueError, match="weight_clip_grid: ratios must lie in"):
+        QuantizeConfig(weight_bits=4, weight_clip_grid=[1.5])
 
 
 def _mlp() -> ir.Model:
@@ -206,3 +210,77 @@ def test_gptq_without_hessians_names_the_layer() -> None:
         QuantizeQDQPass(thresholds, QuantizeConfig(weight_quantizer="gptq"))(model)
     with pytest.raises(ValueError, match="weight_quantizer: must be 'rtn' or 'gptq'"):
         QuantizeConfig(weight_quantizer="awq")
+
+
+# --- int4 weights: blocked INT4 QDQ, lowered to QGemmInt4 ------------------------------------------------------
+
+
+def _int4_qdq(model: ir.Model, batches, **config) -> ir.Model:
+    from qcompiler.calibrate import observe
+
+    ranges = observe(model, batches, progress=False, hessians=config.get("weight_quantizer") == "gptq")
+    QuantizeQDQPass(ranges.thresholds, QuantizeConfig(weight_bits=4, **config), hessians=ranges.hessians)(model)
+    return model
+
+
+def _output_step(model: ir.Model) -> float:
+    (dq,) = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.outputs[0] in model.graph.outputs]
+    return float(dq.inputs[1].const_value.numpy())
+
+
+@pytest.mark.parametrize(("group_size", "quantizer"), [(4, "rtn"), (16, "gptq"), (0, "rtn"), (5, "rtn")])
+def test_int4_weights_lower_to_qgemm_int4_within_one_output_step(group_size: int, quantizer: str) -> None:
+    """Gemm (with biases, transB and not) at int4 per group (or per channel): an INT4 blocked
+    DequantizeLinear that onnxruntime runs, lowered to QGemmInt4 whose integer outputs stay within one output
+    quantization step of the QDQ graph's."""
+    from qcompiler.dialect import run_reference
+    from qcompiler.passes.fuse import FuseIntegerLinearPass
+    from qcompiler.passes.lower import LowerQDQToIntegerPass, float_ops_inside
+
+    model = _mlp()
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((4, 8)).astype(np.float32)} for _ in range(8)]
+    _int4_qdq(model, batches, group_size=group_size, weight_quantizer=quantizer)
+    weights = [n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT4]
+    assert len(weights) == 2
+    if 0 < group_size < 8:
+        assert [n.attributes.get_int("block_size", 0) for n in weights] == [group_size, group_size]
+        assert [n.attributes.get_int("axis") for n in weights] == [0, 1]  # along K: w1 is [K, N], w2 [N, K]
+    else:
+        assert all(n.attributes.get_int("block_size", 0) == 0 for n in weights)
+    proto = ir.serde.serialize_model(model)
+    proto.ir_version = 10
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    simulated = [session.run(None, b)[0] for b in batches]
+    for got, batch in zip(simulated, batches, strict=True):
+        np.testing.assert_allclose(got, run_reference(proto, batch)[0], rtol=1e-5, atol=1e-5)
+    step = _output_step(model)
+    LowerQDQToIntegerPass()(model)
+    FuseIntegerLinearPass()(model)
+    assert float_ops_inside(model) == []
+    gemms = [n for n in model.graph if n.op_type == "QGemmInt4"]
+    assert len(gemms) == 2 and not any(n.op_type in ("QGemm", "MatMulInteger") for n in model.graph)
+    assert all(n.inputs[1].dtype == ir.DataType.UINT8 for n in gemms)  # two codes per byte
+    integer = ir.serde.serialize_model(model)
+    for batch, want in zip(batches, simulated, strict=True):
+        assert np.abs(run_reference(integer, batch)[0] - want).max() <= step * (1 + 1e-5)
+
+
+def test_int4_needs_opset_21_and_grid_scales() -> None:
+    from qcompiler.passes.lower import LowerQDQToIntegerPass
+
+    model = _mlp()
+    model.opset_imports[""] = 20
+    with pytest.raises(ir.passes.PreconditionError, match="weight_bits = 4 needs opset >= 21.*upgrade-opset"):
+        QuantizeQDQPass({"x": 1.0}, QuantizeConfig(weight_bits=4))(model)
+    model = _mlp()
+    rng = np.random.default_rng(3)
+    _int4_qdq(model, [{"x": rng.standard_normal((4, 8)).astype(np.float32)}], group_size=4)
+    scale = next(n for n in model.graph if n.op_type == "DequantizeLinear" and n.inputs[0].dtype == ir.DataType.INT4)
+    values = scale.inputs[1].const_value.numpy().copy()
+    values.flat[0] *= 0.9137  # off the 1/2^B grid: another tool's group scales
+    scale.inputs[1].const_value = ir.tensor(values, name=scale.inputs[1].name)
+    with pytest.raises(UnsupportedOpError, match="int4 group scales are not multiples of 1/2\\^8"):
+        LowerQDQToIntegerPass()(model)

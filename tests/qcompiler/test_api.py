@@ -237,7 +237,7 @@ def test_dynamic_batch_is_fixed_from_the_data() -> None:
         qcompiler.compile(model, calibration=generator, progress=False)
 
 
-# --- float-simulation recipes (w4a8, w4a4) ----------------------------------------------------------------------
+# --- float-simulation recipes (w4a8-dynamic, w4a4) and simulations of integer recipes ----------------------------
 
 
 def _pre_norm_llama_block():
@@ -254,8 +254,11 @@ def _pre_norm_llama_block():
 def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> None:
     from qcompiler.config import load_recipe
 
-    w4a8, w4a4 = load_recipe("w4a8"), load_recipe("w4a4")
+    w4a8, w4a4 = load_recipe("w4a8-dynamic"), load_recipe("w4a4")
     assert w4a8.simulate is not None and w4a4.simulate is not None
+    integer_w4a8 = load_recipe("w4a8")
+    assert integer_w4a8.simulate is None
+    assert (integer_w4a8.quantize.weight_bits, integer_w4a8.quantize.group_size) == (4, 128)
     assert (w4a8.simulate.weight.bits, w4a8.simulate.weight.group_size, w4a8.simulate.activation_bits) == (4, 128, 8)
     assert (w4a4.simulate.activation_bits, w4a4.simulate.activation_clip, w4a4.simulate.weight_quantizer) == (
         4, 0.9, "gptq",
@@ -265,9 +268,9 @@ def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> 
     path = tmp_path / "block.onnx"
     onnx.save(generated.model, str(path))
     with pytest.raises(qcompiler.RecipeError, match="float simulation.*qcompiler.simulate"):
-        qcompiler.compile(str(path), "llvm", calibration=generated.inputs(2), recipe="w4a8")
-    with pytest.raises(qcompiler.RecipeError, match="no \\[simulate\\] section"):
-        qcompiler.simulate(str(path), calibration=generated.inputs(2), recipe="w8a8")
+        qcompiler.compile(str(path), "llvm", calibration=generated.inputs(2), recipe="w4a4")
+    qdq = qcompiler.simulate(str(path), calibration=generated.inputs(2), recipe="w8a8", progress=False)
+    assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph) > 0  # an integer recipe simulates as its QDQ graph
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "bad"\n[simulate]\nweight_bitz = 4\n')
     with pytest.raises(qcompiler.RecipeError, match="unknown keys \\['weight_bitz'\\]"):
