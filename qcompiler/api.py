@@ -249,7 +249,7 @@ def _quantize_qdq(
         percentile=cal.percentile,
         progress=progress,
         max_batches=cal.max_batches,
-        hessians=chosen.quantize.weight_quantizer == "gptq",
+        hessians=chosen.quantize.weight_quantizer == "gptq" or bool(chosen.quantize.migration_alpha_grid),
     )
     quantized = Pipeline(
         [

@@ -147,6 +147,18 @@ def linear_weight_absmax(value: ir.Value) -> np.ndarray | None:
     return np.max(rows, axis=0) if rows else None
 
 
+def linear_reader_weights(value: ir.Value) -> list[np.ndarray]:
+    """The ``[C, N]`` weight (float64, input channels first) of every constant-weight linear layer reading
+    ``value``."""
+    weights = []
+    for node in _linear_readers(value):
+        weight = const_array(node.inputs[1])
+        assert weight is not None
+        transposed = node.op_type == "Gemm" and node.attributes.get_int("transB", 0)
+        weights.append((weight.T if transposed else weight).astype(np.float64))
+    return weights
+
+
 def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_channel: bool) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 

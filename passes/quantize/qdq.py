@@ -21,7 +21,7 @@ import onnx_ir as ir
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
-from qcompiler.passes.quantize.precision import hadamard_matmul, plan_precision
+from qcompiler.passes.quantize.precision import hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
@@ -73,6 +73,9 @@ class QuantizeConfig:
     #: how much of a per-channel activation's range the folded weights take on (SmoothQuant's alpha):
     #: ``t_c ~ max|x_c|^a / max|W_c|^(1-a)``; 1 quantizes every channel at its own range
     migration_alpha: float = 1.0
+    #: search alpha per tensor on this grid (with ``migration_alpha``): the one minimising the readers' expected
+    #: output error from activation plus weight rounding (:func:`migration_error`)
+    migration_alpha_grid: tuple[float, ...] = ()
     #: softmax probabilities: 8 (int8 at 2^-7) or 16 (int16 at 2^-15: long rows, where most probabilities are
     #: below 2^-8; the P V product then runs in int32)
     softmax_bits: int = 8
@@ -95,6 +98,9 @@ class QuantizeConfig:
             raise ValueError(f"gptq_damp: must lie in [0, 1), got {self.gptq_damp}")
         if not 0.0 < self.migration_alpha <= 1.0:
             raise ValueError(f"migration_alpha: must lie in (0, 1], got {self.migration_alpha}")
+        object.__setattr__(self, "migration_alpha_grid", tuple(float(a) for a in self.migration_alpha_grid))
+        if any(not 0.0 < a <= 1.0 for a in self.migration_alpha_grid):
+            raise ValueError(f"migration_alpha_grid: values must lie in (0, 1], got {list(self.migration_alpha_grid)}")
         if self.softmax_bits not in (8, 16):
             raise ValueError(f"softmax_bits: must be 8 or 16, got {self.softmax_bits}")
         if self.residual_bits not in (8, 16):
@@ -124,6 +130,33 @@ def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarr
     shape[axis] = -1
     q = np.clip(np.round(weight / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
     return q, scales
+
+
+def balanced_scales(ranges: np.ndarray, weight_absmax: np.ndarray, alpha: float) -> np.ndarray:
+    """SmoothQuant's per-channel int8 scales ``t_c = d s_c``, ``s_c = max|x_c|^a / max|W_c|^(1-a)``,
+    ``d = max_c(max|x_c| / s_c) / 127`` (every channel's range fits); alpha 1: ``max|x_c| / 127``."""
+    if alpha >= 1.0:
+        return (ranges / ACT_QMAX).astype(np.float32)
+    weights = np.maximum(weight_absmax, float(weight_absmax.max()) / 1024.0 + 1e-30)
+    balance = ranges**alpha / weights ** (1.0 - alpha)
+    step = float((ranges / balance).max()) / ACT_QMAX
+    return (step * balance).astype(np.float32)
+
+
+def migration_error(scales: np.ndarray, readers: list[np.ndarray], second_moment: np.ndarray) -> float:
+    """Expected squared output error per token of the linear ``readers`` (``[C, N]`` weights) of a per-channel
+    int8 activation with ``scales`` t_c, its ratios ``t_c / t0`` folded into int8 per-column weights: activation
+    rounding ``sum_c t_c^2 / 12 ||W_c||^2`` plus weight rounding ``sum_n sigma_n^2 / 12 sum_c E[x_c^2] (t0/t_c)^2``
+    with ``sigma_n = max_c |W_cn| t_c / t0 / 127`` (uniform, independent rounding errors)."""
+    t = scales.astype(np.float64)
+    ratio = t / t.max()
+    total = 0.0
+    for w in readers:
+        activation = float((t**2 / 12.0) @ (w**2).sum(axis=1))
+        sigma = np.abs(w * ratio[:, None]).max(axis=0) / WEIGHT_QMAX
+        weight = float((sigma**2 / 12.0).sum() * (second_moment / ratio**2).sum())
+        total += activation + weight
+    return total
 
 
 def _is_scalar_rescale(node: ir.Node) -> bool:
@@ -174,6 +207,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         self.config = config or QuantizeConfig()
         self.channel_absmax = dict(channel_absmax) if channel_absmax is not None else None
         self.hessians = dict(hessians or {})
+        #: per-channel value name -> the alpha the search chose (``migration_alpha_grid``)
+        self.searched_alpha: dict[str, float] = {}
 
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 13:
@@ -353,13 +388,20 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
         top = float(stats.max()) if stats.max() > 0 else 1.0
         ranges = np.maximum(stats, top / 1024.0)
-        alpha = self.config.migration_alpha
-        if alpha >= 1.0 or weight_absmax is None or weight_absmax.shape != ranges.shape:
+        if weight_absmax is None or weight_absmax.shape != ranges.shape:
             return (ranges / ACT_QMAX).astype(np.float32)
-        weights = np.maximum(weight_absmax, float(weight_absmax.max()) / 1024.0 + 1e-30)
-        balance = ranges**alpha / weights ** (1.0 - alpha)
-        step = float((ranges / balance).max()) / ACT_QMAX
-        return (step * balance).astype(np.float32)
+        grid = sorted({self.config.migration_alpha, *self.config.migration_alpha_grid})
+        if len(grid) == 1:
+            return balanced_scales(ranges, weight_absmax, grid[0])
+        readers = [w for w in linear_reader_weights(value) if w.shape[0] == ranges.size]
+        h = self.hessians.get(value.name or "")
+        # E[x_c^2] from the input Hessian (2 X^T X / N) when calibration collected it, else a range-based guess
+        second = np.diag(h) / 2.0 if h is not None and h.shape[0] == ranges.size else (ranges / 3.0) ** 2
+        errors = {a: migration_error(balanced_scales(ranges, weight_absmax, a), readers, second) for a in grid}
+        best = min(grid, key=lambda a: errors[a])
+        self.searched_alpha[value.name or ""] = best
+        logger.debug("migration alpha %.2f for %s (errors %s)", best, value.name, errors)
+        return balanced_scales(ranges, weight_absmax, best)
 
     def _quantize_value(
         self,

@@ -284,3 +284,86 @@ def test_int4_needs_opset_21_and_grid_scales() -> None:
     scale.inputs[1].const_value = ir.tensor(values, name=scale.inputs[1].name)
     with pytest.raises(UnsupportedOpError, match="int4 group scales are not multiples of 1/2\\^8"):
         LowerQDQToIntegerPass()(model)
+
+
+# --- SmoothQuant alpha searched per tensor -------------------------------------------------------------------
+
+
+def _outlier_layer(rng: np.random.Generator, channels: int = 64, outputs: int = 48, tokens: int = 4096):
+    scale = np.ones(channels)
+    scale[rng.choice(channels, 4, replace=False)] = rng.uniform(20, 60, 4)  # LLM-like outlier channels
+    x = rng.standard_normal((tokens, channels)) * scale
+    w = rng.standard_normal((channels, outputs)) * rng.uniform(0.5, 2.0, (channels, 1))
+    return x, w
+
+
+def _measured_error(x: np.ndarray, w: np.ndarray, t: np.ndarray) -> float:
+    """Quantize x per channel at t, read at t0 = max t with t/t0 folded into int8 per-column weights."""
+    ratio = t / t.max()
+    codes = np.clip(np.round(x / t), -127, 127)
+    folded = w * ratio[:, None]
+    sigma = np.abs(folded).max(axis=0) / 127
+    w_hat = np.round(folded / sigma) * sigma
+    y_hat = (codes * t.max()) @ w_hat
+    return float(((y_hat - x @ w) ** 2).sum(axis=1).mean())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_migration_error_predicts_the_measured_output_error(seed: int) -> None:
+    """The expected-error model behind the alpha search matches simulated rounding within 10 % at every alpha,
+    so its minimiser is the measured one (up to the grid's neighbours)."""
+    from qcompiler.passes.quantize.qdq import balanced_scales, migration_error
+
+    rng = np.random.default_rng(seed)
+    x, w = _outlier_layer(rng)
+    ranges, w_absmax, second = np.abs(x).max(axis=0), np.abs(w).max(axis=1), (x**2).mean(axis=0)
+    grid = [0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    predicted, measured = [], []
+    for alpha in grid:
+        t = balanced_scales(ranges, w_absmax, alpha).astype(np.float64)
+        predicted.append(migration_error(t, [w], second))
+        measured.append(_measured_error(x, w, t))
+    np.testing.assert_allclose(predicted, measured, rtol=0.1)  # measured within 7 %
+    assert abs(int(np.argmin(predicted)) - int(np.argmin(measured))) <= 1
+
+
+def test_searched_alpha_is_the_model_minimiser_and_sets_the_scales() -> None:
+    """A norm output with outlier channels read by two linears: the QDQ pass picks, per tensor, the grid alpha
+    minimising :func:`migration_error` over both readers (E[x^2] from the calibration Hessian), and quantizes the
+    tensor with exactly that alpha's scales."""
+    from qcompiler.calibrate import observe
+    from qcompiler.passes.quantize.qdq import balanced_scales, migration_error
+
+    rng = np.random.default_rng(4)
+    x, w = _outlier_layer(rng, tokens=1024)
+    w2 = rng.standard_normal((64, 32))
+    nodes = [
+        helper.make_node("Relu", ["x"], ["r"]),
+        helper.make_node("Gelu", ["r"], ["n"]),
+        helper.make_node("MatMul", ["n", "w1"], ["a"]),
+        helper.make_node("MatMul", ["n", "w2"], ["b"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "gelu_readers", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 64])],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 48]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [None, 32])],
+        [numpy_helper.from_array(w.astype(np.float32), "w1"), numpy_helper.from_array(w2.astype(np.float32), "w2")],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    feeds = {"x": np.abs(x).astype(np.float32)}
+    ranges = observe(model, [feeds], progress=False, hessians=True)
+    grid = [0.3, 0.5, 0.7, 0.9]
+    config = QuantizeConfig(migration_alpha=1.0, migration_alpha_grid=grid)
+    readers = [w.astype(np.float32).astype(np.float64), w2.astype(np.float32).astype(np.float64)]
+    stats = ranges.channel_absmax["n"]
+    w_absmax = np.maximum(np.abs(readers[0]).max(axis=1), np.abs(readers[1]).max(axis=1))
+    second = np.diag(ranges.hessians["n"]) / 2
+    expected = {a: migration_error(balanced_scales(stats, w_absmax, a), readers, second) for a in [*grid, 1.0]}
+    quantizer = QuantizeQDQPass(ranges.thresholds, config, ranges.channel_absmax, ranges.hessians)
+    quantizer(model)
+    best = min(expected, key=lambda a: expected[a])
+    assert quantizer.searched_alpha == {"n": best} and 0.3 < best < 1.0, (quantizer.searched_alpha, expected)
+    (quant,) = [q for q in model.graph if q.op_type == "QuantizeLinear" and q.inputs[0].name == "n"]
+    np.testing.assert_allclose(quant.inputs[1].const_value.numpy(), balanced_scales(stats, w_absmax, best), rtol=1e-6)
+    with pytest.raises(ValueError, match="migration_alpha_grid: values must lie in"):
+        QuantizeConfig(migration_alpha_grid=[0.0])
