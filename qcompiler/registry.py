@@ -16,6 +16,7 @@ from qcompiler.passes.lower import LowerQDQToIntegerPass
 from qcompiler.passes.transform import (
     EqualizeCrossLayerPass,
     FoldNormGainsPass,
+    LayerNormToRMSNormPass,
     OnlineHadamardPass,
     RotateHeadsPass,
     RotateResidualPass,
@@ -51,6 +52,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,
     "fold-norm-gains": FoldNormGainsPass,
+    "layernorm-to-rmsnorm": LayerNormToRMSNormPass,
     "equalize-cross-layer": EqualizeCrossLayerPass,
     "rotate-residual": RotateResidualPass,
     "rotate-heads": RotateHeadsPass,

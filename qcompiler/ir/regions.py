@@ -223,6 +223,8 @@ class ResidualStream:
     norms: list[NormRegion]
     readers: list[Linear]  # linears reading the stream directly
     blockers: list[str]
+    #: what blocks the stream whatever its norms are (writers, readers, graph inputs and outputs)
+    structure_blockers: list[str] = dataclasses.field(default_factory=list)
 
     @property
     def all_readers(self) -> list[Linear]:
@@ -306,17 +308,20 @@ def _describe_stream(graph: ir.Graph, values: list[ir.Value], add_set: set[int],
                 blockers += others
             else:
                 blockers.append(f"{node_label(node)} ({node.op_type}) reads the residual stream")
+    structure = list(blockers)
     for region in norms:
         norm = region.norm
         if norm.op_type == "LayerNormalization":
             blockers.append(
                 f"{node_label(norm)} (LayerNormalization) subtracts the mean, which does not commute with a "
-                "rotation (only a zero-mean residual stream could make it an RMSNorm)"
+                "rotation: run layernorm-to-rmsnorm first (a zero-mean residual stream makes it an RMSNorm)"
             )
         elif not region.weightless:
             blockers.append(f"{node_label(norm)} has a gain: run fold-norm-gains first")
         blockers += region.blockers
-    return ResidualStream(hidden, values, list(stream_adds.values()), writers, embeddings, norms, readers, blockers)
+    return ResidualStream(
+        hidden, values, list(stream_adds.values()), writers, embeddings, norms, readers, blockers, structure
+    )
 
 
 # -- attention heads --------------------------------------------------------------------------------------

@@ -151,6 +151,32 @@ def test_rotate_heads_is_exact(generated: GeneratedModel) -> None:
     assert modified
 
 
+@PROPERTY
+@given(transformer_models())
+def test_layernorm_to_rmsnorm_is_exact_and_opens_the_stream_to_rotation(generated: GeneratedModel) -> None:
+    """Pre-norm LayerNorm blocks: the centred writers make every LayerNorm an RMSNorm (float64 exact), after which
+    the residual rotation applies; RMSNorm and post-norm blocks are left alone, with the reason kept."""
+    from qcompiler.passes.transform import LayerNormToRMSNormPass
+
+    folded = _folded(generated)
+    applies = "layer" in _parts(generated) and "pre-norm" in generated.description
+    after, modified = assert_float_exact_pass(LayerNormToRMSNormPass, folded, generated.inputs(2))
+    assert modified == applies, generated.description
+    ops = [n.op_type for n in after.graph]
+    if applies:
+        assert "LayerNormalization" not in ops and after.opset_imports[""] >= 23
+        layers = int(generated.description.rsplit("layers=", 1)[1])
+        assert ops.count("RMSNormalization") == 2 * layers + 1
+        if "bias" in _parts(generated):  # gains and shifts folded first: the stream is now rotatable
+            assert_float_exact_pass(RotateResidualPass, after, generated.inputs(1))
+            (stream,) = report(after).streams
+            assert not stream.blockers, stream.blockers
+    elif "layer" in _parts(generated):  # post-norm: linears read the stream directly
+        probe = LayerNormToRMSNormPass()
+        probe(ir.serde.deserialize_model(ir.serde.serialize_model(folded)))
+        assert any("reads the stream directly" in b for bs in probe.skipped.values() for b in bs), probe.skipped
+
+
 @settings(max_examples=40, deadline=None)
 @given(transformer_models())
 def test_all_rotations_together_are_exact_with_random_orthogonal(generated: GeneratedModel) -> None:
