@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from qcompiler.dialect.hadamard import hadamard_structure
 from qcompiler.ir.graph import add_initializer, node_label
-from qcompiler.ir.regions import hadamard_sites, head_pairs, residual_streams
+from qcompiler.ir.regions import hadamard_sites, head_pairs, residual_streams, score_sites
 from qcompiler.passes.transform.hadamard import NoHadamardError, online_hadamard
 from qcompiler.passes.transform.hadamard import rotation as make_rotation
 from qcompiler.passes.transform.weights import blockwise, rotate_input, rotate_output, set_input_constant
@@ -98,7 +98,8 @@ class RotateHeadsPass(_RotationPass):
 class OnlineHadamardPass(ir.passes.InPlacePass):
     """Online Hadamard rotations (QuaRot): ``x -> x H`` at run time, ``W -> H^T W`` offline, where no offline
     rotation reaches: the input of every down projection (after the nonlinearity or the gated product) and,
-    with ``"attention"``, the merged heads before every output projection.
+    with ``"attention"``, the merged heads before every output projection; with ``"qk"``, Q and K after RoPE
+    (SpinQuant's R3: ``Q H`` and ``K H`` before the score product, which stays ``Q K^T``).
 
     ``H = S_{2^m} (x) H_K / sqrt(n)`` is inserted as a float ``MatMul`` by that constant: exact in float and
     runnable by any ONNX runtime (calibration included); the quantizer recognises the structure, quantizes the
@@ -106,16 +107,16 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
     Sites whose width has no such matrix are skipped, with the reason kept in ``skipped``.
 
     Args:
-        targets: which sites: ``"mlp"`` and/or ``"attention"``.
+        targets: which sites: ``"mlp"``, ``"attention"`` and/or ``"qk"``.
     """
 
     marker = "qcompiler.online_hadamard"
 
     def __init__(self, targets: tuple[str, ...] | list[str] = ("mlp",)) -> None:
         super().__init__()
-        unknown = sorted(set(targets) - {"mlp", "attention"})
+        unknown = sorted(set(targets) - {"mlp", "attention", "qk"})
         if unknown or not targets:
-            raise ValueError(f"targets: expected 'mlp' and/or 'attention', got {list(targets)}")
+            raise ValueError(f"targets: expected 'mlp', 'attention' and/or 'qk', got {list(targets)}")
         self.targets = tuple(targets)
         self.skipped: dict[str, list[str]] = {}
 
@@ -166,6 +167,40 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
                 graph.insert_after(producer, matmul)
             for linear in site.readers:
                 rotate_input(graph, linear, h)
-        if plan:
+        rotated = self._rotate_scores(graph, shared) if "qk" in self.targets else 0
+        if plan or rotated:
             model.metadata_props[self.marker] = ",".join(self.targets)
-        return ir.passes.PassResult(model, modified=bool(plan))
+        return ir.passes.PassResult(model, modified=bool(plan) or rotated > 0)
+
+    def _rotate_scores(self, graph: ir.Graph, shared: dict[tuple[int, str], ir.Value]) -> int:
+        """``Q -> Q H`` before every score product and ``K -> K H`` before its transpose (R3): the scores
+        ``Q H H^T K^T`` are unchanged. Returns how many products were rotated."""
+        rotated = 0
+        for site in score_sites(graph):
+            where = f"qk of {node_label(site.product)}"
+            blockers = list(site.blockers)
+            matrix = None
+            if not blockers and site.head_dim is not None:
+                try:
+                    matrix = online_hadamard(site.head_dim) / np.sqrt(site.head_dim)
+                except NoHadamardError as error:
+                    blockers.append(str(error))
+            if blockers or matrix is None or site.transpose is None:
+                self.skipped[where] = blockers
+                logger.info("online-hadamard: %s skipped: %s", where, "; ".join(blockers))
+                continue
+            for node, index in ((site.product, 0), (site.transpose, 0)):
+                value = node.inputs[index]
+                assert value is not None
+                dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+                key = (matrix.shape[0], np.dtype(dtype).name)
+                if key not in shared:
+                    shared[key] = add_initializer(graph, f"online_hadamard_{matrix.shape[0]}", matrix.astype(dtype))
+                matmul = ir.node("MatMul", [value, shared[key]])
+                matmul.outputs[0].name = f"{value.name or 'x'}_rotated"
+                matmul.outputs[0].dtype, matmul.outputs[0].shape = value.dtype, value.shape
+                matmul.metadata_props[self.marker] = "qk"
+                graph.insert_before(node, matmul)
+                node.replace_input_with(index, matmul.outputs[0])
+            rotated += 1
+        return rotated

@@ -469,6 +469,91 @@ def hadamard_sites(graph: ir.Graph) -> list[HadamardSite]:
     return sites
 
 
+@dataclasses.dataclass
+class ScoreSite:
+    """An attention score product ``Q K^T`` (both operands computed): where the Q/K rotation after RoPE goes
+    (SpinQuant's R3). ``x -> x H`` on ``query`` (the product's first operand) and on ``key`` (the input of the
+    Transpose that makes ``K^T``, last axis head_dim) leaves every score unchanged for orthogonal H."""
+
+    product: ir.Node
+    query: ir.Value
+    transpose: ir.Node | None
+    head_dim: int | None
+    blockers: list[str]
+
+    @property
+    def key(self) -> ir.Value | None:
+        return self.transpose.inputs[0] if self.transpose is not None else None
+
+
+#: ops between K and the score product that keep its head_dim axis intact (GQA expansion, head reshapes, scale)
+_KEY_PATH = frozenset({"Reshape", "Unsqueeze", "Squeeze", "Expand", "Identity", "Mul", "Div"})
+
+
+def _score_product(softmax: ir.Node) -> ir.Node | None:
+    """The ``MatMul`` of two computed operands feeding ``softmax`` through a mask Add and scalar rescales."""
+    value = softmax.inputs[0]
+    for _ in range(4):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return None
+        if node.op_type == "MatMul":
+            return node if all(v is not None and const_array(v) is None for v in node.inputs) else None
+        if node.op_type not in ("Add", "Mul", "Div") or len(node.inputs) != 2:
+            return None
+        computed = [v for v in node.inputs if v is not None and const_array(v) is None]
+        products = [v for v in computed if v.producer() is not None and v.producer().op_type == "MatMul"]
+        value = products[0] if products else (computed[0] if len(computed) == 1 else None)
+    return None
+
+
+def _swaps_last_two(node: ir.Node) -> bool:
+    perm = node.attributes.get_ints("perm", None)
+    if perm is None or len(perm) < 2:
+        return False
+    n = len(perm)
+    return list(perm[:-2]) == list(range(n - 2)) and perm[-2] == n - 1 and perm[-1] == n - 2
+
+
+def score_sites(graph: ir.Graph) -> list[ScoreSite]:
+    """Every ``Q K^T`` product read by a Softmax, with the Transpose of K found through reshapes, GQA expansion
+    and scalar rescales, or the reason it was not."""
+    sites = []
+    for softmax in graph:
+        if softmax.op_type != "Softmax":
+            continue
+        product = _score_product(softmax)
+        if product is None:
+            continue
+        query = product.inputs[0]
+        assert query is not None
+        q_shape = static_shape(query)
+        head_dim = q_shape[-1] if q_shape else None
+        blockers: list[str] = []
+        if head_dim is None:
+            blockers.append(f"{node_label(product)}: the query's head_dim is not static")
+        transpose = None
+        value = product.inputs[1]
+        for _ in range(8):
+            node = value.producer() if value is not None else None
+            if node is None:
+                break
+            if node.op_type == "Transpose":
+                transpose = node if _swaps_last_two(node) else None
+                break
+            if node.op_type not in _KEY_PATH:
+                break
+            if node.op_type in ("Mul", "Div") and not ((c := const_array(node.inputs[1])) is not None and c.size == 1):
+                break
+            value = node.inputs[0]
+        if transpose is None:
+            blockers.append(f"{node_label(product)}: no Transpose of the last two axes of K found before it")
+        elif (k_shape := static_shape(transpose.inputs[0])) is None or k_shape[-1] != head_dim:
+            blockers.append(f"{node_label(transpose)}: K's last axis is not the query's head_dim")
+        sites.append(ScoreSite(product, query, transpose, head_dim, blockers))
+    return sites
+
+
 # -- the report -------------------------------------------------------------------------------------------
 
 

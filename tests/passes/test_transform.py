@@ -215,8 +215,24 @@ def test_online_hadamard_is_exact(generated: GeneratedModel) -> None:
     assert len(inserted) == expected, generated.description
 
 
+@PROPERTY
+@given(transformer_models())
+def test_qk_rotation_after_rope_is_exact(generated: GeneratedModel) -> None:
+    """R3: ``Q H`` and ``K H`` before every score product (RoPE, GQA and masks included), scores unchanged."""
+    from qcompiler.ir.regions import score_sites
+
+    layers = int(generated.description.rsplit("layers=", 1)[1])
+    sites = score_sites(ir.serde.deserialize_model(generated.model).graph)
+    assert len(sites) == layers and not any(site.blockers for site in sites), [s.blockers for s in sites]
+    expected = 2 * sum(_has_online(site.head_dim) for site in sites)
+    after, modified = assert_float_exact_pass(lambda: OnlineHadamardPass(("qk",)), generated.model, generated.inputs(2))
+    assert modified == (expected > 0)
+    inserted = [n for n in after.graph if n.metadata_props.get("qcompiler.online_hadamard") == "qk"]
+    assert len(inserted) == expected, generated.description
+
+
 def test_online_hadamard_rejects_unknown_targets() -> None:
-    with pytest.raises(ValueError, match="targets: expected 'mlp' and/or 'attention'"):
+    with pytest.raises(ValueError, match="targets: expected 'mlp', 'attention' and/or 'qk'"):
         OnlineHadamardPass(("down",))
 
 
