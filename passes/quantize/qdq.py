@@ -36,6 +36,8 @@ INT32_MAX = (1 << 31) - 1
 #: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
 NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid"})
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
+#: int16 scores need ``ln2 / S <= 2^14`` (IntSoftmax's exp polynomial): their scale is at least this
+WIDE_SCORES_MIN_SCALE = np.float32(np.log(2.0) / 16000.0)
 #: ops after which a ReLU/Clip fuses into the integer epilogue
 FUSING_ANCHORS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
 #: Mul: by a positive constant scalar (attention's 1/sqrt(d): a pure rescale), SiLU's x * Sigmoid(x), a product
@@ -79,6 +81,10 @@ class QuantizeConfig:
     #: softmax probabilities: 8 (int8 at 2^-7) or 16 (int16 at 2^-15: long rows, where most probabilities are
     #: below 2^-8; the P V product then runs in int32)
     softmax_bits: int = 8
+    #: attention scores entering a softmax: 8 (int8) or 16 (int16 from the score product's int32 accumulator:
+    #: the integer softmax reads them at up to 2^8 times finer steps, never finer than
+    #: :data:`WIDE_SCORES_MIN_SCALE`)
+    softmax_input_bits: int = 8
     #: ``rtn`` (round to nearest) or ``gptq`` (error compensation through the calibration inputs' Hessian)
     weight_quantizer: str = "rtn"
     #: GPTQ's damping, a fraction of the Hessian's mean diagonal
@@ -103,6 +109,8 @@ class QuantizeConfig:
             raise ValueError(f"migration_alpha_grid: values must lie in (0, 1], got {list(self.migration_alpha_grid)}")
         if self.softmax_bits not in (8, 16):
             raise ValueError(f"softmax_bits: must be 8 or 16, got {self.softmax_bits}")
+        if self.softmax_input_bits not in (8, 16):
+            raise ValueError(f"softmax_input_bits: must be 8 or 16, got {self.softmax_input_bits}")
         if self.residual_bits not in (8, 16):
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits not in (4, 8):
@@ -257,6 +265,14 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             wide=stats is not None and self.config.residual_bits == 16,
             per_channel=stats is not None and self.config.per_channel_norm_outputs,
         )
+        self._wide_scores: set[int] = set()
+        if self.config.softmax_input_bits == 16 and stats is not None:
+            self._wide_scores = {
+                id(g.scores)
+                for g in groups.values()
+                if g.scores.producer() is not None and g.scores.producer().op_type in ("MatMul", "Mul", "Div")
+            }
+            plan = dataclasses.replace(plan, wide=frozenset(plan.wide | self._wide_scores))
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT:
                 scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
@@ -292,7 +308,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 ):
                     continue  # the activation's output carries the scale
                 if id(out) in plan.wide:
-                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._wide_scale(out), bits=16)
+                    scale = self._wide_scale(out)
+                    if id(out) in self._wide_scores:
+                        scale = max(scale, WIDE_SCORES_MIN_SCALE)
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale, bits=16)
                 elif id(out) in plan.per_channel:
                     scales = self._channel_scales(out, plan.weight_absmax.get(id(out)))
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)

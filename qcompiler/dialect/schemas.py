@@ -130,7 +130,7 @@ def _schemas() -> list[OpSchema]:
         OPSET_VERSION,
         "Softmax over the last axis with I-BERT's integer exp; int8 probabilities at scale 2^-7.",
         inputs=[
-            _param("x", "T", "integer scores (int8 or int32) at scale S"),
+            _param("x", "T", "integer scores (int8, int16 or int32) at scale S"),
             OpSchema.FormalParameter(
                 "mask",
                 "tensor(bool)",
@@ -139,7 +139,7 @@ def _schemas() -> list[OpSchema]:
             ),
         ],
         outputs=[_param("y", "Y", "probabilities * 2^out_bits, in [0, 2^out_bits - 1]; 0 where masked")],
-        type_constraints=[("T", [_I8, _I32], "integer input types"), _OUT],
+        type_constraints=[("T", [_I8, _I16, _I32], "integer input types"), _OUT],
         attributes=[
             _attr("ln2_q", 1, "floor(ln2 / S'), S' = S / 2^input_shift"),
             _attr("b_q", 0, "floor(1.353 / S')"),

@@ -165,3 +165,26 @@ def test_w4a8_recipe_lowers_to_int4_kernels_within_one_step_of_its_simulation(ti
         assert np.mean(gap <= step) >= 0.999  # measured 1.0 and 0.99976
         assert gap.max() <= 1.25 * step  # measured 0.89 and 1.04
         assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # measured 1.0
+
+
+def test_int16_scores_reach_the_integer_softmax(tiny_llama) -> None:
+    """softmax_input_bits = 16: the score products requantize to int16 and IntSoftmax reads them; bit-exact."""
+    import dataclasses
+
+    from qcompiler.config import load_recipe
+
+    exported, calibration, probe, reference = tiny_llama
+    base = load_recipe("w8a8-llm")
+    recipe = dataclasses.replace(base, quantize=dataclasses.replace(base.quantize, softmax_input_bits=16))
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    softmaxes = [n for n in integer.graph if n.op_type == "IntSoftmax"]
+    assert len(softmaxes) == 2 and all(n.inputs[0].dtype == ir.DataType.INT16 for n in softmaxes)
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
+    for feeds, want in zip(probe, reference, strict=True):
+        simulated, ours = run_reference(qdq_proto, feeds)[0], run_reference(proto, feeds)[0]
+        scale = float(np.abs(want).max())
+        assert np.abs(ours - simulated).max() <= 0.02 * scale
+        assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9

@@ -420,3 +420,35 @@ def test_softmax_16_bit_tvm_bit_exact(scale: float, length: int, seed: int) -> N
         "IntSoftmax", [], shape, {}, output_dtype=TensorProto.INT16, out_bits=15, **softmax_constants(scale)
     )
     _assert_tvm_matches(model, shape, [{"x": rng.integers(-128, 128, shape).astype(np.int8)}])
+
+
+# --- int16 scores (softmax_input_bits = 16) ------------------------------------------------------------------
+@settings(max_examples=60)
+@given(st.floats(float(np.log(2.0) / 16000.0), 0.02), st.integers(1, 1024), st.integers(0, 2**31 - 1))
+def test_softmax_of_int16_scores_error_bound(scale: float, length: int, seed: int) -> None:
+    """Scores at int16 (steps down to ln2 / 16000, what the quantizer allows): the same bounds as int8 scores,
+    for 8- and 16-bit probabilities."""
+    from qcompiler.passes.quantize.qdq import WIDE_SCORES_MIN_SCALE
+
+    assert scale >= WIDE_SCORES_MIN_SCALE * (1 - 1e-6)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-32767, 32768, (3, length))
+    p = _float_softmax(x, scale)
+    y8 = int_softmax(x, **softmax_constants(scale))
+    assert np.all(np.abs(y8.astype(np.float64) / 128 - p) <= 2**-8 + 4e-3 * p + 1e-12), SOFTMAX_BOUND
+    y16 = int_softmax(x, **softmax_constants(scale), out_bits=15)
+    assert np.all(np.abs(y16.astype(np.float64) / 2**15 - p) <= 2**-15 + 6e-3 * p + 1e-12)
+
+
+@pytest.mark.tvm
+@settings(max_examples=6)
+@given(st.floats(float(np.log(2.0) / 16000.0), 0.02), st.integers(1, 600), st.integers(0, 2**31 - 1))
+def test_softmax_of_int16_scores_tvm_bit_exact(scale: float, length: int, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    shape = (2, length)
+    model = single_node_model(
+        "IntSoftmax", [], shape, {}, input_dtype=TensorProto.INT16, output_dtype=TensorProto.INT16, out_bits=15,
+        **softmax_constants(scale),
+    )  # fmt: skip
+    extremes = rng.choice(np.array([-32767, 32767], np.int16), shape)
+    _assert_tvm_matches(model, shape, [{"x": rng.integers(-32767, 32768, shape).astype(np.int16)}, {"x": extremes}])
