@@ -7,6 +7,8 @@ token 8192 on. Rows:
   off, so in float): static per-tensor int8 activations (int16 residual stream, 16-bit softmax), per-channel
   int8 RTN weights; without smoothing (every norm and SwiGLU output per tensor) and with smoothing (those
   outputs per channel, SmoothQuant's migration at alpha 0.75 folded into the next weights).
+- W4A8 integer path (recipe ``w4a8``, its QDQ graph in onnxruntime as above): rotate (below), GPTQ int4 weights
+  per group of 128 on the integer scale grid, static per-tensor int8 activations with the settings of w8a8-llm.
 - W4 rows, float simulation (passes/quantize/fake.py): 4-bit symmetric weights per group of 128 input rows
   (clipping search), dynamic per-token symmetric activations at every linear input (8 bits, or 4 bits clipped
   at 0.9 of the row maximum); "rotate" = fold-norm-gains + rotate-residual + rotate-heads + online Hadamards
@@ -61,7 +63,8 @@ SIMULATED = {
     "W4A4 rotate + GPTQ": (True, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
 }
 INTEGER = {"W8A8 RTN (integer path)": False, "W8A8 RTN + smoothing (integer path)": True}
-ROWS = ["float", *INTEGER, *SIMULATED]
+W4A8_INTEGER = "W4A8 rotate + GPTQ (integer path, w4a8)"
+ROWS = ["float", *INTEGER, W4A8_INTEGER, *SIMULATED]
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -102,6 +105,10 @@ def main() -> None:
         start = time.perf_counter()
         if name == "float":
             session = _session(canonical, qdq=False)
+        elif name == W4A8_INTEGER:
+            recipe = load_recipe("w4a8")
+            qdq, _, _, _ = quantize_to_integer(_copy(exported), calibration=calibration, recipe=recipe, progress=False)
+            session = _session(qdq, qdq=True)
         elif name in INTEGER:
             quantize = (
                 llm.quantize if INTEGER[name] else dataclasses.replace(llm.quantize, per_channel_norm_outputs=False)

@@ -2,8 +2,9 @@
 4096 test tokens in 512-token windows, the lowered graph free of float ops and the kernels free of float
 instructions (acceptance 4).
 
-Acceptance 2 asks for the perplexity within 5 % of float; today it is 11 % (docs/results.md): this test holds the
-measured level as a floor (12 %) so it cannot regress, and prints both numbers.
+Acceptance 2 asks for the perplexity within 5 % of float; today it is 8.3 % (docs/results.md): this test holds the
+measured level as a floor (10 %) so it cannot regress, and prints both numbers. The W4A8 recipe (issue 4,
+acceptance 4) compiles to integer-only code whose perplexity follows its QDQ simulation.
 """
 
 from __future__ import annotations
@@ -41,4 +42,38 @@ def test_smollm2_w8a8_integer_only_perplexity() -> None:
     ours = perplexity(lambda ids: compiled(ids), smol.tokens)
     print(f"\nSmolLM2-135M WikiText-2 perplexity: float {reference:.2f}, W8A8 integer-only {ours:.2f}")
     assert abs(reference - 27.6) < 0.2  # ASSETS.md
-    assert ours <= 1.12 * reference  # measured 1.114 (30.75 / 27.61); acceptance 2 wants 1.05
+    assert ours <= 1.10 * reference  # measured 1.083 (29.91 / 27.61); acceptance 2 wants 1.05
+
+
+def test_smollm2_w4a8_integer_only_follows_its_simulation() -> None:
+    """w4a8 (rotations, online Hadamards, GPTQ int4 in groups of 128, static int8 activations): integer-only with
+    every projection a QGemmInt4, and over the first 1024 test tokens its perplexity within 2 % of the QDQ
+    graph's (measured over 4096 tokens: 34.82 against 34.65)."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import onnxruntime as ort
+
+    from qcompiler.api import quantize_to_integer
+    from qcompiler.backends.tvm import build
+    from qcompiler.testing.llm import ModelUnavailableError, load_smollm2, perplexity
+
+    try:
+        smol = load_smollm2()
+    except ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    calibration = smol.calibration(CALIBRATION_WINDOWS)
+    exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
+    qdq, integer, _, shapes = quantize_to_integer(exported, calibration=calibration, recipe="w4a8", progress=False)
+    assert float_ops_inside(integer) == []
+    ops = [n.op_type for n in integer.graph]
+    assert ops.count("QGemmInt4") == 30 * 7 + 1 and "QGemm" not in ops  # every projection and the head
+    module = build(ir.serde.serialize_model(integer), shapes)
+    proto = ir.serde.serialize_model(qdq)
+    proto.ir_version = 10
+    options = ort.SessionOptions()
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    simulated = perplexity(lambda ids: session.run(None, {"ids": ids})[0], smol.tokens, count=1024)
+    ours = perplexity(lambda ids: module.run({"ids": ids})[0], smol.tokens, count=1024)
+    print(f"\nSmolLM2-135M W4A8 perplexity (1024 tokens): QDQ simulation {simulated:.2f}, integer-only {ours:.2f}")
+    assert np.isfinite(ours) and abs(ours / simulated - 1) <= 0.02

@@ -1,0 +1,126 @@
+"""Where W8A8 (recipe w8a8-llm) loses perplexity on SmolLM2-135M: its QDQ graph, edited, in onnxruntime.
+
+Variants of the same QDQ graph (first 2048 WikiText-2 test tokens by default, 512-token windows):
+
+- ``qdq``: as the quantizer wrote it;
+- ``activations float``: every activation Q/DQ pair removed (a per-channel tensor read at one scale by linears
+  keeps its folded ratio as a float Mul), weights, tables and embeddings still quantized;
+- ``per-tensor int8 -> int16``: every per-tensor int8 activation stored at 16 bits over the same range;
+- ``... except GEMM weight operands``: the same, but tensors that a constant-weight linear reads stay int8
+  (what an integer path with int8 x int8 GEMMs allows).
+
+    .venv/bin/python benchmarks/ablate_smollm2_w8a8.py [--windows 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+from onnx_ir.passes.common import RemoveUnusedNodesPass
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import qcompiler
+from qcompiler.api import _quantize_qdq
+from qcompiler.config import load_recipe
+from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
+from qcompiler.testing.llm import load_smollm2, perplexity
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.serde.deserialize_model(ir.serde.serialize_model(model))
+
+
+def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(array), shape=ir.Shape(array.shape),
+                     type=ir.TensorType(ir.tensor(array).dtype))  # fmt: skip
+    graph.register_initializer(value)
+    return value
+
+
+def strip_activations(model: ir.Model) -> ir.Model:
+    graph = model.graph
+    for quant in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        x = quant.inputs[0]
+        q_scale = quant.inputs[1].const_value.numpy().astype(np.float64)
+        for use in list(quant.outputs[0].uses()):
+            dq = use.node
+            d_scale = dq.inputs[1].const_value.numpy().astype(np.float64)
+            target = x
+            if d_scale.shape != q_scale.shape or not np.allclose(d_scale, q_scale):
+                ratio = np.asarray(d_scale / q_scale, np.float32)
+                mul = ir.node("Mul", [x, _constant(graph, f"{dq.outputs[0].name}_ratio", ratio)])
+                mul.outputs[0].dtype = ir.DataType.FLOAT
+                graph.insert_before(dq, mul)
+                target = mul.outputs[0]
+            dq.outputs[0].replace_all_uses_with(target, replace_graph_outputs=True)
+    RemoveUnusedNodesPass()(model)
+    return model
+
+
+def _weight_operand(quant: ir.Node) -> bool:
+    for use in quant.outputs[0].uses():
+        for reader, index in use.node.outputs[0].uses():
+            weight = reader.inputs[1] if reader.op_type in ("MatMul", "Gemm") and len(reader.inputs) > 1 else None
+            producer = weight.producer() if weight is not None else None
+            if (
+                index == 0
+                and producer is not None
+                and producer.op_type == "DequantizeLinear"
+                and producer.inputs[0].const_value is not None
+            ):
+                return True
+    return False
+
+
+def widen(model: ir.Model, keep_weight_operands: bool) -> ir.Model:
+    graph = model.graph
+    for quant in [n for n in graph if n.op_type == "QuantizeLinear"]:
+        scale, zero = quant.inputs[1].const_value.numpy(), quant.inputs[2].const_value.numpy()
+        if scale.size != 1 or zero.dtype != np.int8 or (keep_weight_operands and _weight_operand(quant)):
+            continue
+        wide = _constant(
+            graph, f"{quant.inputs[1].name}_wide", (scale.astype(np.float64) * 127 / 32767).astype(np.float32)
+        )
+        wide_zero = _constant(graph, f"{quant.inputs[2].name}_wide", np.array(0, np.int16))
+        for node in [quant, *(use.node for use in quant.outputs[0].uses())]:
+            node.replace_input_with(1, wide)
+            node.replace_input_with(2, wide_zero)
+        quant.outputs[0].dtype = ir.DataType.INT16
+    return model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=4)
+    args = parser.parse_args()
+    import torch
+
+    smol = load_smollm2()
+    calibration = smol.calibration(8)
+    exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
+    qdq, _, _ = _quantize_qdq(exported, None, calibration, load_recipe("w8a8-llm"), False, False)
+
+    def score(model: ir.Model) -> float:
+        proto = ir.serde.serialize_model(model)
+        proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return perplexity(lambda ids: session.run(None, {"ids": ids})[0], smol.tokens, count=args.windows * 512)
+
+    results = {"float": perplexity(smol.float_step, smol.tokens, count=args.windows * 512), "qdq": score(qdq)}
+    results["activations float"] = score(strip_activations(_copy(qdq)))
+    results["per-tensor int8 -> int16"] = score(widen(_copy(qdq), keep_weight_operands=False))
+    results["... except GEMM weight operands"] = score(widen(_copy(qdq), keep_weight_operands=True))
+    print(json.dumps({k: round(v, 2) for k, v in results.items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
