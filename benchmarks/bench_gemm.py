@@ -3,14 +3,15 @@
 Shapes M x N x K from issue 5. Every row is measured in this run, in this process, with the same threads:
 
 - qcompiler int8: one ``qcompiler.QGemm`` (int8 x int8 -> int32, bias, requantize to int8), built by the TVM
-  backend with its AVX2 kernel; timed with TVM's time evaluator; checked bit-exact against the reference.
+  backend for this CPU (AVX-512 VNNI vpdpbusd where the CPU has it, else the AVX2 psign kernel); timed with TVM's
+  time evaluator; checked bit-exact against the reference.
 - torch float32 ``x @ W^T`` and numpy float32 ``x @ W`` (same shapes).
 - onnxruntime ``MatMulInteger``: s8 x s8 and u8 x s8. On AVX2 without VNNI the u8 x s8 kernel saturates the
   int16 pair sums of vpmaddubsw (TVM_NOTES.md); with AVX-512 VNNI it is exact. The ``bit_exact`` column says which
   holds on this machine (probed with the saturating case: u8 255 against s8 127).
 
-GOPS = 2 M N K / median seconds. The int8 peak is that of the AVX2 instructions the kernel uses: two
-``vpmaddubsw`` per cycle per core, each 32 multiply-adds, so ``128 ops x clock x cores`` (clock from
+GOPS = 2 M N K / median seconds. The int8 peak is that of 256-bit int8 dot instructions: two per cycle per core
+(vpmaddubsw, or vpdpbusd with VNNI), each 32 multiply-adds, so ``128 ops x clock x cores`` (clock from
 /proc/cpuinfo; the kernel's psign form spends extra instructions per product, so 100 % is not reachable).
 
     .venv/bin/python benchmarks/bench_gemm.py [--quick]
@@ -33,7 +34,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, print_table, save
 
-from qcompiler.backends.tvm import build
+from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import run_reference
 from qcompiler.testing.kernel_models import single_node_model
@@ -138,7 +139,9 @@ def main() -> None:
         print(f"{m}x{n}x{k} done", flush=True)
     print_table(rows, ["shape", "impl", "ms", "GOPS", "qcompiler_speedup", "of_int8_peak", "bit_exact"])
     features = sorted(host_cpu_features() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni"})
-    path = save("gemm", rows, {"threads": THREADS, "clock_ghz": clock_ghz(), "cpu_features": features})
+    isa = int8_dot_isa(resolve_target("llvm")[0])
+    print(f"qcompiler int8 dot instruction: {isa}; CPU features: {features}")
+    path = save("gemm", rows, {"threads": THREADS, "clock_ghz": clock_ghz(), "cpu_features": features, "int8_isa": isa})
     print(f"saved {path}")
 
 

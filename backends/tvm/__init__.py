@@ -12,6 +12,6 @@ if "TVM_NUM_THREADS" not in os.environ:
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
 
-from qcompiler.backends.tvm.build import TVMModule, build, resolve_target
+from qcompiler.backends.tvm.build import TVMModule, build, int8_dot_isa, resolve_target
 
-__all__ = ["TVMModule", "build", "resolve_target"]
+__all__ = ["TVMModule", "build", "int8_dot_isa", "resolve_target"]

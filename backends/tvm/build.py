@@ -59,6 +59,29 @@ def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple
     return tvm_target, use_avx2
 
 
+#: CPUs with AVX-512 VNNI and VL (the 256-bit vpdpbusd the int8 GEMM uses)
+_VNNI_MCPUS = (
+    "cascadelake", "cooperlake", "icelake", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
+    "graniterapids", "znver4", "znver5",
+)  # fmt: skip
+
+
+def int8_dot_isa(target: tvm.target.Target) -> str:
+    """``"avx512vnni"`` when the target CPU has AVX-512 VNNI and VL (this machine's flags for ``"llvm"``, else its
+    ``mcpu``), ``"avx2"`` when it has AVX2, else ``"generic"``: which int8 dot intrinsic the GEMMs use. Code for
+    a VNNI ``mcpu`` compiles anywhere and runs only on such CPUs."""
+    mcpu = str(target.attrs.get("mcpu", ""))
+    host = tvm.target.codegen.llvm_get_system_cpu()
+    if mcpu in ("", host):
+        flags = host_cpu_features()
+        if {"avx512_vnni", "avx512vl"} <= flags and host.startswith(_VNNI_MCPUS):  # LLVM must know the CPU too
+            return "avx512vnni"
+        return "avx2" if "avx2" in flags else "generic"
+    if mcpu.startswith(_VNNI_MCPUS):
+        return "avx512vnni"
+    return "avx2" if _mcpu_has_avx2(mcpu) else "generic"
+
+
 def _mcpu_has_avx2(mcpu: str) -> bool:
     prefixes = (
         "haswell",
@@ -136,10 +159,11 @@ def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any =
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
         mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()})
-    mod = schedules.schedule_module(mod, use_avx2)
+    isa = int8_dot_isa(tvm_target)
+    mod = schedules.schedule_module(mod, use_avx2, vnni=isa == "avx512vnni")
     with tvm_target:
         executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]
-    logger.info("built %d functions for %s (avx2=%s)", len(mod.functions), tvm_target, use_avx2)
+    logger.info("built %d functions for %s (int8 dot: %s)", len(mod.functions), tvm_target, isa)
     return TVMModule(executable, names, dtypes)

@@ -88,7 +88,13 @@ def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
 
 
 def schedule_gemm(
-    sch: Schedule, kb: int, nr: int, use_avx2: bool, row_tile: int | None = None, int16_weights: bool = False
+    sch: Schedule,
+    kb: int,
+    nr: int,
+    use_avx2: bool,
+    row_tile: int | None = None,
+    int16_weights: bool = False,
+    vnni: bool = False,
 ) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
     names = _block_names(sch)
@@ -118,6 +124,8 @@ def schedule_gemm(
     if use_avx2:
         if int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
+        elif vnni and kb == 4:
+            intrin = intrinsics.VNNI_DOT_8X4_PSIGN
         else:
             intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
@@ -130,8 +138,8 @@ def schedule_gemm(
             _parallel_elementwise(sch, name, vector=False)
 
 
-def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
-    """Replace every tagged PrimFunc of ``mod`` by its scheduled version."""
+def schedule_module(mod: tvm.IRModule, use_avx2: bool, vnni: bool = False) -> tvm.IRModule:
+    """Replace every tagged PrimFunc of ``mod`` by its scheduled version (``vnni``: the int8 GEMMs use vpdpbusd)."""
     updates = {}
     for gvar, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
@@ -144,7 +152,13 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
             row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
             int16_weights = WEIGHT_DTYPE_ATTR in func.attrs and str(func.attrs[WEIGHT_DTYPE_ATTR]) == "int16"
             schedule_gemm(
-                sch, int(func.attrs[KB_ATTR]), int(func.attrs[NR_ATTR]), use_avx2, row_tile, int16_weights=int16_weights
+                sch,
+                int(func.attrs[KB_ATTR]),
+                int(func.attrs[NR_ATTR]),
+                use_avx2,
+                row_tile,
+                int16_weights=int16_weights,
+                vnni=vnni,
             )
         elif kind == "elementwise":
             for name in _block_names(sch):

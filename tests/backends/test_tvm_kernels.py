@@ -197,8 +197,9 @@ def test_compiled_integer_kernels_contain_no_float_instruction() -> None:
     assert any("qconv" in name for name in functions), "kernel functions not found in the LLVM IR"
     offenders = float_functions(module.llvm_ir())
     assert not offenders, f"float instructions in integer kernels: {offenders}"
-    if "avx2" in host_cpu_features():
-        assert "llvm.x86.avx2.pmadd" in module.llvm_ir(), "the AVX2 int8 dot intrinsic was not used"
+    if "avx2" in host_cpu_features():  # one of the int8 dot intrinsics (AVX2 vpmaddubsw, or VNNI vpdpbusd)
+        ir_text = module.llvm_ir()
+        assert "llvm.x86.avx2.pmadd" in ir_text or "vpdpbusd" in ir_text, "no int8 dot intrinsic was used"
 
 
 @pytest.mark.parametrize("shifts", [(31, 31), (31, 32), (32, 33), (31, 62), (30, 40), (5, 9)])
@@ -369,3 +370,49 @@ def test_qgemm_int4_reference_rejects_mismatched_shapes() -> None:
     model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 70  # K = 70: 35 bytes per row expected
     with pytest.raises(ValueError, match="packed weights hold 64 codes per row, the input has K = 70"):
         run_reference(model, {"x": np.zeros((2, 70), np.int8)})
+
+
+# --- int8 dot instruction per target (AVX2 psign, AVX-512 VNNI) ---------------------------------------------------
+
+_VNNI_TARGET = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2}
+_AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
+
+
+def test_int8_dot_isa_follows_the_target() -> None:
+    import tvm
+
+    from qcompiler.backends.tvm import int8_dot_isa
+
+    assert int8_dot_isa(tvm.target.Target(_VNNI_TARGET)) == "avx512vnni"
+    assert int8_dot_isa(tvm.target.Target(_AVX2_TARGET)) == "avx2"
+    assert int8_dot_isa(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) == "generic"
+
+
+def _qgemm_case(m: int, n: int, k: int):
+    rng = np.random.default_rng(m * 7 + n + k)
+    mult, shift = _epilogue_params(rng, n, per_channel=True)
+    inits = {"w": rng.integers(-127, 128, (n, k)).astype(np.int8), "b": rng.integers(-5000, 5000, n).astype(np.int32),
+             "m": mult, "s": shift}  # fmt: skip
+    model = _single("QGemm", ["w", "b", "m", "s"], (m, k), inits)
+    feeds = [{"x": rng.integers(-128, 128, (m, k)).astype(np.int8)}, {"x": np.full((m, k), -128, np.int8)}]
+    return model, feeds
+
+
+def test_vnni_gemm_compiles_for_a_vnni_cpu_on_any_host() -> None:
+    """The VNNI kernel is emitted for a VNNI mcpu (vpdpbusd in the LLVM IR, no float instruction)."""
+    model, _ = _qgemm_case(4, 40, 64)
+    module = build(model, {"x": [4, 64]}, target=_VNNI_TARGET)
+    assert "llvm.x86.avx512.vpdpbusd.256" in module.llvm_ir()
+    assert not float_functions(module.llvm_ir())
+
+
+@pytest.mark.parametrize("target", [_AVX2_TARGET, _VNNI_TARGET], ids=["avx2", "avx512vnni"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 9, 5), (5, 40, 130), (16, 64, 256)])
+def test_qgemm_bit_exact_on_each_int8_isa(target: dict, m: int, n: int, k: int) -> None:
+    """Where the host can run the target's code: bit-exact with the reference, weights down to -127 and
+    activations at -128 (the psign extremes) included."""
+    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
+    if not needed <= host_cpu_features():
+        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+    model, feeds = _qgemm_case(m, n, k)
+    assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=target), model, feeds)
