@@ -114,14 +114,18 @@ def qgemm_compute(
 ) -> te.Tensor:
     """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]."""
     m = a.shape[0]
-    if plan.k_padded != plan.k:
-        src = a
-        a = te.compute(
-            (m, plan.k_padded),
-            lambda i, k: tirx.if_then_else(k < plan.k, src[i, k], tirx.const(0, "int8")),
-            name="A_pad",
-        )
-    return _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi)
+    return _gemm_requant(_pad_reduction(a, plan), packed, bias, multiplier, shift, m, plan, zero_point, lo, hi)
+
+
+def _pad_reduction(a: te.Tensor, plan: GemmPlan) -> te.Tensor:
+    """``a[M, K]`` zero-padded to ``K_padded`` columns (a multiple of the intrinsic's reduction block)."""
+    if plan.k_padded == plan.k:
+        return a
+    return te.compute(
+        (a.shape[0], plan.k_padded),
+        lambda i, k: tirx.if_then_else(k < plan.k, a[i, k], tirx.const(0, "int8")),
+        name="A_pad",
+    )
 
 
 #: the expanded int4 weight (code times group scale) fits int16 when every group scale is at most this
@@ -153,13 +157,7 @@ def qgemm_int4_compute(
     expanded times their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the
     GEMM runs on int16 weight pairs. The expansion runs once per call: ``N K`` element operations."""
     m = a.shape[0]
-    if plan.k_padded != plan.k:
-        src = a
-        a = te.compute(
-            (m, plan.k_padded),
-            lambda i, k: tirx.if_then_else(k < plan.k, src[i, k], tirx.const(0, "int8")),
-            name="A_pad",
-        )
+    a = _pad_reduction(a, plan)
 
     def expand(jo, ko, ji, ki):
         n = jo * LANES + ji
