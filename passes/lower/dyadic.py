@@ -107,6 +107,20 @@ def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]
     return begin + end
 
 
+def _integer_bias(node: ir.Node, expected_scale: np.ndarray, channels: int, scale_name: str) -> np.ndarray:
+    """The linear's int32 bias per output channel (zeros without one), checked to be stored at the accumulator
+    scale ``expected_scale`` (named ``scale_name`` in the error)."""
+    if len(node.inputs) <= 2 or node.inputs[2] is None:
+        return np.zeros(channels, dtype=np.int32)
+    b = dequantized(node.inputs[2], "bias", node)
+    bias_q = const_array(b.value)
+    if bias_q is None or bias_q.dtype != np.int32:
+        raise UnsupportedOpError(node_label(node), node.op_type, "its bias is not a constant int32 tensor")
+    if not np.allclose(b.scale.reshape(-1), expected_scale, rtol=1e-6):
+        raise UnsupportedOpError(node_label(node), node.op_type, f"its bias scale is not {scale_name}")
+    return np.broadcast_to(bias_q.reshape(-1), (channels,)).astype(np.int32)
+
+
 class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     """Rewrite a static symmetric QDQ graph to integer-only ops between the input Q and the output DQ."""
 
@@ -285,16 +299,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         else:
             channels, axis = weight.shape[1], -1
         w_scale = np.broadcast_to(w.scale.reshape(-1), (channels,))
-        bias = np.zeros(channels, dtype=np.int32)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = dequantized(node.inputs[2], "bias", node)
-            bias_q = const_array(b.value)
-            if bias_q is None or bias_q.dtype != np.int32:
-                raise UnsupportedOpError(node_label(node), node.op_type, "its bias is not a constant int32 tensor")
-            expected = x.scale.reshape(()) * w_scale
-            if not np.allclose(b.scale.reshape(-1), expected, rtol=1e-6):
-                raise UnsupportedOpError(node_label(node), node.op_type, "its bias scale is not S_x * S_w")
-            bias = np.broadcast_to(bias_q.reshape(-1), (channels,)).astype(np.int32)
+        bias = _integer_bias(node, x.scale.reshape(()) * w_scale, channels, "S_x * S_w")
         base = quant.outputs[0].name or "y"
         w_value = add_initializer(graph, f"{base}_weight", weight)
         if node.op_type == "Conv":
@@ -351,15 +356,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 "qcompiler's QDQ pass (it snaps them to that grid)",
             )  # fmt: skip
         unit = top / 2.0**bits
-        bias = np.zeros(n, dtype=np.int64)
-        if len(node.inputs) > 2 and node.inputs[2] is not None:
-            b = dequantized(node.inputs[2], "bias", node)
-            bias_q = const_array(b.value)
-            if bias_q is None or bias_q.dtype != np.int32:
-                raise UnsupportedOpError(label, node.op_type, "its bias is not a constant int32 tensor")
-            if not np.allclose(b.scale.reshape(-1), float(np.asarray(x.scale).reshape(())) * unit, rtol=1e-6):
-                raise UnsupportedOpError(label, node.op_type, "its bias scale is not S_x * s_max / 2^B")
-            bias = np.broadcast_to(bias_q.reshape(-1), (n,)).astype(np.int64)
+        bias = _integer_bias(node, float(np.asarray(x.scale).reshape(())) * unit, n, "S_x * s_max / 2^B")
+        bias = bias.astype(np.int64)
         sizes = np.minimum(group, k - np.arange(steps.shape[1]) * group)
         worst = (steps * sizes * 128 * np.abs(codes_nk).max(axis=1, keepdims=True)).sum(axis=1) + np.abs(bias)
         if worst.max() > np.iinfo(np.int32).max:

@@ -147,17 +147,8 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
             plan.append((site, matrix / np.sqrt(size)))
         shared: dict[tuple[int, str], ir.Value] = {}  # one constant per order and dtype, read by every site
         for site, h in plan:
-            dtype = site.value.dtype.numpy() if site.value.dtype is not None else np.float32
-            base = site.value.name or "x"
             uses = list(site.value.uses())
-            key = (h.shape[0], np.dtype(dtype).name)
-            if key not in shared:
-                shared[key] = add_initializer(graph, f"online_hadamard_{h.shape[0]}", h.astype(dtype))
-            matmul = ir.node("MatMul", [site.value, shared[key]])
-            matmul.outputs[0].name = f"{base}_rotated"
-            matmul.outputs[0].dtype = site.value.dtype
-            matmul.outputs[0].shape = site.value.shape
-            matmul.metadata_props[self.marker] = site.kind
+            matmul = self._hadamard_node(graph, site.value, h, shared, site.kind)
             for reader, index in uses:
                 reader.replace_input_with(index, matmul.outputs[0])
             producer = site.value.producer()
@@ -171,6 +162,20 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
         if plan or rotated:
             model.metadata_props[self.marker] = ",".join(self.targets)
         return ir.passes.PassResult(model, modified=bool(plan) or rotated > 0)
+
+    def _hadamard_node(
+        self, graph: ir.Graph, value: ir.Value, h: np.ndarray, shared: dict[tuple[int, str], ir.Value], kind: str
+    ) -> ir.Node:
+        """``MatMul(value, H)`` (not yet placed in the graph), ``H`` one initializer per order and dtype."""
+        dtype = value.dtype.numpy() if value.dtype is not None else np.float32
+        key = (h.shape[0], np.dtype(dtype).name)
+        if key not in shared:
+            shared[key] = add_initializer(graph, f"online_hadamard_{h.shape[0]}", h.astype(dtype))
+        matmul = ir.node("MatMul", [value, shared[key]])
+        matmul.outputs[0].name = f"{value.name or 'x'}_rotated"
+        matmul.outputs[0].dtype, matmul.outputs[0].shape = value.dtype, value.shape
+        matmul.metadata_props[self.marker] = kind
+        return matmul
 
     def _rotate_scores(self, graph: ir.Graph, shared: dict[tuple[int, str], ir.Value]) -> int:
         """``Q -> Q H`` before every score product and ``K -> K H`` before its transpose (R3): the scores
@@ -192,14 +197,7 @@ class OnlineHadamardPass(ir.passes.InPlacePass):
             for node, index in ((site.product, 0), (site.transpose, 0)):
                 value = node.inputs[index]
                 assert value is not None
-                dtype = value.dtype.numpy() if value.dtype is not None else np.float32
-                key = (matrix.shape[0], np.dtype(dtype).name)
-                if key not in shared:
-                    shared[key] = add_initializer(graph, f"online_hadamard_{matrix.shape[0]}", matrix.astype(dtype))
-                matmul = ir.node("MatMul", [value, shared[key]])
-                matmul.outputs[0].name = f"{value.name or 'x'}_rotated"
-                matmul.outputs[0].dtype, matmul.outputs[0].shape = value.dtype, value.shape
-                matmul.metadata_props[self.marker] = "qk"
+                matmul = self._hadamard_node(graph, value, matrix, shared, "qk")
                 graph.insert_before(node, matmul)
                 node.replace_input_with(index, matmul.outputs[0])
             rotated += 1
