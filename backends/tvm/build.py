@@ -156,11 +156,11 @@ class TVMModule:
 def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any = "llvm") -> TVMModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``."""
     tvm_target, use_avx2 = resolve_target(target)
+    isa = int8_dot_isa(tvm_target)
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
-        mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()})
-    isa = int8_dot_isa(tvm_target)
-    mod = schedules.schedule_module(mod, use_avx2, vnni=isa == "avx512vnni")
+        mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()}, isa=isa)
+    mod = schedules.schedule_module(mod, use_avx2)
     with tvm_target:
         executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]

@@ -19,7 +19,15 @@ from tvm import relax, te, tirx
 from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
-from qcompiler.backends.tvm.schedules import KB_ATTR, KERNEL_ATTR, NR_ATTR, ROW_TILE_ATTR, WEIGHT_DTYPE_ATTR
+from qcompiler.backends.tvm.schedules import (
+    KB_ATTR,
+    KERNEL_ATTR,
+    LANES_ATTR,
+    NR_ATTR,
+    ROW_TILE_ATTR,
+    U8_ATTR,
+    WEIGHT_DTYPE_ATTR,
+)
 from qcompiler.dialect import storage_dtype
 from qcompiler.errors import UnsupportedOpError
 
@@ -60,7 +68,12 @@ def _epilogue(attr: dict) -> dict[str, int]:
 
 
 def _gemm_attrs(plan: kernels.GemmPlan) -> dict[str, object]:
-    return {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr}
+    return {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes,
+            U8_ATTR: int(plan.u8_activations)}  # fmt: skip
+
+
+#: the int8 dot instruction set of the import in progress (:func:`import_onnx` sets it; the converters read it)
+_ISA = {"isa": "avx2"}
 
 
 class QGemm(OF.OnnxOpConverter):
@@ -68,13 +81,13 @@ class QGemm(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x = inputs[0]
         weight = _const_numpy(inputs[1], "weight", "QGemm")
-        plan = kernels.plan_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"))
+        plan = kernels.plan_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"), isa=_ISA["isa"])
         shape = _static_shape(x, "QGemm")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
         args = [
             relax.const(kernels.pack_weight(weight, plan), "int8"),
-            relax.const(kernels.pad_channels(_const_numpy(inputs[2], "bias", "QGemm"), plan, 0), "int32"),
+            relax.const(kernels.pack_bias(_const_numpy(inputs[2], "bias", "QGemm"), weight, plan), "int32"),
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "multiplier", "QGemm"), plan, 1 << 30), "int32"),
             relax.const(kernels.pad_channels(_const_numpy(inputs[4], "shift", "QGemm"), plan, 31), "int32"),
         ]
@@ -153,12 +166,12 @@ class QConv(OF.OnnxOpConverter):
         shift = _const_numpy(inputs[4], "shift", "QConv")
         if group == 1:
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
-            plan = kernels.plan_gemm(flat, shift)
+            plan = kernels.plan_gemm(flat, shift, isa=_ISA["isa"])
             return bb.emit_te(
                 functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)),
                 x,
                 relax.const(kernels.pack_weight(flat, plan), "int8"),
-                relax.const(kernels.pad_channels(bias, plan, 0), "int32"),
+                relax.const(kernels.pack_bias(bias, flat, plan), "int32"),
                 relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
                 relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
                 primfunc_name_hint="qconv",
@@ -273,6 +286,29 @@ class ConvInteger(OF.OnnxOpConverter):
             groups=int(attr.get("group", 1)),
             out_dtype="int32",
         )
+
+
+class MatMulInteger(OF.OnnxOpConverter):
+    """int8 x int8 products of two activations (attention) without zero points: the scheduled batched kernel;
+    anything else (zero points, broadcast batch dimensions, dynamic shapes) TVM's own converter."""
+
+    @classmethod
+    def _impl_v10(cls, bb, inputs, attr, params):
+        a, b = inputs[0], inputs[1]
+        zero_points = [z for z in inputs[2:] if z is not None]
+        plain = not zero_points and _dtype(a) == _dtype(b) == "int8" and _rank(a) == _rank(b) >= 2
+        if plain:
+            try:
+                shape_a, shape_b = (_static_shape(x, "MatMulInteger") for x in (a, b))
+            except UnsupportedOpError:
+                shape_a, shape_b = [0], [1]
+            plain = shape_a[:-2] == shape_b[:-2] and shape_a[-1] == shape_b[-2]
+        if not plain:
+            return OF.MatMulInteger._impl_v10(bb, inputs, attr, params)
+        return bb.emit_te(
+            kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
+            primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
+        )  # fmt: skip
 
 
 def _quantize_te(x: te.Tensor, scale: te.Tensor, zero: te.Tensor) -> te.Tensor:
@@ -424,6 +460,7 @@ _CONVERTERS = {
     "Requantize": Requantize,
     "RescaleAdd": RescaleAdd,
     "ConvInteger": ConvInteger,
+    "MatMulInteger": MatMulInteger,
     "QuantizeLinear": QuantizeLinear,
 }
 
@@ -439,11 +476,16 @@ def _extended_convert_map() -> Iterator[None]:
         OF._get_convert_map = original
 
 
-def import_onnx(model: onnx.ModelProto, shapes: dict[str, list[int]]) -> tvm.IRModule:
-    """Relax module of an integer ONNX model with static input ``shapes``."""
+def import_onnx(model: onnx.ModelProto, shapes: dict[str, list[int]], isa: str = "avx2") -> tvm.IRModule:
+    """Relax module of an integer ONNX model with static input ``shapes``; the GEMMs planned for ``isa``
+    (:func:`qcompiler.backends.tvm.int8_dot_isa`)."""
     dtypes = {
         i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input
     }
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     with _extended_convert_map():
-        return OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)
+        _ISA["isa"] = isa
+        try:
+            return OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)
+        finally:
+            _ISA["isa"] = "avx2"

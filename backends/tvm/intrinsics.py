@@ -4,8 +4,9 @@
 pair sums, which can only happen when a weight is -128; it is exact for weights in [-127, 127] (what the
 symmetric weight quantizer produces). ``i16``: sign-extend to int16 then vpmaddwd, exact for every int8.
 ``s8s16``: the same against int16 weights (int4 codes times their integer group scale: ``QGemmInt4``).
-``vnni``: the psign form with one vpdpbusd (AVX-512 VNNI, 256-bit) for vpmaddubsw + vpmaddwd: it adds the four
-u8 x s8 products straight into int32, with no int16 pair sums to saturate: exact for weights in [-127, 127].
+``vnni``: one 512-bit vpdpbusd (AVX-512 VNNI): sixteen lanes, each plus four u8 x s8 products, straight into
+int32 with no int16 pair sums to saturate; the activations arrive offset to u8 (``a + 128``) and the offset is
+compensated in the bias (kernels.py), so it is exact for every int8 weight.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from tvm.script import tirx as T
 AVX2_DOT_8X4_PSIGN = "qcompiler_avx2_dot_8x4_s8s8s32_psign"
 AVX2_DOT_8X2_I16 = "qcompiler_avx2_dot_8x2_s8s8s32_i16"
 AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
-VNNI_DOT_8X4_PSIGN = "qcompiler_avx512vnni_dot_8x4_s8s8s32_psign"
+VNNI_DOT_16X4_U8S8 = "qcompiler_avx512vnni_dot_16x4_u8s8s32"
 
 
 @T.prim_func(s_tir=True)
@@ -76,30 +77,37 @@ def _dot8x4_psign_impl(
 
 
 @T.prim_func(s_tir=True)
-def _dot8x4_vnni_impl(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+def _dot16x4_u8_desc(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
 ) -> None:
     with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.256"),
-            C[T.ramp(T.int32(0), 1, 8)],
-            T.call_llvm_pure_intrin(  # |a|, read as unsigned
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
-                dtype="int8x32",
-            ),
-            T.call_llvm_pure_intrin(  # b * sign(a)
-                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.psign.b"),
-                B.vload([0, 0], dtype="int8x32"),
-                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
-                dtype="int8x32",
-            ),
-            dtype="int32x8",
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 4):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot16x4_vnni_impl(
+    A: T.Buffer((4,), "uint8", offset_factor=1),
+    B: T.Buffer((16, 4), "int8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # vpdpbusd zmm: sixteen int32 lanes, each plus the four u8 x s8 products of its 4-byte group, no saturation
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C[T.ramp(T.int32(0), 1, 16)],
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
+            B.vload([0, 0], dtype="int8x64"),
+            dtype="int32x16",
         )
 
 
@@ -180,4 +188,4 @@ def _dot8x2_s16_impl(
 TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot8x4_desc, _dot8x4_psign_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_I16, _dot8x2_desc, _dot8x2_i16_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot8x2_s16_desc, _dot8x2_s16_impl, override=True)
-TensorIntrin.register(VNNI_DOT_8X4_PSIGN, _dot8x4_desc, _dot8x4_vnni_impl, override=True)
+TensorIntrin.register(VNNI_DOT_16X4_U8S8, _dot16x4_u8_desc, _dot16x4_vnni_impl, override=True)

@@ -3,7 +3,13 @@
 Every kernel computes exactly the reference semantics of :mod:`qcompiler.dialect.reference`:
 int8 x int8 products accumulated in int32, the int32 bias added, then the dyadic requantize
 ``clamp(((acc * b + 2^(c-1)) >> c) + z, lo, hi)`` in int64. Weights are packed once, at compile time, into
-``[Np/8, Kp/KB, 8, KB]`` (the layout the AVX2 dot intrinsics read), zero-padded to the tile sizes.
+``[Np/L, Kp/KB, L, KB]`` (the layout the dot intrinsics read: L = 8 int32 lanes for AVX2, 16 for AVX-512),
+zero-padded to the tile sizes.
+
+On AVX-512 VNNI the activations enter the GEMM as unsigned bytes ``a + 128`` (vpdpbusd multiplies u8 by s8 and
+adds four products straight into int32, with no intermediate saturation), and the offset is taken back out
+through the bias: ``sum_k (a + 128) w = sum_k a w + 128 sum_k w``, so the packed bias is ``bias - 128 sum_k w``,
+computed at compile time. Exact for every int8 weight, -128 included.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ from tvm import te, tirx
 from qcompiler.dialect import storage_dtype
 
 LANES = 8  # int32 lanes of one AVX2 accumulator register
+ZMM_LANES = 16  # int32 lanes of one AVX-512 accumulator register
+U8_OFFSET = 128  # the activation offset of the u8 x s8 (VNNI) GEMM
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,10 +36,12 @@ class GemmPlan:
     kb: int  # reduction elements per intrinsic call (4: psign path, 2: int16 path)
     nr: int  # accumulator registers per row of the register tile
     hi32_epilogue: bool = False  # every shift >= 31: use the vectorizable requantize form
+    lanes: int = LANES  # int32 lanes of one accumulator register (the packed weight's inner block)
+    u8_activations: bool = False  # activations offset to u8 (a + 128), compensated in the bias (VNNI)
 
     @property
     def n_padded(self) -> int:
-        tile = self.nr * LANES
+        tile = self.nr * self.lanes
         return -(-self.n // tile) * tile
 
     @property
@@ -39,21 +49,44 @@ class GemmPlan:
         return -(-self.k // self.kb) * self.kb
 
 
-def plan_gemm(weight_nk: np.ndarray, shifts: np.ndarray | None = None, exact_psign: bool | None = None) -> GemmPlan:
-    """Choose the intrinsic (psign is exact only if no weight is -128), the register tile and the epilogue."""
+def plan_gemm(
+    weight_nk: np.ndarray, shifts: np.ndarray | None = None, exact_psign: bool | None = None, isa: str = "avx2"
+) -> GemmPlan:
+    """Choose the intrinsic, the register tile and the epilogue for ``isa`` (:func:`int8_dot_isa`): on AVX-512
+    VNNI the u8 x s8 zmm kernel (exact for every weight); else psign (exact only if no weight is -128) or the
+    int16 pair kernel."""
     n, k = weight_nk.shape
+    hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
+    if isa == "avx512vnni":
+        nr = max(1, min(VNNI_NR, -(-n // ZMM_LANES)))
+        return GemmPlan(n=n, k=k, kb=4, nr=nr, hi32_epilogue=hi32, lanes=ZMM_LANES, u8_activations=True)
     psign_ok = bool(weight_nk.min(initial=0) >= -127) if exact_psign is None else exact_psign
     nr = max(1, min(4, -(-n // LANES)))
-    hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr, hi32_epilogue=hi32)
 
 
+#: zmm accumulators per row of the VNNI register tile (times VNNI_MR rows: 16 of the 32 zmm registers)
+VNNI_NR = 4
+VNNI_MR = 4
+
+
 def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
-    """[N, K] int8 -> zero-padded [Np/8, Kp/KB, 8, KB]."""
+    """[N, K] int8 -> zero-padded [Np/L, Kp/KB, L, KB]."""
     padded = np.zeros((plan.n_padded, plan.k_padded), dtype=np.int8)
     padded[: plan.n, : plan.k] = weight_nk
-    blocks = padded.reshape(plan.n_padded // LANES, LANES, plan.k_padded // plan.kb, plan.kb)
+    blocks = padded.reshape(plan.n_padded // plan.lanes, plan.lanes, plan.k_padded // plan.kb, plan.kb)
     return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3))
+
+
+def pack_bias(bias: np.ndarray, weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
+    """The int32 bias padded to ``Np``; for u8 activations less ``128 sum_k w`` (the offset's contribution)."""
+    n = weight_nk.shape[0]
+    values = np.broadcast_to(np.asarray(bias, dtype=np.int64).reshape(-1), (n,))
+    if plan.u8_activations:
+        values = values - U8_OFFSET * weight_nk.astype(np.int64).sum(axis=1)
+    if values.min(initial=0) < -(2**31) or values.max(initial=0) >= 2**31:
+        raise ValueError("the compensated bias overflows int32")
+    return pad_channels(values.astype(np.int32), plan, 0)
 
 
 def pad_channels(values: np.ndarray, plan: GemmPlan, fill: int) -> np.ndarray:
@@ -118,14 +151,22 @@ def qgemm_compute(
 
 
 def _pad_reduction(a: te.Tensor, plan: GemmPlan) -> te.Tensor:
-    """``a[M, K]`` zero-padded to ``K_padded`` columns (a multiple of the intrinsic's reduction block)."""
-    if plan.k_padded == plan.k:
+    """``a[M, K]`` zero-padded to ``K_padded`` columns (a multiple of the intrinsic's reduction block); offset to
+    u8 where the plan says so."""
+    if plan.k_padded == plan.k and not plan.u8_activations:
         return a
     return te.compute(
         (a.shape[0], plan.k_padded),
-        lambda i, k: tirx.if_then_else(k < plan.k, a[i, k], tirx.const(0, "int8")),
+        lambda i, k: gemm_activation(tirx.if_then_else(k < plan.k, a[i, k], tirx.const(0, "int8")), plan),
         name="A_pad",
     )
+
+
+def gemm_activation(value: tirx.PrimExpr, plan: GemmPlan) -> tirx.PrimExpr:
+    """An int8 activation as the GEMM reads it: itself, or ``value + 128`` as uint8 (u8 x s8 plans)."""
+    if not plan.u8_activations:
+        return value
+    return (value.astype("int32") + tirx.const(U8_OFFSET, "int32")).astype("uint8")
 
 
 #: the expanded int4 weight (code times group scale) fits int16 when every group scale is at most this
@@ -160,7 +201,7 @@ def qgemm_int4_compute(
     a = _pad_reduction(a, plan)
 
     def expand(jo, ko, ji, ki):
-        n = jo * LANES + ji
+        n = jo * plan.lanes + ji
         k = ko * plan.kb + ki
         row = te.min(n, plan.n - 1)
         col = te.min(k, plan.k - 1)
@@ -171,18 +212,20 @@ def qgemm_int4_compute(
         inside = tirx.all(n < plan.n, k < plan.k)
         return tirx.Select(inside, value, tirx.const(0, "int32")).astype("int16")
 
-    weights = te.compute((plan.n_padded // LANES, plan.k_padded // plan.kb, LANES, plan.kb), expand, name="W_expand")
+    weights = te.compute(
+        (plan.n_padded // plan.lanes, plan.k_padded // plan.kb, plan.lanes, plan.kb), expand, name="W_expand"
+    )
     return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi)
 
 
 def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi):
-    kb = plan.kb
+    kb, lanes = plan.kb, plan.lanes
     epilogue = requantize_expr_hi32 if plan.hi32_epilogue else requantize_expr
     k = te.reduce_axis((0, plan.k_padded), name="k")
     acc = te.compute(
         (m, plan.n_padded),
         lambda i, j: te.sum(
-            a[i, k].astype("int32") * packed[j // LANES, k // kb, j % LANES, k % kb].astype("int32"), axis=k
+            a[i, k].astype("int32") * packed[j // lanes, k // kb, j % lanes, k % kb].astype("int32"), axis=k
         ),
         name="C",
     )
@@ -246,7 +289,7 @@ def qconv_compute(
         iy = y * g.strides[0] + ky * g.dilations[0] - g.pads[0]
         ix = xo * g.strides[1] + kx * g.dilations[1] - g.pads[1]
         inside = tirx.all(kk < plan.k, iy >= 0, iy < g.height, ix >= 0, ix < g.width)
-        return tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8"))
+        return gemm_activation(tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8")), plan)
 
     cols = te.compute((rows, plan.k_padded), patch, name="im2col")
     gemm = _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi)
@@ -329,3 +372,17 @@ def _butterfly(t: te.Tensor, stride: int) -> Callable[[tirx.PrimExpr, tirx.PrimE
         return tirx.if_then_else(upper, low - high, low + high)
 
     return body
+
+
+def batch_matmul_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """``a[..., M, K] @ b[..., K, N]`` of two int8 activations (attention's products), exact in int32; the batch
+    dimensions of ``a`` and ``b`` equal."""
+    *batch, _, k_len = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    k = te.reduce_axis((0, k_len), name="k")
+
+    def body(*idx):
+        *bi, i, j = idx
+        return te.sum(a[(*bi, i, k)].astype("int32") * b[(*bi, k, j)].astype("int32"), axis=k)
+
+    return te.compute((*batch, int(a.shape[-2]), n), body, name="C")

@@ -26,6 +26,8 @@ KERNEL_ATTR = "qcompiler.kernel"
 KB_ATTR = "qcompiler.kb"
 NR_ATTR = "qcompiler.nr"
 WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (the s8s16 intrinsic)
+LANES_ATTR = "qcompiler.lanes"  # int32 lanes of the accumulator registers (8: ymm, 16: zmm)
+U8_ATTR = "qcompiler.u8_activations"  # activations offset to u8: the VNNI u8 x s8 intrinsic
 ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
 
 
@@ -94,7 +96,8 @@ def schedule_gemm(
     use_avx2: bool,
     row_tile: int | None = None,
     int16_weights: bool = False,
-    vnni: bool = False,
+    lanes: int = 8,
+    u8_activations: bool = False,
 ) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
     names = _block_names(sch)
@@ -104,9 +107,13 @@ def schedule_gemm(
     rows = _static(sch.get(i).extent)
     macs = _extent_product(sch, [i, j, k])
     parallel = macs is None or macs >= PARALLEL_MIN_MACS
-    mr = 2 if rows is not None and rows % 2 == 0 else 1
+    mr = 1
+    for candidate in (4, 2) if u8_activations else (2,):
+        if rows is not None and rows % candidate == 0:
+            mr = candidate
+            break
     io, ii = sch.split(i, [None, mr])
-    jo, jt, ji = sch.split(j, [None, nr, 8])
+    jo, jt, ji = sch.split(j, [None, nr, lanes])
     ko, ki = sch.split(k, [None, kb])
     sch.reorder(jo, io, ko, ii, jt, ji, ki)
     sch.set_scope(block, 0, "local")
@@ -124,8 +131,8 @@ def schedule_gemm(
     if use_avx2:
         if int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
-        elif vnni and kb == 4:
-            intrin = intrinsics.VNNI_DOT_8X4_PSIGN
+        elif u8_activations:
+            intrin = intrinsics.VNNI_DOT_16X4_U8S8
         else:
             intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
@@ -138,17 +145,65 @@ def schedule_gemm(
             _parallel_elementwise(sch, name, vector=False)
 
 
-def schedule_module(mod: tvm.IRModule, use_avx2: bool, vnni: bool = False) -> tvm.IRModule:
-    """Replace every tagged PrimFunc of ``mod`` by its scheduled version (``vnni``: the int8 GEMMs use vpdpbusd)."""
+def schedule_batch_matmul(sch: Schedule) -> None:
+    """``C[..., M, N]`` int32 of int8 operands: a ``4 x T`` tile of accumulators (T <= 64 columns, in lanes of 16
+    or 8) kept in registers over K, each step one broadcast of ``a`` per row times one row of ``b``; the batch loop
+    parallel."""
+    block = sch.get_sblock("C")
+    *batch, i, j, k = sch.get_loops(block)
+    rows, cols = _static(sch.get(i).extent), _static(sch.get(j).extent)
+    lanes = next((v for v in (16, 8) if cols is not None and cols % v == 0), None)
+    if rows is None or cols is None or lanes is None:
+        _parallel_elementwise(sch, "C", vector=False)
+        return
+    tile = next(t for t in range(min(cols, 64), 0, -lanes) if cols % t == 0)
+    mr = next(v for v in (4, 2, 1) if rows % v == 0)
+    writer = sch.cache_write(block, 0, "local")
+    io, ii = sch.split(i, [None, mr])
+    jo, jt, ji = sch.split(j, [None, tile // lanes, lanes])
+    sch.reorder(io, jo, k, ii, jt, ji)
+    sch.reverse_compute_at(writer, jo)
+    if batch:
+        outer = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+        macs = _extent_product(sch, [outer, io, ii, jo, jt, ji, k])
+        if macs is None or macs >= PARALLEL_MIN_MACS:
+            sch.parallel(outer)
+    sch.unroll(ii)
+    sch.unroll(jt)
+    # vectorize (and parallelize) before the init is split off: those loops must hold a complete reduction block
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, k)
+    sch.vectorize(sch.get_loops(init)[-1])
+    _vectorize_inner(sch, sch.get_loops(writer)[-1])
+
+
+def schedule_rowwise(sch: Schedule) -> None:
+    """Per-row kernels (softmax, LayerNorm/RMSNorm): every stage moved under the row loop of the last one, so a
+    row's intermediates stay in cache, and the rows run in parallel."""
+    names = _block_names(sch)
+    loops = sch.get_loops(sch.get_sblock(names[-1]))
+    if len(loops) < 2:
+        return
+    row = sch.fuse(*loops[:-1]) if len(loops) > 2 else loops[0]
+    for name in reversed(names[:-1]):  # consumers first: each producer then has its consumer under the row loop
+        sch.compute_at(sch.get_sblock(name), row)
+    size = _extent_product(sch, sch.get_loops(sch.get_sblock(names[-1])))
+    if size is None or size >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(row)
+
+
+def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
+    """Replace every tagged PrimFunc of ``mod`` by its scheduled version (each GEMM's attributes name its tile and
+    intrinsic: the importer planned them for the target)."""
     updates = {}
     for gvar, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
             continue
         kind = str(func.attrs[KERNEL_ATTR])
-        if kind == "rowwise":
-            continue  # per-row reductions (softmax, norms): correct under the default lowering, not yet fast
         sch = Schedule(tvm.IRModule({"main": func}))
-        if kind == "gemm":
+        if kind == "rowwise":
+            schedule_rowwise(sch)
+        elif kind == "gemm":
             row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
             int16_weights = WEIGHT_DTYPE_ATTR in func.attrs and str(func.attrs[WEIGHT_DTYPE_ATTR]) == "int16"
             schedule_gemm(
@@ -158,8 +213,11 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, vnni: bool = False) -> tv
                 use_avx2,
                 row_tile,
                 int16_weights=int16_weights,
-                vnni=vnni,
+                lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
+                u8_activations=U8_ATTR in func.attrs and bool(func.attrs[U8_ATTR]),
             )
+        elif kind == "batch_matmul":
+            schedule_batch_matmul(sch)
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)

@@ -402,7 +402,7 @@ def test_vnni_gemm_compiles_for_a_vnni_cpu_on_any_host() -> None:
     """The VNNI kernel is emitted for a VNNI mcpu (vpdpbusd in the LLVM IR, no float instruction)."""
     model, _ = _qgemm_case(4, 40, 64)
     module = build(model, {"x": [4, 64]}, target=_VNNI_TARGET)
-    assert "llvm.x86.avx512.vpdpbusd.256" in module.llvm_ir()
+    assert "llvm.x86.avx512.vpdpbusd.512" in module.llvm_ir()
     assert not float_functions(module.llvm_ir())
 
 
@@ -416,3 +416,51 @@ def test_qgemm_bit_exact_on_each_int8_isa(target: dict, m: int, n: int, k: int) 
         pytest.skip(f"this CPU cannot run {target['mcpu']} code")
     model, feeds = _qgemm_case(m, n, k)
     assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=target), model, feeds)
+
+
+# --- attention's int8 x int8 batched products (MatMulInteger of two activations) ---------------------------------
+
+
+def _matmul_integer_model(shape_a, shape_b, zero_point: int | None = None):
+    inputs = ["a", "b"] + (["", "bz"] if zero_point is not None else [])
+    inits = [numpy_helper.from_array(np.array(zero_point, np.int8), "bz")] if zero_point is not None else []
+    graph = helper.make_graph(
+        [helper.make_node("MatMulInteger", inputs, ["y"])],
+        "mmi",
+        [helper.make_tensor_value_info("a", TensorProto.INT8, list(shape_a)),
+         helper.make_tensor_value_info("b", TensorProto.INT8, list(shape_b))],
+        [helper.make_tensor_value_info("y", TensorProto.INT32, None)],
+        inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b"),
+    [((8, 12, 32, 32), (8, 12, 32, 32)), ((2, 3, 5, 7), (2, 3, 7, 9)), ((1, 3, 128, 64), (1, 3, 64, 96)),
+     ((1, 1), (1, 1)), ((4, 5), (5, 3)), ((3, 33, 16), (3, 16, 48)), ((2, 6, 8), (2, 8, 80))],
+)  # fmt: skip
+def test_batched_matmul_integer_bit_exact(shape_a, shape_b) -> None:
+    """The scheduled batched kernel (odd M, K, N; N above the 64-column tile; no batch) against int64 numpy."""
+    module = build(_matmul_integer_model(shape_a, shape_b), {"a": list(shape_a), "b": list(shape_b)})
+    rng = np.random.default_rng(sum(shape_a) + sum(shape_b))
+    for a, b in [
+        (rng.integers(-128, 128, shape_a), rng.integers(-128, 128, shape_b)),
+        (np.full(shape_a, -128), np.full(shape_b, -128)),  # the largest accumulators
+        (np.full(shape_a, -128), np.full(shape_b, 127)),
+    ]:
+        a, b = a.astype(np.int8), b.astype(np.int8)
+        got = module.run({"a": a, "b": b})[0]
+        np.testing.assert_array_equal(got, np.matmul(a.astype(np.int64), b.astype(np.int64)))
+
+
+def test_batched_matmul_integer_kernel_is_scheduled_and_zero_points_fall_back() -> None:
+    """No zero point: our tagged kernel (vectorized int32 lanes in the IR); a zero point: TVM's converter, exact."""
+    module = build(_matmul_integer_model((4, 16, 32), (4, 32, 32)), {"a": [4, 16, 32], "b": [4, 32, 32]})
+    assert "qbatch_matmul" in module.llvm_ir() and "<16 x i32>" in module.llvm_ir()
+    model = _matmul_integer_model((2, 3, 5), (2, 5, 4), zero_point=3)
+    module = build(model, {"a": [2, 3, 5], "b": [2, 5, 4]})
+    rng = np.random.default_rng(5)
+    a, b = rng.integers(-128, 128, (2, 3, 5)).astype(np.int8), rng.integers(-128, 128, (2, 5, 4)).astype(np.int8)
+    expected = np.matmul(a.astype(np.int64), b.astype(np.int64) - 3)
+    np.testing.assert_array_equal(module.run({"a": a, "b": b})[0], expected)
