@@ -3,16 +3,18 @@
 Shapes M x N x K from issue 5. Every row is measured in this run, in this process, with the same threads:
 
 - qcompiler int8: one ``qcompiler.QGemm`` (int8 x int8 -> int32, bias, requantize to int8), built by the TVM
-  backend for this CPU (AVX-512 VNNI vpdpbusd where the CPU has it, else the AVX2 psign kernel); timed with TVM's
+  backend for this CPU (512-bit vpdpbusd on u8-offset activations where the CPU has AVX-512 VNNI, else the AVX2
+  psign kernel); timed with TVM's
   time evaluator; checked bit-exact against the reference.
 - torch float32 ``x @ W^T`` and numpy float32 ``x @ W`` (same shapes).
 - onnxruntime ``MatMulInteger``: s8 x s8 and u8 x s8. On AVX2 without VNNI the u8 x s8 kernel saturates the
   int16 pair sums of vpmaddubsw (TVM_NOTES.md); with AVX-512 VNNI it is exact. The ``bit_exact`` column says which
   holds on this machine (probed with the saturating case: u8 255 against s8 127).
 
-GOPS = 2 M N K / median seconds. The int8 peak is that of 256-bit int8 dot instructions: two per cycle per core
-(vpmaddubsw, or vpdpbusd with VNNI), each 32 multiply-adds, so ``128 ops x clock x cores`` (clock from
-/proc/cpuinfo; the kernel's psign form spends extra instructions per product, so 100 % is not reachable).
+GOPS = 2 M N K / median seconds. The int8 peak is 128 ops per cycle per core (two 256-bit int8 dot instructions
+of 32 multiply-adds each, or one 512-bit vpdpbusd: the same on cores that split zmm work into two 256-bit halves,
+as Zen 4 does) at the nominal clock /proc/cpuinfo reports; boost clocks run above it, so a fraction above 1 says
+the core ran faster than nominal, not that the count is wrong.
 
     .venv/bin/python benchmarks/bench_gemm.py [--quick]
 

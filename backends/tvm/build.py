@@ -13,6 +13,7 @@ import numpy as np
 import onnx
 import tvm
 from tvm import relax
+from tvm.relax.backend import cpu_generic
 
 from qcompiler.backends.tvm import importer, schedules
 from qcompiler.errors import TargetError
@@ -161,7 +162,11 @@ def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any =
         warnings.simplefilter("ignore", UserWarning)
         mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()}, isa=isa)
     mod = schedules.schedule_module(mod, use_avx2)
-    with tvm_target:
+    with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
+        mod = tvm.transform.Sequential(
+            cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)
+        )(mod)
+        mod = schedules.schedule_legalized(mod)
         executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]

@@ -296,19 +296,69 @@ class MatMulInteger(OF.OnnxOpConverter):
     def _impl_v10(cls, bb, inputs, attr, params):
         a, b = inputs[0], inputs[1]
         zero_points = [z for z in inputs[2:] if z is not None]
-        plain = not zero_points and _dtype(a) == _dtype(b) == "int8" and _rank(a) == _rank(b) >= 2
-        if plain:
-            try:
-                shape_a, shape_b = (_static_shape(x, "MatMulInteger") for x in (a, b))
-            except UnsupportedOpError:
-                shape_a, shape_b = [0], [1]
-            plain = shape_a[:-2] == shape_b[:-2] and shape_a[-1] == shape_b[-2]
-        if not plain:
+        if zero_points or not _dtype(a) == _dtype(b) == "int8" or not _same_batch(a, b):
             return OF.MatMulInteger._impl_v10(bb, inputs, attr, params)
         return bb.emit_te(
             kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
             primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
         )  # fmt: skip
+
+
+class MatMul(OF.OnnxOpConverter):
+    """An int32 MatMul (the lowering's int16 probabilities times int8 values, both widened): the scheduled batched
+    kernel; float and broadcast MatMuls: TVM's converter."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        a, b = inputs
+        if _dtype(a) == _dtype(b) == "int32" and _same_batch(a, b):
+            return bb.emit_te(
+                kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
+                primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
+            )  # fmt: skip
+        return OF.MatMul._impl_v13(bb, inputs, attr, params)
+
+    _impl_v1 = _impl_v13
+    _impl_v9 = _impl_v13
+
+
+def _same_batch(a: relax.Expr, b: relax.Expr) -> bool:
+    """Both operands static, of one rank >= 2, with equal batch dimensions and matching K."""
+    if _rank(a) != _rank(b) or _rank(a) < 2:
+        return False
+    try:
+        shape_a, shape_b = (_static_shape(x, "MatMul") for x in (a, b))
+    except UnsupportedOpError:
+        return False
+    return shape_a[:-2] == shape_b[:-2] and shape_a[-1] == shape_b[-2]
+
+
+def _dequantize_te(x: te.Tensor, scale: te.Tensor, zero: te.Tensor) -> te.Tensor:
+    def body(*idx):
+        return (x(*idx).astype("float32") - zero[()].astype("float32")) * scale[()]
+
+    return te.compute(x.shape, body, name="dequantize")
+
+
+class DequantizeLinear(OF.OnnxOpConverter):
+    """The output's per-tensor DequantizeLinear, ``(x - z) * s`` in float32 as ONNX computes it, scheduled (the
+    logits head's output is the largest tensor of an LLM); every other form: TVM's converter."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        x, scale = inputs[0], inputs[1]
+        zero = inputs[2] if len(inputs) > 2 and inputs[2] is not None else relax.const(0, _dtype(x))
+        per_tensor = _rank(scale) == 0 and _rank(zero) == 0 and _dtype(scale) == "float32"
+        if not per_tensor or attr.get("block_size", 0):
+            return OF.DequantizeLinear._impl_v21(bb, inputs, attr, params)
+        return bb.emit_te(
+            _dequantize_te, x, scale, zero, primfunc_name_hint="dequantize_output",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )  # fmt: skip
+
+    _impl_v10 = _impl_v13
+    _impl_v19 = _impl_v13
+    _impl_v21 = _impl_v13
 
 
 def _quantize_te(x: te.Tensor, scale: te.Tensor, zero: te.Tensor) -> te.Tensor:
@@ -461,6 +511,8 @@ _CONVERTERS = {
     "RescaleAdd": RescaleAdd,
     "ConvInteger": ConvInteger,
     "MatMulInteger": MatMulInteger,
+    "MatMul": MatMul,
+    "DequantizeLinear": DequantizeLinear,
     "QuantizeLinear": QuantizeLinear,
 }
 

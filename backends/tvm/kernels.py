@@ -375,8 +375,8 @@ def _butterfly(t: te.Tensor, stride: int) -> Callable[[tirx.PrimExpr, tirx.PrimE
 
 
 def batch_matmul_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
-    """``a[..., M, K] @ b[..., K, N]`` of two int8 activations (attention's products), exact in int32; the batch
-    dimensions of ``a`` and ``b`` equal."""
+    """``a[..., M, K] @ b[..., K, N]`` of two integer activations (attention's products: int8 x int8, or int16
+    probabilities times int8 values arriving widened to int32) summed in int32; the batch dimensions equal."""
     *batch, _, k_len = (int(d) for d in a.shape)
     n = int(b.shape[-1])
     k = te.reduce_axis((0, k_len), name="k")

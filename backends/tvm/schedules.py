@@ -69,9 +69,15 @@ def _parallel_elementwise(sch: Schedule, name: str, vector: bool = True) -> None
 
 
 def _vectorize_inner(sch: Schedule, loop) -> None:
+    """Vectorize a loop of at most 64 iterations (a multiple of 8); a longer one by its inner 16 (or 8)."""
     inner_extent = _static(sch.get(loop).extent)
-    if inner_extent is not None and inner_extent % 8 == 0 and inner_extent <= 64:
+    if inner_extent is None or inner_extent % 8:
+        return
+    if inner_extent <= 64:
         sch.vectorize(loop)
+        return
+    lanes = 16 if inner_extent % 16 == 0 else 8
+    sch.vectorize(sch.split(loop, [None, lanes])[1])
 
 
 def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
@@ -190,6 +196,60 @@ def schedule_rowwise(sch: Schedule) -> None:
     size = _extent_product(sch, sch.get_loops(sch.get_sblock(names[-1])))
     if size is None or size >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(row)
+
+
+def _scheduled(sch: Schedule, name: str) -> bool:
+    """Whether a block already sits under a parallel, vectorized or unrolled loop (one of our kernels)."""
+    return any(int(sch.get(loop).kind) != 0 for loop in sch.get_loops(sch.get_sblock(name)))
+
+
+def _spatial(sch: Schedule, name: str) -> bool:
+    return all(int(iv.iter_type) == 0 for iv in sch.get(sch.get_sblock(name)).iter_vars)
+
+
+def schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """A PrimFunc after TVM's legalization and fusion: TVM's own elementwise kernels (casts, reshapes, RoPE's
+    products, concatenations), alone or fused around one of our scheduled kernels. Their spatial blocks are
+    inlined into their consumers (or, trailing ones, into their producer), and whatever spatial block is left gets
+    the elementwise schedule; our kernels' schedules stay. ``None`` where nothing applied."""
+    sch = Schedule(tvm.IRModule({"main": func}))
+    changed = False
+    for name in _block_names(sch)[:-1]:
+        if _spatial(sch, name) and not _scheduled(sch, name):
+            try:
+                sch.compute_inline(sch.get_sblock(name))
+                changed = True
+            except tvm.s_tir.schedule.ScheduleError:
+                pass
+    for name in _block_names(sch):
+        if not _spatial(sch, name) or _scheduled(sch, name):
+            continue
+        try:
+            sch.reverse_compute_inline(sch.get_sblock(name))
+            changed = True
+            continue
+        except tvm.s_tir.schedule.ScheduleError:
+            pass
+        try:
+            _parallel_elementwise(sch, name)
+            changed = True
+        except tvm.s_tir.schedule.ScheduleError:
+            pass
+    return sch.mod["main"] if changed else None
+
+
+def schedule_legalized(mod: tvm.IRModule) -> tvm.IRModule:
+    """:func:`schedule_fused` on every untagged PrimFunc of a legalized, fused module."""
+    updates = {}
+    for gvar, func in mod.functions.items():
+        if not isinstance(func, tirx.PrimFunc) or (func.attrs is not None and KERNEL_ATTR in func.attrs):
+            continue
+        scheduled = schedule_fused(func)
+        if scheduled is not None:
+            updates[gvar] = scheduled.with_attrs(dict(func.attrs)) if func.attrs is not None else scheduled
+    for gvar, func in updates.items():
+        mod[gvar] = func
+    return mod
 
 
 def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:

@@ -464,3 +464,34 @@ def test_batched_matmul_integer_kernel_is_scheduled_and_zero_points_fall_back() 
     a, b = rng.integers(-128, 128, (2, 3, 5)).astype(np.int8), rng.integers(-128, 128, (2, 5, 4)).astype(np.int8)
     expected = np.matmul(a.astype(np.int64), b.astype(np.int64) - 3)
     np.testing.assert_array_equal(module.run({"a": a, "b": b})[0], expected)
+
+
+def test_int32_matmul_and_output_dequantize_kernels_match_onnx() -> None:
+    """The lowering's widened int16 x int8 product (an int32 MatMul) and the per-tensor output DequantizeLinear:
+    our scheduled kernels, equal to numpy (int64 sums; float32 ``(x - z) * s``)."""
+    shape_a, shape_b = (1, 3, 40, 24), (1, 3, 24, 16)
+    graph = helper.make_graph(
+        [helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.INT32),
+         helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.INT32),
+         helper.make_node("MatMul", ["a32", "b32"], ["p"]),
+         helper.make_node("Cast", ["p"], ["p8"], to=TensorProto.INT8),
+         helper.make_node("DequantizeLinear", ["p8", "s", "z"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("a", TensorProto.INT16, list(shape_a)),
+         helper.make_tensor_value_info("b", TensorProto.INT8, list(shape_b))],
+        [helper.make_tensor_value_info("p", TensorProto.INT32, None),
+         helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(np.array(0.0371, np.float32), "s"),
+         numpy_helper.from_array(np.array(-3, np.int8), "z")],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    module = build(model, {"a": list(shape_a), "b": list(shape_b)})
+    assert "qbatch_matmul" in module.llvm_ir() and "dequantize_output" in module.llvm_ir()
+    rng = np.random.default_rng(11)
+    a = rng.integers(0, 2**15, shape_a).astype(np.int16)
+    b = rng.integers(-128, 128, shape_b).astype(np.int8)
+    product, y = module.run({"a": a, "b": b})
+    expected = np.matmul(a.astype(np.int64), b.astype(np.int64))
+    np.testing.assert_array_equal(product, expected)
+    wrapped = expected.astype(np.int32).astype(np.int8)  # ONNX Cast int32 -> int8 wraps
+    np.testing.assert_array_equal(y, (wrapped.astype(np.float32) - np.float32(-3)) * np.float32(0.0371))
