@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cnn_mlp.py
 	$(PY) benchmarks/bench_gemm.py
 	$(PY) benchmarks/bench_minilm.py
+	$(PY) benchmarks/bench_smollm2_prefill.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -6,6 +6,8 @@ Shapes M x N x K from issue 5. Every row is measured in this run, in this proces
   backend for this CPU (512-bit vpdpbusd on u8-offset activations where the CPU has AVX-512 VNNI, else the AVX2
   psign kernel); timed with TVM's
   time evaluator; checked bit-exact against the reference.
+- qcompiler int8 tuned: the same after the register-tile search (``tune=True``, from an empty cache; the tile
+  chosen is in the name, rows x zmm/ymm registers per row).
 - torch float32 ``x @ W^T`` and numpy float32 ``x @ W`` (same shapes).
 - onnxruntime ``MatMulInteger``: s8 x s8 and u8 x s8. On AVX2 without VNNI the u8 x s8 kernel saturates the
   int16 pair sums of vpmaddubsw (TVM_NOTES.md); with AVX-512 VNNI it is exact. The ``bit_exact`` column says which
@@ -24,8 +26,10 @@ Prints the table and saves benchmarks/results/gemm.json.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +40,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, print_table, save
 
-from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target
+from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target, tuning
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import run_reference
 from qcompiler.testing.kernel_models import single_node_model
@@ -91,6 +95,13 @@ def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
     exact = bool(np.array_equal(module.run({"x": x})[0], run_reference(model, {"x": x})[0]))
     ops = 2.0 * m * n * k
     times = {"qcompiler int8": module.time({"x": x}, number=max(1, repeats // 3), repeat=repeats)}
+    with tempfile.TemporaryDirectory() as folder:  # the tile search, from an empty cache
+        cache = tuning.TileCache(folder)
+        tuned = build(model, {"x": [m, k]}, tune=True, tile_cache=cache)
+        (entry,) = json.loads(cache.path.read_text()).values()
+    tile = f"{entry['mr']}x{entry['nr']}"
+    times[f"qcompiler int8 tuned ({tile})"] = tuned.time({"x": x}, number=max(1, repeats // 3), repeat=repeats)
+    tuned_exact = bool(np.array_equal(tuned.run({"x": x})[0], run_reference(model, {"x": x})[0]))
 
     xf, wf = x.astype(np.float32), np.ascontiguousarray(w_nk.T.astype(np.float32))
     xt, wt = torch.from_numpy(xf), torch.from_numpy(w_nk.astype(np.float32))
@@ -105,6 +116,7 @@ def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
     times["ORT u8s8"] = median_seconds(lambda: u8.run(None, {"a": xu}), warmup=3, repeats=repeats, inner=3)
     exactness = {
         "qcompiler int8": exact,
+        f"qcompiler int8 tuned ({tile})": tuned_exact,
         "ORT s8s8": bool(np.array_equal(s8.run(None, {"a": x})[0], x.astype(np.int64) @ w_kn.astype(np.int64))),
         "ORT u8s8": _ort_u8s8_exact(k),
     }
@@ -122,7 +134,7 @@ def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
                 "ms": round(seconds * 1e3, 4),
                 "GOPS": round(gops, 1),
                 "qcompiler_speedup": round(seconds / ours, 2),
-                "of_int8_peak": round(ops / seconds / peak, 3) if peak and name == "qcompiler int8" else None,
+                "of_int8_peak": round(ops / seconds / peak, 3) if peak and name.startswith("qcompiler") else None,
                 "bit_exact": exactness.get(name),
             }
         )

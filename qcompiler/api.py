@@ -317,6 +317,7 @@ def compile(
     recipe: str | Path | Recipe = "w8a8",
     verify: bool = True,
     progress: bool = True,
+    tune: bool = False,
 ) -> CompiledModel:
     """Quantize ``model`` and compile it to integer-only code for ``target``.
 
@@ -328,6 +329,9 @@ def compile(
         recipe: a built-in recipe name (``w8a8``) or a TOML recipe path.
         verify: check the IR after every pass.
         progress: show progress bars.
+        tune: time the candidate register tiles of every int8 GEMM shape on this machine and keep the fastest,
+            cached on disk (``$QCOMPILER_CACHE_DIR``, default ``~/.cache/qcompiler``) for the next build; a few
+            seconds per new shape.
 
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
@@ -353,7 +357,7 @@ def compile(
         raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
     integer_proto = ir.serde.serialize_model(integer)
     build_start = time.perf_counter()
-    module = build(integer_proto, shapes, tvm_target)
+    module = build(integer_proto, shapes, tvm_target, tune=tune)
     report = {
         "recipe": chosen.name,
         "target": str(tvm_target),
@@ -361,6 +365,7 @@ def compile(
         "passes": [r.as_dict() for r in records],
         "ops": _op_histogram(integer_proto),
         "float_ops_inside": 0,
+        "tuned": tune,
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
     }
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))

@@ -33,6 +33,9 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier after each pass")
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    comp.add_argument(
+        "--tune", action="store_true", help="search the GEMM register tiles on this machine (cached on disk)"
+    )
     sub.add_parser("recipes", help="list the built-in recipes")
     inspect = sub.add_parser("inspect", help="print the regions the float-exact transforms can rewrite")
     inspect.add_argument("model", help="path of the .onnx file (external data next to it)")
@@ -64,6 +67,7 @@ def _compile(args: argparse.Namespace) -> int:
         recipe=args.recipe,
         verify=not args.no_verify,
         progress=not args.quiet,
+        tune=args.tune,
     )
     compiled.save(output, overwrite=args.overwrite)
     records = [PassRecord(**r) for r in compiled.report["passes"]]

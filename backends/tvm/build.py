@@ -15,7 +15,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend import cpu_generic
 
-from qcompiler.backends.tvm import importer, schedules
+from qcompiler.backends.tvm import importer, schedules, tuning
 from qcompiler.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -154,13 +154,29 @@ class TVMModule:
         return "\n".join(parts)
 
 
-def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any = "llvm") -> TVMModule:
-    """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``."""
+def build(
+    model: onnx.ModelProto,
+    shapes: Mapping[str, list[int]],
+    target: Any = "llvm",
+    tune: bool = False,
+    tile_cache: tuning.TileCache | None = None,
+) -> TVMModule:
+    """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
+
+    ``tune``: search the GEMM register tile of every int8 GEMM shape on this machine (tuning.py), reusing and
+    extending ``tile_cache`` (default: the on-disk cache); without it the default tiles, and no cache is read.
+    """
     tvm_target, use_avx2 = resolve_target(target)
     isa = int8_dot_isa(tvm_target)
+    static = {k: list(v) for k, v in shapes.items()}
+    gemms: set[tuple[int, int, int, int]] = set()
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
-        mod = importer.import_onnx(model, {k: list(v) for k, v in shapes.items()}, isa=isa)
+        mod = importer.import_onnx(model, static, isa=isa, gemms=gemms)
+        if tune and gemms:
+            cache = tile_cache if tile_cache is not None else tuning.TileCache()
+            tiles = _tuned_tiles(gemms, tvm_target, isa, cache)
+            mod = importer.import_onnx(model, static, isa=isa, tiles=tiles)
     mod = schedules.schedule_module(mod, use_avx2)
     with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
         mod = tvm.transform.Sequential(
@@ -172,3 +188,21 @@ def build(model: onnx.ModelProto, shapes: Mapping[str, list[int]], target: Any =
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]
     logger.info("built %d functions for %s (int8 dot: %s)", len(mod.functions), tvm_target, isa)
     return TVMModule(executable, names, dtypes)
+
+
+def _tuned_tiles(
+    gemms: set[tuple[int, int, int, int]], target: tvm.target.Target, isa: str, cache: tuning.TileCache
+) -> dict[tuple[int, int, int], tuning.Tile]:
+    """The tile of every GEMM shape: from the cache, or searched now and cached. Shapes on the int16 pair kernel
+    (AVX2 with a -128 weight) keep the default."""
+    tiles = {}
+    for m, n, k, kb in sorted(gemms):
+        if kb != 4:
+            continue
+        key = tuning.gemm_key(target, isa, m, n, k, kb)
+        tile = cache.get(key)
+        if tile is None:
+            tile, seconds = tuning.tune_gemm(m, n, k, target, isa)
+            cache.put(key, tile, seconds)
+        tiles[(m, n, k)] = tile
+    return tiles

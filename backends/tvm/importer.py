@@ -9,8 +9,9 @@ pre-packed weights, tagged so :mod:`qcompiler.backends.tvm.schedules` can schedu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -23,11 +24,13 @@ from qcompiler.backends.tvm.schedules import (
     KB_ATTR,
     KERNEL_ATTR,
     LANES_ATTR,
+    MR_ATTR,
     NR_ATTR,
     ROW_TILE_ATTR,
     U8_ATTR,
     WEIGHT_DTYPE_ATTR,
 )
+from qcompiler.backends.tvm.tuning import Tile
 from qcompiler.dialect import storage_dtype
 from qcompiler.errors import UnsupportedOpError
 
@@ -67,13 +70,33 @@ def _epilogue(attr: dict) -> dict[str, int]:
     }
 
 
-def _gemm_attrs(plan: kernels.GemmPlan) -> dict[str, object]:
-    return {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes,
-            U8_ATTR: int(plan.u8_activations)}  # fmt: skip
+def _gemm_attrs(plan: kernels.GemmPlan, tile: Tile | None = None) -> dict[str, object]:
+    attrs: dict[str, object] = {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes,
+                                U8_ATTR: int(plan.u8_activations)}  # fmt: skip
+    if tile is not None:
+        attrs[MR_ATTR] = tile.mr
+    return attrs
 
 
-#: the int8 dot instruction set of the import in progress (:func:`import_onnx` sets it; the converters read it)
-_ISA = {"isa": "avx2"}
+@dataclasses.dataclass
+class _ImportState:
+    """What the converters of the import in progress read and record (:func:`import_onnx` sets it)."""
+
+    isa: str = "avx2"
+    tiles: Mapping[tuple[int, int, int], Tile] = dataclasses.field(default_factory=dict)  # (M, N, K) -> tile
+    gemms: set[tuple[int, int, int, int]] = dataclasses.field(default_factory=set)  # (M, N, K, kb) planned
+
+
+_STATE = _ImportState()
+
+
+def _plan_int8_gemm(weight_nk: np.ndarray, shift: np.ndarray, rows: int) -> tuple[kernels.GemmPlan, Tile | None]:
+    """The GEMM plan for this import's instruction set and tuned tiles; records the shape for tuning."""
+    n, k = weight_nk.shape
+    tile = _STATE.tiles.get((rows, n, k))
+    plan = kernels.plan_gemm(weight_nk, shift, isa=_STATE.isa, nr=tile.nr if tile else None)
+    _STATE.gemms.add((rows, n, k, plan.kb))
+    return plan, tile
 
 
 class QGemm(OF.OnnxOpConverter):
@@ -81,9 +104,9 @@ class QGemm(OF.OnnxOpConverter):
     def _impl_v1(cls, bb, inputs, attr, params):
         x = inputs[0]
         weight = _const_numpy(inputs[1], "weight", "QGemm")
-        plan = kernels.plan_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"), isa=_ISA["isa"])
         shape = _static_shape(x, "QGemm")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        plan, tile = _plan_int8_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"), rows)
         x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
         args = [
             relax.const(kernels.pack_weight(weight, plan), "int8"),
@@ -96,7 +119,7 @@ class QGemm(OF.OnnxOpConverter):
             x2,
             *args,
             primfunc_name_hint="qgemm",
-            primfunc_attrs=_gemm_attrs(plan),
+            primfunc_attrs=_gemm_attrs(plan, tile),
         )
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], plan.n])
@@ -166,7 +189,7 @@ class QConv(OF.OnnxOpConverter):
         shift = _const_numpy(inputs[4], "shift", "QConv")
         if group == 1:
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
-            plan = kernels.plan_gemm(flat, shift, isa=_ISA["isa"])
+            plan, tile = _plan_int8_gemm(flat, shift, batch * geometry.out_h * geometry.out_w)
             return bb.emit_te(
                 functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)),
                 x,
@@ -175,7 +198,7 @@ class QConv(OF.OnnxOpConverter):
                 relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
                 relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
                 primfunc_name_hint="qconv",
-                primfunc_attrs={**_gemm_attrs(plan), ROW_TILE_ATTR: geometry.out_w},
+                primfunc_attrs={**_gemm_attrs(plan, tile), ROW_TILE_ATTR: geometry.out_w},
             )
         per_channel = [np.broadcast_to(v.reshape(-1), (out_channels,)).astype(np.int32) for v in (bias, mult, shift)]
         direct = functools.partial(kernels.qconv_direct_compute, geometry=geometry, group=group, **_epilogue(attr))
@@ -528,16 +551,24 @@ def _extended_convert_map() -> Iterator[None]:
         OF._get_convert_map = original
 
 
-def import_onnx(model: onnx.ModelProto, shapes: dict[str, list[int]], isa: str = "avx2") -> tvm.IRModule:
+def import_onnx(
+    model: onnx.ModelProto,
+    shapes: dict[str, list[int]],
+    isa: str = "avx2",
+    tiles: Mapping[tuple[int, int, int], Tile] | None = None,
+    gemms: set[tuple[int, int, int, int]] | None = None,
+) -> tvm.IRModule:
     """Relax module of an integer ONNX model with static input ``shapes``; the GEMMs planned for ``isa``
-    (:func:`qcompiler.backends.tvm.int8_dot_isa`)."""
+    (:func:`qcompiler.backends.tvm.int8_dot_isa`) with the register ``tiles`` given per (M, N, K) (tuning.py), the
+    others the default. ``gemms``: filled with the (M, N, K, kb) of every int8 GEMM planned."""
+    global _STATE
     dtypes = {
         i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input
     }
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     with _extended_convert_map():
-        _ISA["isa"] = isa
+        _STATE = _ImportState(isa=isa, tiles=dict(tiles or {}), gemms=gemms if gemms is not None else set())
         try:
             return OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)
         finally:
-            _ISA["isa"] = "avx2"
+            _STATE = _ImportState()

@@ -50,24 +50,27 @@ class GemmPlan:
 
 
 def plan_gemm(
-    weight_nk: np.ndarray, shifts: np.ndarray | None = None, exact_psign: bool | None = None, isa: str = "avx2"
+    weight_nk: np.ndarray,
+    shifts: np.ndarray | None = None,
+    exact_psign: bool | None = None,
+    isa: str = "avx2",
+    nr: int | None = None,
 ) -> GemmPlan:
     """Choose the intrinsic, the register tile and the epilogue for ``isa`` (:func:`int8_dot_isa`): on AVX-512
     VNNI the u8 x s8 zmm kernel (exact for every weight); else psign (exact only if no weight is -128) or the
-    int16 pair kernel."""
+    int16 pair kernel. ``nr``: accumulator registers per tile row (a tuned tile), else the default."""
     n, k = weight_nk.shape
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     if isa == "avx512vnni":
-        nr = max(1, min(VNNI_NR, -(-n // ZMM_LANES)))
+        nr = nr or max(1, min(VNNI_NR, -(-n // ZMM_LANES)))
         return GemmPlan(n=n, k=k, kb=4, nr=nr, hi32_epilogue=hi32, lanes=ZMM_LANES, u8_activations=True)
     psign_ok = bool(weight_nk.min(initial=0) >= -127) if exact_psign is None else exact_psign
-    nr = max(1, min(4, -(-n // LANES)))
+    nr = nr or max(1, min(4, -(-n // LANES)))
     return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr, hi32_epilogue=hi32)
 
 
-#: zmm accumulators per row of the VNNI register tile (times VNNI_MR rows: 16 of the 32 zmm registers)
+#: zmm accumulators per row of the default VNNI register tile (times 4 rows: 16 of the 32 zmm registers)
 VNNI_NR = 4
-VNNI_MR = 4
 
 
 def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:

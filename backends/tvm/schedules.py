@@ -28,6 +28,7 @@ NR_ATTR = "qcompiler.nr"
 WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (the s8s16 intrinsic)
 LANES_ATTR = "qcompiler.lanes"  # int32 lanes of the accumulator registers (8: ymm, 16: zmm)
 U8_ATTR = "qcompiler.u8_activations"  # activations offset to u8: the VNNI u8 x s8 intrinsic
+MR_ATTR = "qcompiler.mr"  # rows of a tuned register tile (tuning.py)
 ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
 
 
@@ -104,8 +105,10 @@ def schedule_gemm(
     int16_weights: bool = False,
     lanes: int = 8,
     u8_activations: bool = False,
+    mr: int | None = None,
 ) -> None:
-    """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch``."""
+    """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch`` (``mr``: rows of the register
+    tile, a tuned one; it must divide M; by default 4 or 2 where they divide it)."""
     names = _block_names(sch)
     block = sch.get_sblock("C")
     epilogue = sch.get_sblock("requant")
@@ -113,11 +116,8 @@ def schedule_gemm(
     rows = _static(sch.get(i).extent)
     macs = _extent_product(sch, [i, j, k])
     parallel = macs is None or macs >= PARALLEL_MIN_MACS
-    mr = 1
-    for candidate in (4, 2) if u8_activations else (2,):
-        if rows is not None and rows % candidate == 0:
-            mr = candidate
-            break
+    if mr is None or rows is None or rows % mr:
+        mr = next((v for v in ((4, 2) if u8_activations else (2,)) if rows is not None and rows % v == 0), 1)
     io, ii = sch.split(i, [None, mr])
     jo, jt, ji = sch.split(j, [None, nr, lanes])
     ko, ki = sch.split(k, [None, kb])
@@ -275,6 +275,7 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
                 int16_weights=int16_weights,
                 lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
                 u8_activations=U8_ATTR in func.attrs and bool(func.attrs[U8_ATTR]),
+                mr=int(func.attrs[MR_ATTR]) if MR_ATTR in func.attrs else None,
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)
