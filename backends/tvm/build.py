@@ -55,10 +55,13 @@ def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple
         raise TargetError(f"target: unknown target {target!r}; use 'llvm' (this CPU) or a tvm.target.Target")
     if tvm_target.kind.name != "llvm":
         raise TargetError(f"target: kind {tvm_target.kind.name!r} is not supported; use 'llvm'")
-    mcpu = str(tvm_target.attrs.get("mcpu", ""))
-    host = tvm.target.codegen.llvm_get_system_cpu()
-    use_avx2 = "avx2" in host_cpu_features() if mcpu in ("", host) else _mcpu_has_avx2(mcpu)
-    return tvm_target, use_avx2
+    return tvm_target, int8_dot_isa(tvm_target) != "generic"
+
+
+def _foreign(target: tvm.target.Target) -> bool:
+    """Whether the target's triple names another architecture than x86 (AArch64 NEON, RISC-V, ...)."""
+    triple = str(target.attrs.get("mtriple", ""))
+    return bool(triple) and not triple.startswith(("x86_64", "i386", "i686", "amd64"))
 
 
 #: CPUs with AVX-512 VNNI and VL (the 256-bit vpdpbusd the int8 GEMM uses)
@@ -70,8 +73,12 @@ _VNNI_MCPUS = (
 
 def int8_dot_isa(target: tvm.target.Target) -> str:
     """``"avx512vnni"`` when the target CPU has AVX-512 VNNI and VL (this machine's flags for ``"llvm"``, else its
-    ``mcpu``), ``"avx2"`` when it has AVX2, else ``"generic"``: which int8 dot intrinsic the GEMMs use. Code for
-    a VNNI ``mcpu`` compiles anywhere and runs only on such CPUs."""
+    ``mcpu``), ``"avx2"`` when it has AVX2, else ``"generic"`` (also every non-x86 ``mtriple``: LLVM vectorizes
+    the int32 lanes for it): which int8 dot intrinsic the GEMMs use. Code for a VNNI ``mcpu`` compiles anywhere
+    and runs only on such CPUs; code for another architecture compiles (export it with that architecture's
+    toolchain) and is not run here."""
+    if _foreign(target):
+        return "generic"  # vectorized by LLVM for the target (NEON on AArch64); no x86 dot intrinsic
     mcpu = str(target.attrs.get("mcpu", ""))
     host = tvm.target.codegen.llvm_get_system_cpu()
     if mcpu in ("", host):
@@ -111,9 +118,15 @@ class TVMModule:
         self.executable = executable
         self.input_names = input_names
         self.input_dtypes = input_dtypes
-        self._vm = relax.VirtualMachine(executable, tvm.cpu())
-        self._main = self._vm["main"]
+        self._vm_main: tuple[Any, Any] | None = None  # loaded on the first run: code for another CPU never is
         self._staging: dict[str, Any] = {}  # one reusable device tensor per input: no allocation per call
+
+    def _loaded(self) -> tuple[Any, Any]:
+        """The VM and its ``main``, created on first use."""
+        if self._vm_main is None:
+            vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            self._vm_main = (vm, vm["main"])
+        return self._vm_main
 
     def _arguments(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         args = []
@@ -129,7 +142,7 @@ class TVMModule:
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
         """Run on numpy feeds (not thread-safe: the input staging tensors are reused)."""
-        result = self._main(*self._arguments(feeds))
+        result = self._loaded()[1](*self._arguments(feeds))
         if isinstance(result, tvm.runtime.Tensor):
             return [result.numpy()]
         return [r.numpy() for r in result]
@@ -140,10 +153,10 @@ class TVMModule:
         args = self._arguments(feeds)
         start = time.perf_counter()
         for _ in range(1000):
-            self._main(*args)
+            self._loaded()[1](*args)
             if time.perf_counter() - start > 0.05:
                 break
-        timer = self._vm.time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        timer = self._loaded()[0].time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
         return float(timer(*args).median)
 
     def export(self, path: str | Path) -> None:

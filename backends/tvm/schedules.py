@@ -128,13 +128,19 @@ def schedule_gemm(
     outer = sch.fuse(jo, io)
     if parallel:
         sch.parallel(outer)
+    if not use_avx2:  # no dot instruction: the lanes innermost, vectorized while the reduction is complete
+        sch.reorder(ko, ki, ii, jt, ji)
+        sch.vectorize(ji)
     init = sch.decompose_reduction(block, ko)
     sch.vectorize(sch.get_loops(init)[-1])
     update = sch.get_sblock("C_update")
     loops = sch.get_loops(update)
-    sch.unroll(loops[-3])
-    sch.unroll(loops[-4])
-    if use_avx2:
+    if not use_avx2:
+        sch.unroll(loops[-2])
+        sch.unroll(loops[-3])
+    else:
+        sch.unroll(loops[-3])
+        sch.unroll(loops[-4])
         if int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
         elif u8_activations:
@@ -142,8 +148,6 @@ def schedule_gemm(
         else:
             intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
-    else:
-        sch.vectorize(loops[-2])
     for name in names:
         if name == "im2col":
             _schedule_im2col(sch, row_tile)

@@ -495,3 +495,32 @@ def test_int32_matmul_and_output_dequantize_kernels_match_onnx() -> None:
     np.testing.assert_array_equal(product, expected)
     wrapped = expected.astype(np.int32).astype(np.int8)  # ONNX Cast int32 -> int8 wraps
     np.testing.assert_array_equal(y, (wrapped.astype(np.float32) - np.float32(-3)) * np.float32(0.0371))
+
+
+# --- targets without an x86 int8 dot instruction -------------------------------------------------------------
+
+_GENERIC_X86_TARGET = {"kind": "llvm", "mcpu": "x86-64", "num-cores": 2}
+_AARCH64_TARGET = {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mattr": ["+neon"], "num-cores": 2}
+
+
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 9, 5), (5, 40, 130), (16, 64, 256)])
+def test_qgemm_generic_path_bit_exact(m: int, n: int, k: int) -> None:
+    """No dot intrinsic (plain x86-64): the vectorized int32 lanes, bit-exact, -128 weights included."""
+    model, feeds = _qgemm_case(m, n, k)
+    assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=_GENERIC_X86_TARGET), model, feeds)
+
+
+def test_aarch64_target_compiles_to_neon_without_x86_intrinsics() -> None:
+    """A NEON target: the generic kernels, compiled (not run here: another architecture), vector int32 code in the
+    LLVM IR, no x86 intrinsic, no float in the integer kernels."""
+    import tvm
+
+    from qcompiler.backends.tvm import int8_dot_isa
+
+    assert int8_dot_isa(tvm.target.Target(_AARCH64_TARGET)) == "generic"
+    model, _ = _qgemm_case(5, 40, 130)
+    module = build(model, {"x": [5, 130]}, target=_AARCH64_TARGET)
+    text = module.llvm_ir()
+    assert "aarch64" in text and "llvm.x86" not in text
+    assert "<4 x i32>" in text or "<8 x i32>" in text
+    assert not float_functions(text)
