@@ -321,6 +321,20 @@ class MatMulInteger(OF.OnnxOpConverter):
         zero_points = [z for z in inputs[2:] if z is not None]
         if zero_points or not _dtype(a) == _dtype(b) == "int8" or not _same_batch(a, b):
             return OF.MatMulInteger._impl_v10(bb, inputs, attr, params)
+        if _STATE.isa == "avx512vnni":
+            shape_a, shape_b = _static_shape(a, "MatMulInteger"), _static_shape(b, "MatMulInteger")
+            batch = int(np.prod(shape_a[:-2]))
+            a3 = bb.normalize(relax.op.reshape(a, [batch, *shape_a[-2:]]))
+            b3 = bb.normalize(relax.op.reshape(b, [batch, *shape_b[-2:]]))
+            offset = bb.emit_te(
+                kernels.batch_column_offset_compute, b3, primfunc_name_hint="qbatch_gemm_offset",
+                primfunc_attrs={KERNEL_ATTR: "column_sums"},
+            )  # fmt: skip
+            out = bb.emit_te(
+                kernels.batch_matmul_vnni_compute, a3, b3, offset, primfunc_name_hint="qbatch_gemm",
+                primfunc_attrs={KERNEL_ATTR: "batch_gemm_vnni"},
+            )  # fmt: skip
+            return relax.op.reshape(out, [*shape_a[:-1], shape_b[-1]])
         return bb.emit_te(
             kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
             primfunc_attrs={KERNEL_ATTR: "batch_matmul"},

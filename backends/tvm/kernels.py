@@ -389,3 +389,57 @@ def batch_matmul_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
         return te.sum(a[(*bi, i, k)].astype("int32") * b[(*bi, k, j)].astype("int32"), axis=k)
 
     return te.compute((*batch, int(a.shape[-2]), n), body, name="C")
+
+
+def batch_column_offset_compute(b: te.Tensor) -> te.Tensor:
+    """``-128 sum_k b[z, k, n]`` per batch and column, zero-padded to the 16-lane tile: the correction of the u8
+    offset in :func:`batch_matmul_vnni_compute` (a kernel of its own so the product's epilogue can read it)."""
+    batch, k_len, n = (int(d) for d in b.shape)
+    np_ = -(-n // ZMM_LANES) * ZMM_LANES
+    r = te.reduce_axis((0, k_len), name="r")
+    zero8 = tirx.const(0, "int8")
+    return te.compute(
+        (batch, np_),
+        lambda z, j: te.sum(
+            tirx.if_then_else(j < n, b[z, r, j], zero8).astype("int32") * tirx.const(-U8_OFFSET, "int32"), axis=r
+        ),
+        name="B_offset",
+    )
+
+
+def batch_matmul_vnni_compute(a: te.Tensor, b: te.Tensor, offset: te.Tensor) -> te.Tensor:
+    """``a[B, M, K] @ b[B, K, N]`` of two int8 activations on the u8 x s8 dot instruction (AVX-512 VNNI): ``b``
+    packed per call into the ``[Np/16, Kp/4, 16, 4]`` GEMM layout per batch, ``a`` offset to u8, and the offset's
+    contribution taken back out with ``offset`` (:func:`batch_column_offset_compute`); exact in int32."""
+    batch, m, k_len = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    lanes, kb = ZMM_LANES, 4
+    kp, np_ = -(-k_len // kb) * kb, -(-n // lanes) * lanes
+    zero8 = tirx.const(0, "int8")
+    a_u8 = te.compute(
+        (batch, m, kp),
+        lambda z, i, kk: (tirx.if_then_else(kk < k_len, a[z, i, kk], zero8).astype("int32") + U8_OFFSET).astype(
+            "uint8"
+        ),
+        name="A_pad",
+    )
+    packed = te.compute(
+        (batch, np_ // lanes, kp // kb, lanes, kb),
+        lambda z, jo, ko, ji, ki: tirx.if_then_else(
+            tirx.all(jo * lanes + ji < n, ko * kb + ki < k_len), b[z, ko * kb + ki, jo * lanes + ji], zero8
+        ),
+        name="B_pack",
+    )
+    kr = te.reduce_axis((0, kp), name="k")
+    acc = te.compute(
+        (batch, m, np_),
+        lambda z, i, j: te.sum(
+            a_u8[z, i, kr].astype("int32") * packed[z, j // lanes, kr // kb, j % lanes, kr % kb].astype("int32"),
+            axis=kr,
+        ),
+        name="C",
+    )
+    out = te.compute((batch, m, np_), lambda z, i, j: acc[z, i, j] + offset[z, j], name="requant")
+    if np_ == n:
+        return out
+    return te.compute((batch, m, n), lambda z, i, j: out[z, i, j], name="unpad")

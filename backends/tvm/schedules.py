@@ -187,6 +187,38 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
 
 
+def schedule_batch_gemm_vnni(sch: Schedule) -> None:
+    """The VNNI batched product (kernels.batch_matmul_vnni_compute): the GEMM register tile per batch, the
+    (batch, column block, row block) loop parallel; the per-call packing stages parallel over their rows."""
+    block = sch.get_sblock("C")
+    z, i, j, k = sch.get_loops(block)
+    rows, cols = _static(sch.get(i).extent), _static(sch.get(j).extent)
+    assert rows is not None and cols is not None
+    mr = next(v for v in (4, 2, 1) if rows % v == 0)
+    nr = next(v for v in (4, 2, 1) if (cols // 16) % v == 0)
+    io, ii = sch.split(i, [None, mr])
+    jo, jt, ji = sch.split(j, [None, nr, 16])
+    ko, ki = sch.split(k, [None, 4])
+    sch.reorder(z, jo, io, ko, ii, jt, ji, ki)
+    sch.set_scope(block, 0, "local")
+    epilogue = sch.get_sblock("requant")  # the offset correction, on the tile while it is in registers
+    sch.reverse_compute_at(epilogue, io)
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+    outer = sch.fuse(z, jo, io)
+    macs = _extent_product(sch, [outer, ii, jt, ji, ko, ki])
+    if macs is None or macs >= PARALLEL_MIN_MACS:
+        sch.parallel(outer)
+    init = sch.decompose_reduction(block, ko)
+    sch.vectorize(sch.get_loops(init)[-1])
+    loops = sch.get_loops(sch.get_sblock("C_update"))
+    sch.unroll(loops[-3])
+    sch.unroll(loops[-4])
+    sch.tensorize(loops[-2], intrinsics.VNNI_DOT_16X4_U8S8)
+    for name in ("A_pad", "B_pack", "unpad"):
+        if name in _block_names(sch):
+            _parallel_elementwise(sch, name, vector=False)
+
+
 def schedule_rowwise(sch: Schedule) -> None:
     """Per-row kernels (softmax, LayerNorm/RMSNorm): every stage moved under the row loop of the last one, so a
     row's intermediates stay in cache, and the rows run in parallel."""
@@ -283,6 +315,10 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)
+        elif kind == "batch_gemm_vnni":
+            schedule_batch_gemm_vnni(sch)
+        elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial
+            _parallel_elementwise(sch, _block_names(sch)[0], vector=False)
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)

@@ -440,9 +440,15 @@ def _matmul_integer_model(shape_a, shape_b, zero_point: int | None = None):
     [((8, 12, 32, 32), (8, 12, 32, 32)), ((2, 3, 5, 7), (2, 3, 7, 9)), ((1, 3, 128, 64), (1, 3, 64, 96)),
      ((1, 1), (1, 1)), ((4, 5), (5, 3)), ((3, 33, 16), (3, 16, 48)), ((2, 6, 8), (2, 8, 80))],
 )  # fmt: skip
-def test_batched_matmul_integer_bit_exact(shape_a, shape_b) -> None:
-    """The scheduled batched kernel (odd M, K, N; N above the 64-column tile; no batch) against int64 numpy."""
-    module = build(_matmul_integer_model(shape_a, shape_b), {"a": list(shape_a), "b": list(shape_b)})
+@pytest.mark.parametrize("target", [_AVX2_TARGET, _VNNI_TARGET], ids=["avx2", "avx512vnni"])
+def test_batched_matmul_integer_bit_exact(shape_a, shape_b, target) -> None:
+    """The scheduled batched kernels (int32 lanes; VNNI: per-call packing, u8 offset) on odd M, K, N, N above
+    the 64-column tile, no batch, against int64 numpy, where the host runs the target's code."""
+    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
+    if not needed <= host_cpu_features():
+        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+    shapes = {"a": list(shape_a), "b": list(shape_b)}
+    module = build(_matmul_integer_model(shape_a, shape_b), shapes, target=target)
     rng = np.random.default_rng(sum(shape_a) + sum(shape_b))
     for a, b in [
         (rng.integers(-128, 128, shape_a), rng.integers(-128, 128, shape_b)),
@@ -455,9 +461,13 @@ def test_batched_matmul_integer_bit_exact(shape_a, shape_b) -> None:
 
 
 def test_batched_matmul_integer_kernel_is_scheduled_and_zero_points_fall_back() -> None:
-    """No zero point: our tagged kernel (vectorized int32 lanes in the IR); a zero point: TVM's converter, exact."""
-    module = build(_matmul_integer_model((4, 16, 32), (4, 32, 32)), {"a": [4, 16, 32], "b": [4, 32, 32]})
-    assert "qbatch_matmul" in module.llvm_ir() and "<16 x i32>" in module.llvm_ir()
+    """No zero point: our tagged kernels (int32 lanes; vpdpbusd on a VNNI target); a zero point: TVM's
+    converter, exact."""
+    model, shapes = _matmul_integer_model((4, 16, 32), (4, 32, 32)), {"a": [4, 16, 32], "b": [4, 32, 32]}
+    lanes = build(model, shapes, target=_AVX2_TARGET).llvm_ir()
+    assert "qbatch_matmul" in lanes and "<16 x i32>" in lanes and "vpdpbusd" not in lanes
+    vnni = build(model, shapes, target=_VNNI_TARGET).llvm_ir()
+    assert "qbatch_gemm" in vnni and "llvm.x86.avx512.vpdpbusd.512" in vnni and not float_functions(vnni)
     model = _matmul_integer_model((2, 3, 5), (2, 5, 4), zero_point=3)
     module = build(model, {"a": [2, 3, 5], "b": [2, 5, 4]})
     rng = np.random.default_rng(5)
