@@ -349,6 +349,9 @@ class MatMul(OF.OnnxOpConverter):
     def _impl_v13(cls, bb, inputs, attr, params):
         a, b = inputs
         if _dtype(a) == _dtype(b) == "int32" and _same_batch(a, b):
+            narrow = [_widened_from(bb, x) for x in (a, b)]
+            if _STATE.isa == "avx512vnni" and all(x is not None for x in narrow):
+                return _batched(bb, narrow[0], narrow[1], kernels.batch_matmul_vnni16_compute, "batch_gemm_vnni16")
             return bb.emit_te(
                 kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
                 primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
@@ -357,6 +360,26 @@ class MatMul(OF.OnnxOpConverter):
 
     _impl_v1 = _impl_v13
     _impl_v9 = _impl_v13
+
+
+def _widened_from(bb: relax.BlockBuilder, value: relax.Expr) -> relax.Expr | None:
+    """The int8 or int16 tensor ``value`` was cast from (the lowering widens products' operands), else None."""
+    binding = bb.lookup_binding(value) if isinstance(value, relax.Var) else value
+    if isinstance(binding, relax.Call) and binding.op == tvm.ir.Op.get("relax.astype"):
+        source = binding.args[0]
+        if _dtype(source) in ("int8", "int16"):
+            return source
+    return None
+
+
+def _batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, compute, kind: str) -> relax.Expr:
+    """A batched product kernel on ``[batch, M, K] x [batch, K, N]`` views of equal-batch operands."""
+    shape_a, shape_b = _static_shape(a, "MatMul"), _static_shape(b, "MatMul")
+    batch = int(np.prod(shape_a[:-2]))
+    a3 = bb.normalize(relax.op.reshape(a, [batch, *shape_a[-2:]]))
+    b3 = bb.normalize(relax.op.reshape(b, [batch, *shape_b[-2:]]))
+    out = bb.emit_te(compute, a3, b3, primfunc_name_hint="qbatch_gemm", primfunc_attrs={KERNEL_ATTR: kind})
+    return relax.op.reshape(out, [*shape_a[:-1], shape_b[-1]])
 
 
 def _same_batch(a: relax.Expr, b: relax.Expr) -> bool:

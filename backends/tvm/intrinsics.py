@@ -6,7 +6,8 @@ symmetric weight quantizer produces). ``i16``: sign-extend to int16 then vpmaddw
 ``s8s16``: the same against int16 weights (int4 codes times their integer group scale: ``QGemmInt4``).
 ``vnni``: one 512-bit vpdpbusd (AVX-512 VNNI): sixteen lanes, each plus four u8 x s8 products, straight into
 int32 with no int16 pair sums to saturate; the activations arrive offset to u8 (``a + 128``) and the offset is
-compensated in the bias (kernels.py), so it is exact for every int8 weight.
+compensated in the bias (kernels.py), so it is exact for every int8 weight. ``vnni s16``: one 512-bit vpdpwssd,
+two int16 x int16 products per lane into int32 (attention's int16 probabilities times values).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ AVX2_DOT_8X4_PSIGN = "qcompiler_avx2_dot_8x4_s8s8s32_psign"
 AVX2_DOT_8X2_I16 = "qcompiler_avx2_dot_8x2_s8s8s32_i16"
 AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
 VNNI_DOT_16X4_U8S8 = "qcompiler_avx512vnni_dot_16x4_u8s8s32"
+VNNI_DOT_16X2_S16S16 = "qcompiler_avx512vnni_dot_16x2_s16s16s32"
 
 
 @T.prim_func(s_tir=True)
@@ -112,6 +114,41 @@ def _dot16x4_vnni_impl(
 
 
 @T.prim_func(s_tir=True)
+def _dot16x2_s16_desc(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int16", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        for i in T.serial(0, 16):
+            for k in T.serial(0, 2):
+                with T.sblock("update"):
+                    vi, vk = T.axis.remap("SR", [i, k])
+                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+
+@T.prim_func(s_tir=True)
+def _dot16x2_s16_vnni_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((16, 2), "int16", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # vpdpwssd zmm: sixteen int32 lanes, each plus the two int16 x int16 products of its pair, no saturation
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
+            C[T.ramp(T.int32(0), 1, 16)],
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16), dtype="int16x32"),
+            B.vload([0, 0], dtype="int16x32"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
 def _dot8x2_desc(
     A: T.Buffer((2,), "int8", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -189,3 +226,4 @@ TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot8x4_desc, _dot8x4_psign_impl, over
 TensorIntrin.register(AVX2_DOT_8X2_I16, _dot8x2_desc, _dot8x2_i16_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot8x2_s16_desc, _dot8x2_s16_impl, override=True)
 TensorIntrin.register(VNNI_DOT_16X4_U8S8, _dot16x4_u8_desc, _dot16x4_vnni_impl, override=True)
+TensorIntrin.register(VNNI_DOT_16X2_S16S16, _dot16x2_s16_desc, _dot16x2_s16_vnni_impl, override=True)

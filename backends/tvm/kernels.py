@@ -443,3 +443,41 @@ def batch_matmul_vnni_compute(a: te.Tensor, b: te.Tensor, offset: te.Tensor) -> 
     if np_ == n:
         return out
     return te.compute((batch, m, n), lambda z, i, j: out[z, i, j], name="unpad")
+
+
+def batch_matmul_vnni16_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """``a[B, M, K] @ b[B, K, N]`` with int16 (or int8) operands on AVX-512 VNNI's int16 pair instruction: ``b``
+    widened to int16 and packed per call into ``[Np/16, Kp/2, 16, 2]``; the int32 sum (what the lowering bounds
+    for probabilities times values) exactly as the int32 MatMul computes it."""
+    batch, m, k_len = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    lanes, kb = ZMM_LANES, 2
+    kp, np_ = -(-k_len // kb) * kb, -(-n // lanes) * lanes
+    zero16 = tirx.const(0, "int16")
+    a16 = te.compute(
+        (batch, m, kp),
+        lambda z, i, kk: tirx.if_then_else(kk < k_len, a[z, i, kk].astype("int16"), zero16),
+        name="A_pad",
+    )
+    packed = te.compute(
+        (batch, np_ // lanes, kp // kb, lanes, kb),
+        lambda z, jo, ko, ji, ki: tirx.if_then_else(
+            tirx.all(jo * lanes + ji < n, ko * kb + ki < k_len),
+            b[z, ko * kb + ki, jo * lanes + ji].astype("int16"),
+            zero16,
+        ),
+        name="B_pack",
+    )
+    kr = te.reduce_axis((0, kp), name="k")
+    acc = te.compute(
+        (batch, m, np_),
+        lambda z, i, j: te.sum(
+            a16[z, i, kr].astype("int32") * packed[z, j // lanes, kr // kb, j % lanes, kr % kb].astype("int32"),
+            axis=kr,
+        ),
+        name="C",
+    )
+    out = te.compute((batch, m, np_), lambda z, i, j: acc[z, i, j], name="requant")
+    if np_ == n:
+        return out
+    return te.compute((batch, m, n), lambda z, i, j: out[z, i, j], name="unpad")

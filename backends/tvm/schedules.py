@@ -187,7 +187,7 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
 
 
-def schedule_batch_gemm_vnni(sch: Schedule) -> None:
+def schedule_batch_gemm_vnni(sch: Schedule, kb: int = 4) -> None:
     """The VNNI batched product (kernels.batch_matmul_vnni_compute): the GEMM register tile per batch, the
     (batch, column block, row block) loop parallel; the per-call packing stages parallel over their rows."""
     block = sch.get_sblock("C")
@@ -198,7 +198,7 @@ def schedule_batch_gemm_vnni(sch: Schedule) -> None:
     nr = next(v for v in (4, 2, 1) if (cols // 16) % v == 0)
     io, ii = sch.split(i, [None, mr])
     jo, jt, ji = sch.split(j, [None, nr, 16])
-    ko, ki = sch.split(k, [None, 4])
+    ko, ki = sch.split(k, [None, kb])
     sch.reorder(z, jo, io, ko, ii, jt, ji, ki)
     sch.set_scope(block, 0, "local")
     epilogue = sch.get_sblock("requant")  # the offset correction, on the tile while it is in registers
@@ -213,7 +213,7 @@ def schedule_batch_gemm_vnni(sch: Schedule) -> None:
     loops = sch.get_loops(sch.get_sblock("C_update"))
     sch.unroll(loops[-3])
     sch.unroll(loops[-4])
-    sch.tensorize(loops[-2], intrinsics.VNNI_DOT_16X4_U8S8)
+    sch.tensorize(loops[-2], intrinsics.VNNI_DOT_16X4_U8S8 if kb == 4 else intrinsics.VNNI_DOT_16X2_S16S16)
     for name in ("A_pad", "B_pack", "unpad"):
         if name in _block_names(sch):
             _parallel_elementwise(sch, name, vector=False)
@@ -317,6 +317,8 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
             schedule_batch_matmul(sch)
         elif kind == "batch_gemm_vnni":
             schedule_batch_gemm_vnni(sch)
+        elif kind == "batch_gemm_vnni16":
+            schedule_batch_gemm_vnni(sch, kb=2)
         elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial
             _parallel_elementwise(sch, _block_names(sch)[0], vector=False)
         elif kind == "elementwise":

@@ -476,10 +476,15 @@ def test_batched_matmul_integer_kernel_is_scheduled_and_zero_points_fall_back() 
     np.testing.assert_array_equal(module.run({"a": a, "b": b})[0], expected)
 
 
-def test_int32_matmul_and_output_dequantize_kernels_match_onnx() -> None:
-    """The lowering's widened int16 x int8 product (an int32 MatMul) and the per-tensor output DequantizeLinear:
-    our scheduled kernels, equal to numpy (int64 sums; float32 ``(x - z) * s``)."""
-    shape_a, shape_b = (1, 3, 40, 24), (1, 3, 24, 16)
+@pytest.mark.parametrize("target", [_AVX2_TARGET, _VNNI_TARGET], ids=["avx2", "avx512vnni"])
+@pytest.mark.parametrize(("shape_a", "shape_b"), [((1, 3, 40, 24), (1, 3, 24, 16)), ((2, 5, 7), (2, 7, 33))])
+def test_int32_matmul_and_output_dequantize_kernels_match_onnx(shape_a, shape_b, target) -> None:
+    """The lowering's widened int16 x int8 product (an int32 MatMul; on VNNI the int16 pair kernel on the
+    un-widened operands) and the per-tensor output DequantizeLinear: our scheduled kernels, equal to numpy (int32
+    sums; float32 ``(x - z) * s``)."""
+    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
+    if not needed <= host_cpu_features():
+        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
     graph = helper.make_graph(
         [helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.INT32),
          helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.INT32),
@@ -495,8 +500,13 @@ def test_int32_matmul_and_output_dequantize_kernels_match_onnx() -> None:
          numpy_helper.from_array(np.array(-3, np.int8), "z")],
     )  # fmt: skip
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    module = build(model, {"a": list(shape_a), "b": list(shape_b)})
-    assert "qbatch_matmul" in module.llvm_ir() and "dequantize_output" in module.llvm_ir()
+    module = build(model, {"a": list(shape_a), "b": list(shape_b)}, target=target)
+    text = module.llvm_ir()
+    assert "dequantize_output" in text
+    if target is _VNNI_TARGET:
+        assert "qbatch_gemm" in text and "llvm.x86.avx512.vpdpwssd.512" in text
+    else:
+        assert "qbatch_matmul" in text
     rng = np.random.default_rng(11)
     a = rng.integers(0, 2**15, shape_a).astype(np.int16)
     b = rng.integers(-128, 128, shape_b).astype(np.int8)
