@@ -1,9 +1,12 @@
 """Hand schedules for the fused integer kernels, applied to PrimFuncs tagged by the importer.
 
-The GEMM schedule (also the core of the im2col convolution): an ``mr x (nr*8)`` register tile of int32
-accumulators streamed over K, the inner ``8 x KB`` block tensorized with an AVX2 dot intrinsic, the
-requantize epilogue computed on the tile while it is still in registers, the (column-block, row-block)
-loop parallel over cores. Every other tagged kernel gets a parallel outer loop and a vectorized inner one.
+The GEMM schedule (also the core of the im2col convolution): an ``mr x (nr*L)`` register tile of int32
+accumulators streamed over K, the inner ``L x KB`` block tensorized with a dot intrinsic (AVX2: L = 8; AVX-512
+VNNI: L = 16), the requantize epilogue computed on the tile while it is still in registers, the (column-block,
+row-block) loop parallel over cores. Attention's batched products get the same tile on VNNI (operands packed per
+call) or a broadcast-times-row tile of int32 lanes; row-wise kernels run every stage under their row loop;
+elementwise kernels get a parallel outer loop and a vectorized inner one; TVM's own kernels, after legalization
+and fusion, are inlined into ours or given the elementwise schedule.
 """
 
 from __future__ import annotations
@@ -201,7 +204,7 @@ def schedule_batch_gemm_vnni(sch: Schedule, kb: int = 4) -> None:
     ko, ki = sch.split(k, [None, kb])
     sch.reorder(z, jo, io, ko, ii, jt, ji, ki)
     sch.set_scope(block, 0, "local")
-    epilogue = sch.get_sblock("requant")  # the offset correction, on the tile while it is in registers
+    epilogue = sch.get_sblock("requant")  # on the tile while it is in registers (u8 operands: the offset correction)
     sch.reverse_compute_at(epilogue, io)
     sch.vectorize(sch.get_loops(epilogue)[-1])
     outer = sch.fuse(z, jo, io)

@@ -188,9 +188,19 @@ def llvm_functions(llvm_ir: str) -> dict[str, str]:
 
 
 def float_functions(llvm_ir: str) -> dict[str, list[str]]:
-    """Functions of an LLVM IR module that use floating point, with the float instructions each uses."""
-    return {
-        name: sorted({m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)})
-        for name, body in llvm_functions(llvm_ir).items()
-        if name not in _FP16_HELPERS and FLOAT_INSTRUCTIONS.search(body)
-    }
+    """Functions of an LLVM IR module that use floating point, with the float instructions each uses.
+
+    The body of a parallel loop is a function of its own (``__tvm_parallel_lambda.N``); it is reported as
+    ``kernel/__tvm_parallel_lambda.N`` after the kernel that launches it, so a check can tell whose it is."""
+    functions = llvm_functions(llvm_ir)
+    found = {}
+    for name, body in functions.items():
+        if name in _FP16_HELPERS or not FLOAT_INSTRUCTIONS.search(body):
+            continue
+        label = name
+        if name.startswith("__tvm_parallel_lambda"):
+            reference = re.compile(rf"@\"?{re.escape(name)}\"?(?![\w.$])")
+            parents = [other for other, text in functions.items() if other != name and reference.search(text)]
+            label = "/".join([*parents, name])
+        found[label] = sorted({m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)})
+    return found

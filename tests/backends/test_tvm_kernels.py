@@ -544,3 +544,31 @@ def test_aarch64_target_compiles_to_neon_without_x86_intrinsics() -> None:
     assert "aarch64" in text and "llvm.x86" not in text
     assert "<4 x i32>" in text or "<8 x i32>" in text
     assert not float_functions(text)
+
+
+def test_float_check_names_the_kernel_that_launches_a_parallel_loop() -> None:
+    """A parallel loop's body is its own LLVM function: the check reports it under the kernel that launches it
+    (the output dequantize may use float; an integer kernel's loop body may not), and it is never fooled by a
+    lambda whose name extends another's."""
+    text = """
+define i32 @dequantize_output_compute_(ptr %0) {
+  %r = call i32 @TVMBackendParallelLaunch(ptr @__tvm_parallel_lambda, ptr %0, i32 0)
+  ret i32 %r
+}
+define i32 @qgemm_compute_(ptr %0) {
+  %r = call i32 @TVMBackendParallelLaunch(ptr @__tvm_parallel_lambda.7, ptr %0, i32 0)
+  ret i32 %r
+}
+define i32 @__tvm_parallel_lambda(i32 %0) {
+  %f = sitofp i32 %0 to float
+  ret i32 0
+}
+define i32 @__tvm_parallel_lambda.7(i32 %0) {
+  %f = fmul float 1.0, 2.0
+  ret i32 0
+}
+"""
+    assert float_functions(text) == {
+        "dequantize_output_compute_/__tvm_parallel_lambda": ["float", "sitofp"],
+        "qgemm_compute_/__tvm_parallel_lambda.7": ["float", "fmul"],
+    }
