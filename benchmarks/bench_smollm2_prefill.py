@@ -16,20 +16,15 @@ from __future__ import annotations
 
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-import onnx
-import onnx_ir as ir
-import onnxruntime as ort
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import median_seconds, print_table, save
+from common import median_seconds, onnxruntime_float_and_dynamic, print_table, save
 
 import qcompiler
-from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
 from qcompiler.testing.llm import WINDOW, ModelUnavailableError, load_smollm2, perplexity
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
@@ -49,23 +44,12 @@ def main() -> None:
     example = (torch.from_numpy(prompt),)
 
     start = time.perf_counter()
-    compiled = qcompiler.compile(
-        smol.logits_module(), "llvm", example_inputs=example, calibration=calibration, recipe="w8a8-llm",
-        progress=False,
-    )  # fmt: skip
-    compile_s = time.perf_counter() - start
-
-    float_proto = ir.serde.serialize_model(qcompiler.ir.load(smol.logits_module(), example_inputs=example))
-    float_proto.ir_version = min(float_proto.ir_version, ORT_MAX_IR_VERSION)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    with tempfile.TemporaryDirectory() as folder:
-        onnx.save(float_proto, f"{folder}/float.onnx", save_as_external_data=True)
-        session = ort.InferenceSession(f"{folder}/float.onnx", options, providers=["CPUExecutionProvider"])
-        quantize_dynamic(f"{folder}/float.onnx", f"{folder}/dynamic.onnx", weight_type=QuantType.QInt8)
-        dynamic = ort.InferenceSession(f"{folder}/dynamic.onnx", options, providers=["CPUExecutionProvider"])
+    model = qcompiler.ir.load(smol.logits_module(), example_inputs=example)
+    export_s = time.perf_counter() - start
+    session, dynamic = onnxruntime_float_and_dynamic(model, THREADS)  # before compile: the float graph
+    start = time.perf_counter()
+    compiled = qcompiler.compile(model, "llvm", calibration=calibration, recipe="w8a8-llm", progress=False)
+    compile_s = export_s + time.perf_counter() - start
     input_name = session.get_inputs()[0].name
 
     runs = {

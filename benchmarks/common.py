@@ -54,3 +54,27 @@ def save(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = N
     }
     path.write_text(json.dumps(payload, indent=2))
     return path
+
+
+def onnxruntime_float_and_dynamic(float_model: Any, threads: int) -> tuple[Any, Any]:
+    """onnxruntime sessions (``threads`` intra-op threads) for a float ``onnx_ir`` model and for onnxruntime's own
+    ``quantize_dynamic`` int8 model of it (QInt8 weights): the baselines of the model benchmarks."""
+    import tempfile
+
+    import onnx
+    import onnx_ir as ir
+    import onnxruntime as ort
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
+
+    proto = ir.serde.serialize_model(float_model)
+    proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    with tempfile.TemporaryDirectory() as folder:
+        onnx.save(proto, f"{folder}/float.onnx", save_as_external_data=True)
+        session = ort.InferenceSession(f"{folder}/float.onnx", options, providers=["CPUExecutionProvider"])
+        quantize_dynamic(f"{folder}/float.onnx", f"{folder}/dynamic.onnx", weight_type=QuantType.QInt8)
+        dynamic = ort.InferenceSession(f"{folder}/dynamic.onnx", options, providers=["CPUExecutionProvider"])
+    return session, dynamic

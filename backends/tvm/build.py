@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -22,16 +23,17 @@ from qcompiler.errors import TargetError
 logger = logging.getLogger(__name__)
 
 
-def host_cpu_features() -> set[str]:
+@functools.cache
+def host_cpu_features() -> frozenset[str]:
     """x86 feature flags of this machine (empty off Linux/x86)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple[tvm.target.Target, bool]:
@@ -64,7 +66,7 @@ def _foreign(target: tvm.target.Target) -> bool:
     return bool(triple) and not triple.startswith(("x86_64", "i386", "i686", "amd64"))
 
 
-#: CPUs with AVX-512 VNNI and VL (the 256-bit vpdpbusd the int8 GEMM uses)
+#: CPUs with AVX-512 VNNI (the 512-bit vpdpbusd / vpdpwssd the int8 GEMMs use)
 _VNNI_MCPUS = (
     "cascadelake", "cooperlake", "icelake", "tigerlake", "rocketlake", "sapphirerapids", "emeraldrapids",
     "graniterapids", "znver4", "znver5",
@@ -186,7 +188,7 @@ def build(
     ``tune``: search the GEMM register tile of every int8 GEMM shape on this machine (tuning.py), reusing and
     extending ``tile_cache`` (default: the on-disk cache); without it the default tiles, and no cache is read.
     """
-    tvm_target, use_avx2 = resolve_target(target)
+    tvm_target, _ = resolve_target(target)
     isa = int8_dot_isa(tvm_target)
     static = {k: list(v) for k, v in shapes.items()}
     gemms: set[tuple[int, int, int, int]] = set()
@@ -197,7 +199,7 @@ def build(
             cache = tile_cache if tile_cache is not None else tuning.TileCache()
             tiles = _tuned_tiles(gemms, tvm_target, isa, cache)
             mod = importer.import_onnx(model, static, isa=isa, tiles=tiles)
-    mod = schedules.schedule_module(mod, use_avx2)
+    mod = schedules.schedule_module(mod, use_avx2=isa != "generic")
     with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
         mod = tvm.transform.Sequential(
             cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)

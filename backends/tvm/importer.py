@@ -27,7 +27,6 @@ from qcompiler.backends.tvm.schedules import (
     MR_ATTR,
     NR_ATTR,
     ROW_TILE_ATTR,
-    U8_ATTR,
     WEIGHT_DTYPE_ATTR,
 )
 from qcompiler.backends.tvm.tuning import Tile
@@ -71,8 +70,7 @@ def _epilogue(attr: dict) -> dict[str, int]:
 
 
 def _gemm_attrs(plan: kernels.GemmPlan, tile: Tile | None = None) -> dict[str, object]:
-    attrs: dict[str, object] = {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes,
-                                U8_ATTR: int(plan.u8_activations)}  # fmt: skip
+    attrs: dict[str, object] = {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes}
     if tile is not None:
         attrs[MR_ATTR] = tile.mr
     return attrs
@@ -322,23 +320,8 @@ class MatMulInteger(OF.OnnxOpConverter):
         if zero_points or not _dtype(a) == _dtype(b) == "int8" or not _same_batch(a, b):
             return OF.MatMulInteger._impl_v10(bb, inputs, attr, params)
         if _STATE.isa == "avx512vnni":
-            shape_a, shape_b = _static_shape(a, "MatMulInteger"), _static_shape(b, "MatMulInteger")
-            batch = int(np.prod(shape_a[:-2]))
-            a3 = bb.normalize(relax.op.reshape(a, [batch, *shape_a[-2:]]))
-            b3 = bb.normalize(relax.op.reshape(b, [batch, *shape_b[-2:]]))
-            offset = bb.emit_te(
-                kernels.batch_column_offset_compute, b3, primfunc_name_hint="qbatch_gemm_offset",
-                primfunc_attrs={KERNEL_ATTR: "column_sums"},
-            )  # fmt: skip
-            out = bb.emit_te(
-                kernels.batch_matmul_vnni_compute, a3, b3, offset, primfunc_name_hint="qbatch_gemm",
-                primfunc_attrs={KERNEL_ATTR: "batch_gemm_vnni"},
-            )  # fmt: skip
-            return relax.op.reshape(out, [*shape_a[:-1], shape_b[-1]])
-        return bb.emit_te(
-            kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
-            primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
-        )  # fmt: skip
+            return _vnni_batched(bb, a, b, u8=True)
+        return _lanes_batched(bb, a, b)
 
 
 class MatMul(OF.OnnxOpConverter):
@@ -349,13 +332,10 @@ class MatMul(OF.OnnxOpConverter):
     def _impl_v13(cls, bb, inputs, attr, params):
         a, b = inputs
         if _dtype(a) == _dtype(b) == "int32" and _same_batch(a, b):
-            narrow = [_widened_from(bb, x) for x in (a, b)]
-            if _STATE.isa == "avx512vnni" and all(x is not None for x in narrow):
-                return _batched(bb, narrow[0], narrow[1], kernels.batch_matmul_vnni16_compute, "batch_gemm_vnni16")
-            return bb.emit_te(
-                kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
-                primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
-            )  # fmt: skip
+            narrow_a, narrow_b = _widened_from(bb, a), _widened_from(bb, b)
+            if _STATE.isa == "avx512vnni" and narrow_a is not None and narrow_b is not None:
+                return _vnni_batched(bb, narrow_a, narrow_b, u8=False)
+            return _lanes_batched(bb, a, b)
         return OF.MatMul._impl_v13(bb, inputs, attr, params)
 
     _impl_v1 = _impl_v13
@@ -372,13 +352,39 @@ def _widened_from(bb: relax.BlockBuilder, value: relax.Expr) -> relax.Expr | Non
     return None
 
 
-def _batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, compute, kind: str) -> relax.Expr:
-    """A batched product kernel on ``[batch, M, K] x [batch, K, N]`` views of equal-batch operands."""
+def _lanes_batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr) -> relax.Expr:
+    """The batched product on int32 lanes (any target)."""
+    return bb.emit_te(
+        kernels.batch_matmul_compute,
+        a,
+        b,
+        primfunc_name_hint="qbatch_matmul",
+        primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
+    )
+
+
+def _vnni_batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, *, u8: bool) -> relax.Expr:
+    """The batched product on a VNNI dot instruction (kernels.batch_matmul_vnni_compute), on ``[batch, M, K] x
+    [batch, K, N]`` views: int8 operands on u8 x s8 with the offset's column sums from a kernel of their own
+    (``u8``), else int16 pairs. Scheduled as a GEMM whose batch loop joins the parallel one."""
     shape_a, shape_b = _static_shape(a, "MatMul"), _static_shape(b, "MatMul")
     batch = int(np.prod(shape_a[:-2]))
     a3 = bb.normalize(relax.op.reshape(a, [batch, *shape_a[-2:]]))
     b3 = bb.normalize(relax.op.reshape(b, [batch, *shape_b[-2:]]))
-    out = bb.emit_te(compute, a3, b3, primfunc_name_hint="qbatch_gemm", primfunc_attrs={KERNEL_ATTR: kind})
+    args = [a3, b3]
+    if u8:
+        args.append(
+            bb.emit_te(
+                kernels.batch_column_offset_compute,
+                b3,
+                primfunc_name_hint="qbatch_gemm_offset",
+                primfunc_attrs={KERNEL_ATTR: "column_sums"},
+            )
+        )
+    columns = -(-shape_b[-1] // kernels.ZMM_LANES)
+    attrs = {KERNEL_ATTR: "gemm", KB_ATTR: 4 if u8 else 2, LANES_ATTR: kernels.ZMM_LANES,
+             NR_ATTR: next(v for v in (4, 2, 1) if columns % v == 0)}  # fmt: skip
+    out = bb.emit_te(kernels.batch_matmul_vnni_compute, *args, primfunc_name_hint="qbatch_gemm", primfunc_attrs=attrs)
     return relax.op.reshape(out, [*shape_a[:-1], shape_b[-1]])
 
 

@@ -12,6 +12,7 @@ two int16 x int16 products per lane into int32 (attention's int16 probabilities 
 
 from __future__ import annotations
 
+from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
@@ -22,20 +23,50 @@ VNNI_DOT_16X4_U8S8 = "qcompiler_avx512vnni_dot_16x4_u8s8s32"
 VNNI_DOT_16X2_S16S16 = "qcompiler_avx512vnni_dot_16x2_s16s16s32"
 
 
-@T.prim_func(s_tir=True)
-def _dot8x4_desc(
-    A: T.Buffer((4,), "int8", offset_factor=1),
-    B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+def _dot_desc(lanes: int, kb: int, a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
+    """What every dot intrinsic computes: ``C[i] += sum_k A[k] * B[i, k]`` in int32, ``lanes`` x ``kb``."""
+
+    @T.prim_func(s_tir=True)
+    def desc(
+        A: T.Buffer((kb,), a_dtype, offset_factor=1),
+        B: T.Buffer((lanes, kb), b_dtype, offset_factor=1),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:lanes], A[0:kb], B[0:lanes, 0:kb])
+            T.writes(C[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, kb):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
+
+    return desc
+
+
+def _vnni_impl(instruction: str, kb: int, a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
+    """One 512-bit VNNI dot (``vpdpbusd``: u8 x s8 groups of 4; ``vpdpwssd``: int16 pairs): sixteen int32 lanes,
+    each plus the ``kb`` products of its group, no saturation; ``A``'s group broadcast to every lane."""
+    a_group, b_block = f"{a_dtype}x{kb}", f"{b_dtype}x{16 * kb}"  # A's group is broadcast as a B-typed vector
+
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((kb,), a_dtype, offset_factor=1),
+        B: T.Buffer((16, kb), b_dtype, offset_factor=1),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:16], A[0:kb], B[0:16, 0:kb])
+            T.writes(C[0:16])
+            C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id(instruction),
+                C[T.ramp(T.int32(0), 1, 16)],
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], a_group), dtype="int32"), 16), dtype=b_block),
+                B.vload([0, 0], dtype=b_block),
+                dtype="int32x16",
+            )
+
+    return impl
 
 
 @T.prim_func(s_tir=True)
@@ -79,92 +110,6 @@ def _dot8x4_psign_impl(
 
 
 @T.prim_func(s_tir=True)
-def _dot16x4_u8_desc(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 4):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _dot16x4_vnni_impl(
-    A: T.Buffer((4,), "uint8", offset_factor=1),
-    B: T.Buffer((16, 4), "int8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    # vpdpbusd zmm: sixteen int32 lanes, each plus the four u8 x s8 products of its 4-byte group, no saturation
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
-            C[T.ramp(T.int32(0), 1, 16)],
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "uint8x4"), dtype="int32"), 16), dtype="int8x64"),
-            B.vload([0, 0], dtype="int8x64"),
-            dtype="int32x16",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _dot16x2_s16_desc(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int16", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        for i in T.serial(0, 16):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
-def _dot16x2_s16_vnni_impl(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((16, 2), "int16", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    # vpdpwssd zmm: sixteen int32 lanes, each plus the two int16 x int16 products of its pair, no saturation
-    with T.sblock("root"):
-        T.reads(C[0:16], A[0:2], B[0:16, 0:2])
-        T.writes(C[0:16])
-        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpwssd.512"),
-            C[T.ramp(T.int32(0), 1, 16)],
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 16), dtype="int16x32"),
-            B.vload([0, 0], dtype="int16x32"),
-            dtype="int32x16",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _dot8x2_desc(
-    A: T.Buffer((2,), "int8", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
-
-
-@T.prim_func(s_tir=True)
 def _dot8x2_i16_impl(
     A: T.Buffer((2,), "int8", offset_factor=1),
     B: T.Buffer((8, 2), "int8", offset_factor=1),
@@ -182,22 +127,6 @@ def _dot8x2_i16_impl(
             T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
             dtype="int32x8",
         )
-
-
-@T.prim_func(s_tir=True)
-def _dot8x2_s16_desc(
-    A: T.Buffer((2,), "int8", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        for i in T.serial(0, 8):
-            for k in T.serial(0, 2):
-                with T.sblock("update"):
-                    vi, vk = T.axis.remap("SR", [i, k])
-                    C[vi] = C[vi] + T.cast(A[vk], "int32") * T.cast(B[vi, vk], "int32")
 
 
 @T.prim_func(s_tir=True)
@@ -222,8 +151,18 @@ def _dot8x2_s16_impl(
         )
 
 
-TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot8x4_desc, _dot8x4_psign_impl, override=True)
-TensorIntrin.register(AVX2_DOT_8X2_I16, _dot8x2_desc, _dot8x2_i16_impl, override=True)
-TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot8x2_s16_desc, _dot8x2_s16_impl, override=True)
-TensorIntrin.register(VNNI_DOT_16X4_U8S8, _dot16x4_u8_desc, _dot16x4_vnni_impl, override=True)
-TensorIntrin.register(VNNI_DOT_16X2_S16S16, _dot16x2_s16_desc, _dot16x2_s16_vnni_impl, override=True)
+TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot_desc(8, 4, "int8", "int8"), _dot8x4_psign_impl, override=True)
+TensorIntrin.register(AVX2_DOT_8X2_I16, _dot_desc(8, 2, "int8", "int8"), _dot8x2_i16_impl, override=True)
+TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot_desc(8, 2, "int8", "int16"), _dot8x2_s16_impl, override=True)
+TensorIntrin.register(
+    VNNI_DOT_16X4_U8S8,
+    _dot_desc(16, 4, "uint8", "int8"),
+    _vnni_impl("llvm.x86.avx512.vpdpbusd.512", 4, "uint8", "int8"),
+    override=True,
+)
+TensorIntrin.register(
+    VNNI_DOT_16X2_S16S16,
+    _dot_desc(16, 2, "int16", "int16"),
+    _vnni_impl("llvm.x86.avx512.vpdpwssd.512", 2, "int16", "int16"),
+    override=True,
+)

@@ -62,15 +62,16 @@ def plan_gemm(
     n, k = weight_nk.shape
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     if isa == "avx512vnni":
-        nr = nr or max(1, min(VNNI_NR, -(-n // ZMM_LANES)))
+        nr = nr or default_nr(n, ZMM_LANES)
         return GemmPlan(n=n, k=k, kb=4, nr=nr, hi32_epilogue=hi32, lanes=ZMM_LANES, u8_activations=True)
     psign_ok = bool(weight_nk.min(initial=0) >= -127) if exact_psign is None else exact_psign
-    nr = nr or max(1, min(4, -(-n // LANES)))
+    nr = nr or default_nr(n, LANES)
     return GemmPlan(n=n, k=k, kb=4 if psign_ok else 2, nr=nr, hi32_epilogue=hi32)
 
 
-#: zmm accumulators per row of the default VNNI register tile (times 4 rows: 16 of the 32 zmm registers)
-VNNI_NR = 4
+def default_nr(n: int, lanes: int) -> int:
+    """Accumulator registers per row of the default register tile: 4, or fewer where N needs fewer."""
+    return max(1, min(4, -(-n // lanes)))
 
 
 def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
@@ -167,8 +168,11 @@ def _pad_reduction(a: te.Tensor, plan: GemmPlan) -> te.Tensor:
 
 def gemm_activation(value: tirx.PrimExpr, plan: GemmPlan) -> tirx.PrimExpr:
     """An int8 activation as the GEMM reads it: itself, or ``value + 128`` as uint8 (u8 x s8 plans)."""
-    if not plan.u8_activations:
-        return value
+    return as_u8(value) if plan.u8_activations else value
+
+
+def as_u8(value: tirx.PrimExpr) -> tirx.PrimExpr:
+    """An int8 value offset to the u8 operand of vpdpbusd: ``value + 128``."""
     return (value.astype("int32") + tirx.const(U8_OFFSET, "int32")).astype("uint8")
 
 
@@ -178,7 +182,7 @@ INT4_INT16_MAX_SCALE = 32767 // 8
 
 def plan_int4_gemm(n: int, k: int, shifts: np.ndarray | None = None) -> GemmPlan:
     """Tiling of an int4 GEMM: int16 weight pairs (the ``s8s16`` intrinsic), the register tile of :func:`plan_gemm`."""
-    nr = max(1, min(4, -(-n // LANES)))
+    nr = default_nr(n, LANES)
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     return GemmPlan(n=n, k=k, kb=2, nr=nr, hi32_epilogue=hi32)
 
@@ -407,64 +411,32 @@ def batch_column_offset_compute(b: te.Tensor) -> te.Tensor:
     )
 
 
-def batch_matmul_vnni_compute(a: te.Tensor, b: te.Tensor, offset: te.Tensor) -> te.Tensor:
-    """``a[B, M, K] @ b[B, K, N]`` of two int8 activations on the u8 x s8 dot instruction (AVX-512 VNNI): ``b``
-    packed per call into the ``[Np/16, Kp/4, 16, 4]`` GEMM layout per batch, ``a`` offset to u8, and the offset's
-    contribution taken back out with ``offset`` (:func:`batch_column_offset_compute`); exact in int32."""
+def batch_matmul_vnni_compute(a: te.Tensor, b: te.Tensor, offset: te.Tensor | None = None) -> te.Tensor:
+    """``a[B, M, K] @ b[B, K, N]`` of two activations on a 512-bit VNNI dot instruction, ``b`` packed per call into
+    the GEMM layout ``[Np/16, Kp/KB, 16, KB]``; exact in int32.
+
+    With ``offset`` (:func:`batch_column_offset_compute`): int8 operands on the u8 x s8 instruction (KB = 4), ``a``
+    offset to u8 and the offset's contribution added back from ``offset`` in the epilogue. Without: int16 (or
+    int8) operands on the int16 pair instruction (KB = 2), the int32 sum exactly as an int32 MatMul computes it
+    (what the lowering bounds for probabilities times values)."""
     batch, m, k_len = (int(d) for d in a.shape)
     n = int(b.shape[-1])
-    lanes, kb = ZMM_LANES, 4
+    u8 = offset is not None
+    lanes, kb = ZMM_LANES, 4 if u8 else 2
+    b_dtype = "int8" if u8 else "int16"
     kp, np_ = -(-k_len // kb) * kb, -(-n // lanes) * lanes
-    zero8 = tirx.const(0, "int8")
-    a_u8 = te.compute(
-        (batch, m, kp),
-        lambda z, i, kk: (tirx.if_then_else(kk < k_len, a[z, i, kk], zero8).astype("int32") + U8_OFFSET).astype(
-            "uint8"
-        ),
-        name="A_pad",
-    )
-    packed = te.compute(
-        (batch, np_ // lanes, kp // kb, lanes, kb),
-        lambda z, jo, ko, ji, ki: tirx.if_then_else(
-            tirx.all(jo * lanes + ji < n, ko * kb + ki < k_len), b[z, ko * kb + ki, jo * lanes + ji], zero8
-        ),
-        name="B_pack",
-    )
-    kr = te.reduce_axis((0, kp), name="k")
-    acc = te.compute(
-        (batch, m, np_),
-        lambda z, i, j: te.sum(
-            a_u8[z, i, kr].astype("int32") * packed[z, j // lanes, kr // kb, j % lanes, kr % kb].astype("int32"),
-            axis=kr,
-        ),
-        name="C",
-    )
-    out = te.compute((batch, m, np_), lambda z, i, j: acc[z, i, j] + offset[z, j], name="requant")
-    if np_ == n:
-        return out
-    return te.compute((batch, m, n), lambda z, i, j: out[z, i, j], name="unpad")
 
+    def a_value(z, i, kk):
+        value = tirx.if_then_else(kk < k_len, a[z, i, kk], tirx.const(0, a.dtype))
+        return as_u8(value) if u8 else value.astype("int16")
 
-def batch_matmul_vnni16_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
-    """``a[B, M, K] @ b[B, K, N]`` with int16 (or int8) operands on AVX-512 VNNI's int16 pair instruction: ``b``
-    widened to int16 and packed per call into ``[Np/16, Kp/2, 16, 2]``; the int32 sum (what the lowering bounds
-    for probabilities times values) exactly as the int32 MatMul computes it."""
-    batch, m, k_len = (int(d) for d in a.shape)
-    n = int(b.shape[-1])
-    lanes, kb = ZMM_LANES, 2
-    kp, np_ = -(-k_len // kb) * kb, -(-n // lanes) * lanes
-    zero16 = tirx.const(0, "int16")
-    a16 = te.compute(
-        (batch, m, kp),
-        lambda z, i, kk: tirx.if_then_else(kk < k_len, a[z, i, kk].astype("int16"), zero16),
-        name="A_pad",
-    )
+    a_padded = te.compute((batch, m, kp), a_value, name="A_pad")
     packed = te.compute(
         (batch, np_ // lanes, kp // kb, lanes, kb),
         lambda z, jo, ko, ji, ki: tirx.if_then_else(
             tirx.all(jo * lanes + ji < n, ko * kb + ki < k_len),
-            b[z, ko * kb + ki, jo * lanes + ji].astype("int16"),
-            zero16,
+            b[z, ko * kb + ki, jo * lanes + ji].astype(b_dtype),
+            tirx.const(0, b_dtype),
         ),
         name="B_pack",
     )
@@ -472,12 +444,16 @@ def batch_matmul_vnni16_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
     acc = te.compute(
         (batch, m, np_),
         lambda z, i, j: te.sum(
-            a16[z, i, kr].astype("int32") * packed[z, j // lanes, kr // kb, j % lanes, kr % kb].astype("int32"),
+            a_padded[z, i, kr].astype("int32") * packed[z, j // lanes, kr // kb, j % lanes, kr % kb].astype("int32"),
             axis=kr,
         ),
         name="C",
     )
-    out = te.compute((batch, m, np_), lambda z, i, j: acc[z, i, j], name="requant")
+    out = te.compute(
+        (batch, m, np_),
+        lambda z, i, j: acc[z, i, j] + offset[z, j] if offset is not None else acc[z, i, j],
+        name="requant",
+    )
     if np_ == n:
         return out
     return te.compute((batch, m, n), lambda z, i, j: out[z, i, j], name="unpad")

@@ -30,7 +30,6 @@ KB_ATTR = "qcompiler.kb"
 NR_ATTR = "qcompiler.nr"
 WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (the s8s16 intrinsic)
 LANES_ATTR = "qcompiler.lanes"  # int32 lanes of the accumulator registers (8: ymm, 16: zmm)
-U8_ATTR = "qcompiler.u8_activations"  # activations offset to u8: the VNNI u8 x s8 intrinsic
 MR_ATTR = "qcompiler.mr"  # rows of a tuned register tile (tuning.py)
 ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
 
@@ -107,28 +106,28 @@ def schedule_gemm(
     row_tile: int | None = None,
     int16_weights: bool = False,
     lanes: int = 8,
-    u8_activations: bool = False,
     mr: int | None = None,
 ) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch`` (``mr``: rows of the register
-    tile, a tuned one; it must divide M; by default 4 or 2 where they divide it)."""
+    tile, a tuned one; it must divide M; by default :func:`default_mr`). Leading batch loops (attention's batched
+    products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2)."""
     names = _block_names(sch)
     block = sch.get_sblock("C")
     epilogue = sch.get_sblock("requant")
-    i, j, k = sch.get_loops(block)
+    *batch, i, j, k = sch.get_loops(block)
     rows = _static(sch.get(i).extent)
-    macs = _extent_product(sch, [i, j, k])
+    macs = _extent_product(sch, [*batch, i, j, k])
     parallel = macs is None or macs >= PARALLEL_MIN_MACS
     if mr is None or rows is None or rows % mr:
-        mr = next((v for v in ((4, 2) if u8_activations else (2,)) if rows is not None and rows % v == 0), 1)
+        mr = default_mr(rows, lanes)
     io, ii = sch.split(i, [None, mr])
     jo, jt, ji = sch.split(j, [None, nr, lanes])
     ko, ki = sch.split(k, [None, kb])
-    sch.reorder(jo, io, ko, ii, jt, ji, ki)
+    sch.reorder(*batch, jo, io, ko, ii, jt, ji, ki)
     sch.set_scope(block, 0, "local")
     sch.reverse_compute_at(epilogue, io)
     sch.vectorize(sch.get_loops(epilogue)[-1])
-    outer = sch.fuse(jo, io)
+    outer = sch.fuse(*batch, jo, io)
     if parallel:
         sch.parallel(outer)
     if not use_avx2:  # no dot instruction: the lanes innermost, vectorized while the reduction is complete
@@ -146,15 +145,15 @@ def schedule_gemm(
         sch.unroll(loops[-4])
         if int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
-        elif u8_activations:
-            intrin = intrinsics.VNNI_DOT_16X4_U8S8
+        elif lanes == 16:
+            intrin = intrinsics.VNNI_DOT_16X4_U8S8 if kb == 4 else intrinsics.VNNI_DOT_16X2_S16S16
         else:
             intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
     for name in names:
         if name == "im2col":
             _schedule_im2col(sch, row_tile)
-        elif name in ("A_pad", "unpad", "to_nchw", "W_expand"):
+        elif name in ("A_pad", "B_pack", "unpad", "to_nchw", "W_expand"):
             _parallel_elementwise(sch, name, vector=False)
 
 
@@ -190,36 +189,10 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
 
 
-def schedule_batch_gemm_vnni(sch: Schedule, kb: int = 4) -> None:
-    """The VNNI batched product (kernels.batch_matmul_vnni_compute): the GEMM register tile per batch, the
-    (batch, column block, row block) loop parallel; the per-call packing stages parallel over their rows."""
-    block = sch.get_sblock("C")
-    z, i, j, k = sch.get_loops(block)
-    rows, cols = _static(sch.get(i).extent), _static(sch.get(j).extent)
-    assert rows is not None and cols is not None
-    mr = next(v for v in (4, 2, 1) if rows % v == 0)
-    nr = next(v for v in (4, 2, 1) if (cols // 16) % v == 0)
-    io, ii = sch.split(i, [None, mr])
-    jo, jt, ji = sch.split(j, [None, nr, 16])
-    ko, ki = sch.split(k, [None, kb])
-    sch.reorder(z, jo, io, ko, ii, jt, ji, ki)
-    sch.set_scope(block, 0, "local")
-    epilogue = sch.get_sblock("requant")  # on the tile while it is in registers (u8 operands: the offset correction)
-    sch.reverse_compute_at(epilogue, io)
-    sch.vectorize(sch.get_loops(epilogue)[-1])
-    outer = sch.fuse(z, jo, io)
-    macs = _extent_product(sch, [outer, ii, jt, ji, ko, ki])
-    if macs is None or macs >= PARALLEL_MIN_MACS:
-        sch.parallel(outer)
-    init = sch.decompose_reduction(block, ko)
-    sch.vectorize(sch.get_loops(init)[-1])
-    loops = sch.get_loops(sch.get_sblock("C_update"))
-    sch.unroll(loops[-3])
-    sch.unroll(loops[-4])
-    sch.tensorize(loops[-2], intrinsics.VNNI_DOT_16X4_U8S8 if kb == 4 else intrinsics.VNNI_DOT_16X2_S16S16)
-    for name in ("A_pad", "B_pack", "unpad"):
-        if name in _block_names(sch):
-            _parallel_elementwise(sch, name, vector=False)
+def default_mr(rows: int | None, lanes: int) -> int:
+    """Rows of the default GEMM register tile where they divide M: 4 with zmm accumulators (16 lanes, 32
+    registers), 2 with ymm (8 lanes, 16 registers), else 1."""
+    return next((v for v in ((4, 2) if lanes == 16 else (2,)) if rows is not None and rows % v == 0), 1)
 
 
 def schedule_rowwise(sch: Schedule) -> None:
@@ -313,15 +286,10 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
                 row_tile,
                 int16_weights=int16_weights,
                 lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
-                u8_activations=U8_ATTR in func.attrs and bool(func.attrs[U8_ATTR]),
                 mr=int(func.attrs[MR_ATTR]) if MR_ATTR in func.attrs else None,
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)
-        elif kind == "batch_gemm_vnni":
-            schedule_batch_gemm_vnni(sch)
-        elif kind == "batch_gemm_vnni16":
-            schedule_batch_gemm_vnni(sch, kb=2)
         elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial
             _parallel_elementwise(sch, _block_names(sch)[0], vector=False)
         elif kind == "elementwise":

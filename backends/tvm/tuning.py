@@ -105,9 +105,7 @@ def _gemm_kernel(m: int, n: int, k: int, tile: Tile, target: tvm.target.Target, 
     channels = [te.placeholder((plan.n_padded,), "int32", name=name) for name in ("bias", "mult", "shift")]
     out = kernels.qgemm_compute(a, packed, *channels, plan=plan, zero_point=0, lo=-128, hi=127)
     sch = Schedule(te.create_prim_func([a, packed, *channels, out]))
-    schedules.schedule_gemm(
-        sch, plan.kb, plan.nr, isa != "generic", lanes=plan.lanes, u8_activations=plan.u8_activations, mr=tile.mr
-    )
+    schedules.schedule_gemm(sch, plan.kb, plan.nr, isa != "generic", lanes=plan.lanes, mr=tile.mr)
     with target:
         library = tvm.compile(sch.mod, target=target).jit()
     device = tvm.cpu()
@@ -131,8 +129,7 @@ MARGIN = 0.95
 def default_tile(isa: str, m: int, n: int) -> Tile:
     """The tile the kernel uses untuned (kernels.plan_gemm, schedules.schedule_gemm)."""
     lanes = kernels.ZMM_LANES if isa == "avx512vnni" else kernels.LANES
-    rows = (4, 2) if isa == "avx512vnni" else (2,)
-    return Tile(next((r for r in rows if m % r == 0), 1), max(1, min(4, -(-n // lanes))))
+    return Tile(schedules.default_mr(m, lanes), kernels.default_nr(n, lanes))
 
 
 def tune_gemm(m: int, n: int, k: int, target: tvm.target.Target, isa: str) -> tuple[Tile, float]:

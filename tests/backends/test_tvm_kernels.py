@@ -378,6 +378,12 @@ _VNNI_TARGET = {"kind": "llvm", "mcpu": "icelake-server", "num-cores": 2}
 _AVX2_TARGET = {"kind": "llvm", "mcpu": "haswell", "num-cores": 2}
 
 
+def _skip_unless_host_runs(target: dict) -> None:
+    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
+    if not needed <= host_cpu_features():
+        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+
+
 def test_int8_dot_isa_follows_the_target() -> None:
     import tvm
 
@@ -411,9 +417,7 @@ def test_vnni_gemm_compiles_for_a_vnni_cpu_on_any_host() -> None:
 def test_qgemm_bit_exact_on_each_int8_isa(target: dict, m: int, n: int, k: int) -> None:
     """Where the host can run the target's code: bit-exact with the reference, weights down to -127 and
     activations at -128 (the psign extremes) included."""
-    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
-    if not needed <= host_cpu_features():
-        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+    _skip_unless_host_runs(target)
     model, feeds = _qgemm_case(m, n, k)
     assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=target), model, feeds)
 
@@ -444,9 +448,7 @@ def _matmul_integer_model(shape_a, shape_b, zero_point: int | None = None):
 def test_batched_matmul_integer_bit_exact(shape_a, shape_b, target) -> None:
     """The scheduled batched kernels (int32 lanes; VNNI: per-call packing, u8 offset) on odd M, K, N, N above
     the 64-column tile, no batch, against int64 numpy, where the host runs the target's code."""
-    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
-    if not needed <= host_cpu_features():
-        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+    _skip_unless_host_runs(target)
     shapes = {"a": list(shape_a), "b": list(shape_b)}
     module = build(_matmul_integer_model(shape_a, shape_b), shapes, target=target)
     rng = np.random.default_rng(sum(shape_a) + sum(shape_b))
@@ -482,9 +484,7 @@ def test_int32_matmul_and_output_dequantize_kernels_match_onnx(shape_a, shape_b,
     """The lowering's widened int16 x int8 product (an int32 MatMul; on VNNI the int16 pair kernel on the
     un-widened operands) and the per-tensor output DequantizeLinear: our scheduled kernels, equal to numpy (int32
     sums; float32 ``(x - z) * s``)."""
-    needed = {"avx2"} if target is _AVX2_TARGET else {"avx2", "avx512_vnni", "avx512vl"}
-    if not needed <= host_cpu_features():
-        pytest.skip(f"this CPU cannot run {target['mcpu']} code")
+    _skip_unless_host_runs(target)
     graph = helper.make_graph(
         [helper.make_node("Cast", ["a"], ["a32"], to=TensorProto.INT32),
          helper.make_node("Cast", ["b"], ["b32"], to=TensorProto.INT32),
