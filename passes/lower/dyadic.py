@@ -87,6 +87,81 @@ def _clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]
     return clip_lo, clip_hi
 
 
+_LEVEL_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice",
+                                 "Expand", "Neg", "Concat", "Gather"})  # fmt: skip
+
+
+def integer_bound(value: ir.Value) -> int:
+    """The largest ``|q|`` an integer tensor can hold: its storage range, or the clamp of what wrote it (a lowered
+    op's ``lo``/``hi``; in QDQ form, a fused Clip or ReLU before its QuantizeLinear), looking back through ops
+    that only move or negate levels (symmetric clamps survive a Neg)."""
+    storage = 32767 if value.dtype == ir.DataType.INT16 else 127
+    producer = value.producer()
+    if producer is None:
+        return storage
+    if producer.domain == DOMAIN and "lo" in producer.attributes and "hi" in producer.attributes:
+        lo, hi = producer.attributes.get_int("lo"), producer.attributes.get_int("hi")
+        return min(storage, max(abs(lo), abs(hi)))
+    sources: list[ir.Value | None] = []
+    if producer.op_type == "QuantizeLinear" and producer.inputs[0] is not None:
+        before = producer.inputs[0].producer()
+        if before is not None and before.op_type in _ACTIVATIONS:
+            lo, hi = _clamp_bounds(before, producer)
+            return max(abs(lo), abs(hi))
+        if before is None or before.op_type not in _LEVEL_PASS_THROUGH:
+            return storage
+        dequantized_inputs = before.inputs if before.op_type == "Concat" else before.inputs[:1]
+        for source in dequantized_inputs:
+            dq = source.producer() if source is not None else None
+            if dq is None or dq.op_type != "DequantizeLinear":
+                return storage
+            sources.append(dq.inputs[0])
+    elif producer.op_type in _LEVEL_PASS_THROUGH:  # a shape op already lowered onto integers
+        sources = list(producer.inputs if producer.op_type == "Concat" else producer.inputs[:1])
+    if not sources or any(s is None or s.dtype not in (ir.DataType.INT8, ir.DataType.INT16) for s in sources):
+        return storage
+    return min(storage, max(integer_bound(s) for s in sources if s is not None))
+
+
+def _softmax_rows(value: ir.Value) -> ir.Node | None:
+    """The softmax whose probabilities ``value`` carries (through Q/DQ and shape ops), else None."""
+    for _ in range(32):
+        producer = value.producer()
+        if producer is None:
+            return None
+        if producer.op_type in ("Softmax", "IntSoftmax"):
+            return producer
+        if producer.op_type not in _LEVEL_PASS_THROUGH | {"QuantizeLinear", "DequantizeLinear", "Where"}:
+            return None
+        source = producer.inputs[0] if producer.op_type != "Where" else producer.inputs[2]
+        if source is None:
+            return None
+        value = source
+    return None
+
+
+def _check_product_bound(node: ir.Node, a: ir.Value, b: ir.Value) -> None:
+    """An int32 MatMul of int16 operands is exact while ``max|a| max|b| K < 2^31``; for probabilities (a softmax
+    row sums to at most ``2^15 (1 + T 2^-16)`` at 2^-15, or ``2^7 (1 + T 2^-8)`` at 2^-7) ``max|b| sum|a|``."""
+    depth = a.shape[-1] if a.shape is not None and len(a.shape) else None
+    if not isinstance(depth, int):
+        raise UnsupportedOpError(node_label(node), "MatMul", "an int16 activation product needs a static "
+                                 "contracted length to prove it cannot overflow int32")  # fmt: skip
+    top_b = integer_bound(b)
+    if _softmax_rows(a) is not None:
+        unit = 1 << 15 if a.dtype == ir.DataType.INT16 else 1 << 7
+        worst = unit * (1.0 + depth / (2.0 * unit)) * top_b
+    else:
+        worst = float(integer_bound(a)) * top_b * depth
+    if worst >= 2.0**31:
+        raise UnsupportedOpError(
+            node_label(node),
+            "MatMul",
+            f"int16 operands (up to {integer_bound(a)} and {top_b}, {depth} terms) can overflow the int32 "
+            "accumulator: quantize one operand to int8, or use attention_bits = 16, which clamps Q and K",
+        )
+
+
 def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]:
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", "VALID"):
@@ -143,8 +218,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue  # absorbed by the IntSoftmax of its group (removed below once unused)
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-                if producer is not None and producer.op_type in _LINEAR | {"Add", "GlobalAveragePool"}:
-                    continue  # fused into its producer's group
+                if producer is not None and producer.op_type in _LINEAR | {"Add", "Mul", "Div", "GlobalAveragePool"}:
+                    continue  # fused into its producer's group (after Mul/Div: an attention operand's clamp)
             if node.op_type in _LINEAR:
                 self._lower_linear(graph, node)
             elif node.op_type == "Add":
@@ -190,8 +265,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             product.outputs[0].dtype = ir.DataType.INT32
             self._requantize_after(graph, quant, product.outputs[0], real, lo=lo, hi=hi, producers=[product])
             return
-        # int16 probabilities times int8 values: an int32 MatMul; the sum stays below 2^31 because the
-        # probabilities of a row sum to at most 2^15 (plus rounding), so |P V| <= 2^15 * 128 (1 + T 2^-16)
+        # int16 operands: an int32 MatMul, exact only while every sum stays below 2^31 (checked here)
+        _check_product_bound(node, a.value, b.value)
         widened = []
         for operand in (a, b):
             cast = ir.node("Cast", [operand.value], attributes={"to": ir.DataType.INT32})
@@ -207,9 +282,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         constant = const_array(node.inputs[1])
         assert constant is not None
         c = float(constant.reshape(()))
-        _, quant = quantized_output(node)
+        activation, quant = quantized_output(node)
         factor = c if node.op_type == "Mul" else 1.0 / c
-        lo, hi = output_bounds(quant)
+        lo, hi = _clamp_bounds(activation, quant)
         real = float(x.scale.reshape(())) * factor / output_scale(quant)
         self._requantize_after(graph, quant, x.value, real, lo=lo, hi=hi)
 
@@ -220,8 +295,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         b = dequantized(node.inputs[1], "second input", node)
         if a.scale.ndim or b.scale.ndim:
             raise UnsupportedOpError(node_label(node), "Mul", "per-channel factors are not supported")
-        _, quant = quantized_output(node)
-        lo, hi = output_bounds(quant)
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
         widened = []
         for operand in (a, b):
             cast = ir.node("Cast", [operand.value], attributes={"to": ir.DataType.INT32})

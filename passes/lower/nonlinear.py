@@ -108,7 +108,10 @@ def lower_silu(graph: ir.Graph, node: ir.Node, sigmoid: ir.Node) -> None:
     """``Mul(x, Sigmoid(x))`` (the Sigmoid left in float by the quantizer) becomes ``IntSigmoid(x, silu=1)``."""
     x = dequantized(sigmoid.inputs[0], "input", sigmoid)
     _, quant = quantized_output(node)
-    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scales(quant), silu=True)
+    input_bits = 16 if x.value.dtype == ir.DataType.INT16 else 8
+    constants = integer.sigmoid_constants(
+        float(x.scale.reshape(())), output_scales(quant), silu=True, input_bits=input_bits
+    )
     multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "silu", constants)
     attrs["silu"] = 1
     _emit(graph, quant, ir.node("IntSigmoid", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))

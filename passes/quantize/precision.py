@@ -18,21 +18,36 @@ remedies, chosen from the graph alone:
   RepQuant, OutlierTune). Residual adds take one multiplier per channel.
 
 Only shape ops that keep the last axis pass either property through to their readers.
+
+With ``attention`` (recipe key ``attention_bits = 16``) a third class is int16: **attention operands**, the tensors
+read only by attention's activation x activation products (Q, K after RoPE, V), by RoPE itself (the q and k
+projections' outputs: an int32 product with the int8 cos/sin tables) or by SiLU (its input). Their int8 rounding
+is what is left of W8A8's loss on Llama-family models once the norm outputs are balanced (docs/results.md).
+The score product ``Q K^T`` then multiplies two int16 tensors: each is clamped to
+``|q| <= floor(sqrt((2^31 - 1) / d))`` (d the head dimension: 5792 for d = 64, about 13.5 bits) so the int32
+accumulator cannot overflow; the clamp is a ``Clip`` before the ``QuantizeLinear`` (the fused-activation form
+the lowering already reads), so the QDQ graph and the integer code agree. ``P V`` needs no clamp: a row of int16
+probabilities sums to at most ``2^15 (1 + T 2^-16)``, so ``|P V| < 2^31`` for int16 V and T < 65,000 tokens.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Set
 
 import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect.hadamard import hadamard_structure
-from qcompiler.ir.graph import const_array, consumers, is_graph_output
+from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
 
 #: ops that move values without changing them; their output inherits the input's precision
 _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+#: also pass storage width through (not per-channel scales): selections, broadcasts, negation, RoPE's halves
+_WIDTH_PASS_THROUGH = _PASS_THROUGH | {"Slice", "Expand", "Neg", "Concat"}
+INT32_MAX = (1 << 31) - 1
 #: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
 _WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul", "Mul"})
 #: producers whose integer form can write one scale per channel of the last axis
@@ -47,6 +62,8 @@ class PrecisionPlan:
     per_channel: Set[int]
     #: for per-channel values: max |W[c, :]| per input channel over every linear layer reading them
     weight_absmax: Mapping[int, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: for wide values that must stay below a bound (the score product's operands): the largest integer level
+    bounds: Mapping[int, int] = dataclasses.field(default_factory=dict)
 
 
 def _keeps_last_axis(node: ir.Node) -> bool:
@@ -66,23 +83,42 @@ def _readers_all(
     accept: Callable[[ir.Node, int], bool],
     excluded: Set[int],
     any_shape: bool = False,
+    through: Set[str] = _PASS_THROUGH,
+    root: ir.Value | None = None,
 ) -> bool:
-    """Every reader of ``value`` (looking through last-axis-keeping shape ops, or through every shape op with
-    ``any_shape``: storage width survives a head merge, per-channel scales do not) satisfies ``accept``."""
+    """Every reader of ``value`` (looking through last-axis-keeping shape ops, or through every op of ``through``
+    with ``any_shape``: storage width survives a head merge, per-channel scales do not) satisfies ``accept``."""
     readers = list(value.uses())
     if not readers and not is_graph_output(graph, value):
         return False
+    root = value if root is None else root
     for node, index in readers:
         if id(node) in excluded:
             return False
-        if node.op_type in _PASS_THROUGH and index == 0:
+        if node.op_type in through and (index == 0 or node.op_type == "Concat"):
+            if node.op_type == "Concat" and not all(_derived_from(v, root, through) for v in node.inputs):
+                return False  # every part must share the value's precision
             if not (any_shape or _keeps_last_axis(node)) or not _readers_all(
-                graph, node.outputs[0], accept, excluded, any_shape
+                graph, node.outputs[0], accept, excluded, any_shape, through, root
             ):
                 return False
         elif not accept(node, index):
             return False
     return True
+
+
+def _derived_from(value: ir.Value | None, root: ir.Value, through: Set[str]) -> bool:
+    """``value`` is ``root`` or computed from it by ``through`` ops alone (RoPE's rotate-half parts)."""
+    for _ in range(16):
+        if value is None:
+            return False
+        if value is root:
+            return True
+        producer = value.producer()
+        if producer is None or producer.op_type not in through or producer.op_type == "Concat":
+            return False
+        value = producer.inputs[0]
+    return False
 
 
 def hadamard_matmul(node: ir.Node) -> tuple[float, np.ndarray] | None:
@@ -115,6 +151,19 @@ def _reads_wide(node: ir.Node, index: int) -> bool:
     if node.op_type in ("LayerNormalization", "RMSNormalization"):
         return index == 0
     return _is_residual_add(node, index) or _is_activation_product(node, index) or _reads_through_hadamard(node, index)
+
+
+def is_attention_product(node: ir.Node) -> bool:
+    """A MatMul of two computed tensors (attention's ``Q K^T`` and ``P V``)."""
+    return node.op_type == "MatMul" and all(v is not None and const_array(v) is None for v in node.inputs)
+
+
+def _reads_attention_operand(node: ir.Node, index: int) -> bool:
+    """int16 costs nothing here: an int32 product with a constant (RoPE's tables) or a scalar rescale, or an
+    attention product (bounded as the module docstring says)."""
+    if node.op_type in ("Mul", "Div"):
+        return any(const_array(v) is not None for v in node.inputs)
+    return is_attention_product(node)
 
 
 def _reads_per_channel(node: ir.Node, index: int) -> bool:
@@ -159,7 +208,54 @@ def linear_reader_weights(value: ir.Value) -> list[np.ndarray]:
     return weights
 
 
-def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_channel: bool) -> PrecisionPlan:
+def _product_operands(product: ir.Node) -> list[list[ir.Value]]:
+    """For each input of an attention product, the tensors it is read from through width pass-through ops."""
+    found: list[list[ir.Value]] = []
+    for value in product.inputs:
+        roots: list[ir.Value] = []
+        stack = [value]
+        while stack:
+            current = stack.pop()
+            producer = current.producer() if current is not None else None
+            if producer is not None and producer.op_type in _WIDTH_PASS_THROUGH:
+                stack.extend(producer.inputs if producer.op_type == "Concat" else producer.inputs[:1])
+            elif current is not None:
+                roots.append(current)
+        found.append(roots)
+    return found
+
+
+def _score_bounds(graph: ir.Graph, wide_ids: Set[int]) -> dict[int, int]:
+    """The clamp of every wide operand of an attention product whose other operand is wide too (``Q K^T``):
+    ``|a| |b| d <= 2^31 - 1`` with equal bounds, ``d`` the contracted length."""
+    bounds: dict[int, int] = {}
+    for node in graph:
+        if not is_attention_product(node):
+            continue
+        operands = _product_operands(node)
+        if not all(roots and all(id(r) in wide_ids for r in roots) for roots in operands):
+            continue
+        shape = node.inputs[0].shape
+        depth = shape[-1] if shape is not None and len(shape) else None
+        if not isinstance(depth, int):
+            raise UnsupportedOpError(node_label(node), "MatMul", "int16 attention operands need a static head "
+                                     "dimension (the contracted axis); set attention_bits = 8")  # fmt: skip
+        bound = min(math.isqrt(INT32_MAX // depth), 32767)
+        for roots in operands:
+            for root in roots:
+                bounds[id(root)] = min(bounds.get(id(root), bound), bound)
+    return bounds
+
+
+def plan_precision(
+    graph: ir.Graph,
+    excluded: Set[int],
+    *,
+    wide: bool,
+    per_channel: bool,
+    attention: bool = False,
+    silu: Set[int] = frozenset(),
+) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 
     Args:
@@ -167,10 +263,18 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
         excluded: ``id(node)`` of nodes that must keep per-tensor int8 inputs (softmax groups).
         wide: enable int16 residual tensors.
         per_channel: enable per-channel norm outputs.
+        attention: enable int16 attention operands (the module docstring).
+        silu: ``id`` of the Sigmoids of SiLU groups (in ``excluded``): with ``attention`` their input may be wide.
     """
     wide_ids: set[int] = set()
     channel_ids: set[int] = set()
     weight_absmax: dict[int, np.ndarray] = {}
+
+    def reads_operand(node: ir.Node, index: int) -> bool:
+        # residual adds and norms only when residuals are wide; SiLU's product and Sigmoid always
+        stream = _reads_wide(node, index) if wide else _is_activation_product(node, index)
+        return stream or _reads_attention_operand(node, index) or id(node) in silu
+
     for node in graph:
         if id(node) in excluded or not node.outputs:
             continue
@@ -178,7 +282,15 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
         if len(consumers(out)) == 1 and consumers(out)[0].op_type in ("Relu", "Clip"):
             continue  # a fused activation carries the output
         hadamard_only = wide and _readers_all(graph, out, _reads_through_hadamard, excluded, any_shape=True)
-        if (
+        operand = (
+            attention
+            and node.op_type in _WIDE_PRODUCERS
+            and not is_attention_product(node)  # the scores' width is softmax_input_bits' business
+            and _readers_all(graph, out, reads_operand, excluded - silu, any_shape=True, through=_WIDTH_PASS_THROUGH)
+        )
+        if operand:
+            wide_ids.add(id(out))
+        elif (
             wide
             and node.op_type in _WIDE_PRODUCERS
             and (hadamard_only or _readers_all(graph, out, _reads_wide, excluded))
@@ -195,4 +307,5 @@ def plan_precision(graph: ir.Graph, excluded: Set[int], *, wide: bool, per_chann
             weights = linear_weight_absmax(out)
             if weights is not None:
                 weight_absmax[id(out)] = weights
-    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax)
+    bounds = _score_bounds(graph, wide_ids) if attention else {}
+    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax, bounds)

@@ -85,6 +85,9 @@ class QuantizeConfig:
     #: the integer softmax reads them at up to 2^8 times finer steps, never finer than
     #: :data:`WIDE_SCORES_MIN_SCALE`)
     softmax_input_bits: int = 8
+    #: attention operands (Q, K after RoPE, V, what RoPE reads, SiLU's input): 8 (int8) or 16 (int16; Q and K
+    #: clamped so the int32 score accumulator cannot overflow: qcompiler.passes.quantize.precision)
+    attention_bits: int = 8
     #: ``rtn`` (round to nearest) or ``gptq`` (error compensation through the calibration inputs' Hessian)
     weight_quantizer: str = "rtn"
     #: GPTQ's damping, a fraction of the Hessian's mean diagonal
@@ -111,6 +114,8 @@ class QuantizeConfig:
             raise ValueError(f"softmax_bits: must be 8 or 16, got {self.softmax_bits}")
         if self.softmax_input_bits not in (8, 16):
             raise ValueError(f"softmax_input_bits: must be 8 or 16, got {self.softmax_input_bits}")
+        if self.attention_bits not in (8, 16):
+            raise ValueError(f"attention_bits: must be 8 or 16, got {self.attention_bits}")
         if self.residual_bits not in (8, 16):
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits not in (4, 8):
@@ -264,7 +269,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             inside_groups,
             wide=stats is not None and self.config.residual_bits == 16,
             per_channel=stats is not None and self.config.per_channel_norm_outputs,
+            attention=stats is not None and self.config.attention_bits == 16,
+            silu=silu_sigmoids(graph),
         )
+        self._bounds = plan.bounds
         self._wide_scores: set[int] = set()
         if self.config.softmax_input_bits == 16 and stats is not None:
             self._wide_scores = {
@@ -308,10 +316,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 ):
                     continue  # the activation's output carries the scale
                 if id(out) in plan.wide:
-                    scale = self._wide_scale(out)
+                    bound = plan.bounds.get(id(out), WIDE_QMAX)
+                    scale = self._wide_scale(out, bound)
                     if id(out) in self._wide_scores:
                         scale = max(scale, WIDE_SCORES_MIN_SCALE)
-                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale, bits=16)
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale, bits=16, bound=bound)
                 elif id(out) in plan.per_channel:
                     scales = self._channel_scales(out, plan.weight_absmax.get(id(out)))
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
@@ -387,14 +396,14 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
         return self.ranges[value.name]
 
-    def _wide_scale(self, value: ir.Value) -> np.float32:
-        """int16 scale from the exact maximum (16 bits leave no reason to clip)."""
+    def _wide_scale(self, value: ir.Value, bound: int = WIDE_QMAX) -> np.float32:
+        """int16 scale from the exact maximum (16 bits leave no reason to clip), ``bound`` its largest level."""
         assert self.channel_absmax is not None
         stats = self.channel_absmax.get(value.name or "")
         if stats is None:
             raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
         absmax = float(stats.max())
-        return np.float32((absmax if absmax > 0.0 else 1.0) / WIDE_QMAX)
+        return np.float32((absmax if absmax > 0.0 else 1.0) / bound)
 
     def _channel_scales(self, value: ir.Value, weight_absmax: np.ndarray | None) -> np.ndarray:
         """One int8 scale per channel of the last axis: ``max|x_c| / 127`` (alpha 1), or SmoothQuant's balance
@@ -429,8 +438,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         absmax: float | None,
         scale: Any = None,
         bits: int = 8,
+        bound: int | None = None,
     ) -> Any:
         """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it.
+
+        ``bound`` below the storage range: a ``Clip`` to ``[-bound, bound]`` steps goes before the ``Q`` (the
+        fused-activation form, which the lowering turns into the producer's output clamp).
 
         ``scale`` may be one float or one per channel of the last axis; then linear readers (constant weights)
         get their own ``DQ`` at the largest scale ``t0`` and fold ``t / t0`` into their weights.
@@ -446,7 +459,19 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale_value = add_initializer(graph, f"{base}_scale", scales)
         zero_value = add_initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, dtype=storage[1]))
         axis = {"axis": -1} if per_channel else {}
-        quant = ir.node("QuantizeLinear", [value, scale_value, zero_value], attributes=axis)
+        source = value
+        new_nodes = []
+        if bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits]:
+            limit = float(np.float32(bound) * np.float32(scales.max()))
+            low = add_initializer(graph, f"{base}_clamp_low", np.array(-limit, np.float32))
+            high = add_initializer(graph, f"{base}_clamp_high", np.array(limit, np.float32))
+            clip = ir.node("Clip", [value, low, high])
+            clip.outputs[0].name = f"{base}_clamped"
+            clip.outputs[0].dtype = ir.DataType.FLOAT
+            clip.outputs[0].shape = value.shape
+            new_nodes.append(clip)
+            source = clip.outputs[0]
+        quant = ir.node("QuantizeLinear", [source, scale_value, zero_value], attributes=axis)
         quant.outputs[0].name = f"{base}_q"
         quant.outputs[0].dtype = storage[0]
         quant.outputs[0].shape = value.shape
@@ -455,7 +480,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         deq_out.dtype = ir.DataType.FLOAT
         deq_out.shape = value.shape
         deq_out.name = f"{base}_dq"
-        new_nodes = [quant, dequant]
+        new_nodes += [quant, dequant]
         linear_readers = [(r, i) for r, i in readers if per_channel and _folds_input_scales(r, i)]
         linear_target = deq_out
         if linear_readers:

@@ -313,15 +313,19 @@ def int_gelu(
 SIGMOID_BITS = 30  # sigmoid carried as an integer in [0, 2^30]
 
 
-def sigmoid_constants(input_scale: float, output_scale: float | np.ndarray, silu: bool) -> dict[str, Any]:
-    """Integer attributes of IntSigmoid (``silu``: x * sigmoid(x)) for int8 input and output."""
+def sigmoid_constants(
+    input_scale: float, output_scale: float | np.ndarray, silu: bool, input_bits: int = 8
+) -> dict[str, Any]:
+    """Integer attributes of IntSigmoid (``silu``: x * sigmoid(x)) for int8 (or int16: ``input_bits``) input and
+    int8 output. ``x sigma`` is at most ``2^(bits - 1) 2^30`` (2^45 for int16: the int64 product is exact); the
+    pre-shift brings it under 2^31 before the output multiplier."""
     input_shift = _fine_shift(input_scale, math.log(2.0))
     fine = input_scale / (1 << input_shift)
     exp = {"ln2_q": math.floor(math.log(2.0) / fine), "b_q": math.floor(EXP_B / fine),
            "c_q": math.floor(EXP_C / (EXP_A * fine * fine))}  # fmt: skip
     one_q = math.floor(1.0 / (EXP_A * fine * fine))  # 1.0 at the i-exp output scale
     if silu:
-        value_scale, max_value = input_scale / (1 << SIGMOID_BITS), 128.0 * (1 << SIGMOID_BITS)
+        value_scale, max_value = input_scale / (1 << SIGMOID_BITS), float(1 << (input_bits - 1)) * (1 << SIGMOID_BITS)
     else:
         value_scale, max_value = 1.0 / (1 << SIGMOID_BITS), float(1 << SIGMOID_BITS)
     out = prescaled_requantize_constants(value_scale, max_value, output_scale)

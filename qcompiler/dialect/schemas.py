@@ -193,9 +193,10 @@ def _schemas() -> list[OpSchema]:
         "IntSigmoid",
         DOMAIN,
         OPSET_VERSION,
-        "Sigmoid (or SiLU = x sigmoid(x) with silu=1) from I-BERT's integer exp of -|x|; int8 in, int8 out.",
-        inputs=rescale_inputs,
+        "Sigmoid (or SiLU = x sigmoid(x) with silu=1) from I-BERT's integer exp of -|x|; int8 or int16 in, int8 out.",
+        inputs=[_param("x", "T", "int8 or int16 input"), *rescale_inputs[1:]],
         outputs=[_param("y", _I8, "int8 output")],
+        type_constraints=[("T", [_I8, _I16], "integer input types")],
         attributes=[
             _attr("input_shift", 0, "exact left shift to the fine scale"),
             _attr("ln2_q", 1, "floor(ln2 / s)"),

@@ -65,7 +65,8 @@ def _assert_close(qdq: ir.Model, integer: ir.Model, probe, reference) -> None:
 
 @pytest.mark.parametrize("recipe", ["w8a8", "w8a8-llm"])
 def test_llama_block_lowers_to_integer_only(tiny_llama, recipe: str) -> None:
-    """w8a8-llm adds 16-bit softmax probabilities (an int32 P V product) and balanced per-channel scales."""
+    """w8a8-llm adds 16-bit softmax probabilities, int16 attention operands (both products int32 MatMuls) and
+    balanced per-channel scales."""
     exported, calibration, probe, reference = tiny_llama
     model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))  # the passes rewrite it in place
     qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
@@ -78,8 +79,8 @@ def test_llama_block_lowers_to_integer_only(tiny_llama, recipe: str) -> None:
     softmaxes = [n for n in integer.graph if n.op_type == "IntSoftmax"]
     assert len(softmaxes) == 2 and all(len(n.inputs) == 2 for n in softmaxes)  # the causal mask, as a bool constant
     assert ops["Neg"] == 4 and ops["Concat"] == 4 and ops["Expand"] == 4  # rotate-half on q and k; GQA
-    if recipe == "w8a8-llm":  # int16 probabilities: the P V product is an int32 MatMul
-        assert all(n.outputs[0].dtype == ir.DataType.INT16 for n in softmaxes) and ops["MatMul"] == 2
+    if recipe == "w8a8-llm":  # int16 probabilities and operands: Q K^T and P V are int32 MatMuls
+        assert all(n.outputs[0].dtype == ir.DataType.INT16 for n in softmaxes) and ops["MatMul"] == 4
     wide = {n.op_type for n in integer.graph for v in n.outputs if v.dtype == ir.DataType.INT16}
     assert {"RescaleAdd", "IntSigmoid", "QGemm"} <= wide  # residual stream, SiLU output, up projection
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
@@ -181,5 +182,32 @@ def test_int16_scores_reach_the_integer_softmax(tiny_llama) -> None:
     assert float_ops_inside(integer) == []
     softmaxes = [n for n in integer.graph if n.op_type == "IntSoftmax"]
     assert len(softmaxes) == 2 and all(n.inputs[0].dtype == ir.DataType.INT16 for n in softmaxes)
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    _assert_close(qdq, integer, probe, reference)
+
+
+def test_int16_attention_operands_reach_the_score_product(tiny_llama) -> None:
+    """attention_bits = 16 (w8a8-llm): q, k (after RoPE) and v, the projections RoPE reads and SiLU's input are
+    int16; both attention products run as int32 MatMuls on int16 operands, Q and K clamped for the 16-term score
+    sum (floor(sqrt((2^31 - 1) / 16)) = 11585); bit-exact, and close to the QDQ graph and to float."""
+    from qcompiler.config import load_recipe
+    from qcompiler.passes.lower.dyadic import integer_bound
+
+    exported, calibration, probe, reference = tiny_llama
+    recipe = load_recipe("w8a8-llm")
+    assert recipe.quantize.attention_bits == 16
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    ops = collections.Counter(n.op_type for n in integer.graph)
+    assert ops["MatMulInteger"] == 0 and ops["MatMul"] == 4  # Q K^T and P V per layer, both int32 on int16
+    products = [n for n in integer.graph if n.op_type == "MatMul"]
+    for product in products:
+        sources = [v.producer().inputs[0] for v in product.inputs]  # through the widening Casts
+        assert all(s.dtype == ir.DataType.INT16 for s in sources)
+    bounds = sorted(integer_bound(v.producer().inputs[0]) for n in products for v in n.inputs)
+    assert bounds.count(11585) == 4  # q and k of both layers; P and V keep the int16 range
+    silus = [n for n in integer.graph if n.op_type == "IntSigmoid"]
+    assert all(n.inputs[0].dtype == ir.DataType.INT16 for n in silus)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
     _assert_close(qdq, integer, probe, reference)

@@ -156,3 +156,114 @@ def _first_norm(model):
     del cut.graph.output[:]
     cut.graph.output.append(helper.make_tensor_value_info("n1", TensorProto.FLOAT, None))
     return cut
+
+
+DEPTH = 64  # contracted length of the score product below: bound floor(sqrt((2^31 - 1) / 64)) = 5792
+
+
+def _score_block(seed: int = 0) -> tuple[object, list[dict[str, np.ndarray]], np.ndarray, np.ndarray]:
+    """``(x * Ta) @ (y * Tb)^T``: two computed operands of an activation product (attention's Q K^T, with RoPE's
+    table products as their producers), read by nothing else."""
+    rng = np.random.default_rng(seed)
+    ta = rng.uniform(0.5, 1.5, (TOKENS, DEPTH)).astype(np.float32)
+    tb = rng.uniform(0.5, 1.5, (TOKENS, DEPTH)).astype(np.float32)
+    nodes = [
+        helper.make_node("Mul", ["x", "ta"], ["a"]),
+        helper.make_node("Mul", ["y", "tb"], ["b"]),
+        helper.make_node("Transpose", ["b"], ["bt"], perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["a", "bt"], ["s"]),
+    ]
+    shape = [1, TOKENS, DEPTH]
+    graph = helper.make_graph(
+        nodes,
+        "scores",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, shape) for n in ("x", "y")],
+        [helper.make_tensor_value_info("s", TensorProto.FLOAT, [1, TOKENS, TOKENS])],
+        [numpy_helper.from_array(ta, "ta"), numpy_helper.from_array(tb, "tb")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    batches = [{n: rng.standard_normal(shape).astype(np.float32) for n in ("x", "y")} for _ in range(4)]
+    return model, batches, ta, tb
+
+
+def _attention_recipe(bits: int) -> Recipe:
+    base = load_recipe("w8a8")
+    return Recipe("test", "", base.canonicalize, CalibrationConfig(), QuantizeConfig(attention_bits=bits), base.lower)
+
+
+def test_attention_operands_are_int16_and_clamped_so_scores_cannot_overflow() -> None:
+    """attention_bits = 16: both operands of the score product are int16, clamped at 5792 (64 * 5792^2 < 2^31).
+    Inputs 1000x beyond calibration drive every operand to its clamp and every sum to 2,147,024,896: the integer
+    code (TVM and reference, bit for bit) saturates the output at +127 instead of wrapping to a negative sum."""
+    from qcompiler.passes.lower.dyadic import integer_bound
+
+    model, batches, _, _ = _score_block()
+    qdq, integer, _, shapes = quantize_to_integer(
+        model, calibration=batches, recipe=_attention_recipe(16), progress=False
+    )
+    clips = [n for n in qdq.graph if n.op_type == "Clip"]
+    assert len(clips) == 2  # one clamp per operand, in the QDQ graph too
+    product = next(n for n in integer.graph if n.op_type == "MatMul")
+    sources = [cast.inputs[0] for cast in (v.producer() for v in product.inputs)]
+    assert all(s.dtype == ir.DataType.INT16 for s in sources)
+    assert [integer_bound(s) for s in sources] == [5792, 5792]
+    high = np.full((1, TOKENS, DEPTH), 1000.0, np.float32)
+    extreme, extreme_negative = {"x": high, "y": high}, {"x": high, "y": -high}
+    proto = ir.serde.serialize_model(integer)
+    assert (run_reference(proto, extreme)[0] == np.float32(run_reference(proto, extreme)[0].max())).all()
+    qdq_proto = ir.serde.serialize_model(qdq)
+    for feeds in (extreme, extreme_negative, *batches[:2]):
+        np.testing.assert_array_equal(run_reference(proto, feeds)[0], run_reference(qdq_proto, feeds)[0])
+    assert run_reference(proto, extreme)[0].min() > 0 > run_reference(proto, extreme_negative)[0].max()
+    assert_bit_exact(lambda p: build(p, shapes), integer, [extreme, extreme_negative, *batches[:2]])
+
+
+def test_int16_attention_operands_are_finer_than_int8() -> None:
+    """The point of attention_bits = 16: the score product's error to float drops by more than 10x."""
+    model, batches, _, _ = _score_block(1)
+    errors = {}
+    for bits in (8, 16):
+        _, integer, _, _ = quantize_to_integer(
+            model, calibration=batches, recipe=_attention_recipe(bits), progress=False
+        )
+        proto = ir.serde.serialize_model(integer)
+        errors[bits] = np.mean(
+            [np.abs(run_reference(proto, f)[0] - _float_reference(model, f)).mean() for f in batches]
+        )
+    assert errors[16] < errors[8], errors
+
+
+def test_unbounded_int16_activation_product_is_refused() -> None:
+    """Two full-range int16 operands of a 64-term product can overflow int32: the lowering names the node."""
+    from qcompiler.errors import UnsupportedOpError
+    from qcompiler.passes.lower import LowerQDQToIntegerPass
+
+    def scalar(name: str, value: float | int, dtype: type) -> TensorProto:
+        return numpy_helper.from_array(np.array(value, dtype), name)
+
+    nodes, inits = [], [scalar("s_s", 1.0, np.float32), scalar("s_z", 0, np.int8)]
+    for name in ("a", "b"):
+        inits += [scalar(f"{name}_s", 0.01, np.float32), scalar(f"{name}_z", 0, np.int16)]
+        params = [f"{name}_s", f"{name}_z"]
+        nodes.append(helper.make_node("QuantizeLinear", [name, *params], [f"{name}_q"]))
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}_q", *params], [f"{name}_dq"]))
+    nodes += [
+        helper.make_node("MatMul", ["a_dq", "b_dq"], ["s"], name="scores"),
+        helper.make_node("QuantizeLinear", ["s", "s_s", "s_z"], ["s_q"]),
+        helper.make_node("DequantizeLinear", ["s_q", "s_s", "s_z"], ["y"]),
+    ]
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, [4, DEPTH]),
+        helper.make_tensor_value_info("b", TensorProto.FLOAT, [DEPTH, 4]),
+    ]
+    output = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, 4])
+    graph = helper.make_graph(nodes, "unbounded", inputs, [output], inits)
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    with pytest.raises(UnsupportedOpError, match="scores.*overflow the int32"):
+        LowerQDQToIntegerPass()(model)
+
+
+def test_config_validates_attention_bits() -> None:
+    with pytest.raises(ValueError, match="attention_bits"):
+        QuantizeConfig(attention_bits=12)
