@@ -4,10 +4,16 @@ Models: the trained MNIST CNN (ONNX model zoo) on scikit-learn digits, batch 1; 
 scikit-learn digits (64 -> 256 -> 256 -> 10), batch 64. Every row is measured in this run, same threads.
 
     make bench            # or: .venv/bin/python benchmarks/bench_cnn_mlp.py
+
+``--conv-layouts`` instead times one QConv per shape (the MNIST CNN's two and ResNet-like ones, and a pair of
+consecutive 3x3 convolutions) built with ``conv_layout="NCHW"`` and ``"NHWC"`` (NHWC times include the permutes at
+the graph's NCHW boundary), the minimum over interleaved rounds of TVM's median, and saves
+benchmarks/results/conv_layouts.json: the measurements ``conv_layout="auto"`` follows.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import time
@@ -169,5 +175,74 @@ def _add_ratios(rows: list[dict]) -> None:
         row["qcompiler_speedup"] = row["latency_us"] / ours
 
 
+#: (name, input NCHW, weight [N, C, KH, KW], attributes, convolutions in a chain)
+CONV_SHAPES = [
+    ("MNIST conv1", (1, 1, 28, 28), (8, 1, 5, 5), {"pads": [2, 2, 2, 2]}, 1),
+    ("MNIST conv2", (1, 8, 14, 14), (16, 8, 5, 5), {"pads": [2, 2, 2, 2]}, 1),
+    ("ResNet stem 7x7/2", (1, 3, 224, 224), (64, 3, 7, 7), {"pads": [3, 3, 3, 3], "strides": [2, 2]}, 1),
+    ("3x3 64 @56", (1, 64, 56, 56), (64, 64, 3, 3), {"pads": [1, 1, 1, 1]}, 1),
+    ("3x3 128 @28", (1, 128, 28, 28), (128, 128, 3, 3), {"pads": [1, 1, 1, 1]}, 1),
+    ("1x1 256 @14", (1, 256, 14, 14), (256, 256, 1, 1), {}, 1),
+    ("3x3 128/2 @56", (1, 64, 56, 56), (128, 64, 3, 3), {"pads": [1, 1, 1, 1], "strides": [2, 2]}, 1),
+    ("2 x 3x3 64 @56", (1, 64, 56, 56), (64, 64, 3, 3), {"pads": [1, 1, 1, 1]}, 2),
+]
+
+
+def conv_model(x_shape, w_shape, attrs: dict, chain: int) -> onnx.ModelProto:
+    """``chain`` QConv nodes (ReLU clamp, per-channel requantize) on one NCHW input."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from qcompiler.dialect import DOMAIN
+
+    rng = np.random.default_rng(0)
+    nodes, inits, name = [], [], "x"
+    for i in range(chain):
+        out_c = w_shape[0]
+        weight = rng.integers(-127, 128, (out_c, w_shape[1] if i == 0 else out_c, *w_shape[2:])).astype(np.int8)
+        params = {
+            f"w{i}": weight,
+            f"b{i}": rng.integers(-3000, 3000, out_c).astype(np.int32),
+            f"m{i}": rng.integers(1 << 30, 1 << 31, out_c).astype(np.int32),
+            f"s{i}": np.full(out_c, 40, np.int32),
+        }
+        inits += [numpy_helper.from_array(v, k) for k, v in params.items()]
+        nodes.append(helper.make_node("QConv", [name, *params], [f"y{i}"], domain=DOMAIN, lo=0, **attrs))
+        name = f"y{i}"
+    graph = helper.make_graph(
+        nodes, "convs", [helper.make_tensor_value_info("x", TensorProto.INT8, list(x_shape))],
+        [helper.make_tensor_value_info(name, TensorProto.INT8, None)], inits,
+    )  # fmt: skip
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+
+
+def conv_layouts(rounds: int = 3) -> None:
+    """Each shape in both im2col layouts: the minimum over ``rounds`` interleaved rounds of TVM's median time."""
+    from qcompiler.backends.tvm import build
+
+    rows = []
+    for name, x_shape, w_shape, attrs, chain in CONV_SHAPES:
+        model = conv_model(x_shape, w_shape, attrs, chain)
+        feeds = {"x": np.random.default_rng(1).integers(-128, 128, x_shape).astype(np.int8)}
+        modules = {layout: build(model, {"x": list(x_shape)}, conv_layout=layout) for layout in ("NCHW", "NHWC")}
+        outputs = [m.run(feeds)[0] for m in modules.values()]
+        assert np.array_equal(*outputs), f"{name}: the layouts disagree"
+        best = dict.fromkeys(modules, float("inf"))
+        for _ in range(rounds):
+            for layout, module in modules.items():
+                best[layout] = min(best[layout], module.time(feeds, number=20, repeat=5))
+        macs = chain * int(np.prod(outputs[0].shape)) * int(np.prod(w_shape[1:]))
+        rows.append({"shape": name, "input": "x".join(map(str, x_shape)), "weight": "x".join(map(str, w_shape)),
+                     "MMACs": macs / 1e6, "NCHW_us": best["NCHW"] * 1e6, "NHWC_us": best["NHWC"] * 1e6,
+                     "NHWC_speedup": best["NCHW"] / best["NHWC"]})  # fmt: skip
+    print(f"threads: {THREADS}; min over {rounds} rounds of the median of 5 x 20 calls")
+    print_table(rows, ["shape", "input", "weight", "MMACs", "NCHW_us", "NHWC_us", "NHWC_speedup"])
+    print(f"saved {save('conv_layouts', rows, {'threads': THREADS})}")
+
+
 if __name__ == "__main__":
-    main()
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--conv-layouts", action="store_true", help="time QConv in both im2col layouts instead")
+    if parser.parse_args().conv_layouts:
+        conv_layouts()
+    else:
+        main()

@@ -19,6 +19,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler import calibrate as calibration_module
 from qcompiler.backends.tvm import TVMModule, build, resolve_target
+from qcompiler.backends.tvm.metaschedule import validate_trials
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
@@ -318,6 +319,7 @@ def compile(
     verify: bool = True,
     progress: bool = True,
     tune: bool = False,
+    metaschedule_trials: int = 0,
 ) -> CompiledModel:
     """Quantize ``model`` and compile it to integer-only code for ``target``.
 
@@ -332,11 +334,15 @@ def compile(
         tune: time the candidate register tiles of every int8 GEMM shape on this machine and keep the fastest,
             cached on disk (``$QCOMPILER_CACHE_DIR``, default ``~/.cache/qcompiler``) for the next build; a few
             seconds per new shape.
+        metaschedule_trials: above 0, a MetaSchedule search of that many trials over the kernels without a hand
+            GEMM schedule, each kept only where it beats the hand schedule (records in
+            ``$QCOMPILER_CACHE_DIR/metaschedule``); minutes on 2 cores, so off by default.
 
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
     """
-    tvm_target, _ = resolve_target(target)  # fail on a bad target or recipe before any work
+    tvm_target, _ = resolve_target(target)  # fail on a bad target, trial count or recipe before any work
+    validate_trials(metaschedule_trials)
     chosen = load_recipe(recipe)
     if chosen.simulate is not None:
         raise RecipeError(
@@ -357,7 +363,7 @@ def compile(
         raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
     integer_proto = ir.serde.serialize_model(integer)
     build_start = time.perf_counter()
-    module = build(integer_proto, shapes, tvm_target, tune=tune)
+    module = build(integer_proto, shapes, tvm_target, tune=tune, metaschedule_trials=metaschedule_trials)
     report = {
         "recipe": chosen.name,
         "target": str(tvm_target),
@@ -366,6 +372,7 @@ def compile(
         "ops": _op_histogram(integer_proto),
         "float_ops_inside": 0,
         "tuned": tune,
+        "metaschedule_trials": metaschedule_trials,
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
     }
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))

@@ -36,6 +36,13 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument(
         "--tune", action="store_true", help="search the GEMM register tiles on this machine (cached on disk)"
     )
+    comp.add_argument(
+        "--metaschedule-trials",
+        type=int,
+        default=0,
+        metavar="N",
+        help="tune the non-GEMM kernels with N MetaSchedule trials (minutes; default 0: off)",
+    )
     sub.add_parser("recipes", help="list the built-in recipes")
     inspect = sub.add_parser("inspect", help="print the regions the float-exact transforms can rewrite")
     inspect.add_argument("model", help="path of the .onnx file (external data next to it)")
@@ -49,6 +56,9 @@ def _parser() -> argparse.ArgumentParser:
 def _compile(args: argparse.Namespace) -> int:
     from qcompiler.api import compile as compile_model
 
+    if args.metaschedule_trials < 0:
+        print(f"error: --metaschedule-trials: N must be >= 0 (0: off), got {args.metaschedule_trials}", file=sys.stderr)
+        return 2
     calibration_path = Path(args.calibration)
     if not calibration_path.is_file():
         print(f"error: --calibration: no such file {calibration_path}", file=sys.stderr)
@@ -68,6 +78,7 @@ def _compile(args: argparse.Namespace) -> int:
         verify=not args.no_verify,
         progress=not args.quiet,
         tune=args.tune,
+        metaschedule_trials=args.metaschedule_trials,
     )
     compiled.save(output, overwrite=args.overwrite)
     records = [PassRecord(**r) for r in compiled.report["passes"]]

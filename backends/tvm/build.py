@@ -17,7 +17,7 @@ import tvm
 from tvm import relax
 from tvm.relax.backend import cpu_generic
 
-from qcompiler.backends.tvm import importer, schedules, tuning
+from qcompiler.backends.tvm import importer, metaschedule, schedules, tuning
 from qcompiler.errors import TargetError
 
 logger = logging.getLogger(__name__)
@@ -182,29 +182,44 @@ def build(
     target: Any = "llvm",
     tune: bool = False,
     tile_cache: tuning.TileCache | None = None,
+    conv_layout: str = "auto",
+    metaschedule_trials: int = 0,
 ) -> TVMModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
 
     ``tune``: search the GEMM register tile of every int8 GEMM shape on this machine (tuning.py), reusing and
     extending ``tile_cache`` (default: the on-disk cache); without it the default tiles, and no cache is read.
+    ``conv_layout``: the im2col layout of group-1 convolutions, ``"NCHW"``, ``"NHWC"`` (permuted at the graph's
+    NCHW boundary, the permutes between consecutive NHWC convolutions dropped) or ``"auto"``: per convolution,
+    whichever measured faster for its shape (:func:`qcompiler.backends.tvm.importer.conv_layout_for`).
+    ``metaschedule_trials``: above 0, a MetaSchedule search of that many trials over the kernels without a hand GEMM
+    schedule, each kept only where it beats the hand schedule (metaschedule.py; minutes: off by default).
     """
+    if conv_layout not in importer.CONV_LAYOUTS:
+        raise ValueError(f"conv_layout: {conv_layout!r} is not one of {', '.join(importer.CONV_LAYOUTS)}")
+    trials = metaschedule.validate_trials(metaschedule_trials)
     tvm_target, _ = resolve_target(target)
     isa = int8_dot_isa(tvm_target)
     static = {k: list(v) for k, v in shapes.items()}
     gemms: set[tuple[int, int, int, int]] = set()
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
-        mod = importer.import_onnx(model, static, isa=isa, gemms=gemms)
+        mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout)
         if tune and gemms:
             cache = tile_cache if tile_cache is not None else tuning.TileCache()
             tiles = _tuned_tiles(gemms, tvm_target, isa, cache)
-            mod = importer.import_onnx(model, static, isa=isa, tiles=tiles)
+            mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout)
+    unscheduled = metaschedule.tunable_functions(mod) if trials else {}  # our kernels, before their schedules
     mod = schedules.schedule_module(mod, use_avx2=isa != "generic")
     with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
         mod = tvm.transform.Sequential(
             cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)
         )(mod)
+        if trials:
+            unscheduled = {**metaschedule.tunable_functions(mod), **unscheduled}
         mod = schedules.schedule_legalized(mod)
+        if trials:
+            mod = metaschedule.tune_module(mod, unscheduled, tvm_target, trials)
         executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]

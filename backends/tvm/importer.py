@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 import numpy as np
 import onnx
@@ -21,6 +21,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
 from qcompiler.backends.tvm.schedules import (
+    CHANNEL_RUN_ATTR,
     KB_ATTR,
     KERNEL_ATTR,
     LANES_ATTR,
@@ -83,6 +84,9 @@ class _ImportState:
     isa: str = "avx2"
     tiles: Mapping[tuple[int, int, int], Tile] = dataclasses.field(default_factory=dict)  # (M, N, K) -> tile
     gemms: set[tuple[int, int, int, int]] = dataclasses.field(default_factory=set)  # (M, N, K, kb) planned
+    conv_layout: str = "auto"  # "NCHW", "NHWC" or "auto" (:func:`conv_layout_for`) for group-1 convolutions
+    nhwc_outputs: list[tuple[relax.Var, relax.Var]] = dataclasses.field(default_factory=list)  # (NCHW, pixel rows)
+    skipped_permutes: int = 0  # NHWC convolutions that read their producer's pixel rows (dead permutes to remove)
 
 
 _STATE = _ImportState()
@@ -185,6 +189,8 @@ class QConv(OF.OnnxOpConverter):
         bias = _const_numpy(inputs[2], "bias", "QConv")
         mult = _const_numpy(inputs[3], "multiplier", "QConv")
         shift = _const_numpy(inputs[4], "shift", "QConv")
+        if group == 1 and conv_layout_for(geometry, _STATE.conv_layout) == "NHWC":
+            return _qconv_nhwc(bb, x, weight, bias, mult, shift, geometry, attr)
         if group == 1:
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
             plan, tile = _plan_int8_gemm(flat, shift, batch * geometry.out_h * geometry.out_w)
@@ -208,6 +214,81 @@ class QConv(OF.OnnxOpConverter):
             primfunc_name_hint="qconv_grouped",
             primfunc_attrs={KERNEL_ATTR: "direct"},
         )
+
+
+CONV_LAYOUTS = ("auto", "NCHW", "NHWC")
+
+
+def conv_layout_for(geometry: kernels.ConvGeometry, requested: str) -> str:
+    """The im2col layout of a group-1 convolution: ``requested``, or for ``"auto"`` NHWC unless the input has a
+    single channel.
+
+    Measured (``benchmarks/bench_cnn_mlp.py --conv-layouts``, docs/results.md: one convolution built both ways,
+    NHWC including its two boundary transposes, 2 threads on a Zen 4 with VNNI, NCHW / NHWC us): MNIST conv1
+    1x1x28x28 5x5 -> 8: 11.0 / 11.9; MNIST conv2 1x8x14x14 5x5 -> 16: 23 / 17; ResNet stem 1x3x224x224 7x7/2
+    -> 64: 2719 / 2370; 1x64x56x56 3x3 -> 64: 1564 / 683; 1x128x28x28 3x3 -> 128: 1318 / 610; 1x256x14x14 1x1
+    -> 256: 119 / 97 (NHWC 1.15-2.6x faster over three runs from three channels on, 0.92x with one). With one
+    input channel both layouts build the same patch matrix with the same loops, so NHWC only adds its two
+    transposes; from three channels on its contiguous channel runs win, by more the more channels.
+    """
+    if requested != "auto":
+        return requested
+    return "NCHW" if geometry.channels == 1 else "NHWC"
+
+
+def _qconv_nhwc(
+    bb: relax.BlockBuilder,
+    x: relax.Expr,
+    weight: np.ndarray,
+    bias: np.ndarray,
+    mult: np.ndarray,
+    shift: np.ndarray,
+    geometry: kernels.ConvGeometry,
+    attr: dict,
+) -> relax.Expr:
+    """A group-1 convolution in NHWC (kernels.qconv_nhwc_compute) inside the NCHW graph. Its input: the pixel rows
+    ``[B, H*W, C]`` of the NHWC convolution that produced ``x``, if one did (the permute pair between them is
+    skipped, the unused permute back removed as dead code), else ``x`` permuted. Its output: the GEMM's rows
+    viewed as ``[B, OH*OW, N]``, permuted back to NCHW for the graph, the pair recorded for the next
+    convolution. Both permutes are our tiled transpose kernel; the reshapes are views."""
+    flat = kernels.nhwc_weight(weight)
+    g = geometry
+    plan, tile = _plan_int8_gemm(flat, shift, g.batch * g.out_h * g.out_w)
+    pixels = next((rows for nchw, rows in _STATE.nhwc_outputs if nchw.same_as(x)), None)
+    if pixels is not None:
+        _STATE.skipped_permutes += 1
+    else:
+        flat_x = bb.emit(relax.op.reshape(x, [g.batch, g.channels, g.height * g.width]))
+        pixels = _emit_transpose(bb, kernels.nchw_to_pixels_compute, flat_x)
+    rows = bb.emit_te(
+        functools.partial(kernels.qconv_nhwc_compute, geometry=g, plan=plan, **_epilogue(attr)),
+        pixels,
+        relax.const(kernels.pack_weight(flat, plan), "int8"),
+        relax.const(kernels.pack_bias(bias, flat, plan), "int32"),
+        relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
+        relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
+        primfunc_name_hint="qconv_nhwc",
+        primfunc_attrs={**_gemm_attrs(plan, tile), ROW_TILE_ATTR: g.out_w, CHANNEL_RUN_ATTR: g.channels},
+    )
+    out_pixels = bb.emit(relax.op.reshape(rows, [g.batch, g.out_h * g.out_w, plan.n]))
+    to_nchw = functools.partial(kernels.pixels_to_nchw_compute, height=g.out_h, width=g.out_w)
+    nchw = _emit_transpose(bb, to_nchw, out_pixels)
+    _STATE.nhwc_outputs.append((nchw, out_pixels))
+    return nchw
+
+
+#: TVM's "opaque" operator pattern: FuseOps then leaves the kernel alone (it would fuse the reshapes around a
+#: transpose into it, and their index arithmetic into its tiles)
+_OPAQUE = 8
+
+
+def _emit_transpose(bb: relax.BlockBuilder, compute: Callable[[te.Tensor], te.Tensor], x: relax.Expr) -> relax.Var:
+    return bb.emit_te(
+        compute,
+        x,
+        primfunc_name_hint="layout_transpose",
+        primfunc_attrs={KERNEL_ATTR: "transpose", "op_pattern": _OPAQUE},
+    )
 
 
 def _requantize_te(
@@ -600,18 +681,27 @@ def import_onnx(
     isa: str = "avx2",
     tiles: Mapping[tuple[int, int, int], Tile] | None = None,
     gemms: set[tuple[int, int, int, int]] | None = None,
+    conv_layout: str = "auto",
 ) -> tvm.IRModule:
     """Relax module of an integer ONNX model with static input ``shapes``; the GEMMs planned for ``isa``
     (:func:`qcompiler.backends.tvm.int8_dot_isa`) with the register ``tiles`` given per (M, N, K) (tuning.py), the
-    others the default. ``gemms``: filled with the (M, N, K, kb) of every int8 GEMM planned."""
+    others the default. ``gemms``: filled with the (M, N, K, kb) of every int8 GEMM planned. ``conv_layout``: the
+    im2col layout of group-1 convolutions (:data:`CONV_LAYOUTS`, :func:`conv_layout_for`)."""
+    if conv_layout not in CONV_LAYOUTS:
+        raise ValueError(f"conv_layout: {conv_layout!r} is not one of {', '.join(CONV_LAYOUTS)}")
     global _STATE
     dtypes = {
         i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input
     }
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     with _extended_convert_map():
-        _STATE = _ImportState(isa=isa, tiles=dict(tiles or {}), gemms=gemms if gemms is not None else set())
+        _STATE = _ImportState(
+            isa=isa, tiles=dict(tiles or {}), gemms=gemms if gemms is not None else set(), conv_layout=conv_layout
+        )
         try:
-            return OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)
+            mod = OF.from_onnx(model, shape_dict=shapes, dtype_dict=dtypes, opset=opset, keep_params_in_input=False)
+            if _STATE.skipped_permutes:  # the permutes back to NCHW nothing reads any more
+                mod = relax.transform.DeadCodeElimination()(mod)
+            return mod
         finally:
             _STATE = _ImportState()

@@ -307,6 +307,68 @@ def qconv_compute(
     )
 
 
+def qconv_nhwc_compute(
+    x: te.Tensor,
+    packed: te.Tensor,
+    bias: te.Tensor,
+    multiplier: te.Tensor,
+    shift: te.Tensor,
+    *,
+    geometry: ConvGeometry,
+    plan: GemmPlan,
+    zero_point: int,
+    lo: int,
+    hi: int,
+) -> te.Tensor:
+    """2-D NHWC convolution as im2col + the packed GEMM kernel on ``x[B, H*W, C]`` (NHWC, pixels flattened);
+    returns the GEMM's int8 ``[B*OH*OW, N]``, which is the NHWC output row-major (a reshape, no write-back).
+
+    The patch columns are ordered ``kk = (ky * KW + kx) * C + c`` (the weight is packed in that order,
+    :func:`nhwc_weight`), so each patch row is ``KH * KW`` contiguous runs of ``C`` channels read from one input
+    pixel each, instead of :func:`qconv_compute`'s scalar gather. The patch matrix is a whole number of runs wide
+    (the GEMM reads its first ``K_padded`` columns), so the schedule can split its columns into (tap, channel)
+    with no division left per element, and every bounds test is per tap."""
+    g = geometry
+    oh, ow = g.out_h, g.out_w
+    rows = g.batch * oh * ow
+
+    def patch(r, kk):
+        n, rest = r // (oh * ow), r % (oh * ow)
+        y, xo = rest // ow, rest % ow
+        tap, c = kk // g.channels, kk % g.channels
+        ky, kx = tap // g.kernel_w, tap % g.kernel_w
+        iy = y * g.strides[0] + ky * g.dilations[0] - g.pads[0]
+        ix = xo * g.strides[1] + kx * g.dilations[1] - g.pads[1]
+        # no kk < K test: the padding columns meet the packed weight's zero padding, whatever they hold
+        inside = tirx.all(iy >= 0, iy < g.height, ix >= 0, ix < g.width)
+        pixel = x[n, iy * g.width + ix, c]
+        return gemm_activation(tirx.if_then_else(inside, pixel, tirx.const(0, "int8")), plan)
+
+    width = -(-plan.k_padded // g.channels) * g.channels
+    cols = te.compute((rows, width), patch, name="im2col")
+    return _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi)
+
+
+def nhwc_weight(weight: np.ndarray) -> np.ndarray:
+    """``[N, C, KH, KW]`` -> ``[N, KH * KW * C]`` in the patch order of :func:`qconv_nhwc_compute`: the same values
+    per output channel (so :func:`pack_bias`'s ``128 sum_k w`` and :func:`plan_gemm`'s -128 check are unchanged)."""
+    out_channels = weight.shape[0]
+    return np.ascontiguousarray(weight.transpose(0, 2, 3, 1)).reshape(out_channels, -1)
+
+
+def nchw_to_pixels_compute(x: te.Tensor) -> te.Tensor:
+    """NCHW ``x[B, C, H*W]`` -> the pixel rows ``[B, H*W, C]`` an NHWC convolution reads (the graph's layout into
+    the convolution's; a kernel of its own so it gets the tiled transpose schedule)."""
+    batch, channels, pixels = (int(d) for d in x.shape)
+    return te.compute((batch, pixels, channels), lambda n, p, c: x[n, c, p], name="transpose")
+
+
+def pixels_to_nchw_compute(x: te.Tensor, *, height: int, width: int) -> te.Tensor:
+    """Pixel rows ``x[B, H*W, C]`` (an NHWC convolution's output) -> NCHW ``[B, C, H, W]`` for the graph."""
+    batch, _, channels = (int(d) for d in x.shape)
+    return te.compute((batch, channels, height, width), lambda n, c, h, w: x[n, h * width + w, c], name="transpose")
+
+
 def qconv_direct_compute(
     x: te.Tensor,
     weight: te.Tensor,

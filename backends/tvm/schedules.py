@@ -1,12 +1,13 @@
 """Hand schedules for the fused integer kernels, applied to PrimFuncs tagged by the importer.
 
-The GEMM schedule (also the core of the im2col convolution): an ``mr x (nr*L)`` register tile of int32
-accumulators streamed over K, the inner ``L x KB`` block tensorized with a dot intrinsic (AVX2: L = 8; AVX-512
-VNNI: L = 16), the requantize epilogue computed on the tile while it is still in registers, the (column-block,
-row-block) loop parallel over cores. Attention's batched products get the same tile on VNNI (operands packed per
-call) or a broadcast-times-row tile of int32 lanes; row-wise kernels run every stage under their row loop;
-elementwise kernels get a parallel outer loop and a vectorized inner one; TVM's own kernels, after legalization
-and fusion, are inlined into ours or given the elementwise schedule.
+The GEMM schedule (also the core of the im2col convolutions, NCHW and NHWC): an ``mr x (nr*L)`` register tile of
+int32 accumulators streamed over K, the inner ``L x KB`` block tensorized with a dot intrinsic (AVX2: L = 8;
+AVX-512 VNNI: L = 16), the requantize epilogue computed on the tile while it is still in registers, the
+(column-block, row-block) loop parallel over cores. Attention's batched products get the same tile on VNNI
+(operands packed per call) or a broadcast-times-row tile of int32 lanes; row-wise kernels run every stage under
+their row loop; elementwise kernels get a parallel outer loop and a vectorized inner one; the NHWC convolutions'
+layout transposes are tiled; TVM's own kernels, after legalization and fusion, are inlined into ours or given the
+elementwise schedule.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (
 LANES_ATTR = "qcompiler.lanes"  # int32 lanes of the accumulator registers (8: ymm, 16: zmm)
 MR_ATTR = "qcompiler.mr"  # rows of a tuned register tile (tuning.py)
 ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col rows split by it lose their div/mod
+CHANNEL_RUN_ATTR = "qcompiler.channel_run"  # input channels of an NHWC convolution: its im2col's contiguous runs
 
 
 def _block_names(sch: Schedule) -> list[str]:
@@ -98,6 +100,50 @@ def _schedule_im2col(sch: Schedule, row_tile: int | None) -> None:
         sch.parallel(outer)
 
 
+def _schedule_im2col_nhwc(sch: Schedule, row_tile: int | None, channels: int) -> None:
+    """NHWC patches: rows in order (split by the output width so their decode simplifies), each row's columns
+    split into (tap, channel) where the channels divide them, so a tap is one contiguous run of input channels,
+    copied with vector loads when the run is long enough; parallel over output rows."""
+    block = sch.get_sblock("im2col")
+    rows, cols = sch.get_loops(block)
+    row_extent, col_extent = _static(sch.get(rows).extent), _static(sch.get(cols).extent)
+    outer = rows
+    if row_tile is not None and row_extent is not None and row_extent % row_tile == 0:
+        outer = sch.split(rows, [None, row_tile])[0]
+    if col_extent is not None and channels > 1 and col_extent % channels == 0:
+        _vectorize_inner(sch, sch.split(cols, [None, channels])[1])
+    if row_extent is not None and col_extent is not None and row_extent * col_extent >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
+def _divisor(extent: int | None, choices: tuple[int, ...]) -> int | None:
+    return next((v for v in choices if extent is not None and extent % v == 0), None)
+
+
+def schedule_transpose(sch: Schedule) -> None:
+    """The NHWC convolutions' layout changes, ``out[n, a, (h,) b]`` read from an input contiguous along ``a``, in
+    tiles: ``unroll`` values along ``a`` times a vector of ``lanes`` along the output's contiguous ``b``, so both
+    sides move in runs (TVM's elementwise schedule of a transpose gathers every vector element: measured 2-4x
+    slower); a ``b`` of 5 to 15 elements is one vector of its own width; where no tile fits (1 to 4 channels, an
+    odd width above 16), plain loops. Parallel over the outer loops."""
+    block = sch.get_sblock("transpose")
+    n, a, *middle, b = sch.get_loops(block)
+    width = _static(sch.get(b).extent)
+    lanes = _divisor(width, (16, 8, 4)) or (width if width is not None and 4 < width < 16 else None)
+    unroll = _divisor(_static(sch.get(a).extent), (8, 4))
+    if lanes is not None and unroll is not None:
+        a_outer, a_inner = sch.split(a, [None, unroll])
+        b_outer, b_inner = sch.split(b, [None, lanes])
+        sch.reorder(a_outer, *middle, b_outer, a_inner, b_inner)
+        sch.unroll(a_inner)
+        sch.vectorize(b_inner)
+        a = a_outer
+    size = _extent_product(sch, sch.get_loops(block))
+    outer = sch.fuse(n, a, *middle)
+    if size is None or size >= PARALLEL_MIN_ELEMENTS:
+        sch.parallel(outer)
+
+
 def schedule_gemm(
     sch: Schedule,
     kb: int,
@@ -107,10 +153,12 @@ def schedule_gemm(
     int16_weights: bool = False,
     lanes: int = 8,
     mr: int | None = None,
+    channel_run: int | None = None,
 ) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch`` (``mr``: rows of the register
     tile, a tuned one; it must divide M; by default :func:`default_mr`). Leading batch loops (attention's batched
-    products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2)."""
+    products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2).
+    ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them)."""
     names = _block_names(sch)
     block = sch.get_sblock("C")
     epilogue = sch.get_sblock("requant")
@@ -151,7 +199,9 @@ def schedule_gemm(
             intrin = intrinsics.AVX2_DOT_8X4_PSIGN if kb == 4 else intrinsics.AVX2_DOT_8X2_I16
         sch.tensorize(loops[-2], intrin)
     for name in names:
-        if name == "im2col":
+        if name == "im2col" and channel_run not in (None, 1):
+            _schedule_im2col_nhwc(sch, row_tile, channel_run)
+        elif name == "im2col":  # NCHW, or NHWC of one channel: the same patch order, the same best loops
             _schedule_im2col(sch, row_tile)
         elif name in ("A_pad", "B_pack", "unpad", "to_nchw", "W_expand"):
             _parallel_elementwise(sch, name, vector=False)
@@ -287,9 +337,12 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
                 int16_weights=int16_weights,
                 lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
                 mr=int(func.attrs[MR_ATTR]) if MR_ATTR in func.attrs else None,
+                channel_run=int(func.attrs[CHANNEL_RUN_ATTR]) if CHANNEL_RUN_ATTR in func.attrs else None,
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)
+        elif kind == "transpose":
+            schedule_transpose(sch)
         elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial
             _parallel_elementwise(sch, _block_names(sch)[0], vector=False)
         elif kind == "elementwise":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -81,9 +83,18 @@ def test_qgemm_on_3d_input() -> None:
         ((1, 4, 6, 6), (6, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
     ],
 )
-def test_qconv_bit_exact(shape, w_shape, attrs) -> None:
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+def test_qconv_bit_exact(shape, w_shape, attrs, layout: str) -> None:
+    model, feeds = _qconv_case(shape, w_shape, attrs)
+    assert_bit_exact(lambda proto: build(proto, {"x": list(shape)}, conv_layout=layout), model, feeds)
+
+
+def _qconv_case(shape, w_shape, attrs, *, minus_128: bool = False):
+    """A QConv (ReLU clamp, per-channel requantize) and feeds: random, and every activation at each extreme."""
     rng = np.random.default_rng(sum(shape) + sum(w_shape))
-    w = rng.integers(-127, 128, w_shape).astype(np.int8)
+    w = rng.integers(-128 if minus_128 else -127, 128, w_shape).astype(np.int8)
+    if minus_128:
+        w.flat[::7] = -128  # the psign kernel's one inexact weight: the AVX2 build must take the int16 path
     out_c = w_shape[0]
     inits = {
         "w": w,
@@ -92,8 +103,9 @@ def test_qconv_bit_exact(shape, w_shape, attrs) -> None:
         "s": np.full(out_c, 37, np.int32),
     }
     model = _single("QConv", ["w", "b", "m", "s"], shape, inits, lo=0, **attrs)
-    feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": np.full(shape, -128, np.int8)}]
-    assert_bit_exact(_builder(shape), model, feeds)
+    feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": np.full(shape, -128, np.int8)},
+             {"x": np.full(shape, 127, np.int8)}]  # fmt: skip
+    return model, feeds
 
 
 def test_requantize_and_rescale_add_at_ties() -> None:
@@ -572,3 +584,104 @@ define i32 @__tvm_parallel_lambda.7(i32 %0) {
         "dequantize_output_compute_/__tvm_parallel_lambda": ["float", "sitofp"],
         "qgemm_compute_/__tvm_parallel_lambda.7": ["float", "fmul"],
     }
+
+
+# --- convolution layouts: NHWC im2col (contiguous channel runs) against NCHW ------------------------------------
+
+_CONV_CASES = [
+    ((1, 3, 9, 7), (5, 3, 3, 3), {"pads": [1, 1, 1, 1]}),  # C not a multiple of 4: the patch rows padded
+    ((2, 5, 11, 10), (7, 5, 3, 3), {"strides": [2, 2], "pads": [1, 0, 2, 1]}),  # batch 2, stride 2, uneven pads
+    ((1, 6, 10, 9), (4, 6, 3, 2), {"dilations": [2, 1], "pads": [0, 1, 2, 0]}),
+    ((1, 32, 7, 7), (40, 32, 1, 1), {}),  # 1x1: the patch matrix is the input's pixel rows
+    ((1, 16, 8, 12), (20, 16, 5, 5), {"pads": [2, 2, 2, 2]}),  # 16-channel runs: vector copies
+    ((2, 1, 9, 9), (6, 1, 3, 3), {"strides": [2, 1]}),  # one channel
+]
+
+
+@pytest.mark.parametrize(("shape", "w_shape", "attrs"), _CONV_CASES)
+@pytest.mark.parametrize(
+    "target", [_AVX2_TARGET, _VNNI_TARGET, _GENERIC_X86_TARGET], ids=["avx2", "avx512vnni", "generic"]
+)
+def test_qconv_nhwc_bit_exact_on_each_int8_isa(shape, w_shape, attrs, target: dict) -> None:
+    """The NHWC im2col on every GEMM path this host runs (AVX2 psign and, with -128 weights, int16 pairs; VNNI
+    u8 x s8; generic int32 lanes), activations at both extremes, against the reference."""
+    if target is not _GENERIC_X86_TARGET:
+        _skip_unless_host_runs(target)
+    for minus_128 in (False, True):
+        model, feeds = _qconv_case(shape, w_shape, attrs, minus_128=minus_128)
+        builder = lambda proto: build(proto, {"x": list(shape)}, target=target, conv_layout="NHWC")  # noqa: E731
+        assert_bit_exact(builder, model, feeds)
+
+
+def _conv_chain(*, second_output: bool):
+    """x -> QConv(4 -> 8) -> QConv(8 -> 6), both 3x3; ``second_output``: the first convolution's result is a graph
+    output too (the permute back to NCHW between them must then stay)."""
+    rng = np.random.default_rng(21)
+    inits, nodes = {}, []
+    for i, (cin, cout) in enumerate([(4, 8), (8, 6)]):
+        inits |= {
+            f"w{i}": rng.integers(-128, 128, (cout, cin, 3, 3)).astype(np.int8),
+            f"b{i}": rng.integers(-2000, 2000, cout).astype(np.int32),
+            f"m{i}": rng.integers(1 << 30, 1 << 31, cout).astype(np.int32),
+            f"s{i}": np.full(cout, 38, np.int32),
+        }
+        inputs = ["x" if i == 0 else "c0", f"w{i}", f"b{i}", f"m{i}", f"s{i}"]
+        nodes.append(helper.make_node("QConv", inputs, [f"c{i}"], domain=DOMAIN, pads=[1, 1, 1, 1], lo=-20))
+    outputs = ["c1", "c0"] if second_output else ["c1"]
+    graph = helper.make_graph(
+        nodes, "chain", [helper.make_tensor_value_info("x", TensorProto.INT8, [2, 4, 6, 5])],
+        [helper.make_tensor_value_info(name, TensorProto.INT8, None) for name in outputs],
+        [numpy_helper.from_array(a, n) for n, a in inits.items()],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    feeds = [{"x": rng.integers(-128, 128, (2, 4, 6, 5)).astype(np.int8)}, {"x": np.full((2, 4, 6, 5), -128, np.int8)}]
+    return model, feeds
+
+
+def _layout_transposes(model, layout: str) -> int:
+    """How many layout-transpose kernels the imported module calls."""
+    from qcompiler.backends.tvm import importer
+
+    with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
+        warnings.simplefilter("ignore", UserWarning)
+        mod = importer.import_onnx(model, {"x": [2, 4, 6, 5]}, isa="avx2", conv_layout=layout)
+    return str(mod["main"]).count("R.call_tir(layout_transpose")
+
+
+@pytest.mark.parametrize("second_output", [False, True])
+def test_consecutive_nhwc_convolutions_skip_the_permutes_between_them(second_output: bool) -> None:
+    """Two NHWC convolutions in a row: one permute in, one out, none between (4 without the skip); where the first
+    result is also a graph output its permute back stays. Bit-exact either way."""
+    model, feeds = _conv_chain(second_output=second_output)
+    assert _layout_transposes(model, "NHWC") == (3 if second_output else 2)
+    assert _layout_transposes(model, "NCHW") == 0
+    assert_bit_exact(lambda proto: build(proto, {"x": [2, 4, 6, 5]}, conv_layout="NHWC"), model, feeds)
+
+
+def test_auto_layout_is_nhwc_except_for_a_single_input_channel() -> None:
+    from qcompiler.backends.tvm import importer
+    from qcompiler.backends.tvm.kernels import ConvGeometry
+
+    def geometry(channels: int) -> ConvGeometry:
+        return ConvGeometry(1, channels, 8, 8, 3, 3, (1, 1), (1, 1, 1, 1), (1, 1))
+
+    assert importer.conv_layout_for(geometry(1), "auto") == "NCHW"
+    assert importer.conv_layout_for(geometry(3), "auto") == "NHWC"
+    assert importer.conv_layout_for(geometry(3), "NCHW") == "NCHW"
+    assert importer.conv_layout_for(geometry(1), "NHWC") == "NHWC"
+    model, _ = _conv_chain(second_output=False)
+    assert _layout_transposes(model, "auto") == 2
+
+
+def test_nhwc_convolution_is_integer_only_and_uses_the_dot_instruction() -> None:
+    model, _ = _qconv_case((1, 16, 8, 8), (32, 16, 3, 3), {"pads": [1, 1, 1, 1]})
+    text = build(model, {"x": [1, 16, 8, 8]}, target=_VNNI_TARGET, conv_layout="NHWC").llvm_ir()
+    assert "qconv_nhwc" in text and "layout_transpose" in text
+    assert "llvm.x86.avx512.vpdpbusd.512" in text
+    assert not float_functions(text)
+
+
+def test_unknown_conv_layout_is_rejected() -> None:
+    model, _ = _qconv_case((1, 3, 5, 5), (4, 3, 3, 3), {})
+    with pytest.raises(ValueError, match="conv_layout: 'NCWH' is not one of auto, NCHW, NHWC"):
+        build(model, {"x": [1, 3, 5, 5]}, conv_layout="NCWH")
