@@ -7,7 +7,13 @@ Variants of the same QDQ graph (first 2048 WikiText-2 test tokens by default, 51
   keeps its folded ratio as a float Mul), weights, tables and embeddings still quantized;
 - ``per-tensor int8 -> int16``: every per-tensor int8 activation stored at 16 bits over the same range;
 - ``... except GEMM weight operands``: the same, but tensors that a constant-weight linear reads stay int8
-  (what an integer path with int8 x int8 GEMMs allows).
+  (what an integer path with int8 x int8 GEMMs allows);
+- ``int16 residual quantizers removed`` / ``int16 quantizers removed`` / ``int8 quantizers removed``: only those
+  activation Q/DQ pairs taken out (the residual ones: read by a norm or a residual add; with ``w8a8-llm`` every
+  int8 activation is a GEMM input);
+- ``int16 residual steps x4``: the residual stream's int16 scales made 4x coarser (resolution against headroom);
+- ``GEMM inputs int16: <class>``: the int8 GEMM inputs written by norms, by attention's P V product or by the
+  SwiGLU product (or all of them) stored at 16 bits over the same range.
 
     .venv/bin/python benchmarks/ablate_smollm2_w8a8.py [--windows 4]
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -44,9 +51,9 @@ def _constant(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     return value
 
 
-def strip_activations(model: ir.Model) -> ir.Model:
+def strip_activations(model: ir.Model, which: Callable[[ir.Node], bool] = lambda quant: True) -> ir.Model:
     graph = model.graph
-    for quant in [n for n in graph if n.op_type == "QuantizeLinear"]:
+    for quant in [n for n in graph if n.op_type == "QuantizeLinear" and which(n)]:
         x = quant.inputs[0]
         q_scale = quant.inputs[1].const_value.numpy().astype(np.float64)
         for use in list(quant.outputs[0].uses()):
@@ -61,6 +68,72 @@ def strip_activations(model: ir.Model) -> ir.Model:
                 target = mul.outputs[0]
             dq.outputs[0].replace_all_uses_with(target, replace_graph_outputs=True)
     RemoveUnusedNodesPass()(model)
+    return model
+
+
+def _stored(quant: ir.Node, dtype: ir.DataType) -> bool:
+    return quant.outputs[0].dtype == dtype
+
+
+def _residual(quant: ir.Node) -> bool:
+    """An int16 residual-stream tensor: a norm or an add of two activations reads it."""
+    for use in quant.outputs[0].uses():
+        for reader, _ in use.node.outputs[0].uses():
+            if reader.op_type in ("RMSNormalization", "LayerNormalization"):
+                return True
+            if reader.op_type == "Add" and all(v.const_value is None for v in reader.inputs):
+                return True
+    return False
+
+
+def rescale_residual(model: ir.Model, factor: float) -> ir.Model:
+    graph = model.graph
+    for index, quant in enumerate(n for n in list(graph) if n.op_type == "QuantizeLinear"):
+        if not (_stored(quant, ir.DataType.INT16) and _residual(quant)):
+            continue
+        made: dict[int, ir.Value] = {}  # Q and DQ share their scale initializer
+        for node in [quant, *(use.node for use in quant.outputs[0].uses())]:
+            old = node.inputs[1]
+            if id(old) not in made:
+                scale = (old.const_value.numpy() * np.float32(factor)).astype(np.float32)
+                made[id(old)] = _constant(graph, f"{old.name}_x{index}_{len(made)}", scale)
+            node.replace_input_with(1, made[id(old)])
+    return model
+
+
+def gemm_input_class(quant: ir.Node) -> str:
+    """What wrote an int8 GEMM input (looking back through Q/DQ and shape ops): norm, attention (P V) or swiglu."""
+    value = quant.inputs[0]
+    for _ in range(16):
+        producer = value.producer()
+        if producer is None:
+            return "input"
+        if producer.op_type in ("QuantizeLinear", "DequantizeLinear", "Reshape", "Transpose"):
+            value = producer.inputs[0]
+            continue
+        return {"RMSNormalization": "norm", "LayerNormalization": "norm", "MatMul": "attention", "Mul": "swiglu"}.get(
+            producer.op_type, producer.op_type
+        )
+    return "?"
+
+
+def widen_gemm_inputs(model: ir.Model, classes: set[str]) -> ir.Model:
+    graph = model.graph
+    for index, quant in enumerate(n for n in list(graph) if n.op_type == "QuantizeLinear"):
+        if not _stored(quant, ir.DataType.INT8) or gemm_input_class(quant) not in classes:
+            continue
+        made: dict[int, ir.Value] = {}  # Q and DQ share their scale and zero-point initializers
+        for node in [quant, *(use.node for use in quant.outputs[0].uses())]:
+            scale, zero = node.inputs[1], node.inputs[2]
+            if id(scale) not in made:
+                wide = (scale.const_value.numpy().astype(np.float64) * 127 / 32767).astype(np.float32)
+                made[id(scale)] = _constant(graph, f"{scale.name}_w{index}_{len(made)}", wide)
+            if id(zero) not in made:
+                zeros = np.zeros(zero.const_value.numpy().shape, np.int16)
+                made[id(zero)] = _constant(graph, f"{zero.name}_w{index}_{len(made)}", zeros)
+            node.replace_input_with(1, made[id(scale)])
+            node.replace_input_with(2, made[id(zero)])
+        quant.outputs[0].dtype = ir.DataType.INT16
     return model
 
 
@@ -119,6 +192,17 @@ def main() -> None:
     results["activations float"] = score(strip_activations(_copy(qdq)))
     results["per-tensor int8 -> int16"] = score(widen(_copy(qdq), keep_weight_operands=False))
     results["... except GEMM weight operands"] = score(widen(_copy(qdq), keep_weight_operands=True))
+    int16, int8 = ir.DataType.INT16, ir.DataType.INT8
+    residual = score(strip_activations(_copy(qdq), lambda q: _stored(q, int16) and _residual(q)))
+    results["int16 residual quantizers removed"] = residual
+    results["int16 quantizers removed"] = score(strip_activations(_copy(qdq), lambda q: _stored(q, int16)))
+    results["int8 quantizers removed"] = score(strip_activations(_copy(qdq), lambda q: _stored(q, int8)))
+    print({k: round(v, 2) for k, v in results.items()}, flush=True)
+    results["int16 residual steps x4"] = score(rescale_residual(_copy(qdq), 4.0))
+    for classes in ({"norm"}, {"attention"}, {"swiglu"}, {"norm", "attention", "swiglu"}):
+        name = "GEMM inputs int16: " + " + ".join(sorted(classes))
+        results[name] = score(widen_gemm_inputs(_copy(qdq), classes))
+        print(name, round(results[name], 2), flush=True)
     print(json.dumps({k: round(v, 2) for k, v in results.items()}, indent=1))
 
 

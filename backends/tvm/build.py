@@ -78,7 +78,9 @@ def int8_dot_isa(target: tvm.target.Target) -> str:
     ``mcpu``), ``"avx2"`` when it has AVX2, else ``"generic"`` (also every non-x86 ``mtriple``: LLVM vectorizes
     the int32 lanes for it): which int8 dot intrinsic the GEMMs use. Code for a VNNI ``mcpu`` compiles anywhere
     and runs only on such CPUs; code for another architecture compiles (export it with that architecture's
-    toolchain) and is not run here."""
+    toolchain) and is not run here. AMX CPUs (Sapphire Rapids on) get the VNNI kernel: no AMX tile kernel is
+    generated (it needs a tile configuration per kernel and the kernel's permission to use the tile state, and
+    no machine of this project can run it to check it bit-exact)."""
     if _foreign(target):
         return "generic"  # vectorized by LLVM for the target (NEON on AArch64); no x86 dot intrinsic
     mcpu = str(target.attrs.get("mcpu", ""))

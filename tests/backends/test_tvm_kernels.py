@@ -402,6 +402,8 @@ def test_int8_dot_isa_follows_the_target() -> None:
     from qcompiler.backends.tvm import int8_dot_isa
 
     assert int8_dot_isa(tvm.target.Target(_VNNI_TARGET)) == "avx512vnni"
+    # AMX CPUs get the 512-bit VNNI kernel (they all have AVX-512 VNNI; no AMX tile kernel is generated)
+    assert int8_dot_isa(tvm.target.Target({"kind": "llvm", "mcpu": "sapphirerapids"})) == "avx512vnni"
     assert int8_dot_isa(tvm.target.Target(_AVX2_TARGET)) == "avx2"
     assert int8_dot_isa(tvm.target.Target({"kind": "llvm", "mcpu": "x86-64"})) == "generic"
 
