@@ -561,13 +561,20 @@ class IntLayerNorm(OF.OnnxOpConverter):
             relax.const(_const_numpy(inputs[i], name, "IntLayerNorm").reshape(-1).astype(np.int32), "int32")
             for i, name in ((1, "multiplier"), (2, "shift"), (3, "bias"))
         ]
-        body = functools.partial(
-            nonlinear.layernorm_compute,
-            rms=bool(attr.get("rms", 0)),
-            epsilon_q=int(attr.get("epsilon_q", 0)),
-            frac_bits=int(attr.get("frac_bits", 0)),
-            **_epilogue(attr),
-        )
+        if len(inputs) > 4 and inputs[4] is not None:  # a prescaled RMSNorm of a per-channel input
+            prescale = _const_numpy(inputs[4], "input_multiplier", "IntLayerNorm").reshape(-1).astype(np.int32)
+            params_.append(relax.const(prescale, "int32"))
+
+        def body(x, multiplier, shift, bias, input_multiplier=None):
+            return nonlinear.layernorm_compute(
+                x, multiplier, shift, bias,
+                rms=bool(attr.get("rms", 0)),
+                epsilon_q=int(attr.get("epsilon_q", 0)),
+                frac_bits=int(attr.get("frac_bits", 0)),
+                input_multiplier=input_multiplier,
+                **_epilogue(attr),
+            )  # fmt: skip
+
         return bb.emit_te(
             body, inputs[0], *params_, primfunc_name_hint="int_layernorm", primfunc_attrs={KERNEL_ATTR: "rowwise"}
         )

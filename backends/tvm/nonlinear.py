@@ -14,6 +14,7 @@ from qcompiler.dialect.nonlinear import (
     ISQRT_TVM_ITERATIONS,
     NORM_FRACTION_BITS,
     NORM_RECIP_BITS,
+    PRESCALE_BITS,
     SIGMOID_BITS,
     SOFTMAX_NORM_BITS,
     SOFTMAX_OUT_BITS,
@@ -121,12 +122,21 @@ def layernorm_compute(
     zero_point: int,
     lo: int,
     hi: int,
+    input_multiplier: te.Tensor | None = None,
 ) -> te.Tensor:
+    """IntLayerNorm (qcompiler.dialect.nonlinear.int_layernorm); ``input_multiplier``: a prescaled RMSNorm."""
     outer, channels = list(x.shape[:-1]), x.shape[-1]
     c64 = channels.astype("int64") if hasattr(channels, "astype") else _i64(int(channels))
     k = te.reduce_axis((0, channels), name="k")
     row_sum = te.compute(outer, lambda *i: te.sum(x[(*i, k)].astype("int64"), axis=k), name="row_sum")
-    if rms:
+    if input_multiplier is not None:
+        m = input_multiplier
+
+        def prescaled(*idx):
+            return _round_shift(x[idx].astype("int64") * m[idx[-1]].astype("int64"), _i64(PRESCALE_BITS))
+
+        deviation = te.compute(x.shape, prescaled, name="deviation")
+    elif rms:
         deviation = te.compute(x.shape, lambda *idx: c64 * x[idx].astype("int64"), name="deviation")
     else:
         deviation = te.compute(x.shape, lambda *idx: c64 * x[idx].astype("int64") - row_sum[idx[:-1]], name="deviation")

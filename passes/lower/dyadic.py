@@ -364,7 +364,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if node.op_type == "MatMul" and self._lower_hadamard(graph, node, x, w.scale, weight):
             return
         activation, quant = quantized_output(node)
-        out_scale = output_scale(quant)
+        # one output scale, or one per channel of the last axis (a per-channel residual stream written here)
+        out_scale = output_scale(quant) if node.op_type == "Conv" else output_scales(quant)
         lo, hi = _clamp_bounds(activation, quant)
         if node.op_type == "Conv":
             channels, axis = weight.shape[0], 1
@@ -485,9 +486,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         a = dequantized(node.inputs[0], "first input", node)
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
-        out_scale = output_scale(quant)
+        out_scale = output_scales(quant)  # one, or one per channel (a per-channel residual stream)
         lo, hi = _clamp_bounds(activation, quant)
-        # per-channel input scales (a per-channel norm output) give one multiplier per channel of the last axis
+        # per-channel input or output scales give one multiplier per channel of the last axis
         mult_a, mult_b, shift = quantize_multiplier_pair(a.scale / out_scale, b.scale / out_scale)
         base = quant.outputs[0].name or "sum"
         inputs = [

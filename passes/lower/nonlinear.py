@@ -74,17 +74,31 @@ def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
     channels = gamma.size
     beta = np.zeros(channels) if beta is None else beta
     epsilon = node.attributes.get_float("epsilon", 1e-5)
-    if x.scale.ndim:
-        raise UnsupportedOpError(node_label(node), node.op_type, "its input must have one scale (per tensor)")
     input_bits = 16 if x.value.dtype == ir.DataType.INT16 else 8
+    prescale = None
     try:
+        if x.scale.ndim:  # a per-channel input: each channel to one statistics scale first (RMSNorm only)
+            if not rms:
+                raise ValueError("a per-channel input needs RMSNorm (LayerNorm's mean mixes the channels' scales)")
+            prescale, input_scale = integer.layernorm_prescale(x.scale)
+        else:
+            input_scale = float(x.scale)
         constants = integer.layernorm_constants(
-            float(x.scale), output_scales(quant), gamma, beta, epsilon, channels, input_bits=input_bits
+            input_scale,
+            output_scales(quant),
+            gamma,
+            beta,
+            epsilon,
+            channels,
+            input_bits,
+            prescaled=prescale is not None,
         )
     except ValueError as exc:
         raise UnsupportedOpError(node_label(node), node.op_type, str(exc)) from exc
     base = quant.outputs[0].name or "norm"
     params = [add_initializer(graph, f"{base}_{k}", np.asarray(constants[k])) for k in ("multiplier", "shift", "bias")]
+    if prescale is not None:
+        params.append(add_initializer(graph, f"{base}_input_multiplier", prescale))
     lo, hi = output_bounds(quant)
     attrs = {
         "epsilon_q": int(constants["epsilon_q"]),

@@ -64,6 +64,8 @@ class PrecisionPlan:
     weight_absmax: Mapping[int, np.ndarray] = dataclasses.field(default_factory=dict)
     #: for wide values that must stay below a bound (the score product's operands): the largest integer level
     bounds: Mapping[int, int] = dataclasses.field(default_factory=dict)
+    #: wide residual-stream values with one int16 scale per channel of the last axis
+    wide_per_channel: Set[int] = frozenset()
 
 
 def _keeps_last_axis(node: ir.Node) -> bool:
@@ -255,6 +257,7 @@ def plan_precision(
     per_channel: bool,
     attention: bool = False,
     silu: Set[int] = frozenset(),
+    residual_channels: bool = False,
 ) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 
@@ -265,10 +268,14 @@ def plan_precision(
         per_channel: enable per-channel norm outputs.
         attention: enable int16 attention operands (the module docstring).
         silu: ``id`` of the Sigmoids of SiLU groups (in ``excluded``): with ``attention`` their input may be wide.
+        residual_channels: wide residual-stream values (written by a residual add or a linear layer, read only by
+            residual adds and RMSNorms) get one int16 scale per channel (the massive activations of Llama-family
+            models would otherwise set one coarse step for every channel).
     """
     wide_ids: set[int] = set()
     channel_ids: set[int] = set()
     weight_absmax: dict[int, np.ndarray] = {}
+    stream_channels: set[int] = set()
 
     def reads_operand(node: ir.Node, index: int) -> bool:
         # residual adds and norms only when residuals are wide; SiLU's product and Sigmoid always
@@ -307,5 +314,28 @@ def plan_precision(
             weights = linear_weight_absmax(out)
             if weights is not None:
                 weight_absmax[id(out)] = weights
+    if residual_channels:
+        stream_channels = {
+            id(node.outputs[0])
+            for node in graph
+            if node.outputs
+            and id(node.outputs[0]) in wide_ids
+            and _writes_stream(node)
+            and _readers_all(graph, node.outputs[0], _reads_stream, excluded)
+        }
     bounds = _score_bounds(graph, wide_ids) if attention else {}
-    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax, bounds)
+    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax, bounds, frozenset(stream_channels))
+
+
+def _writes_stream(node: ir.Node) -> bool:
+    """A residual add, or a linear layer with a constant weight (an output projection; not a convolution, whose
+    channels are not the last axis)."""
+    if node.op_type == "Add":
+        return all(const_array(v) is None for v in node.inputs)
+    return node.op_type in ("Gemm", "MatMul") and const_array(node.inputs[1]) is not None
+
+
+def _reads_stream(node: ir.Node, index: int) -> bool:
+    """Readers that take one scale per channel: residual adds (a multiplier per channel) and RMSNorm (each channel
+    to one statistics scale first: qcompiler.dialect.nonlinear.layernorm_prescale)."""
+    return _is_residual_add(node, index) or (node.op_type == "RMSNormalization" and index == 0)

@@ -32,6 +32,8 @@ WEIGHT_QMAX = 127
 ACT_QMAX = 127
 WIDE_QMAX = 32767
 INT32_MAX = (1 << 31) - 1
+#: per-channel int16 residual scales cover this multiple of each channel's calibrated maximum
+CHANNEL_HEADROOM = 4.0
 
 #: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
 NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid"})
@@ -85,6 +87,9 @@ class QuantizeConfig:
     #: the integer softmax reads them at up to 2^8 times finer steps, never finer than
     #: :data:`WIDE_SCORES_MIN_SCALE`)
     softmax_input_bits: int = 8
+    #: int16 residual-stream tensors read only by residual adds and RMSNorms get one scale per channel (within
+    #: 2^10 of the widest channel's: qcompiler.dialect.nonlinear.layernorm_prescale)
+    residual_per_channel: bool = False
     #: attention operands (Q, K after RoPE, V, what RoPE reads, SiLU's input): 8 (int8) or 16 (int16; Q and K
     #: clamped so the int32 score accumulator cannot overflow: qcompiler.passes.quantize.precision)
     attention_bits: int = 8
@@ -271,6 +276,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             per_channel=stats is not None and self.config.per_channel_norm_outputs,
             attention=stats is not None and self.config.attention_bits == 16,
             silu=silu_sigmoids(graph),
+            residual_channels=self.config.residual_per_channel,
         )
         self._bounds = plan.bounds
         self._wide_scores: set[int] = set()
@@ -315,7 +321,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     and not is_graph_output(graph, out)
                 ):
                     continue  # the activation's output carries the scale
-                if id(out) in plan.wide:
+                if id(out) in plan.wide_per_channel:
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._wide_channel_scales(out), bits=16)
+                elif id(out) in plan.wide:
                     bound = plan.bounds.get(id(out), WIDE_QMAX)
                     scale = self._wide_scale(out, bound)
                     if id(out) in self._wide_scores:
@@ -404,6 +412,18 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
         absmax = float(stats.max())
         return np.float32((absmax if absmax > 0.0 else 1.0) / bound)
+
+    def _wide_channel_scales(self, value: ir.Value) -> np.ndarray:
+        """One int16 scale per channel: its calibrated maximum times :data:`CHANNEL_HEADROOM` (a channel's maximum
+        over a few calibration windows is a poor bound for new text; two bits of int16 cost less than clipping),
+        the finest kept within 1000x of the widest (a prescaled RMSNorm carries 1024, less a margin for float32
+        rounding)."""
+        assert self.channel_absmax is not None
+        stats = self.channel_absmax.get(value.name or "")
+        if stats is None or stats.size < 2:
+            raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
+        top = float(stats.max()) if stats.max() > 0 else 1.0
+        return (np.maximum(stats, top / 1000.0) * CHANNEL_HEADROOM / WIDE_QMAX).astype(np.float32)
 
     def _channel_scales(self, value: ir.Value, weight_absmax: np.ndarray | None) -> np.ndarray:
         """One int8 scale per channel of the last axis: ``max|x_c| / 127`` (alpha 1), or SmoothQuant's balance

@@ -9,8 +9,11 @@ Bit widths (checked by the worst-case tests in tests/qcompiler/test_nonlinear.py
 - layernorm: int8 input along the last axis, C <= 2^15 channels: ``|d| = |C x - sum| <= 255 C``,
   ``sum d^2 <= 65025 C^3``, times ``4^frac_bits`` (chosen so the product stays below 2^62: 8 for C <= 1625);
   int16 input (a wide residual stream): ``|d| <= 65535 C``, frac_bits 2 for C = 384, 1 for C = 576, refused
-  above C = 1023;
-  normalized values carry 15 fractional bits.
+  above C = 1023; normalized values carry 15 fractional bits.
+- rmsnorm on a per-channel int16 input (a residual stream with one scale per channel): each channel first goes
+  to one statistics scale ``S = max_c S_c / 2^10`` (``x'' = round_shift(x m_c, 16)``, ``m_c = round(S_c / S
+  2^16) <= 2^26``, so ``|x m_c| < 2^41`` and ``|x''| <= 2^25``); then ``d = x''`` (no ``C`` factor), ``sum d^2 <=
+  C 2^50``: frac_bits 1 for C = 576.
 """
 
 from __future__ import annotations
@@ -151,12 +154,39 @@ MAX_NORM_CHANNELS = 1 << 15
 MAX_FRAC_BITS = 8
 
 
-def layernorm_frac_bits(channels: int, input_bits: int = 8) -> int:
+#: per-channel input (prescaled RMSNorm): fractional bits of the channel multipliers, and the range of the
+#: statistics scale below the coarsest channel's (channels finer than ``max S_c / 2^PRESCALE_RANGE_BITS`` are refused)
+PRESCALE_BITS = 16
+PRESCALE_RANGE_BITS = 10
+PRESCALED_MAX = 1 << 25  # |x''| for an int16 input: 2^15 * 2^PRESCALE_RANGE_BITS
+
+
+def layernorm_prescale(input_scales: np.ndarray) -> tuple[np.ndarray, float]:
+    """Per-channel multipliers ``m_c`` and the statistics scale ``S`` of a prescaled RMSNorm (the module docstring).
+
+    Raises:
+        ValueError: a channel's scale is below ``S`` (more than 2^10 finer than the coarsest channel).
+    """
+    scales = np.asarray(input_scales, dtype=np.float64).reshape(-1)
+    stat = float(scales.max()) / (1 << PRESCALE_RANGE_BITS)
+    if float(scales.min()) < stat * (1 - 1e-9):
+        raise ValueError(
+            f"IntLayerNorm: per-channel input scales span {scales.max() / scales.min():.0f}x, above the "
+            f"{1 << PRESCALE_RANGE_BITS}x a prescaled norm carries; floor the finest channels' scales"
+        )
+    multipliers = np.round(scales / stat * (1 << PRESCALE_BITS))
+    return multipliers.astype(np.int32), stat
+
+
+def layernorm_frac_bits(channels: int, input_bits: int = 8, prescaled: bool = False) -> int:
     """Fractional bits of the integer standard deviation: as many as keep ``sum(d^2) 4^f`` below 2^62 for
-    ``input_bits``-bit inputs (``|d| <= (2^bits - 1) C``)."""
+    ``input_bits``-bit inputs (``|d| <= (2^bits - 1) C``; prescaled: ``|d| <= 2^25``)."""
     if not 1 <= channels <= MAX_NORM_CHANNELS:
         raise ValueError(f"IntLayerNorm: {channels} channels is outside [1, {MAX_NORM_CHANNELS}]")
-    worst_bits = math.log2(float((1 << input_bits) - 1) ** 2 * channels**3)
+    if prescaled:
+        worst_bits = math.log2(float(PRESCALED_MAX) ** 2 * channels)
+    else:
+        worst_bits = math.log2(float((1 << input_bits) - 1) ** 2 * channels**3)
     frac_bits = math.floor((61.9 - worst_bits) / 2)
     if frac_bits < 0:
         raise ValueError(
@@ -174,12 +204,14 @@ def layernorm_constants(
     epsilon: float,
     channels: int,
     input_bits: int = 8,
+    prescaled: bool = False,
 ) -> dict[str, np.ndarray | int]:
     """Integer parameters of IntLayerNorm: signed per-channel multipliers for ``gamma / S_y`` applied to a
     normalized value with 15 fractional bits, the output bias ``round(beta / S_y)``, the fractional bits ``f``
     of the integer standard deviation and epsilon in units of the radicand ``sum(d^2) 4^f / C = C^2 4^f var /
-    S_x^2``. ``output_scale`` is one scale or one per channel (a per-channel quantized output)."""
-    frac_bits = layernorm_frac_bits(channels, input_bits)
+    S_x^2`` (prescaled RMSNorm: ``4^f mean(x^2) / S^2``, ``input_scale`` the statistics scale ``S``).
+    ``output_scale`` is one scale or one per channel (a per-channel quantized output)."""
+    frac_bits = layernorm_frac_bits(channels, input_bits, prescaled)
     gammas = np.broadcast_to(np.asarray(gamma, dtype=np.float64).reshape(-1), (channels,))
     out_scales = np.broadcast_to(np.asarray(output_scale, dtype=np.float64).reshape(-1), (channels,))
     mults, shifts = [], []
@@ -193,7 +225,8 @@ def layernorm_constants(
         mults.append(int(math.copysign(m, g)))
         shifts.append(s)
     bias = np.round(np.broadcast_to(np.asarray(beta, dtype=np.float64).reshape(-1), (channels,)) / out_scales)
-    eps_q = round(epsilon * channels * channels * 4.0**frac_bits / (input_scale * input_scale))
+    spread = 1.0 if prescaled else float(channels * channels)
+    eps_q = round(epsilon * spread * 4.0**frac_bits / (input_scale * input_scale))
     return {
         "frac_bits": frac_bits,
         "multiplier": np.array(mults, dtype=np.int32),
@@ -215,18 +248,26 @@ def int_layernorm(
     zero_point: int = 0,
     lo: int = -128,
     hi: int = 127,
+    input_multiplier: np.ndarray | None = None,
 ) -> np.ndarray:
     """LayerNorm (or RMSNorm with ``rms``) over the last axis in integers, then a per-channel affine rescale.
 
     ``d = C x - sum(x)`` (``C x`` for RMSNorm); ``s = isqrt(floor(sum(d^2) 4^f / C) + epsilon_q)``
     (= C std 2^f in input steps); ``factor = floor(2^47 / s)``; ``n = (d * factor) >> (32 - f)`` (the normalized
     value times 2^15); ``y = clamp(round_shift(n * multiplier, shift) + bias + zero_point, lo, hi)``.
+    With ``input_multiplier`` (RMSNorm of a per-channel input): ``d = round_shift(x m_c, 16)`` instead, each channel
+    at the one statistics scale (:func:`layernorm_prescale`).
     """
     x = np.asarray(x, dtype=np.int64)
     channels = x.shape[-1]
     if not 0 <= frac_bits <= MAX_FRAC_BITS:
         raise ValueError(f"IntLayerNorm: frac_bits {frac_bits} outside [0, {MAX_FRAC_BITS}]")
-    d = channels * x if rms else channels * x - x.sum(axis=-1, keepdims=True)
+    if input_multiplier is not None:
+        if not rms:
+            raise ValueError("IntLayerNorm: per-channel input multipliers need rms = 1 (RMSNorm)")
+        d = round_shift(x * np.asarray(input_multiplier, np.int64).reshape(-1), np.int64(PRESCALE_BITS))
+    else:
+        d = channels * x if rms else channels * x - x.sum(axis=-1, keepdims=True)
     s = isqrt(((d * d).sum(axis=-1, keepdims=True) << (2 * frac_bits)) // channels + epsilon_q)
     factor = (np.int64(1) << NORM_RECIP_BITS) // np.maximum(s, 1)
     normalized = (d * factor) >> (NORM_RECIP_BITS - NORM_FRACTION_BITS - frac_bits)

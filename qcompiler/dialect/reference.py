@@ -195,12 +195,16 @@ class IntSoftmax(OpRun):
 class IntLayerNorm(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, multiplier, shift, bias, rms=0, epsilon_q=0, frac_bits=0, zero_point=0, lo=-128, hi=127):
+    def _run(
+        self, x, multiplier, shift, bias, input_multiplier=None, rms=0, epsilon_q=0, frac_bits=0, zero_point=0,
+        lo=-128, hi=127,
+    ):  # fmt: skip
         y = nonlinear.int_layernorm(
             x,
             multiplier,
             shift,
             bias,
+            input_multiplier=input_multiplier,
             rms=bool(rms),
             epsilon_q=epsilon_q,
             frac_bits=frac_bits,

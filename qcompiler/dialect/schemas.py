@@ -159,6 +159,12 @@ def _schemas() -> list[OpSchema]:
             _param("multiplier", _I32, "signed per-channel multiplier of gamma / S_y (2^-15 folded in)"),
             _param("shift", _I32, "per-channel shift"),
             _param("bias", _I32, "per-channel round(beta / S_y)"),
+            OpSchema.FormalParameter(
+                "input_multiplier",
+                _I32,
+                "optional, RMSNorm of a per-channel input: m_c = round(S_c / S 2^16), each channel to one scale S",
+                param_option=OpSchema.FormalParameterOption.Optional,
+            ),
         ],
         outputs=[_param("y", "Y", "int8 (or int16) output")],
         type_constraints=[("T", [_I8, _I16], "integer input types"), _OUT],

@@ -211,3 +211,25 @@ def test_int16_attention_operands_reach_the_score_product(tiny_llama) -> None:
     assert all(n.inputs[0].dtype == ir.DataType.INT16 for n in silus)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
     _assert_close(qdq, integer, probe, reference)
+
+
+def test_per_channel_residual_stream_is_exact_and_integer_only(tiny_llama) -> None:
+    """residual_per_channel (w8a8-llm): the residual stream is int16 with one scale per channel; the output projections and
+    residual adds write it with per-channel multipliers and every RMSNorm reads it prescaled (one statistics scale
+    first); bit-exact, close to the QDQ graph and to float."""
+    from qcompiler.config import load_recipe
+
+    exported, calibration, probe, reference = tiny_llama
+    recipe = load_recipe("w8a8-llm")
+    assert recipe.quantize.residual_per_channel
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    norms = [n for n in integer.graph if n.op_type == "IntLayerNorm"]
+    prescaled = [n for n in norms if len(n.inputs) > 4 and n.inputs[4] is not None]
+    assert len(prescaled) == 4  # every norm but the first, which reads the int8 embedding lookup
+    adds = [n for n in integer.graph if n.op_type == "RescaleAdd"]
+    assert all(n.outputs[0].dtype == ir.DataType.INT16 for n in adds)
+    assert any(np.asarray(n.inputs[2].const_value.numpy()).size > 1 for n in adds)  # per-channel multipliers
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    _assert_close(qdq, integer, probe, reference)

@@ -22,6 +22,7 @@ from qcompiler.dialect.nonlinear import (
     isqrt_fixed_iterations,
     layernorm_constants,
     layernorm_frac_bits,
+    layernorm_prescale,
     sigmoid_constants,
     softmax_constants,
 )
@@ -150,6 +151,44 @@ def test_layernorm_constant_row_and_extremes() -> None:
     assert np.max(np.abs(y - np.clip(reference, -128, 127))) <= 1.0
 
 
+def _prescaled_case(channels: int, seed: int):
+    """A per-channel int16 RMSNorm input: channel scales spread over 2^10 (a massive-activation channel 1000x the
+    finest), and the prescaled constants."""
+    rng = np.random.default_rng(seed)
+    scales = 2.0 ** rng.uniform(-14, -4, channels)
+    scales[0] = 2.0**-14 * 1024  # the full 2^10 spread
+    gamma = rng.uniform(-2, 2, channels)
+    multipliers, stat = layernorm_prescale(scales)
+    out_scale = 4.0 / 127
+    k = layernorm_constants(stat, out_scale, gamma, np.zeros(channels), 1e-6, channels, 16, prescaled=True)
+    return rng, scales, gamma, multipliers, out_scale, k
+
+
+@settings(max_examples=60)
+@given(st.integers(2, 1024), st.integers(0, 2**31 - 1))
+def test_prescaled_rmsnorm_error_bound(channels: int, seed: int) -> None:
+    """A per-channel int16 input (each channel at its own scale): within one output step + 2^-9 of the normalized
+    part of float RMSNorm on the dequantized input, on random rows and on rows at the int16 extremes."""
+    rng, scales, gamma, multipliers, out_scale, k = _prescaled_case(channels, seed)
+    x = rng.integers(-32768, 32768, (4, channels))
+    x[1] = np.where(np.arange(channels) % 2 == 0, 32767, -32768)
+    x[2] = 0
+    x[2, 0] = 32767  # one massive channel, the rest zero
+    xf = x * scales
+    reference = xf / np.sqrt((xf * xf).mean(-1, keepdims=True) + 1e-6) * gamma
+    y = int_layernorm(x, k["multiplier"], k["shift"], k["bias"], rms=True, epsilon_q=int(k["epsilon_q"]),
+                      frac_bits=int(k["frac_bits"]), input_multiplier=multipliers)  # fmt: skip
+    target = np.clip(reference / out_scale, -128, 127)
+    assert np.all(np.abs(y - target) <= 1.0 + np.abs(target) * 2**-9 + 1e-9)
+
+
+def test_prescale_refuses_a_spread_above_its_range() -> None:
+    with pytest.raises(ValueError, match="span 2048x"):
+        layernorm_prescale(np.array([1.0, 1.0 / 2048]))
+    with pytest.raises(ValueError, match="rms = 1"):
+        int_layernorm(np.zeros((1, 2)), np.ones(2), np.ones(2), np.zeros(2), input_multiplier=np.ones(2))
+
+
 # --- TVM bit-exact ----------------------------------------------------------------------------------------
 def _assert_tvm_matches(model, shape, feeds) -> None:
     from qcompiler.backends.tvm import build
@@ -189,6 +228,22 @@ def test_layernorm_tvm_bit_exact(channels: int, rms: bool, seed: int) -> None:
     x = rng.integers(-128, 128, shape).astype(np.int8)
     x[0] = 5  # constant row
     x[1] = np.where(np.arange(channels) % 2 == 0, 127, -128)  # extremes
+    _assert_tvm_matches(model, shape, [{"x": x}])
+
+
+@pytest.mark.tvm
+@settings(max_examples=8)
+@given(st.integers(1, 600), st.integers(0, 2**31 - 1))
+def test_prescaled_rmsnorm_tvm_bit_exact(channels: int, seed: int) -> None:
+    rng, _, _, multipliers, _, k = _prescaled_case(channels, seed)
+    shape = (3, channels)
+    inits = {"m": k["multiplier"], "s": k["shift"], "b": k["bias"], "p": multipliers}
+    model = single_node_model("IntLayerNorm", ["m", "s", "b", "p"], shape, inits, input_dtype=TensorProto.INT16, rms=1,
+                              epsilon_q=int(k["epsilon_q"]), frac_bits=int(k["frac_bits"]))  # fmt: skip
+    x = rng.integers(-32768, 32768, shape).astype(np.int16)
+    x[0] = np.where(np.arange(channels) % 2 == 0, 32767, -32768)  # the largest sum of squares
+    x[1] = 0
+    x[1, 0] = -32768
     _assert_tvm_matches(model, shape, [{"x": x}])
 
 
