@@ -214,9 +214,9 @@ def test_int16_attention_operands_reach_the_score_product(tiny_llama) -> None:
 
 
 def test_per_channel_residual_stream_is_exact_and_integer_only(tiny_llama) -> None:
-    """residual_per_channel (w8a8-llm): the residual stream is int16 with one scale per channel; the output projections and
-    residual adds write it with per-channel multipliers and every RMSNorm reads it prescaled (one statistics scale
-    first); bit-exact, close to the QDQ graph and to float."""
+    """residual_per_channel (w8a8-llm): the residual stream is int16 with one scale per channel; the output
+    projections and residual adds write it with per-channel multipliers and every RMSNorm reads it prescaled (one
+    statistics scale first); bit-exact, close to the QDQ graph and to float."""
     from qcompiler.config import load_recipe
 
     exported, calibration, probe, reference = tiny_llama
