@@ -21,6 +21,7 @@ Variants of the same QDQ graph (first 2048 WikiText-2 test tokens by default, 51
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
@@ -172,13 +173,19 @@ def widen(model: ir.Model, keep_weight_operands: bool) -> ir.Model:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--windows", type=int, default=4)
+    parser.add_argument(
+        "--per-tensor-residual", action="store_true", help="the recipe with residual_per_channel off (docs/results.md)"
+    )
     args = parser.parse_args()
     import torch
 
     smol = load_smollm2()
     calibration = smol.calibration(8)
     exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
-    qdq, _, _ = _quantize_qdq(exported, None, calibration, load_recipe("w8a8-llm"), False, False)
+    recipe = load_recipe("w8a8-llm")
+    if args.per_tensor_residual:
+        recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, residual_per_channel=False))
+    qdq, _, _ = _quantize_qdq(exported, None, calibration, recipe, False, False)
 
     def score(model: ir.Model) -> float:
         proto = ir.serde.serialize_model(model)
