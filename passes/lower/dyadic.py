@@ -442,7 +442,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         padded[:, :k] = codes_nk
         activation, quant = quantized_output(node)
         lo, hi = _clamp_bounds(activation, quant)
-        reals = float(np.asarray(x.scale).reshape(())) * unit / output_scale(quant)
+        reals = float(np.asarray(x.scale).reshape(())) * unit / output_scales(quant)  # one, or one per channel
         multiplier, shift = quantize_multipliers(reals)
         base = quant.outputs[0].name or "y"
         gemm = ir.node(
