@@ -55,9 +55,12 @@ def _parser() -> argparse.ArgumentParser:
 
 def _compile(args: argparse.Namespace) -> int:
     from qcompiler.api import compile as compile_model
+    from qcompiler.backends.tvm.metaschedule import validate_trials
 
-    if args.metaschedule_trials < 0:
-        print(f"error: --metaschedule-trials: N must be >= 0 (0: off), got {args.metaschedule_trials}", file=sys.stderr)
+    try:
+        validate_trials(args.metaschedule_trials)
+    except ValueError as error:
+        print(f"error: --metaschedule-trials: {error}", file=sys.stderr)
         return 2
     calibration_path = Path(args.calibration)
     if not calibration_path.is_file():

@@ -197,8 +197,6 @@ def build(
     ``metaschedule_trials``: above 0, a MetaSchedule search of that many trials over the kernels without a hand GEMM
     schedule, each kept only where it beats the hand schedule (metaschedule.py; minutes: off by default).
     """
-    if conv_layout not in importer.CONV_LAYOUTS:
-        raise ValueError(f"conv_layout: {conv_layout!r} is not one of {', '.join(importer.CONV_LAYOUTS)}")
     trials = metaschedule.validate_trials(metaschedule_trials)
     tvm_target, _ = resolve_target(target)
     isa = int8_dot_isa(tvm_target)

@@ -268,6 +268,17 @@ class ConvGeometry:
         span = (self.kernel_w - 1) * self.dilations[1] + 1
         return (self.width + self.pads[1] + self.pads[3] - span) // self.strides[1] + 1
 
+    def patch_source(self, r: tirx.PrimExpr, tap: tirx.PrimExpr) -> tuple[tirx.PrimExpr, ...]:
+        """Where im2col row ``r`` (an output pixel) reads tap ``tap`` (``ky * KW + kx``): ``(n, iy, ix, inside)``,
+        ``inside`` false in the padding."""
+        oh, ow = self.out_h, self.out_w
+        n, rest = r // (oh * ow), r % (oh * ow)
+        y, xo = rest // ow, rest % ow
+        ky, kx = tap // self.kernel_w, tap % self.kernel_w
+        iy = y * self.strides[0] + ky * self.dilations[0] - self.pads[0]
+        ix = xo * self.strides[1] + kx * self.dilations[1] - self.pads[1]
+        return n, iy, ix, tirx.all(iy >= 0, iy < self.height, ix >= 0, ix < self.width)
+
 
 def qconv_compute(
     x: te.Tensor,
@@ -289,14 +300,9 @@ def qconv_compute(
     rows = g.batch * oh * ow
 
     def patch(r, kk):
-        n, rest = r // (oh * ow), r % (oh * ow)
-        y, xo = rest // ow, rest % ow
-        c, tap = kk // taps, kk % taps
-        ky, kx = tap // g.kernel_w, tap % g.kernel_w
-        iy = y * g.strides[0] + ky * g.dilations[0] - g.pads[0]
-        ix = xo * g.strides[1] + kx * g.dilations[1] - g.pads[1]
-        inside = tirx.all(kk < plan.k, iy >= 0, iy < g.height, ix >= 0, ix < g.width)
-        return gemm_activation(tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8")), plan)
+        n, iy, ix, inside = g.patch_source(r, kk % taps)
+        value = tirx.if_then_else(tirx.all(kk < plan.k, inside), x[n, kk // taps, iy, ix], tirx.const(0, "int8"))
+        return gemm_activation(value, plan)
 
     cols = te.compute((rows, plan.k_padded), patch, name="im2col")
     gemm = _gemm_requant(cols, packed, bias, multiplier, shift, rows, plan, zero_point, lo, hi)
@@ -333,15 +339,9 @@ def qconv_nhwc_compute(
     rows = g.batch * oh * ow
 
     def patch(r, kk):
-        n, rest = r // (oh * ow), r % (oh * ow)
-        y, xo = rest // ow, rest % ow
-        tap, c = kk // g.channels, kk % g.channels
-        ky, kx = tap // g.kernel_w, tap % g.kernel_w
-        iy = y * g.strides[0] + ky * g.dilations[0] - g.pads[0]
-        ix = xo * g.strides[1] + kx * g.dilations[1] - g.pads[1]
         # no kk < K test: the padding columns meet the packed weight's zero padding, whatever they hold
-        inside = tirx.all(iy >= 0, iy < g.height, ix >= 0, ix < g.width)
-        pixel = x[n, iy * g.width + ix, c]
+        n, iy, ix, inside = g.patch_source(r, kk // g.channels)
+        pixel = x[n, iy * g.width + ix, kk % g.channels]
         return gemm_activation(tirx.if_then_else(inside, pixel, tirx.const(0, "int8")), plan)
 
     width = -(-plan.k_padded // g.channels) * g.channels

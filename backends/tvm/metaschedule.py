@@ -74,12 +74,17 @@ def tunable_functions(mod: tvm.IRModule) -> dict[str, tirx.PrimFunc]:
     for gvar, func in mod.functions.items():
         if not isinstance(func, tirx.PrimFunc):
             continue
-        attrs = func.attrs if func.attrs is not None else {}
-        if schedules.KERNEL_ATTR in attrs and str(attrs[schedules.KERNEL_ATTR]) == "gemm":
+        if _is_gemm(func):
             continue
         if not _carries_a_schedule(func) and not relax.analysis.has_reshape_pattern(func):
             found[gvar.name_hint] = func
     return found
+
+
+def _is_gemm(func: tirx.PrimFunc) -> bool:
+    """A kernel the hand GEMM schedule tensorizes (never handed to MetaSchedule)."""
+    attrs = func.attrs if func.attrs is not None else {}
+    return schedules.KERNEL_ATTR in attrs and str(attrs[schedules.KERNEL_ATTR]) == "gemm"
 
 
 def _carries_a_schedule(func: tirx.PrimFunc) -> bool:
@@ -101,8 +106,7 @@ def candidates(unscheduled: Mapping[str, tirx.PrimFunc], scheduled: tvm.IRModule
         start = unscheduled.get(gvar.name_hint)
         if not isinstance(func, tirx.PrimFunc) or start is None or len(start.params) != len(func.params):
             continue
-        attrs = func.attrs if func.attrs is not None else {}
-        if schedules.KERNEL_ATTR in attrs and str(attrs[schedules.KERNEL_ATTR]) == "gemm":
+        if _is_gemm(func):
             continue
         found.append(Candidate(gvar.name_hint, start, func))
     return sorted(found, key=lambda c: c.name)

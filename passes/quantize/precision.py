@@ -47,7 +47,8 @@ from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_lab
 _PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
 #: also pass storage width through (not per-channel scales): selections, broadcasts, negation, RoPE's halves
 _WIDTH_PASS_THROUGH = _PASS_THROUGH | {"Slice", "Expand", "Neg", "Concat"}
-INT32_MAX = (1 << 31) - 1
+INT32_MAX = int(np.iinfo(np.int32).max)
+INT16_MAX = int(np.iinfo(np.int16).max)
 #: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
 _WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul", "Mul"})
 #: producers whose integer form can write one scale per channel of the last axis
@@ -242,7 +243,7 @@ def _score_bounds(graph: ir.Graph, wide_ids: Set[int]) -> dict[int, int]:
         if not isinstance(depth, int):
             raise UnsupportedOpError(node_label(node), "MatMul", "int16 attention operands need a static head "
                                      "dimension (the contracted axis); set attention_bits = 8")  # fmt: skip
-        bound = min(math.isqrt(INT32_MAX // depth), 32767)
+        bound = min(math.isqrt(INT32_MAX // depth), INT16_MAX)
         for roots in operands:
             for root in roots:
                 bounds[id(root)] = min(bounds.get(id(root), bound), bound)

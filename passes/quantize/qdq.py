@@ -21,7 +21,7 @@ import onnx_ir as ir
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
-from qcompiler.passes.quantize.precision import hadamard_matmul, linear_reader_weights, plan_precision
+from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
@@ -31,7 +31,6 @@ logger = logging.getLogger(__name__)
 WEIGHT_QMAX = 127
 ACT_QMAX = 127
 WIDE_QMAX = 32767
-INT32_MAX = (1 << 31) - 1
 #: per-channel int16 residual scales cover this multiple of each channel's calibrated maximum
 CHANNEL_HEADROOM = 4.0
 
@@ -278,7 +277,6 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             silu=silu_sigmoids(graph),
             residual_channels=self.config.residual_per_channel,
         )
-        self._bounds = plan.bounds
         self._wide_scores: set[int] = set()
         if self.config.softmax_input_bits == 16 and stats is not None:
             self._wide_scores = {
