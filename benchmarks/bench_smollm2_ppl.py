@@ -13,7 +13,10 @@ token 8192 on. Rows:
   (clipping search), dynamic per-token symmetric activations at every linear input (8 bits, or 4 bits clipped
   at 0.9 of the row maximum); "rotate" = fold-norm-gains + rotate-residual + rotate-heads + online Hadamards
   before every down and output projection (QuaRot's R1, R2 and online rotations); GPTQ with act order and 1 %
-  damping on the calibration inputs' Hessians. Embedding lookups stay float in these rows.
+  damping on the calibration inputs' Hessians. Embedding lookups stay float in these rows. "rotate (KLT)": the
+  same with MambaQuant's KLT-enhanced R1 and R2 (``K H`` from the calibration covariance). "AWQ": AWQ's scale
+  search and migration (``awq-scales``: ``s = mean|x|^a``, 21 values of a, chosen by each group's int4 output
+  error), then RTN with AWQ's clipping search (ratios down to 0.55 by output error). W4A16: weights only.
 
     .venv/bin/python benchmarks/bench_smollm2_ppl.py [--rows NAME ...] [--windows 8]
 
@@ -53,14 +56,29 @@ ROTATE = (
     PassSpec("online-hadamard", {"targets": ["mlp", "attention"]}),
     PassSpec("remove-unused"),
 )
+KLT = (
+    PassSpec("fold-norm-gains"),
+    PassSpec("rotate-residual", {"rotation": "klt"}),
+    PassSpec("rotate-heads", {"rotation": "klt"}),
+    PassSpec("online-hadamard", {"targets": ["mlp", "attention"]}),
+    PassSpec("remove-unused"),
+)
+AWQ = (PassSpec("awq-scales", {"bits": 4, "group_size": 128}), PassSpec("remove-unused"))
 CLIP_GRID = (0.8, 0.85, 0.9, 0.95)
 W4 = WeightQuantSpec(4, group_size=128, clip_grid=CLIP_GRID)
+#: AWQ's clipping search: shrink ratios 1 - k/20 down to 0.55, chosen by each group's output error
+W4_AWQ = WeightQuantSpec(4, group_size=128, clip_grid=tuple(1 - k / 20 for k in range(1, 10)), clip_objective="output")
 SIMULATED = {
-    "W4A8 RTN": (False, FakeQuantConfig(W4, "rtn", 8)),
-    "W4A8 rotate + GPTQ": (True, FakeQuantConfig(W4, "gptq", 8)),
-    "W4A4 RTN": (False, FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
-    "W4A4 rotate + RTN": (True, FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
-    "W4A4 rotate + GPTQ": (True, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
+    "W4A16 RTN": ((), FakeQuantConfig(W4, "rtn", None)),
+    "W4A16 AWQ": (AWQ, FakeQuantConfig(W4_AWQ, "rtn", None)),
+    "W4A8 RTN": ((), FakeQuantConfig(W4, "rtn", 8)),
+    "W4A8 AWQ": (AWQ, FakeQuantConfig(W4_AWQ, "rtn", 8)),
+    "W4A8 rotate + GPTQ": (ROTATE, FakeQuantConfig(W4, "gptq", 8)),
+    "W4A8 rotate (KLT) + GPTQ": (KLT, FakeQuantConfig(W4, "gptq", 8)),
+    "W4A4 RTN": ((), FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
+    "W4A4 rotate + RTN": (ROTATE, FakeQuantConfig(W4, "rtn", 4, activation_clip=0.9)),
+    "W4A4 rotate + GPTQ": (ROTATE, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
+    "W4A4 rotate (KLT) + GPTQ": (KLT, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
 }
 INTEGER = {"W8A8 RTN (integer path)": False, "W8A8 RTN + smoothing (integer path)": True}
 W4A8_INTEGER = "W4A8 rotate + GPTQ (integer path, w4a8)"
@@ -100,6 +118,10 @@ def main() -> None:
     exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
     llm = load_recipe("w8a8-llm")
     canonical = Pipeline([spec.build() for spec in llm.canonicalize]).run(_copy(exported)).model
+
+    def calibrate(model: ir.Model):  # for the passes that choose their transform from data (AWQ, KLT)
+        return observe(model, calibration, progress=False, hessians=True)
+
     rows = []
     for name in args.rows:
         start = time.perf_counter()
@@ -117,12 +139,12 @@ def main() -> None:
             qdq, _, _, _ = quantize_to_integer(_copy(exported), calibration=calibration, recipe=recipe, progress=False)
             session = _session(qdq, qdq=True)
         else:
-            rotate, config = SIMULATED[name]
+            passes, config = SIMULATED[name]
             model = _copy(canonical)
-            if rotate:
-                model = Pipeline([spec.build() for spec in ROTATE]).run(model).model
+            if passes:
+                model = Pipeline([spec.build() for spec in passes], calibrate=calibrate).run(model).model
             hessians = None
-            if config.weight_quantizer == "gptq":
+            if config.weight_quantizer == "gptq" or config.weight.clip_objective == "output":
                 hessians = observe(model, calibration, progress=False, hessians=True).hessians
             FakeQuantizePass(config, hessians)(model)
             session = _session(model, qdq=False)

@@ -8,7 +8,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -204,6 +204,15 @@ def quantize_to_integer(
     return qdq_copy, lowered.model, records, shapes
 
 
+def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callable[[ir.Model], Any]:
+    """Statistics of a graph mid-pipeline, for passes that choose their transform from data (AWQ, KLT)."""
+
+    def calibrate(model: ir.Model) -> calibration_module.ActivationRanges:
+        return calibration_module.observe(model, batches, progress=progress, max_batches=max_batches, hessians=True)
+
+    return calibrate
+
+
 def _quantize_qdq(
     model: Any,
     example_inputs: Sequence[Any] | Mapping[str, Any] | None,
@@ -232,17 +241,21 @@ def _quantize_qdq(
     shapes = _static_input_shapes(ir_model, sample)
     _fix_input_shapes(ir_model, shapes)
     records: list[PassRecord] = []
+    cal = chosen.calibration
+    passes = [spec.build() for spec in chosen.canonicalize]
+    if any(getattr(p, "needs_calibration", False) for p in passes):
+        batches = list(batches)  # calibrated passes observe the data again
     probe = next(iter(batches), None) if verify and isinstance(batches, list) else None
     canonical = Pipeline(
-        [spec.build() for spec in chosen.canonicalize],
+        passes,
         verify_each=verify,
         probe_inputs=calibration_module.as_feeds(ir_model, probe) if probe is not None else None,
         rtol=1e-4,
         atol=1e-4,
         runner=run_onnxruntime,
+        calibrate=_calibrator(batches, cal.max_batches, progress),
     ).run(ir_model)
     records += canonical.records
-    cal = chosen.calibration
     ranges = calibration_module.observe(
         canonical.model,
         batches,
@@ -301,9 +314,10 @@ def simulate(
         rtol=1e-4,
         atol=1e-4,
         runner=run_onnxruntime,
+        calibrate=_calibrator(batches, None, progress),
     ).run(ir_model)
     hessians = None
-    if chosen.simulate.weight_quantizer == "gptq":
+    if chosen.simulate.weight_quantizer == "gptq" or chosen.simulate.weight.clip_objective == "output":
         hessians = calibration_module.observe(canonical.model, batches, progress=progress, hessians=True).hessians
     FakeQuantizePass(chosen.simulate, hessians)(canonical.model)
     return canonical.model

@@ -87,6 +87,8 @@ class ActivationRanges:
     channel_absmax: dict[str, np.ndarray]
     #: ``2 X^T X / N`` of every activation a constant-weight linear reads (with ``hessians=True``): for GPTQ
     hessians: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    #: ``mean |x_c|`` per channel of the same activations (with ``hessians=True``): AWQ's activation statistic
+    channel_meanabs: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
 
 def _linear_inputs(model: ir.Model) -> set[str]:
@@ -119,7 +121,7 @@ def observe(
         percentile: the percentile of ``|x|`` for the percentile observer.
         progress: show a progress bar.
         max_batches: stop after this many batches.
-        hessians: also accumulate ``X^T X`` of every linear layer's input (GPTQ).
+        hessians: also accumulate ``X^T X`` and ``mean |x_c|`` of every linear layer's input (GPTQ, AWQ).
 
     Raises:
         CalibrationError: no data, or a batch that does not fit the model.
@@ -127,6 +129,7 @@ def observe(
     names = _float_values(model)
     wanted = _linear_inputs(model) if hessians else set()
     sums: dict[str, np.ndarray] = {}
+    abs_sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
     session = onnxruntime_session(model, names, optimize=False)
     output_names = [o.name for o in session.get_outputs()]
@@ -146,6 +149,7 @@ def observe(
             if name in wanted and values.ndim:
                 rows = values.reshape(-1, values.shape[-1]).astype(np.float64)
                 sums[name] = sums.get(name, 0.0) + rows.T @ rows
+                abs_sums[name] = abs_sums.get(name, 0.0) + np.abs(rows).sum(axis=0)
                 counts[name] = counts.get(name, 0) + len(rows)
             if values.size:
                 per_channel = np.abs(values.reshape(-1, values.shape[-1] if values.ndim else 1)).max(axis=0)
@@ -166,6 +170,7 @@ def observe(
         {name: obs.absmax() for name, obs in observers.items()},
         channel_absmax,
         {name: 2.0 * total / max(counts[name], 1) for name, total in sums.items()},
+        {name: total / max(counts[name], 1) for name, total in abs_sums.items()},
     )
 
 

@@ -65,11 +65,11 @@ class Recipe:
 
 
 def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
-    """``[simulate]``: weight_bits, group_size (0: per channel), symmetric, clip_grid, weight_quantizer,
-    activation_bits (0: float activations), activation_clip, gptq_damp, gptq_act_order."""
+    """``[simulate]``: weight_bits, group_size (0: per channel), symmetric, clip_grid, clip_objective,
+    weight_quantizer, activation_bits (0: float activations), activation_clip, gptq_damp, gptq_act_order."""
     fields = dict(data)
-    known = {"weight_bits", "group_size", "symmetric", "clip_grid", "weight_quantizer", "activation_bits",
-             "activation_clip", "gptq_damp", "gptq_act_order"}  # fmt: skip
+    known = {"weight_bits", "group_size", "symmetric", "clip_grid", "clip_objective", "weight_quantizer",
+             "activation_bits", "activation_clip", "gptq_damp", "gptq_act_order"}  # fmt: skip
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"simulate: unknown keys {unknown}; known: {sorted(known)}")
@@ -79,6 +79,7 @@ def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
         group_size=group or None,
         symmetric=bool(fields.pop("symmetric", True)),
         clip_grid=tuple(float(r) for r in fields.pop("clip_grid", ())),
+        clip_objective=str(fields.pop("clip_objective", "weight")),
     )
     activation_bits = int(fields.pop("activation_bits", 8))
     return FakeQuantConfig(weight=weight, activation_bits=activation_bits or None, **fields)

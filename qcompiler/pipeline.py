@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,6 +24,8 @@ from qcompiler.ir.verifier import verify
 logger = logging.getLogger(__name__)
 
 Runner = Callable[[ir.Model, Mapping[str, np.ndarray]], list[np.ndarray]]
+#: calibrates a model as it stands: :func:`qcompiler.calibrate.observe` with ``hessians=True`` on the data
+Calibrator = Callable[[ir.Model], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +86,10 @@ class Pipeline:
         rtol, atol: tolerance of that comparison.
         dump_dir: write ``NN_passname.onnx`` after every pass.
         runner: how to execute a model for the comparison (default: the reference interpreter).
+        calibrate: statistics of the graph as it stands, for passes that choose their transform from data
+            (class attribute ``needs_calibration`` true: AWQ's scale search, the KLT rotation): the pipeline calls
+            ``pass_.use_statistics(calibrate(model))`` just before such a pass runs, unless it already holds
+            ``statistics``.
     """
 
     def __init__(
@@ -95,6 +102,7 @@ class Pipeline:
         atol: float = 1e-6,
         dump_dir: str | Path | None = None,
         runner: Runner = run_model,
+        calibrate: Calibrator | None = None,
     ) -> None:
         self.passes = list(passes)
         self.verify_each = verify_each
@@ -103,6 +111,7 @@ class Pipeline:
         self.atol = atol
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.runner = runner
+        self.calibrate = calibrate
 
     def __call__(self, model: ir.Model) -> PipelineResult:
         return self.run(model)
@@ -116,6 +125,14 @@ class Pipeline:
             name = type(pass_).__name__
             before = _op_counts(model)
             start = time.perf_counter()
+            if getattr(pass_, "needs_calibration", False) and getattr(pass_, "statistics", None) is None:
+                if self.calibrate is None:
+                    raise PassFailedError(
+                        name,
+                        "chooses its transform from calibration data: run it through qcompiler.compile or "
+                        "qcompiler.simulate (which calibrate), or give the pipeline calibrate=",
+                    )
+                pass_.use_statistics(self.calibrate(model))
             try:
                 result = pass_(model)
             except QCompilerError:

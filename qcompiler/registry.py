@@ -14,6 +14,7 @@ from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, Fu
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerQDQToIntegerPass
 from qcompiler.passes.transform import (
+    ActivationAwareScalePass,
     EqualizeCrossLayerPass,
     FoldNormGainsPass,
     LayerNormToRMSNormPass,
@@ -54,6 +55,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fold-norm-gains": FoldNormGainsPass,
     "layernorm-to-rmsnorm": LayerNormToRMSNormPass,
     "equalize-cross-layer": EqualizeCrossLayerPass,
+    "awq-scales": ActivationAwareScalePass,
     "rotate-residual": RotateResidualPass,
     "rotate-heads": RotateHeadsPass,
     "online-hadamard": lambda targets=("mlp",): OnlineHadamardPass(tuple(targets)),

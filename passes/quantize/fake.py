@@ -58,7 +58,8 @@ class FakeQuantizePass(ir.passes.InPlacePass):
     Args:
         config: bits and quantizers.
         hessians: activation name -> ``2 X^T X / N`` (:func:`qcompiler.calibrate.observe` with
-            ``hessians=True`` on this same graph), required by ``weight_quantizer = "gptq"``.
+            ``hessians=True`` on this same graph), required by ``weight_quantizer = "gptq"`` and by the weight
+            spec's ``clip_objective = "output"``.
     """
 
     preserves_outputs = False
@@ -75,12 +76,13 @@ class FakeQuantizePass(ir.passes.InPlacePass):
             linear = as_linear(node)
             if linear is not None and hadamard_matmul(node) is None:
                 linears.append(linear)
-        if self.config.weight_quantizer == "gptq":
+        if self.config.weight_quantizer == "gptq" or self.config.weight.clip_objective == "output":
             missing = [lin.label for lin in linears if lin.node.inputs[0].name not in self.hessians]
             if missing:
                 raise CalibrationError(
-                    f"weight_quantizer 'gptq': no input Hessian for {missing[:3]}; calibrate this graph with "
-                    "observe(..., hessians=True)"
+                    f"weight_quantizer {self.config.weight_quantizer!r} (clip_objective "
+                    f"{self.config.weight.clip_objective!r}): no input Hessian for {missing[:3]}; calibrate this "
+                    "graph with observe(..., hessians=True)"
                 )
         quantized_inputs: dict[int, ir.Value] = {}
         for linear in linears:
@@ -104,7 +106,7 @@ class FakeQuantizePass(ir.passes.InPlacePass):
                 in_out, self.hessians[name], spec, damp=self.config.gptq_damp, act_order=self.config.gptq_act_order
             )
         else:
-            result = quantize_rtn(in_out, spec)
+            result = quantize_rtn(in_out, spec, self.hessians.get(linear.node.inputs[0].name or ""))
         restored = result.dequantize()
         stored = restored if linear.in_axis == 0 else restored.T
         set_input_constant(graph, linear.node, linear.weight_index, stored.astype(linear.weight.dtype))

@@ -36,6 +36,10 @@ class WeightQuantSpec:
     symmetric: bool = True
     #: search a per-column (per-group) clipping ratio on this grid, minimising the weight's squared error
     clip_grid: tuple[float, ...] = ()
+    #: what the clipping search minimises: ``weight`` (``||dW||^2``) or ``output`` (AWQ's clipping search: the
+    #: group's output error ``dw^T H_gg dw`` on the calibration inputs, through the input Hessian's diagonal
+    #: block; the quantizers then need the Hessian)
+    clip_objective: str = "weight"
     #: snap every group scale up to a multiple of ``s_max / 2^scale_grid_bits``, ``s_max`` the column's largest
     #: group scale: the integer kernels then rescale groups by exact integers ``b in [1, 2^bits]``
     #: (:func:`qcompiler.dialect.group_scale_bits`); symmetric only
@@ -48,6 +52,8 @@ class WeightQuantSpec:
             raise ValueError(f"group_size: must be >= 1 or None (per channel), got {self.group_size}")
         if any(not 0.0 < r <= 1.0 for r in self.clip_grid):
             raise ValueError(f"clip_grid: ratios must lie in (0, 1], got {list(self.clip_grid)}")
+        if self.clip_objective not in ("weight", "output"):
+            raise ValueError(f"clip_objective: must be 'weight' or 'output', got {self.clip_objective!r}")
         if self.scale_grid_bits is not None and not (0 <= self.scale_grid_bits <= 14 and self.symmetric):
             raise ValueError(
                 f"scale_grid_bits: must lie in [0, 14] with symmetric quantization, got {self.scale_grid_bits}"
@@ -97,16 +103,24 @@ def _codes(values: np.ndarray, scale: np.ndarray, zero: np.ndarray, spec: Weight
     return np.clip(np.round(values / scale) + zero, spec.qmin, spec.qmax)
 
 
-def _group_params(block: np.ndarray, spec: WeightQuantSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero per column, with the clipping ratio from ``spec.clip_grid`` that minimises the block's
-    squared rounding error column by column (ratio 1 always competes)."""
+def _group_params(
+    block: np.ndarray, spec: WeightQuantSpec, h_block: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero per column, with the clipping ratio from ``spec.clip_grid`` that minimises, column by
+    column, the block's squared rounding error, or with ``h_block`` (the input Hessian's block of these rows)
+    its output error ``dw^T H dw`` (ratio 1 always competes)."""
     best_scale, best_zero = _params(block, spec)
     if not spec.clip_grid:
         return best_scale, best_zero
-    best_err = (((_codes(block, best_scale, best_zero, spec) - best_zero) * best_scale - block) ** 2).sum(axis=0)
+
+    def error(scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
+        delta = (_codes(block, scale, zero, spec) - zero) * scale - block
+        return (delta**2).sum(axis=0) if h_block is None else ((h_block @ delta) * delta).sum(axis=0)
+
+    best_err = error(best_scale, best_zero)
     for ratio in spec.clip_grid:
         scale, zero = _params(block, spec, ratio)
-        err = (((_codes(block, scale, zero, spec) - zero) * scale - block) ** 2).sum(axis=0)
+        err = error(scale, zero)
         better = err < best_err
         best_scale = np.where(better, scale, best_scale)
         best_zero = np.where(better, zero, best_zero)
@@ -122,25 +136,44 @@ def snap_scales(scales: np.ndarray, bits: int) -> np.ndarray:
     return top * steps / 2.0**bits
 
 
-def _all_group_params(w: np.ndarray, spec: WeightQuantSpec, size: int) -> tuple[np.ndarray, np.ndarray]:
+def _output_hessian(spec: WeightQuantSpec, hessian: np.ndarray | None, rows: int) -> np.ndarray | None:
+    """The Hessian the clipping search weighs errors with (``clip_objective = "output"``), checked; else None."""
+    if spec.clip_objective != "output" or not spec.clip_grid:
+        return None
+    if hessian is None:
+        raise ValueError("clip_objective 'output' needs the input Hessian (calibrate with hessians=True)")
+    h = np.asarray(hessian, dtype=np.float64)
+    if h.shape != (rows, rows):
+        raise ValueError(f"hessian: expected shape {(rows, rows)} for a weight with {rows} input rows, got {h.shape}")
+    return h
+
+
+def _all_group_params(
+    w: np.ndarray, spec: WeightQuantSpec, size: int, hessian: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     groups = -(-w.shape[0] // size)
     scales, zeros = np.empty((groups, w.shape[1])), np.empty((groups, w.shape[1]))
     for g in range(groups):
-        scales[g], zeros[g] = _group_params(w[g * size : (g + 1) * size], spec)
+        rows = slice(g * size, (g + 1) * size)
+        scales[g], zeros[g] = _group_params(w[rows], spec, None if hessian is None else hessian[rows, rows])
     if spec.scale_grid_bits is not None:
         scales = snap_scales(scales, spec.scale_grid_bits)
     return scales, zeros
 
 
-def quantize_rtn(weight: np.ndarray, spec: WeightQuantSpec) -> QuantizedWeight:
+def quantize_rtn(weight: np.ndarray, spec: WeightQuantSpec, hessian: np.ndarray | None = None) -> QuantizedWeight:
     """Round to nearest, per group (with the clipping search if ``spec.clip_grid``).
 
     Args:
         weight: ``[in, out]`` float.
+        hessian: ``[in, in]`` input Hessian, required by ``spec.clip_objective == "output"``.
+
+    Raises:
+        ValueError: a weight that is not a finite matrix, or a missing or misshapen Hessian the search needs.
     """
     w = _as_matrix(weight)
     size = _group_size(spec, w.shape[0])
-    scales, zeros = _all_group_params(w, spec, size)
+    scales, zeros = _all_group_params(w, spec, size, _output_hessian(spec, hessian, w.shape[0]))
     rows = np.arange(w.shape[0]) // size
     q = _codes(w, scales[rows], zeros[rows], spec)
     return QuantizedWeight(q.astype(np.int8), scales, zeros, size)
@@ -180,6 +213,7 @@ def gptq(
         raise ValueError(f"hessian: expected shape {(rows, rows)} for a weight with {rows} input rows, got {h.shape}")
     if not np.all(np.isfinite(h)):
         raise ValueError("hessian: contains NaN or infinity")
+    clip_h = _output_hessian(spec, h.copy(), rows)
     dead = np.diag(h) == 0
     h[dead, dead] = 1.0  # rows no calibration input ever excites: quantized plainly
     h[np.diag_indices(rows)] += damp * float(np.mean(np.diag(h)))
@@ -194,7 +228,7 @@ def gptq(
     if static_groups or spec.scale_grid_bits is not None:
         restored_w = np.empty_like(w)
         restored_w[order] = w
-        scales, zeros = _all_group_params(restored_w, spec, size)
+        scales, zeros = _all_group_params(restored_w, spec, size, clip_h)
         fixed[:] = True
     q = np.empty(w.shape)
     for start in range(0, rows, block):
@@ -204,7 +238,8 @@ def gptq(
             g = order[i] // size
             if not fixed[g]:  # the group's parameters, from its rows as updated so far
                 members = np.nonzero(order // size == g)[0]
-                scales[g], zeros[g] = _group_params(w[members], spec)
+                block_h = None if clip_h is None else clip_h[np.ix_(order[members], order[members])]
+                scales[g], zeros[g] = _group_params(w[members], spec, block_h)
                 fixed[g] = True
             q[i] = _codes(w[i], scales[g], zeros[g], spec)
             error = (w[i] - (q[i] - zeros[g]) * scales[g]) / inverse[i, i]

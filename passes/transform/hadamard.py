@@ -127,7 +127,31 @@ def rotation(n: int, kind: str = "hadamard", seed: int = 0) -> np.ndarray:
         return random_orthogonal(n, seed)
     if kind in ("hadamard", "hadamard-or-random"):
         return random_hadamard(n, seed)
-    raise ValueError(f"rotation kind {kind!r}: expected 'hadamard', 'hadamard-or-random' or 'random'")
+    raise ValueError(
+        f"rotation kind {kind!r}: expected 'hadamard', 'hadamard-or-random', 'random' or (rotation passes, from "
+        "calibration data) 'klt'"
+    )
+
+
+def klt_rotation(covariance: np.ndarray, seed: int = 0) -> np.ndarray:
+    """MambaQuant's KLT-enhanced rotation ``K H``: K the eigenvectors of the activations' (uncentred) covariance
+    ``C = E[x^T x]`` by decreasing eigenvalue, H a randomised Hadamard matrix (random orthogonal where no order-n
+    Hadamard exists). ``x K`` has uncorrelated channels of variance ``lambda_i``, and every column of H has
+    entries of magnitude ``1 / sqrt(n)``, so every channel of ``x K H`` has variance ``mean(lambda)``: the
+    rotation equalises the channels exactly on the calibration data, where a Hadamard alone only does so on
+    average.
+
+    Raises:
+        ValueError: a covariance that is not a finite symmetric square matrix.
+    """
+    c = np.asarray(covariance, dtype=np.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1] or not np.all(np.isfinite(c)):
+        raise ValueError(f"covariance: expected a finite square matrix, got shape {c.shape}")
+    if not np.allclose(c, c.T, rtol=1e-6, atol=1e-12 * max(float(np.abs(c).max()), 1e-300)):
+        raise ValueError("covariance: not symmetric")
+    values, vectors = np.linalg.eigh((c + c.T) / 2.0)
+    order = np.argsort(-values, kind="stable")
+    return vectors[:, order] @ rotation(c.shape[0], "hadamard-or-random", seed)
 
 
 def online_hadamard(n: int) -> np.ndarray:

@@ -9,7 +9,9 @@
 
 The rotation is a randomised Hadamard matrix (``diag(s) H / sqrt(n)``, passes/transform/hadamard.py) where one
 of that order can be built and a random orthogonal matrix elsewhere (the default, ``"hadamard-or-random"``);
-``"hadamard"`` refuses sizes without one (before any weight changes), ``"random"`` always draws a random one.
+``"hadamard"`` refuses sizes without one (before any weight changes), ``"random"`` always draws a random one,
+``"klt"`` is MambaQuant's KLT-enhanced rotation ``K H`` from the calibration covariance of what the rotated
+linears read (the pass then ``needs_calibration``: passes/transform/hadamard.py ``klt_rotation``).
 Regions the analysis blocks are skipped, with the reason logged and kept in ``skipped``. A pass records what it
 did in the model's metadata and does nothing the second time (rotating twice would compose a second, different
 rotation), so both are idempotent.
@@ -22,10 +24,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from qcompiler.calibrate import ActivationRanges
 from qcompiler.dialect.hadamard import hadamard_structure
+from qcompiler.errors import CalibrationError
 from qcompiler.ir.graph import add_initializer, node_label
 from qcompiler.ir.regions import hadamard_sites, head_pairs, residual_streams, score_sites
-from qcompiler.passes.transform.hadamard import NoHadamardError, online_hadamard
+from qcompiler.passes.transform.hadamard import NoHadamardError, klt_rotation, online_hadamard
 from qcompiler.passes.transform.hadamard import rotation as make_rotation
 from qcompiler.passes.transform.weights import blockwise, rotate_input, rotate_output, set_input_constant
 
@@ -35,17 +39,34 @@ logger = logging.getLogger(__name__)
 class _RotationPass(ir.passes.InPlacePass):
     marker = ""
 
-    def __init__(self, rotation: str = "hadamard-or-random", seed: int = 0) -> None:
+    def __init__(
+        self, rotation: str = "hadamard-or-random", seed: int = 0, statistics: ActivationRanges | None = None
+    ) -> None:
         super().__init__()
-        make_rotation(4, rotation, seed)  # fail on a bad kind when the recipe is read, not mid-pipeline
+        if rotation != "klt":
+            make_rotation(4, rotation, seed)  # fail on a bad kind when the recipe is read, not mid-pipeline
         self.rotation = rotation
         self.seed = seed
+        self.statistics = statistics
         self.skipped: dict[str, list[str]] = {}
+
+    @property
+    def needs_calibration(self) -> bool:
+        """The KLT rotation comes from the calibration covariance of what the rotated linears read."""
+        return self.rotation == "klt"
+
+    def use_statistics(self, statistics: ActivationRanges) -> None:
+        self.statistics = statistics
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.skipped = {}
         if self.marker in model.metadata_props:
             return ir.passes.PassResult(model, modified=False)
+        if self.rotation == "klt" and self.statistics is None:
+            raise CalibrationError(
+                f"{type(self).__name__}: rotation 'klt' needs calibration statistics; run it through "
+                "qcompiler.compile or qcompiler.simulate, or give statistics=observe(model, data, hessians=True)"
+            )
         modified = self.rotate(model.graph)
         if modified:
             model.metadata_props[self.marker] = f"{self.rotation}:{self.seed}"
@@ -53,6 +74,16 @@ class _RotationPass(ir.passes.InPlacePass):
 
     def rotate(self, graph: ir.Graph) -> bool:
         raise NotImplementedError
+
+    def _covariance(self, names: list[str], where: str) -> np.ndarray | None:
+        """The sum of the calibration second moments ``2 X^T X / N`` of ``names`` (None, with the reason kept
+        under ``where``, when one is missing)."""
+        assert self.statistics is not None
+        missing = [n for n in names if n not in self.statistics.hessians]
+        if missing or not names:
+            self.skipped[where] = [f"no calibration covariance for {missing[:2] or names}: calibrate this graph"]
+            return None
+        return sum((self.statistics.hessians[n] for n in names), np.zeros((1, 1)))
 
 
 class RotateResidualPass(_RotationPass):
@@ -65,7 +96,14 @@ class RotateResidualPass(_RotationPass):
                 self.skipped[f"residual stream #{index}"] = stream.blockers
                 logger.info("rotate-residual: stream #%d skipped: %s", index, "; ".join(stream.blockers[:3]))
                 continue
-            plan.append((stream, make_rotation(stream.hidden, self.rotation, self.seed + index)))
+            if self.rotation == "klt":  # what the readers see: the weightless norms' outputs, the stream itself
+                names = sorted({r.node.inputs[0].name or "" for r in stream.all_readers})
+                covariance = self._covariance(names, f"residual stream #{index}")
+                if covariance is None:
+                    continue
+                plan.append((stream, klt_rotation(covariance, self.seed + index)))
+            else:
+                plan.append((stream, make_rotation(stream.hidden, self.rotation, self.seed + index)))
         for stream, q in plan:
             for gather in stream.embeddings:
                 table = gather.inputs[0].const_value.numpy()
@@ -87,7 +125,17 @@ class RotateHeadsPass(_RotationPass):
                 self.skipped[node_label(pair.v.node)] = pair.blockers
                 logger.info("rotate-heads: %s skipped: %s", pair.v.label, "; ".join(pair.blockers))
                 continue
-            plan.append((pair, make_rotation(pair.head_dim, self.rotation, self.seed)))
+            if self.rotation == "klt":  # the output projection's input, averaged over its heads
+                name = pair.o.node.inputs[0].name or ""
+                covariance = self._covariance([name], node_label(pair.v.node))
+                if covariance is None:
+                    continue
+                d = pair.head_dim
+                heads = covariance.shape[0] // d
+                blocks = sum(covariance[h * d : (h + 1) * d, h * d : (h + 1) * d] for h in range(heads))
+                plan.append((pair, klt_rotation(blocks / heads, self.seed)))
+            else:
+                plan.append((pair, make_rotation(pair.head_dim, self.rotation, self.seed)))
         for pair, r in plan:
             assert pair.o is not None and pair.head_dim is not None
             rotate_output(graph, pair.v, blockwise(r, pair.v.out_features // pair.head_dim))

@@ -53,6 +53,16 @@ def scale_input(graph: ir.Graph, linear: Linear, gain: np.ndarray) -> None:
     _store(graph, linear, gain.astype(np.float64).reshape(-1, 1) * _as_in_out(linear))
 
 
+def scale_output(graph: ir.Graph, linear: Linear, gain: np.ndarray) -> None:
+    """The linear now writes ``y * g`` (per output channel): ``W <- W diag(g)``, ``b <- b g``."""
+    _store(graph, linear, _as_in_out(linear) * gain.astype(np.float64).reshape(1, -1))
+    bias = linear.bias
+    if bias is not None:
+        assert linear.bias_index is not None
+        scaled = (bias.astype(np.float64).reshape(-1) * gain).reshape(bias.shape)
+        set_input_constant(graph, linear.node, linear.bias_index, scaled.astype(bias.dtype))
+
+
 def shift_input(graph: ir.Graph, linear: Linear, shift: np.ndarray) -> None:
     """The linear now reads x and computes from ``x + beta``: ``b <- b + beta W`` (the linear needs a bias)."""
     assert linear.bias_index is not None

@@ -8,6 +8,9 @@ onnx_ir graph for the connectivity questions) for:
 - **norms** and the linears reading their outputs (where a norm gain can fold);
 - **residual streams**: tensors joined by residual ``Add``s, with every writer (a linear or an embedding
   lookup), every norm that reads them and every linear that reads those norms;
+- **scale sites**: a linear group whose input channels can be divided by any positive ``s`` exactly, because its
+  producer absorbs ``1 / s`` (a norm's gain and shift, a linear writer's output columns, or the linear writing
+  one factor of a gated product ``a * b``): where SmoothQuant and AWQ migrate scales;
 - **attention heads**: the V projection -> ``Reshape`` to heads -> ``P @ V`` -> merge heads -> output
   projection path, where a per-head rotation of size head_dim is exact (grouped-query attention included:
   ``Expand`` copies whole heads);
@@ -554,6 +557,88 @@ def score_sites(graph: ir.Graph) -> list[ScoreSite]:
     return sites
 
 
+# -- scale sites (SmoothQuant, AWQ) ------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScaleSite:
+    """A tensor read only by linears, with what can absorb ``1 / s`` on its channels: ``norm`` (gain and shift
+    of the norm writing it), ``writer`` (output columns of the linear writing it) or ``gated`` (the linear
+    writing one factor of the ``Mul`` writing it); ``blockers`` say why none can."""
+
+    value: ir.Value
+    readers: list[Linear]
+    kind: str | None
+    norm: ir.Node | None = None
+    writer: Linear | None = None
+    blockers: list[str] = dataclasses.field(default_factory=list)
+
+
+def _scale_site(graph: ir.Graph, value: ir.Value) -> ScaleSite | None:
+    readers, others = linear_readers(value)
+    if not readers:
+        return None
+    label = value.name or "?"
+    blockers = list(others)
+    if is_graph_output(graph, value):
+        blockers.append(f"{label} is a graph output")
+    width = static_shape(value)
+    if width is None or not width or any(r.in_features != width[-1] for r in readers):
+        blockers.append(f"{label}: its shape is not static, or a reader contracts more than its last axis")
+    node = value.producer()
+    site = ScaleSite(value, readers, None, blockers=blockers)
+    if node is None:
+        site.blockers.append(f"{label} is a graph input: nothing absorbs a scale")
+        return site
+    if node.op_type in NORM_OPS and node.domain in ("", "ai.onnx"):
+        if not _norm_axis_is_last(node):
+            site.blockers.append(f"{node_label(node)}: normalises more than the last axis")
+        if len(node.inputs) < 2 or const_array(node.inputs[1]) is None:
+            site.blockers.append(f"{node_label(node)}: no constant gain to absorb the scale")
+        elif len(node.inputs) > 2 and node.inputs[2] is not None and const_array(node.inputs[2]) is None:
+            site.blockers.append(f"{node_label(node)}: its shift is computed at run time")
+        site.kind, site.norm = "norm", node
+        return site
+    writer = linear_writer(value)  # its output is ``value`` or only a Reshape to ``value`` reads it
+    if writer is not None:
+        site.kind, site.writer = "writer", writer
+        return site
+    if node.op_type == "Mul" and len(node.inputs) == 2 and all(const_array(v) is None for v in node.inputs):
+        for factor in node.inputs:
+            assert factor is not None
+            factor_writer = linear_writer(factor) if static_shape(factor) == width else None
+            if factor_writer is not None and len(consumers(factor)) == 1:
+                site.kind, site.writer = "gated", factor_writer
+                return site
+        site.blockers.append(f"{node_label(node)}: no factor of the product is written by a linear only it reads")
+        return site
+    site.blockers.append(f"{node_label(node)} ({node.op_type}) writes it and cannot absorb a per-channel scale")
+    return site
+
+
+def scale_sites(graph: ir.Graph) -> list[ScaleSite]:
+    """Every linear group (a tensor and the linears reading it) with where a per-channel scale can go."""
+    seen: set[int] = set()
+    sites = []
+    for node in graph:
+        linear = as_linear(node)
+        if linear is None:
+            continue
+        value = node.inputs[0]
+        assert value is not None
+        producer = value.producer()
+        while producer is not None and _keeps_last_axis_reshape(producer) and len(consumers(value)) == 1:
+            value = producer.inputs[0]  # the group's tensor is before a flattening Reshape
+            producer = value.producer()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        site = _scale_site(graph, value)
+        if site is not None:
+            sites.append(site)
+    return sites
+
+
 # -- the report -------------------------------------------------------------------------------------------
 
 
@@ -564,6 +649,7 @@ class RegionReport:
     heads: list[HeadPair]
     linears: list[Linear]
     hadamards: list[HadamardSite] = dataclasses.field(default_factory=list)
+    scales: list[ScaleSite] = dataclasses.field(default_factory=list)
 
     def coverage(self) -> dict[str, list[str]]:
         """For every linear (by label): the regions covering it, or the reasons none does."""
@@ -591,6 +677,12 @@ class RegionReport:
             if not norm.blockers:
                 for lin in norm.readers:
                     cover[lin.label].append(f"norm gain of {node_label(norm.norm)}")
+        for scale in self.scales:
+            for lin in scale.readers:
+                if scale.blockers:
+                    reasons[lin.label].append("scale migration blocked: " + "; ".join(scale.blockers))
+                else:
+                    cover[lin.label].append(f"scale migration ({scale.kind})")
         out = {}
         for label in cover:
             out[label] = cover[label] or [
@@ -620,6 +712,10 @@ class RegionReport:
             state = "ready" if not site.blockers else "blocked: " + "; ".join(site.blockers)
             readers = ", ".join(lin.label for lin in site.readers)
             lines.append(f"online Hadamard ({site.kind}): {site.value.name} -> {readers}, order {site.size}: {state}")
+        for scale in self.scales:
+            state = f"scalable ({scale.kind})" if not scale.blockers else "blocked: " + "; ".join(scale.blockers)
+            readers = ", ".join(lin.label for lin in scale.readers)
+            lines.append(f"scale site: {scale.value.name} -> {readers}: {state}")
         lines.append("linears:")
         for label, roles in self.coverage().items():
             lines.append(f"    {label}: {', '.join(roles)}")
@@ -633,4 +729,7 @@ def _unique(items: Iterable[str]) -> list[str]:
 def report(model: ir.Model | ir.Graph) -> RegionReport:
     graph = model.graph if isinstance(model, ir.Model) else model
     linears = [lin for node in graph if (lin := as_linear(node)) is not None]
-    return RegionReport(residual_streams(graph), norm_regions(graph), head_pairs(graph), linears, hadamard_sites(graph))
+    return RegionReport(
+        residual_streams(graph), norm_regions(graph), head_pairs(graph), linears, hadamard_sites(graph),
+        scale_sites(graph),
+    )  # fmt: skip
