@@ -15,7 +15,11 @@ Variants of the same QDQ graph (first 2048 WikiText-2 test tokens by default, 51
 - ``GEMM inputs int16: <class>``: the int8 GEMM inputs written by norms, by attention's P V product or by the
   SwiGLU product (or all of them) stored at 16 bits over the same range.
 
-    .venv/bin/python benchmarks/ablate_smollm2_w8a8.py [--windows 4]
+With ``--only-per-token``: the int8 GEMM inputs read with per-token power-of-two exponents over static steps
+1x, 2x, 4x and 16x finer, simulated on the ``w8a8-llm`` QDQ graph with row exponents off (how ``row_exponents``
+was chosen: docs/results.md).
+
+    .venv/bin/python benchmarks/ablate_smollm2_w8a8.py [--windows 4] [--per-tensor-residual] [--only-per-token]
 """
 
 from __future__ import annotations
@@ -138,6 +142,48 @@ def widen_gemm_inputs(model: ir.Model, classes: set[str]) -> ir.Model:
     return model
 
 
+def per_token_exponents(model: ir.Model, classes: set[str], finer: float = 1.0) -> ir.Model:
+    """The int8 GEMM inputs of ``classes`` keep their static (per-channel) scales, but a token whose row exceeds
+    the int8 range takes a power-of-two step ``2^e`` (``e`` the smallest that fits it), undone after the
+    GEMM: what an integer kernel can do with a per-row shift."""
+    graph = model.graph
+    for index, quant in enumerate(n for n in list(graph) if n.op_type == "QuantizeLinear"):
+        if not _stored(quant, ir.DataType.INT8) or gemm_input_class(quant) not in classes:
+            continue
+        x = quant.inputs[0]
+        if finer != 1.0:  # static steps ``finer`` times finer: the typical token gains resolution, outliers shift
+            made: dict[int, ir.Value] = {}
+            for node in [quant, *(use.node for use in quant.outputs[0].uses())]:
+                old = node.inputs[1]
+                if id(old) not in made:
+                    fine = (old.const_value.numpy().astype(np.float64) / finer).astype(np.float32)
+                    made[id(old)] = _constant(graph, f"{old.name}_f{index}_{len(made)}", fine)
+                node.replace_input_with(1, made[id(old)])
+        scale = quant.inputs[1]
+
+        def op(kind: str, inputs: list, before: ir.Node = quant, **attrs) -> ir.Value:
+            node = ir.node(kind, inputs, attributes=attrs)
+            node.outputs[0].dtype = ir.DataType.FLOAT
+            graph.insert_before(before, node)
+            return node.outputs[0]
+
+        steps = op("ReduceMax", [op("Abs", [op("Div", [x, scale])]), _constant(graph, f"axes{index}", np.array([-1]))],
+                   keepdims=1)  # fmt: skip
+        ratio = op("Div", [steps, _constant(graph, f"qmax{index}", np.array(127.0, np.float32))])
+        log2 = op("Div", [op("Log", [ratio]), _constant(graph, f"ln2_{index}", np.array(np.log(2.0), np.float32))])
+        exponent = op("Max", [op("Ceil", [log2]), _constant(graph, f"zero{index}", np.array(0.0, np.float32))])
+        power = op("Pow", [_constant(graph, f"two{index}", np.array(2.0, np.float32)), exponent])
+        quant.replace_input_with(0, op("Div", [x, power]))
+        for use in list(quant.outputs[0].uses()):
+            dq = use.node
+            mul = ir.node("Mul", [dq.outputs[0], power])
+            mul.outputs[0].dtype = ir.DataType.FLOAT
+            dq.outputs[0].replace_all_uses_with(mul.outputs[0])
+            mul.replace_input_with(0, dq.outputs[0])
+            graph.insert_after(dq, mul)
+    return model
+
+
 def _weight_operand(quant: ir.Node) -> bool:
     for use in quant.outputs[0].uses():
         for reader, index in use.node.outputs[0].uses():
@@ -176,6 +222,7 @@ def main() -> None:
     parser.add_argument(
         "--per-tensor-residual", action="store_true", help="the recipe with residual_per_channel off (docs/results.md)"
     )
+    parser.add_argument("--only-per-token", action="store_true", help="only the per-token power-of-two variants")
     args = parser.parse_args()
     import torch
 
@@ -183,6 +230,8 @@ def main() -> None:
     calibration = smol.calibration(8)
     exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
     recipe = load_recipe("w8a8-llm")
+    # the ablation edits the QDQ graph of the recipe without row exponents (its int8 GEMM inputs)
+    recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, row_exponents=False))
     if args.per_tensor_residual:
         recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, residual_per_channel=False))
     qdq, _, _ = _quantize_qdq(exported, None, calibration, recipe, False, False)
@@ -195,6 +244,12 @@ def main() -> None:
         session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
         return perplexity(lambda ids: session.run(None, {"ids": ids})[0], smol.tokens, count=args.windows * 512)
 
+    if args.only_per_token:
+        every = {"norm", "attention", "swiglu"}
+        for finer in (1.0, 2.0, 4.0, 16.0):
+            name = f"GEMM inputs per-token 2^e, static steps {finer:g}x finer"
+            print(name, round(score(per_token_exponents(_copy(qdq), every, finer)), 2), flush=True)
+        return
     results = {"float": perplexity(smol.float_step, smol.tokens, count=args.windows * 512), "qdq": score(qdq)}
     results["activations float"] = score(strip_activations(_copy(qdq)))
     results["per-tensor int8 -> int16"] = score(widen(_copy(qdq), keep_weight_operands=False))

@@ -32,6 +32,7 @@ from qcompiler.backends.tvm.schedules import (
 )
 from qcompiler.backends.tvm.tuning import Tile
 from qcompiler.dialect import storage_dtype
+from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX
 from qcompiler.errors import UnsupportedOpError
 
 
@@ -108,14 +109,19 @@ class QGemm(OF.OnnxOpConverter):
         weight = _const_numpy(inputs[1], "weight", "QGemm")
         shape = _static_shape(x, "QGemm")
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        plan, tile = _plan_int8_gemm(weight, _const_numpy(inputs[4], "shift", "QGemm"), rows)
+        shifts = _const_numpy(inputs[4], "shift", "QGemm")
+        rows_in = len(inputs) > 5 and inputs[5] is not None
+        # with row exponents a row's shift can drop by up to ROW_EXPONENT_MAX: plan the epilogue for that
+        plan, tile = _plan_int8_gemm(weight, shifts - ROW_EXPONENT_MAX if rows_in else shifts, rows)
         x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
         args = [
             relax.const(kernels.pack_weight(weight, plan), "int8"),
             relax.const(kernels.pack_bias(_const_numpy(inputs[2], "bias", "QGemm"), weight, plan), "int32"),
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "multiplier", "QGemm"), plan, 1 << 30), "int32"),
-            relax.const(kernels.pad_channels(_const_numpy(inputs[4], "shift", "QGemm"), plan, 31), "int32"),
+            relax.const(kernels.pad_channels(shifts, plan, 31), "int32"),
         ]
+        if rows_in:
+            args.append(bb.normalize(relax.op.reshape(inputs[5], [rows, 1])))
         out = bb.emit_te(
             functools.partial(kernels.qgemm_compute, plan=plan, **_epilogue(attr)),
             x2,
@@ -126,6 +132,28 @@ class QGemm(OF.OnnxOpConverter):
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], plan.n])
         return out
+
+
+class RowExponent(OF.OnnxOpConverter):
+    """int16 rows -> (int8 codes, int8 exponents): the exponents per row (a row-wise kernel), then the shift."""
+
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        x = inputs[0]
+        shape = _static_shape(x, "RowExponent")
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        x2 = bb.normalize(relax.op.reshape(x, [rows, shape[-1]])) if len(shape) != 2 else x
+        exponent = bb.emit_te(
+            kernels.row_exponent_compute, x2, primfunc_name_hint="row_exponent", primfunc_attrs={KERNEL_ATTR: "rowwise"}
+        )
+        codes = bb.emit_te(
+            kernels.row_shift_compute, x2, exponent, primfunc_name_hint="row_shift",
+            primfunc_attrs={KERNEL_ATTR: "elementwise"},
+        )  # fmt: skip
+        if len(shape) != 2:
+            codes = bb.normalize(relax.op.reshape(codes, shape))
+            exponent = bb.normalize(relax.op.reshape(exponent, [*shape[:-1], 1]))
+        return relax.Tuple([codes, exponent])
 
 
 class QGemmInt4(OF.OnnxOpConverter):
@@ -659,6 +687,7 @@ _CONVERTERS = {
     "IntSoftmax": IntSoftmax,
     "IntLayerNorm": IntLayerNorm,
     "QGemm": QGemm,
+    "RowExponent": RowExponent,
     "QGemmInt4": QGemmInt4,
     "QConv": QConv,
     "Requantize": Requantize,

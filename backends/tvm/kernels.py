@@ -143,15 +143,19 @@ def qgemm_compute(
     bias: te.Tensor,
     multiplier: te.Tensor,
     shift: te.Tensor,
+    row_exponent: te.Tensor | None = None,
     *,
     plan: GemmPlan,
     zero_point: int,
     lo: int,
     hi: int,
 ) -> te.Tensor:
-    """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]."""
+    """``requant(a[M, K] @ W^T + bias)`` with ``W`` packed; returns int8 [M, N]. ``row_exponent`` (int8 [M, 1]):
+    row i's shift is ``shift - e_i`` (qcompiler.RowExponent's rows)."""
     m = a.shape[0]
-    return _gemm_requant(_pad_reduction(a, plan), packed, bias, multiplier, shift, m, plan, zero_point, lo, hi)
+    return _gemm_requant(
+        _pad_reduction(a, plan), packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent
+    )
 
 
 def _pad_reduction(a: te.Tensor, plan: GemmPlan) -> te.Tensor:
@@ -225,7 +229,7 @@ def qgemm_int4_compute(
     return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi)
 
 
-def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi):
+def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent=None):
     kb, lanes = plan.kb, plan.lanes
     epilogue = requantize_expr_hi32 if plan.hi32_epilogue else requantize_expr
     k = te.reduce_axis((0, plan.k_padded), name="k")
@@ -236,14 +240,46 @@ def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, h
         ),
         name="C",
     )
+
+    def row_shift(i: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
+        if row_exponent is None:
+            return shift[j]
+        return shift[j] - row_exponent[i, 0].astype("int32")
+
     out = te.compute(
         (m, plan.n_padded),
-        lambda i, j: epilogue(acc[i, j] + bias[j], multiplier[j], shift[j], zero_point, lo, hi),
+        lambda i, j: epilogue(acc[i, j] + bias[j], multiplier[j], row_shift(i, j), zero_point, lo, hi),
         name="requant",
     )
     if plan.n_padded == plan.n:
         return out
     return te.compute((m, plan.n), lambda i, j: out[i, j], name="unpad")
+
+
+def row_exponent_compute(x: te.Tensor, *, qmax: int = 127, max_exponent: int = 9) -> te.Tensor:
+    """Per row of int16 ``x [R, C]``: the smallest ``e >= 0`` with ``max |x| <= qmax 2^e``, int8 ``[R, 1]``."""
+    rows, cols = x.shape
+    c = te.reduce_axis((0, cols), name="c")
+    peak = te.compute((rows,), lambda r: te.max(te.abs(x[r, c].astype("int32")), axis=c), name="peak")
+
+    def exponent(r: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
+        total = tirx.const(0, "int32")
+        for j in range(max_exponent + 1):
+            total = total + tirx.Select(peak[r] > tirx.const(qmax << j, "int32"), 1, 0)
+        return total.astype("int8")
+
+    return te.compute((rows, 1), exponent, name="exponent")
+
+
+def row_shift_compute(x: te.Tensor, exponent: te.Tensor) -> te.Tensor:
+    """``round_shift(x, e)`` per row (x itself where e = 0: the half ``(1 << e) >> 1`` is then 0), int8."""
+
+    def body(r: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
+        e = exponent[r, 0].astype("int32")
+        half = (tirx.const(1, "int32") << e) >> tirx.const(1, "int32")
+        return ((x[r, c].astype("int32") + half) >> e).astype("int8")
+
+    return te.compute(tuple(x.shape), body, name="row_shift")
 
 
 @dataclasses.dataclass(frozen=True)

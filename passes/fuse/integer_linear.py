@@ -48,12 +48,24 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
             return result.fail(f"per-channel requantize on axis {axis} is not the output-feature axis")
         return result
 
-    def rewrite(self, op, x, w, bias, multiplier, shift, requant_out, **_):
+    def rewrite(self, op, x, w, bias, multiplier, shift, requant_out, row_exponent=None, **_):
         weight, b = const_array(w), const_array(bias)
         assert weight is not None and b is not None
         w_t = op.initializer(ir.tensor(np.ascontiguousarray(weight.T)), name=f"{w.name}_nk")
         b_vec = op.initializer(ir.tensor(b.reshape(-1).astype(np.int32)), name=f"{bias.name}_vec")
-        return op.QGemm(x, w_t, b_vec, multiplier, shift, _domain=DOMAIN, **_epilogue(requant_out))
+        rows = [row_exponent] if row_exponent is not None else []
+        return op.QGemm(x, w_t, b_vec, multiplier, shift, *rows, _domain=DOMAIN, **_epilogue(requant_out))
+
+
+class _FuseMatMulIntegerRows(_FuseMatMulInteger):
+    """The same with a row exponent: ``Requantize(MatMulInteger(x, W) + b, row_exponent=e) -> QGemm(..., e)``."""
+
+    def pattern(self, op, x, w, bias, multiplier, shift, row_exponent):  # type: ignore[override]
+        acc = op.Add(op.MatMulInteger(x, w), bias)
+        return op.Requantize(
+            acc, multiplier, shift, row_exponent, _domain=DOMAIN, _allow_other_attributes=True,
+            _outputs=["requant_out"],
+        )  # fmt: skip
 
 
 class _FuseConvInteger(RewriteRuleClassBase):
@@ -98,4 +110,6 @@ class FuseIntegerLinearPass(RewritePass):
     """Integer product + bias + requantize -> ``qcompiler.QGemm`` / ``qcompiler.QConv`` (one kernel each)."""
 
     def __init__(self) -> None:
-        super().__init__(RewriteRuleSet([_FuseMatMulInteger().rule(), _FuseConvInteger().rule()]))
+        super().__init__(
+            RewriteRuleSet([_FuseMatMulInteger().rule(), _FuseMatMulIntegerRows().rule(), _FuseConvInteger().rule()])
+        )

@@ -17,7 +17,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
 from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
-from qcompiler.dialect.dyadic import group_scale_bits
+from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX, group_scale_bits
 from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
 from qcompiler.dialect.int4 import pack_int4
 from qcompiler.errors import UnsupportedOpError
@@ -34,6 +34,7 @@ from qcompiler.passes.lower.groups import (
     replace_group_output,
 )
 from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS, lower_silu
+from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.qdq import computes_on_floats
 from qcompiler.passes.quantize.silu import silu_sigmoid, silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
@@ -209,6 +210,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         groups = softmax_groups(graph)
         inside_groups = set().union(*(g.ids for g in groups)) | {id(n) for n in graph if is_mask_where(n)}
         inside_groups |= silu_sigmoids(graph)  # lowered with their Mul
+        inside_groups |= row_exponent.nodes_of(graph)  # lowered with the linears reading them
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or node.domain not in ("", "ai.onnx"):
                 continue
@@ -335,17 +337,24 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         lo: int = -128,
         hi: int = 127,
         producers: list[ir.Node] | tuple[ir.Node, ...] = (),
+        row_exponent: ir.Value | None = None,
     ) -> None:
         """Insert ``producers`` then ``Requantize(value)`` with the rescale ``reals`` (scalar or per channel
-        along ``axis``), and make its output the group's quantized output."""
+        along ``axis``; each row's shift less its ``row_exponent``, when given), and make its output the group's
+        quantized output."""
         multiplier, shift = quantize_multipliers(np.asarray(reals, dtype=np.float64))
         base = quant.outputs[0].name or "y"
-        requant = ir.node(
-            "Requantize",
-            [value, add_initializer(graph, f"{base}_multiplier", multiplier),
-             add_initializer(graph, f"{base}_shift", shift)],
-            domain=DOMAIN, attributes={"axis": axis, "lo": lo, "hi": hi},
-        )  # fmt: skip
+        if row_exponent is not None and int(np.min(shift)) - ROW_EXPONENT_MAX < 1:
+            producer = quant.inputs[0].producer() if quant.inputs[0] is not None else None
+            label = node_label(producer) if producer is not None else node_label(quant)
+            raise UnsupportedOpError(
+                label, "Requantize", f"its rescale needs a shift of at least {ROW_EXPONENT_MAX + 1} for row exponents"
+            )
+        inputs = [value, add_initializer(graph, f"{base}_multiplier", multiplier),
+                  add_initializer(graph, f"{base}_shift", shift)]  # fmt: skip
+        if row_exponent is not None:
+            inputs.append(row_exponent)
+        requant = ir.node("Requantize", inputs, domain=DOMAIN, attributes={"axis": axis, "lo": lo, "hi": hi})
         graph.insert_after(quant, [*producers, requant])
         replace_group_output(quant, requant.outputs[0])
 
@@ -353,8 +362,13 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if node.op_type == "MatMul" and _is_activation(node.inputs[1]):
             self._lower_activation_matmul(graph, node)
             return
-        x = dequantized(node.inputs[0], "input", node)
+        rows = row_exponent.source_of(node.inputs[0])
+        x = dequantized(rows if rows is not None else node.inputs[0], "input", node)
         w = dequantized(node.inputs[1], "weight", node)
+        if rows is not None and (w.value.dtype != ir.DataType.INT8 or node.op_type == "Conv"):
+            raise UnsupportedOpError(
+                node_label(node), node.op_type, "a row-exponent input needs an int8 MatMul/Gemm weight"
+            )
         if w.value.dtype == ir.DataType.INT4 and node.op_type in ("MatMul", "Gemm"):
             self._lower_int4_linear(graph, node, x, w)
             return
@@ -393,14 +407,27 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         else:
             product = ir.node("MatMulInteger", [x.value, w_value])
             bias_shape = (channels,)
+        extra: list[ir.Node] = []
+        exponent = None
+        if rows is not None:  # int16 codes read per token as int8 with a power-of-two step 2^e
+            if x.value.dtype != ir.DataType.INT16 or np.any(bias):
+                raise UnsupportedOpError(
+                    node_label(node), node.op_type, "a row-exponent input must be int16 and the linear bias-free"
+                )
+            split = ir.node("RowExponent", [x.value], domain=DOMAIN, num_outputs=2)
+            split.outputs[0].dtype, split.outputs[1].dtype = ir.DataType.INT8, ir.DataType.INT8
+            split.outputs[0].name, split.outputs[1].name = f"{base}_rows", f"{base}_row_exponent"
+            product.replace_input_with(0, split.outputs[0])
+            extra, exponent = [split], split.outputs[1]
         product.outputs[0].dtype = ir.DataType.INT32
         bias_value = add_initializer(graph, f"{base}_bias", bias.reshape(bias_shape))
         biased = ir.node("Add", [product.outputs[0], bias_value])
         biased.outputs[0].dtype = ir.DataType.INT32
         reals = float(x.scale.reshape(())) * w_scale / out_scale
         self._requantize_after(
-            graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[product, biased]
-        )
+            graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[*extra, product, biased],
+            row_exponent=exponent,
+        )  # fmt: skip
 
     def _lower_int4_linear(self, graph: ir.Graph, node: ir.Node, x, w) -> None:
         """``DQ(x) @ DQ(int4 codes, group scales) -> Q``: one ``QGemmInt4`` with its epilogue. The group scales

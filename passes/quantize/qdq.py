@@ -21,6 +21,7 @@ import onnx_ir as ir
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
@@ -92,6 +93,11 @@ class QuantizeConfig:
     #: attention operands (Q, K after RoPE, V, what RoPE reads, SiLU's input): 8 (int8) or 16 (int16; Q and K
     #: clamped so the int32 score accumulator cannot overflow: qcompiler.passes.quantize.precision)
     attention_bits: int = 8
+    #: int8 GEMM inputs (read only by bias-free linears) stored as int16 at ``row_exponent_refinement`` times
+    #: finer static steps and read per token as int8 codes with a power-of-two step (qcompiler.RowExponent;
+    #: passes/quantize/row_exponent.py): an outlier token no longer sets every token's step
+    row_exponents: bool = False
+    row_exponent_refinement: int = 4
     #: ``rtn`` (round to nearest) or ``gptq`` (error compensation through the calibration inputs' Hessian)
     weight_quantizer: str = "rtn"
     #: GPTQ's damping, a fraction of the Hessian's mean diagonal
@@ -130,6 +136,10 @@ class QuantizeConfig:
         object.__setattr__(self, "weight_clip_grid", tuple(float(r) for r in self.weight_clip_grid))
         if any(not 0.0 < r <= 1.0 for r in self.weight_clip_grid):
             raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
+        if not 1 <= self.row_exponent_refinement <= 256:
+            raise ValueError(f"row_exponent_refinement: must lie in [1, 256], got {self.row_exponent_refinement}")
+        if self.row_exponents and self.weight_bits != 8:
+            raise ValueError("row_exponents: only with weight_bits = 8 (the int4 GEMM has no row exponent)")
         if self.activation_bits != 8:
             raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
 
@@ -248,6 +258,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale_of: dict[int, Any] = {}  # id(float value or its DQ output) -> scale (float32 scalar or per channel)
         self._scale_of = scale_of
         self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
+        self._rows: set[int] = set()  # id(DQ output) of int16 GEMM inputs read with row exponents
         self._fold_of: dict[int, np.ndarray] = {}  # id(DQ output read by linear layers) -> t / t0 per channel
         self._tables: dict[int, ir.Value] = {}  # id(constant) -> its dequantized int8 table
         # the float activation every linear reads, by name, before Q/DQ pairs are inserted in front of it
@@ -347,8 +358,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 if source is None or id(source) not in scale_of:
                     raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
                 scale_of[id(out)] = self._quantize_value(
-                    graph, out, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8)
-                )
+                    graph, out, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8),
+                    inherit_rows=id(source) in self._rows,
+                )  # fmt: skip
         return ir.passes.PassResult(model, modified=True)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -457,8 +469,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale: Any = None,
         bits: int = 8,
         bound: int | None = None,
+        inherit_rows: bool = False,
     ) -> Any:
         """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it.
+
+        With ``row_exponents``, an int8 GEMM input (read by bias-free linears, perhaps through shape-only ops)
+        is stored as int16 at finer steps, and the linears read it through the row-exponent form
+        (passes/quantize/row_exponent.py); ``inherit_rows`` marks a shape-only op's output after such a tensor.
 
         ``bound`` below the storage range: a ``Clip`` to ``[-bound, bound]`` steps goes before the ``Q`` (the
         fused-activation form, which the lowering turns into the producer's output clamp).
@@ -470,6 +487,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             assert absmax is not None
             scale = activation_scale(absmax)
         scales = np.asarray(scale, dtype=np.float32)
+        rows = inherit_rows  # a shape-only op after a row-exponent tensor: same int16 codes
+        if not rows and bits == 8 and bound is None and self.config.row_exponents:
+            rows = row_exponent.candidate(graph, value, through_shape_ops=True)
+            if rows:  # int16 codes at finer steps, read per token as int8 with a power-of-two step
+                bits = 16
+                scales = (scales.astype(np.float64) / self.config.row_exponent_refinement).astype(np.float32)
+        read_rows = rows and row_exponent.candidate(graph, value)  # linears read it here (not a shape op)
         per_channel = scales.size > 1
         storage = {8: (ir.DataType.INT8, np.int8), 16: (ir.DataType.INT16, np.int16)}[bits]
         base = value.name or "act"
@@ -504,7 +528,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if linear_readers:
             top = np.float32(scales.max())
             top_value = add_initializer(graph, f"{base}_scale_linear", np.array(top, dtype=np.float32))
-            top_zero = add_initializer(graph, f"{base}_zero_point_linear", np.array(0, dtype=np.int8))
+            top_zero = add_initializer(graph, f"{base}_zero_point_linear", np.array(0, dtype=storage[1]))
             shared = ir.node("DequantizeLinear", [quant.outputs[0], top_value, top_zero])
             shared.outputs[0].dtype = ir.DataType.FLOAT
             shared.outputs[0].shape = value.shape
@@ -518,6 +542,15 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             graph.insert_before(graph.node(0), new_nodes)
         else:
             graph.insert_after(producer, new_nodes)
+        if rows:
+            self._rows.add(id(deq_out))
+        if read_rows:  # the linears read the (linear) DQ output per row
+            top = np.float32(scales.max())
+            linear_target = row_exponent.insert(graph, linear_target, float(top))
+            linear_readers = list(readers)
+            self._scale_of[id(linear_target)] = top
+            if per_channel:
+                self._fold_of[id(linear_target)] = scales.astype(np.float64) / float(top)
         for reader, index in readers:
             target = linear_target if (reader, index) in linear_readers else deq_out
             reader.replace_input_with(index, target)
@@ -616,7 +649,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
         assert source is not None
-        dq_input = source.producer()
+        rows_source = row_exponent.source_of(source)  # a row-exponent read: its DequantizeLinear
+        dq_input = rows_source.producer() if rows_source is not None else source.producer()
         if dq_input is None or dq_input.op_type != "DequantizeLinear":
             raise UnsupportedOpError(node_label(node), node.op_type, "its input activation is not quantized")
         input_scale = scale_of[id(source)]

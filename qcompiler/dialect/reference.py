@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 from qcompiler.dialect import nonlinear
-from qcompiler.dialect.dyadic import round_shift, storage_dtype
+from qcompiler.dialect.dyadic import round_shift, row_exponents, row_shift, storage_dtype
 from qcompiler.dialect.hadamard import hadamard_transform
 from qcompiler.dialect.int4 import unpack_int4
 from qcompiler.dialect.schemas import DOMAIN
@@ -42,14 +42,18 @@ def requantize(
     zero_point: int = 0,
     lo: int = -128,
     hi: int = 127,
+    row_exponent: np.ndarray | None = None,
 ) -> np.ndarray:
     """``clamp(((x*b + 2^(c-1)) >> c) + z, lo, hi)`` in :func:`storage_dtype` (int8, or int16 for a wide clamp);
-    ``b``, ``c`` scalar or per channel on ``axis``."""
+    ``b``, ``c`` scalar or per channel on ``axis``; with ``row_exponent`` e ``[..., 1]``, each row's shift is
+    ``c - e``."""
     x64 = np.asarray(x, dtype=np.int64)
     mult = _channel_view(multiplier, x64.ndim, axis)
     sh = _channel_view(shift, x64.ndim, axis)
+    if row_exponent is not None:
+        sh = sh - np.asarray(row_exponent, dtype=np.int64)
     if np.any(sh < 1) or np.any(sh > 62):
-        raise ValueError("Requantize: shift must lie in [1, 62]")
+        raise ValueError("Requantize: shift (less the row exponent) must lie in [1, 62]")
     y = round_shift(x64 * mult, sh) + zero_point
     return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
 
@@ -132,8 +136,18 @@ def _as_int32(acc: np.ndarray, op: str) -> np.ndarray:
 class Requantize(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, multiplier, shift, axis=1, zero_point=0, lo=-128, hi=127):
-        return (requantize(x, multiplier, shift, axis=axis, zero_point=zero_point, lo=lo, hi=hi),)
+    def _run(self, x, multiplier, shift, row_exponent=None, axis=1, zero_point=0, lo=-128, hi=127):
+        return (
+            requantize(x, multiplier, shift, axis=axis, zero_point=zero_point, lo=lo, hi=hi, row_exponent=row_exponent),
+        )
+
+
+class RowExponent(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x):
+        e = row_exponents(x)
+        return (row_shift(x, e), e)
 
 
 class RescaleAdd(OpRun):
@@ -146,9 +160,10 @@ class RescaleAdd(OpRun):
 class QGemm(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, w, bias, multiplier, shift, zero_point=0, lo=-128, hi=127):
+    def _run(self, x, w, bias, multiplier, shift, row_exponent=None, zero_point=0, lo=-128, hi=127):
         acc = qgemm(x, w, bias)
-        return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
+        epilogue = {"zero_point": zero_point, "lo": lo, "hi": hi, "row_exponent": row_exponent}
+        return (requantize(acc, multiplier, shift, axis=-1, **epilogue),)
 
 
 class QGemmInt4(OpRun):
@@ -279,7 +294,8 @@ class Hadamard(OpRun):
 
 
 REFERENCE_OPS: list[type[OpRun]] = [
-    Requantize, RescaleAdd, QGemm, QGemmInt4, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid, Hadamard,
+    Requantize, RowExponent, RescaleAdd, QGemm, QGemmInt4, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid,
+    Hadamard,
 ]  # fmt: skip
 
 

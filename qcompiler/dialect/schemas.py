@@ -33,8 +33,19 @@ _EPILOGUE_ATTRS = [
 ]
 
 
-def _param(name: str, type_str: str, doc: str) -> OpSchema.FormalParameter:
+def _param(name: str, type_str: str, doc: str, optional: bool = False) -> OpSchema.FormalParameter:
+    if optional:
+        return OpSchema.FormalParameter(name, type_str, doc, param_option=OpSchema.FormalParameterOption.Optional)
     return OpSchema.FormalParameter(name, type_str, doc)
+
+
+_ROW_EXPONENT = _param(
+    "row_exponent",
+    _I8,
+    "optional int8 [..., 1]: each row of the input stands at 2^e times its nominal scale (RowExponent); the "
+    "shift of that row's rescale is shift - e",
+    optional=True,
+)
 
 
 def _schemas() -> list[OpSchema]:
@@ -47,6 +58,7 @@ def _schemas() -> list[OpSchema]:
             _param("x", "T", "integer input (int32 accumulators, int8 or int16)"),
             _param("multiplier", _I32, "b in [2^30, 2^31), scalar or one per channel along axis"),
             _param("shift", _I32, "c in [1, 62], same shape as multiplier"),
+            _ROW_EXPONENT,
         ],
         outputs=[_param("y", "Y", "int8 or int16 output")],
         type_constraints=[("T", [_I8, _I16, _I32], "integer input types"), _OUT],
@@ -79,6 +91,7 @@ def _schemas() -> list[OpSchema]:
             _param("bias", _I32, "int32 bias [N] at scale S_x * S_w"),
             _param("multiplier", _I32, "scalar or [N]"),
             _param("shift", _I32, "scalar or [N]"),
+            _ROW_EXPONENT,
         ],
         outputs=[_param("y", "Y", "int8 (or int16) [..., N]")],
         type_constraints=[_OUT],
@@ -227,8 +240,18 @@ def _schemas() -> list[OpSchema]:
         outputs=[_param("y", _I32, "int32 [..., n]: |y| <= n max|x| max|h|")],
         type_constraints=[("T", [_I8, _I16], "integer input types")],
     )
+    row_exponent = OpSchema(
+        "RowExponent",
+        DOMAIN,
+        OPSET_VERSION,
+        "Per row of the last axis: e = the smallest e >= 0 with max|x| <= 127 * 2^e, y = round_shift(x, e) "
+        "(x itself where e = 0): an int16 tensor as int8 codes with one power-of-two step per row (per token).",
+        inputs=[_param("x", _I16, "int16 [..., C]")],
+        outputs=[_param("y", _I8, "int8 [..., C] in [-127, 127]"), _param("e", _I8, "int8 [..., 1] in [0, 9]")],
+    )
     return [
         requantize,
+        row_exponent,
         rescale_add,
         qgemm,
         qgemm_int4,
