@@ -18,7 +18,7 @@ token 8192 on. Rows:
   search and migration (``awq-scales``: ``s = mean|x|^a``, 21 values of a, chosen by each group's int4 output
   error), then RTN with AWQ's clipping search (ratios down to 0.55 by output error). W4A16: weights only.
 
-    .venv/bin/python benchmarks/bench_smollm2_ppl.py [--rows NAME ...] [--windows 8]
+    .venv/bin/python benchmarks/bench_smollm2_ppl.py [--rows NAME ...] [--windows 8] [--save-as NAME]
 
 Prints the table and saves benchmarks/results/smollm2_ppl.json.
 """
@@ -106,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", default=ROWS, choices=ROWS, help="which rows to measure")
     parser.add_argument("--windows", type=int, default=8, help="512-token windows scored (8 = 4096 tokens)")
+    parser.add_argument("--save-as", default="smollm2_ppl", help="results/<name>.json (a subset of rows: another name)")
     args = parser.parse_args()
     import torch
 
@@ -161,7 +162,7 @@ def main() -> None:
         closed = (by_name["W4A4 RTN"] - by_name["W4A4 rotate + GPTQ"]) / gap if gap > 0 else float("nan")
         print(f"W4A4: rotate + GPTQ closes {closed:.1%} of the gap RTN opens (target 90 %)")
     print_table(rows, ["recipe", "perplexity", "vs_float", "prepare_s"])
-    path = save("smollm2_ppl", rows, {"tokens": args.windows * WINDOW, "window": WINDOW})
+    path = save(args.save_as, rows, {"tokens": args.windows * WINDOW, "window": WINDOW})
     print(f"saved {path}")
 
 

@@ -2,9 +2,9 @@
 4096 test tokens in 512-token windows, the lowered graph free of float ops and the kernels free of float
 instructions (acceptance 4).
 
-Acceptance 2 asks for the perplexity within 5 % of float: this test asserts it (measured 3.2 %, docs/results.md)
-and prints both numbers. The W4A8 recipe (issue 4, acceptance 4) compiles to integer-only code whose perplexity
-follows its QDQ simulation.
+Acceptance 2 asks for the perplexity within 5 % of float (issue 4's W8A8 target: 2 %): this test asserts 2 %
+(measured 1.2 % with row exponents, docs/results.md) and prints both numbers. The W4A8 recipe (issue 4,
+acceptance 4) compiles to integer-only code whose perplexity follows its QDQ simulation.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
     ours = perplexity(lambda ids: compiled(ids), smol.tokens)
     print(f"\nSmolLM2-135M WikiText-2 perplexity: float {reference:.2f}, W8A8 integer-only {ours:.2f}")
     assert abs(reference - 27.6) < 0.2  # ASSETS.md
-    assert ours <= 1.05 * reference  # acceptance 2; measured 1.032 (28.50 / 27.61)
+    assert ours <= 1.02 * reference  # issue 3's 5 % and issue 4's 2 %; measured 1.012 (27.95 / 27.61)
 
 
 def test_smollm2_w4a8_integer_only_follows_its_simulation(smol) -> None:

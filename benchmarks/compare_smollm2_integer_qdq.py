@@ -1,0 +1,81 @@
+"""SmolLM2-135M: the integer-only code against its float simulation (the recipe's QDQ graph), element by element
+(issue 4, acceptance 4).
+
+For each recipe (``w8a8-llm`` and ``w4a8`` by default): the QDQ graph in onnxruntime (QDQ fusion off, so in
+float) and the integer-only TVM code on the first ``--windows`` 512-token WikiText-2 windows; the logits' gap
+in two units: the output's own int16 step (the final DequantizeLinear's per-entry scale) and one int8 step of
+the logits' range (``max |logit| / 127``, the unit of tests/models/test_llama_block.py); and how often both
+pick the same next token.
+
+    .venv/bin/python benchmarks/compare_smollm2_integer_qdq.py [--recipes w8a8-llm w4a8] [--windows 2]
+
+Prints the table and saves benchmarks/results/smollm2_integer_vs_qdq.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, save
+
+import qcompiler
+from qcompiler.api import quantize_to_integer
+from qcompiler.backends.tvm import build
+from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION
+from qcompiler.testing.llm import WINDOW, load_smollm2
+
+CALIBRATION_WINDOWS = 8
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipes", nargs="*", default=["w8a8-llm", "w4a8"])
+    parser.add_argument("--windows", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    smol = load_smollm2()
+    calibration = smol.calibration(CALIBRATION_WINDOWS)
+    rows = []
+    for recipe in args.recipes:
+        exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
+        qdq, integer, _, shapes = quantize_to_integer(exported, calibration=calibration, recipe=recipe, progress=False)
+        out_dq = integer.graph.outputs[0].producer()
+        assert out_dq is not None and out_dq.op_type == "DequantizeLinear"
+        step = out_dq.inputs[1].const_value.numpy().astype(np.float64)  # type: ignore[union-attr]
+        module = build(ir.serde.serialize_model(integer), shapes)
+        proto = ir.serde.serialize_model(qdq)
+        proto.ir_version = min(proto.ir_version, ORT_MAX_IR_VERSION)
+        options = ort.SessionOptions()
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        for window in range(args.windows):
+            ids = smol.tokens[window * WINDOW : (window + 1) * WINDOW][None]
+            simulated = session.run(None, {"ids": ids})[0].astype(np.float64)
+            ours = module.run({"ids": ids})[0].astype(np.float64)
+            gap = np.abs(ours - simulated)
+            int8_step = float(np.abs(simulated).max()) / 127
+            row = {
+                "recipe": recipe,
+                "window": window,
+                "within_1_int8_step": round(float(np.mean(gap <= int8_step)), 4),
+                "max_int8_steps": round(float(gap.max() / int8_step), 2),
+                "within_1_output_step": round(float(np.mean(gap <= step)), 4),
+                "median_output_steps": round(float(np.median(gap / step)), 1),
+                "same_next_token": round(float(np.mean(ours.argmax(-1) == simulated.argmax(-1))), 4),
+            }
+            rows.append(row)
+            print(row, flush=True)
+    print_table(rows, list(rows[0]))
+    print(f"saved {save('smollm2_integer_vs_qdq', rows, {'window': WINDOW})}")
+
+
+if __name__ == "__main__":
+    main()
