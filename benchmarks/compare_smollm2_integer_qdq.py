@@ -15,6 +15,7 @@ Prints the table and saves benchmarks/results/smollm2_integer_vs_qdq.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import sys
 from pathlib import Path
 
@@ -73,6 +74,8 @@ def main() -> None:
             }
             rows.append(row)
             print(row, flush=True)
+        del module, session, qdq, integer, exported  # one recipe's compiled model at a time (24 GB machines)
+        gc.collect()
     print_table(rows, list(rows[0]))
     print(f"saved {save('smollm2_integer_vs_qdq', rows, {'window': WINDOW})}")
 
