@@ -47,6 +47,13 @@ def test_smollm2_fully_rotated_and_float_exact() -> None:
     (stream,) = regions.streams
     assert (stream.hidden, len(stream.writers), len(stream.all_readers)) == (576, 60, 151) and not stream.blockers
     assert len(regions.heads) == 30 and all(p.head_dim == 64 and not p.blockers for p in regions.heads)
+    # scale sites (SmoothQuant, AWQ): every norm output and SwiGLU product; o_proj's input, which a head Reshape
+    # writes, is blocked by name
+    scalable = [site for site in regions.scales if not site.blockers]
+    assert sorted({site.kind for site in scalable}) == ["gated", "norm"] and len(scalable) == 91
+    assert sum(len(site.readers) for site in scalable) == 181
+    blocked = [site for site in regions.scales if site.blockers]
+    assert len(blocked) == 30 and all("(Reshape) writes it" in site.blockers[0] for site in blocked)
 
 
 def test_minilm_regions_and_head_rotation_float_exact() -> None:
