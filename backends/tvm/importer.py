@@ -169,7 +169,8 @@ class QGemmInt4(OF.OnnxOpConverter):
             raise UnsupportedOpError(
                 "?", "QGemmInt4", f"group scales must lie in [1, {kernels.INT4_INT16_MAX_SCALE}] for int16 weights"
             )
-        plan = kernels.plan_int4_gemm(n, k, shift)
+        rows_in = len(inputs) > 6 and inputs[6] is not None  # row exponents: shifts drop by up to 9 per row
+        plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
         args = [
@@ -181,6 +182,8 @@ class QGemmInt4(OF.OnnxOpConverter):
             ),
             relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
         ]
+        if rows_in:
+            args.append(bb.normalize(relax.op.reshape(inputs[6], [rows, 1])))
         out = bb.emit_te(
             functools.partial(
                 kernels.qgemm_int4_compute, plan=plan, group_size=int(attr.get("group_size", 128)), **_epilogue(attr)

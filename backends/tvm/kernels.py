@@ -198,6 +198,7 @@ def qgemm_int4_compute(
     bias: te.Tensor,
     multiplier: te.Tensor,
     shift: te.Tensor,
+    row_exponent: te.Tensor | None = None,
     *,
     plan: GemmPlan,
     group_size: int,
@@ -226,7 +227,7 @@ def qgemm_int4_compute(
     weights = te.compute(
         (plan.n_padded // plan.lanes, plan.k_padded // plan.kb, plan.lanes, plan.kb), expand, name="W_expand"
     )
-    return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi)
+    return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
 
 
 def _gemm_requant(a, packed, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent=None):

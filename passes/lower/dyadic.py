@@ -26,6 +26,7 @@ from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
 )
 from qcompiler.passes.lower.groups import (
+    Quantized,
     dequantized,
     output_bounds,
     output_scale,
@@ -197,6 +198,14 @@ def _integer_bias(node: ir.Node, expected_scale: np.ndarray, channels: int, scal
     return np.broadcast_to(bias_q.reshape(-1), (channels,)).astype(np.int32)
 
 
+def _check_row_shifts(shift: np.ndarray, label: str, op: str) -> None:
+    """Row exponents lower each row's shift by up to ROW_EXPONENT_MAX; it must stay at least 1."""
+    if int(np.min(shift)) - ROW_EXPONENT_MAX < 1:
+        raise UnsupportedOpError(
+            label, op, f"its rescale needs a shift of at least {ROW_EXPONENT_MAX + 1} for row exponents"
+        )
+
+
 class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     """Rewrite a static symmetric QDQ graph to integer-only ops between the input Q and the output DQ."""
 
@@ -344,12 +353,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         quantized output."""
         multiplier, shift = quantize_multipliers(np.asarray(reals, dtype=np.float64))
         base = quant.outputs[0].name or "y"
-        if row_exponent is not None and int(np.min(shift)) - ROW_EXPONENT_MAX < 1:
+        if row_exponent is not None:
             producer = quant.inputs[0].producer() if quant.inputs[0] is not None else None
-            label = node_label(producer) if producer is not None else node_label(quant)
-            raise UnsupportedOpError(
-                label, "Requantize", f"its rescale needs a shift of at least {ROW_EXPONENT_MAX + 1} for row exponents"
-            )
+            _check_row_shifts(shift, node_label(producer) if producer is not None else node_label(quant), "Requantize")
         inputs = [value, add_initializer(graph, f"{base}_multiplier", multiplier),
                   add_initializer(graph, f"{base}_shift", shift)]  # fmt: skip
         if row_exponent is not None:
@@ -365,12 +371,25 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         rows = row_exponent.source_of(node.inputs[0])
         x = dequantized(rows if rows is not None else node.inputs[0], "input", node)
         w = dequantized(node.inputs[1], "weight", node)
-        if rows is not None and (w.value.dtype != ir.DataType.INT8 or node.op_type == "Conv"):
+        if rows is not None and (w.value.dtype not in (ir.DataType.INT8, ir.DataType.INT4) or node.op_type == "Conv"):
             raise UnsupportedOpError(
-                node_label(node), node.op_type, "a row-exponent input needs an int8 MatMul/Gemm weight"
+                node_label(node), node.op_type, "a row-exponent input needs an int8 or int4 MatMul/Gemm weight"
             )
+        exponent_nodes: list[ir.Node] = []
+        exponent = None
+        if rows is not None:  # int16 codes read per token as int8 with a power-of-two step 2^e
+            if x.value.dtype != ir.DataType.INT16 or (node.op_type == "Gemm" and len(node.inputs) > 2):
+                raise UnsupportedOpError(
+                    node_label(node), node.op_type, "a row-exponent input must be int16 and the linear bias-free"
+                )
+            base = (quantized_output(node)[1].outputs[0].name or "y") + "_rows"
+            split = ir.node("RowExponent", [x.value], domain=DOMAIN, num_outputs=2)
+            split.outputs[0].dtype, split.outputs[1].dtype = ir.DataType.INT8, ir.DataType.INT8
+            split.outputs[0].name, split.outputs[1].name = base, f"{base}_exponent"
+            exponent_nodes, exponent = [split], split.outputs[1]
+            x = Quantized(split.outputs[0], x.scale)
         if w.value.dtype == ir.DataType.INT4 and node.op_type in ("MatMul", "Gemm"):
-            self._lower_int4_linear(graph, node, x, w)
+            self._lower_int4_linear(graph, node, x, w, exponent_nodes, exponent)
             return
         weight = const_array(w.value)
         if weight is None or weight.dtype != np.int8:
@@ -407,29 +426,19 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         else:
             product = ir.node("MatMulInteger", [x.value, w_value])
             bias_shape = (channels,)
-        extra: list[ir.Node] = []
-        exponent = None
-        if rows is not None:  # int16 codes read per token as int8 with a power-of-two step 2^e
-            if x.value.dtype != ir.DataType.INT16 or np.any(bias):
-                raise UnsupportedOpError(
-                    node_label(node), node.op_type, "a row-exponent input must be int16 and the linear bias-free"
-                )
-            split = ir.node("RowExponent", [x.value], domain=DOMAIN, num_outputs=2)
-            split.outputs[0].dtype, split.outputs[1].dtype = ir.DataType.INT8, ir.DataType.INT8
-            split.outputs[0].name, split.outputs[1].name = f"{base}_rows", f"{base}_row_exponent"
-            product.replace_input_with(0, split.outputs[0])
-            extra, exponent = [split], split.outputs[1]
         product.outputs[0].dtype = ir.DataType.INT32
         bias_value = add_initializer(graph, f"{base}_bias", bias.reshape(bias_shape))
         biased = ir.node("Add", [product.outputs[0], bias_value])
         biased.outputs[0].dtype = ir.DataType.INT32
         reals = float(x.scale.reshape(())) * w_scale / out_scale
         self._requantize_after(
-            graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi, producers=[*extra, product, biased],
-            row_exponent=exponent,
+            graph, quant, biased.outputs[0], reals, axis=axis, lo=lo, hi=hi,
+            producers=[*exponent_nodes, product, biased], row_exponent=exponent,
         )  # fmt: skip
 
-    def _lower_int4_linear(self, graph: ir.Graph, node: ir.Node, x, w) -> None:
+    def _lower_int4_linear(
+        self, graph: ir.Graph, node: ir.Node, x, w, exponent_nodes: list[ir.Node], exponent: ir.Value | None
+    ) -> None:
         """``DQ(x) @ DQ(int4 codes, group scales) -> Q``: one ``QGemmInt4`` with its epilogue. The group scales
         ``s[n, g]`` must be ``s_max[n] b / 2^B`` with integers ``b`` (the QDQ pass's grid): the kernel multiplies
         each group's int32 sum by ``b`` and the accumulator scale is ``S_x s_max / 2^B``."""
@@ -472,6 +481,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         reals = float(np.asarray(x.scale).reshape(())) * unit / output_scales(quant)  # one, or one per channel
         multiplier, shift = quantize_multipliers(reals)
         base = quant.outputs[0].name or "y"
+        if exponent is not None:
+            _check_row_shifts(shift, label, node.op_type)
         gemm = ir.node(
             "QGemmInt4",
             [x.value,
@@ -479,10 +490,11 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
              add_initializer(graph, f"{base}_group_scale", steps.astype(np.int16)),
              add_initializer(graph, f"{base}_bias", bias.astype(np.int32)),
              add_initializer(graph, f"{base}_multiplier", multiplier),
-             add_initializer(graph, f"{base}_shift", shift)],
+             add_initializer(graph, f"{base}_shift", shift),
+             *([exponent] if exponent is not None else [])],
             domain=DOMAIN, attributes={"group_size": group, "lo": lo, "hi": hi},
         )  # fmt: skip
-        graph.insert_after(quant, gemm)
+        graph.insert_after(quant, [*exponent_nodes, gemm])
         replace_group_output(quant, gemm.outputs[0])
 
     def _lower_hadamard(self, graph: ir.Graph, node: ir.Node, x, w_scale: np.ndarray, weight: np.ndarray) -> bool:

@@ -138,8 +138,6 @@ class QuantizeConfig:
             raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
         if not 1 <= self.row_exponent_refinement <= 256:
             raise ValueError(f"row_exponent_refinement: must lie in [1, 256], got {self.row_exponent_refinement}")
-        if self.row_exponents and self.weight_bits != 8:
-            raise ValueError("row_exponents: only with weight_bits = 8 (the int4 GEMM has no row exponent)")
         if self.activation_bits != 8:
             raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
 

@@ -169,9 +169,13 @@ class QGemm(OpRun):
 class QGemmInt4(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, w, group_scale, bias, multiplier, shift, group_size=128, zero_point=0, lo=-128, hi=127):
+    def _run(
+        self, x, w, group_scale, bias, multiplier, shift, row_exponent=None, group_size=128, zero_point=0, lo=-128,
+        hi=127,
+    ):  # fmt: skip
         acc = qgemm_int4(x, w, group_scale, bias, group_size)
-        return (requantize(acc, multiplier, shift, axis=-1, zero_point=zero_point, lo=lo, hi=hi),)
+        epilogue = {"zero_point": zero_point, "lo": lo, "hi": hi, "row_exponent": row_exponent}
+        return (requantize(acc, multiplier, shift, axis=-1, **epilogue),)
 
 
 class QConv(OpRun):

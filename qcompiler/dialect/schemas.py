@@ -110,6 +110,7 @@ def _schemas() -> list[OpSchema]:
             _param("bias", _I32, "int32 bias [N] at the accumulator scale"),
             _param("multiplier", _I32, "scalar or [N]"),
             _param("shift", _I32, "scalar or [N]"),
+            _ROW_EXPONENT,
         ],
         outputs=[_param("y", "Y", "int8 (or int16) [..., N]")],
         type_constraints=[_OUT],

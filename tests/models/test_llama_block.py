@@ -150,6 +150,7 @@ def test_w4a8_recipe_lowers_to_int4_kernels_within_one_step_of_its_simulation(ti
     ops = collections.Counter(n.op_type for n in integer.graph)
     # q, k, v, o, gate, up, down per layer and the tied head: all int4; attention products stay int8 x int8
     assert ops["QGemmInt4"] == 15 and ops["QGemm"] == 0 and ops["Hadamard"] == 4
+    assert ops["RowExponent"] == 15  # every int4 GEMM reads its input per token (row_exponents)
     assert {n.attributes.get_int("group_size", 0) for n in integer.graph if n.op_type == "QGemmInt4"} == {32}
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
     simulation = qcompiler.simulate(

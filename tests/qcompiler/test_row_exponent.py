@@ -160,8 +160,7 @@ def test_row_exponent_settings_are_validated() -> None:
 
     with pytest.raises(ValueError, match="row_exponent_refinement: must lie in"):
         QuantizeConfig(row_exponents=True, row_exponent_refinement=0)
-    with pytest.raises(ValueError, match="row_exponents: only with weight_bits = 8"):
-        QuantizeConfig(row_exponents=True, weight_bits=4, group_size=128)
+    assert QuantizeConfig(row_exponents=True, weight_bits=4, group_size=128).row_exponents  # QGemmInt4 takes them
 
 
 def test_candidates_are_bias_free_linear_inputs() -> None:
@@ -193,3 +192,34 @@ def test_candidates_are_bias_free_linear_inputs() -> None:
     assert not row_exponent.candidate(graph, tanh.outputs[0])  # a Reshape reads it ...
     assert row_exponent.candidate(graph, tanh.outputs[0], through_shape_ops=True)  # ... then a linear
     assert not row_exponent.candidate(graph, x)  # a graph input
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 9, 64, 32), (5, 40, 96, 32)])
+def test_row_exponent_and_int4_gemm_rows_bit_exact_in_tvm(m: int, n: int, k: int, group: int) -> None:
+    """RowExponent -> QGemmInt4(row_exponent): packed int4 codes with integer group scales, rows shifted by their
+    exponents in the epilogue; bit-exact against the reference at the int16 extremes."""
+    from qcompiler.backends.tvm import build
+    from qcompiler.dialect.int4 import pack_int4
+    from qcompiler.testing import assert_bit_exact
+
+    rng = np.random.default_rng(m + n + k)
+    codes = rng.integers(-7, 8, (n, k)).astype(np.int8)
+    scales = rng.integers(1, 257, (n, k // group)).astype(np.int16)
+    mult = rng.integers(1 << 30, 1 << 31, n).astype(np.int32)
+    shift = rng.integers(ROW_EXPONENT_MAX + 1, 48, n).astype(np.int32)
+    nodes = [
+        helper.make_node("RowExponent", ["x"], ["codes", "e"], domain=DOMAIN),
+        helper.make_node("QGemmInt4", ["codes", "w", "g", "b", "m", "s", "e"], ["y"], domain=DOMAIN,
+                         group_size=group, lo=-32768, hi=32767),
+    ]  # fmt: skip
+    model = _graph_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.INT16, [m, k])],
+        [helper.make_tensor_value_info("y", TensorProto.INT16, None)],
+        [("w", pack_int4(codes)), ("g", scales), ("b", np.zeros(n, np.int32)), ("m", mult), ("s", shift)],
+    )
+    extreme = rng.integers(-32768, 32768, (m, k)).astype(np.int16)
+    extreme[0, 0] = -32768
+    feeds = [{"x": extreme}, {"x": rng.integers(-127, 128, (m, k)).astype(np.int16)}]
+    assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}), model, feeds)
