@@ -28,18 +28,13 @@ import onnx_ir as ir
 from qcompiler.calibrate import ActivationRanges
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.graph import const_array, node_label
-from qcompiler.ir.regions import Linear, ScaleSite, scale_sites
+from qcompiler.ir.regions import ScaleSite, scale_sites
 from qcompiler.passes.quantize.weights import WeightQuantSpec, quantize_rtn
-from qcompiler.passes.transform.weights import scale_input, scale_output, set_input_constant
+from qcompiler.passes.transform.weights import as_in_out, scale_input, scale_output, set_input_constant
 
 logger = logging.getLogger(__name__)
 
 MARKER = "qcompiler.awq_scales"
-
-
-def _in_out(linear: Linear) -> np.ndarray:
-    weight = linear.weight.astype(np.float64)
-    return weight if linear.in_axis == 0 else weight.T
 
 
 def group_error(weights: list[np.ndarray], hessian: np.ndarray, scales: np.ndarray, spec: WeightQuantSpec) -> float:
@@ -134,7 +129,7 @@ class ActivationAwareScalePass(ir.passes.InPlacePass):
             if h is None or mean_abs is None or h.shape[0] != site.readers[0].in_features:
                 self.skipped[name] = [f"no calibration statistics for {name!r}: calibrate this same graph"]
                 continue
-            weights = [_in_out(r) for r in site.readers]
+            weights = [as_in_out(r) for r in site.readers]
             scales, alpha, errors = search_scales(weights, h, mean_abs, self.spec, self.grid)
             self.choices.append(ScaleChoice(name, alpha, errors[alpha], errors[0.0]))
             if alpha > 0.0:

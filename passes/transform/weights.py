@@ -21,7 +21,8 @@ def set_input_constant(graph: ir.Graph, node: ir.Node, index: int, array: np.nda
     node.replace_input_with(index, add_initializer(graph, base, array))
 
 
-def _as_in_out(linear: Linear) -> np.ndarray:
+def as_in_out(linear: Linear) -> np.ndarray:
+    """The linear's weight as ``[in, out]`` float64, whatever its storage."""
     weight = linear.weight.astype(np.float64)
     return weight if linear.in_axis == 0 else weight.T
 
@@ -34,12 +35,12 @@ def _store(graph: ir.Graph, linear: Linear, in_out: np.ndarray) -> None:
 
 def rotate_input(graph: ir.Graph, linear: Linear, rotation: np.ndarray) -> None:
     """The linear now reads ``x R`` and computes what it computed from x: ``W <- R^T W``."""
-    _store(graph, linear, rotation.T @ _as_in_out(linear))
+    _store(graph, linear, rotation.T @ as_in_out(linear))
 
 
 def rotate_output(graph: ir.Graph, linear: Linear, rotation: np.ndarray) -> None:
     """The linear now writes ``y R``: ``W <- W R``, ``b <- b R``."""
-    _store(graph, linear, _as_in_out(linear) @ rotation)
+    _store(graph, linear, as_in_out(linear) @ rotation)
     bias = linear.bias
     if bias is not None:
         assert linear.bias_index is not None
@@ -50,12 +51,12 @@ def rotate_output(graph: ir.Graph, linear: Linear, rotation: np.ndarray) -> None
 def scale_input(graph: ir.Graph, linear: Linear, gain: np.ndarray) -> None:
     """The linear now reads x and computes what it computed from ``x * g`` (per input channel):
     ``W <- diag(g) W``."""
-    _store(graph, linear, gain.astype(np.float64).reshape(-1, 1) * _as_in_out(linear))
+    _store(graph, linear, gain.astype(np.float64).reshape(-1, 1) * as_in_out(linear))
 
 
 def scale_output(graph: ir.Graph, linear: Linear, gain: np.ndarray) -> None:
     """The linear now writes ``y * g`` (per output channel): ``W <- W diag(g)``, ``b <- b g``."""
-    _store(graph, linear, _as_in_out(linear) * gain.astype(np.float64).reshape(1, -1))
+    _store(graph, linear, as_in_out(linear) * gain.astype(np.float64).reshape(1, -1))
     bias = linear.bias
     if bias is not None:
         assert linear.bias_index is not None
@@ -68,7 +69,7 @@ def shift_input(graph: ir.Graph, linear: Linear, shift: np.ndarray) -> None:
     assert linear.bias_index is not None
     bias = const_array(linear.node.inputs[linear.bias_index])
     assert bias is not None
-    new = bias.astype(np.float64).reshape(-1) + shift.astype(np.float64).reshape(-1) @ _as_in_out(linear)
+    new = bias.astype(np.float64).reshape(-1) + shift.astype(np.float64).reshape(-1) @ as_in_out(linear)
     set_input_constant(graph, linear.node, linear.bias_index, new.reshape(bias.shape).astype(bias.dtype))
 
 
