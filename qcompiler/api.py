@@ -284,23 +284,40 @@ def simulate(
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     verify: bool = True,
     progress: bool = True,
+    nonlinearities: str = "float",
 ) -> ir.Model:
     """Float simulation of a recipe: a float ONNX model any runtime executes, to measure what the recipe costs
     in accuracy.
 
     An integer-path recipe (``w8a8``, ``w4a8``, ...) gives its QDQ graph: the exact weights and static activation
-    scales the integer code uses, with float nonlinearities (the compiled model stays within about one output
-    quantization step of it). A ``[simulate]`` recipe (``w4a8-dynamic``, ``w4a4``) canonicalizes (rotations
-    included), then replaces weights by their RTN/GPTQ values and fake-quantizes linear inputs per token.
+    scales the integer code uses, with float nonlinearities. With ``nonlinearities="integer"``, its softmax,
+    norms, GELU and SiLU are the integer code's own (``qcompiler`` ops, run by
+    :func:`qcompiler.dialect.run_reference`; I-BERT's simulation): every op of the compiled model then agrees
+    with it within one quantization step per element (:func:`qcompiler.testing.compare_lowering`). A
+    ``[simulate]`` recipe (``w4a8-dynamic``, ``w4a4``) canonicalizes (rotations included), then replaces weights
+    by their RTN/GPTQ values and fake-quantizes linear inputs per token.
 
     Raises:
         CalibrationError: no calibration data.
+        ValueError: ``nonlinearities`` is not ``"float"`` or ``"integer"``, or ``"integer"`` with a
+            ``[simulate]`` recipe (its per-token activations have no integer form).
     """
+    from qcompiler.passes.lower import LowerNonlinearitiesPass
     from qcompiler.passes.quantize.fake import FakeQuantizePass
 
+    if nonlinearities not in ("float", "integer"):
+        raise ValueError(f"nonlinearities: {nonlinearities!r}; use 'float' or 'integer'")
     chosen = load_recipe(recipe)
+    if nonlinearities == "integer" and chosen.simulate is not None:
+        raise ValueError(
+            f"nonlinearities='integer': recipe {chosen.name!r} is a float-only simulation with no integer "
+            "lowering; use an integer-path recipe (w8a8, w8a8-llm, w4a8)"
+        )
     if chosen.simulate is None:
-        return _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)[0]
+        qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)[0]
+        if nonlinearities == "integer":
+            LowerNonlinearitiesPass()(qdq)
+        return qdq
     if calibration is None:
         raise CalibrationError("calibration: required (an iterable of representative batches)")
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None

@@ -12,7 +12,7 @@ from onnxscript.version_converter import ConvertVersionPass
 
 from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
-from qcompiler.passes.lower import LowerQDQToIntegerPass
+from qcompiler.passes.lower import LowerNonlinearitiesPass, LowerQDQToIntegerPass
 from qcompiler.passes.transform import (
     ActivationAwareScalePass,
     EqualizeCrossLayerPass,
@@ -60,6 +60,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "rotate-heads": RotateHeadsPass,
     "online-hadamard": lambda targets=("mlp",): OnlineHadamardPass(tuple(targets)),
     "lower-qdq-to-integer": LowerQDQToIntegerPass,
+    "lower-nonlinearities": LowerNonlinearitiesPass,
     "fuse-integer-linear": FuseIntegerLinearPass,
 }
 

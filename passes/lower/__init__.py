@@ -3,5 +3,6 @@
 from __future__ import annotations
 
 from qcompiler.passes.lower.dyadic import LowerQDQToIntegerPass, float_ops_inside
+from qcompiler.passes.lower.nonlinear import LowerNonlinearitiesPass
 
-__all__ = ["LowerQDQToIntegerPass", "float_ops_inside"]
+__all__ = ["LowerNonlinearitiesPass", "LowerQDQToIntegerPass", "float_ops_inside"]

@@ -3,6 +3,10 @@
 ``DQ(x) -> Softmax | LayerNormalization | Gelu | Sigmoid -> Q`` becomes ``IntSoftmax | IntLayerNorm | IntGelu |
 IntSigmoid`` on the int8 input; the float scales become integer attributes here, once, through
 :mod:`qcompiler.dialect.nonlinear`. Each keeps its documented error bound (docs/dialect.md).
+
+:class:`LowerNonlinearitiesPass` lowers these islands alone and leaves the rest of the QDQ graph in float: the
+integer-faithful simulation of a recipe (I-BERT's simulation: float linear algebra, integer nonlinearities),
+which the integer-only code matches op by op (:func:`qcompiler.testing.compare_lowering`).
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from qcompiler.dialect import DOMAIN
+from qcompiler.dialect import DOMAIN, OPSET_VERSION
 from qcompiler.dialect import nonlinear as integer
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
@@ -24,6 +29,7 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
+from qcompiler.passes.quantize.silu import silu_sigmoid, silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import softmax_group
 
 
@@ -146,3 +152,33 @@ NONLINEAR_LOWERINGS: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
     "Gelu": lower_gelu,
     "Sigmoid": lower_sigmoid,
 }
+
+
+class LowerNonlinearitiesPass(ir.passes.InPlacePass):
+    """Lower only the nonlinear islands of a static QDQ graph (softmax groups, LayerNorm and RMSNorm, GELU,
+    sigmoid and SiLU) to their integer ops; every other op stays as it is, in float.
+
+    The result is the recipe's float simulation with the integer code's nonlinearities: it runs on the
+    reference interpreter (:func:`qcompiler.dialect.run_reference`), and the integer-only code agrees with it
+    op by op within one quantization step (the linear algebra's float rounding against the dyadic one).
+    """
+
+    preserves_outputs = False  # each nonlinearity moves within its documented bound (docs/dialect.md)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        ShapeInferencePass()(model)
+        sigmoids = silu_sigmoids(graph)
+        modified = False
+        for node in list(graph):
+            if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
+                lower_silu(graph, node, sigmoid)
+            elif node.op_type in NONLINEAR_LOWERINGS and id(node) not in sigmoids and node.domain in ("", "ai.onnx"):
+                NONLINEAR_LOWERINGS[node.op_type](graph, node)
+            else:
+                continue
+            modified = True
+        if modified:
+            model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
+            RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)

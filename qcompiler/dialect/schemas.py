@@ -198,9 +198,10 @@ def _schemas() -> list[OpSchema]:
         "IntGelu",
         DOMAIN,
         OPSET_VERSION,
-        "GELU with I-BERT's integer erf (serves the erf and the tanh forms); int8 in, int8 out.",
+        "GELU with I-BERT's integer erf (serves the erf and the tanh forms); int8 in, int8 (or int16) out.",
         inputs=rescale_inputs,
-        outputs=[_param("y", _I8, "int8 output")],
+        outputs=[_param("y", "Y", "int8 (or int16) output")],
+        type_constraints=[_OUT],
         attributes=[
             _attr("input_shift", 0, "exact left shift to the fine scale"),
             _attr("b_q", 1, "floor(1.769 / s_erf)"),
@@ -213,10 +214,11 @@ def _schemas() -> list[OpSchema]:
         "IntSigmoid",
         DOMAIN,
         OPSET_VERSION,
-        "Sigmoid (or SiLU = x sigmoid(x) with silu=1) from I-BERT's integer exp of -|x|; int8 or int16 in, int8 out.",
+        "Sigmoid (or SiLU = x sigmoid(x) with silu=1) from I-BERT's integer exp of -|x|; int8 or int16 in, int8 (or "
+        "int16) out.",
         inputs=[_param("x", "T", "int8 or int16 input"), *rescale_inputs[1:]],
-        outputs=[_param("y", _I8, "int8 output")],
-        type_constraints=[("T", [_I8, _I16], "integer input types")],
+        outputs=[_param("y", "Y", "int8 (or int16) output")],
+        type_constraints=[("T", [_I8, _I16], "integer input types"), _OUT],
         attributes=[
             _attr("input_shift", 0, "exact left shift to the fine scale"),
             _attr("ln2_q", 1, "floor(ln2 / s)"),

@@ -10,6 +10,7 @@ from qcompiler.testing.assertions import (
     float_functions,
     output_steps,
 )
+from qcompiler.testing.lowering import OpAgreement, assert_lowering_matches, compare_lowering
 from qcompiler.testing.strategies import (
     GeneratedModel,
     attention_models,
@@ -22,12 +23,15 @@ from qcompiler.testing.strategies import (
 
 __all__ = [
     "GeneratedModel",
+    "OpAgreement",
     "assert_bit_exact",
     "assert_equivalent",
     "assert_float_exact_pass",
+    "assert_lowering_matches",
     "assert_within_quantization_step",
     "attention_models",
     "cnn_models",
+    "compare_lowering",
     "float_functions",
     "mlp_models",
     "models",

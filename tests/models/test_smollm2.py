@@ -4,7 +4,8 @@ instructions (acceptance 4).
 
 Acceptance 2 asks for the perplexity within 5 % of float (issue 4's W8A8 target: 2 %): this test asserts 2 %
 (measured 1.2 % with row exponents, docs/results.md) and prints both numbers. The W4A8 recipe (issue 4,
-acceptance 4) compiles to integer-only code whose perplexity follows its QDQ simulation.
+acceptance 4) compiles to integer-only code whose perplexity follows its QDQ simulation. Both recipes' integer code
+matches its simulation (with the integer nonlinearities) op by op within one quantization step per element.
 """
 
 from __future__ import annotations
@@ -51,6 +52,22 @@ def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
     print(f"\nSmolLM2-135M WikiText-2 perplexity: float {reference:.2f}, W8A8 integer-only {ours:.2f}")
     assert abs(reference - 27.6) < 0.2  # ASSETS.md
     assert ours <= 1.02 * reference  # issue 3's 5 % and issue 4's 2 %; measured 1.012 (27.95 / 27.61)
+    _assert_op_by_op(compiled.qdq_model, compiled.integer_model, smol.tokens, "QGemm")
+
+
+def _assert_op_by_op(qdq, integer, tokens, linear: str) -> None:
+    """Issue 4, acceptance 4 on all 30 layers: every op of the integer code, fed the simulation's inputs (the
+    QDQ graph with the integer nonlinearities), within one step of it for every element of the first window."""
+    from qcompiler.passes.lower import LowerNonlinearitiesPass
+    from qcompiler.testing.llm import WINDOW
+    from qcompiler.testing.lowering import assert_lowering_matches
+
+    simulation = ir.serde.deserialize_model(qdq) if not isinstance(qdq, ir.Model) else qdq
+    LowerNonlinearitiesPass()(simulation)
+    rows = assert_lowering_matches(simulation, integer, [{"ids": tokens[:WINDOW][None]}])
+    checked = {r.op_type for r in rows}
+    assert {linear, "Requantize", "RescaleAdd", "IntSoftmax", "IntLayerNorm", "IntSigmoid"} <= checked
+    assert sum(r.op_type == linear for r in rows) == 30 * 7 + 1
 
 
 def test_smollm2_w4a8_integer_only_follows_its_simulation(smol) -> None:
@@ -82,3 +99,4 @@ def test_smollm2_w4a8_integer_only_follows_its_simulation(smol) -> None:
     ours = perplexity(lambda ids: module.run({"ids": ids})[0], smol.tokens, count=1024)
     print(f"\nSmolLM2-135M W4A8 perplexity (1024 tokens): QDQ simulation {simulated:.2f}, integer-only {ours:.2f}")
     assert np.isfinite(ours) and abs(ours / simulated - 1) <= 0.02
+    _assert_op_by_op(qdq, integer, smol.tokens, "QGemmInt4")
