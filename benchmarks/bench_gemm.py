@@ -8,6 +8,9 @@ Shapes M x N x K from issue 5. Every row is measured in this run, in this proces
   time evaluator; checked bit-exact against the reference.
 - qcompiler int8 tuned: the same after the register-tile search (``tune=True``, from an empty cache; the tile
   chosen is in the name, rows x zmm/ymm registers per row).
+- qcompiler int4 g128: one ``qcompiler.QGemmInt4`` (int4 codes packed two per byte, an integer scale per group of
+  128 input channels); each thread expands its column panel (codes times group scales, int16) in cache just
+  before the row tiles that read it, then runs the int16-pair dot; checked bit-exact against the reference.
 - torch float32 ``x @ W^T`` and numpy float32 ``x @ W`` (same shapes).
 - onnxruntime ``MatMulInteger``: s8 x s8 and u8 x s8. On AVX2 without VNNI the u8 x s8 kernel saturates the
   int16 pair sums of vpmaddubsw (TVM_NOTES.md); with AVX-512 VNNI it is exact. The ``bit_exact`` column says which
@@ -43,6 +46,7 @@ from common import median_seconds, print_table, save
 from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target, tuning
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import run_reference
+from qcompiler.dialect.int4 import pack_int4
 from qcompiler.testing.kernel_models import single_node_model
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
@@ -80,6 +84,19 @@ def _ort_u8s8_exact(k: int) -> bool:
     return bool(np.all(got == 255 * 127 * k))
 
 
+def _int4_model(rng: np.random.Generator, m: int, n: int, k: int, group: int = 128):
+    """A QGemmInt4 of int4 codes in [-7, 7] (what the weight quantizer writes), group scales in [1, 256]."""
+    codes = rng.integers(-7, 8, (n, k)).astype(np.int8)
+    inits = {
+        "w": pack_int4(codes),
+        "g": rng.integers(1, 257, (n, -(-k // group))).astype(np.int16),
+        "b": rng.integers(-1000, 1000, n).astype(np.int32),
+        "m": np.full(n, 1 << 30, np.int32),
+        "s": np.full(n, 50, np.int32),
+    }
+    return single_node_model("QGemmInt4", ["w", "g", "b", "m", "s"], (m, k), inits, group_size=group)
+
+
 def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
     rng = np.random.default_rng(m + n + k)
     w_nk = rng.integers(-127, 128, (n, k)).astype(np.int8)
@@ -103,6 +120,11 @@ def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
     times[f"qcompiler int8 tuned ({tile})"] = tuned.time({"x": x}, number=max(1, repeats // 3), repeat=repeats)
     tuned_exact = bool(np.array_equal(tuned.run({"x": x})[0], run_reference(model, {"x": x})[0]))
 
+    int4 = _int4_model(rng, m, n, k)
+    int4_module = build(int4, {"x": [m, k]})
+    times["qcompiler int4 g128"] = int4_module.time({"x": x}, number=max(1, repeats // 3), repeat=repeats)
+    int4_exact = bool(np.array_equal(int4_module.run({"x": x})[0], run_reference(int4, {"x": x})[0]))
+
     xf, wf = x.astype(np.float32), np.ascontiguousarray(w_nk.T.astype(np.float32))
     xt, wt = torch.from_numpy(xf), torch.from_numpy(w_nk.astype(np.float32))
     with torch.no_grad():
@@ -117,6 +139,7 @@ def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:
     exactness = {
         "qcompiler int8": exact,
         f"qcompiler int8 tuned ({tile})": tuned_exact,
+        "qcompiler int4 g128": int4_exact,
         "ORT s8s8": bool(np.array_equal(s8.run(None, {"a": x})[0], x.astype(np.int64) @ w_kn.astype(np.int64))),
         "ORT u8s8": _ort_u8s8_exact(k),
     }

@@ -208,7 +208,9 @@ def qgemm_int4_compute(
 ) -> te.Tensor:
     """``requant(a[M, K] @ (codes * group_scale)^T + bias)``: the int4 codes (two per byte, low nibble first) are
     expanded times their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the
-    GEMM runs on int16 weight pairs. The expansion runs once per call: ``N K`` element operations."""
+    GEMM runs on int16 weight pairs. The expansion runs once per call (``N K`` element operations), one column
+    panel at a time in the thread that reads it (schedules.schedule_gemm), so only the packed codes come from
+    memory."""
     m = a.shape[0]
     a = _pad_reduction(a, plan)
 

@@ -342,11 +342,15 @@ def _int4_model(rng, m, n, k, group, *, extreme_codes=False, max_scale=256):
         (2, 7, 3, 3),
         (5, 24, 300, 128),
         (1, 9, 64, 64),
+        (1, 256, 256, 128),  # from 4 column panels on, each expanded in its thread (PANEL_MIN_BLOCKS)
+        (3, 130, 70, 32),
+        (33, 200, 301, 128),
     ],
 )
 def test_qgemm_int4_bit_exact(m: int, n: int, k: int, group: int) -> None:
-    """Odd K (a padding nibble), K not a multiple of the group, N not a multiple of the tile, M = 1; random and
-    extreme codes (-8 everywhere at the largest group scale) and extreme activations."""
+    """Odd K (a padding nibble), K not a multiple of the group, N not a multiple of the tile, M = 1, whole-matrix
+    and per-panel expansion; random and extreme codes (-8 everywhere at the largest group scale) and extreme
+    activations."""
     rng = np.random.default_rng(m * 1000 + n * 10 + k)
     for extreme in (False, True):
         model = _int4_model(rng, m, n, k, group, extreme_codes=extreme)
@@ -360,7 +364,7 @@ def test_qgemm_int4_bit_exact(m: int, n: int, k: int, group: int) -> None:
 
 @settings(max_examples=15, deadline=None)
 @given(
-    m=st.integers(1, 9), n=st.integers(1, 40), k=st.integers(1, 200), group=st.sampled_from([2, 8, 32, 128]),
+    m=st.integers(1, 9), n=st.integers(1, 300), k=st.integers(1, 200), group=st.sampled_from([2, 8, 32, 128]),
     seed=st.integers(0, 2**16),
 )  # fmt: skip
 def test_qgemm_int4_bit_exact_on_generated_shapes(m: int, n: int, k: int, group: int, seed: int) -> None:
