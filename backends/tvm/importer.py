@@ -173,9 +173,10 @@ class QGemmInt4(OF.OnnxOpConverter):
         plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
+        group_size = int(attr.get("group_size", 128))
         args = [
-            relax.const(packed, "uint8"),
-            relax.const(group_scale.astype(np.int16), "int16"),
+            relax.const(kernels.pack_int4_panels(packed, k, plan), "uint8"),  # the kernel's layouts, once
+            relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16"),
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "bias", "QGemmInt4"), plan, 0), "int32"),
             relax.const(
                 kernels.pad_channels(_const_numpy(inputs[4], "multiplier", "QGemmInt4"), plan, 1 << 30), "int32"
@@ -186,7 +187,7 @@ class QGemmInt4(OF.OnnxOpConverter):
             args.append(bb.normalize(relax.op.reshape(inputs[6], [rows, 1])))
         out = bb.emit_te(
             functools.partial(
-                kernels.qgemm_int4_compute, plan=plan, group_size=int(attr.get("group_size", 128)), **_epilogue(attr)
+                kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)
             ),
             x2,
             *args,

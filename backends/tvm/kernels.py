@@ -21,6 +21,7 @@ import numpy as np
 from tvm import te, tirx
 
 from qcompiler.dialect import storage_dtype
+from qcompiler.dialect.int4 import pack_int4, unpack_int4
 
 LANES = 8  # int32 lanes of one AVX2 accumulator register
 ZMM_LANES = 16  # int32 lanes of one AVX-512 accumulator register
@@ -191,6 +192,30 @@ def plan_int4_gemm(n: int, k: int, shifts: np.ndarray | None = None) -> GemmPlan
     return GemmPlan(n=n, k=k, kb=2, nr=nr, hi32_epilogue=hi32)
 
 
+def pack_int4_panels(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
+    """The dialect's int4 bytes ``[N, ceil(K/2)]`` -> the kernel's ``[Np/8, Kp/2, 8]`` bytes, zero-padded.
+
+    The expansion writes each block ``(jo, ko)`` of the packed GEMM as 16 int16 values, ``p = 2 ji + ki`` (column
+    ``8 jo + ji``, input channel ``2 ko + ki``); byte ``b`` holds position ``b`` in its low nibble and ``b + 8`` in
+    its high one, so either half of a block is one contiguous 8-byte load (a vector, not a gather)."""
+    codes = np.zeros((plan.n_padded, plan.k_padded), np.int8)
+    codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
+    blocks = codes.reshape(plan.n_padded // plan.lanes, plan.lanes, plan.k_padded // 2, 2).transpose(0, 2, 1, 3)
+    blocks = blocks.reshape(*blocks.shape[:2], 2 * plan.lanes)
+    half = plan.lanes
+    return pack_int4(np.stack([blocks[..., :half], blocks[..., half:]], axis=-1))[..., 0]  # [..., 8, 2] -> [..., 8]
+
+
+def int4_panel_scales(group_scale: np.ndarray, group_size: int, plan: GemmPlan) -> np.ndarray:
+    """Group scales ``[N, G]`` -> ``[Np/8, Gp, 16]`` int16 in the order of :func:`pack_int4_panels`' positions
+    (each column's scale twice), zero for padding columns and for groups past K (their codes are zero)."""
+    groups = -(-plan.k_padded // group_size)
+    scales = np.zeros((plan.n_padded, groups), np.int16)
+    scales[: group_scale.shape[0], : group_scale.shape[1]] = group_scale
+    per_column = scales.reshape(plan.n_padded // plan.lanes, plan.lanes, groups).transpose(0, 2, 1)
+    return np.ascontiguousarray(np.repeat(per_column, 2, axis=-1))
+
+
 def qgemm_int4_compute(
     a: te.Tensor,
     packed: te.Tensor,
@@ -206,29 +231,24 @@ def qgemm_int4_compute(
     lo: int,
     hi: int,
 ) -> te.Tensor:
-    """``requant(a[M, K] @ (codes * group_scale)^T + bias)``: the int4 codes (two per byte, low nibble first) are
-    expanded times their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the
-    GEMM runs on int16 weight pairs. The expansion runs once per call (``N K`` element operations), one column
-    panel at a time in the thread that reads it (schedules.schedule_gemm), so only the packed codes come from
-    memory."""
+    """``requant(a[M, K] @ (codes * group_scale)^T + bias)``: ``packed`` and ``group_scale`` in the kernel's
+    layouts (:func:`pack_int4_panels`, :func:`int4_panel_scales`, at compile time); the codes are expanded times
+    their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the GEMM runs on int16
+    weight pairs. The expansion runs once per call (``N K`` element operations), one column panel at a time in
+    the thread that reads it (schedules.schedule_gemm), so only the packed codes come from memory."""
     m = a.shape[0]
     a = _pad_reduction(a, plan)
+    lanes = plan.lanes
 
     def expand(jo, ko, ji, ki):
-        n = jo * plan.lanes + ji
-        k = ko * plan.kb + ki
-        row = te.min(n, plan.n - 1)
-        col = te.min(k, plan.k - 1)
-        byte = packed[row, col // 2].astype("int32")
-        nibble = (byte >> ((col % 2) * 4)) & 15
+        position = ji * 2 + ki
+        byte = packed[jo, ko, position % lanes].astype("int32")
+        nibble = (byte >> ((position // lanes) * 4)) & 15
         code = tirx.Select(nibble > 7, nibble - 16, nibble)
-        value = code * group_scale[row, col // group_size].astype("int32")
-        inside = tirx.all(n < plan.n, k < plan.k)
-        return tirx.Select(inside, value, tirx.const(0, "int32")).astype("int16")
+        group = ko // (group_size // 2) if group_size % 2 == 0 else (ko * 2 + ki) // group_size
+        return (code * group_scale[jo, group, position].astype("int32")).astype("int16")
 
-    weights = te.compute(
-        (plan.n_padded // plan.lanes, plan.k_padded // plan.kb, plan.lanes, plan.kb), expand, name="W_expand"
-    )
+    weights = te.compute((plan.n_padded // lanes, plan.k_padded // plan.kb, lanes, plan.kb), expand, name="W_expand")
     return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
 
 
