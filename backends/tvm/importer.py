@@ -186,9 +186,7 @@ class QGemmInt4(OF.OnnxOpConverter):
         if rows_in:
             args.append(bb.normalize(relax.op.reshape(inputs[6], [rows, 1])))
         out = bb.emit_te(
-            functools.partial(
-                kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)
-            ),
+            functools.partial(kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)),
             x2,
             *args,
             primfunc_name_hint="qgemm_int4",
