@@ -200,10 +200,11 @@ def pack_int4_panels(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
     its high one, so either half of a block is one contiguous 8-byte load (a vector, not a gather)."""
     codes = np.zeros((plan.n_padded, plan.k_padded), np.int8)
     codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
-    blocks = codes.reshape(plan.n_padded // plan.lanes, plan.lanes, plan.k_padded // 2, 2).transpose(0, 2, 1, 3)
-    blocks = blocks.reshape(*blocks.shape[:2], 2 * plan.lanes)
+    panels = plan.n_padded // plan.lanes
+    blocks = codes.reshape(panels, plan.lanes, plan.k_padded // 2, 2).transpose(0, 2, 1, 3)
+    positions = blocks.reshape(panels, plan.k_padded // 2, 2 * plan.lanes)
     half = plan.lanes
-    return pack_int4(np.stack([blocks[..., :half], blocks[..., half:]], axis=-1))[..., 0]  # [..., 8, 2] -> [..., 8]
+    return pack_int4(np.stack([positions[..., :half], positions[..., half:]], axis=-1))[..., 0]  # [.., 8, 2] -> [.., 8]
 
 
 def int4_panel_scales(group_scale: np.ndarray, group_size: int, plan: GemmPlan) -> np.ndarray:
