@@ -1,7 +1,8 @@
 """The integer nonlinearities inside whole graphs: generated token-MLP blocks (LayerNorm, GELU or Sigmoid,
 residual, Softmax) compile to integer-only code that is bit-exact against the reference interpreter and
 within a few output steps of the QDQ graph (the gap is the nonlinearities' documented bounds, compounded;
-the gap between QDQ and float is quantization itself and depends on the calibration data)."""
+the gap between QDQ and float is quantization itself and depends on the calibration data); and op by op, each
+integer op within one step of the simulation with the integer nonlinearities (issue 4's acceptance 4)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,23 @@ from hypothesis import given, settings
 from qcompiler.api import quantize_to_integer
 from qcompiler.backends.tvm import build
 from qcompiler.dialect import run_reference
-from qcompiler.passes.lower import float_ops_inside
-from qcompiler.testing import GeneratedModel, assert_bit_exact, attention_models, output_steps, token_mlp_models
+from qcompiler.passes.lower import LowerNonlinearitiesPass, float_ops_inside
+from qcompiler.testing import (
+    GeneratedModel,
+    assert_bit_exact,
+    assert_lowering_matches,
+    attention_models,
+    output_steps,
+    token_mlp_models,
+)
 
 STEPS_FROM_QDQ = 5  # softmax output steps (2^-7): measured worst 2 over 40 generated blocks
+
+
+def _assert_op_by_op(qdq: ir.Model, integer: ir.Model, probe) -> None:
+    simulation = ir.serde.deserialize_model(ir.serde.serialize_model(qdq))
+    LowerNonlinearitiesPass()(simulation)
+    assert_lowering_matches(simulation, integer, probe)
 
 
 def _check(generated: GeneratedModel) -> None:
@@ -32,6 +46,7 @@ def _check(generated: GeneratedModel) -> None:
         want = run_reference(qdq_proto, feeds)[0]
         got = run_reference(proto, feeds)[0]
         assert np.max(np.abs(got - want)) <= STEPS_FROM_QDQ / 128, generated.description
+    _assert_op_by_op(qdq, integer, probe)
 
 
 @settings(max_examples=15)
@@ -78,6 +93,7 @@ def _check_attention(generated: GeneratedModel) -> None:
         got = run_reference(proto, feeds)[0]
         allowed = (ATTENTION_BASE_STEPS + generated.input_shape[0] / 2) * step * (1 + 1e-5)
         assert np.max(np.abs(got - want)) <= allowed, generated.description
+    _assert_op_by_op(qdq, integer, probe)
 
 
 @settings(max_examples=10)
