@@ -246,6 +246,8 @@ def qgemm_int4_compute(
         byte = packed[jo, ko, position % lanes].astype("int32")
         nibble = (byte >> ((position // lanes) * 4)) & 15
         code = tirx.Select(nibble > 7, nibble - 16, nibble)
+        # k // group_size with k = 2 ko + ki; for an even group ki never crosses a group, and dropping it keeps
+        # the scale load one contiguous vector over the block's positions
         group = ko // (group_size // 2) if group_size % 2 == 0 else (ko * 2 + ki) // group_size
         return (code * group_scale[jo, group, position].astype("int32")).astype("int16")
 

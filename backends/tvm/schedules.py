@@ -179,7 +179,7 @@ def schedule_gemm(
     sch.reverse_compute_at(epilogue, io)
     sch.vectorize(sch.get_loops(epilogue)[-1])
     blocks = _static(sch.get(jo).extent)
-    expand_panels = "W_expand" in names and int16_weights and (blocks is None or blocks >= PANEL_MIN_BLOCKS)
+    expand_panels = "W_expand" in names and (blocks is None or blocks >= PANEL_MIN_BLOCKS)  # an int4 GEMM
     if expand_panels:
         # int4 weights: each column block's panel [nr, Kp/2, 8, 2] is expanded (codes times group scales) in
         # its thread, just before the row tiles that read it, into a buffer that stays in cache (nr 8 K int16:

@@ -34,10 +34,10 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
-from qcompiler.passes.lower.nonlinear import NONLINEAR_LOWERINGS, lower_silu
+from qcompiler.passes.lower.nonlinear import lower_nonlinearity
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.qdq import computes_on_floats
-from qcompiler.passes.quantize.silu import silu_sigmoid, silu_sigmoids
+from qcompiler.passes.quantize.silu import silu_sigmoids
 from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
@@ -227,6 +227,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue  # index and mask arithmetic is integer already
             if id(node) in inside_groups:
                 continue  # absorbed by the IntSoftmax of its group (removed below once unused)
+            if lower_nonlinearity(graph, node, inside_groups):  # softmax, norms, GELU, sigmoid, SiLU
+                modified = True
+                continue
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
                 if producer is not None and producer.op_type in _LINEAR | {"Add", "Mul", "Div", "GlobalAveragePool"}:
@@ -235,8 +238,6 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 self._lower_linear(graph, node)
             elif node.op_type == "Add":
                 self._lower_add(graph, node)
-            elif node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
-                lower_silu(graph, node, sigmoid)
             elif node.op_type in ("Mul", "Div") and _is_activation(node.inputs[0]) and _is_scalar(node.inputs[1]):
                 self._lower_scalar(graph, node)
             elif node.op_type == "Mul":
@@ -245,8 +246,6 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 self._lower_neg(graph, node)
             elif node.op_type == "GlobalAveragePool":
                 self._lower_global_average_pool(graph, node)
-            elif node.op_type in NONLINEAR_LOWERINGS:
-                NONLINEAR_LOWERINGS[node.op_type](graph, node)
             elif node.op_type in _SHAPE_ONLY | _ACTIVATIONS:
                 self._lower_shape_only(graph, node)
             else:

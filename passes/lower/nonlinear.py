@@ -154,6 +154,21 @@ NONLINEAR_LOWERINGS: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
 }
 
 
+def lower_nonlinearity(graph: ir.Graph, node: ir.Node, silu_gates: set[int]) -> bool:
+    """Lower ``node`` if a nonlinear island starts there: a SiLU's ``Mul``, or a Softmax, LayerNormalization,
+    RMSNormalization, Gelu or Sigmoid (not one of ``silu_gates``, the ids of SiLU Sigmoids, lowered with their
+    Mul). Returns whether it did: the one dispatch both lowering passes use."""
+    if node.domain not in ("", "ai.onnx"):
+        return False
+    if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
+        lower_silu(graph, node, sigmoid)
+        return True
+    if node.op_type in NONLINEAR_LOWERINGS and id(node) not in silu_gates:
+        NONLINEAR_LOWERINGS[node.op_type](graph, node)
+        return True
+    return False
+
+
 class LowerNonlinearitiesPass(ir.passes.InPlacePass):
     """Lower only the nonlinear islands of a static QDQ graph (softmax groups, LayerNorm and RMSNorm, GELU,
     sigmoid and SiLU) to their integer ops; every other op stays as it is, in float.
@@ -171,13 +186,7 @@ class LowerNonlinearitiesPass(ir.passes.InPlacePass):
         sigmoids = silu_sigmoids(graph)
         modified = False
         for node in list(graph):
-            if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
-                lower_silu(graph, node, sigmoid)
-            elif node.op_type in NONLINEAR_LOWERINGS and id(node) not in sigmoids and node.domain in ("", "ai.onnx"):
-                NONLINEAR_LOWERINGS[node.op_type](graph, node)
-            else:
-                continue
-            modified = True
+            modified |= lower_nonlinearity(graph, node, sigmoids)
         if modified:
             model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
             RemoveUnusedNodesPass()(model)

@@ -9,7 +9,7 @@ quantization step per element" means for a 30-layer model, and it names the op t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +39,7 @@ class OpAgreement:
 
 
 def _as_ir(model: onnx.ModelProto | ir.Model) -> ir.Model:
-    if isinstance(model, onnx.ModelProto):
-        return ir.serde.deserialize_model(model)
-    return ir.serde.deserialize_model(ir.serde.serialize_model(model))  # never touch the caller's graph
+    return ir.serde.deserialize_model(model) if isinstance(model, onnx.ModelProto) else model  # only read
 
 
 def shared_values(simulation: ir.Model, integer: ir.Model) -> list[str]:
@@ -63,17 +61,63 @@ def shared_values(simulation: ir.Model, integer: ir.Model) -> list[str]:
     ]
 
 
-def _run_simulation(simulation: ir.Model, names: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict:
-    if any(node.domain == DOMAIN for node in simulation.graph):  # integer nonlinearities: the reference
+def _simulation_runner(simulation: ir.Model, names: Sequence[str]) -> Callable[[Mapping[str, np.ndarray]], dict]:
+    """``feeds -> {name: value}`` for ``names`` (and the outputs): the reference interpreter when the simulation
+    holds ``qcompiler`` ops (integer nonlinearities), else onnxruntime with QDQ fusion off (so in float)."""
+    if any(node.domain == DOMAIN for node in simulation.graph):
         proto = ir.serde.serialize_model(simulation)
         existing = {o.name for o in proto.graph.output}
         proto.graph.output.extend(onnx.ValueInfoProto(name=n) for n in names if n not in existing)
         evaluator = ReferenceEvaluator(proto, new_ops=REFERENCE_OPS)
         wanted = [o.name for o in proto.graph.output]
-        return dict(zip(wanted, evaluator.run(None, dict(feeds)), strict=True))
-    session = onnxruntime_session(simulation, names, optimize=False)  # QDQ in float, no fusion
-    wanted = [o.name for o in session.get_outputs()]
-    return dict(zip(wanted, session.run(None, dict(feeds)), strict=True))
+        return lambda feeds: dict(zip(wanted, evaluator.run(None, dict(feeds)), strict=True))
+    session = onnxruntime_session(simulation, names, optimize=False)
+    outputs = [o.name for o in session.get_outputs()]
+    return lambda feeds: dict(zip(outputs, session.run(None, dict(feeds)), strict=True))
+
+
+class _Comparison:
+    """Both graphs prepared once (the simulation's runner, the integer graph's interpreter) for any number of
+    inputs."""
+
+    def __init__(self, simulation: onnx.ModelProto | ir.Model, integer: onnx.ModelProto | ir.Model) -> None:
+        simulation_ir, integer_ir = _as_ir(simulation), _as_ir(integer)
+        names = shared_values(simulation_ir, integer_ir)
+        if not names:
+            raise ValueError(
+                "compare_lowering: the graphs share no quantized value; pass the QDQ graph the integer graph was "
+                "lowered from (qcompiler.api.quantize_to_integer returns both)"
+            )
+        self.simulate = _simulation_runner(simulation_ir, names)
+        proto = integer if isinstance(integer, onnx.ModelProto) else ir.serde.serialize_model(integer)
+        self.evaluator = ReferenceEvaluator(proto, new_ops=REFERENCE_OPS)
+        self.producers = {out.name: node for node in integer_ir.graph for out in node.outputs}
+        self.wanted = set(names)
+
+    def rows(self, feeds: Mapping[str, np.ndarray], steps: int) -> list[OpAgreement]:
+        teacher = self.simulate(feeds)
+        results: dict[str, Any] = {"": None, **self.evaluator.rt_inits_, **feeds}
+        rows = []
+        for op in self.evaluator.rt_nodes_:
+            inputs = [teacher[name] if name in teacher else results[name] for name in op.input]
+            for name, value in zip(op.output, op.run(*inputs), strict=False):
+                results[name] = value
+                if name not in self.wanted:
+                    continue
+                gap = np.abs(np.asarray(value, np.int64) - np.asarray(teacher[name], np.int64))
+                node = self.producers[name]
+                rows.append(
+                    OpAgreement(
+                        node=node.name or name,
+                        op_type=node.op_type,
+                        value=name,
+                        size=int(gap.size),
+                        within=float(np.mean(gap <= steps)) if gap.size else 1.0,
+                        max_steps=int(gap.max(initial=0)),
+                        mean_steps=float(gap.mean()) if gap.size else 0.0,
+                    )
+                )
+        return rows
 
 
 def compare_lowering(
@@ -84,44 +128,13 @@ def compare_lowering(
 ) -> list[OpAgreement]:
     """Run ``simulation`` (onnxruntime; the reference interpreter when it holds ``qcompiler`` ops), then each op
     of ``integer`` on the reference interpreter with every input the simulation also computes taken from the
-    simulation; one :class:`OpAgreement` per integer op output the simulation has a value for.
+    simulation; one :class:`OpAgreement` per integer op output the simulation has a value for. Neither graph is
+    modified.
 
     Raises:
         ValueError: the graphs share no integer value (``integer`` was not lowered from ``simulation``).
     """
-    simulation_ir, integer_ir = _as_ir(simulation), _as_ir(integer)
-    names = shared_values(simulation_ir, integer_ir)
-    if not names:
-        raise ValueError(
-            "compare_lowering: the graphs share no quantized value; pass the QDQ graph the integer graph was "
-            "lowered from (qcompiler.api.quantize_to_integer returns both)"
-        )
-    teacher = _run_simulation(simulation_ir, names, feeds)
-    evaluator = ReferenceEvaluator(ir.serde.serialize_model(integer_ir), new_ops=REFERENCE_OPS)
-    results: dict[str, Any] = {"": None, **evaluator.rt_inits_, **feeds}
-    producers = {out.name: node for node in integer_ir.graph for out in node.outputs}
-    wanted = set(names)
-    rows = []
-    for op in evaluator.rt_nodes_:
-        inputs = [teacher[name] if name in teacher else results[name] for name in op.input]
-        for name, value in zip(op.output, op.run(*inputs), strict=False):
-            results[name] = value
-            if name not in wanted:
-                continue
-            gap = np.abs(np.asarray(value, np.int64) - np.asarray(teacher[name], np.int64))
-            node = producers[name]
-            rows.append(
-                OpAgreement(
-                    node=node.name or name,
-                    op_type=node.op_type,
-                    value=name,
-                    size=int(gap.size),
-                    within=float(np.mean(gap <= steps)) if gap.size else 1.0,
-                    max_steps=int(gap.max(initial=0)),
-                    mean_steps=float(gap.mean()) if gap.size else 0.0,
-                )
-            )
-    return rows
+    return _Comparison(simulation, integer).rows(feeds, steps)
 
 
 def assert_lowering_matches(
@@ -133,9 +146,10 @@ def assert_lowering_matches(
     """Assert every op of ``integer``, fed the simulation's inputs, is within ``steps`` integer steps of the
     simulation for every element (:func:`compare_lowering`); the message names each op that is not.
     Returns the rows of the last input."""
+    comparison = _Comparison(simulation, integer)
     rows: list[OpAgreement] = []
     for feeds in inputs:
-        rows = compare_lowering(simulation, integer, feeds, steps)
+        rows = comparison.rows(feeds, steps)
         bad = [r for r in rows if r.max_steps > steps]
         if bad:
             listed = "; ".join(
