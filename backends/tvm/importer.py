@@ -170,13 +170,26 @@ class QGemmInt4(OF.OnnxOpConverter):
                 "?", "QGemmInt4", f"group scales must lie in [1, {kernels.INT4_INT16_MAX_SCALE}] for int16 weights"
             )
         rows_in = len(inputs) > 6 and inputs[6] is not None  # row exponents: shifts drop by up to 9 per row
-        plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift)
+        group_size = int(attr.get("group_size", 128))
+        plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift, group_size, _STATE.isa)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
-        group_size = int(attr.get("group_size", 128))
+        te_kwargs: dict[str, relax.Expr] = {}
+        if plan.group:  # int4 codes on the int8 dot, scaled per group
+            compute = functools.partial(kernels.qgemm_int4_grouped_compute, plan=plan, **_epilogue(attr))
+            if plan.u8_activations:  # emit_te converts relax arguments given to it, not those inside a partial
+                te_kwargs["group_offset"] = relax.const(kernels.int4_group_offsets(packed, k, plan), "int32")
+            scales = relax.const(kernels.int4_group_scales(group_scale.astype(np.int32), plan), "int32")
+            attrs = _gemm_attrs(plan)
+        else:  # int16 weights: codes times group scales
+            compute = functools.partial(
+                kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)
+            )
+            scales = relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16")
+            attrs = {**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"}
         args = [
             relax.const(kernels.pack_int4_panels(packed, k, plan), "uint8"),  # the kernel's layouts, once
-            relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16"),
+            scales,
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "bias", "QGemmInt4"), plan, 0), "int32"),
             relax.const(
                 kernels.pad_channels(_const_numpy(inputs[4], "multiplier", "QGemmInt4"), plan, 1 << 30), "int32"
@@ -185,13 +198,7 @@ class QGemmInt4(OF.OnnxOpConverter):
         ]
         if rows_in:
             args.append(bb.normalize(relax.op.reshape(inputs[6], [rows, 1])))
-        out = bb.emit_te(
-            functools.partial(kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)),
-            x2,
-            *args,
-            primfunc_name_hint="qgemm_int4",
-            primfunc_attrs={**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"},
-        )
+        out = bb.emit_te(compute, x2, *args, **te_kwargs, primfunc_name_hint="qgemm_int4", primfunc_attrs=attrs)
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], n])
         return out

@@ -163,6 +163,9 @@ def schedule_gemm(
     products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2).
     ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them)."""
     names = _block_names(sch)
+    if "P" in names:  # int4 codes summed per group (kernels.qgemm_int4_grouped_compute)
+        _schedule_grouped_gemm(sch, names, kb, nr, use_avx2, lanes, mr)
+        return
     block = sch.get_sblock("C")
     epilogue = sch.get_sblock("requant")
     *batch, i, j, k = sch.get_loops(block)
@@ -221,6 +224,68 @@ def schedule_gemm(
         elif name == "im2col":  # NCHW, or NHWC of one channel: the same patch order, the same best loops
             _schedule_im2col(sch, row_tile)
         elif name in ("A_pad", "B_pack", "unpad", "to_nchw") or (name == "W_expand" and not expand_panels):
+            _parallel_elementwise(sch, name, vector=False)
+
+
+def _schedule_grouped_gemm(
+    sch: Schedule, names: list[str], kb: int, nr: int, use_avx2: bool, lanes: int, mr: int | None
+) -> None:
+    """An int4 GEMM summed per group: the ``mr x (nr*L)`` tile of :func:`schedule_gemm` holds the running sum
+    ``C``; for each group, the tile of its partial sums ``P`` is streamed over the group's K on the int8 dot
+    intrinsic (the codes unpacked to int8 per column panel, in the panel's thread), then added to ``C`` times the
+    group's scales (one vector multiply-add per accumulator and group)."""
+    block, partial = sch.get_sblock("C"), sch.get_sblock("P")
+    i, j, g = sch.get_loops(block)
+    rows = _static(sch.get(i).extent)
+    macs = _extent_product(sch, sch.get_loops(partial))
+    if mr is None or rows is None or rows % mr:
+        mr = default_mr(rows, lanes)
+    io, ii = sch.split(i, [None, mr])
+    jo, jt, ji = sch.split(j, [None, nr, lanes])
+    sch.reorder(jo, io, g, ii, jt, ji)
+    sch.set_scope(block, 0, "local")
+    sch.compute_at(partial, g, preserve_unit_loops=True)
+    sch.set_scope(partial, 0, "local")
+    pi, pg, pj, pk = sch.get_loops(partial)[-4:]  # pg: the one group of this iteration of g
+    pjt, pji = sch.split(pj, [None, lanes])
+    pko, pki = sch.split(pk, [None, kb])
+    sch.reorder(pg, pko, pi, pjt, pji, pki)
+    sch.reverse_compute_at(sch.get_sblock("requant"), io)
+    sch.vectorize(sch.get_loops(sch.get_sblock("requant"))[-1])
+    blocks = _static(sch.get(jo).extent)
+    expand_panels = blocks is None or blocks >= PANEL_MIN_BLOCKS
+    if expand_panels:  # each column panel's codes unpacked in its thread, just before its row tiles (cache-sized)
+        outer = jo
+        expand = sch.get_sblock("W_expand")
+        sch.compute_at(expand, outer)
+        # a block's L KB codes as two halves: one contiguous byte load each (kernels.pack_int4_panels)
+        _, half = sch.split(sch.fuse(*sch.get_loops(expand)[-2:]), [2, None])
+        sch.vectorize(half)
+    else:
+        outer = sch.fuse(jo, io)
+    if macs is None or macs >= PARALLEL_MIN_MACS:
+        sch.parallel(outer)
+    if not use_avx2:
+        sch.reorder(pko, pki, pi, pjt, pji)
+        sch.vectorize(pji)
+    sch.vectorize(ji)
+    init = sch.decompose_reduction(block, g)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.unroll(jt)
+    sch.unroll(ii)
+    partial_init = sch.decompose_reduction(partial, pko)
+    sch.vectorize(sch.get_loops(partial_init)[-1])
+    loops = sch.get_loops(sch.get_sblock("P_update"))
+    if use_avx2:
+        sch.unroll(loops[-3])
+        sch.unroll(loops[-4])
+        intrin = intrinsics.VNNI_DOT_16X4_U8S8 if lanes == 16 else intrinsics.AVX2_DOT_8X4_PSIGN
+        sch.tensorize(loops[-2], intrin)
+    else:
+        sch.unroll(loops[-2])
+        sch.unroll(loops[-3])
+    for name in names:
+        if name in ("A_pad", "unpad") or (name == "W_expand" and not expand_panels):
             _parallel_elementwise(sch, name, vector=False)
 
 

@@ -373,11 +373,37 @@ def test_qgemm_int4_bit_exact_on_generated_shapes(m: int, n: int, k: int, group:
     assert_bit_exact(_builder((m, k)), model, [{"x": rng.integers(-128, 128, (m, k)).astype(np.int8)}])
 
 
-def test_qgemm_int4_kernel_uses_the_int16_dot_and_no_float() -> None:
-    module = build(_int4_model(np.random.default_rng(1), 16, 64, 256, 128), {"x": [16, 256]})
+@pytest.mark.parametrize(
+    ("target", "group", "instruction"),
+    [
+        ("avx2", 128, "llvm.x86.avx2.pmadd.ub.sw"),  # the codes on the psign int8 dot, summed per group
+        ("avx512vnni", 64, "llvm.x86.avx512.vpdpbusd.512"),  # u8 x s8 on 16 lanes, the offset taken out per group
+        ("avx2", 6, "llvm.x86.avx2.pmadd.wd"),  # a group size that is not a multiple of 4: int16 weights
+    ],
+)
+def test_qgemm_int4_kernel_uses_the_targets_dot_and_no_float(target: str, group: int, instruction: str) -> None:
+    """Compiles on any host (the code is not run): the int8 dot of the target on the int4 codes where the group
+    size allows, the int16 pair kernel otherwise; no float instruction either way."""
+    chosen = _AVX2_TARGET if target == "avx2" else _VNNI_TARGET
+    module = build(_int4_model(np.random.default_rng(1), 16, 64, 256, group), {"x": [16, 256]}, target=chosen)
+    assert instruction in module.llvm_ir()
     assert not float_functions(module.llvm_ir())
-    if "avx2" in host_cpu_features():
-        assert "llvm.x86.avx2.pmadd.wd" in module.llvm_ir()
+
+
+@pytest.mark.parametrize("target", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 300, 256, 128), (4, 40, 130, 32), (9, 17, 70, 8)])
+def test_qgemm_int4_bit_exact_on_each_int8_isa(target: str, m: int, n: int, k: int, group: int) -> None:
+    """Where the host runs the target's code: the grouped kernel of each ISA, bit-exact with the reference on
+    random and extreme codes and activations (-8 codes times -128 activations at the largest group scale: the
+    largest group sums, which the u8 x s8 kernel holds only because it takes the offset out of each group's sum
+    before scaling)."""
+    chosen = _AVX2_TARGET if target == "avx2" else _VNNI_TARGET
+    _skip_unless_host_runs(chosen)
+    rng = np.random.default_rng(m + n + k)
+    for extreme in (False, True):
+        model = _int4_model(rng, m, n, k, group, extreme_codes=extreme, max_scale=4095 if extreme else 256)
+        feeds = [{"x": rng.integers(-128, 128, (m, k)).astype(np.int8)}, {"x": np.full((m, k), -128, np.int8)}]
+        assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=chosen), model, feeds)
 
 
 def test_qgemm_int4_reference_rejects_mismatched_shapes() -> None:
