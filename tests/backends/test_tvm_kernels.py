@@ -391,7 +391,11 @@ def test_qgemm_int4_kernel_uses_the_targets_dot_and_no_float(target: str, group:
 
 
 @pytest.mark.parametrize("target", ["avx2", "avx512vnni"])
-@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 300, 256, 128), (4, 40, 130, 32), (9, 17, 70, 8)])
+@pytest.mark.parametrize(
+    ("m", "n", "k", "group"),
+    [(1, 300, 256, 128), (4, 40, 130, 32), (9, 17, 70, 8), (16, 300, 256, 128)],
+    ids=["unpacked-per-step", "per-step-odd-k", "whole-matrix", "per-panel"],  # where the codes are unpacked
+)
 def test_qgemm_int4_bit_exact_on_each_int8_isa(target: str, m: int, n: int, k: int, group: int) -> None:
     """Where the host runs the target's code: the grouped kernel of each ISA, bit-exact with the reference on
     random and extreme codes and activations (-8 codes times -128 activations at the largest group scale: the
