@@ -116,7 +116,8 @@ class CompiledModel:
         self.input_names = [i.name for i in integer_model.graph.input]
         self.output_names = [o.name for o in integer_model.graph.output]
 
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+    def _feeds(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
+        """Positional and named inputs -> numpy feeds checked against the compiled shapes; whether any was torch."""
         if len(args) + len(kwargs) != len(self.input_names):
             raise TypeError(f"expected {len(self.input_names)} input(s) {self.input_names}")
         feeds = dict(zip(self.input_names, args, strict=False))
@@ -129,12 +130,23 @@ class CompiledModel:
         for name, shape in self.report["input_shapes"].items():
             if list(arrays[name].shape) != list(shape):
                 raise ValueError(f"input {name!r}: shape {arrays[name].shape}, compiled for {tuple(shape)}")
+        return arrays, as_torch
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arrays, as_torch = self._feeds(args, kwargs)
         outputs = self.module.run(arrays)
         if as_torch:
             import torch
 
             outputs = [torch.from_numpy(o) for o in outputs]
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
+
+    def profile(self, *args: Any, repeat: int = 5, **kwargs: Any) -> list[dict[str, Any]]:
+        """Time per kernel on these inputs (as for a call): one row per compiled kernel, slowest first, with
+        ``kernel``, ``calls`` per run, ``ms`` (median per run over ``repeat`` runs) and ``share`` of the total
+        (:meth:`qcompiler.backends.tvm.TVMModule.profile`). The CLI's ``qcompiler profile`` prints it."""
+        arrays, _ = self._feeds(args, kwargs)
+        return self.module.profile(arrays, repeat=repeat)
 
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the library, the integer (and QDQ) ONNX and the report; atomically (all or nothing).

@@ -1,5 +1,5 @@
-"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``inspect`` its transformable regions,
-``recipes`` to list recipes."""
+"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``profile`` a compiled one kernel by
+kernel, ``inspect`` its transformable regions, ``recipes`` to list recipes."""
 
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tune the non-GEMM kernels with N MetaSchedule trials (minutes; default 0: off)",
     )
+    prof = sub.add_parser("profile", help="time a compiled model kernel by kernel")
+    prof.add_argument("directory", help="a directory written by compile (or CompiledModel.save)")
+    prof.add_argument("--inputs", help=".npz with one array per model input, at the compiled shapes (default: zeros)")
+    prof.add_argument("--repeat", type=int, default=5, help="runs to take the median of (default: 5)")
+    prof.add_argument("--top", type=int, default=25, help="kernels to list, slowest first (default: 25)")
     sub.add_parser("recipes", help="list the built-in recipes")
     inspect = sub.add_parser("inspect", help="print the regions the float-exact transforms can rewrite")
     inspect.add_argument("model", help="path of the .onnx file (external data next to it)")
@@ -118,6 +123,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _profile(args: argparse.Namespace) -> int:
+    from qcompiler.api import load
+
+    for flag, value in (("--repeat", args.repeat), ("--top", args.top)):
+        if value < 1:
+            print(f"error: {flag}: must be at least 1, got {value}", file=sys.stderr)
+            return 2
+    compiled = load(args.directory)
+    shapes = compiled.report["input_shapes"]
+    dtypes = dict(zip(compiled.module.input_names, compiled.module.input_dtypes, strict=True))
+    if args.inputs is None:  # zeros: valid for every input (token ids included), and the kernels' time is the same
+        feeds = {name: np.zeros(shapes[name], dtypes[name]) for name in compiled.input_names}
+    else:
+        path = Path(args.inputs)
+        if not path.is_file():
+            print(f"error: --inputs: no such file {path}", file=sys.stderr)
+            return 2
+        with np.load(path) as data:
+            missing = [name for name in compiled.input_names if name not in data.files]
+            if missing:
+                print(f"error: --inputs: {path} has no array for input(s) {missing}", file=sys.stderr)
+                return 2
+            feeds = {name: data[name].astype(dtypes[name], copy=False) for name in compiled.input_names}
+    rows = compiled.profile(repeat=args.repeat, **feeds)
+    total = sum(row["ms"] for row in rows)
+    width = max([len("kernel")] + [len(row["kernel"]) for row in rows[: args.top]])
+    print(f"{'kernel':<{width}} {'calls':>5} {'ms':>9} {'share':>6}")
+    for row in rows[: args.top]:
+        print(f"{row['kernel']:<{width}} {row['calls']:>5} {row['ms']:>9.3f} {row['share']:>6.1%}")
+    if len(rows) > args.top:
+        rest = rows[args.top :]
+        label = f"({len(rest)} more)"
+        print(f"{label:<{width}} {sum(r['calls'] for r in rest):>5} {sum(r['ms'] for r in rest):>9.3f} "
+              f"{sum(r['share'] for r in rest):>6.1%}")  # fmt: skip
+    print(f"total {total:.3f} ms per run (median of {args.repeat}, per kernel)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -128,6 +171,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "inspect":
             return _inspect(args)
+        if args.command == "profile":
+            return _profile(args)
         return _compile(args)
     except QCompilerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -182,9 +182,7 @@ class QGemmInt4(OF.OnnxOpConverter):
             scales = relax.const(kernels.int4_group_scales(group_scale.astype(np.int32), plan), "int32")
             attrs = _gemm_attrs(plan)
         else:  # int16 weights: codes times group scales
-            compute = functools.partial(
-                kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr)
-            )
+            compute = functools.partial(kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr))
             scales = relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16")
             attrs = {**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"}
         args = [

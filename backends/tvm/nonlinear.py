@@ -37,6 +37,28 @@ def int_exp(q: tirx.PrimExpr, ln2_q: int, b_q: int, c_q: int) -> tirx.PrimExpr:
     return tirx.Select(z < _i64(62), poly >> te.min(z, _i64(62)), _i64(0))
 
 
+def _exp_fits_int32(x_dtype: str, input_shift: int, ln2_q: int, b_q: int, c_q: int) -> bool:
+    """Whether every intermediate of :func:`int_exp` on ``min(x - max, 0) << input_shift`` lies in [0, 2^31) in
+    magnitude for inputs of ``x_dtype``: ``|q| <= (2^bits - 1) 2^input_shift``, ``r + b_q`` in ``(b_q - ln2_q, b_q]``
+    and ``poly = (r + b_q)^2 + c_q`` with ``c_q >= 0`` (then ``poly >> z`` is 0 from z = 31 on, as in int64)."""
+    if x_dtype not in ("int8", "int16"):
+        return False
+    span = ((1 << (8 if x_dtype == "int8" else 16)) - 1) << input_shift
+    square = max(b_q * b_q, (b_q - ln2_q + 1) ** 2)
+    return span < 2**31 and c_q >= 0 and square + c_q < 2**31 and 0 < ln2_q < 2**31
+
+
+def int_exp_i32(q: tirx.PrimExpr, ln2_q: int, b_q: int, c_q: int) -> tirx.PrimExpr:
+    """:func:`int_exp` in int32 where :func:`_exp_fits_int32` holds: the same integers, with a 32-bit division by
+    the constant (vectorizable: a 64-bit one is done lane by lane) and ``-q >= 0`` (truncating = flooring)."""
+    ln2 = tirx.const(ln2_q, "int32")
+    z = tirx.truncdiv(-q, ln2)
+    r = q + z * ln2
+    shifted = r + tirx.const(b_q, "int32")
+    poly = shifted * shifted + tirx.const(c_q, "int32")
+    return tirx.Select(z < tirx.const(31, "int32"), poly >> z, tirx.const(0, "int32")).astype("int64")
+
+
 def broadcast_read(tensor: te.Tensor, shape: list[int], idx: tuple) -> tirx.PrimExpr:
     """Read ``tensor`` at ``idx`` of the broadcast ``shape`` (numpy rules: size-1 dims read 0)."""
     own = [int(d) for d in tensor.shape]
@@ -67,7 +89,13 @@ def softmax_compute(
     )
     row_max = te.compute(outer, lambda *i: tirx.Select(raw_max[i] == floor, _i64(0), raw_max[i]), name="row_max_or_0")
 
+    narrow = _exp_fits_int32(str(x.dtype), input_shift, ln2_q, b_q, c_q)
+
     def exp_body(*idx):
+        if narrow:
+            diff = x[idx].astype("int32") - row_max[idx[:-1]].astype("int32")  # row_max is one of x, or 0
+            q32 = te.min(diff, tirx.const(0, "int32")) << tirx.const(input_shift, "int32")
+            return tirx.Select(kept(idx), int_exp_i32(q32, ln2_q, b_q, c_q), _i64(0))
         q = te.min(x[idx].astype("int64") - row_max[idx[:-1]], _i64(0)) << _i64(input_shift)
         return tirx.Select(kept(idx), int_exp(q, ln2_q, b_q, c_q), _i64(0))
 

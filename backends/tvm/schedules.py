@@ -339,6 +339,52 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
 
 
+def schedule_hadamard(sch: Schedule) -> None:
+    """The integer Hadamard's stages (kernels.hadamard_compute: a K x K block product on each run of K channels,
+    then one butterfly stage per bit of the run index) all under the row loop of the last one, so a row's
+    intermediates stay in L1, the rows in parallel. The block product accumulates a run's K outputs as one vector
+    (a broadcast input times a row of ``h`` per step); a butterfly of stride ``s`` splits its channels into
+    (pair of runs, upper half or lower, s), so each half is a vector add or subtract of two contiguous runs of
+    ``s`` values (strides below 4 stay scalar)."""
+    names = _block_names(sch)
+    last = sch.get_sblock(names[-1])
+    loops = sch.get_loops(last)
+    row, channel = loops[0], loops[-1]
+    width = _static(sch.get(channel).extent)
+    for name in reversed(names[:-1]):
+        sch.compute_at(sch.get_sblock(name), row)
+    rows = _static(sch.get(row).extent)
+    if rows not in (None, 1) and (width is None or rows * width >= PARALLEL_MIN_ELEMENTS // 4):
+        sch.parallel(row)  # before the reduction's init is split off: the loop must hold complete blocks
+    block = sch.get_sblock("hadamard_block")
+    k = 1
+    if len(sch.get(block).iter_vars) == 3:  # K > 1: the product has its reduction
+        *_, ax, kk = sch.get_loops(block)
+        k = _static(sch.get(kk).extent) or 1
+        # one accumulator vector of at most 16 lanes over the K steps (a wider one, 36 lanes, is spilled lane by
+        # lane every step: measured 3x slower)
+        lanes = max(d for d in range(1, min(k, 16) + 1) if k % d == 0)
+        runs, c_outer, c = sch.split(ax, [None, k // lanes, lanes])
+        sch.reorder(runs, c_outer, kk, c)
+        sch.vectorize(c)  # before the init is split off: the loop must hold a complete reduction block
+        init = sch.decompose_reduction(block, kk)
+        sch.vectorize(sch.get_loops(init)[-1])
+    else:
+        _vectorize_inner(sch, sch.get_loops(block)[-1])
+    for name in names:
+        if not name.startswith("hadamard_stage") or width is None:
+            continue
+        stride = int(name.removeprefix("hadamard_stage")) * k
+        stage = sch.get_sblock(name)
+        _, half, inner = sch.split(sch.get_loops(stage)[-1], [width // (2 * stride), 2, stride])
+        sch.unroll(half)
+        if stride >= 4:
+            if stride <= 64:
+                sch.vectorize(inner)
+            else:
+                sch.vectorize(sch.split(inner, [None, _divisor(stride, (16, 8, 4))])[1])
+
+
 def default_mr(rows: int | None, lanes: int) -> int:
     """Rows of the default GEMM register tile where they divide M: 4 with zmm accumulators (16 lanes, 32
     registers), 2 with ymm (8 lanes, 16 registers), else 1."""
@@ -358,6 +404,11 @@ def schedule_rowwise(sch: Schedule) -> None:
     size = _extent_product(sch, sch.get_loops(sch.get_sblock(names[-1])))
     if size is None or size >= PARALLEL_MIN_ELEMENTS:
         sch.parallel(row)
+    for name in names:  # the elementwise stages along the row (exp, normalize, output) as vectors
+        block = sch.get_sblock(name)
+        inner = sch.get_loops(block)[1:]
+        if len(inner) == 1 and _spatial(sch, name):
+            _vectorize_inner(sch, inner[0])
 
 
 def _scheduled(sch: Schedule, name: str) -> bool:
@@ -448,11 +499,8 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
         elif kind == "elementwise":
             for name in _block_names(sch):
                 _parallel_elementwise(sch, name)
-        elif kind == "hadamard":  # [rows, n] stages: parallel over rows (unvectorized: strided butterflies)
-            for name in _block_names(sch):
-                loops = sch.get_loops(sch.get_sblock(name))
-                if _static(sch.get(loops[0]).extent) not in (None, 1):
-                    sch.parallel(loops[0])
+        elif kind == "hadamard":
+            schedule_hadamard(sch)
         elif kind == "direct":  # grouped convolution: parallel over (batch, channel), no tensorization
             sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("C"))[:2]))
             _parallel_elementwise(sch, "requant", vector=False)

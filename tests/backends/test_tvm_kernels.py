@@ -721,3 +721,20 @@ def test_unknown_conv_layout_is_rejected() -> None:
     model, _ = _qconv_case((1, 3, 5, 5), (4, 3, 3, 3), {})
     with pytest.raises(ValueError, match="conv_layout: 'NCWH' is not one of auto, NCHW, NHWC"):
         build(model, {"x": [1, 3, 5, 5]}, conv_layout="NCWH")
+
+
+# --- per-kernel profile ------------------------------------------------------------------------------------------
+
+
+def test_profile_has_a_row_per_kernel_with_its_calls() -> None:
+    """One QGemm: its kernel is called once per run and takes most of the time of a large enough GEMM; shares sum
+    to one; a non-positive repeat is refused."""
+    model, feeds = _qgemm_case(64, 256, 512)
+    module = build(model, {"x": [64, 512]})
+    rows = module.profile(feeds[0], repeat=3)
+    gemm = next(row for row in rows if row["kernel"].startswith("qgemm"))
+    assert gemm["calls"] == 1 and gemm is rows[0]
+    assert sum(row["share"] for row in rows) == pytest.approx(1.0)
+    assert all(row["ms"] >= 0 and row["calls"] >= 1 for row in rows)
+    with pytest.raises(ValueError, match="repeat must be at least 1"):
+        module.profile(feeds[0], repeat=0)

@@ -94,3 +94,43 @@ def test_inspect_prints_regions_and_coverage(tmp_path: Path, capsys) -> None:
     assert sum("online Hadamard (mlp" in line for line in coverage) == 2
     assert main(["inspect", str(tmp_path / "missing.onnx")]) == 2
     assert "no such file" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def compiled_mnist(calibration_file: Path, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("compiled") / "mnist"
+    assert main(["compile", str(mnist_model_path()), "--calibration", str(calibration_file), "-o", str(out), "-q"]) == 0
+    return out
+
+
+def test_profile_prints_each_kernels_time(compiled_mnist: Path, tmp_path: Path, capsys) -> None:
+    """Default zero inputs and an .npz of real ones: a row per kernel (the convolutions among them), slowest
+    first, shares of one total; ``--top`` folds the rest into one line."""
+    capsys.readouterr()
+    assert main(["profile", str(compiled_mnist), "--repeat", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["kernel", "calls", "ms", "share"] and lines[-1].startswith("total ")
+    rows = [line.split() for line in lines[1:-1]]
+    assert any(row[0].startswith("qconv") for row in rows)
+    times = [float(row[2]) for row in rows]
+    assert times == sorted(times, reverse=True)
+    assert sum(float(row[3].rstrip("%")) for row in rows) == pytest.approx(100, abs=0.1 * len(rows))
+    x, _ = mnist_test_vector()
+    inputs = tmp_path / "x.npz"
+    np.savez(inputs, Input3=x)
+    assert main(["profile", str(compiled_mnist), "--inputs", str(inputs), "--top", "2", "--repeat", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 5 and lines[3].startswith("(") and "more)" in lines[3]
+
+
+def test_profile_errors_name_the_argument(compiled_mnist: Path, tmp_path: Path, capsys) -> None:
+    assert main(["profile", str(compiled_mnist), "--repeat", "0"]) == 2
+    assert "--repeat: must be at least 1" in capsys.readouterr().err
+    assert main(["profile", str(compiled_mnist), "--inputs", str(tmp_path / "none.npz")]) == 2
+    assert "--inputs: no such file" in capsys.readouterr().err
+    wrong = tmp_path / "wrong.npz"
+    np.savez(wrong, image=np.zeros((1, 1, 28, 28), np.float32))
+    assert main(["profile", str(compiled_mnist), "--inputs", str(wrong)]) == 2
+    assert "has no array for input(s) ['Input3']" in capsys.readouterr().err
+    assert main(["profile", str(tmp_path)]) == 1
+    assert "is not a saved qcompiler model" in capsys.readouterr().err
