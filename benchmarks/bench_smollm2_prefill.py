@@ -1,11 +1,12 @@
-"""SmolLM2-135M prefill of a 512-token prompt: qcompiler W8A8 integer-only (recipe ``w8a8-llm``) against torch
-float32, onnxruntime float32 and onnxruntime's ``quantize_dynamic`` int8 model (issue 5, acceptance 3).
+"""SmolLM2-135M prefill of a 512-token prompt: qcompiler W8A8 integer-only (recipe ``w8a8-llm``) and W4A8
+integer-only (recipe ``w4a8``: int4 weights, online Hadamards) against torch float32, onnxruntime float32 and
+onnxruntime's ``quantize_dynamic`` int8 model (issue 5, acceptance 3).
 
 Every row is measured in this run with the same threads: prefill tokens per second (512 over the median
 latency of one forward pass of the whole prompt, logits for every position, no KV cache), and the accuracy of
 each on the prompt itself (perplexity of the 512 WikiText-2 test tokens it scores, and the fraction of positions
-whose greedy next token agrees with torch float32). Plus qcompiler's compile time (export, calibration on 4
-windows, passes, build).
+whose greedy next token agrees with torch float32). Plus qcompiler's compile times (export, calibration on 4
+windows, passes, build; GPTQ for W4A8).
 
     .venv/bin/python benchmarks/bench_smollm2_prefill.py
 
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import median_seconds, onnxruntime_float_and_dynamic, print_table, save
@@ -47,13 +49,18 @@ def main() -> None:
     model = qcompiler.ir.load(smol.logits_module(), example_inputs=example)
     export_s = time.perf_counter() - start
     session, dynamic = onnxruntime_float_and_dynamic(model, THREADS)  # before compile: the float graph
-    start = time.perf_counter()
-    compiled = qcompiler.compile(model, "llvm", calibration=calibration, recipe="w8a8-llm", progress=False)
-    compile_s = export_s + time.perf_counter() - start
+    float_graph = ir.serde.serialize_model(model)  # compile rewrites the model it is given
+    compile_s = {}
+    compiled = {}
+    for label, recipe, source in (("W8A8", "w8a8-llm", model), ("W4A8", "w4a8", float_graph)):
+        start = time.perf_counter()
+        compiled[label] = qcompiler.compile(source, "llvm", calibration=calibration, recipe=recipe, progress=False)
+        compile_s[label] = export_s + time.perf_counter() - start
     input_name = session.get_inputs()[0].name
 
     runs = {
-        "qcompiler W8A8 integer-only": lambda ids: compiled(ids),
+        "qcompiler W8A8 integer-only": lambda ids: compiled["W8A8"](ids),
+        "qcompiler W4A8 integer-only": lambda ids: compiled["W4A8"](ids),
         "torch float32": smol.float_step,
         "onnxruntime float32": lambda ids: session.run(None, {input_name: ids})[0],
         "onnxruntime quantize_dynamic int8": lambda ids: dynamic.run(None, {input_name: ids})[0],
@@ -72,11 +79,11 @@ def main() -> None:
     for row in rows:
         row["qcompiler_speedup"] = round(ours / row["tokens_per_s"], 2)
     print_table(rows, ["impl", "ms", "tokens_per_s", "qcompiler_speedup", "prompt_ppl", "top1_agree"])
-    print(f"qcompiler compile time (export, calibration on {CALIBRATION_WINDOWS} windows, passes, build): "
-          f"{compile_s:.1f}s")  # fmt: skip
-    path = save(
-        "smollm2_prefill", rows, {"threads": THREADS, "prompt_tokens": WINDOW, "compile_s": round(compile_s, 1)}
-    )
+    for label, seconds in compile_s.items():
+        print(f"qcompiler {label} compile time (export, calibration on {CALIBRATION_WINDOWS} windows, passes, build): "
+              f"{seconds:.1f}s")  # fmt: skip
+    extra = {"threads": THREADS, "prompt_tokens": WINDOW, "compile_s": {k: round(v, 1) for k, v in compile_s.items()}}
+    path = save("smollm2_prefill", rows, extra)
     print(f"saved {path}")
 
 

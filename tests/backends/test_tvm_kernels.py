@@ -284,8 +284,9 @@ def test_qgemm_int16_output_bit_exact(per_channel: bool) -> None:
 
 @pytest.mark.parametrize(
     ("shape", "n"),
-    [((1, 2), 2), ((3, 64), 64), ((2, 5, 12), 12), ((4, 24), 24), ((7, 80), 80), ((2, 576), 576), ((3, 1536), 1536)],
-)
+    [((1, 2), 2), ((3, 64), 64), ((2, 5, 12), 12), ((4, 24), 24), ((7, 80), 80), ((2, 576), 576), ((3, 1536), 1536),
+     ((64, 576), 576), ((2, 16, 128), 128)],  # rows in parallel; K = 36 as 3 vectors of 12; K = 1, 7 stages
+)  # fmt: skip
 @pytest.mark.parametrize("x_dtype", [TensorProto.INT8, TensorProto.INT16])
 def test_hadamard_bit_exact(shape: tuple[int, ...], n: int, x_dtype: int) -> None:
     """The integer Hadamard (block product, then butterflies) against the reference, at the extremes: the

@@ -507,3 +507,53 @@ def test_softmax_of_int16_scores_tvm_bit_exact(scale: float, length: int, seed: 
     )  # fmt: skip
     extremes = rng.choice(np.array([-32767, 32767], np.int16), shape)
     _assert_tvm_matches(model, shape, [{"x": rng.integers(-32767, 32768, shape).astype(np.int16)}, {"x": extremes}])
+
+
+def test_softmax_exp_runs_in_int32_for_every_valid_scale() -> None:
+    """The TVM kernel's exp takes its int32 form (a vectorizable division) for every scale softmax_constants
+    accepts, int8 or int16 scores; wider inputs keep the int64 form."""
+    from qcompiler.backends.tvm.nonlinear import _exp_fits_int32
+
+    for scale in np.geomspace(math.log(2.0) / 16000.0, 0.69, 200):
+        constants = softmax_constants(float(scale))
+        assert _exp_fits_int32("int8", **constants) and _exp_fits_int32("int16", **constants), constants
+    assert not _exp_fits_int32("int32", **softmax_constants(0.01))
+    assert not _exp_fits_int32("int16", input_shift=16, ln2_q=1024, b_q=2000, c_q=1 << 20)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("scale", [math.log(2.0) / 16000.0, 2e-4, 0.69])
+@pytest.mark.parametrize("dtype", [np.int8, np.int16])
+def test_softmax_tvm_bit_exact_at_the_extreme_scales(scale: float, dtype) -> None:
+    """The largest spans the int32 exp meets: the dtype's full range in one row (x - max = -255 or -65535,
+    shifted by input_shift), at the finest and the coarsest scale, with every value in between."""
+    info = np.iinfo(dtype)
+    onnx_dtype = TensorProto.INT8 if dtype == np.int8 else TensorProto.INT16
+    length = 4096 if dtype == np.int16 else 256
+    shape = (3, length)
+    out = {"output_dtype": TensorProto.INT16, "out_bits": 15} if dtype == np.int16 else {}
+    model = single_node_model(
+        "IntSoftmax", [], shape, {}, input_dtype=onnx_dtype, **out, **softmax_constants(scale)
+    )
+    ramp = np.linspace(info.min + 1, info.max, length).astype(dtype)
+    rows = np.stack([ramp, ramp[::-1], np.full(length, info.min + 1, dtype)])
+    rows[2, 7] = info.max
+    _assert_tvm_matches(model, shape, [{"x": rows}])
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("scale", [2e-5, 4e-4, 0.01, 0.5])
+@pytest.mark.parametrize("silu", [False, True])
+def test_sigmoid_of_int16_input_tvm_bit_exact(scale: float, silu: bool) -> None:
+    """int16 inputs over their whole range (SiLU's in w8a8-llm): the int32 exp where its bounds hold (the three
+    coarser scales), the int64 one where they do not (2e-5: ln2_q near 2^15, its square beyond 2^31)."""
+    from qcompiler.backends.tvm.nonlinear import _exp_fits_int32
+
+    multiplier, shift, rest = _split(sigmoid_constants(scale, 0.01, silu, input_bits=16))
+    rest["silu"] = int(silu)
+    fits = _exp_fits_int32("int16", rest["input_shift"], rest["ln2_q"], rest["b_q"], rest["c_q"], span=1 << 15)
+    assert fits == (scale > 2e-5)
+    inits = {"m": np.array(multiplier, np.int32), "s": np.array(shift, np.int32)}
+    x = np.concatenate([np.arange(-32768, 32768, 97), [-32768, -1, 0, 1, 32767]]).astype(np.int16).reshape(1, -1)
+    model = single_node_model("IntSigmoid", ["m", "s"], x.shape, inits, input_dtype=TensorProto.INT16, **rest)
+    _assert_tvm_matches(model, x.shape, [{"x": x}])
