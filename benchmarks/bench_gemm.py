@@ -46,8 +46,7 @@ from common import median_seconds, print_table, save
 from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target, tuning
 from qcompiler.backends.tvm.build import host_cpu_features
 from qcompiler.dialect import run_reference
-from qcompiler.dialect.int4 import pack_int4
-from qcompiler.testing.kernel_models import single_node_model
+from qcompiler.testing.kernel_models import int4_gemm_model, single_node_model
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 SHAPES = [(1, 4096, 4096), (16, 4096, 4096), (128, 4096, 4096), (512, 512, 512)]
@@ -86,15 +85,8 @@ def _ort_u8s8_exact(k: int) -> bool:
 
 def _int4_model(rng: np.random.Generator, m: int, n: int, k: int, group: int = 128):
     """A QGemmInt4 of int4 codes in [-7, 7] (what the weight quantizer writes), group scales in [1, 256]."""
-    codes = rng.integers(-7, 8, (n, k)).astype(np.int8)
-    inits = {
-        "w": pack_int4(codes),
-        "g": rng.integers(1, 257, (n, -(-k // group))).astype(np.int16),
-        "b": rng.integers(-1000, 1000, n).astype(np.int32),
-        "m": np.full(n, 1 << 30, np.int32),
-        "s": np.full(n, 50, np.int32),
-    }
-    return single_node_model("QGemmInt4", ["w", "g", "b", "m", "s"], (m, k), inits, group_size=group)
+    epilogue = {"multiplier": np.full(n, 1 << 30, np.int32), "shift": np.full(n, 50, np.int32)}
+    return int4_gemm_model(rng, m, n, k, group, **epilogue)
 
 
 def measure(m: int, n: int, k: int, repeats: int) -> list[dict]:

@@ -17,7 +17,7 @@ from qcompiler.dialect.hadamard import split_sylvester
 from qcompiler.passes.transform.hadamard import online_hadamard
 from qcompiler.testing import assert_bit_exact, float_functions
 from qcompiler.testing.assertions import llvm_functions
-from qcompiler.testing.kernel_models import single_node_model
+from qcompiler.testing.kernel_models import int4_gemm_model, single_node_model
 
 pytestmark = pytest.mark.tvm
 
@@ -311,26 +311,12 @@ def test_hadamard_bit_exact(shape: tuple[int, ...], n: int, x_dtype: int) -> Non
 
 
 def _int4_model(rng, m, n, k, group, *, extreme_codes=False, max_scale=256):
-    from qcompiler.dialect.int4 import pack_int4
-
-    codes = rng.integers(-8, 8, (n, k + k % 2)).astype(np.int8)
-    codes[:, k:] = 0  # the padding nibble of an odd K
-    if extreme_codes:
-        codes[:, :k] = -8  # the largest-magnitude products
-    groups = -(-k // group)
-    scales = rng.integers(1, max_scale + 1, (n, groups)).astype(np.int16)
-    if extreme_codes:
-        scales[:] = max_scale
+    """Codes over the whole int4 range (-8 included), random per-channel (odd N) or per-tensor epilogues, a wide
+    int16 clamp."""
     mult, shift = _epilogue_params(rng, n, per_channel=bool(n % 2))
-    inits = {
-        "w": pack_int4(codes),
-        "g": scales,
-        "b": rng.integers(-5000, 5000, n).astype(np.int32),
-        "m": mult,
-        "s": shift,
-    }
-    return _single("QGemmInt4", ["w", "g", "b", "m", "s"], (m, k), inits, out_dtype=TensorProto.INT16,
-                   group_size=group, lo=-20000, hi=20000)  # fmt: skip
+    return int4_gemm_model(rng, m, n, k, group, multiplier=mult, shift=shift, bias_bound=5000, codes=(-8, 7),
+                           max_scale=max_scale, extreme=extreme_codes, output_dtype=TensorProto.INT16,
+                           lo=-20000, hi=20000)  # fmt: skip
 
 
 @pytest.mark.parametrize(
