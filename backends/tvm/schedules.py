@@ -354,6 +354,7 @@ def schedule_hadamard(sch: Schedule) -> None:
     for name in reversed(names[:-1]):
         sch.compute_at(sch.get_sblock(name), row)
     rows = _static(sch.get(row).extent)
+    # about K + log2(runs) operations per element: parallel from a quarter of the elementwise threshold
     if rows not in (None, 1) and (width is None or rows * width >= PARALLEL_MIN_ELEMENTS // 4):
         sch.parallel(row)  # before the reduction's init is split off: the loop must hold complete blocks
     block = sch.get_sblock("hadamard_block")

@@ -377,19 +377,20 @@ def test_qgemm_int4_kernel_uses_the_targets_dot_and_no_float(target: str, group:
     assert not float_functions(module.llvm_ir())
 
 
-@pytest.mark.parametrize("target", ["avx2", "avx512vnni"])
+@pytest.mark.parametrize("target", ["avx2", "avx512vnni", "generic"])
 @pytest.mark.parametrize(
     ("m", "n", "k", "group"),
     [(1, 300, 256, 128), (4, 40, 130, 32), (9, 17, 70, 8), (16, 300, 256, 128)],
     ids=["unpacked-per-step", "per-step-odd-k", "whole-matrix", "per-panel"],  # where the codes are unpacked
 )
 def test_qgemm_int4_bit_exact_on_each_int8_isa(target: str, m: int, n: int, k: int, group: int) -> None:
-    """Where the host runs the target's code: the grouped kernel of each ISA, bit-exact with the reference on
-    random and extreme codes and activations (-8 codes times -128 activations at the largest group scale: the
-    largest group sums, which the u8 x s8 kernel holds only because it takes the offset out of each group's sum
-    before scaling)."""
-    chosen = _AVX2_TARGET if target == "avx2" else _VNNI_TARGET
-    _skip_unless_host_runs(chosen)
+    """Where the host runs the target's code: the grouped kernel of each ISA (generic: x86-64 without a dot
+    instruction, LLVM's vectors), bit-exact with the reference on random and extreme codes and activations (-8
+    codes times -128 activations at the largest group scale: the largest group sums; the u8 x s8 kernel takes
+    the offset out of each group's sum before scaling, so its intermediates are the reference's)."""
+    chosen = {"avx2": _AVX2_TARGET, "avx512vnni": _VNNI_TARGET, "generic": _GENERIC_X86_TARGET}[target]
+    if target != "generic":
+        _skip_unless_host_runs(chosen)
     rng = np.random.default_rng(m + n + k)
     for extreme in (False, True):
         model = _int4_model(rng, m, n, k, group, extreme_codes=extreme, max_scale=4095 if extreme else 256)
