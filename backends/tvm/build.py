@@ -188,18 +188,13 @@ class TVMModule:
             runs.append({})
             vm["main"](*args)
         names = {name for run in runs for name in run}
-        rows = [
-            {
-                "kernel": name,
-                "calls": len(runs[0].get(name, [])),
-                "ms": float(np.median([sum(run.get(name, [])) for run in runs])) * 1e3,
-            }
-            for name in names
+        times = {name: float(np.median([sum(run.get(name, [])) for run in runs])) * 1e3 for name in names}
+        total = sum(times.values()) or 1.0
+        order = sorted(names, key=lambda name: -times[name])
+        return [
+            {"kernel": name, "calls": len(runs[0].get(name, [])), "ms": times[name], "share": times[name] / total}
+            for name in order
         ]
-        total = sum(row["ms"] for row in rows) or 1.0
-        for row in rows:
-            row["share"] = row["ms"] / total
-        return sorted(rows, key=lambda row: -row["ms"])
 
     def export(self, path: str | Path) -> None:
         self.executable.export_library(str(path))

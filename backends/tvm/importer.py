@@ -646,24 +646,21 @@ class IntGelu(OF.OnnxOpConverter):
 class IntSigmoid(OF.OnnxOpConverter):
     @classmethod
     def _impl_v1(cls, bb, inputs, attr, params):
+        exp = {name: int(attr[name]) for name in ("ln2_q", "b_q", "c_q", "one_q")}
+        input_shift = int(attr.get("input_shift", 0))
         body = functools.partial(
             nonlinear.sigmoid_compute,
-            input_shift=int(attr.get("input_shift", 0)),
-            ln2_q=int(attr["ln2_q"]),
-            b_q=int(attr["b_q"]),
-            c_q=int(attr["c_q"]),
-            one_q=int(attr["one_q"]),
+            input_shift=input_shift,
+            **exp,
             silu=bool(attr.get("silu", 0)),
             pre_shift=int(attr.get("pre_shift", 0)),
             **_epilogue(attr),
         )
-        return bb.emit_te(
-            body,
-            inputs[0],
-            *_output_rescale(inputs, "IntSigmoid"),
-            primfunc_name_hint="int_sigmoid",
-            primfunc_attrs={KERNEL_ATTR: "elementwise"},
-        )
+        args = [inputs[0], *_output_rescale(inputs, "IntSigmoid")]
+        table = nonlinear.sigmoid_low_table(_dtype(inputs[0]), input_shift=input_shift, **exp)
+        if table is not None:  # the per-element division as a lookup at |x|
+            args.append(relax.const(table, "int32"))
+        return bb.emit_te(body, *args, primfunc_name_hint="int_sigmoid", primfunc_attrs={KERNEL_ATTR: "elementwise"})
 
 
 class Hadamard(OF.OnnxOpConverter):

@@ -7,6 +7,7 @@ does not grow exponentially), the normalising reciprocal and the dyadic output r
 
 from __future__ import annotations
 
+import numpy as np
 from tvm import te, tirx
 
 from qcompiler.dialect import storage_dtype
@@ -19,6 +20,7 @@ from qcompiler.dialect.nonlinear import (
     SOFTMAX_NORM_BITS,
     SOFTMAX_OUT_BITS,
 )
+from qcompiler.dialect.nonlinear import int_exp as reference_int_exp
 
 
 def _i64(value: int) -> tirx.PrimExpr:
@@ -231,10 +233,24 @@ def gelu_compute(
     return te.compute(x.shape, body, name="gelu")
 
 
+def sigmoid_low_table(
+    x_dtype: str, *, input_shift: int, ln2_q: int, b_q: int, c_q: int, one_q: int
+) -> np.ndarray | None:
+    """``floor(e 2^30 / (e + one_q))`` with ``e = i_exp(-(a << input_shift))`` for every ``a = |x|`` an int8 or
+    int16 input can take (0 to 2^(bits-1)), int32; computed at build time by the dialect's own functions, so a
+    lookup equals the reference's 64-bit division exactly. None for other input types."""
+    if x_dtype not in ("int8", "int16"):
+        return None
+    magnitude = np.arange((1 << (7 if x_dtype == "int8" else 15)) + 1, dtype=np.int64)
+    e = reference_int_exp(-(magnitude << input_shift), ln2_q, b_q, c_q)
+    return ((e << SIGMOID_BITS) // (e + one_q)).astype(np.int32)  # in [0, 2^30]
+
+
 def sigmoid_compute(
     x: te.Tensor,
     multiplier: te.Tensor,
     shift: te.Tensor,
+    low_table: te.Tensor | None = None,
     *,
     input_shift: int,
     ln2_q: int,
@@ -247,12 +263,17 @@ def sigmoid_compute(
     lo: int,
     hi: int,
 ) -> te.Tensor:
-    # the exp stays int64 here: the 64-bit division by e + one_q below dominates (measured: the int32 exp of
-    # softmax gains nothing on SiLU, 1.5-1.6 ms against 1.8 ms at 512 x 1536)
+    """``sigma(x)`` (or ``x sigma(x)``) as :func:`qcompiler.dialect.nonlinear.int_sigmoid`. With ``low_table``
+    (:func:`sigmoid_low_table`) the division ``floor(e 2^30 / (e + one_q))``, a 64-bit division per element that
+    has no vector form, is one table read at ``|x|`` instead (measured 3x faster on SiLU at 512 x 1536)."""
+
     def body(*idx):
         v = x[idx].astype("int64")
-        e = int_exp(-(te.abs(v) << _i64(input_shift)), ln2_q, b_q, c_q)
-        low = tirx.floordiv(e << _i64(SIGMOID_BITS), e + _i64(one_q))
+        if low_table is not None:
+            low = low_table[te.abs(x[idx].astype("int32"))].astype("int64")
+        else:
+            e = int_exp(-(te.abs(v) << _i64(input_shift)), ln2_q, b_q, c_q)
+            low = tirx.floordiv(e << _i64(SIGMOID_BITS), e + _i64(one_q))
         sigma = tirx.Select(v >= _i64(0), (_i64(1) << _i64(SIGMOID_BITS)) - low, low)
         value = v * sigma if silu else sigma
         return _output_stage(value, idx, pre_shift, multiplier, shift, zero_point, lo, hi)
