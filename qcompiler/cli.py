@@ -146,7 +146,11 @@ def _profile(args: argparse.Namespace) -> int:
                 print(f"error: --inputs: {path} has no array for input(s) {missing}", file=sys.stderr)
                 return 2
             feeds = {name: data[name].astype(dtypes[name], copy=False) for name in compiled.input_names}
-    rows = compiled.profile(repeat=args.repeat, **feeds)
+    try:
+        rows = compiled.profile(repeat=args.repeat, **feeds)
+    except ValueError as error:  # an array of another shape than the compiled one: named by the model's check
+        print(f"error: --inputs: {error}", file=sys.stderr)
+        return 2
     total = sum(row["ms"] for row in rows)
     width = max([len("kernel")] + [len(row["kernel"]) for row in rows[: args.top]])
     print(f"{'kernel':<{width}} {'calls':>5} {'ms':>9} {'share':>6}")

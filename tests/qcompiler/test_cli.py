@@ -132,5 +132,8 @@ def test_profile_errors_name_the_argument(compiled_mnist: Path, tmp_path: Path, 
     np.savez(wrong, image=np.zeros((1, 1, 28, 28), np.float32))
     assert main(["profile", str(compiled_mnist), "--inputs", str(wrong)]) == 2
     assert "has no array for input(s) ['Input3']" in capsys.readouterr().err
+    np.savez(wrong, Input3=np.zeros((2, 1, 28, 28), np.float32))
+    assert main(["profile", str(compiled_mnist), "--inputs", str(wrong)]) == 2
+    assert "--inputs: input 'Input3': shape (2, 1, 28, 28), compiled for (1, 1, 28, 28)" in capsys.readouterr().err
     assert main(["profile", str(tmp_path)]) == 1
     assert "is not a saved qcompiler model" in capsys.readouterr().err
