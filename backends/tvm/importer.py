@@ -174,19 +174,19 @@ class QGemmInt4(OF.OnnxOpConverter):
         plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift, group_size, _STATE.isa)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
+        codes = kernels.int4_codes(packed, k, plan)  # unpacked once, for the layout and the VNNI offsets
         te_kwargs: dict[str, relax.Expr] = {}
         if plan.group:  # int4 codes on the int8 dot, scaled per group
-            compute = functools.partial(kernels.qgemm_int4_grouped_compute, plan=plan, **_epilogue(attr))
-            if plan.u8_activations:  # emit_te converts relax arguments given to it, not those inside a partial
-                te_kwargs["group_offset"] = relax.const(kernels.int4_group_offsets(packed, k, plan), "int32")
             scales = relax.const(kernels.int4_group_scales(group_scale.astype(np.int32), plan), "int32")
             attrs = _gemm_attrs(plan)
+            if plan.u8_activations:  # emit_te converts relax arguments given to it, not those inside a partial
+                te_kwargs["group_offset"] = relax.const(kernels.int4_group_offsets(codes, plan), "int32")
         else:  # int16 weights: codes times group scales
-            compute = functools.partial(kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr))
             scales = relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16")
             attrs = {**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"}
+        compute = functools.partial(kernels.qgemm_int4_compute, plan=plan, group_size=group_size, **_epilogue(attr))
         args = [
-            relax.const(kernels.pack_int4_panels(packed, k, plan), "uint8"),  # the kernel's layouts, once
+            relax.const(kernels.pack_int4_panels(codes, plan), "uint8"),  # the kernel's layouts, once
             scales,
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "bias", "QGemmInt4"), plan, 0), "int32"),
             relax.const(

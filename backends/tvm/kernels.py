@@ -193,8 +193,8 @@ def plan_int4_gemm(
     """Tiling of an int4 GEMM, the register tile of :func:`plan_gemm`. Where the group size is a multiple of 4
     (every recipe's), the codes themselves go through the int8 dot of ``isa`` (:func:`int8_dot_isa`: AVX2
     ``psign``, exact since codes lie in [-8, 7]; AVX-512 VNNI u8 x s8 on 16 lanes) and each group's int32 sum is
-    scaled by its group scale (:func:`qgemm_int4_grouped_compute`); otherwise int16 weight pairs, code times group
-    scale, on the AVX2 ``s8s16`` intrinsic (:func:`qgemm_int4_compute`)."""
+    scaled by its group scale; otherwise int16 weight pairs, code times group scale, on the AVX2 ``s8s16``
+    intrinsic (both in :func:`qgemm_int4_compute`)."""
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     if group_size is not None and group_size % 4 == 0:
         if isa == "avx512vnni":
@@ -206,15 +206,21 @@ def plan_int4_gemm(
     return GemmPlan(n=n, k=k, kb=2, nr=default_nr(n, LANES), hi32_epilogue=hi32)
 
 
-def pack_int4_panels(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
-    """The dialect's int4 bytes ``[N, ceil(K/2)]`` -> the kernel's ``[Np/L, Kp/KB, L KB / 2]`` bytes, zero-padded.
+def int4_codes(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
+    """The dialect's int4 bytes ``[N, ceil(K/2)]`` -> int8 codes ``[Np, Kp]``, zero-padded (unpacked once per
+    weight: :func:`pack_int4_panels` and :func:`int4_group_offsets` both read them)."""
+    codes = np.zeros((plan.n_padded, plan.k_padded), np.int8)
+    codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
+    return codes
+
+
+def pack_int4_panels(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
+    """Padded codes (:func:`int4_codes`) -> the kernel's ``[Np/L, Kp/KB, L KB / 2]`` bytes.
 
     The expansion writes each block ``(jo, ko)`` of the packed GEMM as ``L KB`` values (16 int16 for KB = 2, 32 int8
     codes for KB = 4), ``p = KB ji + ki`` (column ``L jo + ji``, input channel ``KB ko + ki``); byte ``b`` holds
     position ``b`` in its low nibble and ``b + L KB / 2`` in its high one, so either half of a block is one
     contiguous load (a vector, not a gather)."""
-    codes = np.zeros((plan.n_padded, plan.k_padded), np.int8)
-    codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
     panels, kb = plan.n_padded // plan.lanes, plan.kb
     blocks = codes.reshape(panels, plan.lanes, plan.k_padded // kb, kb).transpose(0, 2, 1, 3)
     positions = blocks.reshape(panels, plan.k_padded // kb, kb * plan.lanes)
@@ -222,34 +228,45 @@ def pack_int4_panels(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
     return pack_int4(np.stack([positions[..., :half], positions[..., half:]], axis=-1))[..., 0]  # [.., h, 2] -> [.., h]
 
 
+def _per_column_block(values: np.ndarray, plan: GemmPlan, dtype: type) -> np.ndarray:
+    """Per-column, per-group values ``[N, G]`` -> ``[Np/L, G, L]`` (one vector of lanes per column block and
+    group), zero for the padding columns (their codes are zero too)."""
+    groups = values.shape[1]
+    out: np.ndarray = np.zeros((plan.n_padded, groups), dtype)
+    out[: values.shape[0]] = values
+    return np.ascontiguousarray(out.reshape(plan.n_padded // plan.lanes, plan.lanes, groups).transpose(0, 2, 1))
+
+
 def int4_group_scales(group_scale: np.ndarray, plan: GemmPlan) -> np.ndarray:
-    """Group scales ``[N, G]`` -> ``[Np/L, Gp, L]`` int32 (one vector of lanes per column block and group), zero for
-    the padding columns (their codes are zero too)."""
-    groups = plan.k_padded // plan.group
-    scales = np.zeros((plan.n_padded, groups), np.int32)
-    scales[: group_scale.shape[0], : group_scale.shape[1]] = group_scale
-    return np.ascontiguousarray(scales.reshape(plan.n_padded // plan.lanes, plan.lanes, groups).transpose(0, 2, 1))
+    """Group scales ``[N, G]`` -> ``[Np/L, G, L]`` int32, for the grouped kernel (``plan.group``: K is padded to
+    whole groups, so G = Kp / group)."""
+    return _per_column_block(group_scale, plan, np.int32)
 
 
-def int4_group_offsets(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
-    """For u8 activations (``a + 128``, VNNI): ``128 sum_{k in g} code[n, k]`` per column and group, in the layout
-    of :func:`int4_group_scales`; the kernel subtracts it from each group's sum before scaling, so every
-    intermediate is the true (signed) group sum, as in the reference."""
-    groups = plan.k_padded // plan.group
-    codes = np.zeros((plan.n_padded, plan.k_padded), np.int32)
-    codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
-    sums = U8_OFFSET * codes.reshape(plan.n_padded, groups, plan.group).sum(axis=-1)
-    return np.ascontiguousarray(sums.reshape(plan.n_padded // plan.lanes, plan.lanes, groups).transpose(0, 2, 1))
+def int4_group_offsets(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
+    """For u8 activations (``a + 128``, VNNI): ``128 sum_{k in g} code[n, k]`` per column and group of the padded
+    codes (:func:`int4_codes`), in the layout of :func:`int4_group_scales`; the kernel subtracts it from each
+    group's sum before scaling, so every intermediate is the true (signed) group sum, as in the reference."""
+    sums = U8_OFFSET * codes.astype(np.int32).reshape(plan.n_padded, -1, plan.group).sum(axis=-1)
+    return _per_column_block(sums, plan, np.int32)
 
 
 def int4_panel_scales(group_scale: np.ndarray, group_size: int, plan: GemmPlan) -> np.ndarray:
-    """Group scales ``[N, G]`` -> ``[Np/8, Gp, 16]`` int16 in the order of :func:`pack_int4_panels`' positions
-    (each column's scale twice), zero for padding columns and for groups past K (their codes are zero)."""
-    groups = -(-plan.k_padded // group_size)
-    scales = np.zeros((plan.n_padded, groups), np.int16)
-    scales[: group_scale.shape[0], : group_scale.shape[1]] = group_scale
-    per_column = scales.reshape(plan.n_padded // plan.lanes, plan.lanes, groups).transpose(0, 2, 1)
-    return np.ascontiguousarray(np.repeat(per_column, 2, axis=-1))
+    """Group scales ``[N, G]`` -> ``[Np/8, Gp, 16]`` int16 in the order of the int16 kernel's block positions
+    (:func:`pack_int4_panels` with KB = 2: each column's scale twice), zero for padding columns and for groups
+    past K."""
+    groups = np.zeros((group_scale.shape[0], -(-plan.k_padded // group_size)), np.int16)
+    groups[:, : group_scale.shape[1]] = group_scale
+    return np.repeat(_per_column_block(groups, plan, np.int16), 2, axis=-1)
+
+
+def _int4_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position: tirx.PrimExpr, half: int):
+    """The int8 code at ``position`` of block ``(jo, ko)`` of :func:`pack_int4_panels`' bytes: the low nibble of
+    byte ``position`` or the high one of byte ``position - half``; ``(n ^ 8) - 8`` sign-extends a nibble ``n``,
+    all in bytes."""
+    byte = packed[jo, ko, position % half]
+    nibble = (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+    return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
 def qgemm_int4_compute(
@@ -261,71 +278,48 @@ def qgemm_int4_compute(
     shift: te.Tensor,
     row_exponent: te.Tensor | None = None,
     *,
+    group_offset: te.Tensor | None = None,
     plan: GemmPlan,
     group_size: int,
     zero_point: int,
     lo: int,
     hi: int,
 ) -> te.Tensor:
-    """``requant(a[M, K] @ (codes * group_scale)^T + bias)``: ``packed`` and ``group_scale`` in the kernel's
-    layouts (:func:`pack_int4_panels`, :func:`int4_panel_scales`, at compile time); the codes are expanded times
-    their group scale into the int16 ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, then the GEMM runs on int16
-    weight pairs. The expansion runs once per call (``N K`` element operations), one column panel at a time in
-    the thread that reads it (schedules.schedule_gemm), so only the packed codes come from memory."""
+    """``requant(a[M, K] @ (codes * group_scale)^T + bias)``, ``packed`` (:func:`pack_int4_panels`) and
+    ``group_scale`` in the kernel's layouts, built at compile time. Two forms, by :func:`plan_int4_gemm`:
+
+    - grouped (``plan.group``): ``sum_g s[j, g] (sum_{k in g} a[i, k] code[j, k])``, the same integers (int32
+      sums of exact products, regrouped), the inner sums on the int8 dot with the codes themselves unpacked to
+      int8 (4 products per lane per instruction), the scale applied once per group; ``group_scale`` from
+      :func:`int4_group_scales`. With u8 activations (VNNI), ``group_offset`` (:func:`int4_group_offsets`) takes
+      the offset's contribution out of each group's sum.
+    - int16 (a group size that is not a multiple of 4): the codes expanded times their group scale into the int16
+      ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, which runs on int16 weight pairs; ``group_scale`` from
+      :func:`int4_panel_scales`.
+
+    Where the codes are unpacked (per dot step, per column panel, or the whole matrix) is the schedule's choice
+    (schedules.schedule_gemm); only the packed bytes come from memory."""
     m = a.shape[0]
     a = _pad_reduction(a, plan)
-    lanes = plan.lanes
-
-    def expand(jo, ko, ji, ki):
-        position = ji * 2 + ki
-        byte = packed[jo, ko, position % lanes].astype("int32")
-        nibble = (byte >> ((position // lanes) * 4)) & 15
-        code = tirx.Select(nibble > 7, nibble - 16, nibble)
-        # k // group_size with k = 2 ko + ki; for an even group ki never crosses a group, and dropping it keeps
-        # the scale load one contiguous vector over the block's positions
-        group = ko // (group_size // 2) if group_size % 2 == 0 else (ko * 2 + ki) // group_size
-        return (code * group_scale[jo, group, position].astype("int32")).astype("int16")
-
-    weights = te.compute((plan.n_padded // lanes, plan.k_padded // plan.kb, lanes, plan.kb), expand, name="W_expand")
-    return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
-
-
-def qgemm_int4_grouped_compute(
-    a: te.Tensor,
-    packed: te.Tensor,
-    group_scale: te.Tensor,
-    bias: te.Tensor,
-    multiplier: te.Tensor,
-    shift: te.Tensor,
-    row_exponent: te.Tensor | None = None,
-    *,
-    group_offset: te.Tensor | None = None,
-    plan: GemmPlan,
-    zero_point: int,
-    lo: int,
-    hi: int,
-) -> te.Tensor:
-    """``requant(a[M, K] @ (codes * group_scale)^T + bias)`` as ``sum_g s[j, g] (sum_{k in g} a[i, k] code[j, k])``:
-    the same integers (int32 sums of exact products, regrouped), but the inner sums multiply int8 activations by
-    the int4 codes themselves, on the int8 dot (4 products per lane per instruction, against 2 for int16 weights),
-    and the scale is applied once per group of ``plan.group`` (:func:`plan_int4_gemm`). ``packed`` (:func:`
-    pack_int4_panels`, KB = 4) and ``group_scale`` (:func:`int4_group_scales`) are in the kernel's layouts; the
-    codes are unpacked to int8 one column panel at a time in the thread that reads them (schedules.schedule_gemm).
-    With u8 activations (VNNI), ``group_offset`` (:func:`int4_group_offsets`) takes the offset's contribution out
-    of each group's sum."""
-    m = a.shape[0]
-    a = _pad_reduction(a, plan)
-    lanes, kb, size = plan.lanes, plan.kb, plan.group
+    lanes, kb = plan.lanes, plan.kb
     half = lanes * kb // 2
+    shape = (plan.n_padded // lanes, plan.k_padded // kb, lanes, kb)
+    if not plan.group:
 
-    def expand(jo, ko, ji, ki):
-        position = ji * kb + ki
-        byte = packed[jo, ko, position % half]
-        nibble = (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
-        # (n ^ 8) - 8 sign-extends a nibble n in [0, 15]: the code in [-8, 7], all in bytes
-        return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
+        def expand(jo, ko, ji, ki):
+            code = _int4_code(packed, jo, ko, ji * kb + ki, half).astype("int32")
+            # k // group_size with k = 2 ko + ki; for an even group ki never crosses a group, and dropping it
+            # keeps the scale load one contiguous vector over the block's positions
+            group = ko // (group_size // 2) if group_size % 2 == 0 else (ko * 2 + ki) // group_size
+            return (code * group_scale[jo, group, ji * kb + ki].astype("int32")).astype("int16")
 
-    codes = te.compute((plan.n_padded // lanes, plan.k_padded // kb, lanes, kb), expand, name="W_expand")
+        weights = te.compute(shape, expand, name="W_expand")
+        return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
+
+    if plan.u8_activations and group_offset is None:
+        raise ValueError("qgemm_int4_compute: u8 activations need the group offsets (int4_group_offsets)")
+    size = plan.group
+    codes = te.compute(shape, lambda jo, ko, ji, ki: _int4_code(packed, jo, ko, ji * kb + ki, half), name="W_expand")
     kk = te.reduce_axis((0, size), name="kk")
     partial = te.compute(
         (m, plan.k_padded // size, plan.n_padded),  # columns innermost: a tile row of P is one dot's lanes
@@ -336,8 +330,6 @@ def qgemm_int4_grouped_compute(
         ),
         name="P",
     )
-    if plan.u8_activations and group_offset is None:
-        raise ValueError("qgemm_int4_grouped_compute: u8 activations need the group offsets (int4_group_offsets)")
 
     def group_sum(i: tirx.PrimExpr, g: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
         if group_offset is None:

@@ -17,6 +17,7 @@ import logging
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
+from tvm.s_tir.schedule import SBlockRV
 
 from qcompiler.backends.tvm import intrinsics
 
@@ -166,7 +167,7 @@ def schedule_gemm(
     products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2).
     ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them)."""
     names = _block_names(sch)
-    if "P" in names:  # int4 codes summed per group (kernels.qgemm_int4_grouped_compute)
+    if "P" in names:  # int4 codes summed per group (kernels.qgemm_int4_compute, grouped form)
         _schedule_grouped_gemm(sch, names, kb, nr, use_avx2, lanes, mr)
         return
     block = sch.get_sblock("C")
@@ -194,9 +195,7 @@ def schedule_gemm(
         outer = sch.fuse(*batch, jo)
         expand = sch.get_sblock("W_expand")
         sch.compute_at(expand, outer)
-        # each block's 16 int16 values as two halves of 8 lanes: one contiguous byte load each (pack_int4_panels)
-        _, half = sch.split(sch.fuse(*sch.get_loops(expand)[-2:]), [2, None])
-        sch.vectorize(half)
+        _vectorize_block_halves(sch, expand)
     else:
         outer = sch.fuse(*batch, jo, io)
     if parallel:
@@ -228,6 +227,13 @@ def schedule_gemm(
             _schedule_im2col(sch, row_tile)
         elif name in ("A_pad", "B_pack", "unpad", "to_nchw") or (name == "W_expand" and not expand_panels):
             _parallel_elementwise(sch, name, vector=False)
+
+
+def _vectorize_block_halves(sch: Schedule, expand: SBlockRV) -> None:
+    """An int4 unpacking block's innermost (lanes, KB) loops as two vectors, one per half of the block: each half
+    is one contiguous load of the packed bytes (kernels.pack_int4_panels: low nibbles, then high ones)."""
+    _, half = sch.split(sch.fuse(*sch.get_loops(expand)[-2:]), [2, None])
+    sch.vectorize(half)
 
 
 def _schedule_grouped_gemm(
@@ -268,17 +274,13 @@ def _schedule_grouped_gemm(
         # global scope on purpose: the intrinsics read a global buffer; compacted to nr L KB bytes, it is a
         # stack buffer under the parallel loop
         sch.compute_at(expand, pko, preserve_unit_loops=True)
-        block_loop, _, *inner = sch.get_loops(expand)[-4:]
-        _, half = sch.split(sch.fuse(*inner), [2, None])  # two contiguous byte loads (kernels.pack_int4_panels)
-        sch.vectorize(half)
-        sch.unroll(block_loop)
+        _vectorize_block_halves(sch, expand)
+        sch.unroll(sch.get_loops(expand)[-4])  # the tile's nr blocks
         outer = sch.fuse(jo, io)
     elif expand_panels:  # each column panel's codes unpacked in its thread, just before its row tiles (cache-sized)
         outer = jo
         sch.compute_at(expand, outer)
-        # a block's L KB codes as two halves: one contiguous byte load each (kernels.pack_int4_panels)
-        _, half = sch.split(sch.fuse(*sch.get_loops(expand)[-2:]), [2, None])
-        sch.vectorize(half)
+        _vectorize_block_halves(sch, expand)
     else:
         outer = sch.fuse(jo, io)
     if macs is None or macs >= PARALLEL_MIN_MACS:
