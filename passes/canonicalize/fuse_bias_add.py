@@ -17,6 +17,17 @@ def _const(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+def _fresh_name(context, base: str) -> str | None:
+    """``base`` if no initializer of the graph has that name, else None (the rule then declines).
+
+    New initializers are named after the replaced ``Add``'s output, unique in the graph: exporters share one
+    initializer between equal constants (every zero bias of a freshly initialised model), so a name derived
+    from the bias or the weight would collide, and onnxscript leaves a colliding initializer dangling.
+    """
+    taken = context.graph_or_function.initializers if context is not None else {}
+    return None if base in taken else base
+
+
 def _per_channel(bias: np.ndarray, channels: int, channel_axis_from_end: int) -> np.ndarray | None:
     """Return ``bias`` as a [channels] vector if it only varies along the channel axis, else None."""
     if bias.size == 1:
@@ -33,10 +44,12 @@ class _ConvAddBias(RewriteRuleClassBase):
     """``Add(Conv(x, W[, b0]), b) -> Conv(x, W, b0 + b)`` for b constant per output channel."""
 
     def pattern(self, op, x, w, bias):
-        return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias)
+        return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias, _outputs=["sum_out"])
 
-    def check(self, context, x, w, bias, conv_out, **_) -> MatchResult:
+    def check(self, context, x, w, bias, conv_out, sum_out, **_) -> MatchResult:
         result = MatchResult()
+        if _fresh_name(context, f"{sum_out.name}_bias") is None:
+            return result.fail(f"initializer name {sum_out.name}_bias is taken")
         weight, add = _const(w), _const(bias)
         if weight is None:
             return result.fail("Conv weight is not constant")
@@ -49,13 +62,13 @@ class _ConvAddBias(RewriteRuleClassBase):
             return result.fail("added constant would broadcast the output to a higher rank")
         return result
 
-    def rewrite(self, op, x, w, bias, conv_out, **_):
+    def rewrite(self, op, x, w, bias, conv_out, sum_out, **_):
         weight, add = _const(w), _const(bias)
         assert weight is not None and add is not None
         vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
         assert vector is not None
         node = conv_out.producer()
-        new_bias = op.initializer(ir.tensor(vector.astype(weight.dtype)), name=f"{bias.name}_bias")
+        new_bias = op.initializer(ir.tensor(vector.astype(weight.dtype)), name=f"{sum_out.name}_bias")
         return op.Conv(x, w, new_bias, **{k: a for k, a in node.attributes.items()})
 
 
@@ -107,10 +120,13 @@ class _BatchedMatMulAddBias(RewriteRuleClassBase):
     leading dims (transformer linears on [batch, tokens, features]): one integer linear with an int32 bias."""
 
     def pattern(self, op, x, w, bias):
-        return op.Add(op.MatMul(x, w), bias)
+        return op.Add(op.MatMul(x, w), bias, _outputs=["sum_out"])
 
-    def check(self, context, x, w, bias, **_) -> MatchResult:
+    def check(self, context, x, w, bias, sum_out, **_) -> MatchResult:
         result = MatchResult()
+        names = [f"{sum_out.name}_{suffix}" for suffix in ("flat_shape", "bias", "out_shape")]
+        if any(_fresh_name(context, name) is None for name in names):
+            return result.fail(f"one of the initializer names {names} is taken")
         weight, add = _const(w), _const(bias)
         if weight is None or weight.ndim != 2:
             return result.fail("MatMul weight is not a constant matrix")
@@ -120,16 +136,17 @@ class _BatchedMatMulAddBias(RewriteRuleClassBase):
             return result.fail("MatMul input is not known to be static and of rank >= 3")
         return result
 
-    def rewrite(self, op, x, w, bias, **_):
+    def rewrite(self, op, x, w, bias, sum_out, **_):
         weight = _const(w)
         assert weight is not None and x.shape is not None
         k, n = weight.shape
         lead = [int(d) for d in x.shape[:-1]]
         rows = int(np.prod(lead))
-        flat = op.Reshape(x, op.initializer(ir.tensor(np.array([-1, k], np.int64)), name=f"{w.name}_flat_shape"))
+        name = sum_out.name
+        flat = op.Reshape(x, op.initializer(ir.tensor(np.array([-1, k], np.int64)), name=f"{name}_flat_shape"))
         vector = np.broadcast_to(_const(bias).reshape(-1), (n,)).astype(weight.dtype)  # type: ignore[union-attr]
-        gemm = op.Gemm(flat, w, op.initializer(ir.tensor(vector), name=f"{bias.name}_bias"))
-        out = op.Reshape(gemm, op.initializer(ir.tensor(np.array([*lead, n], np.int64)), name=f"{w.name}_out_shape"))
+        gemm = op.Gemm(flat, w, op.initializer(ir.tensor(vector), name=f"{name}_bias"))
+        out = op.Reshape(gemm, op.initializer(ir.tensor(np.array([*lead, n], np.int64)), name=f"{name}_out_shape"))
         # static shapes on the new values: later passes read them (which ops keep the last axis)
         for value, shape in ((flat, [rows, k]), (gemm, [rows, n]), (out, [*lead, n])):
             value.shape = ir.Shape(shape)
