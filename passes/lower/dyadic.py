@@ -11,6 +11,7 @@ Float scales are turned into (b, c) exactly once, here, by :func:`qcompiler.dial
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -22,6 +23,7 @@ from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
 from qcompiler.dialect.int4 import pack_int4
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
+from qcompiler.ir.ops import KEEPS_BOUND_OPS, LINEAR_OPS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
 )
@@ -42,11 +44,7 @@ from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_grou
 
 logger = logging.getLogger(__name__)
 
-_LINEAR = frozenset({"Conv", "Gemm", "MatMul"})
-_SHAPE_ONLY = frozenset(
-    {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Gather", "Slice", "Concat",
-     "Expand"}
-)  # fmt: skip
+_LINEAR = LINEAR_OPS
 _INTEGER_TYPES = frozenset(
     {
         ir.DataType.INT8,
@@ -89,8 +87,7 @@ def _clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]
     return clip_lo, clip_hi
 
 
-_LEVEL_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice",
-                                 "Expand", "Neg", "Concat", "Gather"})  # fmt: skip
+_LEVEL_PASS_THROUGH = KEEPS_BOUND_OPS
 
 
 def integer_bound(value: ir.Value) -> int:
@@ -211,6 +208,27 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
 
     preserves_outputs = False  # changes outputs by at most one quantization step (tested)
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: the ``lowering`` column of qcompiler.ir.ops -> its handler (nonlinearities: lower_nonlinearity)
+        self._handlers: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
+            "linear": self._lower_linear,
+            "add": self._lower_add,
+            "product": self._lower_product_or_scalar,
+            "neg": self._lower_neg,
+            "global_average_pool": self._lower_global_average_pool,
+            "move": self._lower_shape_only,
+        }
+
+    def _lower_product_or_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``x * c`` or ``x / c`` by a constant scalar: one Requantize; ``Mul`` of two operands: a product."""
+        if _is_activation(node.inputs[0]) and _is_scalar(node.inputs[1]):
+            self._lower_scalar(graph, node)
+        elif node.op_type == "Mul":
+            self._lower_product(graph, node)
+        else:
+            raise UnsupportedOpError(node_label(node), node.op_type, "only a division by a constant scalar")
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         ShapeInferencePass()(model)  # pads for SAME convolutions and pool sizes need static shapes
@@ -234,22 +252,11 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
                 if producer is not None and producer.op_type in _LINEAR | {"Add", "Mul", "Div", "GlobalAveragePool"}:
                     continue  # fused into its producer's group (after Mul/Div: an attention operand's clamp)
-            if node.op_type in _LINEAR:
-                self._lower_linear(graph, node)
-            elif node.op_type == "Add":
-                self._lower_add(graph, node)
-            elif node.op_type in ("Mul", "Div") and _is_activation(node.inputs[0]) and _is_scalar(node.inputs[1]):
-                self._lower_scalar(graph, node)
-            elif node.op_type == "Mul":
-                self._lower_product(graph, node)
-            elif node.op_type == "Neg":
-                self._lower_neg(graph, node)
-            elif node.op_type == "GlobalAveragePool":
-                self._lower_global_average_pool(graph, node)
-            elif node.op_type in _SHAPE_ONLY | _ACTIVATIONS:
-                self._lower_shape_only(graph, node)
-            else:
+            row = traits(node.op_type)
+            handler = self._handlers.get(row.lowering) if row is not None else None
+            if handler is None:
                 raise UnsupportedOpError(node_label(node), node.op_type, "no integer lowering for this op")
+            handler(graph, node)
             modified = True
         RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified)

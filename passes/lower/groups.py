@@ -10,8 +10,9 @@ import onnx_ir as ir
 
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import const_array, consumers, node_label
+from qcompiler.ir.ops import FUSABLE_ACTIVATIONS
 
-ACTIVATIONS = frozenset({"Relu", "Clip"})  # fused into the epilogue of the op before them
+ACTIVATIONS = FUSABLE_ACTIVATIONS  # fused into the epilogue of the op before them
 
 
 @dataclasses.dataclass

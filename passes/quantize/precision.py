@@ -42,17 +42,16 @@ import onnx_ir as ir
 from qcompiler.dialect.hadamard import hadamard_structure
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
+from qcompiler.ir.ops import CHANNEL_PRODUCERS, KEEPS_WIDTH_OPS, LAYOUT_OPS, WIDE_PRODUCERS
 
 #: ops that move values without changing them; their output inherits the input's precision
-_PASS_THROUGH = frozenset({"Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity"})
+_PASS_THROUGH = LAYOUT_OPS
 #: also pass storage width through (not per-channel scales): selections, broadcasts, negation, RoPE's halves
-_WIDTH_PASS_THROUGH = _PASS_THROUGH | {"Slice", "Expand", "Neg", "Concat"}
+_WIDTH_PASS_THROUGH = KEEPS_WIDTH_OPS
 INT32_MAX = int(np.iinfo(np.int32).max)
 INT16_MAX = int(np.iinfo(np.int16).max)
-#: producers whose integer form can write int16 (a Requantize epilogue with a wide clamp)
-_WIDE_PRODUCERS = frozenset({"Add", "Gemm", "MatMul", "Mul"})
-#: producers whose integer form can write one scale per channel of the last axis
-_PER_CHANNEL_PRODUCERS = frozenset({"LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid", "Mul"})
+_WIDE_PRODUCERS = WIDE_PRODUCERS
+_PER_CHANNEL_PRODUCERS = CHANNEL_PRODUCERS
 
 
 @dataclasses.dataclass(frozen=True)

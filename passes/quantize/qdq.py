@@ -21,6 +21,7 @@ import onnx_ir as ir
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.silu import silu_sigmoids
@@ -35,26 +36,15 @@ WIDE_QMAX = 32767
 #: per-channel int16 residual scales cover this multiple of each channel's calibrated maximum
 CHANNEL_HEADROOM = 4.0
 
-#: integer nonlinearities (qcompiler.dialect.nonlinear); Softmax's output has the fixed scale 2^-7
-NONLINEAR_OPS = frozenset({"Softmax", "LayerNormalization", "RMSNormalization", "Gelu", "Sigmoid"})
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
 #: int16 scores need ``ln2 / S <= 2^14`` (IntSoftmax's exp polynomial): their scale is at least this
 WIDE_SCORES_MIN_SCALE = np.float32(np.log(2.0) / 16000.0)
-#: ops after which a ReLU/Clip fuses into the integer epilogue
-FUSING_ANCHORS = frozenset({"Conv", "Gemm", "MatMul", "Add", "GlobalAveragePool"})
-#: Mul: by a positive constant scalar (attention's 1/sqrt(d): a pure rescale), SiLU's x * Sigmoid(x), a product
-#: of two activations (SwiGLU) or of an activation and a constant tensor (RoPE's cos and sin tables);
-#: Div: by a positive constant scalar
-SCALAR_OPS = frozenset({"Mul", "Div"})
-#: ops whose output gets its own scale
-ANCHOR_OPS = FUSING_ANCHORS | NONLINEAR_OPS | SCALAR_OPS
-#: activations that fuse into the anchor before them
-FUSABLE_ACTIVATIONS = frozenset({"Relu", "Clip"})
+#: ops whose output gets its own scale (qcompiler.ir.ops: quantize "own" or "fixed"). Mul: by a positive
+#: constant scalar (attention's 1/sqrt(d): a pure rescale), SiLU's x * Sigmoid(x), a product of two activations
+#: (SwiGLU) or of an activation and a constant tensor (RoPE's cos and sin tables); Div: by a positive constant
+ANCHOR_OPS = OWN_SCALE_OPS
 #: ops that only move or select int8 values: their output keeps the input's scale
-PASS_THROUGH_OPS = frozenset(
-    {"Relu", "MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Clip", "Gather",
-     "Slice", "Concat", "Expand", "Neg"}
-)  # fmt: skip
+PASS_THROUGH_OPS = INHERIT_SCALE_OPS
 _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16})
 
 

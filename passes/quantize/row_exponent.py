@@ -25,6 +25,7 @@ import onnx_ir as ir
 
 from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX
 from qcompiler.ir.graph import add_initializer, const_array, is_graph_output
+from qcompiler.ir.ops import LAYOUT_OPS
 from qcompiler.passes.quantize.precision import hadamard_matmul
 
 TAG = "qcompiler.row_exponent"
@@ -45,7 +46,7 @@ def reads_as_bias_free_linear(node: ir.Node, index: int) -> bool:
 
 
 #: ops that only move elements, through which a GEMM input keeps its rows (heads merged before o_proj)
-SHAPE_OPS = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+SHAPE_OPS = LAYOUT_OPS
 
 
 def candidate(graph: ir.Graph, value: ir.Value, through_shape_ops: bool = False) -> bool:

@@ -21,13 +21,14 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
+from qcompiler.ir.ops import POSITIVE_HOMOGENEOUS
 from qcompiler.ir.regions import as_linear
 from qcompiler.passes.transform.weights import set_input_constant
 
 logger = logging.getLogger(__name__)
 
 #: positive-homogeneous activations: f(x / s) = f(x) / s for s > 0
-HOMOGENEOUS = frozenset({"Relu", "LeakyRelu"})
+HOMOGENEOUS = POSITIVE_HOMOGENEOUS
 
 
 @dataclasses.dataclass(frozen=True)

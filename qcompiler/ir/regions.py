@@ -29,8 +29,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
-
-NORM_OPS = ("RMSNormalization", "LayerNormalization")
+from qcompiler.ir.ops import ELEMENTWISE_NONLINEAR, NORM_OPS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,12 +410,6 @@ def head_pairs(graph: ir.Graph) -> list[HeadPair]:
 
 
 # -- online Hadamard sites -------------------------------------------------------------------------------
-
-#: elementwise nonlinearities whose output no offline rotation reaches (a rotation does not commute with them)
-ELEMENTWISE_NONLINEAR = frozenset(
-    {"Gelu", "Relu", "Sigmoid", "Tanh", "Elu", "LeakyRelu", "HardSigmoid", "HardSwish", "Softplus", "Mish",
-     "Selu", "Celu", "Erf"}
-)  # fmt: skip
 
 
 @dataclasses.dataclass

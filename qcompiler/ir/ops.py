@@ -1,0 +1,144 @@
+"""One table of op traits: every fact the passes need about an ONNX op, in one place.
+
+Each row says what an op *is* to the quantizer and the lowering; the passes derive the op sets they need from
+the table (:func:`ops_where`) instead of keeping their own lists. Adding an op to the integer path is one row
+here plus its three parts: reference semantics (``qcompiler.dialect``), a lowering (``passes/lower``) and a
+kernel (``backends/tvm``).
+
+Traits:
+    layout: moves values without changing or dropping any (Reshape, Transpose, ...): scales per channel, storage
+        width and integer bounds all carry through.
+    moves_values: selects, repeats or moves values (layout ops, Slice, Gather, Concat, MaxPool, ...): the output
+        lies on the input's quantization grid and lowers to the same op on integers.
+    keeps_width: an int16 input gives an int16 output (layout, selections, broadcasts, negation).
+    keeps_bound: ``|q|`` of the output is bounded by ``|q|`` of the input (a clamp survives it).
+    linear: a product with a constant weight (the anchors of smoothing, rotation and weight quantization).
+    fusing_anchor: a Relu/Clip right after it becomes the clamp of its integer epilogue.
+    fusable_activation: folds into the epilogue of the anchor before it.
+    nonlinearity: an integer nonlinearity of the dialect (I-BERT style) lowers it.
+    wide_producer: its integer form can write int16 (a Requantize epilogue with a 16-bit clamp).
+    channel_producer: its integer form can write one scale per channel of the last axis.
+    norm: a normalisation over the last axis with a gain (and bias).
+    elementwise_nonlinear: an elementwise function that no rotation commutes with.
+    positive_homogeneous: ``f(x / s) = f(x) / s`` for every ``s > 0`` (cross-layer equalization passes it).
+    quantize: how the output gets its scale: ``"own"`` (calibrated, its own Q/DQ), ``"inherit"`` (the input's
+        scale), ``"fixed"`` (a scale fixed by the op: softmax probabilities) or ``""`` (not on the integer path).
+    lowering: the integer lowering's handler (``passes/lower/dyadic.py``'s dispatch table), or ``""``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+
+@dataclasses.dataclass(frozen=True)
+class OpTraits:
+    """What one ONNX op (default domain) is to the quantizer and the lowering."""
+
+    op_type: str
+    layout: bool = False
+    moves_values: bool = False
+    keeps_width: bool = False
+    keeps_bound: bool = False
+    linear: bool = False
+    fusing_anchor: bool = False
+    fusable_activation: bool = False
+    nonlinearity: bool = False
+    wide_producer: bool = False
+    channel_producer: bool = False
+    norm: bool = False
+    elementwise_nonlinear: bool = False
+    positive_homogeneous: bool = False
+    quantize: str = ""
+    lowering: str = ""
+
+    def __post_init__(self) -> None:
+        if self.quantize not in ("", "own", "inherit", "fixed"):
+            raise ValueError(f"{self.op_type}: quantize must be '', 'own', 'inherit' or 'fixed', got {self.quantize!r}")
+        if self.layout and not (self.moves_values and self.keeps_width and self.keeps_bound):
+            raise ValueError(f"{self.op_type}: a layout op also moves values, keeps width and keeps bounds")
+
+
+def _layout(op_type: str) -> OpTraits:
+    return OpTraits(op_type, layout=True, moves_values=True, keeps_width=True, keeps_bound=True,
+                    quantize="inherit", lowering="move")  # fmt: skip
+
+
+def _nonlinear(op_type: str, **traits: bool) -> OpTraits:
+    return OpTraits(op_type, elementwise_nonlinear=True, **traits)  # type: ignore[arg-type]
+
+
+# fmt: off
+_ROWS: tuple[OpTraits, ...] = (
+    # layout: values moved, none changed
+    *(_layout(op) for op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")),
+    # selections and broadcasts: on the input's grid
+    OpTraits("Slice", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("Expand", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("Concat", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("Gather", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("MaxPool", moves_values=True, quantize="inherit", lowering="move"),
+    OpTraits("Neg", keeps_width=True, keeps_bound=True, quantize="inherit", lowering="neg"),
+    # activations that become the clamp of the anchor before them
+    OpTraits("Relu", fusable_activation=True, elementwise_nonlinear=True, positive_homogeneous=True,
+             quantize="inherit", lowering="move"),
+    OpTraits("Clip", fusable_activation=True, quantize="inherit", lowering="move"),
+    # linear anchors: constant weights, int32 accumulators, a requantize epilogue
+    *(OpTraits(op, linear=True, fusing_anchor=True, wide_producer=op != "Conv", quantize="own", lowering="linear")
+      for op in ("Conv", "Gemm", "MatMul")),
+    OpTraits("Add", fusing_anchor=True, wide_producer=True, quantize="own", lowering="add"),
+    OpTraits("GlobalAveragePool", fusing_anchor=True, quantize="own", lowering="global_average_pool"),
+    # products: by a constant scalar (a pure rescale), of two activations or of an activation and a table
+    OpTraits("Mul", wide_producer=True, channel_producer=True, quantize="own", lowering="product"),
+    OpTraits("Div", quantize="own", lowering="product"),
+    # integer nonlinearities of the dialect
+    OpTraits("Softmax", nonlinearity=True, quantize="fixed", lowering="nonlinear"),
+    OpTraits("LayerNormalization", nonlinearity=True, norm=True, channel_producer=True, quantize="own",
+             lowering="nonlinear"),
+    OpTraits("RMSNormalization", nonlinearity=True, norm=True, channel_producer=True, quantize="own",
+             lowering="nonlinear"),
+    _nonlinear("Gelu", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
+    _nonlinear("Sigmoid", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
+    # elementwise nonlinearities known to region analysis (rotations stop at them), not yet on the integer path
+    *(_nonlinear(op) for op in ("Tanh", "Elu", "HardSigmoid", "HardSwish", "Softplus", "Mish", "Selu", "Celu",
+                                "Erf")),
+    _nonlinear("LeakyRelu", positive_homogeneous=True),
+)
+# fmt: on
+
+#: op type -> its traits (default ONNX domain)
+OPS: dict[str, OpTraits] = {row.op_type: row for row in _ROWS}
+if len(OPS) != len(_ROWS):
+    raise AssertionError("qcompiler.ir.ops: an op has two rows")
+
+
+def traits(op_type: str) -> OpTraits | None:
+    """The row of ``op_type``, or None for an op the table does not know."""
+    return OPS.get(op_type)
+
+
+def ops_where(predicate: Callable[[OpTraits], bool]) -> frozenset[str]:
+    """The op types whose row satisfies ``predicate`` (``ops_where(lambda t: t.layout)``)."""
+    return frozenset(op for op, row in OPS.items() if predicate(row))
+
+
+LAYOUT_OPS = ops_where(lambda t: t.layout)
+MOVES_VALUES_OPS = ops_where(lambda t: t.moves_values)
+KEEPS_WIDTH_OPS = ops_where(lambda t: t.keeps_width)
+KEEPS_BOUND_OPS = ops_where(lambda t: t.keeps_bound)
+LINEAR_OPS = ops_where(lambda t: t.linear)
+FUSING_ANCHORS = ops_where(lambda t: t.fusing_anchor)
+FUSABLE_ACTIVATIONS = ops_where(lambda t: t.fusable_activation)
+NONLINEAR_OPS = ops_where(lambda t: t.nonlinearity)
+WIDE_PRODUCERS = ops_where(lambda t: t.wide_producer)
+CHANNEL_PRODUCERS = ops_where(lambda t: t.channel_producer)
+NORM_OPS = ops_where(lambda t: t.norm)
+ELEMENTWISE_NONLINEAR = ops_where(lambda t: t.elementwise_nonlinear)
+POSITIVE_HOMOGENEOUS = ops_where(lambda t: t.positive_homogeneous)
+#: ops whose output gets its own (or a fixed) scale
+OWN_SCALE_OPS = ops_where(lambda t: t.quantize in ("own", "fixed"))
+#: ops whose output keeps the input's scale
+INHERIT_SCALE_OPS = ops_where(lambda t: t.quantize == "inherit")
+#: every op the integer path quantizes
+QUANTIZABLE_OPS = OWN_SCALE_OPS | INHERIT_SCALE_OPS
