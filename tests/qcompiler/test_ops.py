@@ -28,9 +28,9 @@ def test_quantized_ops_have_a_lowering_and_back() -> None:
 
 def test_derived_sets_follow_the_rows() -> None:
     assert ops.LAYOUT_OPS <= ops.MOVES_VALUES_OPS <= ops.INHERIT_SCALE_OPS | ops.MOVES_VALUES_OPS
-    assert ops.LINEAR_OPS == {"Conv", "Gemm", "MatMul"}
-    assert ops.FUSABLE_ACTIVATIONS == {"Relu", "Clip"}
-    assert ops.NORM_OPS == {"LayerNormalization", "RMSNormalization"}
+    assert {"Conv", "Gemm", "MatMul"} == ops.LINEAR_OPS
+    assert {"Relu", "Clip"} == ops.FUSABLE_ACTIVATIONS
+    assert {"LayerNormalization", "RMSNormalization"} == ops.NORM_OPS
     assert "Softmax" in ops.OWN_SCALE_OPS and traits("Softmax").quantize == "fixed"  # type: ignore[union-attr]
     assert not (ops.OWN_SCALE_OPS & ops.INHERIT_SCALE_OPS)
     assert ops_where(lambda t: t.positive_homogeneous) == ops.POSITIVE_HOMOGENEOUS
