@@ -39,6 +39,8 @@ CHANNEL_HEADROOM = 4.0
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
 #: int16 scores need ``ln2 / S <= 2^14`` (IntSoftmax's exp polynomial): their scale is at least this
 WIDE_SCORES_MIN_SCALE = np.float32(np.log(2.0) / 16000.0)
+#: IntSoftmax needs its input step below ln2: int8 scores never get a coarser one
+SOFTMAX_MAX_INPUT_SCALE = np.float32(np.log(2.0) * 0.999)
 #: ops whose output gets its own scale (qcompiler.ir.ops: quantize "own" or "fixed"). Mul: by a positive
 #: constant scalar (attention's 1/sqrt(d): a pure rescale), SiLU's x * Sigmoid(x), a product of two activations
 #: (SwiGLU) or of an activation and a constant tensor (RoPE's cos and sin tables); Div: by a positive constant
@@ -284,6 +286,25 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 if g.scores.producer() is not None and g.scores.producer().op_type in ("MatMul", "Mul", "Div")
             }
             plan = dataclasses.replace(plan, wide=frozenset(plan.wide | self._wide_scores))
+        # IntSoftmax reads its input at a step below ln2 (qcompiler.dialect.nonlinear.softmax_constants): scores
+        # whose int8 step would reach it are stored int16 where their producer can write int16, else clamped
+        self._capped_scores: set[int] = set()
+        for g in groups.values():
+            if g.scores.name not in self.ranges or id(g.scores) in self._wide_scores:
+                continue
+            if activation_scale(self._range(g.scores)) < SOFTMAX_MAX_INPUT_SCALE:
+                continue
+            producer = g.scores.producer()
+            if stats is not None and producer is not None and producer.op_type in ("MatMul", "Mul", "Div"):
+                logger.info("softmax scores %s: int16 (their int8 step would reach ln2)", g.scores.name)
+                self._wide_scores.add(id(g.scores))
+                plan = dataclasses.replace(plan, wide=frozenset(plan.wide | {id(g.scores)}))
+            else:
+                logger.warning(
+                    "softmax scores %s: clamped to +-%.1f (their producer %s cannot write int16)",
+                    g.scores.name, float(SOFTMAX_MAX_INPUT_SCALE) * ACT_QMAX, producer.op_type if producer else "input",
+                )  # fmt: skip
+                self._capped_scores.add(id(g.scores))
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT:
                 scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
@@ -329,6 +350,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 elif id(out) in plan.per_channel:
                     scales = self._channel_scales(out, plan.weight_absmax.get(id(out)))
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
+                elif id(out) in self._capped_scores:
+                    scale = min(activation_scale(self._range(out)), SOFTMAX_MAX_INPUT_SCALE)
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale)
                 else:
                     scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (

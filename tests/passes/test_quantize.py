@@ -367,3 +367,33 @@ def test_searched_alpha_is_the_model_minimiser_and_sets_the_scales() -> None:
     np.testing.assert_allclose(quant.inputs[1].const_value.numpy(), balanced_scales(stats, w_absmax, best), rtol=1e-6)
     with pytest.raises(ValueError, match="migration_alpha_grid: values must lie in"):
         QuantizeConfig(migration_alpha_grid=[0.0])
+
+
+def test_scores_too_wide_for_int8_softmax_become_int16_not_an_error() -> None:
+    """Attention scores of range ~300 would need an int8 step above ln2, which IntSoftmax cannot read: the default
+    recipe stores them int16 instead (a choice of scale, never an error to the user), and the integer graph keeps
+    agreeing op by op with its simulation."""
+    import onnx
+    from hypothesis import HealthCheck, given, settings
+
+    from qcompiler.api import quantize_to_integer
+    from qcompiler.dialect.reference import run_reference
+    from qcompiler.testing import attention_models
+    from qcompiler.testing.lowering import assert_lowering_matches
+
+    @settings(max_examples=3, derandomize=True, suppress_health_check=list(HealthCheck), deadline=None)
+    @given(attention_models().filter(lambda g: g.input_shape[0] >= 4 and g.input_shape[1] >= 4))
+    def check(generated) -> None:
+        model = onnx.ModelProto()
+        model.CopyFrom(generated.model)
+        for tensor in model.graph.initializer:  # blow up every projection: scores of range in the hundreds
+            if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2:
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 6.0, tensor.name))
+        calibration = generated.inputs(4)
+        qdq, integer, _, _ = quantize_to_integer(model, calibration=calibration, progress=False)
+        softmax = next(n for n in integer.graph if n.op_type == "IntSoftmax")
+        assert softmax.inputs[0].dtype == ir.DataType.INT16
+        assert_lowering_matches(qdq, integer, generated.inputs(2, offset=1))
+        assert np.isfinite(run_reference(ir.serde.serialize_model(integer), calibration[0])[0]).all()
+
+    check()
