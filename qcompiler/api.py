@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ from qcompiler.backends.tvm.metaschedule import validate_trials
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
+from qcompiler.ir.analysis.architecture import describe
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
@@ -195,6 +197,25 @@ def load(directory: str | Path) -> CompiledModel:
     return CompiledModel(module, integer_model, report, qdq)
 
 
+@dataclasses.dataclass(frozen=True)
+class AutoChoice:
+    """What an ``[auto]`` recipe found and chose: the architecture kind, the recipe, and the facts behind it."""
+
+    auto: str
+    kind: str
+    recipe: str
+    facts: dict[str, int]
+
+
+@dataclasses.dataclass
+class _QDQResult:
+    model: ir.Model
+    records: list[PassRecord]
+    shapes: dict[str, list[int]]
+    recipe: Recipe  # the recipe used (an [auto] recipe's choice)
+    choice: AutoChoice | None
+
+
 def quantize_to_integer(
     model: Any,
     *,
@@ -208,12 +229,23 @@ def quantize_to_integer(
 
     Returns (qdq model, integer model, pass records, static input shapes).
     """
-    chosen = load_recipe(recipe)
-    quantized, records, shapes = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)
-    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(quantized))
-    lowered = Pipeline([spec.build() for spec in chosen.lower], verify_each=verify).run(quantized)
-    records += lowered.records
-    return qdq_copy, lowered.model, records, shapes
+    result = _quantize_to_integer(model, example_inputs, calibration, load_recipe(recipe), verify, progress)
+    return result.qdq, result.model, result.records, result.shapes
+
+
+@dataclasses.dataclass
+class _IntegerResult(_QDQResult):
+    qdq: ir.Model | None = None
+
+
+def _quantize_to_integer(
+    model: Any, example_inputs: Any, calibration: Any, chosen: Recipe, verify: bool, progress: bool
+) -> _IntegerResult:
+    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)
+    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
+    lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
+    records = qdq.records + list(lowered.records)
+    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, qdq_copy)
 
 
 def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callable[[ir.Model], Any]:
@@ -232,8 +264,8 @@ def _quantize_qdq(
     chosen: Recipe,
     verify: bool,
     progress: bool,
-) -> tuple[ir.Model, list[PassRecord], dict[str, list[int]]]:
-    """Canonicalize, calibrate and quantize to QDQ: (the QDQ model, pass records, static input shapes)."""
+) -> _QDQResult:
+    """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
     ir_model = load_model(model, torch_args if torch_args is not None else None)
     sample = None
@@ -253,7 +285,7 @@ def _quantize_qdq(
     shapes = _static_input_shapes(ir_model, sample)
     _fix_input_shapes(ir_model, shapes)
     records: list[PassRecord] = []
-    cal = chosen.calibration
+    choice = None
     passes = [spec.build() for spec in chosen.canonicalize]
     if any(getattr(p, "needs_calibration", False) for p in passes):
         batches = list(batches)  # calibrated passes observe the data again
@@ -265,9 +297,16 @@ def _quantize_qdq(
         rtol=1e-4,
         atol=1e-4,
         runner=run_onnxruntime,
-        calibrate=_calibrator(batches, cal.max_batches, progress),
+        calibrate=_calibrator(batches, chosen.calibration.max_batches, progress),
     ).run(ir_model)
     records += canonical.records
+    if chosen.auto:
+        architecture = describe(canonical.model.graph)
+        auto = chosen
+        chosen = auto.choose(architecture.kind)
+        choice = AutoChoice(auto.name, architecture.kind, chosen.name, dataclasses.asdict(architecture))
+        logger.info("recipe %s: %s, so %s (%s)", auto.name, architecture.kind, chosen.name, choice.facts)
+    cal = chosen.calibration
     ranges = calibration_module.observe(
         canonical.model,
         batches,
@@ -285,7 +324,7 @@ def _quantize_qdq(
         verify_each=verify,
     ).run(canonical.model)
     records += quantized.records
-    return quantized.model, records, shapes
+    return _QDQResult(quantized.model, records, shapes, chosen, choice)
 
 
 def simulate(
@@ -326,7 +365,7 @@ def simulate(
             "lowering; use an integer-path recipe (w8a8, w8a8-llm, w4a8)"
         )
     if chosen.simulate is None:
-        qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)[0]
+        qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress).model
         if nonlinearities == "integer":
             LowerNonlinearitiesPass()(qdq)
         return qdq
@@ -358,7 +397,7 @@ def compile(
     *,
     example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
     calibration: Any = None,
-    recipe: str | Path | Recipe = "w8a8",
+    recipe: str | Path | Recipe = "auto",
     verify: bool = True,
     progress: bool = True,
     tune: bool = False,
@@ -371,7 +410,9 @@ def compile(
         target: ``"llvm"`` (this CPU) or a ``tvm.target.Target`` of kind llvm.
         example_inputs: one input batch; required for torch modules and for dynamic input shapes.
         calibration: representative data: an iterable of batches or a dict ``{input: stacked batches}``.
-        recipe: a built-in recipe name (``w8a8``) or a TOML recipe path.
+        recipe: a built-in recipe name (``w8a8``) or a TOML recipe path. The default, ``auto``, chooses one from
+            the graph's structure after canonicalization (causal decoders ``w8a8-llm``, other attention models
+            ``w8a8-percentile``, the rest ``w8a8``); ``report["auto"]`` says what it found and chose.
         verify: check the IR after every pass.
         progress: show progress bars.
         tune: time the candidate register tiles of every int8 GEMM shape on this machine and keep the fastest,
@@ -393,14 +434,9 @@ def compile(
             "with no integer lowering; run it with qcompiler.simulate, or compile with w8a8, w8a8-llm or w4a8"
         )
     start = time.perf_counter()
-    qdq, integer, records, shapes = quantize_to_integer(
-        model,
-        example_inputs=example_inputs,
-        calibration=calibration,
-        recipe=chosen,
-        verify=verify,
-        progress=progress,
-    )
+    result = _quantize_to_integer(model, example_inputs, calibration, chosen, verify, progress)
+    integer, records, shapes = result.model, result.records, result.shapes
+    assert result.qdq is not None
     remaining = float_ops_inside(integer)
     if remaining:
         raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
@@ -408,7 +444,8 @@ def compile(
     build_start = time.perf_counter()
     module = build(integer_proto, shapes, tvm_target, tune=tune, metaschedule_trials=metaschedule_trials)
     report = {
-        "recipe": chosen.name,
+        "recipe": result.recipe.name,
+        "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
         "target": str(tvm_target),
         "input_shapes": shapes,
         "passes": [r.as_dict() for r in records],
@@ -419,7 +456,7 @@ def compile(
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
     }
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
-    return CompiledModel(module, integer_proto, report, ir.serde.serialize_model(qdq))
+    return CompiledModel(module, integer_proto, report, ir.serde.serialize_model(result.qdq))
 
 
 def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:

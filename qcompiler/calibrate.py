@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from qcompiler.errors import CalibrationError
 from qcompiler.ir.ort_session import onnxruntime_session
-from qcompiler.passes.quantize.observers import Observer, make_observer
+from qcompiler.observers import Observer, make_observer
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,9 @@ def _parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compile", help="compile an ONNX model")
     comp.add_argument("model", help="path of the .onnx file (external data next to it)")
     comp.add_argument("--target", default="llvm", help="compilation target (default: llvm, this CPU)")
-    comp.add_argument("--recipe", default="w8a8", help="built-in recipe name or path of a .toml recipe")
+    comp.add_argument(
+        "--recipe", default="auto", help="built-in recipe name or .toml path (default: auto, chosen from the graph)"
+    )
     comp.add_argument(
         "--calibration",
         required=True,

@@ -62,6 +62,18 @@ class Recipe:
     #: a float-simulation recipe (``[simulate]``: low-bit weights, per-token activations) instead of the
     #: integer path; run by :func:`qcompiler.simulate`
     simulate: FakeQuantConfig | None = None
+    #: ``[auto]``: architecture kind (qcompiler.ir.analysis.architecture) -> the built-in recipe to use for it;
+    #: empty for a recipe that is used as it is
+    auto: tuple[tuple[str, str], ...] = ()
+
+    def choose(self, kind: str) -> Recipe:
+        """The recipe ``[auto]`` maps ``kind`` to (this recipe when it has no ``[auto]`` table)."""
+        if not self.auto:
+            return self
+        table = dict(self.auto)
+        if kind not in table:
+            raise RecipeError(f"recipe {self.name}: [auto] has no entry for the kind {kind!r}; kinds are {AUTO_KINDS}")
+        return load_recipe(table[kind])
 
 
 def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
@@ -83,6 +95,29 @@ def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
     )
     activation_bits = int(fields.pop("activation_bits", 8))
     return FakeQuantConfig(weight=weight, activation_bits=activation_bits or None, **fields)
+
+
+#: the architecture kinds an ``[auto]`` table maps (qcompiler.ir.analysis.architecture.Architecture.kind)
+AUTO_KINDS = ("causal-decoder", "attention", "depthwise-cnn", "other")
+
+
+def _auto_table(data: Mapping[str, Any], canonicalize: tuple[PassSpec, ...], where: str) -> tuple[tuple[str, str], ...]:
+    """``[auto]``: every kind maps to a built-in integer-path recipe whose canonicalize list is this recipe's (the
+    graph is canonicalized once, before the choice)."""
+    missing = [k for k in AUTO_KINDS if k not in data]
+    unknown = sorted(set(data) - set(AUTO_KINDS))
+    if missing or unknown:
+        raise RecipeError(f"recipe {where}: [auto] needs exactly the kinds {list(AUTO_KINDS)}; missing {missing}, "
+                          f"unknown {unknown}")  # fmt: skip
+    for kind in AUTO_KINDS:
+        target = load_recipe(str(data[kind]))
+        if target.auto or target.simulate is not None:
+            raise RecipeError(f"recipe {where}: [auto] {kind} = {data[kind]!r} must be an integer-path recipe")
+        if target.canonicalize != canonicalize:
+            raise RecipeError(
+                f"recipe {where}: [auto] {kind} = {data[kind]!r} canonicalizes differently; give both the same list"
+            )
+    return tuple((kind, str(data[kind])) for kind in AUTO_KINDS)
 
 
 def builtin_recipes() -> list[str]:
@@ -126,14 +161,16 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
         )
     try:
         data = tomllib.loads(text)
+        canonicalize = _pass_specs(data.get("canonicalize", []), f"{where}: canonicalize")
         return Recipe(
             name=str(data.get("name", where)),
             description=str(data.get("description", "")),
-            canonicalize=_pass_specs(data.get("canonicalize", []), f"{where}: canonicalize"),
+            canonicalize=canonicalize,
             calibration=CalibrationConfig(**data.get("calibration", {})),
             quantize=QuantizeConfig(**data.get("quantize", {})),
             lower=_pass_specs(data.get("lower", []), f"{where}: lower"),
             simulate=_simulate_config(data["simulate"]) if "simulate" in data else None,
+            auto=_auto_table(data["auto"], canonicalize, where) if "auto" in data else (),
         )
     except RecipeError:
         raise

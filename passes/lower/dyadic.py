@@ -39,8 +39,8 @@ from qcompiler.passes.lower.groups import (
 from qcompiler.passes.lower.nonlinear import lower_nonlinearity
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.qdq import computes_on_floats
-from qcompiler.passes.quantize.silu import silu_sigmoids
-from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
+from qcompiler.ir.analysis.silu import silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 

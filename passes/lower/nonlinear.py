@@ -29,8 +29,8 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
-from qcompiler.passes.quantize.silu import silu_sigmoid, silu_sigmoids
-from qcompiler.passes.quantize.softmax_groups import softmax_group
+from qcompiler.ir.analysis.silu import silu_sigmoid, silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import softmax_group
 
 
 def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:

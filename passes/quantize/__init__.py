@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qcompiler.passes.quantize.observers import (
+from qcompiler.observers import (
     MinMaxObserver,
     MSEObserver,
     Observer,

@@ -24,8 +24,8 @@ from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph
 from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
-from qcompiler.passes.quantize.silu import silu_sigmoids
-from qcompiler.passes.quantize.softmax_groups import is_mask_where, softmax_groups
+from qcompiler.ir.analysis.silu import silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
 
 logger = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,8 +66,8 @@ def _layout(op_type: str) -> OpTraits:
                     quantize="inherit", lowering="move")  # fmt: skip
 
 
-def _nonlinear(op_type: str, **traits: bool) -> OpTraits:
-    return OpTraits(op_type, elementwise_nonlinear=True, **traits)  # type: ignore[arg-type]
+def _nonlinear(op_type: str, **traits: Any) -> OpTraits:
+    return OpTraits(op_type, elementwise_nonlinear=True, **traits)
 
 
 # fmt: off

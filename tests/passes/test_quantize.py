@@ -397,3 +397,13 @@ def test_scores_too_wide_for_int8_softmax_become_int16_not_an_error() -> None:
         assert np.isfinite(run_reference(ir.serde.serialize_model(integer), calibration[0])[0]).all()
 
     check()
+
+
+@pytest.mark.parametrize("make", [MinMaxObserver, PercentileObserver])
+def test_observers_ignore_mask_infinities(make) -> None:
+    """An additive attention mask puts -inf (and fully masked rows NaN) in the tensors it touches: the range is
+    that of the finite values, not an error or an infinite threshold."""
+    observer = make()
+    values = np.array([[0.5, -2.0, -np.inf], [np.nan, 1.0, -np.inf]], np.float32)
+    observer.update(values)
+    assert observer.absmax() == pytest.approx(2.0, rel=1e-3)

@@ -1,4 +1,8 @@
-"""Range observers for static activation quantization (streaming: constant memory per tensor)."""
+"""Range observers for static activation quantization (streaming: constant memory per tensor).
+
+Only finite values count: an additive attention mask carries -inf (and a fully masked row NaN) inside the
+softmax group, which is not a range any quantized tensor has to cover.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +22,14 @@ class Observer(abc.ABC):
         """The symmetric clipping threshold chosen from what was observed."""
 
 
+def _finite(values: np.ndarray) -> np.ndarray:
+    """``values`` without infinities and NaNs (no copy when there are none)."""
+    if values.dtype.kind != "f":
+        return values
+    finite = np.isfinite(values)
+    return values if finite.all() else values[finite]
+
+
 class MinMaxObserver(Observer):
     """Running min and max; the threshold is ``max(|min|, |max|)``."""
 
@@ -26,6 +38,7 @@ class MinMaxObserver(Observer):
         self.high = -np.inf
 
     def update(self, values: np.ndarray) -> None:
+        values = _finite(values)
         if values.size:
             self.low = min(self.low, float(np.min(values)))
             self.high = max(self.high, float(np.max(values)))
@@ -53,7 +66,7 @@ class PercentileObserver(Observer):
         self.maximum = 0.0
 
     def update(self, values: np.ndarray) -> None:
-        magnitudes = np.abs(values.astype(np.float64, copy=False)).reshape(-1)
+        magnitudes = np.abs(_finite(values).astype(np.float64, copy=False)).reshape(-1)
         if not magnitudes.size:
             return
         batch_max = float(magnitudes.max())
