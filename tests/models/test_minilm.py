@@ -53,7 +53,9 @@ def test_minilm_w8a8_integer_only_embeddings(minilm, tmp_path) -> None:
     session = onnxruntime_session(ir.serde.deserialize_model(float_proto), optimize=True)
     reference = [sentence_embedding(session.run(None, b)[0], b["mask"]) for b in evaluation]
 
-    compiled = qcompiler.compile(float_proto, "llvm", calibration=calibration, recipe="w8a8-percentile", progress=False)
+    # no recipe named (issue 21, acceptance 3): auto finds attention without a causal mask and picks w8a8-percentile
+    compiled = qcompiler.compile(float_proto, "llvm", calibration=calibration, progress=False)
+    assert compiled.report["auto"]["kind"] == "attention" and compiled.report["recipe"] == "w8a8-percentile"
     assert float_ops_inside(ir.serde.deserialize_model(compiled.integer_model)) == []
     ours = _cosines(lambda b: compiled(b["ids"], b["mask"]), reference, evaluation)
 

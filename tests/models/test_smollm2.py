@@ -39,10 +39,11 @@ def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
 
     calibration = smol.calibration(CALIBRATION_WINDOWS)
     example = (torch.from_numpy(calibration[0]["ids"]),)
+    # no recipe named (issue 21, acceptance 3): auto finds causal attention masks and picks w8a8-llm
     compiled = qcompiler.compile(
-        smol.logits_module(), "llvm", example_inputs=example, calibration=calibration, recipe="w8a8-llm",
-        progress=False,
-    )  # fmt: skip
+        smol.logits_module(), "llvm", example_inputs=example, calibration=calibration, progress=False
+    )
+    assert compiled.report["auto"]["kind"] == "causal-decoder" and compiled.report["recipe"] == "w8a8-llm"
     assert float_ops_inside(ir.serde.deserialize_model(compiled.integer_model)) == []
     offenders = {n: ops for n, ops in float_functions(compiled.module.llvm_ir()).items() if "dequantize" not in n}
     assert not offenders, f"float instructions in integer kernels: {offenders}"
