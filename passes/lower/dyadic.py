@@ -22,6 +22,8 @@ from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX, group_scale_bits
 from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
 from qcompiler.dialect.int4 import pack_int4
 from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.analysis.silu import silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.ir.ops import KEEPS_BOUND_OPS, LINEAR_OPS, traits
 from qcompiler.passes.lower.groups import (
@@ -39,8 +41,6 @@ from qcompiler.passes.lower.groups import (
 from qcompiler.passes.lower.nonlinear import lower_nonlinearity
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.qdq import computes_on_floats
-from qcompiler.ir.analysis.silu import silu_sigmoids
-from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 
 logger = logging.getLogger(__name__)
 
@@ -218,6 +218,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             "neg": self._lower_neg,
             "global_average_pool": self._lower_global_average_pool,
             "move": self._lower_shape_only,
+            "split": self._lower_split,
         }
 
     def _lower_product_or_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
@@ -572,7 +573,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             raise UnsupportedOpError(node_label(node), node.op_type, "its output is not quantized")
         quant = quants[0]
         out_scales = output_scales(quant)
-        if out_scales.shape != x.scale.shape or not np.allclose(out_scales, x.scale, rtol=1e-6):
+        concat = node.op_type == "Concat"  # inputs at other scales are requantized to the output's
+        if not concat and (out_scales.shape != x.scale.shape or not np.allclose(out_scales, x.scale, rtol=1e-6)):
             raise UnsupportedOpError(
                 node_label(node), node.op_type, "input and output scales differ for a shape-only op"
             )
@@ -580,10 +582,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             raise UnsupportedOpError(node_label(node), node.op_type, "its second output is used")
         inputs: list[ir.Value | None] = [x.value, *node.inputs[1:]]
         if node.op_type == "Concat":
-            parts = [dequantized(v, f"input {i}", node) for i, v in enumerate(node.inputs)]
-            if any(p.scale.shape != x.scale.shape or not np.allclose(p.scale, x.scale, rtol=1e-6) for p in parts):
-                raise UnsupportedOpError(node_label(node), "Concat", "its inputs have different scales")
-            inputs = [p.value for p in parts]
+            inputs = [self._at_scale(graph, node, i, out_scales, quant) for i in range(len(node.inputs))]
         if node.op_type == "Clip":
             bounds = []
             out_scale = output_scale(quant)
@@ -596,6 +595,50 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         integer = ir.node(node.op_type, inputs, attributes=attrs)
         graph.insert_after(quant, integer)
         replace_group_output(quant, integer.outputs[0])
+
+    def _at_scale(self, graph: ir.Graph, node: ir.Node, index: int, scales: np.ndarray, quant: ir.Node) -> ir.Value:
+        """Input ``index`` of ``node`` on the integer grid of ``scales``: as it is, or requantized to it
+        (``round(q s_i / s)``; a constant input is already quantized at ``s``)."""
+        part = dequantized(node.inputs[index], f"input {index}", node)
+        if part.scale.shape == scales.shape and np.allclose(part.scale, scales, rtol=1e-6):
+            return part.value
+        if scales.ndim or part.scale.ndim or part.value.dtype != ir.DataType.INT8:
+            reason = f"input {index} is on another grid (per channel or int16) than the output: only int8 inputs"
+            raise UnsupportedOpError(node_label(node), node.op_type, reason)
+        multiplier, shift = quantize_multipliers(np.asarray(float(part.scale) / float(scales), dtype=np.float64))
+        base = f"{quant.outputs[0].name or 'y'}_input{index}"
+        requant = ir.node(
+            "Requantize",
+            [part.value, add_initializer(graph, f"{base}_multiplier", multiplier),
+             add_initializer(graph, f"{base}_shift", shift)],
+            domain=DOMAIN,
+            attributes={"axis": -1, "lo": -128, "hi": 127},
+        )  # fmt: skip
+        requant.outputs[0].name = f"{base}_requantized"
+        requant.outputs[0].dtype = ir.DataType.INT8
+        requant.outputs[0].shape = part.value.shape
+        graph.insert_before(node, requant)
+        return requant.outputs[0]
+
+    def _lower_split(self, graph: ir.Graph, node: ir.Node) -> None:
+        """Split on the integer input: every used part keeps the input's grid (QKV of a fused projection)."""
+        x = dequantized(node.inputs[0], "input", node)
+        integer = ir.node(node.op_type, [x.value, *node.inputs[1:]], attributes=dict(node.attributes.items()),
+                          num_outputs=len(node.outputs))  # fmt: skip
+        quants = []
+        for index, part in enumerate(node.outputs):
+            readers = [r for r in consumers(part) if r.op_type == "QuantizeLinear"]
+            if not part.uses():
+                continue
+            if len(readers) != 1 or not np.allclose(output_scales(readers[0]), x.scale, rtol=1e-6):
+                reason = f"output {index} is not quantized at the input's scale"
+                raise UnsupportedOpError(node_label(node), "Split", reason)
+            quants.append((index, readers[0]))
+        if not quants:
+            return
+        graph.insert_before(node, integer)
+        for index, quant in quants:
+            replace_group_output(quant, integer.outputs[index])
 
 
 def float_ops_inside(model: ir.Model) -> list[str]:

@@ -20,6 +20,8 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from qcompiler.dialect import DOMAIN, OPSET_VERSION
 from qcompiler.dialect import nonlinear as integer
 from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.analysis.silu import silu_sigmoid, silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import softmax_group
 from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import (
     dequantized,
@@ -29,8 +31,6 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
-from qcompiler.ir.analysis.silu import silu_sigmoid, silu_sigmoids
-from qcompiler.ir.analysis.softmax_groups import softmax_group
 
 
 def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:

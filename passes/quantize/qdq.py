@@ -20,12 +20,12 @@ import onnx_ir as ir
 
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
+from qcompiler.ir.analysis.silu import silu_sigmoids
+from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
 from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
-from qcompiler.ir.analysis.silu import silu_sigmoids
-from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
 
 logger = logging.getLogger(__name__)
@@ -365,7 +365,18 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 )
             ):
                 scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
-            else:  # pass-through: same scale as the input (for Concat: the first input's)
+            elif node.op_type == "Concat" and not self._concat_shares_scale(node, scale_of):
+                scale_of[id(out)] = self._quantize_concat(graph, node, scale_of)
+            elif node.op_type == "Split":
+                source = node.inputs[0]
+                if source is None or id(source) not in scale_of:
+                    raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
+                for part in node.outputs:  # every part on the input's grid
+                    if part.uses() or is_graph_output(graph, part):
+                        scale_of[id(part)] = self._quantize_value(
+                            graph, part, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8)
+                        )
+            else:  # pass-through: same scale as the input
                 source = node.inputs[0]
                 if source is None or id(source) not in scale_of:
                     raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
@@ -376,6 +387,65 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _concat_shares_scale(self, node: ir.Node, scale_of: Mapping[int, Any]) -> bool:
+        """Every input of the Concat is a quantized activation on one grid (RoPE's halves): a pure move."""
+        if any(const_array(v) is not None for v in node.inputs):
+            return False  # a constant part is quantized at the output's scale
+        first = node.inputs[0]
+        if first is None or id(first) not in scale_of:
+            return True  # the pass-through branch names the unquantized input
+        scale = np.asarray(scale_of[id(first)])
+        bits = self._bits_of.get(id(first), 8)
+        for value in node.inputs[1:]:
+            if value is None or id(value) not in scale_of or self._bits_of.get(id(value), 8) != bits:
+                return False
+            other = np.asarray(scale_of[id(value)])
+            if other.shape != scale.shape or not np.array_equal(other, scale):
+                return False
+        return True
+
+    def _quantize_concat(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, Any]) -> np.float32:
+        """A Concat of differently scaled inputs (a class token before patch embeddings, partial rotary halves):
+        one int8 output scale, the coarsest input's, so every input's calibrated range fits and nothing is
+        clipped; constant inputs are quantized at it, the lowering requantizes the other inputs to it
+        (``round(q_i s_i / s)``, which the QDQ graph computes too)."""
+        label = node_label(node)
+        scales = []
+        for index, value in enumerate(node.inputs):
+            table = const_array(value)
+            if table is not None:
+                scales.append(max(float(np.abs(table).max()), 1e-8) / ACT_QMAX)
+                continue
+            if value is None or id(value) not in scale_of:
+                raise UnsupportedOpError(label, "Concat", f"its input {index} is not quantized")
+            scale = np.asarray(scale_of[id(value)])
+            if scale.size > 1 or self._bits_of.get(id(value), 8) != 8:
+                raise UnsupportedOpError(
+                    label, "Concat", f"input {index} is int16 or quantized per channel and the inputs' scales differ; "
+                    "only int8 per-tensor inputs are requantized to one scale",
+                )  # fmt: skip
+            scales.append(float(scale))
+        top = np.float32(max(scales))
+        for index, value in enumerate(node.inputs):
+            table = const_array(value)
+            if table is None:
+                continue
+            assert value is not None
+            codes = np.clip(np.round(table / top), -ACT_QMAX, ACT_QMAX).astype(np.int8)
+            name = f"{value.name or 'concat_input'}_at_{node.outputs[0].name or 'concat'}"
+            deq = ir.node("DequantizeLinear", [
+                add_initializer(graph, f"{name}_quantized", codes),
+                add_initializer(graph, f"{name}_scale", np.array(top, np.float32)),
+                add_initializer(graph, f"{name}_zero_point", np.array(0, np.int8)),
+            ])  # fmt: skip
+            deq.outputs[0].name = f"{name}_dq"
+            deq.outputs[0].dtype = ir.DataType.FLOAT
+            graph.insert_before(node, deq)
+            node.replace_input_with(index, deq.outputs[0])
+            scale_of[id(deq.outputs[0])] = top
+        logger.debug("Concat %s: inputs at %s requantized to %s", label, scales, top)
+        return self._quantize_value(graph, node.outputs[0], None, top)
+
     def _check_supported(self, graph: ir.Graph, inside_groups: set[int]) -> None:
         for node in graph:
             label = node_label(node)

@@ -78,6 +78,7 @@ _ROWS: tuple[OpTraits, ...] = (
     OpTraits("Slice", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("Expand", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("Concat", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("Split", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="split"),
     OpTraits("Gather", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("MaxPool", moves_values=True, quantize="inherit", lowering="move"),
     OpTraits("Neg", keeps_width=True, keeps_bound=True, quantize="inherit", lowering="neg"),
