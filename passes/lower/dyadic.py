@@ -38,6 +38,7 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
+from qcompiler.passes.lower.lookup import lower_lookup
 from qcompiler.passes.lower.nonlinear import lower_nonlinearity
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.qdq import computes_on_floats
@@ -219,6 +220,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             "global_average_pool": self._lower_global_average_pool,
             "move": self._lower_shape_only,
             "split": self._lower_split,
+            "lookup": lower_lookup,
         }
 
     def _lower_product_or_scalar(self, graph: ir.Graph, node: ir.Node) -> None:

@@ -23,7 +23,7 @@ from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
-from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS
+from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS, traits
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
@@ -462,6 +462,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     "the W8A8 integer path does not handle this op yet; "
                     "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
                 )
+            row = traits(node.op_type)
+            if row is not None and row.lowering == "lookup" and any(const_array(v) is None for v in node.inputs[1:]):
+                raise UnsupportedOpError(label, node.op_type, "its inputs after the first must be constants (a table)")
             if node.op_type == "Div" and not _is_scalar_rescale(node):
                 raise UnsupportedOpError(label, "Div", "only an activation divided by a positive constant scalar")
             if node.op_type == "Mul" and all(const_array(v) is not None for v in node.inputs):

@@ -23,7 +23,8 @@ Traits:
     positive_homogeneous: ``f(x / s) = f(x) / s`` for every ``s > 0`` (cross-layer equalization passes it).
     quantize: how the output gets its scale: ``"own"`` (calibrated, its own Q/DQ), ``"inherit"`` (the input's
         scale), ``"fixed"`` (a scale fixed by the op: softmax probabilities) or ``""`` (not on the integer path).
-    lowering: the integer lowering's handler (``passes/lower/dyadic.py``'s dispatch table), or ``""``.
+    lowering: the integer lowering's handler (``passes/lower/dyadic.py``'s dispatch table), or ``""``;
+        ``"lookup"``: an elementwise function as a table over the input's levels (``passes/lower/lookup.py``).
 """
 
 from __future__ import annotations
@@ -102,10 +103,14 @@ _ROWS: tuple[OpTraits, ...] = (
              lowering="nonlinear"),
     _nonlinear("Gelu", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
     _nonlinear("Sigmoid", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
-    # elementwise nonlinearities known to region analysis (rotations stop at them), not yet on the integer path
-    *(_nonlinear(op) for op in ("Tanh", "Elu", "HardSigmoid", "HardSwish", "Softplus", "Mish", "Selu", "Celu",
-                                "Erf")),
-    _nonlinear("LeakyRelu", positive_homogeneous=True),
+    # elementwise functions of one quantized input (other inputs constant): a lookup table over the input's
+    # levels (passes/lower/lookup.py), exact to the QDQ graph's Q(f(DQ(x)))
+    *(_nonlinear(op, quantize="own", lowering="lookup")
+      for op in ("Tanh", "Erf", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish")),
+    _nonlinear("LeakyRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
+    _nonlinear("PRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
+    OpTraits("Abs", quantize="own", lowering="lookup"),
+    OpTraits("Exp", quantize="own", lowering="lookup"),
 )
 # fmt: on
 
