@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PYTEST := $(PY) -m pytest -n 2
 
-.PHONY: demo test test-fast lint bench clean
+.PHONY: demo test test-fast lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(PYTEST) -m "not slow"
+
+# N generated graphs through the whole pipeline: zero op-by-op mismatches and zero internal errors, or exit 1
+N ?= 1000
+fuzz: $(STAMP)
+	$(PY) -m qcompiler.testing.fuzz --count $(N)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check qcompiler passes backends tests examples benchmarks
