@@ -1,4 +1,5 @@
-"""Shared fixtures. Hypothesis profiles: 'ci' (default) and 'dev' (fewer examples, HYPOTHESIS_PROFILE=dev)."""
+"""Shared fixtures. Hypothesis profiles: 'ci' (default: a fixed seed, so a quick-run failure replays) and 'dev' (fewer
+examples, HYPOTHESIS_PROFILE=dev). The slow property tests set derandomize=False: new graphs every slow run."""
 
 from __future__ import annotations
 
