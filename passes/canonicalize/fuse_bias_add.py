@@ -40,8 +40,16 @@ def _per_channel(bias: np.ndarray, channels: int, channel_axis_from_end: int) ->
     return bias.reshape(channels)
 
 
+def _is_row_bias(bias: np.ndarray, width: int, rank: int) -> bool:
+    """True if ``bias`` varies only along the last axis (width 1 or ``width``) and, added to a product of
+    ``rank`` dimensions, neither raises its rank nor widens it: then it is the op's bias, with the same sum."""
+    if bias.ndim > rank or any(d != 1 for d in bias.shape[:-1]):
+        return False
+    return bias.ndim == 0 or bias.shape[-1] in (1, width)
+
+
 class _ConvAddBias(RewriteRuleClassBase):
-    """``Add(Conv(x, W[, b0]), b) -> Conv(x, W, b0 + b)`` for b constant per output channel."""
+    """``Add(Conv(x, W), b) -> Conv(x, W, b)`` for a Conv without bias and b constant per output channel."""
 
     def pattern(self, op, x, w, bias):
         return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias, _outputs=["sum_out"])
@@ -72,8 +80,19 @@ class _ConvAddBias(RewriteRuleClassBase):
         return op.Conv(x, w, new_bias, **{k: a for k, a in node.attributes.items()})
 
 
+def _gemm_width(w: ir.Value, gemm_out: ir.Value) -> int | None:
+    """N of a Gemm's [M, N] output: from its constant weight (and ``transB``), else from the inferred shape."""
+    weight = _const(w)
+    node = gemm_out.producer()
+    if weight is not None and weight.ndim == 2 and node is not None:
+        return int(weight.shape[0 if node.attributes.get_int("transB", 0) else 1])
+    width = gemm_out.shape[-1] if gemm_out.shape is not None and len(gemm_out.shape) == 2 else None
+    return width if isinstance(width, int) else None
+
+
 class _GemmAddBias(RewriteRuleClassBase):
-    """``Add(Gemm(x, W), b) -> Gemm(x, W, b)`` (no bias before, beta = 1)."""
+    """``Add(Gemm(x, W), b) -> Gemm(x, W, b)`` for a Gemm without bias; its ``beta`` (which scaled no C before)
+    is dropped, so the new C is added as it is."""
 
     def pattern(self, op, x, w, bias):
         return op.Add(op.Gemm(x, w, _allow_other_attributes=True, _outputs=["gemm_out"]), bias)
@@ -83,13 +102,16 @@ class _GemmAddBias(RewriteRuleClassBase):
         add = _const(bias)
         if add is None:
             return result.fail("added tensor is not constant")
-        if add.ndim > 2:
-            return result.fail("added constant has rank > 2")
+        width = _gemm_width(w, gemm_out)
+        if width is None:
+            return result.fail("Gemm output width is not known")
+        if not _is_row_bias(add, width, 2):
+            return result.fail(f"added constant of shape {add.shape} is not a bias of width {width}")
         return result
 
     def rewrite(self, op, x, w, bias, gemm_out, **_):
         node = gemm_out.producer()
-        return op.Gemm(x, w, bias, **{k: a for k, a in node.attributes.items()})
+        return op.Gemm(x, w, bias, **{k: a for k, a in node.attributes.items() if k != "beta"})
 
 
 class _MatMulAddBias(RewriteRuleClassBase):
@@ -107,7 +129,7 @@ class _MatMulAddBias(RewriteRuleClassBase):
             return result.fail("added tensor is not constant")
         if x.shape is None or len(x.shape) != 2:
             return result.fail("MatMul input is not known to be 2-D")
-        if add.size not in (1, weight.shape[1]) or add.ndim > 2:
+        if not _is_row_bias(add, weight.shape[1], 2):
             return result.fail(f"added constant of shape {add.shape} is not a bias of width {weight.shape[1]}")
         return result
 
@@ -130,10 +152,10 @@ class _BatchedMatMulAddBias(RewriteRuleClassBase):
         weight, add = _const(w), _const(bias)
         if weight is None or weight.ndim != 2:
             return result.fail("MatMul weight is not a constant matrix")
-        if add is None or add.size not in (1, weight.shape[1]) or any(d != 1 for d in add.shape[:-1]):
-            return result.fail("added tensor is not a constant bias along the last axis")
         if x.shape is None or len(x.shape) < 3 or not all(isinstance(d, int) for d in x.shape):
             return result.fail("MatMul input is not known to be static and of rank >= 3")
+        if add is None or not _is_row_bias(add, weight.shape[1], len(x.shape)):
+            return result.fail("added tensor is not a constant bias along the last axis of the product's rank")
         return result
 
     def rewrite(self, op, x, w, bias, sum_out, **_):

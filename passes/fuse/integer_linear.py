@@ -11,9 +11,25 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase, RewriteRuleSet
 
 from qcompiler.dialect import DOMAIN
-from qcompiler.ir.graph import const_array
+from qcompiler.ir.graph import const_array, unique_name
 
 _EPILOGUE = ("zero_point", "lo", "hi")
+
+
+def _fresh(op, array: np.ndarray, requant_out: ir.Value, suffix: str) -> ir.Value:
+    """A new initializer named ``<requant_out>_<suffix>``, numbered if that is taken.
+
+    Named after the ``Requantize`` output, not after the weight or bias: those may be shared (tied weights, equal
+    biases stored once), and onnxscript leaves an initializer whose name collides dangling.
+    """
+    graph = requant_out.graph
+    base = f"{requant_out.name}_{suffix}"
+    return op.initializer(ir.tensor(array), name=unique_name(graph, base) if graph is not None else base)
+
+
+def _int8_input(x: ir.Value) -> bool:
+    """The fused ops read int8 activations; an input of unknown type is taken as the lowering writes it."""
+    return x.dtype is None or x.dtype == ir.DataType.INT8
 
 
 def _epilogue(requant_out: ir.Value) -> dict[str, int]:
@@ -34,6 +50,8 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
 
     def check(self, context, x, w, bias, multiplier, shift, requant_out, **_) -> MatchResult:
         result = MatchResult()
+        if not _int8_input(x):
+            return result.fail(f"the input is {x.dtype}, not int8")
         weight, b = const_array(w), const_array(bias)
         if weight is None or weight.ndim != 2 or weight.dtype != np.int8:
             return result.fail("MatMulInteger weight is not a constant int8 matrix")
@@ -51,8 +69,8 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
     def rewrite(self, op, x, w, bias, multiplier, shift, requant_out, row_exponent=None, **_):
         weight, b = const_array(w), const_array(bias)
         assert weight is not None and b is not None
-        w_t = op.initializer(ir.tensor(np.ascontiguousarray(weight.T)), name=f"{w.name}_nk")
-        b_vec = op.initializer(ir.tensor(b.reshape(-1).astype(np.int32)), name=f"{bias.name}_vec")
+        w_t = _fresh(op, np.ascontiguousarray(weight.T), requant_out, "weight_nk")
+        b_vec = _fresh(op, b.reshape(-1).astype(np.int32), requant_out, "fused_bias")
         rows = [row_exponent] if row_exponent is not None else []
         return op.QGemm(x, w_t, b_vec, multiplier, shift, *rows, _domain=DOMAIN, **_epilogue(requant_out))
 
@@ -79,6 +97,8 @@ class _FuseConvInteger(RewriteRuleClassBase):
 
     def check(self, context, x, w, bias, multiplier, shift, conv_out, requant_out, **_) -> MatchResult:
         result = MatchResult()
+        if not _int8_input(x):
+            return result.fail(f"the input is {x.dtype}, not int8")
         weight, b = const_array(w), const_array(bias)
         if weight is None or weight.ndim != 4 or weight.dtype != np.int8:
             return result.fail("ConvInteger weight is not a constant int8 4-D tensor")
@@ -96,7 +116,7 @@ class _FuseConvInteger(RewriteRuleClassBase):
         conv = conv_out.producer()
         b = const_array(bias)
         assert b is not None
-        b_vec = op.initializer(ir.tensor(b.reshape(-1).astype(np.int32)), name=f"{bias.name}_vec")
+        b_vec = _fresh(op, b.reshape(-1).astype(np.int32), requant_out, "fused_bias")
         attrs = {
             "strides": list(conv.attributes.get_ints("strides", [1, 1])),
             "pads": list(conv.attributes.get_ints("pads", [0, 0, 0, 0])),

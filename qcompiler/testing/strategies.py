@@ -414,3 +414,101 @@ def transformer_models(draw: st.DrawFn, max_layers: int = 2) -> GeneratedModel:
     logits = linear(x, hidden, vocab)
     model = b.model("ids", (tokens,), logits, (tokens, vocab), input_type=TensorProto.INT64, opset=23)
     return GeneratedModel(model, "ids", (tokens,), seed, "transformer:" + ",".join(b.parts), vocab=vocab)
+
+
+@st.composite
+def shared_parameter_models(draw: st.DrawFn, max_layers: int = 4) -> GeneratedModel:
+    """Linears with biases whose constants are shared, as exporters store equal constants once: every zero bias
+    of a freshly initialised model is one initializer, fresh BatchNorms share (1, 0, 0, 1) and fresh RMSNorms one
+    gain of ones, and tied layers share a weight.
+
+    Draws an MLP on [batch, width] (MatMul + Add, Gemm + Add, Gemm with a bias input), a token MLP on
+    [batch, tokens, width] (MatMul + Add) or a CNN (Conv + per-channel Add, Conv with a bias input, Conv +
+    BatchNorm), with decomposed RMSNorms as torch writes them (MLPs), ReLUs and residual Adds. Every layer keeps
+    the width, so any layer may reuse an earlier weight; each constant is new, the shared zero (or fresh-norm)
+    one of its shape, or an earlier one of its shape.
+    """
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    kind = draw(st.sampled_from(["mlp", "tokens", "cnn"]))
+    width = draw(st.integers(1, 8))
+    shape = {
+        "mlp": (draw(st.integers(1, 3)), width),
+        "tokens": (draw(st.integers(1, 2)), draw(st.integers(1, 4)), width),
+        "cnn": (draw(st.integers(1, 2)), width, draw(st.integers(1, 5)), draw(st.integers(1, 5))),
+    }[kind]
+    pools: dict[tuple[str, tuple[int, ...]], list[str]] = {}
+    fresh: dict[tuple[str, tuple[int, ...]], str] = {}
+
+    def constant(role: str, array: np.ndarray, fresh_value: float | None = None) -> str:
+        """A new constant, the shared fresh one (all ``fresh_value``) or an earlier one of the same role and shape."""
+        key = (role, array.shape)
+        options = ["new"] + (["fresh"] if fresh_value is not None else []) + (["reuse"] if pools.get(key) else [])
+        choice = draw(st.sampled_from(options))
+        if choice == "reuse":
+            b.parts.append(f"reused-{role}")
+            return draw(st.sampled_from(pools[key]))
+        if choice == "fresh":
+            if key not in fresh:
+                fresh[key] = b.const(role, np.full(array.shape, fresh_value, np.float32))
+                b.parts.append(f"shared-{role}")
+            return fresh[key]
+        name = b.const(role, array)
+        pools.setdefault(key, []).append(name)
+        return name
+
+    def bias(shape: tuple[int, ...]) -> str:
+        return constant("b", b.small(int(np.prod(shape))).reshape(shape), fresh_value=0.0)
+
+    def rms_norm(x: str) -> str:  # x * Reciprocal(Sqrt(ReduceMean(x^2, -1) + eps)) * gain
+        square = b.node("Pow", [x, constant("two", np.array(2.0, np.float32))])
+        mean = b.node("ReduceMean", [square, constant("axes", np.array([-1], np.int64))], keepdims=1)
+        eps = constant("eps", np.array(1e-5, np.float32))
+        normalized = b.node("Mul", [x, b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [mean, eps])])])])
+        gain = constant("gain", b.rng.uniform(0.5, 1.5, width).astype(np.float32), fresh_value=1.0)
+        b.parts.append("rms")
+        return b.node("Mul", [normalized, gain])
+
+    def layer(x: str) -> str:
+        if kind == "cnn":
+            op = draw(st.sampled_from(["conv_add", "conv_bias", "conv_bn"]))
+            k = draw(st.sampled_from([1, 3]))
+            weight = constant("w", b.weight((width, width, k, k), width * k * k))
+            with_bias = op == "conv_bias" or (op == "conv_bn" and draw(st.booleans()))
+            inputs = [x, weight, bias((width,))] if with_bias else [x, weight]
+            y = b.node("Conv", inputs, kernel_shape=[k, k], pads=[k // 2] * 4)
+            if op == "conv_add":
+                y = b.node("Add", [y, bias(draw(st.sampled_from([(width, 1, 1), (1, width, 1, 1)])))])
+            if op == "conv_bn":
+                params = [
+                    constant("bn_scale", b.rng.uniform(0.5, 1.5, width).astype(np.float32), fresh_value=1.0),
+                    constant("bn_shift", b.small(width), fresh_value=0.0),
+                    constant("bn_mean", b.small(width), fresh_value=0.0),
+                    constant("bn_var", b.rng.uniform(0.5, 2.0, width).astype(np.float32), fresh_value=1.0),
+                ]
+                y = b.node("BatchNormalization", [y, *params], epsilon=1e-5)
+            b.parts.append(op)
+            return y
+        if kind == "mlp" and draw(st.booleans()):
+            x = rms_norm(x)
+        op = draw(st.sampled_from(["matmul_add", "gemm_add", "gemm_bias"] if kind == "mlp" else ["matmul_add"]))
+        weight = constant("w", b.weight((width, width), width))
+        b.parts.append(op)
+        if op == "gemm_bias":
+            return b.node("Gemm", [x, weight, bias((width,))], transB=draw(st.sampled_from([0, 1])))
+        product = b.node("MatMul", [x, weight]) if op == "matmul_add" else b.node("Gemm", [x, weight])
+        lead = len(shape) - 1
+        return b.node("Add", [product, bias(draw(st.sampled_from([(width,), (1,) * lead + (width,)])))])
+
+    x = "input"
+    current = x
+    for _ in range(draw(st.integers(1, max_layers))):
+        y = layer(current)
+        if draw(st.booleans()):
+            y = b.node("Relu", [y])
+        if draw(st.booleans()):
+            y = b.node("Add", [y, current])
+            b.parts.append("residual")
+        current = y
+    model = b.model(x, shape, current, shape)
+    return GeneratedModel(model, x, shape, seed, f"shared-{kind}:" + ",".join(b.parts))

@@ -137,7 +137,8 @@ def test_rotate_residual_is_exact(generated: GeneratedModel) -> None:
         (stream,) = streams
         layers = int(generated.description.rsplit("layers=", 1)[1])
         assert len(stream.writers) == 2 * layers and len(stream.embeddings) == 1
-        assert len(stream.all_readers) == 5 * layers + 1 if "swiglu" in generated.description else 4 * layers + 1
+        mlp_inputs = 2 if "swiglu" in generated.description else 1  # gate and up, or the one up projection
+        assert len(stream.all_readers) == (3 + mlp_inputs) * layers + 1  # q, k, v and the MLP per layer; the head
         assert after.metadata_props["qcompiler.rotate_residual"] == "hadamard-or-random:0"
 
 
