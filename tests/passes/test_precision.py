@@ -16,7 +16,7 @@ from qcompiler.dialect import REFERENCE_OPS, run_reference
 from qcompiler.ir.graph import const_array
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.passes.quantize.qdq import QuantizeConfig
-from qcompiler.testing import assert_bit_exact
+from qcompiler.testing import assert_bit_exact, assert_within_quantization_step
 
 TOKENS, WIDTH, HIDDEN = 16, 32, 64
 OUTLIER = 5  # the channel carrying BERT-style outliers
@@ -213,8 +213,11 @@ def test_attention_operands_are_int16_and_clamped_so_scores_cannot_overflow() ->
     proto = ir.serde.serialize_model(integer)
     assert (run_reference(proto, extreme)[0] == np.float32(run_reference(proto, extreme)[0].max())).all()
     qdq_proto = ir.serde.serialize_model(qdq)
-    for feeds in (extreme, extreme_negative, *batches[:2]):
+    for feeds in (extreme, extreme_negative):  # saturated: every level is the clamp, in both graphs
         np.testing.assert_array_equal(run_reference(proto, feeds)[0], run_reference(qdq_proto, feeds)[0])
+    # in range, the float product and the dyadic requantize may round a tie apart: one step at most (the contract;
+    # exact equality held on one machine's BLAS and not on another's)
+    assert_within_quantization_step(qdq, integer, batches[:2])
     assert run_reference(proto, extreme)[0].min() > 0 > run_reference(proto, extreme_negative)[0].max()
     assert_bit_exact(lambda p: build(p, shapes), integer, [extreme, extreme_negative, *batches[:2]])
 
