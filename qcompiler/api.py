@@ -25,7 +25,7 @@ from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
 from qcompiler.ir.analysis.architecture import describe
-from qcompiler.passes.lower import float_ops_inside
+from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
 
@@ -239,9 +239,15 @@ class _IntegerResult(_QDQResult):
 
 
 def _quantize_to_integer(
-    model: Any, example_inputs: Any, calibration: Any, chosen: Recipe, verify: bool, progress: bool
+    model: Any,
+    example_inputs: Any,
+    calibration: Any,
+    chosen: Recipe,
+    verify: bool,
+    progress: bool,
+    float_islands: bool = False,
 ) -> _IntegerResult:
-    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)
+    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands)
     qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
     lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
@@ -264,6 +270,7 @@ def _quantize_qdq(
     chosen: Recipe,
     verify: bool,
     progress: bool,
+    float_islands: bool = False,
 ) -> _QDQResult:
     """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
@@ -318,7 +325,9 @@ def _quantize_qdq(
     )
     quantized = Pipeline(
         [
-            QuantizeQDQPass(ranges.thresholds, chosen.quantize, ranges.channel_absmax, ranges.hessians),
+            QuantizeQDQPass(
+                ranges.thresholds, chosen.quantize, ranges.channel_absmax, ranges.hessians, float_islands=float_islands
+            ),
             RemoveUnusedNodesPass(),
         ],
         verify_each=verify,
@@ -402,6 +411,7 @@ def compile(
     progress: bool = True,
     tune: bool = False,
     metaschedule_trials: int = 0,
+    integer_only: bool = True,
 ) -> CompiledModel:
     """Quantize ``model`` and compile it to integer-only code for ``target``.
 
@@ -421,6 +431,10 @@ def compile(
         metaschedule_trials: above 0, a MetaSchedule search of that many trials over the kernels without a hand
             GEMM schedule, each kept only where it beats the hand schedule (records in
             ``$QCOMPILER_CACHE_DIR/metaschedule``); minutes on 2 cores, so off by default.
+        integer_only: True (the default): a node the integer path cannot handle is refused by name
+            (``UnsupportedOpError``). False: such nodes stay in float between a DequantizeLinear and a
+            QuantizeLinear (float islands), so the model still compiles and runs; ``report["float_islands"]``
+            lists each by node, op and reason.
 
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
@@ -434,7 +448,9 @@ def compile(
             "with no integer lowering; run it with qcompiler.simulate, or compile with w8a8, w8a8-llm or w4a8"
         )
     start = time.perf_counter()
-    result = _quantize_to_integer(model, example_inputs, calibration, chosen, verify, progress)
+    result = _quantize_to_integer(
+        model, example_inputs, calibration, chosen, verify, progress, float_islands=not integer_only
+    )
     integer, records, shapes = result.model, result.records, result.shapes
     assert result.qdq is not None
     remaining = float_ops_inside(integer)
@@ -451,6 +467,7 @@ def compile(
         "passes": [r.as_dict() for r in records],
         "ops": _op_histogram(integer_proto),
         "float_ops_inside": 0,
+        "float_islands": float_islands(integer),
         "tuned": tune,
         "metaschedule_trials": metaschedule_trials,
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},

@@ -34,6 +34,12 @@ def _parser() -> argparse.ArgumentParser:
     comp.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     comp.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     comp.add_argument("--no-verify", action="store_true", help="skip the IR verifier after each pass")
+    comp.add_argument(
+        "--float-islands",
+        action="store_true",
+        help="keep ops the integer path cannot lower in float between dequantize and quantize (listed), "
+        "instead of refusing the model",
+    )
     comp.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     comp.add_argument(
         "--tune", action="store_true", help="search the GEMM register tiles on this machine (cached on disk)"
@@ -89,6 +95,7 @@ def _compile(args: argparse.Namespace) -> int:
         progress=not args.quiet,
         tune=args.tune,
         metaschedule_trials=args.metaschedule_trials,
+        integer_only=not args.float_islands,
     )
     compiled.save(output, overwrite=args.overwrite)
     records = [PassRecord(**r) for r in compiled.report["passes"]]
@@ -99,6 +106,11 @@ def _compile(args: argparse.Namespace) -> int:
         print(f"{op:<28} {count:>5}")
     print()
     print(f"recipe {compiled.report['recipe']}, target {compiled.report['target']}")
+    if compiled.report.get("auto"):
+        auto = compiled.report["auto"]
+        print(f"recipe auto: kind {auto['kind']} ({auto['facts']}) -> {auto['recipe']}")
+    for island in compiled.report.get("float_islands", []):
+        print(f"float island: {island['node']} ({island['op']}): {island['reason']}")
     print(f"compiled in {time.perf_counter() - start:.2f}s -> {output}")
     return 0
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from qcompiler.passes.lower.dyadic import LowerQDQToIntegerPass, float_ops_inside
+from qcompiler.passes.lower.dyadic import LowerQDQToIntegerPass, float_islands, float_ops_inside
 from qcompiler.passes.lower.nonlinear import LowerNonlinearitiesPass
 
-__all__ = ["LowerNonlinearitiesPass", "LowerQDQToIntegerPass", "float_ops_inside"]
+__all__ = ["LowerNonlinearitiesPass", "LowerQDQToIntegerPass", "float_islands", "float_ops_inside"]

@@ -24,7 +24,7 @@ from qcompiler.dialect.int4 import pack_int4
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
+from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
 from qcompiler.ir.ops import KEEPS_BOUND_OPS, LINEAR_OPS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
@@ -248,6 +248,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue  # index and mask arithmetic is integer already
             if id(node) in inside_groups:
                 continue  # absorbed by the IntSoftmax of its group (removed below once unused)
+            if FLOAT_ISLAND in node.metadata_props:
+                continue  # kept in float between its DequantizeLinear and QuantizeLinear (integer_only=False)
             if lower_nonlinearity(graph, node, inside_groups):  # softmax, norms, GELU, sigmoid, SiLU
                 modified = True
                 continue
@@ -643,12 +645,37 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             replace_group_output(quant, integer.outputs[index])
 
 
+def float_islands(model: ir.Model) -> list[dict[str, str]]:
+    """The nodes kept in float on purpose (``integer_only=False``): node, op and why the integer path refused it."""
+    return [
+        {"node": node_label(node), "op": node.op_type, "reason": node.metadata_props[FLOAT_ISLAND]}
+        for node in model.graph
+        if FLOAT_ISLAND in node.metadata_props
+    ]
+
+
+def _island_boundary(node: ir.Node) -> bool:
+    """A float island, a DequantizeLinear read only by islands, or a QuantizeLinear of an island's output."""
+    if FLOAT_ISLAND in node.metadata_props:
+        return True
+    if node.op_type == "DequantizeLinear":
+        readers = consumers(node.outputs[0])
+        return bool(readers) and all(FLOAT_ISLAND in r.metadata_props for r in readers)
+    if node.op_type == "QuantizeLinear" and node.inputs[0] is not None:
+        producer = node.inputs[0].producer()
+        return producer is not None and FLOAT_ISLAND in producer.metadata_props
+    return False
+
+
 def float_ops_inside(model: ir.Model) -> list[str]:
-    """Nodes computing on floats other than the input QuantizeLinear and the output DequantizeLinear."""
+    """Nodes computing on floats other than the input QuantizeLinear, the output DequantizeLinear and the declared
+    float islands with their own QuantizeLinear and DequantizeLinear (:func:`float_islands`)."""
     graph = model.graph
     outputs = {id(v) for v in graph.outputs}
     offenders = []
     for node in graph:
+        if _island_boundary(node):
+            continue
         if node.op_type == "QuantizeLinear" and node.inputs[0] is not None and node.inputs[0].producer() is None:
             continue
         if node.op_type == "DequantizeLinear" and id(node.outputs[0]) in outputs:

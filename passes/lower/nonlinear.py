@@ -22,7 +22,7 @@ from qcompiler.dialect import nonlinear as integer
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.analysis.silu import silu_sigmoid, silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import softmax_group
-from qcompiler.ir.graph import add_initializer, const_array, consumers, node_label
+from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import (
     dequantized,
     output_bounds,
@@ -158,7 +158,7 @@ def lower_nonlinearity(graph: ir.Graph, node: ir.Node, silu_gates: set[int]) -> 
     """Lower ``node`` if a nonlinear island starts there: a SiLU's ``Mul``, or a Softmax, LayerNormalization,
     RMSNormalization, Gelu or Sigmoid (not one of ``silu_gates``, the ids of SiLU Sigmoids, lowered with their
     Mul). Returns whether it did: the one dispatch both lowering passes use."""
-    if node.domain not in ("", "ai.onnx"):
+    if node.domain not in ("", "ai.onnx") or FLOAT_ISLAND in node.metadata_props:
         return False
     if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
         lower_silu(graph, node, sigmoid)

@@ -22,7 +22,7 @@ from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.ir.graph import add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, is_graph_output, node_label
 from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS, traits
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
@@ -208,6 +208,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             (:func:`qcompiler.calibrate.observe`); without it every activation is per-tensor int8.
         hessians: activation name -> ``2 X^T X / N`` (``observe(..., hessians=True)``), needed by
             ``weight_quantizer = "gptq"``.
+        float_islands: a node the integer path cannot handle stays in float between DequantizeLinear and
+            QuantizeLinear (its outputs quantized at their calibrated ranges), tagged :data:`FLOAT_ISLAND` with the
+            reason, instead of an :class:`UnsupportedOpError`.
     """
 
     preserves_outputs = False  # quantization changes the outputs by design; tests bound the change
@@ -218,8 +221,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         config: QuantizeConfig | None = None,
         channel_absmax: Mapping[str, np.ndarray] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
+        float_islands: bool = False,
     ) -> None:
         super().__init__()
+        #: keep nodes the integer path cannot handle in float (tagged FLOAT_ISLAND) instead of refusing them
+        self.float_islands = float_islands
         self.ranges = dict(ranges)
         self.config = config or QuantizeConfig()
         self.channel_absmax = dict(channel_absmax) if channel_absmax is not None else None
@@ -313,6 +319,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 continue
             if id(node) in inside_groups:
                 continue  # masks and NaN guards stay float inside the softmax group
+            if FLOAT_ISLAND in node.metadata_props:
+                for out in node.outputs:  # float inside; its float outputs quantized at their calibrated ranges
+                    if out.dtype in _FLOATS and (out.uses() or is_graph_output(graph, out)):
+                        scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
+                continue
             if node.op_type == "Gather":
                 self._quantize_table(graph, node, scale_of, index=0)
             if node.op_type == "Add" or (node.op_type == "Mul" and not _is_scalar_rescale(node)):
@@ -447,49 +458,60 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         return self._quantize_value(graph, node.outputs[0], None, top)
 
     def _check_supported(self, graph: ir.Graph, inside_groups: set[int]) -> None:
+        """Refuse the first node the integer path cannot handle by name; with ``float_islands``, tag every such
+        node instead (:data:`FLOAT_ISLAND`: kept in float between DequantizeLinear and QuantizeLinear)."""
         for node in graph:
-            label = node_label(node)
             if not computes_on_floats(node) or id(node) in inside_groups:
                 continue
-            if node.op_type == "Gather" and (const_array(node.inputs[0]) is None or node.attributes.get_int("axis", 0)):
-                raise UnsupportedOpError(label, "Gather", "only row lookups (axis 0) in a constant table (embeddings)")
-            if node.domain not in ("", "ai.onnx"):
-                raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
-            if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
-                raise UnsupportedOpError(
-                    label,
-                    node.op_type,
-                    "the W8A8 integer path does not handle this op yet; "
-                    "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
-                )
-            row = traits(node.op_type)
-            if row is not None and row.lowering == "lookup" and any(const_array(v) is None for v in node.inputs[1:]):
-                raise UnsupportedOpError(label, node.op_type, "its inputs after the first must be constants (a table)")
-            if node.op_type == "Div" and not _is_scalar_rescale(node):
-                raise UnsupportedOpError(label, "Div", "only an activation divided by a positive constant scalar")
-            if node.op_type == "Mul" and all(const_array(v) is not None for v in node.inputs):
-                raise UnsupportedOpError(label, "Mul", "both factors are constants: fold constants first")
-            if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
-                raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
-            if node.op_type == "Add" and all(const_array(v) is not None for v in node.inputs):
-                raise UnsupportedOpError(label, "Add", "both addends are constants: fold constants first")
-            if node.op_type == "Gemm":
-                alpha = node.attributes.get("alpha")
-                if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
-                    raise UnsupportedOpError(label, "Gemm", "transA=1 or alpha != 1 is not supported")
-            if node.op_type in ("Softmax", "LayerNormalization", "RMSNormalization") and node.attributes.get_int(
-                "axis", -1
-            ) not in (
-                -1,
-                _rank(node.inputs[0]) - 1,
-            ):
-                raise UnsupportedOpError(label, node.op_type, "only the last axis is supported")
-            if node.op_type in ("LayerNormalization", "RMSNormalization") and (
-                const_array(node.inputs[1]) is None or (len(node.inputs) > 2 and const_array(node.inputs[2]) is None)
-            ):
-                raise UnsupportedOpError(label, node.op_type, "scale and bias must be constant initializers")
-            if node.op_type == "MatMul" and (w := const_array(node.inputs[1])) is not None and w.ndim != 2:
-                raise UnsupportedOpError(label, "MatMul", f"weight of rank {w.ndim}: only 2-D weights")
+            try:
+                self._check_node(node)
+            except UnsupportedOpError as refusal:
+                if not self.float_islands:
+                    raise
+                node.metadata_props[FLOAT_ISLAND] = str(refusal)
+                logger.warning("float island: %s", refusal)
+
+    def _check_node(self, node: ir.Node) -> None:
+        label = node_label(node)
+        if node.op_type == "Gather" and (const_array(node.inputs[0]) is None or node.attributes.get_int("axis", 0)):
+            raise UnsupportedOpError(label, "Gather", "only row lookups (axis 0) in a constant table (embeddings)")
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
+        if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
+            raise UnsupportedOpError(
+                label,
+                node.op_type,
+                "the W8A8 integer path does not handle this op yet; "
+                "supported: " + ", ".join(sorted(ANCHOR_OPS | PASS_THROUGH_OPS)),
+            )
+        row = traits(node.op_type)
+        if row is not None and row.lowering == "lookup" and any(const_array(v) is None for v in node.inputs[1:]):
+            raise UnsupportedOpError(label, node.op_type, "its inputs after the first must be constants (a table)")
+        if node.op_type == "Div" and not _is_scalar_rescale(node):
+            raise UnsupportedOpError(label, "Div", "only an activation divided by a positive constant scalar")
+        if node.op_type == "Mul" and all(const_array(v) is not None for v in node.inputs):
+            raise UnsupportedOpError(label, "Mul", "both factors are constants: fold constants first")
+        if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
+            raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
+        if node.op_type == "Add" and all(const_array(v) is not None for v in node.inputs):
+            raise UnsupportedOpError(label, "Add", "both addends are constants: fold constants first")
+        if node.op_type == "Gemm":
+            alpha = node.attributes.get("alpha")
+            if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):
+                raise UnsupportedOpError(label, "Gemm", "transA=1 or alpha != 1 is not supported")
+        if node.op_type in ("Softmax", "LayerNormalization", "RMSNormalization") and node.attributes.get_int(
+            "axis", -1
+        ) not in (
+            -1,
+            _rank(node.inputs[0]) - 1,
+        ):
+            raise UnsupportedOpError(label, node.op_type, "only the last axis is supported")
+        if node.op_type in ("LayerNormalization", "RMSNormalization") and (
+            const_array(node.inputs[1]) is None or (len(node.inputs) > 2 and const_array(node.inputs[2]) is None)
+        ):
+            raise UnsupportedOpError(label, node.op_type, "scale and bias must be constant initializers")
+        if node.op_type == "MatMul" and (w := const_array(node.inputs[1])) is not None and w.ndim != 2:
+            raise UnsupportedOpError(label, "MatMul", f"weight of rank {w.ndim}: only 2-D weights")
 
     def _range(self, value: ir.Value) -> float:
         if value.name not in self.ranges:

@@ -5,6 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+#: metadata key of a node kept in float on purpose (``compile(..., integer_only=False)``); its value is the reason
+#: the integer path refused the node
+FLOAT_ISLAND = "qcompiler.float_island"
+
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
     """The constant array behind ``value`` (an initializer), or None if it is computed at run time."""

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 
 from qcompiler.cli import main
@@ -28,8 +29,10 @@ def test_compile_writes_a_loadable_model(calibration_file: Path, tmp_path: Path,
     assert code == 0
     text = capsys.readouterr().out
     assert "FuseIntegerLinearPass" in text and "qcompiler::QConv" in text and "compiled in" in text
+    assert "recipe auto: kind other" in text and "-> w8a8" in text  # what auto chose, said
     report = json.loads((out / "report.json").read_text())
-    assert report["float_ops_inside"] == 0
+    assert report["float_ops_inside"] == 0 and report["float_islands"] == []
+    assert report["auto"]["kind"] == "other" and report["recipe"] == "w8a8"
     import qcompiler
 
     x, expected = mnist_test_vector()
@@ -137,3 +140,17 @@ def test_profile_errors_name_the_argument(compiled_mnist: Path, tmp_path: Path, 
     assert "--inputs: input 'Input3': shape (2, 1, 28, 28), compiled for (1, 1, 28, 28)" in capsys.readouterr().err
     assert main(["profile", str(tmp_path)]) == 1
     assert "is not a saved qcompiler model" in capsys.readouterr().err
+
+
+def test_float_islands_flag_keeps_an_unlowerable_op_and_lists_it(tmp_path: Path, capsys) -> None:
+    """--float-islands: a Sin between two Gemms compiles (in float between DQ and Q) and the CLI names it."""
+    from test_float_islands import _batches, _model  # the same directory, on sys.path under pytest
+
+    model_path, data_path = tmp_path / "sin.onnx", tmp_path / "cal.npz"
+    onnx.save(_model(), model_path)
+    np.savez(data_path, x=np.stack([b["x"] for b in _batches(4, 0)]))
+    args = ["compile", str(model_path), "--calibration", str(data_path), "-q", "--recipe", "w8a8"]
+    assert main([*args, "-o", str(tmp_path / "strict")]) == 1
+    assert "the_sin" in capsys.readouterr().err
+    assert main([*args, "-o", str(tmp_path / "islands"), "--float-islands"]) == 0
+    assert "float island: the_sin (Sin)" in capsys.readouterr().out
