@@ -37,7 +37,8 @@ WIDE_QMAX = 32767
 CHANNEL_HEADROOM = 4.0
 
 SOFTMAX_OUTPUT_SCALE = np.float32(1.0 / 128.0)
-#: int16 scores need ``ln2 / S <= 2^14`` (IntSoftmax's exp polynomial): their scale is at least this
+#: scores need ``ln2 / S <= 2^14`` (IntSoftmax's exp polynomial): their scale is at least this (int8 scores of a
+#: smaller range too: a logit difference below 4.3e-5 moves no probability by more than that)
 WIDE_SCORES_MIN_SCALE = np.float32(np.log(2.0) / 16000.0)
 #: IntSoftmax needs its input step below ln2: int8 scores never get a coarser one
 SOFTMAX_MAX_INPUT_SCALE = np.float32(np.log(2.0) * 0.999)
@@ -295,8 +296,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         # IntSoftmax reads its input at a step below ln2 (qcompiler.dialect.nonlinear.softmax_constants): scores
         # whose int8 step would reach it are stored int16 where their producer can write int16, else clamped
         self._capped_scores: set[int] = set()
+        self._floored_scores: set[int] = set()
         for g in groups.values():
             if g.scores.name not in self.ranges or id(g.scores) in self._wide_scores:
+                continue
+            if activation_scale(self._range(g.scores)) < WIDE_SCORES_MIN_SCALE:
+                self._floored_scores.add(id(g.scores))  # differences below the step change no probability
                 continue
             if activation_scale(self._range(g.scores)) < SOFTMAX_MAX_INPUT_SCALE:
                 continue
@@ -363,6 +368,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
                 elif id(out) in self._capped_scores:
                     scale = min(activation_scale(self._range(out)), SOFTMAX_MAX_INPUT_SCALE)
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale)
+                elif id(out) in self._floored_scores:
+                    scale = max(activation_scale(self._range(out)), WIDE_SCORES_MIN_SCALE)
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scale)
                 else:
                     scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
@@ -444,12 +452,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             assert value is not None
             codes = np.clip(np.round(table / top), -ACT_QMAX, ACT_QMAX).astype(np.int8)
             name = f"{value.name or 'concat_input'}_at_{node.outputs[0].name or 'concat'}"
+            codes_value = add_initializer(graph, f"{name}_quantized", codes)  # a unique name: the DQ's follows it
             deq = ir.node("DequantizeLinear", [
-                add_initializer(graph, f"{name}_quantized", codes),
+                codes_value,
                 add_initializer(graph, f"{name}_scale", np.array(top, np.float32)),
                 add_initializer(graph, f"{name}_zero_point", np.array(0, np.int8)),
             ])  # fmt: skip
-            deq.outputs[0].name = f"{name}_dq"
+            deq.outputs[0].name = f"{codes_value.name}_dq"
             deq.outputs[0].dtype = ir.DataType.FLOAT
             graph.insert_before(node, deq)
             node.replace_input_with(index, deq.outputs[0])

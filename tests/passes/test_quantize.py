@@ -369,10 +369,12 @@ def test_searched_alpha_is_the_model_minimiser_and_sets_the_scales() -> None:
         QuantizeConfig(migration_alpha_grid=[0.0])
 
 
-def test_scores_too_wide_for_int8_softmax_become_int16_not_an_error() -> None:
+@pytest.mark.parametrize(("factor", "wide"), [(6.0, True), (1e-3, False)])
+def test_scores_outside_the_softmax_bounds_get_a_scale_inside_not_an_error(factor: float, wide: bool) -> None:
     """Attention scores of range ~300 would need an int8 step above ln2, which IntSoftmax cannot read: the default
-    recipe stores them int16 instead (a choice of scale, never an error to the user), and the integer graph keeps
-    agreeing op by op with its simulation."""
+    recipe stores them int16 instead; scores of range ~1e-4 would need a step below ln2 / 2^14: their step is
+    raised to it (a choice of scale, never an error to the user). The integer graph keeps agreeing op by op with
+    its simulation."""
     import onnx
     from hypothesis import HealthCheck, given, settings
 
@@ -388,11 +390,11 @@ def test_scores_too_wide_for_int8_softmax_become_int16_not_an_error() -> None:
         model.CopyFrom(generated.model)
         for tensor in model.graph.initializer:  # blow up every projection: scores of range in the hundreds
             if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.dims) == 2:
-                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 6.0, tensor.name))
+                tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * factor, tensor.name))
         calibration = generated.inputs(4)
         qdq, integer, _, _ = quantize_to_integer(model, calibration=calibration, progress=False)
         softmax = next(n for n in integer.graph if n.op_type == "IntSoftmax")
-        assert softmax.inputs[0].dtype == ir.DataType.INT16
+        assert softmax.inputs[0].dtype == (ir.DataType.INT16 if wide else ir.DataType.INT8)
         assert_lowering_matches(qdq, integer, generated.inputs(2, offset=1))
         assert np.isfinite(run_reference(ir.serde.serialize_model(integer), calibration[0])[0]).all()
 
