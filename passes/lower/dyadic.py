@@ -221,6 +221,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             "move": self._lower_shape_only,
             "split": self._lower_split,
             "lookup": lower_lookup,
+            "reduce": self._lower_reduce,
+            "pad": self._lower_pad,
         }
 
     def _lower_product_or_scalar(self, graph: ir.Graph, node: ir.Node) -> None:
@@ -570,6 +572,52 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         real = float(x.scale.reshape(())) / (out_scale * count)
         self._requantize_after(graph, quant, total.outputs[0], real, axis=1, lo=lo, hi=hi, producers=[widen, total])
 
+    def _lower_reduce(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``ReduceMean`` / ``ReduceSum`` over any axes: the int32 sum of the integer input, then one Requantize
+        (``s_x / (n s_y)`` for a mean of ``n`` elements, ``s_x / s_y`` for a sum)."""
+        x = dequantized(node.inputs[0], "input", node)
+        label = node_label(node)
+        if x.scale.ndim:
+            raise UnsupportedOpError(label, node.op_type, "its input is quantized per channel; a sum needs one scale")
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            raise UnsupportedOpError(label, node.op_type, "needs a static input shape")
+        axes = reduce_axes(node)
+        if axes is None:
+            raise UnsupportedOpError(label, node.op_type, "its axes must be constant")
+        rank = len(shape)
+        axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
+        count = int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
+        base = quant.outputs[0].name or "reduce"
+        widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
+        widen.outputs[0].dtype = ir.DataType.INT32
+        axes_value = add_initializer(graph, f"{base}_axes", np.array(axes, dtype=np.int64))
+        keepdims = node.attributes.get_int("keepdims", 1)
+        total = ir.node("ReduceSum", [widen.outputs[0], axes_value], attributes={"keepdims": keepdims})
+        total.outputs[0].dtype = ir.DataType.INT32
+        divisor = count if node.op_type == "ReduceMean" else 1
+        real = float(x.scale.reshape(())) / (output_scale(quant) * divisor)
+        self._requantize_after(graph, quant, total.outputs[0], real, lo=lo, hi=hi, producers=[widen, total])
+
+    def _lower_pad(self, graph: ir.Graph, node: ir.Node) -> None:
+        """Pad on the integer input (constant, reflect, edge): a constant pad value becomes its level on the input's
+        grid, ``clamp(round(v / s))``, which is what the QDQ graph's QuantizeLinear makes of it."""
+        if len(node.inputs) > 3 and node.inputs[3] is not None:
+            axes = const_array(node.inputs[3])
+            if axes is None:
+                raise UnsupportedOpError(node_label(node), "Pad", "its axes must be constant")
+        value = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+        if value is not None:
+            x = dequantized(node.inputs[0], "input", node)
+            lo, hi = (-32768, 32767) if x.value.dtype == ir.DataType.INT16 else (-128, 127)
+            level = np.clip(np.round(float(value.reshape(())) / float(x.scale.reshape(-1)[0])), lo, hi)
+            dtype = np.int16 if x.value.dtype == ir.DataType.INT16 else np.int8
+            name = f"{node.outputs[0].name or 'pad'}_level"
+            node.replace_input_with(2, add_initializer(graph, name, np.array(level, dtype)))
+        self._lower_shape_only(graph, node)
+
     def _lower_shape_only(self, graph: ir.Graph, node: ir.Node) -> None:
         x = dequantized(node.inputs[0], "input", node)
         quants = [r for r in consumers(node.outputs[0]) if r.op_type == "QuantizeLinear"]
@@ -643,6 +691,17 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         graph.insert_before(node, integer)
         for index, quant in quants:
             replace_group_output(quant, integer.outputs[index])
+
+
+def reduce_axes(node: ir.Node) -> list[int] | None:
+    """A Reduce* node's axes (attribute before opset 18, constant input after); [] for all; None if not constant."""
+    attribute = node.attributes.get("axes")
+    if attribute is not None:
+        return [int(a) for a in attribute.as_ints()]
+    if len(node.inputs) < 2 or node.inputs[1] is None:
+        return []
+    axes = const_array(node.inputs[1])
+    return None if axes is None else [int(a) for a in axes.reshape(-1)]
 
 
 def float_islands(model: ir.Model) -> list[dict[str, str]]:

@@ -82,6 +82,7 @@ _ROWS: tuple[OpTraits, ...] = (
     OpTraits("Split", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="split"),
     OpTraits("Gather", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("MaxPool", moves_values=True, quantize="inherit", lowering="move"),
+    OpTraits("Pad", moves_values=True, quantize="inherit", lowering="pad"),
     OpTraits("Neg", keeps_width=True, keeps_bound=True, quantize="inherit", lowering="neg"),
     # activations that become the clamp of the anchor before them
     OpTraits("Relu", fusable_activation=True, elementwise_nonlinear=True, positive_homogeneous=True,
@@ -110,6 +111,13 @@ _ROWS: tuple[OpTraits, ...] = (
     _nonlinear("LeakyRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
     _nonlinear("PRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
     OpTraits("Abs", quantize="own", lowering="lookup"),
+    OpTraits("Pow", quantize="own", lowering="lookup"),  # a constant exponent (tanh-GELU's x^3)
+    OpTraits("Reciprocal", quantize="own", lowering="lookup"),
+    OpTraits("Sin", quantize="own", lowering="lookup"),
+    OpTraits("Cos", quantize="own", lowering="lookup"),
+    # reductions: the int32 sum, then one Requantize
+    OpTraits("ReduceMean", quantize="own", lowering="reduce"),
+    OpTraits("ReduceSum", quantize="own", lowering="reduce"),
     OpTraits("Exp", quantize="own", lowering="lookup"),
 )
 # fmt: on

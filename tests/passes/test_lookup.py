@@ -19,6 +19,11 @@ from qcompiler.testing import assert_bit_exact, assert_lowering_matches, assert_
 LOOKUP_OPS = sorted(ops_where(lambda t: t.lowering == "lookup"))
 CHANNELS, SIDE = 3, 5
 #: attributes that make each op's table non-trivial
+#: constant second inputs: PRelu's slope per channel, Pow's exponent
+SECOND_INPUT = {
+    "PRelu": np.array([0.1, -0.3, 0.6], np.float32).reshape(CHANNELS, 1, 1),
+    "Pow": np.array(3.0, np.float32),
+}
 ATTRIBUTES = {"LeakyRelu": {"alpha": 0.2}, "Elu": {"alpha": 0.7}, "Celu": {"alpha": 1.3}, "HardSigmoid": {"alpha": 0.3}}
 
 
@@ -30,9 +35,9 @@ def _conv_block(op: str) -> onnx.ModelProto:
         "w2": rng.standard_normal((CHANNELS, CHANNELS, 1, 1)).astype(np.float32),
     }
     inputs = ["a"]
-    if op == "PRelu":
-        inits["slope"] = np.array([0.1, -0.3, 0.6], np.float32).reshape(CHANNELS, 1, 1)
-        inputs.append("slope")
+    if op in SECOND_INPUT:
+        inits["second"] = SECOND_INPUT[op]
+        inputs.append("second")
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
         helper.make_node(op, inputs, ["b"], **ATTRIBUTES.get(op, {})),
@@ -90,8 +95,8 @@ def test_a_table_is_the_qdq_graphs_function_level_by_level() -> None:
 
 def test_a_non_constant_second_input_is_a_named_refusal() -> None:
     model = _conv_block("PRelu")
-    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "slope"))
-    model.graph.input.append(helper.make_tensor_value_info("slope", TensorProto.FLOAT, [CHANNELS, 1, 1]))
-    feeds = [{**b, "slope": np.full((CHANNELS, 1, 1), 0.1, np.float32)} for b in _batches(2, 0)]
+    model.graph.initializer.remove(next(t for t in model.graph.initializer if t.name == "second"))
+    model.graph.input.append(helper.make_tensor_value_info("second", TensorProto.FLOAT, [CHANNELS, 1, 1]))
+    feeds = [{**b, "second": np.full((CHANNELS, 1, 1), 0.1, np.float32)} for b in _batches(2, 0)]
     with pytest.raises(UnsupportedOpError, match="PRelu.*constants"):
         quantize_to_integer(ir.serde.deserialize_model(model), calibration=feeds, progress=False)

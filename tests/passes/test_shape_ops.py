@@ -114,3 +114,67 @@ def test_concat_of_per_channel_and_per_tensor_inputs_is_a_named_refusal() -> Non
     concat.replace_input_with(1, b)
     with pytest.raises(UnsupportedOpError, match="per channel"):
         pass_._quantize_concat(graph, concat, {id(a): np.float32(0.1), id(b): np.array([0.1, 0.2], np.float32)})
+
+
+def _image_block(node: onnx.NodeProto, inits: dict, out_shape: list[int]) -> onnx.ModelProto:
+    """Conv -> ``node`` (reading "a", writing "b") -> Relu on [1, 3, 5, 5]."""
+    rng = np.random.default_rng(4)
+    inits = {"w": rng.standard_normal((3, 3, 3, 3)).astype(np.float32) * 0.5, **inits}
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w"], ["a"], pads=[1, 1, 1, 1]), node, helper.make_node("Relu", ["b"], ["y"])],
+        "block",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 5, 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, out_shape)],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    return model
+
+
+def _image_batches(count: int, seed: int) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((1, 3, 5, 5)).astype(np.float32)} for _ in range(count)]
+
+
+REDUCTIONS = [
+    ("ReduceMean", [2, 3], 1, [1, 3, 1, 1]),  # squeeze-excitation's pooled vector
+    ("ReduceMean", [1], 0, [1, 5, 5]),
+    ("ReduceMean", [-1], 1, [1, 3, 5, 1]),
+    ("ReduceSum", [1, 3], 0, [1, 5]),
+]
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("op", "axes", "keepdims", "out_shape"), REDUCTIONS)
+def test_reductions_over_any_axes_lower_to_an_integer_sum(op: str, axes, keepdims: int, out_shape) -> None:
+    from qcompiler.backends.tvm import build
+
+    node = helper.make_node(op, ["a", "axes"], ["b"], keepdims=keepdims)
+    model = _image_block(node, {"axes": np.array(axes, np.int64)}, out_shape)
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=_image_batches(4, 0), progress=False)
+    sums = [n for n in integer.graph if n.op_type == "ReduceSum"]
+    assert op == "ReduceSum" or op not in {n.op_type for n in integer.graph}
+    assert len(sums) == 1 and sums[0].inputs[0].dtype.name == "INT32"  # the sum of the widened integer input
+    probe = _image_batches(2, 8)
+    assert_lowering_matches(qdq, integer, probe)
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(("mode", "value"), [("constant", 0.0), ("constant", 0.37), ("reflect", None), ("edge", None)])
+def test_pad_lowers_on_integers_with_its_value_on_the_grid(mode: str, value: float | None) -> None:
+    from qcompiler.backends.tvm import build
+
+    inputs = ["a", "pads"] + (["value"] if value is not None else [])
+    inits: dict = {"pads": np.array([0, 0, 1, 2, 0, 0, 2, 1], np.int64)}
+    if value is not None:
+        inits["value"] = np.array(value, np.float32)
+    model = _image_block(helper.make_node("Pad", inputs, ["b"], mode=mode), inits, [1, 3, 8, 8])
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=_image_batches(4, 0), progress=False)
+    pad = next(n for n in integer.graph if n.op_type == "Pad")
+    assert pad.inputs[0].dtype.name == "INT8"
+    probe = _image_batches(2, 8)
+    assert_within_quantization_step(qdq, integer, probe)
+    assert_lowering_matches(qdq, integer, probe)
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
