@@ -64,7 +64,15 @@ def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
     keep = group.keep
     if group.keep_constant is not None:  # a constant additive mask (a causal mask folded at export)
         keep = add_initializer(graph, f"{quant.outputs[0].name or 'softmax'}_keep", group.keep_constant)
+    before = []
+    if keep is not None and group.keep_inverted:  # masked_fill's mask marks what is dropped
+        negation = ir.node("Not", [keep])
+        negation.outputs[0].dtype = ir.DataType.BOOL
+        before.append(negation)
+        keep = negation.outputs[0]
     inputs = [x.value] if keep is None else [x.value, keep]
+    if before:
+        graph.insert_before(node, before)
     _emit(graph, quant, ir.node("IntSoftmax", inputs, domain=DOMAIN, attributes=constants))
 
 

@@ -54,6 +54,7 @@ class SoftmaxGroup:
     keep_constant: np.ndarray | None  # boolean mask from a constant additive mask, or None
     members: list[ir.Node]  # the group's nodes other than the Softmax (mask Add, IsNaN, guard Where)
     output: ir.Value  # the group's float output
+    keep_inverted: bool = False  # ``keep`` marks the dropped entries (masked_fill's mask): the lowering negates it
 
     @property
     def ids(self) -> set[int]:
@@ -75,6 +76,24 @@ def _nan_guard(softmax: ir.Node) -> tuple[ir.Node, ir.Node] | None:
     return is_nan, guard
 
 
+def _select_mask(node: ir.Node) -> tuple[int, ir.Value, np.ndarray | None, bool] | None:
+    """``Where(keep, s, drop)`` or ``Where(mask, drop, s)`` (masked_fill) with a constant ``drop <= -1e4``: the
+    index of ``s``, the boolean condition, its constant value (or None) and whether it marks the dropped entries."""
+    if node.op_type != "Where" or len(node.inputs) != 3 or node.inputs[0] is None:
+        return None
+    condition = node.inputs[0]
+    if condition.dtype not in (ir.DataType.BOOL, None):
+        return None
+    for scores_index, drop_index, inverted in ((1, 2, False), (2, 1, True)):
+        drop = const_array(node.inputs[drop_index])
+        if drop is not None and drop.size >= 1 and bool(np.all(drop <= DROP_THRESHOLD)):
+            if const_array(node.inputs[scores_index]) is not None:
+                return None
+            constant = const_array(condition)
+            return scores_index, condition, None if constant is None else constant.astype(bool), inverted
+    return None
+
+
 def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
     """The group around a Softmax node (a plain Softmax is a group of one)."""
     scores = softmax.inputs[0]
@@ -82,8 +101,21 @@ def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
     members: list[ir.Node] = []
     keep = None
     keep_constant = None
+    keep_inverted = False
     producer = scores.producer()
-    if producer is not None and producer.op_type == "Add" and len(consumers(scores)) == 1:
+    select = _select_mask(producer) if producer is not None and len(consumers(scores)) == 1 else None
+    if select is not None:
+        assert producer is not None
+        scores_index, condition, constant, keep_inverted = select
+        members.append(producer)
+        if constant is not None:
+            keep_constant, keep_inverted = (~constant if keep_inverted else constant), False
+        else:
+            keep = condition
+        source = producer.inputs[scores_index]
+        assert source is not None
+        scores = source
+    elif producer is not None and producer.op_type == "Add" and len(consumers(scores)) == 1:
         for index in (0, 1):
             condition = additive_mask_condition(producer.inputs[index])
             constant = constant_mask(producer.inputs[index])
@@ -99,7 +131,7 @@ def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
     if guard is not None:
         members.extend(guard)
         output = guard[1].outputs[0]
-    return SoftmaxGroup(softmax, scores, keep, keep_constant, members, output)
+    return SoftmaxGroup(softmax, scores, keep, keep_constant, members, output, keep_inverted)
 
 
 def softmax_groups(graph: ir.Graph) -> list[SoftmaxGroup]:
