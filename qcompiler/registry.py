@@ -10,7 +10,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from onnxscript.version_converter import ConvertVersionPass
 
-from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
+from qcompiler.passes.canonicalize import DecomposeBatchNormPass, FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerNonlinearitiesPass, LowerQDQToIntegerPass
 from qcompiler.passes.transform import (
@@ -49,6 +49,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fold-constants": _fold_constants,
     "infer-shapes": ShapeInferencePass,
     "fold-batchnorm": FoldBatchNormPass,
+    "decompose-batchnorm": DecomposeBatchNormPass,
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,

@@ -12,13 +12,13 @@ from hypothesis import strategies as st
 
 from qcompiler.ir.graph import const_array
 from qcompiler.ir.verifier import verify
-from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
+from qcompiler.passes.canonicalize import DecomposeBatchNormPass, FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.pipeline import run_model
 from qcompiler.testing import GeneratedModel, assert_float_exact_pass, models, token_mlp_models
 from qcompiler.testing.strategies import shared_parameter_models
 
 #: the canonicalize passes in recipe order (qcompiler/recipes/*.toml)
-CANONICALIZE = (FuseBiasAddPass, FuseRMSNormPass, FoldBatchNormPass)
+CANONICALIZE = (FuseBiasAddPass, FuseRMSNormPass, FoldBatchNormPass, DecomposeBatchNormPass)
 
 WITH_BIASES = st.one_of(shared_parameter_models(), token_mlp_models(), models())
 
@@ -83,6 +83,8 @@ def test_every_canonicalize_pass_keeps_the_graph_valid_and_exact(generated: Gene
             assert not any(n.op_type == "Pow" for n in after.graph), generated.description
         if make_pass is FoldBatchNormPass:
             assert not _foldable_batchnorms_left(after), generated.description
+        if make_pass is DecomposeBatchNormPass:
+            assert not any(n.op_type == "BatchNormalization" for n in after.graph), generated.description
 
 
 @settings(max_examples=60)

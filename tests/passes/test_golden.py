@@ -14,7 +14,7 @@ import pytest
 
 from qcompiler.dialect import run_reference
 from qcompiler.ir.verifier import verify
-from qcompiler.passes.canonicalize import FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
+from qcompiler.passes.canonicalize import DecomposeBatchNormPass, FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.testing.golden import assert_same_structure
 
@@ -457,9 +457,46 @@ FUSE_NEAR_MISSES = {
 }
 
 
+DECOMPOSE_BATCHNORM_GOLDEN = {
+    # a = g / sqrt(var + eps) = [2, 1.5]; b = beta - mu a = [-1.5, 1]; per channel (axis 1)
+    "bn-after-relu": (
+        BATCHNORM_NEAR_MISSES["bn-after-relu"],
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1] a = {{2.0, 1.5}}, float[2,1,1] b = {{-1.5, 1.0}}> {{
+            r = Relu(x)
+            m = Mul(r, a)
+            y = Add(m, b)
+        }}""",
+    ),
+    "bn-on-features": (
+        f"""{OPSET21}
+        g (float[3,2] x) => (float[3,2] y) <{BN}> {{
+            y = BatchNormalization<epsilon=0.25>(x, g, beta, mu, var)
+        }}""",
+        f"""{OPSET21}
+        g (float[3,2] x) => (float[3,2] y) <float[2] a = {{2.0, 1.5}}, float[2] b = {{-1.5, 1.0}}> {{
+            m = Mul(x, a)
+            y = Add(m, b)
+        }}""",
+    ),
+}
+
+DECOMPOSE_BATCHNORM_NEAR_MISSES = {
+    "bn-in-training-mode": BATCHNORM_NEAR_MISSES["bn-in-training-mode"],
+    "bn-statistics-at-run-time": f"""{OPSET21}
+        g (float[1,2,3,3] x, float[2] mu) => (float[1,2,3,3] y)
+          <float[2] g = {{2.0, 3.0}}, float[2] beta = {{0.5, -0.5}}, float[2] var = {{0.75, 3.75}}> {{
+            y = BatchNormalization<epsilon=0.25>(x, g, beta, mu, var)
+        }}""",
+}
+
 GOLDEN = [
     *(pytest.param(FuseBiasAddPass, *case, id=f"fuse-bias-add:{name}") for name, case in BIAS_ADD_GOLDEN.items()),
     *(pytest.param(FoldBatchNormPass, *case, id=f"fold-batchnorm:{name}") for name, case in BATCHNORM_GOLDEN.items()),
+    *(
+        pytest.param(DecomposeBatchNormPass, *case, id=f"decompose-batchnorm:{name}")
+        for name, case in DECOMPOSE_BATCHNORM_GOLDEN.items()
+    ),
     *(pytest.param(FuseRMSNormPass, *case, id=f"fuse-rms-norm:{name}") for name, case in RMS_GOLDEN.items()),
     *(
         pytest.param(FuseIntegerLinearPass, *case, id=f"fuse-integer-linear:{name}")
@@ -470,6 +507,10 @@ GOLDEN = [
 NEAR_MISSES = [
     *(pytest.param(FuseBiasAddPass, text, id=f"fuse-bias-add:{name}") for name, text in BIAS_ADD_NEAR_MISSES.items()),
     *(pytest.param(FoldBatchNormPass, t, id=f"fold-batchnorm:{n}") for n, t in BATCHNORM_NEAR_MISSES.items()),
+    *(
+        pytest.param(DecomposeBatchNormPass, t, id=f"decompose-batchnorm:{n}")
+        for n, t in DECOMPOSE_BATCHNORM_NEAR_MISSES.items()
+    ),
     *(pytest.param(FuseRMSNormPass, text, id=f"fuse-rms-norm:{name}") for name, text in RMS_NEAR_MISSES.items()),
     *(pytest.param(FuseIntegerLinearPass, t, id=f"fuse-integer-linear:{n}") for n, t in FUSE_NEAR_MISSES.items()),
 ]

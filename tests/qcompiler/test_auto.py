@@ -104,9 +104,12 @@ def test_a_plain_recipe_chooses_itself() -> None:
 def test_a_malformed_auto_table_is_refused(tmp_path, table: str, message: str) -> None:
     base = (load_recipe("auto"),)
     assert isinstance(base[0], Recipe)
+    canonicalize = ", ".join(
+        f'{{ pass = "{p.name}", opset = {p.options["opset"]} }}' if p.options else f'"{p.name}"'
+        for p in load_recipe("w8a8").canonicalize
+    )
     text = (
-        'name = "mine"\ncanonicalize = [{ pass = "upgrade-opset", opset = 21 }, "fold-constants", "infer-shapes", '
-        '"fuse-bias-add", "fuse-rms-norm", "fold-batchnorm", "remove-unused"]\n'
+        f'name = "mine"\ncanonicalize = [{canonicalize}]\n'
         f'lower = ["lower-qdq-to-integer", "fuse-integer-linear", "remove-unused"]\n[auto]\n{table}\n'
     )
     path = tmp_path / "mine.toml"
