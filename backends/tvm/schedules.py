@@ -43,8 +43,16 @@ ROW_TILE_ATTR = "qcompiler.row_tile"  # output width of a convolution: im2col ro
 CHANNEL_RUN_ATTR = "qcompiler.channel_run"  # input channels of an NHWC convolution: its im2col's contiguous runs
 
 
+#: what a schedule primitive raises when it does not apply to a block: the block keeps its default schedule
+_NOT_APPLICABLE = tvm.s_tir.schedule.ScheduleError
+
+
 def _block_names(sch: Schedule) -> list[str]:
-    root = sch.get_sblock("root")
+    """The top-level blocks; none for a PrimFunc without a root block (an extern or an opaque TVM kernel)."""
+    try:
+        root = sch.get_sblock("root")
+    except _NOT_APPLICABLE:
+        return []
     return [sch.get(b).name_hint for b in sch.get_child_blocks(root)]
 
 
@@ -424,6 +432,16 @@ def _spatial(sch: Schedule, name: str) -> bool:
 
 
 def schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
+    """:func:`_schedule_fused`, or None (TVM's default schedule, correct but slower) where a primitive fails a TVM
+    internal check (seen inlining around a gather): a failed check may leave a schedule half changed."""
+    try:
+        return _schedule_fused(func)
+    except tvm.error.InternalError as failure:
+        logger.debug("elementwise schedule skipped for %s: %s", func.attrs.get("global_symbol", "?"), failure)
+        return None
+
+
+def _schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     """A PrimFunc after TVM's legalization and fusion: TVM's own elementwise kernels (casts, reshapes, RoPE's
     products, concatenations), alone or fused around one of our scheduled kernels. Their spatial blocks are
     inlined into their consumers (or, trailing ones, into their producer), and whatever spatial block is left gets
@@ -435,7 +453,7 @@ def schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             try:
                 sch.compute_inline(sch.get_sblock(name))
                 changed = True
-            except tvm.s_tir.schedule.ScheduleError:
+            except _NOT_APPLICABLE:
                 pass
     for name in _block_names(sch):
         if not _spatial(sch, name) or _scheduled(sch, name):
@@ -444,12 +462,12 @@ def schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
             sch.reverse_compute_inline(sch.get_sblock(name))
             changed = True
             continue
-        except tvm.s_tir.schedule.ScheduleError:
+        except _NOT_APPLICABLE:
             pass
         try:
             _parallel_elementwise(sch, name)
             changed = True
-        except tvm.s_tir.schedule.ScheduleError:
+        except _NOT_APPLICABLE:
             pass
     return sch.mod["main"] if changed else None
 
