@@ -10,7 +10,13 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 from onnxscript.optimizer._constant_folding import FoldConstantsPass
 from onnxscript.version_converter import ConvertVersionPass
 
-from qcompiler.passes.canonicalize import DecomposeBatchNormPass, FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
+from qcompiler.passes.canonicalize import (
+    ConvertConv1dToConv2dPass,
+    DecomposeBatchNormPass,
+    FoldBatchNormPass,
+    FuseBiasAddPass,
+    FuseRMSNormPass,
+)
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.passes.lower import LowerNonlinearitiesPass, LowerQDQToIntegerPass
 from qcompiler.passes.transform import (
@@ -50,6 +56,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "infer-shapes": ShapeInferencePass,
     "fold-batchnorm": FoldBatchNormPass,
     "decompose-batchnorm": DecomposeBatchNormPass,
+    "conv1d-to-conv2d": ConvertConv1dToConv2dPass,
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,

@@ -425,9 +425,10 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         base = quant.outputs[0].name or "y"
         w_value = add_initializer(graph, f"{base}_weight", weight)
         if node.op_type == "Conv":
-            kernel = (weight.shape[2], weight.shape[3])
             if weight.ndim != 4:
-                raise UnsupportedOpError(node_label(node), "Conv", "only 2-D convolutions are supported")
+                raise UnsupportedOpError(node_label(node), "Conv", "only 2-D convolutions (canonicalize turns 1-D "
+                                         "ones into 2-D; 3-D ones have no integer kernel)")  # fmt: skip
+            kernel = (weight.shape[2], weight.shape[3])
             attrs = {
                 "pads": _conv_pads(node, node.inputs[0], kernel),
                 "strides": list(node.attributes.get_ints("strides", [1, 1])),

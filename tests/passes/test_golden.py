@@ -14,7 +14,13 @@ import pytest
 
 from qcompiler.dialect import run_reference
 from qcompiler.ir.verifier import verify
-from qcompiler.passes.canonicalize import DecomposeBatchNormPass, FoldBatchNormPass, FuseBiasAddPass, FuseRMSNormPass
+from qcompiler.passes.canonicalize import (
+    ConvertConv1dToConv2dPass,
+    DecomposeBatchNormPass,
+    FoldBatchNormPass,
+    FuseBiasAddPass,
+    FuseRMSNormPass,
+)
 from qcompiler.passes.fuse import FuseIntegerLinearPass
 from qcompiler.testing.golden import assert_same_structure
 
@@ -490,6 +496,35 @@ DECOMPOSE_BATCHNORM_NEAR_MISSES = {
         }}""",
 }
 
+CONV1D_GOLDEN = {
+    # [N, C, L] -> [N, C, 1, L]: pads, strides and dilations move to the width axis
+    "conv1d-strided-padded": (
+        f"""{OPSET21}
+        g (float[1,2,7] x) => (float[1,2,4] y) <float[2,2,3] w = {{1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 1.0,
+            2.0, 3.0}}, float[2] b = {{0.5, -0.5}}> {{
+            y = Conv<pads=[1,1], strides=[2]>(x, w, b)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,2,7] x) => (float[1,2,4] y) <int64[1] axis = {{2}}, float[2,2,1,3] w = {{1.0, 2.0, 3.0, 4.0,
+            5.0, 6.0, 7.0, 8.0, 9.0, 1.0, 2.0, 3.0}}, float[2] b = {{0.5, -0.5}}> {{
+            u = Unsqueeze(x, axis)
+            c = Conv<pads=[0,1,0,1], strides=[1,2], dilations=[1,1], kernel_shape=[1,3], group=1>(u, w, b)
+            y = Squeeze(c, axis)
+        }}""",
+    ),
+}
+
+CONV1D_NEAR_MISSES = {
+    "conv2d": f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,2,1,1] w = {{1.0, 2.0, 3.0, 4.0}}> {{
+            y = Conv(x, w)
+        }}""",
+    "conv1d-weight-at-run-time": f"""{OPSET21}
+        g (float[1,2,7] x, float[2,2,3] w) => (float[1,2,5] y) {{
+            y = Conv(x, w)
+        }}""",
+}
+
 GOLDEN = [
     *(pytest.param(FuseBiasAddPass, *case, id=f"fuse-bias-add:{name}") for name, case in BIAS_ADD_GOLDEN.items()),
     *(pytest.param(FoldBatchNormPass, *case, id=f"fold-batchnorm:{name}") for name, case in BATCHNORM_GOLDEN.items()),
@@ -498,6 +533,7 @@ GOLDEN = [
         for name, case in DECOMPOSE_BATCHNORM_GOLDEN.items()
     ),
     *(pytest.param(FuseRMSNormPass, *case, id=f"fuse-rms-norm:{name}") for name, case in RMS_GOLDEN.items()),
+    *(pytest.param(ConvertConv1dToConv2dPass, *c, id=f"conv1d-to-conv2d:{n}") for n, c in CONV1D_GOLDEN.items()),
     *(
         pytest.param(FuseIntegerLinearPass, *case, id=f"fuse-integer-linear:{name}")
         for name, case in FUSE_GOLDEN.items()
@@ -512,6 +548,7 @@ NEAR_MISSES = [
         for n, t in DECOMPOSE_BATCHNORM_NEAR_MISSES.items()
     ),
     *(pytest.param(FuseRMSNormPass, text, id=f"fuse-rms-norm:{name}") for name, text in RMS_NEAR_MISSES.items()),
+    *(pytest.param(ConvertConv1dToConv2dPass, t, id=f"conv1d-to-conv2d:{n}") for n, t in CONV1D_NEAR_MISSES.items()),
     *(pytest.param(FuseIntegerLinearPass, t, id=f"fuse-integer-linear:{n}") for n, t in FUSE_NEAR_MISSES.items()),
 ]
 
