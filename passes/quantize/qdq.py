@@ -329,8 +329,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     if out.dtype in _FLOATS and (out.uses() or is_graph_output(graph, out)):
                         scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
                 continue
-            if node.op_type == "Gather":
-                self._quantize_table(graph, node, scale_of, index=0)
+            if node.op_type == "Gather" and const_array(node.inputs[0]) is not None:
+                self._quantize_table(graph, node, scale_of, index=0)  # an embedding table
             if node.op_type == "Add" or (node.op_type == "Mul" and not _is_scalar_rescale(node)):
                 # a constant addend (folded position embeddings) or factor (RoPE's tables): int8 per tensor
                 for index, value in enumerate(node.inputs):
@@ -482,8 +482,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
 
     def _check_node(self, node: ir.Node) -> None:
         label = node_label(node)
-        if node.op_type == "Gather" and (const_array(node.inputs[0]) is None or node.attributes.get_int("axis", 0)):
-            raise UnsupportedOpError(label, "Gather", "only row lookups (axis 0) in a constant table (embeddings)")
+        if node.op_type == "Gather" and const_array(node.inputs[0]) is not None and node.attributes.get_int("axis", 0):
+            raise UnsupportedOpError(label, "Gather", "a constant table is read by rows (axis 0) only; fold constants")
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
         if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:

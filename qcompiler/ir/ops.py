@@ -81,6 +81,8 @@ _ROWS: tuple[OpTraits, ...] = (
     OpTraits("Concat", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("Split", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="split"),
     OpTraits("Gather", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("GatherND", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("GatherElements", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("MaxPool", moves_values=True, quantize="inherit", lowering="move"),
     OpTraits("Pad", moves_values=True, quantize="inherit", lowering="pad"),
     OpTraits("Neg", keeps_width=True, keeps_bound=True, quantize="inherit", lowering="neg"),

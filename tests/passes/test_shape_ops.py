@@ -178,3 +178,25 @@ def test_pad_lowers_on_integers_with_its_value_on_the_grid(mode: str, value: flo
     assert_within_quantization_step(qdq, integer, probe)
     assert_lowering_matches(qdq, integer, probe)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize(
+    ("op", "indices", "attributes", "out_shape"),
+    [
+        ("Gather", np.array([2, 0], np.int64), {"axis": 1}, [1, 2, 5, 5]),  # a selection along channels
+        ("GatherND", np.array([[0, 1], [0, 2]], np.int64), {}, [2, 5, 5]),
+        ("GatherElements", np.zeros((1, 3, 5, 2), np.int64), {"axis": 3}, [1, 3, 5, 2]),
+    ],
+)
+def test_selections_of_activations_move_integers(op: str, indices, attributes: dict, out_shape) -> None:
+    from qcompiler.backends.tvm import build
+
+    model = _image_block(helper.make_node(op, ["a", "indices"], ["b"], **attributes), {"indices": indices}, out_shape)
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=_image_batches(4, 0), progress=False)
+    node = next(n for n in integer.graph if n.op_type == op)
+    assert node.inputs[0].dtype.name == "INT8"
+    probe = _image_batches(2, 8)
+    assert_within_quantization_step(qdq, integer, probe)
+    assert_lowering_matches(qdq, integer, probe)
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
