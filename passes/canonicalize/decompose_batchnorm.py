@@ -29,7 +29,7 @@ class DecomposeBatchNormPass(ir.passes.InPlacePass):
             params = [const_array(v) for v in node.inputs[1:5]]
             if x is None or x.shape is None or len(x.shape) < 2 or any(p is None for p in params):
                 continue
-            gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)  # type: ignore[arg-type]
+            gamma, beta, mean, var = (np.asarray(p, np.float64).reshape(-1) for p in params)
             epsilon = node.attributes.get_float("epsilon", 1e-5)
             factor = gamma / np.sqrt(var + epsilon)
             offset = beta - mean * factor

@@ -17,6 +17,8 @@ and the input's per-channel scales; the lowered graph is standard ONNX:
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -52,10 +54,13 @@ def _evaluate(node: ir.Node, x: np.ndarray, others: list[np.ndarray | None]) -> 
         [proto_node], "f", inputs, [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)], initializers
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    return np.asarray(ReferenceEvaluator(model).run(None, {"x": x})[0], dtype=np.float64)
+    outputs = cast(list, ReferenceEvaluator(model).run(None, {"x": x}))  # one array per output name
+    return np.asarray(outputs[0], dtype=np.float64)
 
 
-def lookup_table(node: ir.Node, input_scale: np.ndarray, rank: int, input_type: ir.DataType, quant: ir.Node):
+def lookup_table(
+    node: ir.Node, input_scale: np.ndarray, rank: int, input_type: ir.DataType, quant: ir.Node
+) -> tuple[np.ndarray, int]:
     """The table ``T[q, *B]`` of ``node`` (input ``rank``, int8/int16 ``input_type`` at ``input_scale``, scalar or
     one per channel of the last axis) for the output ``quant``; and the levels' offset ``-lo``."""
     label = node_label(node)
@@ -65,7 +70,7 @@ def lookup_table(node: ir.Node, input_scale: np.ndarray, rank: int, input_type: 
     if scale.ndim:
         scale = scale.reshape([1] * rank + [-1])
     x = (levels * scale).astype(np.float32)  # DQ as ONNX computes it: float32 level times float32 scale
-    others = []
+    others: list[np.ndarray | None] = []
     for index, value in enumerate(node.inputs[1:], start=1):
         if value is None:
             others.append(None)
