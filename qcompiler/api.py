@@ -197,6 +197,11 @@ def load(directory: str | Path) -> CompiledModel:
     return CompiledModel(module, integer_model, report, qdq)
 
 
+def lowers_by_tables(recipe: Recipe) -> bool:
+    """Whether the recipe's integer lowering turns SiLU, Sigmoid and Gelu into lookup tables (``tables = true``)."""
+    return any(spec.name == "lower-qdq-to-integer" and spec.options.get("tables", False) for spec in recipe.lower)
+
+
 @dataclasses.dataclass(frozen=True)
 class AutoChoice:
     """What an ``[auto]`` recipe found and chose: the architecture kind, the recipe, and the facts behind it."""
@@ -374,10 +379,10 @@ def simulate(
             "lowering; use an integer-path recipe (w8a8, w8a8-llm, w4a8)"
         )
     if chosen.simulate is None:
-        qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress).model
-        if nonlinearities == "integer":
-            LowerNonlinearitiesPass()(qdq)
-        return qdq
+        result = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress)
+        if nonlinearities == "integer":  # as the recipe's lowering does them (I-BERT kernels, or tables)
+            LowerNonlinearitiesPass(tables=lowers_by_tables(result.recipe))(result.model)
+        return result.model
     if calibration is None:
         raise CalibrationError("calibration: required (an iterable of representative batches)")
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None

@@ -209,8 +209,10 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
 
     preserves_outputs = False  # changes outputs by at most one quantization step (tested)
 
-    def __init__(self) -> None:
+    def __init__(self, tables: bool = False) -> None:
         super().__init__()
+        #: SiLU, Sigmoid and Gelu as exact lookup tables instead of I-BERT's integer polynomials (deep CNNs)
+        self.tables = tables
         #: the ``lowering`` column of qcompiler.ir.ops -> its handler (nonlinearities: lower_nonlinearity)
         self._handlers: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
             "linear": self._lower_linear,
@@ -252,7 +254,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue  # absorbed by the IntSoftmax of its group (removed below once unused)
             if FLOAT_ISLAND in node.metadata_props:
                 continue  # kept in float between its DequantizeLinear and QuantizeLinear (integer_only=False)
-            if lower_nonlinearity(graph, node, inside_groups):  # softmax, norms, GELU, sigmoid, SiLU
+            if lower_nonlinearity(graph, node, inside_groups, self.tables):  # softmax, norms, GELU, sigmoid, SiLU
                 modified = True
                 continue
             if node.op_type in _ACTIVATIONS:

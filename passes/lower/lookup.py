@@ -17,6 +17,7 @@ and the input's per-channel scales; the lowered graph is standard ONNX:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import cast
 
 import numpy as np
@@ -58,18 +59,9 @@ def _evaluate(node: ir.Node, x: np.ndarray, others: list[np.ndarray | None]) -> 
     return np.asarray(outputs[0], dtype=np.float64)
 
 
-def lookup_table(
-    node: ir.Node, input_scale: np.ndarray, rank: int, input_type: ir.DataType, quant: ir.Node
-) -> tuple[np.ndarray, int]:
-    """The table ``T[q, *B]`` of ``node`` (input ``rank``, int8/int16 ``input_type`` at ``input_scale``, scalar or
-    one per channel of the last axis) for the output ``quant``; and the levels' offset ``-lo``."""
+def node_function(node: ir.Node) -> Callable[[np.ndarray], np.ndarray]:
+    """``x -> node(x, *constant other inputs)`` by the ONNX reference (UnsupportedOpError: a non-constant input)."""
     label = node_label(node)
-    lo, hi = _STORAGE[input_type]
-    levels = np.arange(lo, hi + 1, dtype=np.float64).reshape([-1] + [1] * rank)
-    scale = np.asarray(input_scale, np.float64)
-    if scale.ndim:
-        scale = scale.reshape([1] * rank + [-1])
-    x = (levels * scale).astype(np.float32)  # DQ as ONNX computes it: float32 level times float32 scale
     others: list[np.ndarray | None] = []
     for index, value in enumerate(node.inputs[1:], start=1):
         if value is None:
@@ -79,12 +71,39 @@ def lookup_table(
         if constant is None:
             raise UnsupportedOpError(label, node.op_type, f"input {index} must be a constant for a lookup table")
         others.append(constant)
-    y = _evaluate(node, x, others)
+    return lambda x: _evaluate(node, x, others)
+
+
+def silu_function(x: np.ndarray) -> np.ndarray:
+    """``x * Sigmoid(x)`` as the QDQ graph computes it: a float32 Sigmoid, then a float32 product."""
+    x32 = x.astype(np.float32)
+    sigmoid = (1.0 / (1.0 + np.exp(-x32.astype(np.float64)))).astype(np.float32)
+    return (x32 * sigmoid).astype(np.float64)
+
+
+def lookup_table(
+    function: Callable[[np.ndarray], np.ndarray],
+    input_scale: np.ndarray,
+    rank: int,
+    input_type: ir.DataType,
+    quant: ir.Node,
+    label: str,
+    op_type: str,
+) -> tuple[np.ndarray, int]:
+    """The table ``T[q, *B]`` of ``function`` (input ``rank``, int8/int16 ``input_type`` at ``input_scale``, scalar
+    or one per channel of the last axis) for the output ``quant``; and the levels' offset ``-lo``."""
+    lo, hi = _STORAGE[input_type]
+    levels = np.arange(lo, hi + 1, dtype=np.float64).reshape([-1] + [1] * rank)
+    scale = np.asarray(input_scale, np.float64)
+    if scale.ndim:
+        scale = scale.reshape([1] * rank + [-1])
+    x = (levels * scale).astype(np.float32)  # DQ as ONNX computes it: float32 level times float32 scale
+    y = function(x)
     if y.shape[0] != levels.shape[0] or y.ndim != rank + 1:
-        raise UnsupportedOpError(label, node.op_type, f"not elementwise in its first input (result {y.shape})")
+        raise UnsupportedOpError(label, op_type, f"not elementwise in its first input (result {y.shape})")
     out_scale = output_scales(quant)
     if out_scale.ndim:
-        raise UnsupportedOpError(label, node.op_type, "its output is quantized per channel; a table has one scale")
+        raise UnsupportedOpError(label, op_type, "its output is quantized per channel; a table has one scale")
     out_lo, out_hi = output_bounds(quant)
     codes = np.clip(np.round(np.nan_to_num(y / float(out_scale), nan=0.0, posinf=out_hi, neginf=out_lo)), out_lo,
                     out_hi)  # fmt: skip
@@ -93,13 +112,25 @@ def lookup_table(
 
 def lower_lookup(graph: ir.Graph, node: ir.Node) -> None:
     """``Q(f(DQ(x)))`` -> ``Gather(T, index(x))``: see the module docstring."""
-    x = dequantized(node.inputs[0], "input", node)
+    lower_lookup_of(graph, node, node, node_function(node))
+
+
+def lower_silu_lookup(graph: ir.Graph, mul: ir.Node, sigmoid: ir.Node) -> None:
+    """SiLU's ``Mul(x, Sigmoid(x))`` as one table of ``x * sigmoid(x)`` over x's levels."""
+    lower_lookup_of(graph, mul, sigmoid, silu_function)
+
+
+def lower_lookup_of(
+    graph: ir.Graph, node: ir.Node, reader: ir.Node, function: Callable[[np.ndarray], np.ndarray]
+) -> None:
+    """``node``'s quantized output as ``function`` of ``reader``'s first (quantized) input, by table."""
+    x = dequantized(reader.inputs[0], "input", reader)
     label = node_label(node)
     if x.value.dtype not in _STORAGE or x.value.shape is None:
         raise UnsupportedOpError(label, node.op_type, "a lookup table needs an int8 or int16 input of known rank")
     _, quant = quantized_output(node)
     rank = len(x.value.shape)
-    codes, offset = lookup_table(node, x.scale, rank, x.value.dtype, quant)
+    codes, offset = lookup_table(function, x.scale, rank, x.value.dtype, quant, label, node.op_type)
     out_type = quant.outputs[0].dtype if quant.outputs[0].dtype in _NUMPY else ir.DataType.INT8
     broadcast = codes.shape[1:]
     width = int(np.prod(broadcast, dtype=np.int64))

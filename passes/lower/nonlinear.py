@@ -162,14 +162,25 @@ NONLINEAR_LOWERINGS: dict[str, Callable[[ir.Graph, ir.Node], None]] = {
 }
 
 
-def lower_nonlinearity(graph: ir.Graph, node: ir.Node, silu_gates: set[int]) -> bool:
+#: the integer nonlinearities that ``tables=True`` lowers as exact lookup tables instead (passes/lower/lookup.py)
+TABLE_NONLINEARITIES = frozenset({"Gelu", "Sigmoid"})
+
+
+def lower_nonlinearity(graph: ir.Graph, node: ir.Node, silu_gates: set[int], tables: bool = False) -> bool:
     """Lower ``node`` if a nonlinear island starts there: a SiLU's ``Mul``, or a Softmax, LayerNormalization,
     RMSNormalization, Gelu or Sigmoid (not one of ``silu_gates``, the ids of SiLU Sigmoids, lowered with their
-    Mul). Returns whether it did: the one dispatch both lowering passes use."""
+    Mul). With ``tables``, SiLU, Sigmoid and Gelu become lookup tables over their input's levels (exactly the QDQ
+    graph's ``Q(f(DQ(x)))``; for deep CNNs, where I-BERT's polynomials compound). Returns whether it did: the
+    one dispatch both lowering passes use."""
+    from qcompiler.passes.lower.lookup import lower_lookup, lower_silu_lookup
+
     if node.domain not in ("", "ai.onnx") or FLOAT_ISLAND in node.metadata_props:
         return False
     if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:
-        lower_silu(graph, node, sigmoid)
+        (lower_silu_lookup if tables else lower_silu)(graph, node, sigmoid)
+        return True
+    if tables and node.op_type in TABLE_NONLINEARITIES and id(node) not in silu_gates:
+        lower_lookup(graph, node)
         return True
     if node.op_type in NONLINEAR_LOWERINGS and id(node) not in silu_gates:
         NONLINEAR_LOWERINGS[node.op_type](graph, node)
@@ -188,13 +199,17 @@ class LowerNonlinearitiesPass(ir.passes.InPlacePass):
 
     preserves_outputs = False  # each nonlinearity moves within its documented bound (docs/dialect.md)
 
+    def __init__(self, tables: bool = False) -> None:
+        super().__init__()
+        self.tables = tables  # as the lowering's: SiLU, Sigmoid and Gelu as lookup tables
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
         ShapeInferencePass()(model)
         sigmoids = silu_sigmoids(graph)
         modified = False
         for node in list(graph):
-            modified |= lower_nonlinearity(graph, node, sigmoids)
+            modified |= lower_nonlinearity(graph, node, sigmoids, self.tables)
         if modified:
             model.opset_imports.setdefault(DOMAIN, OPSET_VERSION)
             RemoveUnusedNodesPass()(model)

@@ -100,3 +100,28 @@ def test_a_non_constant_second_input_is_a_named_refusal() -> None:
     feeds = [{**b, "second": np.full((CHANNELS, 1, 1), 0.1, np.float32)} for b in _batches(2, 0)]
     with pytest.raises(UnsupportedOpError, match="PRelu.*constants"):
         quantize_to_integer(ir.serde.deserialize_model(model), calibration=feeds, progress=False)
+
+
+@pytest.mark.tvm
+@pytest.mark.parametrize("form", ["Sigmoid", "SiLU", "Gelu"])
+def test_tables_recipe_lowers_the_integer_nonlinearities_as_exact_tables(form: str) -> None:
+    """w8a8-tables: SiLU (x * Sigmoid(x)), Sigmoid and Gelu become tables, not I-BERT polynomials; the simulation
+    (simulate(..., nonlinearities="integer")) follows the recipe, and the code is within one step of it op by op."""
+    import qcompiler
+    from qcompiler.api import _quantize_to_integer
+    from qcompiler.backends.tvm import build
+    from qcompiler.config import load_recipe
+
+    model = _conv_block("Sigmoid" if form == "SiLU" else form)
+    if form == "SiLU":  # b = a * Sigmoid(a)
+        sigmoid = next(n for n in model.graph.node if n.op_type == "Sigmoid")
+        sigmoid.output[0] = "gate"
+        model.graph.node.insert(2, helper.make_node("Mul", ["a", "gate"], ["b"]))
+    calibration = _batches(4, 0)
+    result = _quantize_to_integer(model, None, calibration, load_recipe("w8a8-tables"), True, False)
+    ops = [n.op_type for n in result.model.graph]
+    assert "IntSigmoid" not in ops and "IntGelu" not in ops and ops.count("Gather") == 1
+    simulation = qcompiler.simulate(model, calibration=calibration, recipe="w8a8-tables", nonlinearities="integer")
+    probe = _batches(2, 7)
+    assert_lowering_matches(simulation, result.model, probe)
+    assert_bit_exact(lambda proto: build(proto, result.shapes), result.model, probe)

@@ -64,7 +64,7 @@ PADDING = np.where(np.arange(TOKENS)[None, :] < TOKENS - 1, 0.0, -np.inf).repeat
         (CAUSAL, False, "causal-decoder", "w8a8-llm"),
         (PADDING, False, "attention", "w8a8-percentile"),
         (None, False, "attention", "w8a8-percentile"),
-        (None, True, "depthwise-cnn", "w8a8"),
+        (None, True, "depthwise-cnn", "w8a8-tables"),
     ],
 )
 def test_auto_chooses_from_the_structure(mask, depthwise: bool, kind: str, recipe: str) -> None:
