@@ -6,7 +6,6 @@ import pytest
 
 from qcompiler.testing import fuzz
 
-
 #: generated graphs in the quick run (with the other property tests, 200+ in every CI run): a fixed seed, so a
 #: failure replays; the slow run (`make fuzz`) draws new graphs every time
 QUICK_GRAPHS = 150
