@@ -14,6 +14,7 @@ from qcompiler.passes.canonicalize import (
     ConvertConv1dToConv2dPass,
     DecomposeBatchNormPass,
     FoldBatchNormPass,
+    FoldConstantMultiOutputPass,
     FuseBiasAddPass,
     FuseRMSNormPass,
 )
@@ -55,6 +56,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fold-constants": _fold_constants,
     "infer-shapes": ShapeInferencePass,
     "fold-batchnorm": FoldBatchNormPass,
+    "fold-constant-multi-output": FoldConstantMultiOutputPass,
     "decompose-batchnorm": DecomposeBatchNormPass,
     "conv1d-to-conv2d": ConvertConv1dToConv2dPass,
     "fuse-bias-add": FuseBiasAddPass,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from qcompiler.passes.canonicalize.conv1d import ConvertConv1dToConv2dPass
 from qcompiler.passes.canonicalize.decompose_batchnorm import DecomposeBatchNormPass
 from qcompiler.passes.canonicalize.fold_batchnorm import FoldBatchNormPass
+from qcompiler.passes.canonicalize.fold_multi_output import FoldConstantMultiOutputPass
 from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
 from qcompiler.passes.canonicalize.rms_norm import FuseRMSNormPass
 
@@ -12,6 +13,7 @@ __all__ = [
     "ConvertConv1dToConv2dPass",
     "DecomposeBatchNormPass",
     "FoldBatchNormPass",
+    "FoldConstantMultiOutputPass",
     "FuseBiasAddPass",
     "FuseRMSNormPass",
 ]

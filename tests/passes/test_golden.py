@@ -18,6 +18,7 @@ from qcompiler.passes.canonicalize import (
     ConvertConv1dToConv2dPass,
     DecomposeBatchNormPass,
     FoldBatchNormPass,
+    FoldConstantMultiOutputPass,
     FuseBiasAddPass,
     FuseRMSNormPass,
 )
@@ -525,6 +526,32 @@ CONV1D_NEAR_MISSES = {
         }}""",
 }
 
+FOLD_MULTI_OUTPUT_GOLDEN = {
+    # a Split of a constant table (GPT-J's sin/cos): both halves become initializers
+    "split-of-a-constant": (
+        f"""{OPSET21}
+        g (float[2,2] x) => (float[2,2] y) <float[2,4] t = {{1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0}}> {{
+            a, b = Split<axis=1, num_outputs=2>(t)
+            s = Add(x, a)
+            y = Mul(s, b)
+        }}""",
+        f"""{OPSET21}
+        g (float[2,2] x) => (float[2,2] y)
+          <float[2,2] a = {{1.0, 2.0, 5.0, 6.0}}, float[2,2] b = {{3.0, 4.0, 7.0, 8.0}}> {{
+            s = Add(x, a)
+            y = Mul(s, b)
+        }}""",
+    ),
+}
+
+FOLD_MULTI_OUTPUT_NEAR_MISSES = {
+    "split-of-an-activation": f"""{OPSET21}
+        g (float[2,4] x) => (float[2,2] y) {{
+            a, b = Split<axis=1, num_outputs=2>(x)
+            y = Add(a, b)
+        }}""",
+}
+
 GOLDEN = [
     *(pytest.param(FuseBiasAddPass, *case, id=f"fuse-bias-add:{name}") for name, case in BIAS_ADD_GOLDEN.items()),
     *(pytest.param(FoldBatchNormPass, *case, id=f"fold-batchnorm:{name}") for name, case in BATCHNORM_GOLDEN.items()),
@@ -533,6 +560,10 @@ GOLDEN = [
         for name, case in DECOMPOSE_BATCHNORM_GOLDEN.items()
     ),
     *(pytest.param(FuseRMSNormPass, *case, id=f"fuse-rms-norm:{name}") for name, case in RMS_GOLDEN.items()),
+    *(
+        pytest.param(FoldConstantMultiOutputPass, *c, id=f"fold-constant-multi-output:{n}")
+        for n, c in FOLD_MULTI_OUTPUT_GOLDEN.items()
+    ),
     *(pytest.param(ConvertConv1dToConv2dPass, *c, id=f"conv1d-to-conv2d:{n}") for n, c in CONV1D_GOLDEN.items()),
     *(
         pytest.param(FuseIntegerLinearPass, *case, id=f"fuse-integer-linear:{name}")
@@ -548,6 +579,10 @@ NEAR_MISSES = [
         for n, t in DECOMPOSE_BATCHNORM_NEAR_MISSES.items()
     ),
     *(pytest.param(FuseRMSNormPass, text, id=f"fuse-rms-norm:{name}") for name, text in RMS_NEAR_MISSES.items()),
+    *(
+        pytest.param(FoldConstantMultiOutputPass, t, id=f"fold-constant-multi-output:{n}")
+        for n, t in FOLD_MULTI_OUTPUT_NEAR_MISSES.items()
+    ),
     *(pytest.param(ConvertConv1dToConv2dPass, t, id=f"conv1d-to-conv2d:{n}") for n, t in CONV1D_NEAR_MISSES.items()),
     *(pytest.param(FuseIntegerLinearPass, t, id=f"fuse-integer-linear:{n}") for n, t in FUSE_NEAR_MISSES.items()),
 ]

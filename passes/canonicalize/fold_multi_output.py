@@ -1,0 +1,58 @@
+"""Fold nodes of several outputs whose inputs are all constants (a Split of a constant sin/cos table).
+
+onnxscript's constant folding leaves multi-output nodes alone; the quantizer would then meet float ops on
+constants. Each such node is evaluated once by ``onnx.reference`` and its outputs become initializers.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx import helper
+from onnx.reference import ReferenceEvaluator
+
+from qcompiler.ir.graph import add_initializer, const_array, is_graph_output
+
+#: folded outputs larger than this stay computed (the same spirit as onnxscript's output size limit)
+MAX_FOLDED_ELEMENTS = 1 << 24
+
+
+class FoldConstantMultiOutputPass(ir.passes.InPlacePass):
+    """A default-domain node with two or more outputs and only constant inputs -> its outputs as initializers."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        modified = False
+        opset = model.opset_imports.get("", 21)
+        for node in list(graph):
+            if len(node.outputs) < 2 or node.domain not in ("", "ai.onnx") or not node.inputs:
+                continue
+            constants = [None if v is None else const_array(v) for v in node.inputs]
+            if any(v is not None and c is None for v, c in zip(node.inputs, constants, strict=True)):
+                continue
+            proto = ir.serde.serialize_node(node)
+            names = [f"in{i}" if v is not None else "" for i, v in enumerate(node.inputs)]
+            del proto.input[:]
+            proto.input.extend(names)
+            outputs = [f"out{i}" for i in range(len(node.outputs))]
+            del proto.output[:]
+            proto.output.extend(outputs)
+            inits = [onnx.numpy_helper.from_array(np.asarray(c), n) for n, c in zip(names, constants, strict=True) if n]
+            one = helper.make_model(
+                helper.make_graph(
+                    [proto], "fold", [], [helper.make_tensor_value_info(o, 0, None) for o in outputs], inits
+                ),
+                opset_imports=[helper.make_opsetid("", opset)],
+            )
+            values = ReferenceEvaluator(one).run(None, {})
+            if sum(np.asarray(v).size for v in values) > MAX_FOLDED_ELEMENTS:
+                continue
+            for out, value in zip(node.outputs, values, strict=True):
+                if not out.uses() and not is_graph_output(graph, out):
+                    continue
+                folded = add_initializer(graph, out.name or "folded", np.asarray(value))
+                out.replace_all_uses_with(folded, replace_graph_outputs=True)
+            graph.remove(node, safe=True)
+            modified = True
+        return ir.passes.PassResult(model, modified)
