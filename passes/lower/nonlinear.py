@@ -62,14 +62,21 @@ def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
         )
     constants = {**integer.softmax_constants(float(x.scale.reshape(()))), "out_bits": out_bits}
     keep = group.keep
-    if group.keep_constant is not None:  # a constant additive mask (a causal mask folded at export)
-        keep = add_initializer(graph, f"{quant.outputs[0].name or 'softmax'}_keep", group.keep_constant)
     before = []
     if keep is not None and group.keep_inverted:  # masked_fill's mask marks what is dropped
         negation = ir.node("Not", [keep])
         negation.outputs[0].dtype = ir.DataType.BOOL
         before.append(negation)
         keep = negation.outputs[0]
+    if group.keep_constant is not None:  # constant masks (a causal mask folded at export)
+        constant = add_initializer(graph, f"{quant.outputs[0].name or 'softmax'}_keep", group.keep_constant)
+        if keep is None:
+            keep = constant
+        else:  # a run-time mask too: both must keep an entry
+            both = ir.node("And", [keep, constant])
+            both.outputs[0].dtype = ir.DataType.BOOL
+            before.append(both)
+            keep = both.outputs[0]
     inputs = [x.value] if keep is None else [x.value, keep]
     if before:
         graph.insert_before(node, before)

@@ -34,9 +34,19 @@ def _model(form: str) -> onnx.ModelProto:
     elif form == "drop-constant":  # scores.masked_fill(~causal, min)
         inits["drop"] = ~CAUSAL
         nodes.append(helper.make_node("Where", ["drop", "low", "s"], ["masked"]))
-    else:  # masked_fill with a padding mask given at run time
+    elif form == "drop-input":  # masked_fill with a padding mask given at run time
         inputs.append(helper.make_tensor_value_info("drop", TensorProto.BOOL, [1, TOKENS]))
         nodes.append(helper.make_node("Where", ["drop", "low", "s"], ["masked"]))
+    else:  # GPT-Neo: Where(causal, scores, min), then an additive padding mask (constant, or from a run-time keep)
+        inits["keep"] = CAUSAL
+        nodes.append(helper.make_node("Where", ["keep", "s", "low"], ["causal"]))
+        if form == "causal-then-constant-add":
+            inits["pad"] = np.where(np.arange(TOKENS) < TOKENS - 1, 0.0, -np.inf).astype(np.float32)[None, :]
+        else:
+            inputs.append(helper.make_tensor_value_info("valid", TensorProto.BOOL, [1, TOKENS]))
+            inits["zero"], inits["ninf"] = np.array(0.0, np.float32), np.array(-np.inf, np.float32)
+            nodes.append(helper.make_node("Where", ["valid", "zero", "ninf"], ["pad"]))
+        nodes.append(helper.make_node("Add", ["causal", "pad"], ["masked"]))
     nodes.append(helper.make_node("Softmax", ["masked"], ["y"], axis=-1))
     graph = helper.make_graph(
         nodes,
@@ -57,21 +67,27 @@ def _batches(form: str, count: int, seed: int) -> list[dict[str, np.ndarray]]:
         feeds = {"x": rng.standard_normal((TOKENS, WIDTH)).astype(np.float32)}
         if form == "drop-input":
             feeds["drop"] = np.array([[False, False, True, False, True]])
+        if form == "causal-then-input-add":
+            feeds["valid"] = np.array([[True, True, False, True, True]])
         batches.append(feeds)
     return batches
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize("form", ["keep-constant", "drop-constant", "drop-input"])
+@pytest.mark.parametrize(
+    "form", ["keep-constant", "drop-constant", "drop-input", "causal-then-constant-add", "causal-then-input-add"]
+)
 def test_where_masks_join_the_integer_softmax(form: str) -> None:
     from qcompiler.backends.tvm import build
 
     model = _model(form)
     kind = describe(ir.serde.deserialize_model(model).graph).kind
-    assert kind == ("attention" if form == "drop-input" else "causal-decoder")
+    assert kind == ("attention" if form == "drop-input" else "causal-decoder")  # a causal keep, ANDed or not
     qdq, integer, _, shapes = quantize_to_integer(model, calibration=_batches(form, 4, 0), progress=False)
     ops = [n.op_type for n in integer.graph]
-    assert "Where" not in ops and ops.count("IntSoftmax") == 1
+    assert ops.count("IntSoftmax") == 1 and not any(
+        n.op_type == "Where" and n.outputs[0].dtype != ir.DataType.BOOL for n in integer.graph
+    )  # the masks' float Where and Add joined the integer softmax
     softmax = next(n for n in integer.graph if n.op_type == "IntSoftmax")
     assert len(softmax.inputs) == 2  # the mask, kept
     probe = _batches(form, 2, 5)

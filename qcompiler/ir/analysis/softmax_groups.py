@@ -50,8 +50,8 @@ def constant_mask(value: ir.Value | None) -> np.ndarray | None:
 class SoftmaxGroup:
     softmax: ir.Node
     scores: ir.Value  # the float scores entering the group (before the mask)
-    keep: ir.Value | None  # boolean mask, or None
-    keep_constant: np.ndarray | None  # boolean mask from a constant additive mask, or None
+    keep: ir.Value | None  # boolean mask at run time, or None
+    keep_constant: np.ndarray | None  # boolean mask from constant masks (ANDed with ``keep`` when both), or None
     members: list[ir.Node]  # the group's nodes other than the Softmax (mask Add, IsNaN, guard Where)
     output: ir.Value  # the group's float output
     keep_inverted: bool = False  # ``keep`` marks the dropped entries (masked_fill's mask): the lowering negates it
@@ -94,38 +94,49 @@ def _select_mask(node: ir.Node) -> tuple[int, ir.Value, np.ndarray | None, bool]
     return None
 
 
+def _additive_mask(node: ir.Node) -> tuple[int, ir.Value | None, np.ndarray | None] | None:
+    """``Add(s, mask)`` with an additive mask (``Where(keep, 0, -inf)`` or a constant of zeros and drops): the
+    index of ``s``, the boolean ``keep`` at run time or the constant one."""
+    if node.op_type != "Add" or len(node.inputs) != 2:
+        return None
+    for index in (0, 1):
+        condition = additive_mask_condition(node.inputs[index])
+        constant = constant_mask(node.inputs[index])
+        if condition is not None or constant is not None:
+            return 1 - index, condition, constant
+    return None
+
+
 def softmax_group(softmax: ir.Node) -> SoftmaxGroup:
-    """The group around a Softmax node (a plain Softmax is a group of one)."""
+    """The group around a Softmax node (a plain Softmax is a group of one). Masks before it are peeled one after
+    another (a causal ``Where`` then an additive padding mask, as GPT-Neo writes them): constant ones combine into
+    one constant keep, and at most one run-time mask joins the group."""
     scores = softmax.inputs[0]
     assert scores is not None
     members: list[ir.Node] = []
-    keep = None
-    keep_constant = None
+    keep: ir.Value | None = None
+    keep_constant: np.ndarray | None = None
     keep_inverted = False
-    producer = scores.producer()
-    select = _select_mask(producer) if producer is not None and len(consumers(scores)) == 1 else None
-    if select is not None:
-        assert producer is not None
-        scores_index, condition, constant, keep_inverted = select
-        members.append(producer)
-        if constant is not None:
-            keep_constant, keep_inverted = (~constant if keep_inverted else constant), False
+    while (producer := scores.producer()) is not None and len(consumers(scores)) == 1:
+        select = _select_mask(producer)
+        if select is not None:
+            source_index, condition, constant, inverted = select
+        elif (added := _additive_mask(producer)) is not None:
+            source_index, condition, constant = added
+            inverted = False
         else:
-            keep = condition
-        source = producer.inputs[scores_index]
+            break
+        if constant is not None:
+            constant = ~constant if inverted else constant
+            keep_constant = constant if keep_constant is None else np.logical_and(keep_constant, constant)
+        elif keep is None and condition is not None:
+            keep, keep_inverted = condition, inverted
+        else:
+            break  # a second run-time mask: the group ends before it
+        members.append(producer)
+        source = producer.inputs[source_index]
         assert source is not None
         scores = source
-    elif producer is not None and producer.op_type == "Add" and len(consumers(scores)) == 1:
-        for index in (0, 1):
-            condition = additive_mask_condition(producer.inputs[index])
-            constant = constant_mask(producer.inputs[index])
-            if condition is not None or constant is not None:
-                keep, keep_constant = condition, constant
-                members.append(producer)
-                other = producer.inputs[1 - index]
-                assert other is not None
-                scores = other
-                break
     output = softmax.outputs[0]
     guard = _nan_guard(softmax)
     if guard is not None:
