@@ -1,7 +1,8 @@
 """Fold nodes of several outputs whose inputs are all constants (a Split of a constant sin/cos table).
 
 onnxscript's constant folding leaves multi-output nodes alone; the quantizer would then meet float ops on
-constants. Each such node is evaluated once by ``onnx.reference`` and its outputs become initializers.
+constants. Each such node is evaluated once by ``onnx.reference`` and its outputs become initializers; then
+onnxscript's folding runs again for what reads them.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import onnx
 import onnx_ir as ir
 from onnx import helper
 from onnx.reference import ReferenceEvaluator
+from onnxscript.optimizer._constant_folding import FoldConstantsPass
 
 from qcompiler.ir.graph import add_initializer, const_array, is_graph_output
 
@@ -55,4 +57,6 @@ class FoldConstantMultiOutputPass(ir.passes.InPlacePass):
                 out.replace_all_uses_with(folded, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             modified = True
+        if modified:  # what read the folded outputs may fold now (GPT-J: Unsqueeze of each half of the table)
+            FoldConstantsPass(shape_inference=False, input_size_limit=1 << 26, output_size_limit=1 << 26)(model)
         return ir.passes.PassResult(model, modified)
