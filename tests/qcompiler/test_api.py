@@ -173,7 +173,7 @@ def test_unsupported_op_names_the_node(tmp_path: Path) -> None:
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-            helper.make_node("Cos", ["h"], ["y"], name="gate"),
+            helper.make_node("Atan", ["h"], ["y"], name="gate"),
         ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
@@ -181,7 +181,7 @@ def test_unsupported_op_names_the_node(tmp_path: Path) -> None:
         [numpy_helper.from_array(w, "w")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    with pytest.raises(qcompiler.UnsupportedOpError, match="node 'gate' \\(op Cos\\)") as info:
+    with pytest.raises(qcompiler.UnsupportedOpError, match="node 'gate' \\(op Atan\\)") as info:
         qcompiler.compile(model, calibration=[np.ones((1, 4), np.float32)], progress=False)
     assert info.value.node_name == "gate"
 

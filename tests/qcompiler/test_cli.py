@@ -143,14 +143,14 @@ def test_profile_errors_name_the_argument(compiled_mnist: Path, tmp_path: Path, 
 
 
 def test_float_islands_flag_keeps_an_unlowerable_op_and_lists_it(tmp_path: Path, capsys) -> None:
-    """--float-islands: a Sin between two Gemms compiles (in float between DQ and Q) and the CLI names it."""
+    """--float-islands: an Atan between two Gemms compiles (in float between DQ and Q) and the CLI names it."""
     from test_float_islands import _batches, _model  # the same directory, on sys.path under pytest
 
-    model_path, data_path = tmp_path / "sin.onnx", tmp_path / "cal.npz"
+    model_path, data_path = tmp_path / "atan.onnx", tmp_path / "cal.npz"
     onnx.save(_model(), model_path)
     np.savez(data_path, x=np.stack([b["x"] for b in _batches(4, 0)]))
     args = ["compile", str(model_path), "--calibration", str(data_path), "-q", "--recipe", "w8a8"]
     assert main([*args, "-o", str(tmp_path / "strict")]) == 1
-    assert "the_sin" in capsys.readouterr().err
+    assert "the_atan" in capsys.readouterr().err
     assert main([*args, "-o", str(tmp_path / "islands"), "--float-islands"]) == 0
-    assert "float island: the_sin (Sin)" in capsys.readouterr().out
+    assert "float island: the_atan (Atan)" in capsys.readouterr().out
