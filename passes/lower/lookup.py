@@ -102,10 +102,10 @@ def lookup_table(
     if y.shape[0] != levels.shape[0] or y.ndim != rank + 1:
         raise UnsupportedOpError(label, op_type, f"not elementwise in its first input (result {y.shape})")
     out_scale = output_scales(quant)
-    if out_scale.ndim:
-        raise UnsupportedOpError(label, op_type, "its output is quantized per channel; a table has one scale")
+    if out_scale.ndim:  # one output scale per channel of the last axis: one table row per channel
+        out_scale = out_scale.reshape([1] * rank + [-1])
     out_lo, out_hi = output_bounds(quant)
-    codes = np.clip(np.round(np.nan_to_num(y / float(out_scale), nan=0.0, posinf=out_hi, neginf=out_lo)), out_lo,
+    codes = np.clip(np.round(np.nan_to_num(y / out_scale, nan=0.0, posinf=out_hi, neginf=out_lo)), out_lo,
                     out_hi)  # fmt: skip
     return codes, -lo
 

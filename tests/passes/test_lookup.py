@@ -128,3 +128,40 @@ def test_tables_recipe_lowers_the_integer_nonlinearities_as_exact_tables(form: s
     probe = _batches(2, 7)
     assert_lowering_matches(simulation, result.model, probe)
     assert_bit_exact(lambda proto: build(proto, result.shapes), result.model, probe)
+
+
+@pytest.mark.tvm
+def test_a_table_with_per_channel_output_scales_has_a_row_per_channel() -> None:
+    """A Sigmoid read only by a linear layer gets one output scale per channel (folded into the linear's weight);
+    with w8a8-tables its table then holds one row per channel."""
+    from qcompiler.api import _quantize_to_integer
+    from qcompiler.backends.tvm import build
+    from qcompiler.config import load_recipe
+
+    rng = np.random.default_rng(5)
+    width = 6
+    w1 = (rng.standard_normal((width, width)) * np.array([0.2, 0.5, 1, 2, 4, 8])).astype(np.float32)
+    w2 = rng.standard_normal((width, width)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["a"]),
+            helper.make_node("Sigmoid", ["a"], ["b"]),
+            helper.make_node("MatMul", ["b", "w2"], ["y"]),
+        ],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4, width])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4, width])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    batches = [{"x": rng.standard_normal((4, width)).astype(np.float32)} for _ in range(6)]
+    result = _quantize_to_integer(model, None, batches[:4], load_recipe("w8a8-tables"), True, False)
+    assert result.qdq is not None
+    sigmoid = next(n for n in result.qdq.graph if n.op_type == "Sigmoid")
+    quant = next(u for u, _ in sigmoid.outputs[0].uses() if u.op_type == "QuantizeLinear")
+    assert quant.inputs[1].const_value.numpy().size == width  # per channel
+    gather = next(n for n in result.model.graph if n.op_type == "Gather")
+    assert gather.inputs[0].const_value.numpy().size == 256 * width
+    assert_lowering_matches(result.qdq, result.model, batches[4:])
+    assert_bit_exact(lambda proto: build(proto, result.shapes), result.model, batches[4:])
