@@ -762,6 +762,37 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         node.replace_input_with(1, deq_w.outputs[0])
         return q_value, unit
 
+    @staticmethod
+    def _fit_bias(
+        node: ir.Node,
+        weight: np.ndarray,
+        axis: int,
+        q_weight: np.ndarray,
+        w_scales: np.ndarray,
+        input_scale: Any,
+        accumulator_bound: int,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Raise the scale of output channels whose int32 bias ``b / (S_x s_c)`` would not fit: channels with
+        (nearly) dead weights (max|W_c| ~ 1e-35 after BatchNorm folding) and a live bias. Their weights round to 0
+        at any scale, so the larger ``s_c`` loses nothing and the bias keeps its value."""
+        bias = const_array(node.inputs[2]) if len(node.inputs) > 2 else None
+        channels = w_scales.size
+        if bias is None or bias.size not in (1, channels):
+            return q_weight, w_scales
+        limit = float(INT32_MAX - accumulator_bound)
+        needed = np.abs(np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)))
+        needed = needed / (float(np.max(np.asarray(input_scale, np.float64))) * limit) * (1.0 + 1e-6)
+        low = w_scales.astype(np.float64) < needed
+        if not low.any():
+            return q_weight, w_scales
+        logger.info("%s: %d channel(s) with dead weights get the scale their bias needs", node_label(node), low.sum())
+        scales = np.where(low, needed, w_scales).astype(np.float32)
+        shape = [1] * weight.ndim
+        shape[axis] = -1
+        codes = np.clip(np.round(weight / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
+        mask = low.reshape(shape) & np.ones(weight.shape, dtype=bool)
+        return np.where(mask, codes, q_weight).astype(np.int8), scales
+
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
         assert source is not None
@@ -796,6 +827,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 q_weight, w_scales = self._gptq(node, weight, axis, fold)
             else:
                 q_weight, w_scales = quantize_weight_per_channel(weight, axis)
+            if hadamard is None:
+                q_weight, w_scales = self._fit_bias(node, weight, axis, q_weight, w_scales, input_scale,
+                                                    accumulator_bound)  # fmt: skip
             w_name = node.inputs[1].name or "weight"
             q_value = add_initializer(graph, f"{w_name}_quantized", q_weight)
             s_value = add_initializer(graph, f"{w_name}_scale", w_scales)

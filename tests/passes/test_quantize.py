@@ -410,3 +410,30 @@ def test_observers_ignore_mask_infinities(make) -> None:
     values = np.array([[0.5, -2.0, -np.inf], [np.nan, 1.0, -np.inf]], np.float32)
     observer.update(values)
     assert observer.absmax() == pytest.approx(2.0, rel=1e-3)
+
+
+def test_dead_weight_channels_with_a_live_bias_get_the_scale_their_bias_needs() -> None:
+    """After BatchNorm folding a channel can keep weights of 1e-36 and a bias of 0.5 (PP-OCR's detector): its int8
+    scale max|W_c| / 127 would put the bias far beyond int32. The channel's scale is raised until the bias fits
+    (its weights round to 0 either way), and the integer graph stays within one step of the QDQ graph."""
+    from qcompiler.api import quantize_to_integer
+    from qcompiler.testing import assert_lowering_matches, assert_within_quantization_step
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 2, 1, 1)).astype(np.float32)
+    w[1] = 1e-36
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["x", "w", "b"], ["y"])],
+        "dead",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3, 3, 3])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(np.array([0.1, 0.5, -0.2], np.float32), "b")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    batches = [{"x": rng.standard_normal((1, 2, 3, 3)).astype(np.float32)} for _ in range(4)]
+    qdq, integer, _, _ = quantize_to_integer(model, calibration=batches, progress=False)
+    assert_within_quantization_step(qdq, integer, batches[2:])
+    assert_lowering_matches(qdq, integer, batches[2:])
+    out = ort.InferenceSession(ir.serde.serialize_model(qdq).SerializeToString()).run(None, batches[0])[0]
+    assert np.allclose(out[0, 1], 0.5, atol=0.01)  # the dead channel outputs its bias
