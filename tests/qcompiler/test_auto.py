@@ -116,3 +116,19 @@ def test_a_malformed_auto_table_is_refused(tmp_path, table: str, message: str) -
     path.write_text(text)
     with pytest.raises(RecipeError, match=message):
         load_recipe(path)
+
+
+def test_a_classifiers_softmax_is_not_attention() -> None:
+    """Softmax over the logits of a constant-weight layer (a CNN classifier's head) does not make a model attention."""
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gemm", ["x", "w"], ["logits"]),
+            helper.make_node("Softmax", ["logits"], ["y"], axis=-1),
+        ],
+        "classifier",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])],
+        [numpy_helper.from_array(np.ones((WIDTH, 3), np.float32), "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert describe(ir.serde.deserialize_model(model).graph).kind == "other"

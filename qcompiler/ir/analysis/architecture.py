@@ -19,7 +19,7 @@ from qcompiler.ir.ops import LINEAR_OPS
 class Architecture:
     """Structural facts about a (canonicalized) graph."""
 
-    #: softmax groups (attention, or a classifier's softmax)
+    #: softmax groups over scores of a product of two activations (attention; a classifier's softmax is not one)
     softmax_groups: int
     #: softmax groups whose mask is causal: a constant lower-triangular keep mask over the last two axes
     causal_softmax_groups: int
@@ -50,9 +50,30 @@ def _is_causal(keep: np.ndarray | None) -> bool:
     return bool(above.any()) and not bool(keep[..., above].any())
 
 
+#: ops between attention's score product and its softmax (scale, position bias, head reshapes)
+_SCORE_PATH = frozenset({"Mul", "Div", "Add", "Sub", "Reshape", "Transpose", "Cast", "Identity", "Squeeze",
+                         "Unsqueeze"})  # fmt: skip
+
+
+def _is_attention(scores: ir.Value) -> bool:
+    """The scores come from a product of two activations (Q K^T) through scaling, biases and reshapes: attention,
+    not a classifier's softmax over logits of a constant-weight layer."""
+    value: ir.Value | None = scores
+    for _ in range(8):
+        node = value.producer() if value is not None else None
+        if node is None:
+            return False
+        if node.op_type == "MatMul":
+            return all(v is not None and const_array(v) is None for v in node.inputs[:2])
+        if node.op_type not in _SCORE_PATH:
+            return False
+        value = next((v for v in node.inputs if v is not None and const_array(v) is None), None)
+    return False
+
+
 def describe(graph: ir.Graph) -> Architecture:
     """The :class:`Architecture` of ``graph``."""
-    groups = softmax_groups(graph)
+    groups = [g for g in softmax_groups(graph) if _is_attention(g.scores)]
     depthwise = grouped = linears = 0
     for node in graph:
         if node.op_type in LINEAR_OPS and len(node.inputs) > 1 and const_array(node.inputs[1]) is not None:
