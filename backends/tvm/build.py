@@ -211,6 +211,19 @@ class TVMModule:
         return "\n".join(parts)
 
 
+def _without_constant_nodes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Constant nodes as initializers: TVM's importer reads only a Constant's ``value`` attribute, and folding
+    leaves ``value_ints`` / ``value_float`` ones (Reshape shapes). The caller's model is not changed."""
+    if not any(node.op_type == "Constant" for node in model.graph.node):
+        return model
+    import onnx_ir as ir
+    from onnx_ir.passes.common import LiftConstantsToInitializersPass
+
+    lifted = ir.serde.deserialize_model(model)
+    LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(lifted)
+    return ir.serde.serialize_model(lifted)
+
+
 def build(
     model: onnx.ModelProto,
     shapes: Mapping[str, list[int]],
@@ -233,6 +246,7 @@ def build(
     trials = metaschedule.validate_trials(metaschedule_trials)
     tvm_target, _ = resolve_target(target)
     isa = int8_dot_isa(tvm_target)
+    model = _without_constant_nodes(model)
     static = {k: list(v) for k, v in shapes.items()}
     gemms: set[tuple[int, int, int, int]] = set()
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input

@@ -726,3 +726,24 @@ def test_profile_has_a_row_per_kernel_with_its_calls() -> None:
     assert all(row["ms"] >= 0 and row["calls"] >= 1 for row in rows)
     with pytest.raises(ValueError, match="repeat must be at least 1"):
         module.profile(feeds[0], repeat=0)
+
+
+def test_constant_nodes_of_any_attribute_form_build() -> None:
+    """A Reshape whose shape is a Constant node with ``value_ints`` (what folding leaves) builds: TVM's importer
+    reads only ``value``, so the build lifts every Constant node to an initializer first."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["shape"], value_ints=[2, 3]),
+            helper.make_node("Reshape", ["x", "shape"], ["y"]),
+        ],
+        "reshape",
+        [helper.make_tensor_value_info("x", TensorProto.INT8, [6])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [2, 3])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    x = np.arange(6, dtype=np.int8)
+    np.testing.assert_array_equal(build(model, {"x": [6]}).run({"x": x})[0], x.reshape(2, 3))
+    assert model.graph.node[0].op_type == "Constant"  # the caller's model is left as it was
