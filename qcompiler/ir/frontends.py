@@ -52,7 +52,16 @@ def load(
         )
     RemoveInitializersFromInputsPass()(result)
     LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(result)
+    _unknown_dims_as_symbols(result)
     return result
+
+
+def _unknown_dims_as_symbols(model: ir.Model) -> None:
+    """Some exporters (Paddle2ONNX) write an unknown dimension as ``-1``: make it a symbolic dimension, which is
+    what the rest of the pipeline (calibration's shape checks, shape inference) understands as dynamic."""
+    for value in (*model.graph.inputs, *model.graph.outputs):
+        if value.shape is not None and any(isinstance(d, int) and d < 0 for d in value.shape):
+            value.shape = ir.Shape([None if isinstance(d, int) and d < 0 else d for d in value.shape])
 
 
 def _load_file(path: Path) -> ir.Model:

@@ -64,3 +64,19 @@ def test_bad_inputs_are_named() -> None:
         qcompiler.ir.load(torch.nn.Linear(2, 2))
     with pytest.raises(qcompiler.ModelLoadError, match="cannot load an object of type dict"):
         qcompiler.ir.load({"not": "a model"})
+
+
+def test_minus_one_dimensions_are_dynamic() -> None:
+    """Paddle2ONNX writes unknown dimensions as -1: they load as symbolic (dynamic) dimensions, so a batch of any
+    size is accepted for them."""
+    from qcompiler.calibrate import as_feeds, input_specs
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [-1, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [-1, 3])],
+    )
+    model = qcompiler.ir.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert input_specs(model)[0][1] == (None, 3)
+    assert as_feeds(model, {"x": np.zeros((5, 3), np.float32)})["x"].shape == (5, 3)
