@@ -17,6 +17,7 @@ from qcompiler.testing.strategies import (
     cnn_models,
     mlp_models,
     models,
+    modern_cnn_models,
     token_mlp_models,
     transformer_models,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "float_functions",
     "mlp_models",
     "models",
+    "modern_cnn_models",
     "output_steps",
     "token_mlp_models",
     "transformer_models",

@@ -1,7 +1,8 @@
 """Run many generated graphs through the whole pipeline and count what happened to each.
 
 ``python -m qcompiler.testing.fuzz --count 10000`` (``make fuzz N=10000``): each graph drawn from the
-strategies of :mod:`qcompiler.testing.strategies` (MLPs, CNNs, token MLPs, attention blocks, transformers) is
+strategies of :mod:`qcompiler.testing.strategies` (MLPs, CNNs, depthwise/grouped/SE CNNs with table activations,
+Concat and Split, token MLPs, attention blocks, transformers) is
 quantized and lowered (``quantize_to_integer``), checked op by op against its simulation (the QDQ graph with
 the integer nonlinearities: :func:`~qcompiler.testing.assert_lowering_matches`, one step per element); every
 ``--build-every``-th one is also built with TVM and checked bit-exact against the reference interpreter.
@@ -34,6 +35,7 @@ from qcompiler.testing.strategies import (
     attention_models,
     cnn_models,
     mlp_models,
+    modern_cnn_models,
     token_mlp_models,
     transformer_models,
 )
@@ -45,7 +47,9 @@ CALIBRATION_BATCHES = 4
 
 def all_models() -> st.SearchStrategy[GeneratedModel]:
     """Every graph family the strategies generate."""
-    return st.one_of(mlp_models(), cnn_models(), token_mlp_models(), attention_models(), transformer_models())
+    return st.one_of(
+        mlp_models(), cnn_models(), modern_cnn_models(), token_mlp_models(), attention_models(), transformer_models()
+    )
 
 
 @dataclasses.dataclass

@@ -512,3 +512,59 @@ def shared_parameter_models(draw: st.DrawFn, max_layers: int = 4) -> GeneratedMo
         current = y
     model = b.model(x, shape, current, shape)
     return GeneratedModel(model, x, shape, seed, f"shared-{kind}:" + ",".join(b.parts))
+
+
+@st.composite
+def modern_cnn_models(draw: st.DrawFn, max_blocks: int = 3) -> GeneratedModel:
+    """CNN blocks of the families the zoo covers: depthwise and grouped convolutions, squeeze-excitation
+    (pooled vector, 1x1 convs, Sigmoid gate, broadcast Mul), elementwise activations lowered as tables
+    (HardSwish, LeakyRelu, Tanh, HardSigmoid, SiLU), two-branch Concat of differently scaled inputs, Split of
+    channels, ReduceMean over the spatial axes; a Gemm head."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    b = _Builder(np.random.default_rng(seed))
+    batch = draw(st.sampled_from([1, 2]))
+    c = draw(st.sampled_from([2, 4, 6, 8]))
+    h, w = draw(st.integers(4, 9)), draw(st.integers(4, 9))
+    x = "input"
+    current = x
+    channels = c
+
+    def activation(value: str) -> str:
+        kind = draw(st.sampled_from(["HardSwish", "LeakyRelu", "Tanh", "HardSigmoid", "SiLU", "Relu"]))
+        b.parts.append(kind.lower())
+        if kind == "SiLU":
+            return b.node("Mul", [value, b.node("Sigmoid", [value])])
+        return b.node(kind, [value])
+
+    for _ in range(draw(st.integers(1, max_blocks))):
+        block = draw(st.sampled_from(["depthwise", "grouped", "se", "concat", "split"]))
+        b.parts.append(block)
+        if block == "depthwise":
+            weight = b.const("w", b.weight((c, 1, 3, 3), 9))
+            current = activation(b.node("Conv", [current, weight, b.const("b", b.small(c))], group=c, pads=[1] * 4))
+        elif block == "grouped":
+            groups = 2
+            out_c = draw(st.sampled_from([2, 4, 6]))
+            weight = b.const("w", b.weight((out_c, c // groups, 1, 1), c // groups))
+            current, c = activation(b.node("Conv", [current, weight], group=groups)), out_c
+        elif block == "se":
+            squeezed = max(1, c // 2)
+            pooled = b.node("ReduceMean", [current, b.const("axes", np.array([2, 3], np.int64))], keepdims=1)
+            hidden = b.node("Relu", [b.node("Conv", [pooled, b.const("w", b.weight((squeezed, c, 1, 1), c))])])
+            gate = b.node("Sigmoid", [b.node("Conv", [hidden, b.const("w", b.weight((c, squeezed, 1, 1), squeezed))])])
+            current = b.node("Mul", [current, gate])
+        elif block == "concat":  # two branches at ranges several times apart
+            left = b.node("Conv", [current, b.const("w", b.weight((c, c, 1, 1), c))])
+            right = b.node("Conv", [current, b.const("w", b.weight((c, c, 1, 1), c) * 4.0)])
+            current, c = b.node("Concat", [left, right], axis=1), 2 * c
+        else:  # split the channels in two halves, activate one, join them again
+            first, second = (b.name("split") for _ in range(2))
+            b.nodes.append(helper.make_node("Split", [current], [first, second], axis=1, num_outputs=2))
+            current = b.node("Concat", [activation(first), second], axis=1)
+        if c > 8:  # keep the width small
+            current, c = b.node("Conv", [current, b.const("w", b.weight((4, c, 1, 1), c))]), 4
+    pooled = b.node("ReduceMean", [current, b.const("axes", np.array([2, 3], np.int64))], keepdims=0)
+    classes = draw(st.integers(1, 6))
+    logits = b.node("Gemm", [pooled, b.const("w", b.weight((c, classes), c)), b.const("b", b.small(classes))])
+    model = b.model(x, (batch, channels, h, w), logits, (batch, classes))
+    return GeneratedModel(model, x, (batch, channels, h, w), seed, "modern-cnn:" + ",".join(b.parts))
