@@ -187,12 +187,15 @@ class Pipeline:
             if want.shape != got.shape:
                 raise PassFailedError(name, f"output {position} shape changed {want.shape} -> {got.shape}")
             want64, got64 = want.astype(np.float64), got.astype(np.float64)
-            if not np.allclose(got64, want64, rtol=self.rtol, atol=self.atol):
-                worst = float(np.max(np.abs(got64 - want64)))
+            # relative to the output's scale, not to each element: a float32 rewrite of a wide stream (a residual
+            # rotation through 30 layers) moves a logit near 0 by the same float noise as one of 20
+            scale = float(np.max(np.abs(want64))) if want64.size else 0.0
+            worst = float(np.max(np.abs(got64 - want64))) if want64.size else 0.0
+            if not worst <= self.atol + self.rtol * scale:
                 raise PassFailedError(
                     name,
                     f"output {position} changed by up to {worst:.3g} on the probe input "
-                    f"(rtol={self.rtol}, atol={self.atol})",
+                    f"(allowed: atol={self.atol} + rtol={self.rtol} x max|output| {scale:.3g})",
                 )
 
 
