@@ -41,19 +41,19 @@ def mnist_test_vector() -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-#: WikiText-2's test split, in the shared data folder next to the repository (../shared/data; ASSETS.md)
-WIKITEXT_TEST = Path(__file__).resolve().parents[3] / "shared" / "data" / "wikitext-2" / "test.txt"
+#: WikiText-2's test split (CC BY-SA 3.0), shipped with the package (assets/wikitext-2/README.md)
+WIKITEXT_TEST = Path(__file__).resolve().parent / "assets" / "wikitext-2" / "test.txt"
 
 
 def wikitext_sentences(min_chars: int = 40) -> list[str]:
     """Real sentences: the lines of WikiText-2's test split longer than ``min_chars``, headings left out.
 
     Raises:
-        FileNotFoundError: the shared data folder is not next to the repository.
+        FileNotFoundError: the package's copy of WikiText-2 is missing (a broken install).
     """
     if not WIKITEXT_TEST.is_file():
         raise FileNotFoundError(
-            f"WikiText-2 not found at {WIKITEXT_TEST}: the shared data folder must sit next to the repo"
+            f"WikiText-2 not found at {WIKITEXT_TEST}: reinstall qcompiler (the file ships in qcompiler.testing)"
         )
     lines = (line.strip() for line in WIKITEXT_TEST.read_text(encoding="utf-8").splitlines())
     return [line for line in lines if len(line) > min_chars and not line.startswith("=")]
