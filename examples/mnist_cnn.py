@@ -1,6 +1,7 @@
 """Demo: quantize the trained MNIST CNN and compile it to integer-only CPU code, then compare with float.
 
-Real model (ONNX model zoo mnist-8, shipped in qcompiler/testing/assets/mnist-conv), real images (scikit-learn's digits, upscaled
+Real model (ONNX model zoo mnist-8, shipped in qcompiler/testing/assets/mnist-conv), real images (scikit-learn's
+digits, upscaled
 and centred like MNIST). Prints accuracy and latency of the integer-only code against the float model.
 
     make demo        # or: .venv/bin/python examples/mnist_cnn.py

@@ -28,15 +28,15 @@ class _Guarded:
 
 
 class _IntoConv(_Guarded, FuseBatchNormIntoConv):
-    pass
+    """onnxscript's Conv rule with the guards."""
 
 
 class _IntoConvTranspose(_Guarded, FuseBatchNormIntoConvTranspose):
-    pass
+    """onnxscript's ConvTranspose rule with the guards."""
 
 
 class _IntoGemm(_Guarded, FuseBatchNormIntoGemm):
-    pass
+    """onnxscript's Gemm rule with the guards."""
 
 
 class FoldBatchNormPass(RewritePass):

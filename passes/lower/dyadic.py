@@ -565,15 +565,29 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape[2:]):
             raise UnsupportedOpError(node_label(node), node.op_type, "needs a 4-D input with static H and W")
         count = int(shape[2]) * int(shape[3])
+        real = float(x.scale.reshape(())) / (out_scale * count)
+        self._requantized_sum(graph, x, activation, quant, [2, 3], keepdims=1, real=real, axis=1)
+
+    def _requantized_sum(
+        self,
+        graph: ir.Graph,
+        x: Quantized,
+        activation: ir.Node | None,
+        quant: ir.Node,
+        axes: list[int],
+        keepdims: int,
+        real: float,
+        axis: int = -1,
+    ) -> None:
+        """``Requantize(ReduceSum(Cast(x, int32), axes), real)`` as the group's output (pools and reductions)."""
         lo, hi = _clamp_bounds(activation, quant)
-        base = quant.outputs[0].name or "pool"
+        base = quant.outputs[0].name or "sum"
         widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
         widen.outputs[0].dtype = ir.DataType.INT32
-        axes = add_initializer(graph, f"{base}_axes", np.array([2, 3], dtype=np.int64))
-        total = ir.node("ReduceSum", [widen.outputs[0], axes], attributes={"keepdims": 1})
+        axes_value = add_initializer(graph, f"{base}_axes", np.array(axes, dtype=np.int64))
+        total = ir.node("ReduceSum", [widen.outputs[0], axes_value], attributes={"keepdims": keepdims})
         total.outputs[0].dtype = ir.DataType.INT32
-        real = float(x.scale.reshape(())) / (out_scale * count)
-        self._requantize_after(graph, quant, total.outputs[0], real, axis=1, lo=lo, hi=hi, producers=[widen, total])
+        self._requantize_after(graph, quant, total.outputs[0], real, axis=axis, lo=lo, hi=hi, producers=[widen, total])
 
     def _lower_reduce(self, graph: ir.Graph, node: ir.Node) -> None:
         """``ReduceMean`` / ``ReduceSum`` over any axes: the int32 sum of the integer input, then one Requantize
@@ -592,17 +606,9 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
         count = int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
-        base = quant.outputs[0].name or "reduce"
-        widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
-        widen.outputs[0].dtype = ir.DataType.INT32
-        axes_value = add_initializer(graph, f"{base}_axes", np.array(axes, dtype=np.int64))
-        keepdims = node.attributes.get_int("keepdims", 1)
-        total = ir.node("ReduceSum", [widen.outputs[0], axes_value], attributes={"keepdims": keepdims})
-        total.outputs[0].dtype = ir.DataType.INT32
         divisor = count if node.op_type == "ReduceMean" else 1
         real = float(x.scale.reshape(())) / (output_scale(quant) * divisor)
-        self._requantize_after(graph, quant, total.outputs[0], real, lo=lo, hi=hi, producers=[widen, total])
+        self._requantized_sum(graph, x, activation, quant, axes, node.attributes.get_int("keepdims", 1), real)
 
     def _lower_pad(self, graph: ir.Graph, node: ir.Node) -> None:
         """Pad on the integer input (constant, reflect, edge): a constant pad value becomes its level on the input's

@@ -31,6 +31,7 @@ from qcompiler.passes.lower.groups import (
     quantized_output,
     replace_group_output,
 )
+from qcompiler.passes.lower.lookup import lower_lookup, lower_silu_lookup
 
 
 def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:
@@ -179,8 +180,6 @@ def lower_nonlinearity(graph: ir.Graph, node: ir.Node, silu_gates: set[int], tab
     Mul). With ``tables``, SiLU, Sigmoid and Gelu become lookup tables over their input's levels (exactly the QDQ
     graph's ``Q(f(DQ(x)))``; for deep CNNs, where I-BERT's polynomials compound). Returns whether it did: the
     one dispatch both lowering passes use."""
-    from qcompiler.passes.lower.lookup import lower_lookup, lower_silu_lookup
-
     if node.domain not in ("", "ai.onnx") or FLOAT_ISLAND in node.metadata_props:
         return False
     if node.op_type == "Mul" and (sigmoid := silu_sigmoid(node)) is not None:

@@ -295,15 +295,16 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             plan = dataclasses.replace(plan, wide=frozenset(plan.wide | self._wide_scores))
         # IntSoftmax reads its input at a step below ln2 (qcompiler.dialect.nonlinear.softmax_constants): scores
         # whose int8 step would reach it are stored int16 where their producer can write int16, else clamped
-        self._capped_scores: set[int] = set()
-        self._floored_scores: set[int] = set()
+        #: id(int8 scores) -> the step they get, inside IntSoftmax's readable range
+        self._score_steps: dict[int, np.float32] = {}
         for g in groups.values():
             if g.scores.name not in self.ranges or id(g.scores) in self._wide_scores:
                 continue
-            if activation_scale(self._range(g.scores)) < WIDE_SCORES_MIN_SCALE:
-                self._floored_scores.add(id(g.scores))  # differences below the step change no probability
+            step = activation_scale(self._range(g.scores))
+            if step < WIDE_SCORES_MIN_SCALE:  # differences below the finest step change no probability
+                self._score_steps[id(g.scores)] = WIDE_SCORES_MIN_SCALE
                 continue
-            if activation_scale(self._range(g.scores)) < SOFTMAX_MAX_INPUT_SCALE:
+            if step < SOFTMAX_MAX_INPUT_SCALE:
                 continue
             producer = g.scores.producer()
             if stats is not None and producer is not None and producer.op_type in ("MatMul", "Mul", "Div"):
@@ -315,7 +316,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     "softmax scores %s: clamped to +-%.1f (their producer %s cannot write int16)",
                     g.scores.name, float(SOFTMAX_MAX_INPUT_SCALE) * ACT_QMAX, producer.op_type if producer else "input",
                 )  # fmt: skip
-                self._capped_scores.add(id(g.scores))
+                self._score_steps[id(g.scores)] = SOFTMAX_MAX_INPUT_SCALE
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT:
                 scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
@@ -366,12 +367,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 elif id(out) in plan.per_channel:
                     scales = self._channel_scales(out, plan.weight_absmax.get(id(out)))
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
-                elif id(out) in self._capped_scores:
-                    scale = min(activation_scale(self._range(out)), SOFTMAX_MAX_INPUT_SCALE)
-                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale)
-                elif id(out) in self._floored_scores:
-                    scale = max(activation_scale(self._range(out)), WIDE_SCORES_MIN_SCALE)
-                    scale_of[id(out)] = self._quantize_value(graph, out, None, scale)
+                elif id(out) in self._score_steps:
+                    scale_of[id(out)] = self._quantize_value(graph, out, None, self._score_steps[id(out)])
                 else:
                     scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +38,7 @@ from qcompiler.testing.strategies import (
     token_mlp_models,
     transformer_models,
 )
+from qcompiler.testing.zoo import compiler_site
 
 #: errors that name what the user must change: a refusal, not a bug
 USER_FACING = (UnsupportedOpError, ModelLoadError, CalibrationError, RecipeError)
@@ -95,10 +95,8 @@ def check(generated: GeneratedModel, build_tvm: bool) -> Case:
 
 
 def _where(exc: BaseException) -> str:
-    frames = traceback.extract_tb(exc.__traceback__)
-    ours = [f for f in frames if "/qcompiler/" in f.filename or "/passes/" in f.filename or "/backends/" in f.filename]
-    site = f" at {ours[-1].filename}:{ours[-1].lineno}" if ours else ""
-    return f"{type(exc).__name__}: {str(exc)[:300]}{site}"
+    site = compiler_site(exc)
+    return f"{type(exc).__name__}: {str(exc)[:300]}" + (f" at {site}" if site else "")
 
 
 def run(count: int, build_every: int, seed: int | None) -> list[Case]:
