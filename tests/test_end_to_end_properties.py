@@ -36,7 +36,7 @@ def test_generated_models_quick(generated: GeneratedModel) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=200, derandomize=False)  # new graphs every slow run
+@settings(max_examples=200)
 @given(models())
 def test_generated_models_200(generated: GeneratedModel) -> None:
     _check(generated)

@@ -56,7 +56,7 @@ def test_token_mlp_blocks_quick(generated: GeneratedModel) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=100, derandomize=False)  # new graphs every slow run
+@settings(max_examples=100)
 @given(token_mlp_models())
 def test_token_mlp_blocks_100(generated: GeneratedModel) -> None:
     _check(generated)
@@ -103,7 +103,7 @@ def test_attention_blocks_quick(generated: GeneratedModel) -> None:
 
 
 @pytest.mark.slow
-@settings(max_examples=100, derandomize=False)  # new graphs every slow run
+@settings(max_examples=100)
 @given(attention_models())
 def test_attention_blocks_100(generated: GeneratedModel) -> None:
     _check_attention(generated)

@@ -165,9 +165,16 @@ def assert_within_quantization_step(
         want = run_reference(qdq, feeds)
         got = run_reference(integer, feeds)
         for index, (w, g, step) in enumerate(zip(want, got, scales, strict=True)):
-            diff = float(np.max(np.abs(np.asarray(w, np.float64) - np.asarray(g, np.float64)), initial=0.0)) / step
+            w64, g64 = np.asarray(w, np.float64), np.asarray(g, np.float64)
+            gap = np.abs(w64 - g64) / step
+            # both graphs dequantize in float32: an int16 output far from zero carries float32 rounding of
+            # several thousandths of a step, so the slack scales with the value, not with the step alone
+            slack = 1e-3 + 4 * float(np.finfo(np.float32).eps) * np.maximum(np.abs(w64), np.abs(g64)) / step
+            diff = float(np.max(gap, initial=0.0))
             worst = max(worst, diff)
-            assert diff <= steps + 1e-3, f"output {index}: integer graph is {diff:.3f} steps from the QDQ graph"
+            assert bool(np.all(gap <= steps + slack)), (
+                f"output {index}: integer graph is {diff:.3f} steps from the QDQ graph"
+            )
     return worst
 
 
