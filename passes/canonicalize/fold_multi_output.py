@@ -1,8 +1,10 @@
-"""Fold nodes of several outputs whose inputs are all constants (a Split of a constant sin/cos table).
+"""Fold nodes of ops with several outputs whose inputs are all constants (a Split of a constant sin/cos table, a
+LayerNormalization of a constant).
 
 onnxscript's constant folding leaves multi-output nodes alone; the quantizer would then meet float ops on
 constants. Each such node is evaluated once by ``onnx.reference`` and its outputs become initializers; then
-onnxscript's folding runs again for what reads them.
+onnxscript's folding runs again for what reads them, and the two alternate until neither folds anything (DETR:
+a constant query Add folds only after a multi-output node before it, and feeds a three-output LayerNormalization).
 """
 
 from __future__ import annotations
@@ -18,17 +20,41 @@ from qcompiler.ir.graph import add_initializer, const_array, is_graph_output
 
 #: folded outputs larger than this stay computed (the same spirit as onnxscript's output size limit)
 MAX_FOLDED_ELEMENTS = 1 << 24
+#: rounds of (multi-output folding, onnxscript folding); each round folds at least one node, so this only bounds
+#: a pathological graph
+MAX_ROUNDS = 16
+
+
+def _multi_output(op_type: str, opset: int) -> bool:
+    """Whether the op's schema declares more than one output: onnxscript skips those even when the node itself
+    has one (a LayerNormalization of a constant keeps only Y)."""
+    try:
+        return onnx.defs.get_schema(op_type, opset).max_output > 1
+    except onnx.defs.SchemaError:
+        return False
 
 
 class FoldConstantMultiOutputPass(ir.passes.InPlacePass):
-    """A default-domain node with two or more outputs and only constant inputs -> its outputs as initializers."""
+    """A default-domain node of an op with several outputs (declared by its schema, whatever the node uses) and only
+    constant inputs -> its outputs as initializers."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for _ in range(MAX_ROUNDS):
+            if not self._fold_once(model):
+                break
+            modified = True
+            # what read the folded outputs may fold now (GPT-J: Unsqueeze of each half of the table)
+            FoldConstantsPass(shape_inference=False, input_size_limit=1 << 26, output_size_limit=1 << 26)(model)
+        return ir.passes.PassResult(model, modified)
+
+    @staticmethod
+    def _fold_once(model: ir.Model) -> bool:
         graph = model.graph
         modified = False
         opset = model.opset_imports.get("", 21)
         for node in list(graph):
-            if len(node.outputs) < 2 or node.domain not in ("", "ai.onnx") or not node.inputs:
+            if node.domain not in ("", "ai.onnx") or not node.inputs or not _multi_output(node.op_type, opset):
                 continue
             constants = [None if v is None else const_array(v) for v in node.inputs]
             if any(v is not None and c is None for v, c in zip(node.inputs, constants, strict=True)):
@@ -57,6 +83,4 @@ class FoldConstantMultiOutputPass(ir.passes.InPlacePass):
                 out.replace_all_uses_with(folded, replace_graph_outputs=True)
             graph.remove(node, safe=True)
             modified = True
-        if modified:  # what read the folded outputs may fold now (GPT-J: Unsqueeze of each half of the table)
-            FoldConstantsPass(shape_inference=False, input_size_limit=1 << 26, output_size_limit=1 << 26)(model)
-        return ir.passes.PassResult(model, modified)
+        return modified

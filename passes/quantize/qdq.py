@@ -337,6 +337,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 for index, value in enumerate(node.inputs):
                     if const_array(value) is not None:
                         self._quantize_table(graph, node, scale_of, index=index)
+            if (
+                node.op_type == "MatMul"
+                and const_array(node.inputs[0]) is not None
+                and const_array(node.inputs[1]) is None
+            ):  # a constant on the left (DETR's folded object queries against the encoder's keys): int8 per tensor
+                self._quantize_table(graph, node, scale_of, index=0)
             if node.op_type in ("Conv", "Gemm") or (
                 node.op_type == "MatMul" and const_array(node.inputs[1]) is not None
             ):

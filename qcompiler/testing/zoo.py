@@ -53,7 +53,6 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 # family -> why the compiler refuses it today, by name (issue 21 lists what must be built to accept each).
 EXPECTED_REFUSALS: dict[str, str] = {
     "segformer": "Resize (bilinear upsampling in the all-MLP decode head) has no integer lowering",
-    "detr": "LayerNormalization of a constant (zero object queries into decoder layer 0) is not constant-folded",
     "convnextv2": "ReduceL2 (global response normalization) has no integer lowering",
     "poolformer": "InstanceNormalization (GroupNorm with one group) has no integer lowering",
 }

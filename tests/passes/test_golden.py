@@ -542,6 +542,22 @@ FOLD_MULTI_OUTPUT_GOLDEN = {
             y = Mul(s, b)
         }}""",
     ),
+    # DETR's zero object queries: a constant Add (folded only once the Split before it is) feeds a LayerNormalization
+    # that keeps only Y; onnxscript skips it (its schema has three outputs), and the two foldings alternate
+    "layer-norm-of-a-folded-constant": (
+        f"""{OPSET21}
+        g (float[1,2] x) => (float[1,2] y)
+          <float[1,4] t = {{0.5, 1.0, 0.5, 2.0}}, float[2] scale = {{1.0, 2.0}}, float[2] bias = {{0.5, 0.5}}> {{
+            a, b = Split<axis=1, num_outputs=2>(t)
+            c = Add(a, b)
+            n = LayerNormalization<axis=-1, epsilon=0.0>(c, scale, bias)
+            y = Add(x, n)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,2] x) => (float[1,2] y) <float[1,2] n = {{-0.5, 2.5}}> {{
+            y = Add(x, n)
+        }}""",
+    ),
 }
 
 FOLD_MULTI_OUTPUT_NEAR_MISSES = {

@@ -200,3 +200,19 @@ def test_selections_of_activations_move_integers(op: str, indices, attributes: d
     assert_within_quantization_step(qdq, integer, probe)
     assert_lowering_matches(qdq, integer, probe)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+
+
+@pytest.mark.tvm
+def test_matmul_with_a_constant_on_the_left_lowers_on_integers() -> None:
+    """DETR's folded object queries against the encoder's keys: MatMul(constant, activation), the constant an
+    int8 table per tensor, the product an integer MatMul of two int8 operands."""
+    rng = np.random.default_rng(5)
+    inits = {
+        "w": rng.standard_normal((WIDTH, WIDTH)).astype(np.float32),
+        "queries": (2.0 * rng.standard_normal((3, ROWS))).astype(np.float32),
+    }
+    nodes = [helper.make_node("Gemm", ["x", "w"], ["k"]), helper.make_node("MatMul", ["queries", "k"], ["y"])]
+    _, integer = _check(_model(nodes, inits, [3, WIDTH]))
+    matmul = next(n for n in integer.graph if n.op_type == "MatMulInteger")
+    assert [v.dtype.name for v in matmul.inputs] == ["INT8", "INT8"]
+    assert matmul.inputs[0].const_value is not None  # the queries, stored as int8
