@@ -12,7 +12,9 @@ from onnxscript.version_converter import ConvertVersionPass
 
 from qcompiler.passes.canonicalize import (
     ConvertConv1dToConv2dPass,
+    ConvertInstanceNormToLayerNormPass,
     DecomposeBatchNormPass,
+    DecomposeResizePass,
     FoldBatchNormPass,
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
@@ -59,6 +61,8 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fold-constant-multi-output": FoldConstantMultiOutputPass,
     "decompose-batchnorm": DecomposeBatchNormPass,
     "conv1d-to-conv2d": ConvertConv1dToConv2dPass,
+    "decompose-resize": DecomposeResizePass,
+    "instance-norm-to-layer-norm": ConvertInstanceNormToLayerNormPass,
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
     "remove-unused": RemoveUnusedNodesPass,

@@ -406,6 +406,51 @@ class RescaleAdd(OF.OnnxOpConverter):
         )
 
 
+def _int_div_te(
+    a: te.Tensor, b: te.Tensor, *, multiplier: int, shift: int, zero_point: int, lo: int, hi: int
+) -> te.Tensor:
+    """IntDiv (qcompiler.dialect.reference.int_div): floor((2n + d) / (2d)) with the signs made d > 0."""
+    out_shape = [int(d) for d in np.broadcast_shapes(tuple(int(d) for d in a.shape), tuple(int(d) for d in b.shape))]
+    zero, one, two = tirx.const(0, "int64"), tirx.const(1, "int64"), tirx.const(2, "int64")
+    low, high, z = tirx.const(lo, "int64"), tirx.const(hi, "int64"), tirx.const(zero_point, "int64")
+
+    def body(*idx):
+        # the signs come from b itself: TVM's simplifier rewrites a comparison of (b << c) with zero wrongly
+        divisor = nonlinear.broadcast_read(b, out_shape, idx).astype("int64")
+        sign = tirx.Select(divisor < zero, -one, one)
+        n = nonlinear.broadcast_read(a, out_shape, idx).astype("int64") * tirx.const(multiplier, "int64") * sign
+        d = (divisor * sign) * tirx.const(1 << shift, "int64")
+        quotient = tirx.floordiv(two * n + d, two * te.max(d, one)) + z
+        saturated = tirx.Select(n > zero, high, tirx.Select(n < zero, low, z))
+        value = tirx.Select(divisor == zero, saturated, quotient)
+        return te.max(te.min(value, high), low).astype(storage_dtype(lo, hi).name)
+
+    return te.compute(out_shape, body, name="int_div")
+
+
+class IntDiv(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        _static_shape(inputs[0], "IntDiv"), _static_shape(inputs[1], "IntDiv")
+        body = functools.partial(
+            _int_div_te,
+            multiplier=int(_const_numpy(inputs[2], "multiplier", "IntDiv").reshape(())),
+            shift=int(_const_numpy(inputs[3], "shift", "IntDiv").reshape(())),
+            **_epilogue(attr),
+        )
+        return bb.emit_te(
+            body, inputs[0], inputs[1], primfunc_name_hint="int_div", primfunc_attrs={KERNEL_ATTR: "elementwise"}
+        )
+
+
+class ISqrt(OF.OnnxOpConverter):
+    @classmethod
+    def _impl_v1(cls, bb, inputs, attr, params):
+        return bb.emit_te(
+            nonlinear.isqrt_stages, inputs[0], primfunc_name_hint="isqrt", primfunc_attrs={KERNEL_ATTR: "elementwise"}
+        )
+
+
 class ConvInteger(OF.OnnxOpConverter):
     """Unfused int8 convolution (a graph lowered without the fuse pass)."""
 
@@ -686,8 +731,10 @@ class Hadamard(OF.OnnxOpConverter):
 
 _CONVERTERS = {
     "Hadamard": Hadamard,
+    "IntDiv": IntDiv,
     "IntGelu": IntGelu,
     "IntSigmoid": IntSigmoid,
+    "ISqrt": ISqrt,
     "IntSoftmax": IntSoftmax,
     "IntLayerNorm": IntLayerNorm,
     "QGemm": QGemm,

@@ -7,11 +7,15 @@ from qcompiler.passes.canonicalize.decompose_batchnorm import DecomposeBatchNorm
 from qcompiler.passes.canonicalize.fold_batchnorm import FoldBatchNormPass
 from qcompiler.passes.canonicalize.fold_multi_output import FoldConstantMultiOutputPass
 from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
+from qcompiler.passes.canonicalize.instance_norm import ConvertInstanceNormToLayerNormPass
+from qcompiler.passes.canonicalize.resize import DecomposeResizePass
 from qcompiler.passes.canonicalize.rms_norm import FuseRMSNormPass
 
 __all__ = [
     "ConvertConv1dToConv2dPass",
+    "ConvertInstanceNormToLayerNormPass",
     "DecomposeBatchNormPass",
+    "DecomposeResizePass",
     "FoldBatchNormPass",
     "FoldConstantMultiOutputPass",
     "FuseBiasAddPass",

@@ -17,15 +17,17 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass, ShapeInferencePass
 
-from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier_pair, quantize_multipliers
+from qcompiler.dialect import DOMAIN, OPSET_VERSION, quantize_multiplier, quantize_multiplier_pair, quantize_multipliers
 from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX, group_scale_bits
 from qcompiler.dialect.hadamard import MAX_ORDER_INT16, hadamard_structure
 from qcompiler.dialect.int4 import pack_int4
+from qcompiler.dialect.reference import INT_DIV_MAX_SHIFT
 from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
-from qcompiler.ir.ops import KEEPS_BOUND_OPS, LINEAR_OPS, traits
+from qcompiler.ir.ops import FUSING_ANCHORS, KEEPS_BOUND_OPS, LINEAR_OPS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
 )
@@ -220,10 +222,12 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             "product": self._lower_product_or_scalar,
             "neg": self._lower_neg,
             "global_average_pool": self._lower_global_average_pool,
+            "average_pool": self._lower_average_pool,
             "move": self._lower_shape_only,
             "split": self._lower_split,
             "lookup": lower_lookup,
             "reduce": self._lower_reduce,
+            "reduce_l2": self._lower_reduce_l2,
             "pad": self._lower_pad,
         }
 
@@ -233,8 +237,12 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             self._lower_scalar(graph, node)
         elif node.op_type == "Mul":
             self._lower_product(graph, node)
+        elif all(_is_activation(v) for v in node.inputs):
+            self._lower_division(graph, node)
         else:
-            raise UnsupportedOpError(node_label(node), node.op_type, "only a division by a constant scalar")
+            raise UnsupportedOpError(
+                node_label(node), node.op_type, "only a division by a constant scalar or of two activations"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -259,7 +267,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-                if producer is not None and producer.op_type in _LINEAR | {"Add", "Mul", "Div", "GlobalAveragePool"}:
+                if producer is not None and producer.op_type in FUSING_ANCHORS | {"Mul", "Div"}:
                     continue  # fused into its producer's group (after Mul/Div: an attention operand's clamp)
             row = traits(node.op_type)
             handler = self._handlers.get(row.lowering) if row is not None else None
@@ -334,6 +342,78 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         self._requantize_after(
             graph, quant, product.outputs[0], reals, axis=-1, lo=lo, hi=hi, producers=[*widened, product]
         )
+
+    def _lower_division(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``DQ(a) / DQ(b) -> Q``: one IntDiv, ``b_m 2^-c = S_a / (S_b S_y)`` with the shift at most
+        INT_DIV_MAX_SHIFT (a finer rescale keeps fewer multiplier bits)."""
+        a = dequantized(node.inputs[0], "dividend", node)
+        b = dequantized(node.inputs[1], "divisor", node)
+        label = node_label(node)
+        if a.scale.ndim or b.scale.ndim:
+            raise UnsupportedOpError(label, "Div", "per-channel operands are not supported")
+        activation, quant = quantized_output(node)
+        if activation is not None:
+            raise UnsupportedOpError(label, "Div", f"a fused {activation.op_type} after a division is not supported")
+        real = float(a.scale) / (float(b.scale) * output_scale(quant))
+        multiplier, shift = quantize_multiplier(real) if real < 2.0**30 else (0, 0)
+        if shift < 1:
+            raise UnsupportedOpError(label, "Div", f"the rescale {real:.3g} is too large for IntDiv's multiplier")
+        if shift > INT_DIV_MAX_SHIFT:  # keep the quotient's denominator in int64; fewer multiplier bits
+            multiplier, shift = round(real * 2.0**INT_DIV_MAX_SHIFT), INT_DIV_MAX_SHIFT
+        lo, hi = output_bounds(quant)
+        base = quant.outputs[0].name or "quotient"
+        divide = ir.node(
+            "IntDiv",
+            [
+                a.value,
+                b.value,
+                add_initializer(graph, f"{base}_multiplier", np.array(multiplier, np.int32)),
+                add_initializer(graph, f"{base}_shift", np.array(shift, np.int32)),
+            ],
+            attributes={"lo": lo, "hi": hi},
+            domain=DOMAIN,
+        )
+        graph.insert_after(quant, divide)
+        replace_group_output(quant, divide.outputs[0])
+
+    def _lower_reduce_l2(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``ReduceL2`` over any axes: ``ISqrt(4^f sum(x^2))`` in int64 (``f`` the fraction bits the sum's bound
+        leaves below 2^31), then one Requantize (``S_x / (2^f S_y)``)."""
+        x = dequantized(node.inputs[0], "input", node)
+        label = node_label(node)
+        if x.scale.ndim:
+            raise UnsupportedOpError(label, "ReduceL2", "its input is quantized per channel; a norm needs one scale")
+        shape = node.inputs[0].shape
+        if shape is None or not all(isinstance(d, int) for d in shape):
+            raise UnsupportedOpError(label, "ReduceL2", "needs a static input shape")
+        axes = reduce_axes(node)
+        if axes is None:
+            raise UnsupportedOpError(label, "ReduceL2", "its axes must be constant")
+        rank = len(shape)
+        axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
+        count = int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
+        level = 32768 if x.value.dtype == ir.DataType.INT16 else 128
+        bound = count * level * level  # the largest sum of squares
+        frac = max(0, (61 - bound.bit_length()) // 2)  # 4^f bound < 2^62 and sqrt(4^f bound) < 2^31
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
+        base = quant.outputs[0].name or "norm"
+        steps = [
+            ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT64}),
+        ]
+        steps.append(ir.node("Mul", [steps[-1].outputs[0], steps[-1].outputs[0]]))
+        axes_value = add_initializer(graph, f"{base}_axes", np.array(axes, dtype=np.int64))
+        keepdims = node.attributes.get_int("keepdims", 1)
+        steps.append(ir.node("ReduceSum", [steps[-1].outputs[0], axes_value], attributes={"keepdims": keepdims}))
+        scale_up = add_initializer(graph, f"{base}_fraction", np.array(1 << (2 * frac), dtype=np.int64))
+        steps.append(ir.node("Mul", [steps[-1].outputs[0], scale_up]))
+        steps.append(ir.node("ISqrt", [steps[-1].outputs[0]], domain=DOMAIN))
+        for step in steps:
+            step.outputs[0].dtype = ir.DataType.INT64
+        narrow = ir.node("Cast", [steps[-1].outputs[0]], attributes={"to": ir.DataType.INT32})
+        narrow.outputs[0].dtype = ir.DataType.INT32
+        real = float(x.scale.reshape(())) / (2.0**frac * output_scale(quant))
+        self._requantize_after(graph, quant, narrow.outputs[0], real, lo=lo, hi=hi, producers=[*steps, narrow])
 
     def _lower_neg(self, graph: ir.Graph, node: ir.Node) -> None:
         """``-x`` on int8 (RoPE's rotate-half): widened first, so -(-128) saturates to 127 as the QDQ graph's
@@ -538,6 +618,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         return True
 
     def _lower_add(self, graph: ir.Graph, node: ir.Node) -> None:
+        """``a + b`` (and ``a - b``: the second multiplier negated) as one ``RescaleAdd``."""
         a = dequantized(node.inputs[0], "first input", node)
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
@@ -545,6 +626,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         lo, hi = _clamp_bounds(activation, quant)
         # per-channel input or output scales give one multiplier per channel of the last axis
         mult_a, mult_b, shift = quantize_multiplier_pair(a.scale / out_scale, b.scale / out_scale)
+        if node.op_type == "Sub":
+            mult_b = -mult_b
         base = quant.outputs[0].name or "sum"
         inputs = [
             a.value,
@@ -567,6 +650,40 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         count = int(shape[2]) * int(shape[3])
         real = float(x.scale.reshape(())) / (out_scale * count)
         self._requantized_sum(graph, x, activation, quant, [2, 3], keepdims=1, real=real, axis=1)
+
+    def _lower_average_pool(self, graph: ir.Graph, node: ir.Node) -> None:
+        """A 2-D AveragePool: the window sums in int32 (``ConvInteger`` by a depthwise kernel of ones, zero padding),
+        then one Requantize by ``s_x / (s_y n)``. Where the divisor ``n`` varies with the position (borders with
+        ``count_include_pad=0``), each sum is first multiplied by the integer ``L / n``, ``L`` the least common
+        multiple of the divisors, and the Requantize divides by ``L``: exact until that one rounding."""
+        label = node_label(node)
+        window = average_pool_window(node)
+        x = dequantized(node.inputs[0], "input", node)
+        if x.scale.ndim or x.value.dtype != ir.DataType.INT8:
+            raise UnsupportedOpError(label, "AveragePool", "its input must be int8 with one scale (the window sum "
+                                     "is an int8 convolution)")  # fmt: skip
+        activation, quant = quantized_output(node)
+        lo, hi = _clamp_bounds(activation, quant)
+        base = quant.outputs[0].name or "pool"
+        ones = np.ones((window.channels, 1, *window.kernel), np.int8)
+        attrs = {"pads": list(window.pads), "strides": list(window.strides), "dilations": [1, 1],
+                 "group": window.channels}  # fmt: skip
+        total = ir.node("ConvInteger", [x.value, add_initializer(graph, f"{base}_window", ones)], attributes=attrs)
+        total.outputs[0].dtype = ir.DataType.INT32
+        counts = np.unique(window.counts)
+        divisor = int(np.lcm.reduce(counts))
+        if 128 * divisor >= 2**31:  # |sum L / n| <= 128 L must fit int32
+            raise UnsupportedOpError(label, "AveragePool", f"its windows' sizes {counts.tolist()} have a least "
+                                     "common multiple too large for int32; use count_include_pad=1")  # fmt: skip
+        if counts.size == 1:  # one divisor: a zero bias makes it the fused QConv's pattern (one kernel)
+            zero = add_initializer(graph, f"{base}_bias", np.zeros((1, window.channels, 1, 1), np.int32))
+            summed = ir.node("Add", [total.outputs[0], zero])
+        else:
+            factors = (divisor // window.counts).astype(np.int32).reshape(1, 1, *window.counts.shape)
+            summed = ir.node("Mul", [total.outputs[0], add_initializer(graph, f"{base}_count_factor", factors)])
+        summed.outputs[0].dtype = ir.DataType.INT32
+        real = float(x.scale.reshape(())) / (output_scale(quant) * divisor)
+        self._requantize_after(graph, quant, summed.outputs[0], real, axis=1, lo=lo, hi=hi, producers=[total, summed])
 
     def _requantized_sum(
         self,

@@ -20,10 +20,12 @@ import onnx_ir as ir
 
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
 from qcompiler.errors import CalibrationError, UnsupportedOpError
+from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, is_graph_output, node_label
 from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS, traits
+from qcompiler.passes.canonicalize.resize import resize_refusal
 from qcompiler.passes.quantize import row_exponent
 from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
@@ -332,7 +334,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 continue
             if node.op_type == "Gather" and const_array(node.inputs[0]) is not None:
                 self._quantize_table(graph, node, scale_of, index=0)  # an embedding table
-            if node.op_type == "Add" or (node.op_type == "Mul" and not _is_scalar_rescale(node)):
+            if node.op_type in ("Add", "Sub") or (node.op_type == "Mul" and not _is_scalar_rescale(node)):
                 # a constant addend (folded position embeddings) or factor (RoPE's tables): int8 per tensor
                 for index, value in enumerate(node.inputs):
                     if const_array(value) is not None:
@@ -489,6 +491,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             raise UnsupportedOpError(label, "Gather", "a constant table is read by rows (axis 0) only; fold constants")
         if node.domain not in ("", "ai.onnx"):
             raise UnsupportedOpError(label, f"{node.domain}::{node.op_type}", "custom ops cannot be quantized")
+        if node.op_type == "Resize":  # decompose-resize left it: say why
+            raise UnsupportedOpError(label, "Resize", resize_refusal(node))
         if node.op_type not in ANCHOR_OPS | PASS_THROUGH_OPS:
             raise UnsupportedOpError(
                 label,
@@ -499,14 +503,22 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         row = traits(node.op_type)
         if row is not None and row.lowering == "lookup" and any(const_array(v) is None for v in node.inputs[1:]):
             raise UnsupportedOpError(label, node.op_type, "its inputs after the first must be constants (a table)")
-        if node.op_type == "Div" and not _is_scalar_rescale(node):
-            raise UnsupportedOpError(label, "Div", "only an activation divided by a positive constant scalar")
+        if (
+            node.op_type == "Div"
+            and not _is_scalar_rescale(node)
+            and any(const_array(v) is not None for v in node.inputs)
+        ):
+            raise UnsupportedOpError(
+                label, "Div", "only an activation divided by a positive constant scalar, or by another activation"
+            )
         if node.op_type == "Mul" and all(const_array(v) is not None for v in node.inputs):
             raise UnsupportedOpError(label, "Mul", "both factors are constants: fold constants first")
         if node.op_type in ("Conv", "Gemm") and const_array(node.inputs[1]) is None:
             raise UnsupportedOpError(label, node.op_type, "the weight (input 1) must be a constant initializer")
-        if node.op_type == "Add" and all(const_array(v) is not None for v in node.inputs):
-            raise UnsupportedOpError(label, "Add", "both addends are constants: fold constants first")
+        if node.op_type in ("Add", "Sub") and all(const_array(v) is not None for v in node.inputs):
+            raise UnsupportedOpError(label, node.op_type, "both operands are constants: fold constants first")
+        if node.op_type == "AveragePool":
+            average_pool_window(node)  # refuses what the integer pool does not support, by name
         if node.op_type == "Gemm":
             alpha = node.attributes.get("alpha")
             if node.attributes.get_int("transA", 0) or (alpha is not None and alpha.as_float() != 1.0):

@@ -127,6 +127,35 @@ def conv2d_int(
     return np.concatenate(outs, axis=1)
 
 
+#: IntDiv's shift bound: an int16 divisor (|b| <= 2^15) times 2^shift, doubled, stays below 2^63
+INT_DIV_MAX_SHIFT = 46
+
+
+def int_div(
+    a: np.ndarray,
+    b: np.ndarray,
+    multiplier: int,
+    shift: int,
+    *,
+    zero_point: int = 0,
+    lo: int = -128,
+    hi: int = 127,
+) -> np.ndarray:
+    """``clamp(round(a b_m / (b 2^c)) + z, lo, hi)`` with the dialect's rounding (ties toward +inf), exact in
+    int64: ``floor((2 n + d) / (2 d))`` for ``n = a b_m``, ``d = b 2^c`` (both negated when ``d < 0``). A zero
+    divisor saturates by the numerator's sign (``hi``, ``lo``, or ``z`` for ``0 / 0``)."""
+    if not 0 <= shift <= INT_DIV_MAX_SHIFT:
+        raise ValueError(f"IntDiv: shift {shift} outside [0, {INT_DIV_MAX_SHIFT}]")
+    n, d = np.broadcast_arrays(np.asarray(a, np.int64) * np.int64(multiplier), np.asarray(b, np.int64) << shift)
+    sign = np.where(d < 0, -1, 1).astype(np.int64)
+    n, d = n * sign, d * sign
+    safe = np.where(d == 0, 1, d)
+    quotient = np.floor_divide(2 * n + safe, 2 * safe) + zero_point
+    saturated = np.where(n > 0, hi, np.where(n < 0, lo, zero_point))
+    y = np.where(d == 0, saturated, quotient)
+    return np.clip(y, lo, hi).astype(storage_dtype(lo, hi))
+
+
 def _as_int32(acc: np.ndarray, op: str) -> np.ndarray:
     if acc.size and (acc.max() > np.iinfo(np.int32).max or acc.min() < np.iinfo(np.int32).min):
         raise OverflowError(f"{op}: int32 accumulator overflow; reduce the reduction length or bias range")
@@ -290,6 +319,21 @@ class IntSigmoid(OpRun):
         return (y,)
 
 
+class IntDiv(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, a, b, multiplier, shift, zero_point=0, lo=-128, hi=127):
+        mult, sh = int(np.asarray(multiplier).reshape(())), int(np.asarray(shift).reshape(()))
+        return (int_div(a, b, mult, sh, zero_point=zero_point, lo=lo, hi=hi),)
+
+
+class ISqrt(OpRun):
+    op_domain = DOMAIN
+
+    def _run(self, x):
+        return (nonlinear.isqrt(np.asarray(x, np.int64)),)
+
+
 class Hadamard(OpRun):
     op_domain = DOMAIN
 
@@ -299,7 +343,7 @@ class Hadamard(OpRun):
 
 REFERENCE_OPS: list[type[OpRun]] = [
     Requantize, RowExponent, RescaleAdd, QGemm, QGemmInt4, QConv, IntSoftmax, IntLayerNorm, IntGelu, IntSigmoid,
-    Hadamard,
+    IntDiv, ISqrt, Hadamard,
 ]  # fmt: skip
 
 

@@ -243,6 +243,30 @@ def _schemas() -> list[OpSchema]:
         outputs=[_param("y", _I32, "int32 [..., n]: |y| <= n max|x| max|h|")],
         type_constraints=[("T", [_I8, _I16], "integer input types")],
     )
+    int_div = OpSchema(
+        "IntDiv",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = clamp(round(a multiplier / (b 2^shift)) + zero_point, lo, hi): floor((2n + d) / (2d)) for n = a "
+        "multiplier, d = b 2^shift (both negated when d < 0), int64; d = 0 saturates by the sign of a.",
+        inputs=[
+            _param("a", "A", "dividend"),
+            _param("b", "B", "divisor (numpy broadcasting)"),
+            _param("multiplier", _I32, "scalar b_m in [1, 2^31)"),
+            _param("shift", _I32, "scalar c in [0, 46]"),
+        ],
+        outputs=[_param("y", "Y", "the quotient at the output scale")],
+        type_constraints=[("A", [_I8, _I16], "int8 or int16"), ("B", [_I8, _I16], "int8 or int16"), _OUT],
+        attributes=list(_EPILOGUE_ATTRS),
+    )
+    isqrt = OpSchema(
+        "ISqrt",
+        DOMAIN,
+        OPSET_VERSION,
+        "y = floor(sqrt(x)) for int64 0 <= x < 2^62, exact (Newton's iteration).",
+        inputs=[_param("x", "tensor(int64)", "non-negative radicand")],
+        outputs=[_param("y", "tensor(int64)", "its integer square root")],
+    )
     row_exponent = OpSchema(
         "RowExponent",
         DOMAIN,
@@ -263,6 +287,8 @@ def _schemas() -> list[OpSchema]:
         int_layernorm,
         int_gelu,
         int_sigmoid,
+        int_div,
+        isqrt,
         hadamard,
     ]
 

@@ -94,10 +94,12 @@ _ROWS: tuple[OpTraits, ...] = (
     *(OpTraits(op, linear=True, fusing_anchor=True, wide_producer=op != "Conv", quantize="own", lowering="linear")
       for op in ("Conv", "Gemm", "MatMul")),
     OpTraits("Add", fusing_anchor=True, wide_producer=True, quantize="own", lowering="add"),
+    OpTraits("Sub", fusing_anchor=True, quantize="own", lowering="add"),  # an Add with the second side negated
     OpTraits("GlobalAveragePool", fusing_anchor=True, quantize="own", lowering="global_average_pool"),
+    OpTraits("AveragePool", fusing_anchor=True, quantize="own", lowering="average_pool"),
     # products: by a constant scalar (a pure rescale), of two activations or of an activation and a table
     OpTraits("Mul", wide_producer=True, channel_producer=True, quantize="own", lowering="product"),
-    OpTraits("Div", quantize="own", lowering="product"),
+    OpTraits("Div", quantize="own", lowering="product"),  # by a constant scalar, or of two activations (IntDiv)
     # integer nonlinearities of the dialect
     OpTraits("Softmax", nonlinearity=True, quantize="fixed", lowering="nonlinear"),
     OpTraits("LayerNormalization", nonlinearity=True, norm=True, channel_producer=True, quantize="own",
@@ -120,6 +122,7 @@ _ROWS: tuple[OpTraits, ...] = (
     # reductions: the int32 sum, then one Requantize
     OpTraits("ReduceMean", quantize="own", lowering="reduce"),
     OpTraits("ReduceSum", quantize="own", lowering="reduce"),
+    OpTraits("ReduceL2", quantize="own", lowering="reduce_l2"),  # the int64 sum of squares, then ISqrt
     OpTraits("Exp", quantize="own", lowering="lookup"),
 )
 # fmt: on

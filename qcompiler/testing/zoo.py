@@ -51,11 +51,7 @@ IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # family -> why the compiler refuses it today, by name (issue 21 lists what must be built to accept each).
-EXPECTED_REFUSALS: dict[str, str] = {
-    "segformer": "Resize (bilinear upsampling in the all-MLP decode head) has no integer lowering",
-    "convnextv2": "ReduceL2 (global response normalization) has no integer lowering",
-    "poolformer": "InstanceNormalization (GroupNorm with one group) has no integer lowering",
-}
+EXPECTED_REFUSALS: dict[str, str] = {}
 
 Batch = tuple[np.ndarray, ...]
 

@@ -16,13 +16,16 @@ from qcompiler.dialect import run_reference
 from qcompiler.ir.verifier import verify
 from qcompiler.passes.canonicalize import (
     ConvertConv1dToConv2dPass,
+    ConvertInstanceNormToLayerNormPass,
     DecomposeBatchNormPass,
+    DecomposeResizePass,
     FoldBatchNormPass,
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
     FuseRMSNormPass,
 )
 from qcompiler.passes.fuse import FuseIntegerLinearPass
+from qcompiler.testing import assert_float_exact_pass
 from qcompiler.testing.golden import assert_same_structure
 
 OPSET21 = '<ir_version: 10, opset_import: ["" : 21]>'
@@ -526,6 +529,78 @@ CONV1D_NEAR_MISSES = {
         }}""",
 }
 
+RESIZE_GOLDEN = {
+    # half_pixel, 2 -> 4: source coordinates -0.25, 0.25, 0.75, 1.25, clamped at the edges
+    "linear-width-half-pixel": (
+        f"""{OPSET21}
+        g (float[1,1,2,2] x) => (float[1,1,2,4] y) <int64[4] sizes = {{1, 1, 2, 4}}> {{
+            y = Resize<mode="linear">(x, , , sizes)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,1,2,2] x) => (float[1,1,2,4] y) <float[2,4] a = {{1.0, 0.75, 0.25, 0.0, 0.0, 0.25, 0.75, 1.0}}> {{
+            y = MatMul(x, a)
+        }}""",
+    ),
+    # the height axis is contracted last: Transposes around its product
+    "linear-height-align-corners": (
+        f"""{OPSET21}
+        g (float[1,1,2,3] x) => (float[1,1,3,3] y) <int64[4] sizes = {{1, 1, 3, 3}}> {{
+            y = Resize<mode="linear", coordinate_transformation_mode="align_corners">(x, , , sizes)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,1,2,3] x) => (float[1,1,3,3] y) <float[2,3] a = {{1.0, 0.5, 0.0, 0.0, 0.5, 1.0}}> {{
+            t = Transpose<perm=[0,1,3,2]>(x)
+            m = MatMul(t, a)
+            y = Transpose<perm=[0,1,3,2]>(m)
+        }}""",
+    ),
+    "nearest-asymmetric-floor": (
+        f"""{OPSET21}
+        g (float[1,1,2,3] x) => (float[1,1,4,6] y) <float[4] scales = {{1.0, 1.0, 2.0, 2.0}}> {{
+            y = Resize<mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor">(x, , scales)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,1,2,3] x) => (float[1,1,4,6] y) <int64[6] iw = {{0, 0, 1, 1, 2, 2}}, int64[4] ih = {{0, 0, 1, 1}}> {{
+            w = Gather<axis=3>(x, iw)
+            y = Gather<axis=2>(w, ih)
+        }}""",
+    ),
+    "identity": (
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[4] scales = {{1.0, 1.0, 1.0, 1.0}}> {{
+            y = Resize<mode="linear">(x, , scales)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) {{
+            y = Identity(x)
+        }}""",
+    ),
+}
+
+RESIZE_NEAR_MISSES = {
+    "cubic": f"""{OPSET21}
+        g (float[1,1,2,2] x) => (float[1,1,4,4] y) <float[4] scales = {{1.0, 1.0, 2.0, 2.0}}> {{
+            y = Resize<mode="cubic">(x, , scales)
+        }}""",
+    "sizes-at-run-time": f"""{OPSET21}
+        g (float[1,1,2,2] x, int64[4] sizes) => (float[1,1,?,?] y) {{
+            y = Resize<mode="linear">(x, , , sizes)
+        }}""",
+    "resizes-channels": f"""{OPSET21}
+        g (float[1,1,2,2] x) => (float[1,2,2,2] y) <float[4] scales = {{1.0, 2.0, 1.0, 1.0}}> {{
+            y = Resize<mode="nearest">(x, , scales)
+        }}""",
+    "fractional-length": f"""{OPSET21}
+        g (float[1,1,3,3] x) => (float[1,1,4,4] y) <float[4] scales = {{1.0, 1.0, 1.5, 1.5}}> {{
+            y = Resize<mode="linear">(x, , scales)
+        }}""",
+    "crop-and-resize": f"""{OPSET21}
+        g (float[1,1,2,2] x) => (float[1,1,4,4] y) <float[8] roi = {{0.0, 0.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0}},
+            float[4] scales = {{1.0, 1.0, 2.0, 2.0}}> {{
+            y = Resize<mode="linear", coordinate_transformation_mode="tf_crop_and_resize">(x, roi, scales)
+        }}""",
+}
+
 FOLD_MULTI_OUTPUT_GOLDEN = {
     # a Split of a constant table (GPT-J's sin/cos): both halves become initializers
     "split-of-a-constant": (
@@ -568,6 +643,75 @@ FOLD_MULTI_OUTPUT_NEAR_MISSES = {
         }}""",
 }
 
+# -- ConvertInstanceNormToLayerNormPass --------------------------------------------------------------------
+
+INSTANCE_NORM_GOLDEN = {
+    # statistics over the flattened spatial axes; the per-channel affine after the norm
+    "four-d-per-channel-affine": (
+        f"""{OPSET21}
+        g (float[2,2,2,3] x) => (float[2,2,2,3] y) <float[2] s = {{2.0, 0.5}}, float[2] b = {{0.25, -1.0}}> {{
+            y = InstanceNormalization<epsilon=0.25>(x, s, b)
+        }}""",
+        f"""{OPSET21}
+        g (float[2,2,2,3] x) => (float[2,2,2,3] y)
+          <int64[3] flat = {{0, 0, -1}}, float[6] gain = {{1.0, 1.0, 1.0, 1.0, 1.0, 1.0}},
+           float[6] offset = {{0.0, 0.0, 0.0, 0.0, 0.0, 0.0}}, int64[4] back = {{0, 0, 2, 3}},
+           float[2,1,1] s = {{2.0, 0.5}}, float[2,1,1] b = {{0.25, -1.0}}> {{
+            f = Reshape(x, flat)
+            n = LayerNormalization<axis=-1, epsilon=0.25>(f, gain, offset)
+            r = Reshape(n, back)
+            m = Mul(r, s)
+            y = Add(m, b)
+        }}""",
+    ),
+    # torch's GroupNorm(1) export: one channel over [N, 1, C*H*W]; its affine becomes the norm's gain and bias
+    "one-channel-rank-3": (
+        f"""{OPSET21}
+        g (float[2,1,4] x) => (float[2,1,4] y) <float[1] s = {{1.5}}, float[1] b = {{0.5}}> {{
+            y = InstanceNormalization<epsilon=0.25>(x, s, b)
+        }}""",
+        f"""{OPSET21}
+        g (float[2,1,4] x) => (float[2,1,4] y)
+          <float[4] gain = {{1.5, 1.5, 1.5, 1.5}}, float[4] offset = {{0.5, 0.5, 0.5, 0.5}}> {{
+            y = LayerNormalization<axis=-1, epsilon=0.25>(x, gain, offset)
+        }}""",
+    ),
+    # an identity affine adds no Mul or Add
+    "unit-affine": (
+        f"""{OPSET21}
+        g (float[1,3,4] x) => (float[1,3,4] y) <float[3] s = {{1.0, 1.0, 1.0}}, float[3] b = {{0.0, 0.0, 0.0}}> {{
+            y = InstanceNormalization<epsilon=0.25>(x, s, b)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,3,4] x) => (float[1,3,4] y)
+          <float[4] gain = {{1.0, 1.0, 1.0, 1.0}}, float[4] offset = {{0.0, 0.0, 0.0, 0.0}}> {{
+            y = LayerNormalization<axis=-1, epsilon=0.25>(x, gain, offset)
+        }}""",
+    ),
+}
+
+INSTANCE_NORM_NEAR_MISSES = {
+    "dynamic-spatial-size": f"""{OPSET21}
+        g (float[1,2,L] x) => (float[1,2,L] y) <float[2] s = {{2.0, 0.5}}, float[2] b = {{0.25, -1.0}}> {{
+            y = InstanceNormalization(x, s, b)
+        }}""",
+    "scale-at-run-time": f"""{OPSET21}
+        g (float[1,2,3,3] x, float[2] s) => (float[1,2,3,3] y) <float[2] b = {{0.25, -1.0}}> {{
+            y = InstanceNormalization(x, s, b)
+        }}""",
+}
+
+
+def test_instance_norm_rewrite_is_float_exact_in_float64() -> None:
+    """LayerNormalization over the flattened spatial axes computes InstanceNormalization's statistics and epsilon
+    exactly: float64 outputs within 1e-9 relative, an honest ``modified`` and a second run that changes nothing."""
+    before, _ = INSTANCE_NORM_GOLDEN["four-d-per-channel-affine"]
+    model = _parse(before)
+    feeds = [_feeds(model, seed) for seed in range(3)]
+    _, modified = assert_float_exact_pass(ConvertInstanceNormToLayerNormPass, model, feeds)
+    assert modified
+
+
 GOLDEN = [
     *(pytest.param(FuseBiasAddPass, *case, id=f"fuse-bias-add:{name}") for name, case in BIAS_ADD_GOLDEN.items()),
     *(pytest.param(FoldBatchNormPass, *case, id=f"fold-batchnorm:{name}") for name, case in BATCHNORM_GOLDEN.items()),
@@ -581,6 +725,11 @@ GOLDEN = [
         for n, c in FOLD_MULTI_OUTPUT_GOLDEN.items()
     ),
     *(pytest.param(ConvertConv1dToConv2dPass, *c, id=f"conv1d-to-conv2d:{n}") for n, c in CONV1D_GOLDEN.items()),
+    *(pytest.param(DecomposeResizePass, *c, id=f"decompose-resize:{n}") for n, c in RESIZE_GOLDEN.items()),
+    *(
+        pytest.param(ConvertInstanceNormToLayerNormPass, *c, id=f"instance-norm-to-layer-norm:{n}")
+        for n, c in INSTANCE_NORM_GOLDEN.items()
+    ),
     *(
         pytest.param(FuseIntegerLinearPass, *case, id=f"fuse-integer-linear:{name}")
         for name, case in FUSE_GOLDEN.items()
@@ -600,6 +749,11 @@ NEAR_MISSES = [
         for n, t in FOLD_MULTI_OUTPUT_NEAR_MISSES.items()
     ),
     *(pytest.param(ConvertConv1dToConv2dPass, t, id=f"conv1d-to-conv2d:{n}") for n, t in CONV1D_NEAR_MISSES.items()),
+    *(pytest.param(DecomposeResizePass, t, id=f"decompose-resize:{n}") for n, t in RESIZE_NEAR_MISSES.items()),
+    *(
+        pytest.param(ConvertInstanceNormToLayerNormPass, t, id=f"instance-norm-to-layer-norm:{n}")
+        for n, t in INSTANCE_NORM_NEAR_MISSES.items()
+    ),
     *(pytest.param(FuseIntegerLinearPass, t, id=f"fuse-integer-linear:{n}") for n, t in FUSE_NEAR_MISSES.items()),
 ]
 
