@@ -206,6 +206,24 @@ def _check_row_shifts(shift: np.ndarray, label: str, op: str) -> None:
         )
 
 
+def _reduction(node: ir.Node) -> tuple[Quantized, list[int], int]:
+    """A reduction's integer input (one scale), its axes (sorted, non-negative; all axes when none are given) and
+    the number of elements each output reduces."""
+    x = dequantized(node.inputs[0], "input", node)
+    label = node_label(node)
+    if x.scale.ndim:
+        raise UnsupportedOpError(label, node.op_type, "its input is quantized per channel; a reduction needs one scale")
+    shape = node.inputs[0].shape
+    if shape is None or not all(isinstance(d, int) for d in shape):
+        raise UnsupportedOpError(label, node.op_type, "needs a static input shape")
+    axes = reduce_axes(node)
+    if axes is None:
+        raise UnsupportedOpError(label, node.op_type, "its axes must be constant")
+    rank = len(shape)
+    axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
+    return x, axes, int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
+
+
 class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     """Rewrite a static symmetric QDQ graph to integer-only ops between the input Q and the output DQ."""
 
@@ -379,19 +397,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     def _lower_reduce_l2(self, graph: ir.Graph, node: ir.Node) -> None:
         """``ReduceL2`` over any axes: ``ISqrt(4^f sum(x^2))`` in int64 (``f`` the fraction bits the sum's bound
         leaves below 2^31), then one Requantize (``S_x / (2^f S_y)``)."""
-        x = dequantized(node.inputs[0], "input", node)
-        label = node_label(node)
-        if x.scale.ndim:
-            raise UnsupportedOpError(label, "ReduceL2", "its input is quantized per channel; a norm needs one scale")
-        shape = node.inputs[0].shape
-        if shape is None or not all(isinstance(d, int) for d in shape):
-            raise UnsupportedOpError(label, "ReduceL2", "needs a static input shape")
-        axes = reduce_axes(node)
-        if axes is None:
-            raise UnsupportedOpError(label, "ReduceL2", "its axes must be constant")
-        rank = len(shape)
-        axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
-        count = int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
+        x, axes, count = _reduction(node)
         level = 32768 if x.value.dtype == ir.DataType.INT16 else 128
         bound = count * level * level  # the largest sum of squares
         frac = max(0, (61 - bound.bit_length()) // 2)  # 4^f bound < 2^62 and sqrt(4^f bound) < 2^31
@@ -709,19 +715,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
     def _lower_reduce(self, graph: ir.Graph, node: ir.Node) -> None:
         """``ReduceMean`` / ``ReduceSum`` over any axes: the int32 sum of the integer input, then one Requantize
         (``s_x / (n s_y)`` for a mean of ``n`` elements, ``s_x / s_y`` for a sum)."""
-        x = dequantized(node.inputs[0], "input", node)
-        label = node_label(node)
-        if x.scale.ndim:
-            raise UnsupportedOpError(label, node.op_type, "its input is quantized per channel; a sum needs one scale")
-        shape = node.inputs[0].shape
-        if shape is None or not all(isinstance(d, int) for d in shape):
-            raise UnsupportedOpError(label, node.op_type, "needs a static input shape")
-        axes = reduce_axes(node)
-        if axes is None:
-            raise UnsupportedOpError(label, node.op_type, "its axes must be constant")
-        rank = len(shape)
-        axes = list(range(rank)) if not axes else sorted(a % rank for a in axes)
-        count = int(np.prod([int(shape[a]) for a in axes], dtype=np.int64))
+        x, axes, count = _reduction(node)
         activation, quant = quantized_output(node)
         divisor = count if node.op_type == "ReduceMean" else 1
         real = float(x.scale.reshape(())) / (output_scale(quant) * divisor)
