@@ -19,7 +19,6 @@ import onnx
 import onnx.numpy_helper
 import onnx.reference
 import onnx_ir as ir
-import onnxruntime
 
 from qcompiler.ir.graph import add_initializer, const_array
 
@@ -134,6 +133,8 @@ def _interpolation_matrices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``A[k, :] = Resize(e_k)`` along ``axis`` by onnx.reference (float64) and by onnxruntime (float32), the basis
     vectors stacked on the batch axis and every other axis of length 1 and left as it is."""
+    import onnxruntime  # only when a Resize is decomposed: not on qcompiler's import path
+
     probe_shape = [length, 1, 1, 1]
     probe_shape[axis] = length
     attributes = {name: attr.value for name, attr in node.attributes.items() if name != "axes"}
