@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -19,8 +19,6 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler import calibrate as calibration_module
-from qcompiler.backends.tvm import TVMModule, build, resolve_target
-from qcompiler.backends.tvm.metaschedule import validate_trials
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
@@ -28,6 +26,9 @@ from qcompiler.ir.analysis.architecture import describe
 from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
+
+if TYPE_CHECKING:  # the backend (TVM, and through it torch) is imported on the first build or load, not here
+    from qcompiler.backends.tvm import TVMModule
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +183,8 @@ class CompiledModel:
 
 def load(directory: str | Path) -> CompiledModel:
     """Reload a :meth:`CompiledModel.save` directory."""
+    from qcompiler.backends.tvm import TVMModule
+
     root = Path(directory)
     for name in (LIBRARY_FILE, INTEGER_FILE, REPORT_FILE):
         if not (root / name).is_file():
@@ -444,6 +447,9 @@ def compile(
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
     """
+    from qcompiler.backends.tvm import build, resolve_target
+    from qcompiler.backends.tvm.metaschedule import validate_trials
+
     tvm_target, _ = resolve_target(target)  # fail on a bad target, trial count or recipe before any work
     validate_trials(metaschedule_trials)
     chosen = load_recipe(recipe)

@@ -115,6 +115,17 @@ def _mcpu_has_avx2(mcpu: str) -> bool:
     return mcpu.startswith(prefixes)
 
 
+def configure_threads() -> None:
+    """Set TVM's thread count, when a build or a run starts (not at import: the user's process is theirs until then).
+
+    TVM's thread pool defaults to half the logical CPUs (it assumes two hyper-threads per core), which on 2-vCPU
+    machines means one thread: parallel kernels then only pay the pool's overhead. Use every CPU this process may
+    run on unless the user chose (``TVM_NUM_THREADS``). The pool reads it once, when it starts."""
+    if "TVM_NUM_THREADS" not in os.environ:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        os.environ["TVM_NUM_THREADS"] = str(cpus)
+
+
 class TVMModule:
     """A built integer model: call :meth:`run` with numpy feeds."""
 
@@ -128,6 +139,7 @@ class TVMModule:
     def _loaded(self) -> tuple[Any, Any]:
         """The VM and its ``main``, created on first use."""
         if self._vm_main is None:
+            configure_threads()
             vm = relax.VirtualMachine(self.executable, tvm.cpu())
             self._vm_main = (vm, vm["main"])
         return self._vm_main
@@ -243,6 +255,7 @@ def build(
     ``metaschedule_trials``: above 0, a MetaSchedule search of that many trials over the kernels without a hand GEMM
     schedule, each kept only where it beats the hand schedule (metaschedule.py; minutes: off by default).
     """
+    configure_threads()
     trials = metaschedule.validate_trials(metaschedule_trials)
     tvm_target, _ = resolve_target(target)
     isa = int8_dot_isa(tvm_target)

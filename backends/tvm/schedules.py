@@ -13,15 +13,23 @@ elementwise schedule.
 from __future__ import annotations
 
 import logging
+import types
 
 import tvm
 from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
-from qcompiler.backends.tvm import intrinsics
-
 logger = logging.getLogger(__name__)
+
+
+def _intrinsics() -> types.ModuleType:
+    """The int8 dot intrinsics, registered with TVM on first use: parsing their TVMScript takes about 2 s, which
+    neither ``import qcompiler`` nor loading a compiled model should pay."""
+    from qcompiler.backends.tvm import intrinsics
+
+    return intrinsics
+
 
 #: below these sizes a parallel region costs more than it saves (measured on 2 cores: GEMMs win from ~0.5M MACs)
 PARALLEL_MIN_MACS = 1 << 19
@@ -221,6 +229,7 @@ def schedule_gemm(
     else:
         sch.unroll(loops[-3])
         sch.unroll(loops[-4])
+        intrinsics = _intrinsics()
         if int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
         elif lanes == 16:
@@ -307,6 +316,7 @@ def _schedule_grouped_gemm(
     if use_avx2:
         sch.unroll(loops[-3])
         sch.unroll(loops[-4])
+        intrinsics = _intrinsics()
         intrin = intrinsics.VNNI_DOT_16X4_U8S8 if lanes == 16 else intrinsics.AVX2_DOT_8X4_PSIGN
         sch.tensorize(loops[-2], intrin)
     else:
