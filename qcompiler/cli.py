@@ -19,6 +19,12 @@ from qcompiler.pipeline import PassRecord, format_records
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qcompiler", description="Quantize and compile models to integer-only code.")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="log every step, with what the libraries underneath (torch.export, onnxscript, TVM) say",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile an ONNX model")
     comp.add_argument("model", help="path of the .onnx file (external data next to it)")
@@ -182,6 +188,8 @@ def _profile(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        logging.getLogger("qcompiler").setLevel(logging.DEBUG)
     try:
         if args.command == "recipes":
             for name in builtin_recipes():

@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from qcompiler.errors import PassFailedError, QCompilerError, VerificationError
 from qcompiler.ir.verifier import verify
+from qcompiler.logs import third_party_routed
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +135,8 @@ class Pipeline:
                     )
                 pass_.use_statistics(self.calibrate(model))
             try:
-                result = pass_(model)
+                with third_party_routed():  # onnxscript's folding and version converter talk at WARNING
+                    result = pass_(model)
             except QCompilerError:
                 raise  # already names the pass, node or argument at fault
             except Exception as exc:

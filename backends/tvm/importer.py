@@ -729,7 +729,21 @@ class Hadamard(OF.OnnxOpConverter):
         return bb.emit(relax.op.reshape(out, shape))
 
 
+class Gather(OF.Gather):
+    """ONNX Gather as TVM imports it (negative indices made positive first), with the take in ``clip`` mode: TVM's
+    default, ``fast``, reads out of bounds for an index out of range (a crash on a bad token id) and warns at every
+    build. Indices in range read the same; one out of range reads the last row instead of faulting."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        out = super()._impl_v13(bb, inputs, attr, params)
+        if isinstance(out, relax.Call) and out.op.same_as(tvm.ir.Op.get("relax.take")):
+            return relax.op.take(out.args[0], out.args[1], out.attrs.axis, mode="clip")
+        return out
+
+
 _CONVERTERS = {
+    "Gather": Gather,
     "Hadamard": Hadamard,
     "IntDiv": IntDiv,
     "IntGelu": IntGelu,

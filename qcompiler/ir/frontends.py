@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitializersFromInputsPass
 
 from qcompiler.errors import ModelLoadError
+from qcompiler.logs import third_party_routed
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +85,8 @@ def _load_file(path: Path) -> ir.Model:
 
 
 def _is_torch_module(model: object) -> bool:
-    try:
-        import torch
-    except ImportError:  # torch is optional for ONNX users
-        return False
-    return isinstance(model, torch.nn.Module)
+    torch = sys.modules.get("torch")  # a module of torch's exists only once torch is imported: never import it here
+    return torch is not None and isinstance(model, torch.nn.Module)
 
 
 def _export_torch(module: Any, example_inputs: Sequence[Any] | None, dynamic_shapes: Any) -> ir.Model:
@@ -98,7 +97,7 @@ def _export_torch(module: Any, example_inputs: Sequence[Any] | None, dynamic_sha
     args = tuple(example_inputs) if isinstance(example_inputs, list | tuple) else (example_inputs,)
     module = module.eval()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), third_party_routed():  # the exporter's own warnings are not the user's to act on
             program = torch.onnx.export(
                 module, args, dynamo=True, dynamic_shapes=dynamic_shapes, optimize=True, verbose=False
             )

@@ -747,3 +747,25 @@ def test_constant_nodes_of_any_attribute_form_build() -> None:
     x = np.arange(6, dtype=np.int8)
     np.testing.assert_array_equal(build(model, {"x": [6]}).run({"x": x})[0], x.reshape(2, 3))
     assert model.graph.node[0].op_type == "Constant"  # the caller's model is left as it was
+
+
+def test_gather_reads_like_onnx_and_an_index_out_of_range_does_not_fault(capfd) -> None:
+    """Gather of an int8 table by int64 ids (an embedding lookup): negative ids count from the end as ONNX says,
+    and an id out of range (a bad token id) reads a clamped row instead of reading out of bounds; the build is
+    silent (TVM's ``fast`` take warned at every build)."""
+    table = np.arange(-60, 60, dtype=np.int8).reshape(10, 12)
+    node = helper.make_node("Gather", ["table", "ids"], ["y"], axis=0)
+    graph = helper.make_graph(
+        [node],
+        "gather",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.INT8, [2, 3, 12])],
+        [numpy_helper.from_array(table, "table")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    module = build(model, {"ids": [2, 3]})
+    assert "Fast mode" not in capfd.readouterr().err
+    ids = np.array([[0, 9, -1], [-10, 4, 3]], np.int64)
+    np.testing.assert_array_equal(module.run({"ids": ids})[0], table[ids])
+    bad = np.array([[0, 10, 1 << 40], [-11, 4, 3]], np.int64)
+    np.testing.assert_array_equal(module.run({"ids": bad})[0], table[[[0, 9, 9], [0, 4, 3]]])

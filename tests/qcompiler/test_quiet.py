@@ -1,0 +1,98 @@
+"""Quiet by default: a compile prints nothing a user cannot act on; the libraries' messages go to our logging.
+
+The end-to-end checks run in a fresh interpreter, as a user's script would (pytest installs log handlers and
+captures warnings of its own, which would hide what a user sees): with ``progress=False`` a compile of an ONNX
+model and of a ``torch.nn.Module`` writes nothing at all to stdout or stderr (checked at the file descriptors).
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+
+from qcompiler.logs import ROUTED, third_party_routed
+
+pytestmark = pytest.mark.tvm
+
+
+def _output_of(script: str) -> str:
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr
+
+
+def test_compile_of_an_onnx_model_prints_nothing() -> None:
+    printed = _output_of(
+        """
+        import qcompiler
+        from qcompiler.testing.data import digits_28x28, mnist_model_path
+
+        images, _ = digits_28x28()
+        qcompiler.compile(str(mnist_model_path()), calibration={"Input3": images[:32].reshape(32, 1, 1, 28, 28)},
+                          progress=False)
+        """
+    )
+    assert printed == "", printed[-3000:]
+
+
+def test_compile_of_a_torch_module_prints_nothing() -> None:
+    printed = _output_of(
+        """
+        import torch
+        import qcompiler
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+        x = torch.randn(4, 16)
+        qcompiler.compile(net, example_inputs=(x,), calibration=[{"input": x.numpy()}], progress=False)
+        """
+    )
+    assert printed == "", printed[-3000:]
+
+
+def test_routed_messages_reach_our_logger_at_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger=ROUTED.name)
+    handlers = list(logging.getLogger("onnxscript").handlers)
+    with third_party_routed():
+        logging.getLogger("onnxscript.optimizer").warning("Evaluation failed: %s", "a library's complaint")
+        warnings.warn("a library's deprecation", FutureWarning, stacklevel=1)
+    routed = [r.getMessage() for r in caplog.records if r.name == ROUTED.name]
+    assert all(r.levelno == logging.DEBUG for r in caplog.records if r.name == ROUTED.name)
+    assert any("Evaluation failed: a library's complaint" in m for m in routed), routed
+    assert any("FutureWarning: a library's deprecation" in m for m in routed), routed
+    # outside the block the library's logger is its own again
+    assert logging.getLogger("onnxscript.optimizer").propagate
+    assert logging.getLogger("onnxscript").handlers == handlers
+
+
+def test_nothing_is_captured_when_the_user_asks_for_debug(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="qcompiler")
+    with third_party_routed():
+        logging.getLogger("onnxscript.optimizer").warning("seen where it was written")
+    assert [r.name for r in caplog.records] == ["onnxscript.optimizer"]
+
+
+def test_cli_is_quiet_and_verbose_shows_the_libraries(tmp_path) -> None:
+    import numpy as np
+
+    from qcompiler.testing.data import digits_28x28, mnist_model_path
+
+    images, _ = digits_28x28()
+    np.savez(tmp_path / "cal.npz", Input3=images[:32].reshape(32, 1, 1, 28, 28))
+    command = [sys.executable, "-m", "qcompiler"]
+    args = ["compile", str(mnist_model_path()), "--calibration", str(tmp_path / "cal.npz"), "-q", "--overwrite"]
+    quiet = subprocess.run([*command, *args, "-o", str(tmp_path / "a")], capture_output=True, text=True, timeout=600)
+    assert quiet.returncode == 0 and quiet.stderr == "", quiet.stderr[-3000:]
+    assert "compiled in" in quiet.stdout  # the summary is ours and stays
+    verbose = subprocess.run(
+        [*command, "--verbose", *args, "-o", str(tmp_path / "b")], capture_output=True, text=True, timeout=600
+    )
+    assert verbose.returncode == 0
+    assert "onnxscript.version_converter" in verbose.stderr and "qcompiler.pipeline" in verbose.stderr
