@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 
 import onnx
@@ -9,6 +10,13 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 ORT_MAX_IR_VERSION = 10  # enough for opset 21; newer onnx writes IR versions onnxruntime 1.31 rejects (> 13)
+
+
+def session_log_level() -> int:
+    """onnxruntime's own log level for our sessions: errors only (3), unless the ``qcompiler`` logger is at
+    DEBUG (``--verbose``), then its warnings too (2). Its warnings ("Removing initializer ... not used by any
+    node") are about models mid-pipeline, nothing a user can act on."""
+    return 2 if logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG) else 3
 
 
 def onnxruntime_session(
@@ -27,6 +35,7 @@ def onnxruntime_session(
     del proto.graph.initializer[:]
     proto.graph.initializer.extend(kept)
     options = ort.SessionOptions()
+    options.log_severity_level = session_log_level()
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])

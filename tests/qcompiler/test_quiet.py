@@ -96,3 +96,23 @@ def test_cli_is_quiet_and_verbose_shows_the_libraries(tmp_path) -> None:
     )
     assert verbose.returncode == 0
     assert "onnxscript.version_converter" in verbose.stderr and "qcompiler.pipeline" in verbose.stderr
+
+
+def test_onnxruntime_sessions_log_errors_only_unless_debugging(caplog: pytest.LogCaptureFixture) -> None:
+    """onnxruntime writes its warnings natively ("Removing initializer ... not used by any node" on PaddleOCR's
+    models mid-pipeline): our sessions ask it for errors only, and for its warnings too under ``--verbose``."""
+    import onnx_ir as ir
+    from onnx import TensorProto, helper
+
+    from qcompiler.ir.ort_session import onnxruntime_session
+
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "relu",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+    )
+    model = ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)]))
+    assert onnxruntime_session(model).get_session_options().log_severity_level == 3
+    caplog.set_level(logging.DEBUG, logger="qcompiler")
+    assert onnxruntime_session(model).get_session_options().log_severity_level == 2
