@@ -18,6 +18,7 @@ from qcompiler.passes.canonicalize import (
     FoldBatchNormPass,
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
+    FuseHardSwishPass,
     FuseRMSNormPass,
 )
 from qcompiler.passes.fuse import FuseIntegerLinearPass
@@ -65,6 +66,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "instance-norm-to-layer-norm": ConvertInstanceNormToLayerNormPass,
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
+    "fuse-hardswish": FuseHardSwishPass,
     "remove-unused": RemoveUnusedNodesPass,
     "fold-norm-gains": FoldNormGainsPass,
     "layernorm-to-rmsnorm": LayerNormToRMSNormPass,

@@ -7,6 +7,7 @@ from qcompiler.passes.canonicalize.decompose_batchnorm import DecomposeBatchNorm
 from qcompiler.passes.canonicalize.fold_batchnorm import FoldBatchNormPass
 from qcompiler.passes.canonicalize.fold_multi_output import FoldConstantMultiOutputPass
 from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
+from qcompiler.passes.canonicalize.hardswish import FuseHardSwishPass
 from qcompiler.passes.canonicalize.instance_norm import ConvertInstanceNormToLayerNormPass
 from qcompiler.passes.canonicalize.resize import DecomposeResizePass
 from qcompiler.passes.canonicalize.rms_norm import FuseRMSNormPass
@@ -19,5 +20,6 @@ __all__ = [
     "FoldBatchNormPass",
     "FoldConstantMultiOutputPass",
     "FuseBiasAddPass",
+    "FuseHardSwishPass",
     "FuseRMSNormPass",
 ]

@@ -22,6 +22,7 @@ from qcompiler.passes.canonicalize import (
     FoldBatchNormPass,
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
+    FuseHardSwishPass,
     FuseRMSNormPass,
 )
 from qcompiler.passes.fuse import FuseIntegerLinearPass
@@ -350,6 +351,45 @@ RMS_NEAR_MISSES = {
     # a [4] mean square broadcasts along the last axis of a [4, 4] input: it is not the row's RMS
     "reduce-without-keepdims": _rms(reduce_attrs="<keepdims=0>", rows=4),
     "reciprocal-read-elsewhere": _rms().replace("=> (float[3,4] y)", "=> (float[3,4] y, float[3,1] rr)"),
+}
+
+
+# -- FuseHardSwishPass: MobileNetV3's activations as PaddleOCR's exporter writes them ----------------------------
+
+HARD_INITS = "float three = {3.0}, float zero = {0.0}, float six = {6.0}, float sixth_div = {6.0}"
+
+
+def _hard(body: str, inits: str = HARD_INITS) -> str:
+    constants = f" <{inits}>" if inits else ""
+    return f"""{OPSET21}
+        g (float[2,3,4,4] x) => (float[2,3,4,4] y){constants} {{
+            {body}
+        }}"""
+
+
+HARDSWISH_GOLDEN = {
+    "swish-mul-then-div": (
+        _hard("a = Add(x, three)\n c = Clip(a, zero, six)\n m = Mul(x, c)\n y = Div(m, sixth_div)"),
+        _hard("y = HardSwish(x)", inits=""),
+    ),
+    "swish-input-second": (
+        _hard("a = Add(x, three)\n c = Clip(a, zero, six)\n m = Mul(c, x)\n y = Div(m, sixth_div)"),
+        _hard("y = HardSwish(x)", inits=""),
+    ),
+    "sigmoid-gate": (
+        _hard("a = Add(x, three)\n c = Clip(a, zero, six)\n y = Div(c, sixth_div)"),
+        _hard("y = HardSigmoid<alpha=0.16666667, beta=0.5>(x)", inits=""),
+    ),
+}
+
+HARDSWISH_NEAR_MISSES = {
+    "clip-at-five": _hard(
+        "a = Add(x, three)\n c = Clip(a, zero, five)\n y = Div(c, sixth_div)", inits=HARD_INITS + ", float five = {5.0}"
+    ),
+    "shift-by-two": _hard(
+        "a = Add(x, two)\n c = Clip(a, zero, six)\n m = Mul(x, c)\n y = Div(m, sixth_div)",
+        inits=HARD_INITS + ", float two = {2.0}",
+    ),
 }
 
 
@@ -720,6 +760,7 @@ GOLDEN = [
         for name, case in DECOMPOSE_BATCHNORM_GOLDEN.items()
     ),
     *(pytest.param(FuseRMSNormPass, *case, id=f"fuse-rms-norm:{name}") for name, case in RMS_GOLDEN.items()),
+    *(pytest.param(FuseHardSwishPass, *c, id=f"fuse-hardswish:{n}") for n, c in HARDSWISH_GOLDEN.items()),
     *(
         pytest.param(FoldConstantMultiOutputPass, *c, id=f"fold-constant-multi-output:{n}")
         for n, c in FOLD_MULTI_OUTPUT_GOLDEN.items()
@@ -744,6 +785,7 @@ NEAR_MISSES = [
         for n, t in DECOMPOSE_BATCHNORM_NEAR_MISSES.items()
     ),
     *(pytest.param(FuseRMSNormPass, text, id=f"fuse-rms-norm:{name}") for name, text in RMS_NEAR_MISSES.items()),
+    *(pytest.param(FuseHardSwishPass, t, id=f"fuse-hardswish:{n}") for n, t in HARDSWISH_NEAR_MISSES.items()),
     *(
         pytest.param(FoldConstantMultiOutputPass, t, id=f"fold-constant-multi-output:{n}")
         for n, t in FOLD_MULTI_OUTPUT_NEAR_MISSES.items()
