@@ -19,6 +19,7 @@ from qcompiler.passes.canonicalize import (
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
     FuseHardSwishPass,
+    FuseLayerNormPass,
     FuseRMSNormPass,
 )
 from qcompiler.passes.fuse import FuseIntegerLinearPass
@@ -67,6 +68,7 @@ PASSES: dict[str, Callable[..., ir.passes.PassBase]] = {
     "fuse-bias-add": FuseBiasAddPass,
     "fuse-rms-norm": FuseRMSNormPass,
     "fuse-hardswish": FuseHardSwishPass,
+    "fuse-layer-norm": FuseLayerNormPass,
     "remove-unused": RemoveUnusedNodesPass,
     "fold-norm-gains": FoldNormGainsPass,
     "layernorm-to-rmsnorm": LayerNormToRMSNormPass,

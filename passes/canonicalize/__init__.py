@@ -9,6 +9,7 @@ from qcompiler.passes.canonicalize.fold_multi_output import FoldConstantMultiOut
 from qcompiler.passes.canonicalize.fuse_bias_add import FuseBiasAddPass
 from qcompiler.passes.canonicalize.hardswish import FuseHardSwishPass
 from qcompiler.passes.canonicalize.instance_norm import ConvertInstanceNormToLayerNormPass
+from qcompiler.passes.canonicalize.layer_norm import FuseLayerNormPass
 from qcompiler.passes.canonicalize.resize import DecomposeResizePass
 from qcompiler.passes.canonicalize.rms_norm import FuseRMSNormPass
 
@@ -21,5 +22,6 @@ __all__ = [
     "FoldConstantMultiOutputPass",
     "FuseBiasAddPass",
     "FuseHardSwishPass",
+    "FuseLayerNormPass",
     "FuseRMSNormPass",
 ]

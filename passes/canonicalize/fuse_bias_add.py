@@ -1,7 +1,11 @@
-"""Fold a constant per-channel Add after Conv / Gemm / MatMul into the op's bias input.
+"""Fold a constant per-channel Add after Conv / Gemm / MatMul into the op's bias input, and a constant
+per-channel Mul after Conv into its weights.
 
 Exporters often write ``Add(Conv(x, W), b)`` with ``b`` of shape [C, 1, 1], or ``Add(MatMul(x, W), b)``;
 the quantizer and the integer lowering want the bias inside the op, where it becomes an int32 bias.
+Paddle2ONNX writes an inference BatchNorm as ``Add(Mul(Conv(x, W), s), t)`` (PP-OCR's recognizer): left there,
+the convolution's output, the product and the sum are each rounded to int8; folded, ``Conv(x, W s, t)`` is one
+integer convolution with one rounding.
 """
 
 from __future__ import annotations
@@ -78,6 +82,94 @@ class _ConvAddBias(RewriteRuleClassBase):
         node = conv_out.producer()
         new_bias = op.initializer(ir.tensor(vector.astype(weight.dtype)), name=f"{sum_out.name}_bias")
         return op.Conv(x, w, new_bias, **{k: a for k, a in node.attributes.items()})
+
+
+class _ConvBiasAdd(RewriteRuleClassBase):
+    """``Add(Conv(x, W, b), t) -> Conv(x, W, b + t)`` for constant b and t per output channel (PP-LCNet's
+    learnable affine after a convolution whose BatchNorm was folded)."""
+
+    def pattern(self, op, x, w, bias, shift):
+        conv = op.Conv(x, w, bias, _allow_other_attributes=True, _outputs=["conv_out"])
+        return op.Add(conv, shift, _outputs=["sum_out"])
+
+    def check(self, context, x, w, bias, shift, conv_out, sum_out, **_) -> MatchResult:
+        result = MatchResult()
+        if _fresh_name(context, f"{sum_out.name}_bias") is None:
+            return result.fail(f"initializer name {sum_out.name}_bias is taken")
+        weight, old, add = _const(w), _const(bias), _const(shift)
+        if weight is None or old is None or add is None:
+            return result.fail("Conv weight, bias or the added tensor is not constant")
+        if _per_channel(add, weight.shape[0], weight.ndim - 1) is None or add.ndim > weight.ndim:
+            return result.fail(f"added constant of shape {add.shape} is not per output channel")
+        return result
+
+    def rewrite(self, op, x, w, bias, shift, conv_out, sum_out, **_):
+        weight, old, add = _const(w), _const(bias), _const(shift)
+        assert weight is not None and old is not None and add is not None
+        vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
+        assert vector is not None
+        total = op.initializer(ir.tensor((old.reshape(-1) + vector).astype(old.dtype)), name=f"{sum_out.name}_bias")
+        return op.Conv(x, w, total, **{k: a for k, a in conv_out.producer().attributes.items()})
+
+
+def _scale_check(context, w: ir.Value, scale: ir.Value, product_out: ir.Value, bias: ir.Value | None) -> MatchResult:
+    result = MatchResult()
+    names = [f"{product_out.name}_weight", f"{product_out.name}_bias"]
+    if any(_fresh_name(context, name) is None for name in names):
+        return result.fail(f"one of the initializer names {names} is taken")
+    weight, factor = _const(w), _const(scale)
+    if weight is None:
+        return result.fail("Conv weight is not constant")
+    if bias is not None and _const(bias) is None:
+        return result.fail("Conv bias is not constant")
+    if factor is None:
+        return result.fail("the factor is not constant")
+    if _per_channel(factor, weight.shape[0], weight.ndim - 1) is None or factor.ndim > weight.ndim:
+        return result.fail(f"the factor of shape {factor.shape} is not per output channel")
+    return result
+
+
+def _scaled_conv(op, x, w, scale, conv_out, product_out, bias=None):
+    weight, factor = _const(w), _const(scale)
+    assert weight is not None and factor is not None
+    vector = _per_channel(factor, weight.shape[0], weight.ndim - 1)
+    assert vector is not None
+    name = product_out.name
+    scaled = (weight * vector.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(weight.dtype)
+    inputs = [x, op.initializer(ir.tensor(scaled), name=f"{name}_weight")]
+    shift = _const(bias)
+    if shift is not None:
+        inputs.append(op.initializer(ir.tensor((shift.reshape(-1) * vector).astype(shift.dtype)), name=f"{name}_bias"))
+    return op.Conv(*inputs, **{k: a for k, a in conv_out.producer().attributes.items()})
+
+
+class _ConvMulScale(RewriteRuleClassBase):
+    """``Mul(Conv(x, W), s) -> Conv(x, W s)`` for constant W and s constant per output channel (any sign:
+    scaling a weight row is exact)."""
+
+    def pattern(self, op, x, w, scale):
+        conv = op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"])
+        return op.Mul(conv, scale, _outputs=["product_out"])
+
+    def check(self, context, x, w, scale, conv_out, product_out, **_) -> MatchResult:
+        return _scale_check(context, w, scale, product_out, None)
+
+    def rewrite(self, op, x, w, scale, conv_out, product_out, **_):
+        return _scaled_conv(op, x, w, scale, conv_out, product_out)
+
+
+class _ConvBiasMulScale(RewriteRuleClassBase):
+    """The same with a constant bias: ``Mul(Conv(x, W, b), s) -> Conv(x, W s, b s)``."""
+
+    def pattern(self, op, x, w, bias, scale):
+        conv = op.Conv(x, w, bias, _allow_other_attributes=True, _outputs=["conv_out"])
+        return op.Mul(conv, scale, _outputs=["product_out"])
+
+    def check(self, context, x, w, bias, scale, conv_out, product_out, **_) -> MatchResult:
+        return _scale_check(context, w, scale, product_out, bias)
+
+    def rewrite(self, op, x, w, bias, scale, conv_out, product_out, **_):
+        return _scaled_conv(op, x, w, scale, conv_out, product_out, bias)
 
 
 def _gemm_width(w: ir.Value, gemm_out: ir.Value) -> int | None:
@@ -177,11 +269,21 @@ class _BatchedMatMulAddBias(RewriteRuleClassBase):
 
 
 class FuseBiasAddPass(RewritePass):
-    """Constant per-channel ``Add`` after Conv / Gemm / MatMul becomes the op's bias."""
+    """Constant per-channel ``Add`` after Conv / Gemm / MatMul becomes the op's bias; a constant per-channel
+    ``Mul`` after Conv goes into its weights (and bias) first."""
 
     def __init__(self) -> None:
         super().__init__(
             RewriteRuleSet(
-                [_ConvAddBias().rule(), _GemmAddBias().rule(), _MatMulAddBias().rule(), _BatchedMatMulAddBias().rule()]
+                [
+                    _ConvMulScale().rule(),
+                    _ConvBiasMulScale().rule(),
+                    _ConvAddBias().rule(),
+                    _ConvBiasAdd().rule(),
+                    _GemmAddBias().rule(),
+                    _MatMulAddBias().rule(),
+                    _BatchedMatMulAddBias().rule(),
+                ],
+                commute=True,  # Mul(s, Conv(...)) as Paddle2ONNX writes it, Add(b, MatMul(...))
             )
         )

@@ -23,6 +23,7 @@ from qcompiler.passes.canonicalize import (
     FoldConstantMultiOutputPass,
     FuseBiasAddPass,
     FuseHardSwishPass,
+    FuseLayerNormPass,
     FuseRMSNormPass,
 )
 from qcompiler.passes.fuse import FuseIntegerLinearPass
@@ -85,6 +86,34 @@ def assert_leaves_alone(make_pass: PassFactory, before: str) -> None:
 # -- FuseBiasAddPass ---------------------------------------------------------------------------------------
 
 BIAS_ADD_GOLDEN = {
+    # Paddle2ONNX's inference BatchNorm (and PP-LCNet's learnable affine): Mul then Add by constants, the
+    # constant first; the factor goes into the weights, then the shift into the bias
+    "conv-mul-add-paddle-order": (
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{2.0, -1.0}}, float[1,2,1,1] s = {{0.5, 3.0}},
+                                                    float[1] t = {{0.25}}> {{
+            c = Conv<group=2, pads=[0,0,0,0]>(x, w)
+            m = Mul(s, c)
+            y = Add(m, t)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{1.0, -3.0}}, float[2] b = {{0.25, 0.25}}> {{
+            y = Conv<group=2, pads=[0,0,0,0]>(x, w, b)
+        }}""",
+    ),
+    "conv-with-bias-scalar-mul-add": (
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{2.0, -1.0}}, float[2] b = {{1.0, -1.0}},
+                                                    float[1] s = {{-2.0}}, float[1] t = {{0.5}}> {{
+            c = Conv<group=2, pads=[0,0,0,0]>(x, w, b)
+            m = Mul(c, s)
+            y = Add(m, t)
+        }}""",
+        f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{-4.0, 2.0}}, float[2] b = {{-1.5, 2.5}}> {{
+            y = Conv<group=2, pads=[0,0,0,0]>(x, w, b)
+        }}""",
+    ),
     "conv-add-per-channel": (
         f"""{OPSET21}
         g (float[1,2,3,3] x) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{2.0, -1.0}}, float[2,1,1] b = {{0.5, -0.5}}> {{
@@ -176,6 +205,17 @@ BIAS_ADD_GOLDEN = {
 }
 
 BIAS_ADD_NEAR_MISSES = {
+    "conv-mul-by-a-pixel-map": f"""{OPSET21}
+        g (float[1,2,3,3] x) => (float[1,2,3,3] y)
+          <float[2,1,1,1] w = {{2.0, -1.0}}, float[1,1,3,1] s = {{1.0, 2.0, 3.0}}> {{
+            c = Conv<group=2, pads=[0,0,0,0]>(x, w)
+            y = Mul(c, s)
+        }}""",
+    "conv-mul-by-an-activation": f"""{OPSET21}
+        g (float[1,2,3,3] x, float[1,2,1,1] s) => (float[1,2,3,3] y) <float[2,1,1,1] w = {{2.0, -1.0}}> {{
+            c = Conv<group=2, pads=[0,0,0,0]>(x, w)
+            y = Mul(c, s)
+        }}""",
     "conv-per-pixel-constant": f"""{OPSET21}
         g (float[1,1,2,2] x) => (float[1,1,2,2] y)
           <float[1,1,1,1] w = {{2.0}}, float[1,1,2,2] b = {{1.0, 2.0, 3.0, 4.0}}> {{
@@ -390,6 +430,46 @@ HARDSWISH_NEAR_MISSES = {
         "a = Add(x, two)\n c = Clip(a, zero, six)\n m = Mul(x, c)\n y = Div(m, sixth_div)",
         inits=HARD_INITS + ", float two = {2.0}",
     ),
+}
+
+
+# -- FuseLayerNormPass: a LayerNorm as Paddle2ONNX writes it ---------------------------------------------------
+
+LN_INITS = (
+    "float two = {2.0}, float eps = {1e-5}, float[4] gain = {0.5, 1.0, 1.5, 2.0}, float[4] bias = {0.1, 0.2, 0.3, 0.4}"
+)
+
+
+def _layer_norm(axes: str = "-1", reduce_attrs: str = "", tail: str = "y = Add(scaled, bias)") -> str:
+    """``(x - mean) / Sqrt(mean((x - mean)^2) + eps) * g + b`` over x [2, 3, 4]."""
+    return f"""{OPSET21}
+        g (float[2,3,4] x) => (float[2,3,4] y) <{LN_INITS}, int64[1] axes = {{{axes}}}> {{
+            mean = ReduceMean{reduce_attrs}(x, axes)
+            dev = Sub(x, mean)
+            sq = Pow(dev, two)
+            var = ReduceMean{reduce_attrs}(sq, axes)
+            ve = Add(var, eps)
+            sd = Sqrt(ve)
+            n = Div(dev, sd)
+            scaled = Mul(n, gain)
+            {tail}
+        }}"""
+
+
+LN_FUSED = f"""{OPSET21}
+    g (float[2,3,4] x) => (float[2,3,4] y)
+      <float[4] gain = {{0.5, 1.0, 1.5, 2.0}}, float[4] bias = {{0.1, 0.2, 0.3, 0.4}}> {{
+        y = LayerNormalization<axis=-1, epsilon=1e-5, stash_type=1>(x, gain, bias)
+    }}"""
+
+LAYER_NORM_GOLDEN = {
+    "as-paddle-writes-it": (_layer_norm(), LN_FUSED),
+    "keepdims-written-out-last-axis-by-index": (_layer_norm(axes="2", reduce_attrs="<keepdims=1>"), LN_FUSED),
+}
+
+LAYER_NORM_NEAR_MISSES = {
+    "normalizes-over-the-first-axis": _layer_norm(axes="0"),
+    "variance-of-the-input-not-the-deviation": _layer_norm().replace("sq = Pow(dev, two)", "sq = Pow(x, two)"),
 }
 
 
@@ -761,6 +841,7 @@ GOLDEN = [
     ),
     *(pytest.param(FuseRMSNormPass, *case, id=f"fuse-rms-norm:{name}") for name, case in RMS_GOLDEN.items()),
     *(pytest.param(FuseHardSwishPass, *c, id=f"fuse-hardswish:{n}") for n, c in HARDSWISH_GOLDEN.items()),
+    *(pytest.param(FuseLayerNormPass, *c, id=f"fuse-layer-norm:{n}") for n, c in LAYER_NORM_GOLDEN.items()),
     *(
         pytest.param(FoldConstantMultiOutputPass, *c, id=f"fold-constant-multi-output:{n}")
         for n, c in FOLD_MULTI_OUTPUT_GOLDEN.items()
@@ -786,6 +867,7 @@ NEAR_MISSES = [
     ),
     *(pytest.param(FuseRMSNormPass, text, id=f"fuse-rms-norm:{name}") for name, text in RMS_NEAR_MISSES.items()),
     *(pytest.param(FuseHardSwishPass, t, id=f"fuse-hardswish:{n}") for n, t in HARDSWISH_NEAR_MISSES.items()),
+    *(pytest.param(FuseLayerNormPass, t, id=f"fuse-layer-norm:{n}") for n, t in LAYER_NORM_NEAR_MISSES.items()),
     *(
         pytest.param(FoldConstantMultiOutputPass, t, id=f"fold-constant-multi-output:{n}")
         for n, t in FOLD_MULTI_OUTPUT_NEAR_MISSES.items()
