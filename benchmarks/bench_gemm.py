@@ -13,8 +13,8 @@ Shapes M x N x K from issue 5. Every row is measured in this run, in this proces
   before the row tiles that read it, then runs the int16-pair dot; checked bit-exact against the reference.
 - torch float32 ``x @ W^T`` and numpy float32 ``x @ W`` (same shapes).
 - onnxruntime ``MatMulInteger``: s8 x s8 and u8 x s8. On AVX2 without VNNI the u8 x s8 kernel saturates the
-  int16 pair sums of vpmaddubsw (TVM_NOTES.md); with AVX-512 VNNI it is exact. The ``bit_exact`` column says which
-  holds on this machine (probed with the saturating case: u8 255 against s8 127).
+  int16 pair sums of vpmaddubsw (max error 19233 at K=16); with AVX-512 VNNI it is exact. The ``bit_exact``
+  column says which holds on this machine (probed with the saturating case: u8 255 against s8 127).
 
 GOPS = 2 M N K / median seconds. The int8 peak is 128 ops per cycle per core (two 256-bit int8 dot instructions
 of 32 multiply-adds each, or one 512-bit vpdpbusd: the same on cores that split zmm work into two 256-bit halves,

@@ -1,6 +1,6 @@
 """SmolLM2-135M WikiText-2 perplexity under each quantization recipe (issue 4, acceptance 3).
 
-First 4096 WikiText-2 test tokens in 512-token windows (ASSETS.md: float 27.6); calibration on 8 windows from
+First 4096 WikiText-2 test tokens in 512-token windows (float: 27.6); calibration on 8 windows from
 token 8192 on. Rows:
 
 - W8A8 integer path (the QDQ graph that lowers to integer-only code, run in onnxruntime with its QDQ fusion

