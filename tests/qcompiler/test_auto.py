@@ -132,3 +132,31 @@ def test_a_classifiers_softmax_is_not_attention() -> None:
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
     assert describe(ir.serde.deserialize_model(model).graph).kind == "other"
+
+
+def test_scores_flattened_for_the_softmax_are_attention() -> None:
+    """Paddle2ONNX writes attention's softmax as Flatten -> Softmax over 2-D -> Reshape (PP-OCR's recognizer, an
+    attention model with depthwise convolutions around it): still attention, so auto picks w8a8-percentile."""
+    rng = np.random.default_rng(1)
+    wq, wk = (rng.standard_normal((WIDTH, WIDTH)).astype(np.float32) for _ in range(2))
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "wq"], ["q"]),
+            helper.make_node("MatMul", ["x", "wk"], ["k"]),
+            helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 2, 1]),
+            helper.make_node("MatMul", ["q", "kt"], ["s"]),
+            helper.make_node("Flatten", ["s"], ["f"], axis=2),
+            helper.make_node("Softmax", ["f"], ["p"], axis=1),
+            helper.make_node("Reshape", ["p", "shape"], ["y"]),
+        ],
+        "paddle-attention",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, TOKENS, WIDTH])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, TOKENS, TOKENS])],
+        [
+            numpy_helper.from_array(wq, "wq"),
+            numpy_helper.from_array(wk, "wk"),
+            numpy_helper.from_array(np.array([1, TOKENS, TOKENS], np.int64), "shape"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    assert describe(ir.serde.deserialize_model(model).graph).kind == "attention"

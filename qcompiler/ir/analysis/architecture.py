@@ -50,9 +50,10 @@ def _is_causal(keep: np.ndarray | None) -> bool:
     return bool(above.any()) and not bool(keep[..., above].any())
 
 
-#: ops between attention's score product and its softmax (scale, position bias, head reshapes)
+#: ops between attention's score product and its softmax (scale, position bias, head reshapes; Paddle2ONNX
+#: flattens the heads' scores to 2-D for an opset-11 Softmax)
 _SCORE_PATH = frozenset({"Mul", "Div", "Add", "Sub", "Reshape", "Transpose", "Cast", "Identity", "Squeeze",
-                         "Unsqueeze"})  # fmt: skip
+                         "Unsqueeze", "Flatten"})  # fmt: skip
 
 
 def _is_attention(scores: ir.Value) -> bool:
