@@ -151,6 +151,15 @@ class CompiledModel:
         arrays, _ = self._feeds(args, kwargs)
         return self.module.profile(arrays, repeat=repeat)
 
+    def report_html(self, path: str | Path, *, profile: bool = True, repeat: int = 3, title: str | None = None) -> Path:
+        """Write the self-contained HTML report (:mod:`qcompiler.report`): the pass pipeline, the op histogram,
+        the per-layer SQNR against float, ranges and scales, and with ``profile`` the time per kernel (``repeat``
+        runs on zero inputs). Returns ``path``."""
+        from qcompiler.report import write_html, zero_inputs
+
+        kernels = self.profile(repeat=repeat, **zero_inputs(self)) if profile else None
+        return write_html(path, self.report, self.qdq_model, kernels, title or f"{self.report['recipe']} model")
+
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
         """Write the library, the integer (and QDQ) ONNX and the report; atomically (all or nothing).
 
@@ -222,6 +231,8 @@ class _QDQResult:
     shapes: dict[str, list[int]]
     recipe: Recipe  # the recipe used (an [auto] recipe's choice)
     choice: AutoChoice | None
+    #: SQNR of every quantized activation against float on one calibration batch (ir/analysis/layer_error.py)
+    layers: list[dict[str, Any]] | None = None
 
 
 def quantize_to_integer(
@@ -254,12 +265,13 @@ def _quantize_to_integer(
     verify: bool,
     progress: bool,
     float_islands: bool = False,
+    layer_errors: bool = False,
 ) -> _IntegerResult:
-    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands)
+    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
     qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
     lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
-    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, qdq_copy)
+    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=qdq_copy)
 
 
 def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callable[[ir.Model], Any]:
@@ -279,8 +291,10 @@ def _quantize_qdq(
     verify: bool,
     progress: bool,
     float_islands: bool = False,
+    layer_errors: bool = False,
 ) -> _QDQResult:
-    """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing)."""
+    """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing);
+    with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
     ir_model = load_model(model, torch_args if torch_args is not None else None)
     sample = None
@@ -331,6 +345,11 @@ def _quantize_qdq(
         max_batches=cal.max_batches,
         hessians=chosen.quantize.weight_quantizer == "gptq" or bool(chosen.quantize.migration_alpha_grid),
     )
+    layer_probe = None
+    if layer_errors:  # QuantizeQDQPass edits the float model in place: the probe keeps a copy
+        from qcompiler.ir.analysis.layer_error import LayerErrorProbe
+
+        layer_probe = LayerErrorProbe.capture(canonical.model, batches)
     quantized = Pipeline(
         [
             QuantizeQDQPass(
@@ -341,7 +360,8 @@ def _quantize_qdq(
         verify_each=verify,
     ).run(canonical.model)
     records += quantized.records
-    return _QDQResult(quantized.model, records, shapes, chosen, choice)
+    layers = layer_probe.measure(quantized.model, ranges.thresholds) if layer_probe is not None else None
+    return _QDQResult(quantized.model, records, shapes, chosen, choice, layers)
 
 
 def simulate(
@@ -460,7 +480,7 @@ def compile(
         )
     start = time.perf_counter()
     result = _quantize_to_integer(
-        model, example_inputs, calibration, chosen, verify, progress, float_islands=not integer_only
+        model, example_inputs, calibration, chosen, verify, progress, float_islands=not integer_only, layer_errors=True
     )
     integer, records, shapes = result.model, result.records, result.shapes
     assert result.qdq is not None
@@ -483,6 +503,8 @@ def compile(
         "metaschedule_trials": metaschedule_trials,
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
     }
+    if result.layers is not None:
+        report["layers"] = result.layers
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
     return CompiledModel(module, integer_proto, report, ir.serde.serialize_model(result.qdq))
 

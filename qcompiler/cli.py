@@ -1,5 +1,5 @@
 """The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``profile`` a compiled one kernel by
-kernel, ``inspect`` its transformable regions, ``recipes`` to list recipes."""
+kernel, ``report`` it as an HTML page, ``inspect`` its transformable regions, ``recipes`` to list recipes."""
 
 from __future__ import annotations
 
@@ -62,6 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     prof.add_argument("--inputs", help=".npz with one array per model input, at the compiled shapes (default: zeros)")
     prof.add_argument("--repeat", type=int, default=5, help="runs to take the median of (default: 5)")
     prof.add_argument("--top", type=int, default=25, help="kernels to list, slowest first (default: 25)")
+    rep = sub.add_parser("report", help="write a compiled model's report as one self-contained HTML page")
+    rep.add_argument("directory", help="a directory written by compile (or CompiledModel.save)")
+    rep.add_argument("-o", "--output", help="where to write the page (default: DIRECTORY/report.html)")
+    rep.add_argument(
+        "--no-profile", action="store_true", help="skip the time per kernel (no run of the model; no TVM loaded)"
+    )
+    rep.add_argument("--repeat", type=int, default=3, help="profiled runs to take the median of (default: 3)")
     sub.add_parser("recipes", help="list the built-in recipes")
     inspect = sub.add_parser("inspect", help="print the regions the float-exact transforms can rewrite")
     inspect.add_argument("model", help="path of the .onnx file (external data next to it)")
@@ -185,6 +192,45 @@ def _profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    import json
+
+    import onnx
+
+    from qcompiler.api import QDQ_FILE, REPORT_FILE, load
+    from qcompiler.report import REPORT_HTML, write_html
+
+    directory = Path(args.directory)
+    report_path = directory / REPORT_FILE
+    if not report_path.is_file():
+        print(
+            f"error: directory: {directory} is not a compiled model (no {REPORT_FILE}); write one with "
+            "`qcompiler compile` or CompiledModel.save",
+            file=sys.stderr,
+        )
+        return 2
+    if args.repeat < 1:
+        print(f"error: --repeat: must be at least 1, got {args.repeat}", file=sys.stderr)
+        return 2
+    try:
+        report = json.loads(report_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        print(f"error: directory: {report_path} is not a compiled model's report: {error}", file=sys.stderr)
+        return 2
+    if not isinstance(report, dict) or "passes" not in report:
+        print(f"error: directory: {report_path} is not a compiled model's report (no pass records)", file=sys.stderr)
+        return 2
+    output = Path(args.output) if args.output else directory / REPORT_HTML
+    title = directory.resolve().name
+    if args.no_profile:
+        qdq = onnx.load(str(directory / QDQ_FILE)) if (directory / QDQ_FILE).is_file() else None
+        write_html(output, report, qdq, None, title)
+    else:
+        load(directory).report_html(output, repeat=args.repeat, title=title)
+    print(f"report -> {output}")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -199,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _inspect(args)
         if args.command == "profile":
             return _profile(args)
+        if args.command == "report":
+            return _report(args)
         return _compile(args)
     except QCompilerError as exc:
         print(f"error: {exc}", file=sys.stderr)
