@@ -26,6 +26,7 @@ from qcompiler.ir.analysis.architecture import describe
 from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
+from qcompiler.progress import step
 
 if TYPE_CHECKING:  # the backend (TVM, and through it torch) is imported on the first build or load, not here
     from qcompiler.backends.tvm import TVMModule
@@ -269,7 +270,8 @@ def _quantize_to_integer(
 ) -> _IntegerResult:
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
     qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
-    lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
+    with step("lower to integer ops", progress):
+        lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
     return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=qdq_copy)
 
@@ -296,7 +298,7 @@ def _quantize_qdq(
     """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing);
     with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
-    ir_model = load_model(model, torch_args if torch_args is not None else None)
+    ir_model = load_model(model, torch_args if torch_args is not None else None, progress=progress)
     sample = None
     if example_inputs is not None:
         sample = calibration_module.as_feeds(ir_model, example_inputs, argument="example_inputs")
@@ -319,15 +321,16 @@ def _quantize_qdq(
     if any(getattr(p, "needs_calibration", False) for p in passes):
         batches = list(batches)  # calibrated passes observe the data again
     probe = next(iter(batches), None) if verify and isinstance(batches, list) else None
-    canonical = Pipeline(
-        passes,
-        verify_each=verify,
-        probe_inputs=calibration_module.as_feeds(ir_model, probe) if probe is not None else None,
-        rtol=1e-4,
-        atol=1e-4,
-        runner=run_onnxruntime,
-        calibrate=_calibrator(batches, chosen.calibration.max_batches, progress),
-    ).run(ir_model)
+    with step("canonicalize", progress):
+        canonical = Pipeline(
+            passes,
+            verify_each=verify,
+            probe_inputs=calibration_module.as_feeds(ir_model, probe) if probe is not None else None,
+            rtol=1e-4,
+            atol=1e-4,
+            runner=run_onnxruntime,
+            calibrate=_calibrator(batches, chosen.calibration.max_batches, progress),
+        ).run(ir_model)
     records += canonical.records
     if chosen.auto:
         architecture = describe(canonical.model.graph)
@@ -350,17 +353,25 @@ def _quantize_qdq(
         from qcompiler.ir.analysis.layer_error import LayerErrorProbe
 
         layer_probe = LayerErrorProbe.capture(canonical.model, batches)
-    quantized = Pipeline(
-        [
-            QuantizeQDQPass(
-                ranges.thresholds, chosen.quantize, ranges.channel_absmax, ranges.hessians, float_islands=float_islands
-            ),
-            RemoveUnusedNodesPass(),
-        ],
-        verify_each=verify,
-    ).run(canonical.model)
+    with step(f"quantize ({chosen.quantize.weight_quantizer} weights, QDQ)", progress):
+        quantized = Pipeline(
+            [
+                QuantizeQDQPass(
+                    ranges.thresholds,
+                    chosen.quantize,
+                    ranges.channel_absmax,
+                    ranges.hessians,
+                    float_islands=float_islands,
+                ),
+                RemoveUnusedNodesPass(),
+            ],
+            verify_each=verify,
+        ).run(canonical.model)
     records += quantized.records
-    layers = layer_probe.measure(quantized.model, ranges.thresholds) if layer_probe is not None else None
+    layers = None
+    if layer_probe is not None:
+        with step("per-layer error against float", progress):
+            layers = layer_probe.measure(quantized.model, ranges.thresholds)
     return _QDQResult(quantized.model, records, shapes, chosen, choice, layers)
 
 
@@ -489,7 +500,9 @@ def compile(
         raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
     integer_proto = ir.serde.serialize_model(integer)
     build_start = time.perf_counter()
-    module = build(integer_proto, shapes, tvm_target, tune=tune, metaschedule_trials=metaschedule_trials)
+    module = build(
+        integer_proto, shapes, tvm_target, tune=tune, metaschedule_trials=metaschedule_trials, progress=progress
+    )
     report = {
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,

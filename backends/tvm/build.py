@@ -19,6 +19,7 @@ from tvm.relax.backend import cpu_generic
 
 from qcompiler.backends.tvm import importer, metaschedule, schedules, tuning
 from qcompiler.errors import TargetError
+from qcompiler.progress import step
 
 logger = logging.getLogger(__name__)
 
@@ -244,6 +245,7 @@ def build(
     tile_cache: tuning.TileCache | None = None,
     conv_layout: str = "auto",
     metaschedule_trials: int = 0,
+    progress: bool = False,
 ) -> TVMModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
 
@@ -254,6 +256,7 @@ def build(
     whichever measured faster for its shape (:func:`qcompiler.backends.tvm.importer.conv_layout_for`).
     ``metaschedule_trials``: above 0, a MetaSchedule search of that many trials over the kernels without a hand GEMM
     schedule, each kept only where it beats the hand schedule (metaschedule.py; minutes: off by default).
+    ``progress``: one line per stage (import, schedules, code generation), a bar over the kernels scheduled.
     """
     configure_threads()
     trials = metaschedule.validate_trials(metaschedule_trials)
@@ -264,13 +267,14 @@ def build(
     gemms: set[tuple[int, int, int, int]] = set()
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
-        mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout)
+        with step("build: import to TVM Relax", progress):
+            mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout)
         if tune and gemms:
             cache = tile_cache if tile_cache is not None else tuning.TileCache()
             tiles = _tuned_tiles(gemms, tvm_target, isa, cache)
             mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout)
     unscheduled = metaschedule.tunable_functions(mod) if trials else {}  # our kernels, before their schedules
-    mod = schedules.schedule_module(mod, use_avx2=isa != "generic")
+    mod = schedules.schedule_module(mod, use_avx2=isa != "generic", progress=progress)
     with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
         mod = tvm.transform.Sequential(
             cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)
@@ -280,7 +284,8 @@ def build(
         mod = schedules.schedule_legalized(mod)
         if trials:
             mod = metaschedule.tune_module(mod, unscheduled, tvm_target, trials)
-        executable = tvm.compile(mod, target=tvm_target)
+        with step(f"build: generate code ({len(mod.functions)} functions, LLVM)", progress):
+            executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]
     logger.info("built %d functions for %s (int8 dot: %s)", len(mod.functions), tvm_target, isa)

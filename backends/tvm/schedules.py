@@ -20,6 +20,8 @@ from tvm import tirx
 from tvm.s_tir import Schedule
 from tvm.s_tir.schedule import SBlockRV
 
+from qcompiler.progress import each
+
 logger = logging.getLogger(__name__)
 
 
@@ -496,13 +498,16 @@ def schedule_legalized(mod: tvm.IRModule) -> tvm.IRModule:
     return mod
 
 
-def schedule_module(mod: tvm.IRModule, use_avx2: bool) -> tvm.IRModule:
+def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -> tvm.IRModule:
     """Replace every tagged PrimFunc of ``mod`` by its scheduled version (each GEMM's attributes name its tile and
-    intrinsic: the importer planned them for the target)."""
+    intrinsic: the importer planned them for the target); ``progress``: a bar over the kernels."""
     updates = {}
-    for gvar, func in mod.functions.items():
-        if not isinstance(func, tirx.PrimFunc) or func.attrs is None or KERNEL_ATTR not in func.attrs:
-            continue
+    tagged = [
+        (gvar, func)
+        for gvar, func in mod.functions.items()
+        if isinstance(func, tirx.PrimFunc) and func.attrs is not None and KERNEL_ATTR in func.attrs
+    ]
+    for gvar, func in each(tagged, "build: schedule kernels", progress, unit="kernel"):
         kind = str(func.attrs[KERNEL_ATTR])
         sch = Schedule(tvm.IRModule({"main": func}))
         if kind == "rowwise":

@@ -15,6 +15,7 @@ from onnx_ir.passes.common import LiftConstantsToInitializersPass, RemoveInitial
 
 from qcompiler.errors import ModelLoadError
 from qcompiler.logs import third_party_routed
+from qcompiler.progress import step
 
 logger = logging.getLogger(__name__)
 
@@ -25,6 +26,7 @@ def load(
     model: ModelLike,
     example_inputs: Sequence[Any] | None = None,
     dynamic_shapes: Mapping[str, Any] | Sequence[Any] | None = None,
+    progress: bool = False,
 ) -> ir.Model:
     """Load ``model`` into an ``onnx_ir.Model`` with Constant nodes lifted to initializers.
 
@@ -35,6 +37,7 @@ def load(
             since the passes rewrite them and onnxruntime runs the model from memory).
         example_inputs: positional example inputs, required for a ``torch.nn.Module``.
         dynamic_shapes: forwarded to ``torch.onnx.export`` for a ``torch.nn.Module``.
+        progress: one line for the torch export (seconds to minutes).
 
     Raises:
         ModelLoadError: the file is missing or malformed, or the module cannot be exported.
@@ -46,7 +49,8 @@ def load(
     elif isinstance(model, str | os.PathLike):
         result = _load_file(Path(model))
     elif _is_torch_module(model):
-        result = _export_torch(model, example_inputs, dynamic_shapes)
+        with step(f"export {type(model).__name__} (torch.export)", progress):
+            result = _export_torch(model, example_inputs, dynamic_shapes)
     else:
         raise ModelLoadError(
             f"model: cannot load an object of type {type(model).__name__}; pass a torch.nn.Module, "

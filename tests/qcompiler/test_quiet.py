@@ -8,6 +8,7 @@ model and of a ``torch.nn.Module`` writes nothing at all to stdout or stderr (ch
 from __future__ import annotations
 
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -116,3 +117,36 @@ def test_onnxruntime_sessions_log_errors_only_unless_debugging(caplog: pytest.Lo
     assert onnxruntime_session(model).get_session_options().log_severity_level == 3
     caplog.set_level(logging.DEBUG, logger="qcompiler")
     assert onnxruntime_session(model).get_session_options().log_severity_level == 2
+
+
+def test_progress_names_every_step_a_user_waits_for() -> None:
+    """With progress on (the default), one line per step: export, canonicalize, calibration, quantization, the
+    per-layer error, lowering and each stage of the TVM build; nothing else (the same compile with progress=False
+    prints nothing: above)."""
+    printed = _output_of(
+        """
+        import torch
+        import qcompiler
+
+        torch.manual_seed(0)
+        net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 8)).eval()
+        x = torch.randn(4, 16)
+        qcompiler.compile(net, example_inputs=(x,), calibration=[{"input": x.numpy()}])
+        """
+    )
+    # "label: 00:01" (a step) or "label: 100%|...| 1/1 [...]" (a bar)
+    pattern = re.compile(r"^(.*?): +(\d\d:\d\d|\d+%\|.*)$")
+    lines = {m.group(1) for m in map(pattern.match, printed.replace("\r", "\n").splitlines()) if m}
+    assert all(pattern.match(line) for line in printed.replace("\r", "\n").splitlines() if line.strip()), printed
+    expected = {
+        "export Sequential (torch.export)",
+        "canonicalize",
+        "calibrating",
+        "quantize (rtn weights, QDQ)",
+        "per-layer error against float",
+        "lower to integer ops",
+        "build: import to TVM Relax",
+        "build: schedule kernels",
+        "build: generate code (4 functions, LLVM)",
+    }
+    assert lines == expected, printed[-3000:]
