@@ -152,17 +152,17 @@ def _inspect(args: argparse.Namespace) -> int:
 
 def _profile(args: argparse.Namespace) -> int:
     from qcompiler.api import load
+    from qcompiler.report import zero_inputs
 
     for flag, value in (("--repeat", args.repeat), ("--top", args.top)):
         if value < 1:
             print(f"error: {flag}: must be at least 1, got {value}", file=sys.stderr)
             return 2
     compiled = load(args.directory)
-    shapes = compiled.report["input_shapes"]
-    dtypes = dict(zip(compiled.module.input_names, compiled.module.input_dtypes, strict=True))
-    if args.inputs is None:  # zeros: valid for every input (token ids included), and the kernels' time is the same
-        feeds = {name: np.zeros(shapes[name], dtypes[name]) for name in compiled.input_names}
+    if args.inputs is None:
+        feeds = zero_inputs(compiled)
     else:
+        dtypes = dict(zip(compiled.module.input_names, compiled.module.input_dtypes, strict=True))
         path = Path(args.inputs)
         if not path.is_file():
             print(f"error: --inputs: no such file {path}", file=sys.stderr)

@@ -351,10 +351,13 @@ def _layers_section(layers: Sequence[Mapping[str, Any]] | None) -> str:
     lowest: dict[float, tuple[int, Mapping[str, Any]]] = {}
     for index, row in sorted(finite, key=lambda item: (item[1]["sqnr_db"], item[0])):
         lowest.setdefault(round(row["sqnr_db"], 6), (index, row))
-    for index, row in list(lowest.values())[:3]:
+    for rank, (index, row) in enumerate(list(lowest.values())[:3]):
         left = index > len(layers) / 2  # the name on the inner side of its point, inside the axes
-        axes.annotate(row["tensor"], (index, row["sqnr_db"]), xytext=(-4 if left else 4, -10),
-                      textcoords="offset points", ha="right" if left else "left", fontsize=7)  # fmt: skip
+        # above the point, one line higher per rank: three lowest points close together keep readable names
+        axes.annotate(row["tensor"], (index, row["sqnr_db"]), xytext=(-4 if left else 4, 6 + 11 * rank),
+                      textcoords="offset points", ha="right" if left else "left", fontsize=7,
+                      arrowprops={"arrowstyle": "-", "color": "#999999", "linewidth": 0.5})  # fmt: skip
+    axes.margins(y=0.2)
     if len(layers) <= 40:
         axes.set_xticks(
             range(len(layers)), [_short(row["tensor"]) for row in layers], rotation=60, ha="right", fontsize=7

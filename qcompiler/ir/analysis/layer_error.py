@@ -129,24 +129,13 @@ class LayerErrorProbe:
 
 
 def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
-    """An onnxruntime session of ``model`` (edited: ``outputs`` exposed) with the basic graph optimizations only:
-    constant folding, no fusion that would compute the QDQ model another way. A proto, not the ``ir.Model`` that
-    :func:`qcompiler.ir.ort_session.onnxruntime_session` takes: no second copy of the weights on their way."""
+    """An onnxruntime session of ``model`` (edited in place: ``outputs`` exposed) with the basic graph
+    optimizations only: constant folding, no fusion that would compute the QDQ model another way."""
     import onnxruntime as ort
 
-    from qcompiler.ir.ort_session import ORT_MAX_IR_VERSION, session_log_level
+    from qcompiler.ir.ort_session import onnxruntime_session
 
-    model.ir_version = min(model.ir_version, ORT_MAX_IR_VERSION)
-    existing = {output.name for output in model.graph.output}
-    model.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs if name not in existing)
-    used = {name for node in model.graph.node for name in node.input} | {output.name for output in model.graph.output}
-    for index in reversed(range(len(model.graph.initializer))):  # onnxruntime warns of each unused one
-        if model.graph.initializer[index].name not in used:
-            del model.graph.initializer[index]
-    options = ort.SessionOptions()
-    options.log_severity_level = session_log_level()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return onnxruntime_session(model, outputs, optimize=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
