@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
+import tempfile
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -55,6 +58,32 @@ def _routed_warnings() -> Iterator[None]:
         finally:
             for warning in caught:
                 ROUTED.debug("%s: %s", warning.category.__name__, warning.message)
+
+
+@contextlib.contextmanager
+def native_stderr_routed() -> Iterator[None]:
+    """What native code writes to file descriptor 2 during the block, re-emitted line by line on :data:`ROUTED`
+    at DEBUG (TVM's runtime logs a "Scope Saving:" / "Scope Loaded:" warning per memory scope whenever it saves or
+    loads a compiled module: thousands of lines for an LLM). For short calls into native code only: anything
+    written to stderr meanwhile, Python's included, is captured too. Nothing is captured when the ``qcompiler``
+    logger is at DEBUG."""
+    if logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG):
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode="w+b") as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            for line in sink.read().decode(errors="replace").splitlines():
+                if line.strip():
+                    ROUTED.debug("native: %s", line)
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from tvm.relax.backend import cpu_generic
 
 from qcompiler.backends.tvm import importer, metaschedule, schedules, tuning
 from qcompiler.errors import TargetError
+from qcompiler.logs import native_stderr_routed
 from qcompiler.progress import step
 
 logger = logging.getLogger(__name__)
@@ -210,11 +211,14 @@ class TVMModule:
         ]
 
     def export(self, path: str | Path) -> None:
-        self.executable.export_library(str(path))
+        with native_stderr_routed():  # the runtime warns once per memory scope it saves
+            self.executable.export_library(str(path))
 
     @classmethod
     def load(cls, path: str | Path, input_names: list[str], input_dtypes: list[str]) -> TVMModule:
-        return cls(tvm.runtime.load_module(str(path)), input_names, input_dtypes)
+        with native_stderr_routed():  # and once per memory scope it loads
+            module = tvm.runtime.load_module(str(path))
+        return cls(module, input_names, input_dtypes)
 
     def llvm_ir(self) -> str:
         """LLVM IR of the host module (the kernels); for the integer-only check."""

@@ -29,15 +29,23 @@ def _output_of(script: str) -> str:
     return result.stdout + result.stderr
 
 
-def test_compile_of_an_onnx_model_prints_nothing() -> None:
+def test_compile_run_save_and_load_of_an_onnx_model_print_nothing() -> None:
     printed = _output_of(
         """
         import qcompiler
         from qcompiler.testing.data import digits_28x28, mnist_model_path
 
+        import tempfile
+        from qcompiler.testing.data import mnist_test_vector
+
         images, _ = digits_28x28()
-        qcompiler.compile(str(mnist_model_path()), calibration={"Input3": images[:32].reshape(32, 1, 1, 28, 28)},
-                          progress=False)
+        compiled = qcompiler.compile(str(mnist_model_path()),
+                                     calibration={"Input3": images[:32].reshape(32, 1, 1, 28, 28)}, progress=False)
+        x, _ = mnist_test_vector()
+        compiled(x)  # a run before saving: TVM's runtime then logs every memory scope it saves and loads
+        with tempfile.TemporaryDirectory() as folder:
+            compiled.save(folder + "/mnist")
+            qcompiler.load(folder + "/mnist")(x)
         """
     )
     assert printed == "", printed[-3000:]
