@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import tomllib
 from collections.abc import Mapping, Sequence
 from importlib import resources
@@ -44,6 +45,10 @@ class PassSpec:
 
         if self.name not in PASSES:
             raise ValueError(f"pass: unknown pass {self.name!r}; known passes: {sorted(PASSES)}")
+        try:  # the options checked against the pass's constructor now, not when a compile reaches the pass
+            inspect.signature(PASSES[self.name]).bind(**self.options)
+        except TypeError as exc:
+            raise ValueError(f"pass {self.name!r}: options {dict(self.options)} do not fit it ({exc})") from exc
 
     def build(self) -> Any:
         from qcompiler.registry import PASSES
@@ -120,6 +125,10 @@ def _auto_table(data: Mapping[str, Any], canonicalize: tuple[PassSpec, ...], whe
     return tuple((kind, str(data[kind])) for kind in AUTO_KINDS)
 
 
+#: the top-level keys and sections of a recipe file
+RECIPE_KEYS = frozenset({"name", "description", "canonicalize", "calibration", "quantize", "lower", "simulate", "auto"})
+
+
 def builtin_recipes() -> list[str]:
     return sorted(
         p.name.removesuffix(".toml") for p in resources.files("qcompiler.recipes").iterdir() if p.name.endswith(".toml")
@@ -161,6 +170,9 @@ def load_recipe(recipe: str | Path | Recipe) -> Recipe:
         )
     try:
         data = tomllib.loads(text)
+        unknown = sorted(set(data) - RECIPE_KEYS)
+        if unknown:  # a misspelt section ([quantise]) would otherwise leave the recipe on its defaults
+            raise RecipeError(f"recipe {where}: unknown key(s) {unknown}; a recipe has {sorted(RECIPE_KEYS)}")
         canonicalize = _pass_specs(data.get("canonicalize", []), f"{where}: canonicalize")
         return Recipe(
             name=str(data.get("name", where)),

@@ -131,6 +131,12 @@ def test_recipe_errors(tmp_path: Path) -> None:
     bad.write_text("canonicalize = [42]\n")
     with pytest.raises(RecipeError, match="neither a pass name"):
         load_recipe(bad)
+    bad.write_text("[quantise]\nweight_bits = 4\n")  # misspelt: would silently run on the defaults
+    with pytest.raises(RecipeError, match=r"unknown key\(s\) \['quantise'\]"):
+        load_recipe(bad)
+    bad.write_text('canonicalize = [{ pass = "fold-constants", sizee = 10 }]\n')  # found at load, not mid-compile
+    with pytest.raises(RecipeError, match="'fold-constants': options .*sizee"):
+        load_recipe(bad)
 
 
 def test_compile_verifies_a_user_pass_from_a_recipe(tmp_path: Path) -> None:
