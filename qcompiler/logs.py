@@ -25,6 +25,11 @@ ROUTED = logging.getLogger("qcompiler.third_party")
 THIRD_PARTY_LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.export", "torch._export", "torch.fx")
 
 
+def verbose() -> bool:
+    """Whether the user asked for our DEBUG log (``--verbose``): then nothing is routed or silenced."""
+    return logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG)
+
+
 class _Reemit(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         ROUTED.debug("%s: %s", record.name, record.getMessage())
@@ -67,7 +72,7 @@ def native_stderr_routed() -> Iterator[None]:
     loads a compiled module: thousands of lines for an LLM). For short calls into native code only: anything
     written to stderr meanwhile, Python's included, is captured too. Nothing is captured when the ``qcompiler``
     logger is at DEBUG."""
-    if logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG):
+    if verbose():
         yield
         return
     sys.stderr.flush()
@@ -91,7 +96,7 @@ def third_party_routed() -> Iterator[None]:
     """Route the libraries' log records and warnings to :data:`ROUTED` at DEBUG for the block. With the
     ``qcompiler`` logger at DEBUG nothing is captured: a user debugging sees every message where and when it
     was written. Our own warnings are log records of ``qcompiler.*`` loggers, never routed."""
-    if logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG):
+    if verbose():
         yield
         return
     with contextlib.ExitStack() as stack:

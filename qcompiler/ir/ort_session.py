@@ -3,12 +3,13 @@ pipeline's probe runs and the per-layer error."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
+
+from qcompiler.logs import verbose
 
 ORT_MAX_IR_VERSION = 10  # enough for opset 21; newer onnx writes IR versions onnxruntime 1.31 rejects (> 13)
 
@@ -17,7 +18,7 @@ def session_log_level() -> int:
     """onnxruntime's own log level for our sessions: errors only (3), unless the ``qcompiler`` logger is at
     DEBUG (``--verbose``), then its warnings too (2). Its warnings ("Removing initializer ... not used by any
     node") are about models mid-pipeline, nothing a user can act on."""
-    return 2 if logging.getLogger("qcompiler").isEnabledFor(logging.DEBUG) else 3
+    return 2 if verbose() else 3
 
 
 def onnxruntime_session(

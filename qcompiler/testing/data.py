@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-MNIST_DIR = Path(__file__).resolve().parent / "assets" / "mnist-conv"  # a copy of ../shared/data/mnist-conv
+MNIST_DIR = Path(__file__).resolve().parent / "assets" / "mnist-conv"  # ONNX model zoo mnist-8: see its README
 
 
 def digits_28x28() -> tuple[np.ndarray, np.ndarray]:
