@@ -52,36 +52,47 @@ def _is_row_bias(bias: np.ndarray, width: int, rank: int) -> bool:
     return bias.ndim == 0 or bias.shape[-1] in (1, width)
 
 
+def _shift_check(context, w: ir.Value, shift: ir.Value, sum_out: ir.Value, bias: ir.Value | None) -> MatchResult:
+    result = MatchResult()
+    if _fresh_name(context, f"{sum_out.name}_bias") is None:
+        return result.fail(f"initializer name {sum_out.name}_bias is taken")
+    weight, add = _const(w), _const(shift)
+    if weight is None:
+        return result.fail("Conv weight is not constant")
+    if bias is not None and _const(bias) is None:
+        return result.fail("Conv bias is not constant")
+    if add is None:
+        return result.fail("added tensor is not constant")
+    if _per_channel(add, weight.shape[0], weight.ndim - 1) is None:
+        return result.fail(f"added constant of shape {add.shape} is not per output channel")
+    if add.ndim > weight.ndim:
+        return result.fail("added constant would broadcast the output to a higher rank")
+    return result
+
+
+def _shifted_conv(op, x, w, shift, conv_out, sum_out, bias=None):
+    weight, add = _const(w), _const(shift)
+    assert weight is not None and add is not None
+    vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
+    assert vector is not None
+    old = _const(bias)
+    total = vector.astype(weight.dtype) if old is None else (old.reshape(-1) + vector).astype(old.dtype)
+    new_bias = op.initializer(ir.tensor(total), name=f"{sum_out.name}_bias")
+    return op.Conv(x, w, new_bias, **{k: a for k, a in conv_out.producer().attributes.items()})
+
+
 class _ConvAddBias(RewriteRuleClassBase):
     """``Add(Conv(x, W), b) -> Conv(x, W, b)`` for a Conv without bias and b constant per output channel."""
 
-    def pattern(self, op, x, w, bias):
-        return op.Add(op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"]), bias, _outputs=["sum_out"])
+    def pattern(self, op, x, w, shift):
+        conv = op.Conv(x, w, _allow_other_attributes=True, _outputs=["conv_out"])
+        return op.Add(conv, shift, _outputs=["sum_out"])
 
-    def check(self, context, x, w, bias, conv_out, sum_out, **_) -> MatchResult:
-        result = MatchResult()
-        if _fresh_name(context, f"{sum_out.name}_bias") is None:
-            return result.fail(f"initializer name {sum_out.name}_bias is taken")
-        weight, add = _const(w), _const(bias)
-        if weight is None:
-            return result.fail("Conv weight is not constant")
-        if add is None:
-            return result.fail("added tensor is not constant")
-        rank = weight.ndim
-        if _per_channel(add, weight.shape[0], rank - 1) is None:
-            return result.fail(f"added constant of shape {add.shape} is not per output channel")
-        if add.ndim > rank:
-            return result.fail("added constant would broadcast the output to a higher rank")
-        return result
+    def check(self, context, x, w, shift, conv_out, sum_out, **_) -> MatchResult:
+        return _shift_check(context, w, shift, sum_out, None)
 
-    def rewrite(self, op, x, w, bias, conv_out, sum_out, **_):
-        weight, add = _const(w), _const(bias)
-        assert weight is not None and add is not None
-        vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
-        assert vector is not None
-        node = conv_out.producer()
-        new_bias = op.initializer(ir.tensor(vector.astype(weight.dtype)), name=f"{sum_out.name}_bias")
-        return op.Conv(x, w, new_bias, **{k: a for k, a in node.attributes.items()})
+    def rewrite(self, op, x, w, shift, conv_out, sum_out, **_):
+        return _shifted_conv(op, x, w, shift, conv_out, sum_out)
 
 
 class _ConvBiasAdd(RewriteRuleClassBase):
@@ -93,23 +104,10 @@ class _ConvBiasAdd(RewriteRuleClassBase):
         return op.Add(conv, shift, _outputs=["sum_out"])
 
     def check(self, context, x, w, bias, shift, conv_out, sum_out, **_) -> MatchResult:
-        result = MatchResult()
-        if _fresh_name(context, f"{sum_out.name}_bias") is None:
-            return result.fail(f"initializer name {sum_out.name}_bias is taken")
-        weight, old, add = _const(w), _const(bias), _const(shift)
-        if weight is None or old is None or add is None:
-            return result.fail("Conv weight, bias or the added tensor is not constant")
-        if _per_channel(add, weight.shape[0], weight.ndim - 1) is None or add.ndim > weight.ndim:
-            return result.fail(f"added constant of shape {add.shape} is not per output channel")
-        return result
+        return _shift_check(context, w, shift, sum_out, bias)
 
     def rewrite(self, op, x, w, bias, shift, conv_out, sum_out, **_):
-        weight, old, add = _const(w), _const(bias), _const(shift)
-        assert weight is not None and old is not None and add is not None
-        vector = _per_channel(add, weight.shape[0], weight.ndim - 1)
-        assert vector is not None
-        total = op.initializer(ir.tensor((old.reshape(-1) + vector).astype(old.dtype)), name=f"{sum_out.name}_bias")
-        return op.Conv(x, w, total, **{k: a for k, a in conv_out.producer().attributes.items()})
+        return _shifted_conv(op, x, w, shift, conv_out, sum_out, bias)
 
 
 def _scale_check(context, w: ir.Value, scale: ir.Value, product_out: ir.Value, bias: ir.Value | None) -> MatchResult:
