@@ -460,9 +460,9 @@ def compile(
         example_inputs: one input batch; required for torch modules and for dynamic input shapes.
         calibration: representative data: an iterable of batches or a dict ``{input: stacked batches}``.
         recipe: a built-in recipe name (``w8a8``) or a TOML recipe path. The default, ``auto``, chooses one from
-            the graph's structure after canonicalization (causal decoders ``w8a8-llm``, other attention models
-            ``w8a8-percentile``, depthwise CNNs ``w8a8-tables``, the rest ``w8a8``); ``report["auto"]`` says what it
-            found and chose.
+            the graph's structure after canonicalization (causal decoders ``w8a8-llm``, depthwise CNNs and mobile
+            hybrids ``w8a16``, other attention models ``w8a8-percentile``, the rest ``w8a8``); ``report["auto"]``
+            says what it found and chose.
         verify: check the IR after every pass.
         progress: show progress bars.
         tune: time the candidate register tiles of every int8 GEMM shape on this machine and keep the fastest,

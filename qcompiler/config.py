@@ -103,17 +103,21 @@ def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
 
 
 #: the architecture kinds an ``[auto]`` table maps (qcompiler.ir.analysis.architecture.Architecture.kind)
-AUTO_KINDS = ("causal-decoder", "attention", "depthwise-cnn", "other")
+AUTO_KINDS = ("causal-decoder", "depthwise-attention", "attention", "depthwise-cnn", "other")
+#: kinds an ``[auto]`` table may leave out, and the kind whose recipe they then take
+AUTO_FALLBACKS = {"depthwise-attention": "attention"}
 
 
 def _auto_table(data: Mapping[str, Any], canonicalize: tuple[PassSpec, ...], where: str) -> tuple[tuple[str, str], ...]:
     """``[auto]``: every kind maps to a built-in integer-path recipe whose canonicalize list is this recipe's (the
-    graph is canonicalized once, before the choice)."""
+    graph is canonicalized once, before the choice); a kind of :data:`AUTO_FALLBACKS` left out takes its
+    fallback's recipe."""
+    data = {**{k: data[v] for k, v in AUTO_FALLBACKS.items() if k not in data and v in data}, **data}
     missing = [k for k in AUTO_KINDS if k not in data]
     unknown = sorted(set(data) - set(AUTO_KINDS))
     if missing or unknown:
-        raise RecipeError(f"recipe {where}: [auto] needs exactly the kinds {list(AUTO_KINDS)}; missing {missing}, "
-                          f"unknown {unknown}")  # fmt: skip
+        raise RecipeError(f"recipe {where}: [auto] needs the kinds {list(AUTO_KINDS)} (optional: "
+                          f"{sorted(AUTO_FALLBACKS)}); missing {missing}, unknown {unknown}")  # fmt: skip
     for kind in AUTO_KINDS:
         target = load_recipe(str(data[kind]))
         if target.auto or target.simulate is not None:

@@ -27,12 +27,13 @@ from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
-from qcompiler.ir.ops import FUSING_ANCHORS, KEEPS_BOUND_OPS, LINEAR_OPS, traits
+from qcompiler.ir.ops import CLAMPING_OPS, KEEPS_BOUND_OPS, LINEAR_OPS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
 )
 from qcompiler.passes.lower.groups import (
     Quantized,
+    clamp_bounds,
     dequantized,
     output_bounds,
     output_scale,
@@ -75,21 +76,6 @@ def _is_scalar(value: ir.Value | None) -> bool:
     return constant is not None and constant.size == 1
 
 
-def _clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]:
-    """The output clamp of a group: its storage range (int8 or int16), narrowed by a fused ReLU or Clip."""
-    lo, hi = output_bounds(quant)
-    if activation is None:
-        return lo, hi
-    if activation.op_type == "Relu":
-        return 0, hi
-    out_scale = output_scale(quant)
-    low = const_array(activation.inputs[1]) if len(activation.inputs) > 1 else None
-    high = const_array(activation.inputs[2]) if len(activation.inputs) > 2 else None
-    clip_lo = lo if low is None else int(np.clip(np.round(float(low) / out_scale), lo, hi))
-    clip_hi = hi if high is None else int(np.clip(np.round(float(high) / out_scale), lo, hi))
-    return clip_lo, clip_hi
-
-
 _LEVEL_PASS_THROUGH = KEEPS_BOUND_OPS
 
 
@@ -108,7 +94,7 @@ def integer_bound(value: ir.Value) -> int:
     if producer.op_type == "QuantizeLinear" and producer.inputs[0] is not None:
         before = producer.inputs[0].producer()
         if before is not None and before.op_type in _ACTIVATIONS:
-            lo, hi = _clamp_bounds(before, producer)
+            lo, hi = clamp_bounds(before, producer)
             return max(abs(lo), abs(hi))
         if before is None or before.op_type not in _LEVEL_PASS_THROUGH:
             return storage
@@ -285,8 +271,8 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 continue
             if node.op_type in _ACTIVATIONS:
                 producer = node.inputs[0].producer() if node.inputs[0] is not None else None
-                if producer is not None and producer.op_type in FUSING_ANCHORS | {"Mul", "Div"}:
-                    continue  # fused into its producer's group (after Mul/Div: an attention operand's clamp)
+                if producer is not None and producer.op_type in CLAMPING_OPS:
+                    continue  # its producer's output clamp (a fused activation, an operand's level bound)
             row = traits(node.op_type)
             handler = self._handlers.get(row.lowering) if row is not None else None
             if handler is None:
@@ -310,7 +296,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
         out_scale = output_scale(quant)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         real = float(a.scale.reshape(()) * b.scale.reshape(())) / out_scale
         if a.value.dtype == ir.DataType.INT8 and b.value.dtype == ir.DataType.INT8:
             product = ir.node("MatMulInteger", [a.value, b.value])
@@ -336,7 +322,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         c = float(constant.reshape(()))
         activation, quant = quantized_output(node)
         factor = c if node.op_type == "Mul" else 1.0 / c
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         real = float(x.scale.reshape(())) * factor / output_scale(quant)
         self._requantize_after(graph, quant, x.value, real, lo=lo, hi=hi)
 
@@ -348,7 +334,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if a.scale.ndim or b.scale.ndim:
             raise UnsupportedOpError(node_label(node), "Mul", "per-channel factors are not supported")
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         widened = []
         for operand in (a, b):
             cast = ir.node("Cast", [operand.value], attributes={"to": ir.DataType.INT32})
@@ -402,7 +388,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         bound = count * level * level  # the largest sum of squares
         frac = max(0, (61 - bound.bit_length()) // 2)  # 4^f bound < 2^62 and sqrt(4^f bound) < 2^31
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         base = quant.outputs[0].name or "norm"
         steps = [
             ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT64}),
@@ -500,7 +486,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         activation, quant = quantized_output(node)
         # one output scale, or one per channel of the last axis (a per-channel residual stream written here)
         out_scale = output_scale(quant) if node.op_type == "Conv" else output_scales(quant)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         if node.op_type == "Conv":
             channels, axis = weight.shape[0], 1
         elif node.op_type == "Gemm" and node.attributes.get_int("transB", 0):
@@ -579,7 +565,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         padded = np.zeros((n, k + k % 2), dtype=np.int8)
         padded[:, :k] = codes_nk
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         reals = float(np.asarray(x.scale).reshape(())) * unit / output_scales(quant)  # one, or one per channel
         multiplier, shift = quantize_multipliers(reals)
         base = quant.outputs[0].name or "y"
@@ -613,7 +599,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         if x.value.dtype == ir.DataType.INT16 and n > MAX_ORDER_INT16:
             raise UnsupportedOpError(node_label(node), "MatMul", f"an int16 Hadamard of order {n} overflows int32")
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         base = quant.outputs[0].name or "y"
         transform = ir.node(
             "Hadamard", [x.value, add_initializer(graph, f"{base}_hadamard_block", block)], domain=DOMAIN
@@ -629,7 +615,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         b = dequantized(node.inputs[1], "second input", node)
         activation, quant = quantized_output(node)
         out_scale = output_scales(quant)  # one, or one per channel (a per-channel residual stream)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         # per-channel input or output scales give one multiplier per channel of the last axis
         mult_a, mult_b, shift = quantize_multiplier_pair(a.scale / out_scale, b.scale / out_scale)
         if node.op_type == "Sub":
@@ -665,11 +651,11 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         label = node_label(node)
         window = average_pool_window(node)
         x = dequantized(node.inputs[0], "input", node)
-        if x.scale.ndim or x.value.dtype != ir.DataType.INT8:
-            raise UnsupportedOpError(label, "AveragePool", "its input must be int8 with one scale (the window sum "
-                                     "is an int8 convolution)")  # fmt: skip
+        if x.scale.ndim or x.value.dtype not in (ir.DataType.INT8, ir.DataType.INT16):
+            raise UnsupportedOpError(label, "AveragePool", "its input must be int8 or int16 with one scale (the "
+                                     "window sum is a convolution by ones)")  # fmt: skip
         activation, quant = quantized_output(node)
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         base = quant.outputs[0].name or "pool"
         ones = np.ones((window.channels, 1, *window.kernel), np.int8)
         attrs = {"pads": list(window.pads), "strides": list(window.strides), "dilations": [1, 1],
@@ -678,7 +664,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         total.outputs[0].dtype = ir.DataType.INT32
         counts = np.unique(window.counts)
         divisor = int(np.lcm.reduce(counts))
-        if 128 * divisor >= 2**31:  # |sum L / n| <= 128 L must fit int32
+        if (integer_bound(x.value) + 1) * divisor >= 2**31:  # |sum L / n| <= max|x| L must fit int32
             raise UnsupportedOpError(label, "AveragePool", f"its windows' sizes {counts.tolist()} have a least "
                                      "common multiple too large for int32; use count_include_pad=1")  # fmt: skip
         if counts.size == 1:  # one divisor: a zero bias makes it the fused QConv's pattern (one kernel)
@@ -703,7 +689,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
         axis: int = -1,
     ) -> None:
         """``Requantize(ReduceSum(Cast(x, int32), axes), real)`` as the group's output (pools and reductions)."""
-        lo, hi = _clamp_bounds(activation, quant)
+        lo, hi = clamp_bounds(activation, quant)
         base = quant.outputs[0].name or "sum"
         widen = ir.node("Cast", [x.value], attributes={"to": ir.DataType.INT32})
         widen.outputs[0].dtype = ir.DataType.INT32

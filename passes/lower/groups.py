@@ -84,6 +84,21 @@ def output_bounds(quant: ir.Node) -> tuple[int, int]:
     raise UnsupportedOpError(node_label(quant), "QuantizeLinear", f"output type {dtype}: only int8 and int16")
 
 
+def clamp_bounds(activation: ir.Node | None, quant: ir.Node) -> tuple[int, int]:
+    """The output clamp of a group: its storage range (int8 or int16), narrowed by a fused ReLU or Clip."""
+    lo, hi = output_bounds(quant)
+    if activation is None:
+        return lo, hi
+    if activation.op_type == "Relu":
+        return 0, hi
+    out_scale = output_scale(quant)
+    low = const_array(activation.inputs[1]) if len(activation.inputs) > 1 else None
+    high = const_array(activation.inputs[2]) if len(activation.inputs) > 2 else None
+    clip_lo = lo if low is None else int(np.clip(np.round(float(low) / out_scale), lo, hi))
+    clip_hi = hi if high is None else int(np.clip(np.round(float(high) / out_scale), lo, hi))
+    return clip_lo, clip_hi
+
+
 def replace_group_output(quant: ir.Node, new_value: ir.Value) -> None:
     """Give ``new_value`` the name and readers of ``quant``'s int8 output (graph outputs included)."""
     old = quant.outputs[0]

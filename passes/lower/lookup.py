@@ -29,6 +29,7 @@ from onnx.reference import ReferenceEvaluator
 from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.graph import add_initializer, const_array, node_label
 from qcompiler.passes.lower.groups import (
+    clamp_bounds,
     dequantized,
     output_bounds,
     output_scales,
@@ -89,9 +90,11 @@ def lookup_table(
     quant: ir.Node,
     label: str,
     op_type: str,
+    bounds: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, int]:
     """The table ``T[q, *B]`` of ``function`` (input ``rank``, int8/int16 ``input_type`` at ``input_scale``, scalar
-    or one per channel of the last axis) for the output ``quant``; and the levels' offset ``-lo``."""
+    or one per channel of the last axis) for the output ``quant`` (codes clamped to ``bounds``, else to its storage
+    range); and the levels' offset ``-lo``."""
     lo, hi = _STORAGE[input_type]
     levels = np.arange(lo, hi + 1, dtype=np.float64).reshape([-1] + [1] * rank)
     scale = np.asarray(input_scale, np.float64)
@@ -104,7 +107,7 @@ def lookup_table(
     out_scale = output_scales(quant)
     if out_scale.ndim:  # one output scale per channel of the last axis: one table row per channel
         out_scale = out_scale.reshape([1] * rank + [-1])
-    out_lo, out_hi = output_bounds(quant)
+    out_lo, out_hi = output_bounds(quant) if bounds is None else bounds
     codes = np.clip(np.round(np.nan_to_num(y / out_scale, nan=0.0, posinf=out_hi, neginf=out_lo)), out_lo,
                     out_hi)  # fmt: skip
     return codes, -lo
@@ -128,9 +131,10 @@ def lower_lookup_of(
     label = node_label(node)
     if x.value.dtype not in _STORAGE or x.value.shape is None:
         raise UnsupportedOpError(label, node.op_type, "a lookup table needs an int8 or int16 input of known rank")
-    _, quant = quantized_output(node)
+    activation, quant = quantized_output(node)  # a Clip after the function: a W8A16 output's level bound
     rank = len(x.value.shape)
-    codes, offset = lookup_table(function, x.scale, rank, x.value.dtype, quant, label, node.op_type)
+    bounds = clamp_bounds(activation, quant)
+    codes, offset = lookup_table(function, x.scale, rank, x.value.dtype, quant, label, node.op_type, bounds)
     out_type = quant.outputs[0].dtype if quant.outputs[0].dtype in _NUMPY else ir.DataType.INT8
     broadcast = codes.shape[1:]
     width = int(np.prod(broadcast, dtype=np.int64))

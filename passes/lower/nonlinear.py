@@ -24,8 +24,8 @@ from qcompiler.ir.analysis.silu import silu_sigmoid, silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import softmax_group
 from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
 from qcompiler.passes.lower.groups import (
+    clamp_bounds,
     dequantized,
-    output_bounds,
     output_scale,
     output_scales,
     quantized_output,
@@ -39,12 +39,15 @@ def _emit(graph: ir.Graph, quant: ir.Node, node: ir.Node) -> None:
     replace_group_output(quant, node.outputs[0])
 
 
-def _rescale(graph: ir.Graph, quant: ir.Node, base: str, constants: dict) -> tuple[ir.Value, ir.Value, dict]:
-    """The output multiplier and shift (one, or one per channel) as initializers; the rest as attributes."""
+def _rescale(
+    graph: ir.Graph, quant: ir.Node, base: str, constants: dict, activation: ir.Node | None = None
+) -> tuple[ir.Value, ir.Value, dict]:
+    """The output multiplier and shift (one, or one per channel) as initializers; the rest as attributes, the
+    output clamp narrowed by a Relu/Clip before ``quant`` (``activation``)."""
     multiplier = add_initializer(graph, f"{base}_multiplier", np.asarray(constants["multiplier"], np.int32))
     shift = add_initializer(graph, f"{base}_shift", np.asarray(constants["shift"], np.int32))
     rest = {k: int(v) for k, v in constants.items() if k not in ("multiplier", "shift")}
-    lo, hi = output_bounds(quant)
+    lo, hi = clamp_bounds(activation, quant)
     return multiplier, shift, {**rest, "lo": lo, "hi": hi}
 
 
@@ -87,7 +90,7 @@ def lower_softmax(graph: ir.Graph, node: ir.Node) -> None:
 def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
     """LayerNormalization and RMSNormalization (gamma only) become IntLayerNorm (``rms`` for the latter)."""
     x = dequantized(node.inputs[0], "input", node)
-    _, quant = quantized_output(node)
+    activation, quant = quantized_output(node)
     rms = node.op_type == "RMSNormalization"
     gamma = const_array(node.inputs[1])
     beta = const_array(node.inputs[2]) if not rms and len(node.inputs) > 2 and node.inputs[2] is not None else None
@@ -121,7 +124,7 @@ def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
     params = [add_initializer(graph, f"{base}_{k}", np.asarray(constants[k])) for k in ("multiplier", "shift", "bias")]
     if prescale is not None:
         params.append(add_initializer(graph, f"{base}_input_multiplier", prescale))
-    lo, hi = output_bounds(quant)
+    lo, hi = clamp_bounds(activation, quant)
     attrs = {
         "epsilon_q": int(constants["epsilon_q"]),
         "frac_bits": int(constants["frac_bits"]),
@@ -134,9 +137,9 @@ def lower_layernorm(graph: ir.Graph, node: ir.Node) -> None:
 
 def lower_gelu(graph: ir.Graph, node: ir.Node) -> None:
     x = dequantized(node.inputs[0], "input", node)
-    _, quant = quantized_output(node)
+    activation, quant = quantized_output(node)
     constants = integer.gelu_constants(float(x.scale.reshape(())), output_scales(quant))
-    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "gelu", constants)
+    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "gelu", constants, activation)
     _emit(graph, quant, ir.node("IntGelu", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
 
 
@@ -155,9 +158,12 @@ def lower_silu(graph: ir.Graph, node: ir.Node, sigmoid: ir.Node) -> None:
 
 def lower_sigmoid(graph: ir.Graph, node: ir.Node) -> None:
     x = dequantized(node.inputs[0], "input", node)
-    _, quant = quantized_output(node)
-    constants = integer.sigmoid_constants(float(x.scale.reshape(())), output_scales(quant), silu=False)
-    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "sigmoid", constants)
+    activation, quant = quantized_output(node)
+    input_bits = 16 if x.value.dtype == ir.DataType.INT16 else 8
+    constants = integer.sigmoid_constants(
+        float(x.scale.reshape(())), output_scales(quant), silu=False, input_bits=input_bits
+    )
+    multiplier, shift, attrs = _rescale(graph, quant, quant.outputs[0].name or "sigmoid", constants, activation)
     _emit(graph, quant, ir.node("IntSigmoid", [x.value, multiplier, shift], domain=DOMAIN, attributes=attrs))
 
 

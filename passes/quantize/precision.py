@@ -28,6 +28,16 @@ The score product ``Q K^T`` then multiplies two int16 tensors: each is clamped t
 accumulator cannot overflow; the clamp is a ``Clip`` before the ``QuantizeLinear`` (the fused-activation form
 the lowering already reads), so the QDQ graph and the integer code agree. ``P V`` needs no clamp: a row of int16
 probabilities sums to at most ``2^15 (1 + T 2^-16)``, so ``|P V| < 2^31`` for int16 V and T < 65,000 tokens.
+
+With ``activations`` (recipe key ``activation_bits = 16``, W8A16) every other activation is int16 too where its
+producer can clamp its output and every reader takes int16 (the ``wide_input`` column of
+:mod:`qcompiler.ir.ops`): constant-weight linears, tables over the input's levels, sums, products and moves.
+Mobile CNNs (depthwise convolutions, hard-swish, squeeze-excitation) lose several points of accuracy to int8
+activations that no range choice recovers (PP-LCNet's text orientation: 95.2 % float, 89.5 % W8A8, 96.8 %
+W8A16). A linear reading an int16 tensor sums ``K`` products of up to ``127 B`` (``B`` the tensor's level bound)
+plus its bias in int32: :func:`wide_activation_bound` picks the largest ``B <= 32767`` for which that sum cannot
+overflow, and the bound is the producer's output clamp (a ``Clip`` before the ``QuantizeLinear``), so the int32
+arithmetic stays exact for every input, not only for the calibrated ones.
 """
 
 from __future__ import annotations
@@ -41,8 +51,21 @@ import onnx_ir as ir
 
 from qcompiler.dialect.hadamard import hadamard_structure
 from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.graph import const_array, consumers, is_graph_output, node_label
-from qcompiler.ir.ops import CHANNEL_PRODUCERS, KEEPS_WIDTH_OPS, LAYOUT_OPS, WIDE_PRODUCERS
+from qcompiler.ir.ops import (
+    CHANNEL_PRODUCERS,
+    CLAMPING_OPS,
+    FUSABLE_ACTIVATIONS,
+    FUSING_ANCHORS,
+    KEEPS_WIDTH_OPS,
+    LAYOUT_OPS,
+    OWN_SCALE_OPS,
+    WIDE_INPUT_OPS,
+    WIDE_PRODUCERS,
+    ops_where,
+    traits,
+)
 
 #: ops that move values without changing them; their output inherits the input's precision
 _PASS_THROUGH = LAYOUT_OPS
@@ -51,6 +74,8 @@ _WIDTH_PASS_THROUGH = KEEPS_WIDTH_OPS
 INT32_MAX = int(np.iinfo(np.int32).max)
 INT16_MAX = int(np.iinfo(np.int16).max)
 _WIDE_PRODUCERS = WIDE_PRODUCERS
+#: W8A16: ops whose output is the input's int16 levels moved (its readers decide for it); Concat only of one root
+_WIDE_ACTIVATION_THROUGH = ops_where(lambda t: t.quantize == "inherit" and t.wide_input) | {"Concat"}
 _PER_CHANNEL_PRODUCERS = CHANNEL_PRODUCERS
 
 
@@ -66,6 +91,9 @@ class PrecisionPlan:
     bounds: Mapping[int, int] = dataclasses.field(default_factory=dict)
     #: wide residual-stream values with one int16 scale per channel of the last axis
     wide_per_channel: Set[int] = frozenset()
+    #: W8A16 (``activations``): activations stored int16 because every reader takes int16; their level bound
+    #: comes from the calibrated range and the readers' weights (:func:`wide_activation_bound`)
+    activations: Set[int] = frozenset()
 
 
 def _keeps_last_axis(node: ir.Node) -> bool:
@@ -249,6 +277,140 @@ def _score_bounds(graph: ir.Graph, wide_ids: Set[int]) -> dict[int, int]:
     return bounds
 
 
+def _constant_weight_input(node: ir.Node, index: int) -> bool:
+    """``node`` reads input ``index`` against a constant: a linear's weight, or a constant left operand."""
+    if node.op_type in ("Conv", "Gemm", "MatMul") and index == 0:
+        return len(node.inputs) > 1 and const_array(node.inputs[1]) is not None
+    return node.op_type == "MatMul" and index == 1 and const_array(node.inputs[0]) is not None
+
+
+def _reads_wide_activation(node: ir.Node, index: int) -> bool:
+    """W8A16: ``node`` reads an int16 input ``index`` exactly (the ``wide_input`` column, and the node's own
+    conditions: a constant weight for a linear, a scalar table for a lookup)."""
+    if node.op_type not in WIDE_INPUT_OPS:
+        return False
+    row = traits(node.op_type)
+    if row is not None and row.linear:
+        return _constant_weight_input(node, index)
+    if row is not None and row.lowering == "lookup":  # one table row per constant element: a scalar only
+        others = [const_array(v) for i, v in enumerate(node.inputs) if i != index and v is not None]
+        return index == 0 and all(c is not None and c.size <= 1 for c in others)
+    if row is not None and row.lowering == "nonlinear":  # LayerNorm, RMSNorm: the data input
+        return index == 0
+    return True
+
+
+def writes_clamped(node: ir.Node | None) -> bool:
+    """Its integer form can take a level bound as its output clamp (a Relu/Clip after a clamping producer too)."""
+    if node is None:
+        return False
+    if node.op_type in FUSABLE_ACTIVATIONS:
+        producer = node.inputs[0].producer() if node.inputs[0] is not None else None
+        return producer is not None and producer.op_type in FUSING_ANCHORS
+    return node.op_type in CLAMPING_OPS
+
+
+def _wide_activation_values(graph: ir.Graph, excluded: Set[int], taken: Set[int]) -> set[int]:
+    """W8A16: every activation quantized at a scale of its own (graph inputs, outputs of ops with their own
+    scale or of an activation fused after one) whose readers all take int16, other than those another rule
+    already placed (``taken``). The level bound is chosen at quantization (:func:`wide_activation_bound`); a
+    producer that cannot clamp (:func:`writes_clamped`) keeps the value int8 when a bound is needed."""
+    found: set[int] = set()
+    candidates = [v for v in graph.inputs if v.dtype == ir.DataType.FLOAT]
+    for node in graph:
+        if id(node) in excluded or not node.outputs or node.op_type == "Softmax":
+            continue
+        if node.op_type not in OWN_SCALE_OPS and not writes_clamped(node):
+            continue
+        out = node.outputs[0]
+        readers = consumers(out)
+        if len(readers) == 1 and readers[0].op_type in FUSABLE_ACTIVATIONS and node.op_type in FUSING_ANCHORS:
+            continue  # the fused activation carries the output
+        candidates.append(out)
+    for value in candidates:
+        if id(value) in taken:
+            continue
+        through = _WIDE_ACTIVATION_THROUGH
+        if _readers_all(graph, value, _reads_wide_activation, excluded, any_shape=True, through=through):
+            found.add(id(value))
+    return found
+
+
+def _sum_readers(graph: ir.Graph, value: ir.Value) -> list[tuple[ir.Node, int]]:
+    """The readers of ``value`` and of width-keeping moves of it (the ops whose int32 sums it enters)."""
+    found: list[tuple[ir.Node, int]] = []
+    for usage in value.uses():
+        node, index = usage.node, usage.idx
+        if node.op_type in _WIDE_ACTIVATION_THROUGH and (index == 0 or node.op_type == "Concat"):
+            for out in node.outputs:  # every part of a Split
+                found.extend(_sum_readers(graph, out))
+        else:
+            found.append((node, index))
+    return found
+
+
+def _reduced_count(node: ir.Node) -> int | None:
+    """How many input elements one output element of a pool or reduction sums (None: unknown)."""
+    shape = node.inputs[0].shape if node.inputs[0] is not None else None
+    dims = list(shape) if shape is not None else None
+    if node.op_type == "GlobalAveragePool":
+        spatial = dims[2:] if dims is not None else None
+        return math.prod(spatial) if spatial and all(isinstance(d, int) for d in spatial) else None
+    if node.op_type == "AveragePool":  # each window sum times L / n, L the divisors' least common multiple
+        try:
+            return int(np.lcm.reduce(np.unique(average_pool_window(node).counts)))
+        except UnsupportedOpError:
+            return None
+    if node.op_type in ("ReduceMean", "ReduceSum"):
+        if dims is None or not all(isinstance(d, int) for d in dims):
+            return None
+        axes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+        picked = range(len(dims)) if axes is None else [int(a) % len(dims) for a in axes.reshape(-1)]
+        return math.prod(int(dims[a]) for a in picked)
+    return 1
+
+
+def wide_activation_bound(graph: ir.Graph, value: ir.Value, absmax: float, weight_qmax: int = 127) -> int:
+    """The largest level bound ``B <= 32767`` of an int16 W8A16 ``value`` (scale ``absmax / B``) for which every
+    int32 sum its readers form is exact: a linear's ``B * (weight_qmax * K + max_n |bias_n| / (absmax s_w,n))``
+    (``K`` its reduction length, ``s_w,n = max|W_n| / weight_qmax`` the per-channel weight step), a pool's or
+    reduction's ``B * count``. 0 when no bound of at least 2^7 exists (the value stays int8)."""
+    bound = INT16_MAX
+    for node, index in _sum_readers(graph, value):
+        if node.op_type in ("Conv", "Gemm", "MatMul") and _constant_weight_input(node, index):
+            weight = const_array(node.inputs[1 - index]) if node.op_type == "MatMul" else const_array(node.inputs[1])
+            assert weight is not None
+            w = weight.astype(np.float64)
+            if node.op_type == "Conv":
+                rows = w.reshape(w.shape[0], -1)
+            elif node.op_type == "Gemm":
+                rows = w if node.attributes.get_int("transB", 0) else w.T
+            elif index == 0:
+                rows = np.moveaxis(w, -1, -2).reshape(-1, w.shape[-2])
+            else:  # a constant left operand [.., M, K]: one int8 scale for the whole table
+                rows = w.reshape(-1, w.shape[-1])
+            depth = rows.shape[1]
+            peak = np.abs(rows).max(axis=1)
+            top = float(peak.max(initial=0.0))
+            # as qdq.quantize_weight_per_channel: a dead channel (below 2^-24 of the largest) gets the largest's
+            # step, an all-zero one the step 1
+            step = np.where(peak > 0, np.where(peak <= top * 2.0**-24, top, peak) / weight_qmax, 1.0)
+            bias = const_array(node.inputs[2]) if node.op_type != "MatMul" and len(node.inputs) > 2 else None
+            bias_levels = 0.0
+            if bias is not None and absmax > 0:
+                b = np.abs(np.broadcast_to(bias.astype(np.float64).reshape(-1), (rows.shape[0],)))
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    ratio = np.where(step > 0, b / (absmax * np.where(step > 0, step, 1.0)), 0.0)
+                bias_levels = float(ratio.max(initial=0.0))
+            bound = min(bound, int((INT32_MAX - 1) // (weight_qmax * depth + bias_levels + 1)))  # +1: rounding
+        else:
+            count = _reduced_count(node)
+            if count is None:
+                return 0
+            bound = min(bound, INT32_MAX // max(count, 1))
+    return bound if bound >= 128 else 0
+
+
 def plan_precision(
     graph: ir.Graph,
     excluded: Set[int],
@@ -258,6 +420,7 @@ def plan_precision(
     attention: bool = False,
     silu: Set[int] = frozenset(),
     residual_channels: bool = False,
+    activations: bool = False,
 ) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 
@@ -271,6 +434,7 @@ def plan_precision(
         residual_channels: wide residual-stream values (written by a residual add or a linear layer, read only by
             residual adds and RMSNorms) get one int16 scale per channel (the massive activations of Llama-family
             models would otherwise set one coarse step for every channel).
+        activations: W8A16, every other activation int16 where its readers take it (the module docstring).
     """
     wide_ids: set[int] = set()
     channel_ids: set[int] = set()
@@ -324,7 +488,18 @@ def plan_precision(
             and _readers_all(graph, node.outputs[0], _reads_stream, excluded)
         }
     bounds = _score_bounds(graph, wide_ids) if attention else {}
-    return PrecisionPlan(frozenset(wide_ids), frozenset(channel_ids), weight_absmax, bounds, frozenset(stream_channels))
+    # W8A16 before per-channel int8: 2^15 levels per tensor beat 2^7 per channel (and need no weight folds)
+    wide_activations = _wide_activation_values(graph, excluded, wide_ids) if activations else set()
+    channel_ids -= wide_activations
+    weight_absmax = {k: v for k, v in weight_absmax.items() if k in channel_ids}
+    return PrecisionPlan(
+        frozenset(wide_ids),
+        frozenset(channel_ids),
+        weight_absmax,
+        bounds,
+        frozenset(stream_channels),
+        frozenset(wide_activations),
+    )
 
 
 def _writes_stream(node: ir.Node) -> bool:

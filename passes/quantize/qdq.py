@@ -24,10 +24,24 @@ from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
 from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, is_graph_output, node_label
-from qcompiler.ir.ops import FUSABLE_ACTIVATIONS, FUSING_ANCHORS, INHERIT_SCALE_OPS, OWN_SCALE_OPS, traits
+from qcompiler.ir.ops import (
+    FUSABLE_ACTIVATIONS,
+    FUSING_ANCHORS,
+    INHERIT_SCALE_OPS,
+    KEEPS_BOUND_OPS,
+    OWN_SCALE_OPS,
+    traits,
+)
 from qcompiler.passes.canonicalize.resize import resize_refusal
 from qcompiler.passes.quantize import row_exponent
-from qcompiler.passes.quantize.precision import INT32_MAX, hadamard_matmul, linear_reader_weights, plan_precision
+from qcompiler.passes.quantize.precision import (
+    INT32_MAX,
+    hadamard_matmul,
+    linear_reader_weights,
+    plan_precision,
+    wide_activation_bound,
+    writes_clamped,
+)
 from qcompiler.passes.quantize.weights import WeightQuantSpec, gptq, quantize_rtn
 
 logger = logging.getLogger(__name__)
@@ -64,6 +78,8 @@ class QuantizeConfig:
     """What the QDQ pass produces. Validated on construction."""
 
     weight_bits: int = 8
+    #: 8: int8 activations; 16 (W8A16): int16 wherever the producer can clamp and every reader takes int16
+    #: (qcompiler.passes.quantize.precision), each at the largest level bound its readers' int32 sums allow
     activation_bits: int = 8
     #: 16: tensors only residual adds and norms read are int16 (never GEMM operands); 8: all int8
     residual_bits: int = 16
@@ -133,8 +149,28 @@ class QuantizeConfig:
             raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
         if not 1 <= self.row_exponent_refinement <= 256:
             raise ValueError(f"row_exponent_refinement: must lie in [1, 256], got {self.row_exponent_refinement}")
-        if self.activation_bits != 8:
-            raise ValueError(f"activation_bits: only 8 is supported today, got {self.activation_bits}")
+        if self.activation_bits not in (8, 16):
+            raise ValueError(f"activation_bits: must be 8 or 16 (W8A16: int16 wherever the readers take it), got "
+                             f"{self.activation_bits}")  # fmt: skip
+        if self.activation_bits == 16 and (self.weight_bits != 8 or self.row_exponents):
+            raise ValueError("activation_bits = 16 needs weight_bits = 8 and row_exponents = false (its int16 "
+                             "activations are read whole by int8-weight linears)")  # fmt: skip
+
+
+def _narrows(node: ir.Node | None) -> bool:
+    """A fused Relu, or a Clip with constant bounds, right after the op it clamps."""
+    if node is None or node.op_type not in ("Relu", "Clip"):
+        return False
+    return node.op_type == "Relu" or all(v is None or const_array(v) is not None for v in node.inputs[1:])
+
+
+def _clip_range(node: ir.Node) -> tuple[float, float]:
+    """The float range a Relu or a constant Clip keeps."""
+    if node.op_type == "Relu":
+        return 0.0, float("inf")
+    low = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    high = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    return (float("-inf") if low is None else float(low)), (float("inf") if high is None else float(high))
 
 
 def _rank(value: ir.Value | None) -> int:
@@ -142,10 +178,14 @@ def _rank(value: ir.Value | None) -> int:
 
 
 def quantize_weight_per_channel(weight: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric int8 per channel along ``axis``: ``(q in [-127, 127], scales float32)``."""
+    """Symmetric int8 per channel along ``axis``: ``(q in [-127, 127], scales float32)``. A channel below 2^-24 of
+    the largest (a dead channel of a trained model, its weights denormal floats) is zero at the largest channel's
+    scale: a denormal scale would underflow the bias scale ``S_x S_w`` in float32. An all-zero channel gets 1."""
     moved = np.moveaxis(weight.astype(np.float64), axis, 0).reshape(weight.shape[axis], -1)
     absmax = np.abs(moved).max(axis=1)
-    scales = np.where(absmax > 0, absmax / WEIGHT_QMAX, 1.0).astype(np.float32)
+    top = float(absmax.max(initial=0.0))
+    negligible = (absmax > 0) & (absmax <= top * 2.0**-24)
+    scales = np.where(absmax > 0, np.where(negligible, top, absmax) / WEIGHT_QMAX, 1.0).astype(np.float32)
     shape = [1] * weight.ndim
     shape[axis] = -1
     q = np.clip(np.round(weight / scales.reshape(shape)), -WEIGHT_QMAX, WEIGHT_QMAX).astype(np.int8)
@@ -257,6 +297,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         scale_of: dict[int, Any] = {}  # id(float value or its DQ output) -> scale (float32 scalar or per channel)
         self._scale_of = scale_of
         self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
+        self._level_of: dict[int, int] = {}  # id(DQ output) -> the largest |level| (storage, or its clamp)
         self._rows: set[int] = set()  # id(DQ output) of int16 GEMM inputs read with row exponents
         self._fold_of: dict[int, np.ndarray] = {}  # id(DQ output read by linear layers) -> t / t0 per channel
         self._tables: dict[int, ir.Value] = {}  # id(constant) -> its dequantized int8 table
@@ -286,7 +327,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             attention=stats is not None and self.config.attention_bits == 16,
             silu=silu_sigmoids(graph),
             residual_channels=self.config.residual_per_channel,
+            activations=self.config.activation_bits == 16,
         )
+        if self.config.activation_bits == 16 and stats is None:
+            raise CalibrationError("activation_bits = 16: calibration without per-channel statistics (observe(...) "
+                                   "collects them)")  # fmt: skip
+        self._plan = plan
         self._wide_scores: set[int] = set()
         if self.config.softmax_input_bits == 16 and stats is not None:
             self._wide_scores = {
@@ -321,7 +367,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 self._score_steps[id(g.scores)] = SOFTMAX_MAX_INPUT_SCALE
         for value in list(graph.inputs):
             if value.dtype == ir.DataType.FLOAT:
-                scale_of[id(value)] = self._quantize_value(graph, value, self._range(value))
+                wide = self._wide_activation(graph, value)
+                if wide is None:
+                    wide = self._quantize_value(graph, value, self._range(value))
+                scale_of[id(value)] = wide
         for node in list(graph):
             if node.op_type in ("QuantizeLinear", "DequantizeLinear") or not computes_on_floats(node):
                 continue
@@ -377,6 +426,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     scale_of[id(out)] = self._quantize_value(graph, out, None, scales)
                 elif id(out) in self._score_steps:
                     scale_of[id(out)] = self._quantize_value(graph, out, None, self._score_steps[id(out)])
+                elif (wide := self._wide_activation(graph, out)) is not None:
+                    scale_of[id(out)] = wide
                 else:
                     scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
             elif (
@@ -388,7 +439,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                     and id(node.inputs[0]) not in scale_of
                 )
             ):
-                scale_of[id(out)] = self._quantize_value(graph, out, self._range(out))
+                wide = self._wide_activation(graph, out)
+                scale_of[id(out)] = wide if wide is not None else self._quantize_value(graph, out, self._range(out))
             elif node.op_type == "Concat" and not self._concat_shares_scale(node, scale_of):
                 scale_of[id(out)] = self._quantize_concat(graph, node, scale_of)
             elif node.op_type == "Split":
@@ -407,6 +459,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 scale_of[id(out)] = self._quantize_value(
                     graph, out, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8),
                     inherit_rows=id(source) in self._rows,
+                    level=self._level_of.get(id(source)) if node.op_type in KEEPS_BOUND_OPS else None,
                 )  # fmt: skip
         return ir.passes.PassResult(model, modified=True)
 
@@ -545,6 +598,24 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             )
         return self.ranges[value.name]
 
+    def _wide_activation(self, graph: ir.Graph, value: ir.Value) -> np.float32 | None:
+        """W8A16: quantize a planned ``value`` to int16 at the level bound its readers allow and return its scale;
+        None (the caller quantizes it to int8) when it is not planned, no bound of 2^7 or more exists, or a bound
+        is needed where nothing can clamp (a graph input; a producer whose integer form has no output clamp)."""
+        if id(value) not in self._plan.activations:
+            return None
+        assert self.channel_absmax is not None
+        stats = self.channel_absmax.get(value.name or "")
+        if stats is None:
+            return None
+        absmax = float(stats.max()) if float(stats.max()) > 0.0 else 1.0
+        bound = wide_activation_bound(graph, value, absmax, weight_qmax=2 ** (self.config.weight_bits - 1) - 1)
+        if bound == 0 or (bound < WIDE_QMAX and not writes_clamped(value.producer())):
+            return None
+        scale = np.float32(absmax / bound)
+        self._quantize_value(graph, value, None, scale, bits=16, bound=bound)
+        return scale
+
     def _wide_scale(self, value: ir.Value, bound: int = WIDE_QMAX) -> np.float32:
         """int16 scale from the exact maximum (16 bits leave no reason to clip), ``bound`` its largest level."""
         assert self.channel_absmax is not None
@@ -601,6 +672,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         bits: int = 8,
         bound: int | None = None,
         inherit_rows: bool = False,
+        level: int | None = None,
     ) -> Any:
         """Insert ``Q -> DQ`` after ``value`` and route every reader (and graph output) through it.
 
@@ -609,7 +681,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         (passes/quantize/row_exponent.py); ``inherit_rows`` marks a shape-only op's output after such a tensor.
 
         ``bound`` below the storage range: a ``Clip`` to ``[-bound, bound]`` steps goes before the ``Q`` (the
-        fused-activation form, which the lowering turns into the producer's output clamp).
+        fused-activation form, which the lowering turns into the producer's output clamp). ``level``: the bound
+        its levels already keep without a clamp (a move of a clamped tensor).
 
         ``scale`` may be one float or one per channel of the last axis; then linear readers (constant weights)
         get their own ``DQ`` at the largest scale ``t0`` and fold ``t / t0`` into their weights.
@@ -628,13 +701,31 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         per_channel = scales.size > 1
         storage = {8: (ir.DataType.INT8, np.int8), 16: (ir.DataType.INT16, np.int16)}[bits]
         base = value.name or "act"
+        fused = value.producer()
+        narrowed = bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits] and _narrows(fused)
+        if narrowed:
+            # a fused Relu/Clip already before the Q: it becomes the one Clip of both ranges (the lowering reads
+            # one activation between an op and its QuantizeLinear)
+            assert fused is not None
+            limit = float(np.float32(bound) * np.float32(scales.max()))
+            old_low, old_high = _clip_range(fused)
+            low = add_initializer(graph, f"{base}_clamp_low", np.array(max(-limit, old_low), np.float32))
+            high = add_initializer(graph, f"{base}_clamp_high", np.array(min(limit, old_high), np.float32))
+            clip = ir.node("Clip", [fused.inputs[0], low, high], name=fused.name)
+            clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = None, value.dtype, value.shape
+            graph.insert_after(fused, clip)
+            value.replace_all_uses_with(clip.outputs[0], replace_graph_outputs=True)
+            graph.remove(fused, safe=True)
+            value.name = f"{base}_unclamped"
+            clip.outputs[0].name = base
+            value = clip.outputs[0]
         readers = list(value.uses())  # before the Q node below becomes a reader too
         scale_value = add_initializer(graph, f"{base}_scale", scales)
         zero_value = add_initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, dtype=storage[1]))
         axis = {"axis": -1} if per_channel else {}
         source = value
         new_nodes = []
-        if bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits]:
+        if bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits] and not narrowed:
             limit = float(np.float32(bound) * np.float32(scales.max()))
             low = add_initializer(graph, f"{base}_clamp_low", np.array(-limit, np.float32))
             high = add_initializer(graph, f"{base}_clamp_high", np.array(limit, np.float32))
@@ -694,6 +785,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             graph.outputs[position] = deq_out
         self._scale_of[id(deq_out)] = scales if per_channel else np.float32(scales)
         self._bits_of[id(deq_out)] = bits
+        storage_max = {8: ACT_QMAX + 1, 16: WIDE_QMAX + 1}[bits]
+        self._level_of[id(deq_out)] = min(storage_max, bound if bound is not None else level or storage_max)
         return self._scale_of[id(deq_out)]
 
     def _quantize_table(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, np.float32], index: int) -> None:
@@ -830,7 +923,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             rows[1 - axis] = -1
             weight = weight.astype(np.float64) * fold.reshape(rows)
         hadamard = hadamard_matmul(node) if fold is None else None
-        accumulator_bound = (int(np.prod(weight.shape)) // weight.shape[axis]) * 128 * 127
+        level = self._level_of.get(id(source), ACT_QMAX + 1)  # the largest |x| the input's levels reach
+        accumulator_bound = (int(np.prod(weight.shape)) // weight.shape[axis]) * level * 127
         if hadamard is None and self.config.weight_bits == 4 and node.op_type != "Conv":
             _, w_scales = self._int4_weight(graph, node, weight, axis, fold)
             accumulator_bound = INT4_ACC_BUDGET

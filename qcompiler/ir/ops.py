@@ -17,6 +17,12 @@ Traits:
     fusable_activation: folds into the epilogue of the anchor before it.
     nonlinearity: an integer nonlinearity of the dialect (I-BERT style) lowers it.
     wide_producer: its integer form can write int16 (a Requantize epilogue with a 16-bit clamp).
+    wide_input: its integer form reads an int16 input as it reads int8 (W8A16, ``activation_bits = 16``): a
+        constant-weight linear (its int32 sum bounded by the input's clamp), a table over 65,536 levels, an int32
+        sum or product, a move. Conditions on the node (a constant weight, a scalar table) live in
+        :mod:`qcompiler.passes.quantize.precision`.
+    clamps_output: its integer form takes a Relu/Clip between it and its QuantizeLinear as the clamp of its
+        output (a fused activation, or the level bound of a W8A16 tensor that a linear reads).
     channel_producer: its integer form can write one scale per channel of the last axis.
     norm: a normalisation over the last axis with a gain (and bias).
     elementwise_nonlinear: an elementwise function that no rotation commutes with.
@@ -48,6 +54,8 @@ class OpTraits:
     fusable_activation: bool = False
     nonlinearity: bool = False
     wide_producer: bool = False
+    wide_input: bool = False
+    clamps_output: bool = False
     channel_producer: bool = False
     norm: bool = False
     elementwise_nonlinear: bool = False
@@ -63,7 +71,7 @@ class OpTraits:
 
 
 def _layout(op_type: str) -> OpTraits:
-    return OpTraits(op_type, layout=True, moves_values=True, keeps_width=True, keeps_bound=True,
+    return OpTraits(op_type, layout=True, moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True,
                     quantize="inherit", lowering="move")  # fmt: skip
 
 
@@ -71,59 +79,77 @@ def _nonlinear(op_type: str, **traits: Any) -> OpTraits:
     return OpTraits(op_type, elementwise_nonlinear=True, **traits)
 
 
+def _lookup(op_type: str, **traits: Any) -> OpTraits:
+    """An elementwise function of one quantized input, lowered to a table over the input's levels."""
+    return OpTraits(op_type, wide_input=True, clamps_output=True, quantize="own", lowering="lookup", **traits)
+
+
 # fmt: off
 _ROWS: tuple[OpTraits, ...] = (
     # layout: values moved, none changed
     *(_layout(op) for op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")),
     # selections and broadcasts: on the input's grid
-    OpTraits("Slice", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
-    OpTraits("Expand", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
+    OpTraits("Slice", moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit",
+             lowering="move"),
+    OpTraits("Expand", moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit",
+             lowering="move"),
     OpTraits("Concat", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="move"),
-    OpTraits("Split", moves_values=True, keeps_width=True, keeps_bound=True, quantize="inherit", lowering="split"),
+    OpTraits("Split", moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit",
+             lowering="split"),
     OpTraits("Gather", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("GatherND", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
     OpTraits("GatherElements", moves_values=True, keeps_bound=True, quantize="inherit", lowering="move"),
-    OpTraits("MaxPool", moves_values=True, quantize="inherit", lowering="move"),
-    OpTraits("Pad", moves_values=True, quantize="inherit", lowering="pad"),
-    OpTraits("Neg", keeps_width=True, keeps_bound=True, quantize="inherit", lowering="neg"),
+    OpTraits("MaxPool", moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit",
+             lowering="move"),
+    OpTraits("Pad", moves_values=True, wide_input=True, quantize="inherit", lowering="pad"),
+    OpTraits("Neg", keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit", lowering="neg"),
     # activations that become the clamp of the anchor before them
     OpTraits("Relu", fusable_activation=True, elementwise_nonlinear=True, positive_homogeneous=True,
-             quantize="inherit", lowering="move"),
-    OpTraits("Clip", fusable_activation=True, quantize="inherit", lowering="move"),
+             wide_input=True, quantize="inherit", lowering="move"),
+    OpTraits("Clip", fusable_activation=True, wide_input=True, quantize="inherit", lowering="move"),
     # linear anchors: constant weights, int32 accumulators, a requantize epilogue
-    *(OpTraits(op, linear=True, fusing_anchor=True, wide_producer=op != "Conv", quantize="own", lowering="linear")
+    *(OpTraits(op, linear=True, fusing_anchor=True, wide_producer=op != "Conv", wide_input=True, clamps_output=True,
+               quantize="own", lowering="linear")
       for op in ("Conv", "Gemm", "MatMul")),
-    OpTraits("Add", fusing_anchor=True, wide_producer=True, quantize="own", lowering="add"),
-    OpTraits("Sub", fusing_anchor=True, quantize="own", lowering="add"),  # an Add with the second side negated
-    OpTraits("GlobalAveragePool", fusing_anchor=True, quantize="own", lowering="global_average_pool"),
-    OpTraits("AveragePool", fusing_anchor=True, quantize="own", lowering="average_pool"),
+    OpTraits("Add", fusing_anchor=True, wide_producer=True, wide_input=True, clamps_output=True, quantize="own",
+             lowering="add"),
+    OpTraits("Sub", fusing_anchor=True, wide_input=True, clamps_output=True, quantize="own",
+             lowering="add"),  # an Add with the second side negated
+    OpTraits("GlobalAveragePool", fusing_anchor=True, wide_input=True, clamps_output=True, quantize="own",
+             lowering="global_average_pool"),
+    OpTraits("AveragePool", fusing_anchor=True, wide_input=True, clamps_output=True, quantize="own",
+             lowering="average_pool"),
     # products: by a constant scalar (a pure rescale), of two activations or of an activation and a table
-    OpTraits("Mul", wide_producer=True, channel_producer=True, quantize="own", lowering="product"),
-    OpTraits("Div", quantize="own", lowering="product"),  # by a constant scalar, or of two activations (IntDiv)
+    OpTraits("Mul", wide_producer=True, channel_producer=True, wide_input=True, clamps_output=True, quantize="own",
+             lowering="product"),
+    # by a constant scalar, or of two activations (IntDiv)
+    OpTraits("Div", clamps_output=True, quantize="own", lowering="product"),
     # integer nonlinearities of the dialect
     OpTraits("Softmax", nonlinearity=True, quantize="fixed", lowering="nonlinear"),
-    OpTraits("LayerNormalization", nonlinearity=True, norm=True, channel_producer=True, quantize="own",
-             lowering="nonlinear"),
-    OpTraits("RMSNormalization", nonlinearity=True, norm=True, channel_producer=True, quantize="own",
-             lowering="nonlinear"),
-    _nonlinear("Gelu", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
-    _nonlinear("Sigmoid", nonlinearity=True, channel_producer=True, quantize="own", lowering="nonlinear"),
+    OpTraits("LayerNormalization", nonlinearity=True, norm=True, channel_producer=True, wide_input=True,
+             clamps_output=True, quantize="own", lowering="nonlinear"),
+    OpTraits("RMSNormalization", nonlinearity=True, norm=True, channel_producer=True, wide_input=True,
+             clamps_output=True, quantize="own", lowering="nonlinear"),
+    _nonlinear("Gelu", nonlinearity=True, channel_producer=True, clamps_output=True, quantize="own",
+               lowering="nonlinear"),
+    _nonlinear("Sigmoid", nonlinearity=True, channel_producer=True, wide_input=True, clamps_output=True,
+               quantize="own", lowering="nonlinear"),
     # elementwise functions of one quantized input (other inputs constant): a lookup table over the input's
     # levels (passes/lower/lookup.py), exact to the QDQ graph's Q(f(DQ(x)))
-    *(_nonlinear(op, quantize="own", lowering="lookup")
+    *(_lookup(op, elementwise_nonlinear=True)
       for op in ("Tanh", "Erf", "Elu", "Selu", "Celu", "HardSigmoid", "HardSwish", "Softplus", "Softsign", "Mish")),
-    _nonlinear("LeakyRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
-    _nonlinear("PRelu", positive_homogeneous=True, quantize="own", lowering="lookup"),
-    OpTraits("Abs", quantize="own", lowering="lookup"),
-    OpTraits("Pow", quantize="own", lowering="lookup"),  # a constant exponent (tanh-GELU's x^3)
-    OpTraits("Reciprocal", quantize="own", lowering="lookup"),
-    OpTraits("Sin", quantize="own", lowering="lookup"),
-    OpTraits("Cos", quantize="own", lowering="lookup"),
+    _lookup("LeakyRelu", elementwise_nonlinear=True, positive_homogeneous=True),
+    _lookup("PRelu", elementwise_nonlinear=True, positive_homogeneous=True),
+    _lookup("Abs"),
+    _lookup("Pow"),  # a constant exponent (tanh-GELU's x^3)
+    _lookup("Reciprocal"),
+    _lookup("Sin"),
+    _lookup("Cos"),
     # reductions: the int32 sum, then one Requantize
-    OpTraits("ReduceMean", quantize="own", lowering="reduce"),
-    OpTraits("ReduceSum", quantize="own", lowering="reduce"),
-    OpTraits("ReduceL2", quantize="own", lowering="reduce_l2"),  # the int64 sum of squares, then ISqrt
-    OpTraits("Exp", quantize="own", lowering="lookup"),
+    OpTraits("ReduceMean", wide_input=True, clamps_output=True, quantize="own", lowering="reduce"),
+    OpTraits("ReduceSum", wide_input=True, clamps_output=True, quantize="own", lowering="reduce"),
+    OpTraits("ReduceL2", clamps_output=True, quantize="own", lowering="reduce_l2"),  # int64 sum of squares, ISqrt
+    _lookup("Exp"),
 )
 # fmt: on
 
@@ -152,6 +178,8 @@ FUSING_ANCHORS = ops_where(lambda t: t.fusing_anchor)
 FUSABLE_ACTIVATIONS = ops_where(lambda t: t.fusable_activation)
 NONLINEAR_OPS = ops_where(lambda t: t.nonlinearity)
 WIDE_PRODUCERS = ops_where(lambda t: t.wide_producer)
+WIDE_INPUT_OPS = ops_where(lambda t: t.wide_input)
+CLAMPING_OPS = ops_where(lambda t: t.clamps_output)
 CHANNEL_PRODUCERS = ops_where(lambda t: t.channel_producer)
 NORM_OPS = ops_where(lambda t: t.norm)
 ELEMENTWISE_NONLINEAR = ops_where(lambda t: t.elementwise_nonlinear)

@@ -18,8 +18,26 @@ TOKENS, WIDTH = 6, 8
 
 
 def _score_block(mask: np.ndarray | None, depthwise: bool = False):
-    """x -> Q, K projections -> scores (+ constant additive mask) -> Softmax; or a depthwise Conv."""
+    """x -> Q, K projections -> scores (+ constant additive mask) -> Softmax; or a depthwise Conv; with both, a
+    mobile hybrid: a depthwise Conv over [1, WIDTH, 1, TOKENS], its output as tokens into the attention."""
     rng = np.random.default_rng(0)
+    if depthwise and mask is not None:
+        front = [
+            helper.make_node("Conv", ["image", "w"], ["c"], group=WIDTH, pads=[0, 1, 0, 1]),
+            helper.make_node("Reshape", ["c", "tokens_shape"], ["ct"]),
+            helper.make_node("Transpose", ["ct"], ["x"], perm=[1, 0]),
+        ]
+        model, _ = _score_block(mask)
+        graph = model.graph
+        for position, node in enumerate(front):
+            graph.node.insert(position, node)
+        graph.initializer.extend([
+            numpy_helper.from_array(rng.standard_normal((WIDTH, 1, 1, 3)).astype(np.float32), "w"),
+            numpy_helper.from_array(np.array([WIDTH, TOKENS], np.int64), "tokens_shape"),
+        ])  # fmt: skip
+        graph.input[0].CopyFrom(helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, WIDTH, 1, TOKENS]))
+        images = [{"image": rng.standard_normal((1, WIDTH, 1, TOKENS)).astype(np.float32)} for _ in range(3)]
+        return model, images
     if depthwise:
         nodes = [helper.make_node("Conv", ["x", "w"], ["y"], group=WIDTH, pads=[1, 1, 1, 1])]
         inits = [numpy_helper.from_array(rng.standard_normal((WIDTH, 1, 3, 3)).astype(np.float32), "w")]
@@ -64,7 +82,8 @@ PADDING = np.where(np.arange(TOKENS)[None, :] < TOKENS - 1, 0.0, -np.inf).repeat
         (CAUSAL, False, "causal-decoder", "w8a8-llm"),
         (PADDING, False, "attention", "w8a8-percentile"),
         (None, False, "attention", "w8a8-percentile"),
-        (None, True, "depthwise-cnn", "w8a8-tables"),
+        (None, True, "depthwise-cnn", "w8a16"),
+        (PADDING, True, "depthwise-attention", "w8a16"),
     ],
 )
 def test_auto_chooses_from_the_structure(mask, depthwise: bool, kind: str, recipe: str) -> None:

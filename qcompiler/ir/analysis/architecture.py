@@ -31,9 +31,13 @@ class Architecture:
 
     @property
     def kind(self) -> str:
-        """``"causal-decoder"``, ``"attention"`` (encoders, vision transformers), ``"depthwise-cnn"`` or ``"other"``."""
+        """``"causal-decoder"``, ``"depthwise-attention"`` (mobile hybrids: depthwise convolutions and attention, as
+        MobileViT or PP-OCR's SVTR recognizer), ``"attention"`` (encoders, vision transformers), ``"depthwise-cnn"``
+        or ``"other"``."""
         if self.causal_softmax_groups:
             return "causal-decoder"
+        if self.softmax_groups and self.depthwise_convs:
+            return "depthwise-attention"
         if self.softmax_groups:
             return "attention"
         if self.depthwise_convs:
