@@ -21,6 +21,7 @@ from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
 from qcompiler.backends.tvm.schedules import (
+    ACTIVATION_DTYPE_ATTR,
     CHANNEL_RUN_ATTR,
     KB_ATTR,
     KERNEL_ATTR,
@@ -73,6 +74,8 @@ def _epilogue(attr: dict) -> dict[str, int]:
 
 def _gemm_attrs(plan: kernels.GemmPlan, tile: Tile | None = None) -> dict[str, object]:
     attrs: dict[str, object] = {KERNEL_ATTR: "gemm", KB_ATTR: plan.kb, NR_ATTR: plan.nr, LANES_ATTR: plan.lanes}
+    if plan.wide_activations:
+        attrs[ACTIVATION_DTYPE_ATTR] = "int16"
     if tile is not None:
         attrs[MR_ATTR] = tile.mr
     return attrs
@@ -93,13 +96,24 @@ class _ImportState:
 _STATE = _ImportState()
 
 
-def _plan_int8_gemm(weight_nk: np.ndarray, shift: np.ndarray, rows: int) -> tuple[kernels.GemmPlan, Tile | None]:
-    """The GEMM plan for this import's instruction set and tuned tiles; records the shape for tuning."""
+def _plan_int8_gemm(
+    weight_nk: np.ndarray, shift: np.ndarray, rows: int, wide: bool = False
+) -> tuple[kernels.GemmPlan, Tile | None]:
+    """The GEMM plan for this import's instruction set and tuned tiles; records the shape for tuning. ``wide``:
+    int16 activations (W8A16), planned on the int16 pair instructions with the default tile."""
     n, k = weight_nk.shape
+    if wide:
+        return kernels.plan_gemm(weight_nk, shift, isa=_STATE.isa, wide_activations=True), None
     tile = _STATE.tiles.get((rows, n, k))
     plan = kernels.plan_gemm(weight_nk, shift, isa=_STATE.isa, nr=tile.nr if tile else None)
     _STATE.gemms.add((rows, n, k, plan.kb))
     return plan, tile
+
+
+def _packed(weight_nk: np.ndarray, plan: kernels.GemmPlan) -> relax.Constant:
+    """The packed weight as a constant: int8, or int16 for int16 activations."""
+    packed = kernels.pack_weight(weight_nk, plan)
+    return relax.const(packed, str(packed.dtype))
 
 
 class QGemm(OF.OnnxOpConverter):
@@ -112,10 +126,11 @@ class QGemm(OF.OnnxOpConverter):
         shifts = _const_numpy(inputs[4], "shift", "QGemm")
         rows_in = len(inputs) > 5 and inputs[5] is not None
         # with row exponents a row's shift can drop by up to ROW_EXPONENT_MAX: plan the epilogue for that
-        plan, tile = _plan_int8_gemm(weight, shifts - ROW_EXPONENT_MAX if rows_in else shifts, rows)
+        wide = _dtype(x) == "int16"
+        plan, tile = _plan_int8_gemm(weight, shifts - ROW_EXPONENT_MAX if rows_in else shifts, rows, wide)
         x2 = bb.normalize(relax.op.reshape(x, [rows, plan.k])) if len(shape) != 2 else x
         args = [
-            relax.const(kernels.pack_weight(weight, plan), "int8"),
+            _packed(weight, plan),
             relax.const(kernels.pack_bias(_const_numpy(inputs[2], "bias", "QGemm"), weight, plan), "int32"),
             relax.const(kernels.pad_channels(_const_numpy(inputs[3], "multiplier", "QGemm"), plan, 1 << 30), "int32"),
             relax.const(kernels.pad_channels(shifts, plan, 31), "int32"),
@@ -228,11 +243,12 @@ class QConv(OF.OnnxOpConverter):
             return _qconv_nhwc(bb, x, weight, bias, mult, shift, geometry, attr)
         if group == 1:
             flat = weight.reshape(out_channels, in_per_group * kh * kw)
-            plan, tile = _plan_int8_gemm(flat, shift, batch * geometry.out_h * geometry.out_w)
+            rows = batch * geometry.out_h * geometry.out_w
+            plan, tile = _plan_int8_gemm(flat, shift, rows, _dtype(x) == "int16")
             return bb.emit_te(
                 functools.partial(kernels.qconv_compute, geometry=geometry, plan=plan, **_epilogue(attr)),
                 x,
-                relax.const(kernels.pack_weight(flat, plan), "int8"),
+                _packed(flat, plan),
                 relax.const(kernels.pack_bias(bias, flat, plan), "int32"),
                 relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
                 relax.const(kernels.pad_channels(shift, plan, 31), "int32"),
@@ -288,7 +304,7 @@ def _qconv_nhwc(
     convolution. Both permutes are our tiled transpose kernel; the reshapes are views."""
     flat = kernels.nhwc_weight(weight)
     g = geometry
-    plan, tile = _plan_int8_gemm(flat, shift, g.batch * g.out_h * g.out_w)
+    plan, tile = _plan_int8_gemm(flat, shift, g.batch * g.out_h * g.out_w, _dtype(x) == "int16")
     pixels = next((rows for nchw, rows in _STATE.nhwc_outputs if nchw.same_as(x)), None)
     if pixels is not None:
         _STATE.skipped_permutes += 1
@@ -298,7 +314,7 @@ def _qconv_nhwc(
     rows = bb.emit_te(
         functools.partial(kernels.qconv_nhwc_compute, geometry=g, plan=plan, **_epilogue(attr)),
         pixels,
-        relax.const(kernels.pack_weight(flat, plan), "int8"),
+        _packed(flat, plan),
         relax.const(kernels.pack_bias(bias, flat, plan), "int32"),
         relax.const(kernels.pad_channels(mult, plan, 1 << 30), "int32"),
         relax.const(kernels.pad_channels(shift, plan, 31), "int32"),

@@ -4,6 +4,7 @@
 pair sums, which can only happen when a weight is -128; it is exact for weights in [-127, 127] (what the
 symmetric weight quantizer produces). ``i16``: sign-extend to int16 then vpmaddwd, exact for every int8.
 ``s8s16``: the same against int16 weights (int4 codes times their integer group scale: ``QGemmInt4``).
+``s16s16``: int16 activations (W8A16) against int16-widened weights, vpmaddwd on int16 pairs.
 ``vnni``: one 512-bit vpdpbusd (AVX-512 VNNI): sixteen lanes, each plus four u8 x s8 products, straight into
 int32 with no int16 pair sums to saturate; the activations arrive offset to u8 (``a + 128``) and the offset is
 compensated in the bias (kernels.py), so it is exact for every int8 weight. ``vnni s16``: one 512-bit vpdpwssd,
@@ -19,6 +20,7 @@ from tvm.script import tirx as T
 AVX2_DOT_8X4_PSIGN = "qcompiler_avx2_dot_8x4_s8s8s32_psign"
 AVX2_DOT_8X2_I16 = "qcompiler_avx2_dot_8x2_s8s8s32_i16"
 AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
+AVX2_DOT_8X2_S16S16 = "qcompiler_avx2_dot_8x2_s16s16s32"
 VNNI_DOT_16X4_U8S8 = "qcompiler_avx512vnni_dot_16x4_u8s8s32"
 VNNI_DOT_16X2_S16S16 = "qcompiler_avx512vnni_dot_16x2_s16s16s32"
 
@@ -151,9 +153,28 @@ def _dot8x2_s16_impl(
         )
 
 
+@T.prim_func(s_tir=True)
+def _dot8x2_s16s16_impl(
+    A: T.Buffer((2,), "int16", offset_factor=1),
+    B: T.Buffer((8, 2), "int16", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # int16 activations (W8A16) against int16-widened weights: vpmaddwd sums two exact products in int32
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16"),
+            B.vload([0, 0], dtype="int16x16"),
+            dtype="int32x8",
+        )
+
+
 TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot_desc(8, 4, "int8", "int8"), _dot8x4_psign_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_I16, _dot_desc(8, 2, "int8", "int8"), _dot8x2_i16_impl, override=True)
 TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot_desc(8, 2, "int8", "int16"), _dot8x2_s16_impl, override=True)
+TensorIntrin.register(AVX2_DOT_8X2_S16S16, _dot_desc(8, 2, "int16", "int16"), _dot8x2_s16s16_impl, override=True)
 TensorIntrin.register(
     VNNI_DOT_16X4_U8S8,
     _dot_desc(16, 4, "uint8", "int8"),

@@ -40,6 +40,7 @@ class GemmPlan:
     lanes: int = LANES  # int32 lanes of one accumulator register (the packed weight's inner block)
     u8_activations: bool = False  # activations offset to u8 (a + 128), compensated in the bias (VNNI)
     group: int = 0  # int4 codes on the int8 dot, summed per group of this many (K padded to whole groups); 0: none
+    wide_activations: bool = False  # int16 activations (W8A16) in pairs against int16-widened weights (KB 2)
 
     @property
     def n_padded(self) -> int:
@@ -58,12 +59,19 @@ def plan_gemm(
     exact_psign: bool | None = None,
     isa: str = "avx2",
     nr: int | None = None,
+    wide_activations: bool = False,
 ) -> GemmPlan:
     """Choose the intrinsic, the register tile and the epilogue for ``isa`` (:func:`int8_dot_isa`): on AVX-512
     VNNI the u8 x s8 zmm kernel (exact for every weight); else psign (exact only if no weight is -128) or the
-    int16 pair kernel. ``nr``: accumulator registers per tile row (a tuned tile), else the default."""
+    int16 pair kernel. ``nr``: accumulator registers per tile row (a tuned tile), else the default.
+    ``wide_activations``: int16 activations (W8A16) against the weights widened to int16, two products per
+    int32 lane per instruction (vpdpwssd on 16 lanes with VNNI, vpmaddwd on 8 without)."""
     n, k = weight_nk.shape
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
+    if wide_activations:
+        lanes = ZMM_LANES if isa == "avx512vnni" else LANES
+        nr = nr or default_nr(n, lanes)
+        return GemmPlan(n=n, k=k, kb=2, nr=nr, hi32_epilogue=hi32, lanes=lanes, wide_activations=True)
     if isa == "avx512vnni":
         nr = nr or default_nr(n, ZMM_LANES)
         return GemmPlan(n=n, k=k, kb=4, nr=nr, hi32_epilogue=hi32, lanes=ZMM_LANES, u8_activations=True)
@@ -78,8 +86,8 @@ def default_nr(n: int, lanes: int) -> int:
 
 
 def pack_weight(weight_nk: np.ndarray, plan: GemmPlan) -> np.ndarray:
-    """[N, K] int8 -> zero-padded [Np/L, Kp/KB, L, KB]."""
-    padded = np.zeros((plan.n_padded, plan.k_padded), dtype=np.int8)
+    """[N, K] int8 -> zero-padded [Np/L, Kp/KB, L, KB] (int16 for a plan of int16 activations)."""
+    padded = np.zeros((plan.n_padded, plan.k_padded), dtype=np.int16 if plan.wide_activations else np.int8)
     padded[: plan.n, : plan.k] = weight_nk
     blocks = padded.reshape(plan.n_padded // plan.lanes, plan.lanes, plan.k_padded // plan.kb, plan.kb)
     return np.ascontiguousarray(blocks.transpose(0, 2, 1, 3))
@@ -168,7 +176,7 @@ def _pad_reduction(a: te.Tensor, plan: GemmPlan) -> te.Tensor:
         return a
     return te.compute(
         (a.shape[0], plan.k_padded),
-        lambda i, k: gemm_activation(tirx.if_then_else(k < plan.k, a[i, k], tirx.const(0, "int8")), plan),
+        lambda i, k: gemm_activation(tirx.if_then_else(k < plan.k, a[i, k], tirx.const(0, a.dtype)), plan),
         name="A_pad",
     )
 
@@ -459,7 +467,7 @@ def qconv_compute(
 
     def patch(r, kk):
         n, iy, ix, inside = g.patch_source(r, kk % taps)
-        value = tirx.if_then_else(tirx.all(kk < plan.k, inside), x[n, kk // taps, iy, ix], tirx.const(0, "int8"))
+        value = tirx.if_then_else(tirx.all(kk < plan.k, inside), x[n, kk // taps, iy, ix], tirx.const(0, x.dtype))
         return gemm_activation(value, plan)
 
     cols = te.compute((rows, plan.k_padded), patch, name="im2col")
@@ -500,7 +508,7 @@ def qconv_nhwc_compute(
         # no kk < K test: the padding columns meet the packed weight's zero padding, whatever they hold
         n, iy, ix, inside = g.patch_source(r, kk // g.channels)
         pixel = x[n, iy * g.width + ix, kk % g.channels]
-        return gemm_activation(tirx.if_then_else(inside, pixel, tirx.const(0, "int8")), plan)
+        return gemm_activation(tirx.if_then_else(inside, pixel, tirx.const(0, x.dtype)), plan)
 
     width = -(-plan.k_padded // g.channels) * g.channels
     cols = te.compute((rows, width), patch, name="im2col")
@@ -553,7 +561,7 @@ def qconv_direct_compute(
         iy = y * g.strides[0] + ry * g.dilations[0] - g.pads[0]
         ix = xo * g.strides[1] + rx * g.dilations[1] - g.pads[1]
         inside = tirx.all(iy >= 0, iy < g.height, ix >= 0, ix < g.width)
-        value = tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, "int8"))
+        value = tirx.if_then_else(inside, x[n, c, iy, ix], tirx.const(0, x.dtype))
         return te.sum(value.astype("int32") * weight[oc, rc, ry, rx].astype("int32"), axis=[rc, ry, rx])
 
     acc = te.compute((g.batch, out_channels, g.out_h, g.out_w), tap, name="C")

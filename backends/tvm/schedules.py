@@ -46,6 +46,7 @@ PANEL_MIN_BLOCKS = 4
 #: grouped int4 GEMMs of at most this many row tiles unpack the codes at each step of the dot instead of per panel
 #: (4096 x 4096, VNNI: 2.2x faster at M = 1, 1.1x at M = 8; per panel wins from M = 16, where 4 tiles re-unpack)
 DECODE_MAX_ROW_TILES = 2
+ACTIVATION_DTYPE_ATTR = "qcompiler.activation_dtype"  # "int16": W8A16 activations (the s16s16 intrinsics)
 WEIGHT_DTYPE_ATTR = "qcompiler.weight_dtype"  # "int16": expanded int4 weights (the s8s16 intrinsic)
 LANES_ATTR = "qcompiler.lanes"  # int32 lanes of the accumulator registers (8: ymm, 16: zmm)
 MR_ATTR = "qcompiler.mr"  # rows of a tuned register tile (tuning.py)
@@ -179,11 +180,13 @@ def schedule_gemm(
     lanes: int = 8,
     mr: int | None = None,
     channel_run: int | None = None,
+    int16_activations: bool = False,
 ) -> None:
     """Schedule the ``C`` + ``requant`` blocks of a packed GEMM kernel in ``sch`` (``mr``: rows of the register
     tile, a tuned one; it must divide M; by default :func:`default_mr`). Leading batch loops (attention's batched
     products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2).
-    ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them)."""
+    ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them).
+    ``int16_activations``: W8A16 (int16 activations against int16-widened weights, KB 2)."""
     names = _block_names(sch)
     if "P" in names:  # int4 codes summed per group (kernels.qgemm_int4_compute, grouped form)
         _schedule_grouped_gemm(sch, names, kb, nr, use_avx2, lanes, mr)
@@ -232,7 +235,9 @@ def schedule_gemm(
         sch.unroll(loops[-3])
         sch.unroll(loops[-4])
         intrinsics = _intrinsics()
-        if int16_weights:
+        if int16_activations:
+            intrin = intrinsics.VNNI_DOT_16X2_S16S16 if lanes == 16 else intrinsics.AVX2_DOT_8X2_S16S16
+        elif int16_weights:
             intrin = intrinsics.AVX2_DOT_8X2_S8S16
         elif lanes == 16:
             intrin = intrinsics.VNNI_DOT_16X4_U8S8 if kb == 4 else intrinsics.VNNI_DOT_16X2_S16S16
@@ -515,6 +520,7 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
         elif kind == "gemm":
             row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
             int16_weights = WEIGHT_DTYPE_ATTR in func.attrs and str(func.attrs[WEIGHT_DTYPE_ATTR]) == "int16"
+            activations = str(func.attrs[ACTIVATION_DTYPE_ATTR]) if ACTIVATION_DTYPE_ATTR in func.attrs else "int8"
             schedule_gemm(
                 sch,
                 int(func.attrs[KB_ATTR]),
@@ -525,6 +531,7 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
                 lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
                 mr=int(func.attrs[MR_ATTR]) if MR_ATTR in func.attrs else None,
                 channel_run=int(func.attrs[CHANNEL_RUN_ATTR]) if CHANNEL_RUN_ATTR in func.attrs else None,
+                int16_activations=activations == "int16",
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)

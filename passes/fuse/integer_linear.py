@@ -28,8 +28,9 @@ def _fresh(op, array: np.ndarray, requant_out: ir.Value, suffix: str) -> ir.Valu
 
 
 def _int8_input(x: ir.Value) -> bool:
-    """The fused ops read int8 activations; an input of unknown type is taken as the lowering writes it."""
-    return x.dtype is None or x.dtype == ir.DataType.INT8
+    """The fused ops read int8 activations, or int16 ones (W8A16); an input of unknown type is taken as the
+    lowering writes it."""
+    return x.dtype is None or x.dtype in (ir.DataType.INT8, ir.DataType.INT16)
 
 
 def _epilogue(requant_out: ir.Value) -> dict[str, int]:
@@ -51,7 +52,7 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
     def check(self, context, x, w, bias, multiplier, shift, requant_out, **_) -> MatchResult:
         result = MatchResult()
         if not _int8_input(x):
-            return result.fail(f"the input is {x.dtype}, not int8")
+            return result.fail(f"the input is {x.dtype}, not int8 or int16")
         weight, b = const_array(w), const_array(bias)
         if weight is None or weight.ndim != 2 or weight.dtype != np.int8:
             return result.fail("MatMulInteger weight is not a constant int8 matrix")
@@ -98,7 +99,7 @@ class _FuseConvInteger(RewriteRuleClassBase):
     def check(self, context, x, w, bias, multiplier, shift, conv_out, requant_out, **_) -> MatchResult:
         result = MatchResult()
         if not _int8_input(x):
-            return result.fail(f"the input is {x.dtype}, not int8")
+            return result.fail(f"the input is {x.dtype}, not int8 or int16")
         weight, b = const_array(w), const_array(bias)
         if weight is None or weight.ndim != 4 or weight.dtype != np.int8:
             return result.fail("ConvInteger weight is not a constant int8 4-D tensor")

@@ -374,8 +374,9 @@ def wide_activation_bound(graph: ir.Graph, value: ir.Value, absmax: float, weigh
     """The largest level bound ``B <= 32767`` of an int16 W8A16 ``value`` (scale ``absmax / B``) for which every
     int32 sum its readers form is exact: a linear's ``B * (weight_qmax * K + max_n |bias_n| / (absmax s_w,n))``
     (``K`` its reduction length, ``s_w,n = max|W_n| / weight_qmax`` the per-channel weight step), a pool's or
-    reduction's ``B * count``. 0 when no bound of at least 2^7 exists (the value stays int8)."""
-    bound = INT16_MAX
+    reduction's ``B * count``. 32767 means no clamp: the int16 storage, whose ``-32768`` the sums also allow.
+    0 when no bound of at least 2^7 exists (the value stays int8)."""
+    bound = INT16_MAX + 1  # |x| of unclamped int16 storage
     for node, index in _sum_readers(graph, value):
         if node.op_type in ("Conv", "Gemm", "MatMul") and _constant_weight_input(node, index):
             weight = const_array(node.inputs[1 - index]) if node.op_type == "MatMul" else const_array(node.inputs[1])
@@ -408,6 +409,8 @@ def wide_activation_bound(graph: ir.Graph, value: ir.Value, absmax: float, weigh
             if count is None:
                 return 0
             bound = min(bound, INT32_MAX // max(count, 1))
+    if bound > INT16_MAX:
+        return INT16_MAX  # the storage holds it: no clamp
     return bound if bound >= 128 else 0
 
 

@@ -18,6 +18,7 @@ _I16 = "tensor(int16)"
 _I32 = "tensor(int32)"
 #: outputs with a clamp: int8, or int16 when [lo, hi] does not fit int8 (qcompiler.dialect.storage_dtype)
 _OUT = ("Y", [_I8, _I16], "int8, or int16 when the clamp [lo, hi] needs it")
+_WIDE_INPUT = ("X", [_I8, _I16], "int8, or int16 (W8A16: its level bound keeps the int32 sums exact)")
 _INT = OpSchema.AttrType.INT
 _INTS = OpSchema.AttrType.INTS
 
@@ -84,9 +85,10 @@ def _schemas() -> list[OpSchema]:
         "QGemm",
         DOMAIN,
         OPSET_VERSION,
-        "y = Requantize(x @ w^T + bias, axis=-1): int8 x int8 -> int32 accumulate, fused epilogue.",
+        "y = Requantize(x @ w^T + bias, axis=-1): int8 (or int16: W8A16) x int8 -> int32 accumulate, fused "
+        "epilogue.",
         inputs=[
-            _param("x", _I8, "activations [..., K]"),
+            _param("x", "X", "activations [..., K]"),
             _param("w", _I8, "weights [N, K] (nn.Linear layout)"),
             _param("bias", _I32, "int32 bias [N] at scale S_x * S_w"),
             _param("multiplier", _I32, "scalar or [N]"),
@@ -94,7 +96,7 @@ def _schemas() -> list[OpSchema]:
             _ROW_EXPONENT,
         ],
         outputs=[_param("y", "Y", "int8 (or int16) [..., N]")],
-        type_constraints=[_OUT],
+        type_constraints=[_WIDE_INPUT, _OUT],
         attributes=list(_EPILOGUE_ATTRS),
     )
     qgemm_int4 = OpSchema(
@@ -122,14 +124,14 @@ def _schemas() -> list[OpSchema]:
         OPSET_VERSION,
         "y = Requantize(conv2d(x, w) + bias, axis=1): 2-D NCHW convolution with a fused epilogue.",
         inputs=[
-            _param("x", _I8, "activations [N, C, H, W]"),
+            _param("x", "X", "activations [N, C, H, W]"),
             _param("w", _I8, "weights [M, C/group, kH, kW]"),
             _param("bias", _I32, "int32 bias [M] at scale S_x * S_w"),
             _param("multiplier", _I32, "scalar or [M]"),
             _param("shift", _I32, "scalar or [M]"),
         ],
         outputs=[_param("y", "Y", "int8 (or int16) [N, M, OH, OW]")],
-        type_constraints=[_OUT],
+        type_constraints=[_WIDE_INPUT, _OUT],
         attributes=[
             OpSchema.Attribute("strides", OpSchema.AttrType.INTS, "stride per spatial axis", required=False),
             OpSchema.Attribute("pads", OpSchema.AttrType.INTS, "begin/end pads (ONNX order)", required=False),

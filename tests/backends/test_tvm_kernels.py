@@ -769,3 +769,67 @@ def test_gather_reads_like_onnx_and_an_index_out_of_range_does_not_fault(capfd) 
     np.testing.assert_array_equal(module.run({"ids": ids})[0], table[ids])
     bad = np.array([[0, 10, 1 << 40], [-11, 4, 3]], np.int64)
     np.testing.assert_array_equal(module.run({"ids": bad})[0], table[[[0, 9, 9], [0, 4, 3]]])
+
+
+# --- W8A16: int16 activations against int16-widened weights (QGemm and QConv) -------------------------------------
+
+
+def _wide_feeds(rng, shape, bound: int):
+    """Random int16 levels within ``bound`` and the extremes ``-bound``, ``+bound`` (the largest sums)."""
+    return [
+        {"x": rng.integers(-bound, bound + 1, shape).astype(np.int16)},
+        {"x": np.full(shape, -bound, np.int16)},
+        {"x": np.full(shape, bound, np.int16)},
+    ]
+
+
+@pytest.mark.parametrize("target", [_AVX2_TARGET, _VNNI_TARGET], ids=["avx2", "avx512vnni"])
+@pytest.mark.parametrize(("m", "n", "k"), [(1, 9, 5), (5, 40, 130), (16, 64, 256)])
+def test_int16_activation_qgemm_bit_exact_on_each_isa(target: dict, m: int, n: int, k: int) -> None:
+    """W8A16's QGemm (int16 x int8 weights on the int16 pair instruction): bit-exact with the reference, weights at
+    -128 and +127 and activations at the largest level the int32 sum allows."""
+    _skip_unless_host_runs(target)
+    rng = np.random.default_rng(m * 7 + n + k + 1)
+    mult, shift = _epilogue_params(rng, n, per_channel=True)
+    w = rng.integers(-128, 128, (n, k)).astype(np.int8)
+    w[0, :] = -128
+    inits = {"w": w, "b": rng.integers(-5000, 5000, n).astype(np.int32), "m": mult, "s": shift}
+    model = _single("QGemm", ["w", "b", "m", "s"], (m, k), inits, x_dtype=TensorProto.INT16)
+    bound = min(32767, (2**31 - 1 - 5000) // (128 * k))
+    feeds = _wide_feeds(rng, (m, k), bound)
+    assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}, target=target), model, feeds)
+
+
+@pytest.mark.parametrize("target", [_AVX2_TARGET, _VNNI_TARGET], ids=["avx2", "avx512vnni"])
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("group", [1, 6])
+def test_int16_activation_qconv_bit_exact_on_each_isa(target: dict, layout: str, group: int) -> None:
+    """W8A16's QConv: im2col of int16 pixels into the int16 pair GEMM (either layout), or the direct form for a
+    grouped convolution; bit-exact with the reference."""
+    _skip_unless_host_runs(target)
+    rng = np.random.default_rng(group + len(layout))
+    channels, out, side = 6, 12, 7
+    mult, shift = _epilogue_params(rng, out, per_channel=True)
+    inits = {"w": rng.integers(-127, 128, (out, channels // group, 3, 3)).astype(np.int8),
+             "b": rng.integers(-5000, 5000, out).astype(np.int32), "m": mult, "s": shift}  # fmt: skip
+    shape = (1, channels, side, side)
+    model = _single("QConv", ["w", "b", "m", "s"], shape, inits, x_dtype=TensorProto.INT16, pads=[1, 1, 1, 1],
+                    group=group, lo=-32768, hi=32767, out_dtype=TensorProto.INT16)  # fmt: skip
+    build_it = lambda proto: build(proto, {"x": list(shape)}, target=target, conv_layout=layout)  # noqa: E731
+    assert_bit_exact(build_it, model, _wide_feeds(rng, shape, 32767))
+
+
+def test_int16_activation_gemm_uses_the_int16_pair_instructions() -> None:
+    """Compiles on any host: vpdpwssd for a VNNI CPU, vpmaddwd for AVX2, no float instruction."""
+    rng = np.random.default_rng(3)
+    mult, shift = _epilogue_params(rng, 40, per_channel=True)
+    inits = {"w": rng.integers(-127, 128, (40, 64)).astype(np.int8), "b": np.zeros(40, np.int32), "m": mult,
+             "s": shift}  # fmt: skip
+    model = _single("QGemm", ["w", "b", "m", "s"], (4, 64), inits, x_dtype=TensorProto.INT16)
+    for target, instruction in (
+        (_VNNI_TARGET, "llvm.x86.avx512.vpdpwssd.512"),
+        (_AVX2_TARGET, "llvm.x86.avx2.pmadd.wd"),
+    ):
+        module = build(model, {"x": [4, 64]}, target=target)
+        assert instruction in module.llvm_ir()
+        assert not float_functions(module.llvm_ir())

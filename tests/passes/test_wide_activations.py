@@ -85,7 +85,7 @@ def _input_level(value: ir.Value) -> tuple[int, ir.DataType]:
     """The level bound of a dequantized input in a QDQ graph: the Clip before its QuantizeLinear, else storage."""
     dq = value.producer()
     q = dq.inputs[0].producer()
-    storage = 32767 if q.outputs[0].dtype == ir.DataType.INT16 else 127
+    storage = 32768 if q.outputs[0].dtype == ir.DataType.INT16 else 128  # QuantizeLinear can write -32768
     clip = q.inputs[0].producer() if q.inputs[0] is not None else None
     if clip is not None and clip.op_type == "Clip" and len(clip.inputs) > 2:
         high = float(const_array(clip.inputs[2]))
@@ -195,9 +195,9 @@ def test_the_level_bound_keeps_the_int32_sum_exact(depth: int, bias: float, acti
     gemm = next(n for n in qdq.graph if n.op_type == "Gemm")
     clamp = gemm.inputs[0].producer().inputs[0].producer().inputs[0].producer()
     if depth == 64 and bias == 0.0:
-        assert level == 32767 and clamp.op_type == "Relu"
+        assert level == 32768 and clamp.op_type == "Relu"
     else:
-        assert 128 <= level < 32767
+        assert 128 <= level < 32768
         assert clamp.op_type == "Clip"  # the bound is the producer's clamp (a Relu becomes Clip(0, bound))
         high = float(const_array(clamp.inputs[2])) / float(const_array(gemm.inputs[0].producer().inputs[1]))
         assert round(high) == level
@@ -216,7 +216,8 @@ def test_wide_activation_bound_formula() -> None:
     model = ir.serde.deserialize_model(_long_linear(40_000, 0.0))
     hidden = next(n for n in model.graph if n.op_type == "Relu").outputs[0]
     bound = wide_activation_bound(model.graph, hidden, absmax=1.0)
-    assert bound == (INT32_MAX - 1) // (127 * 40_000 + 1)
+    assert bound == (INT32_MAX - 1) // (127 * 40_000 + 1)  # clamped to it
+    assert (bound + 1) * (127 * 40_000 + 1) > INT32_MAX - 1  # the largest
     short = ir.serde.deserialize_model(_long_linear(64, 0.0))
     assert wide_activation_bound(short.graph, next(n for n in short.graph if n.op_type == "Relu").outputs[0], 1.0) == (
         32767
