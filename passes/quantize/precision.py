@@ -310,10 +310,11 @@ def writes_clamped(node: ir.Node | None) -> bool:
     return node.op_type in CLAMPING_OPS
 
 
-def _wide_activation_values(graph: ir.Graph, excluded: Set[int], taken: Set[int]) -> set[int]:
+def _wide_activation_values(graph: ir.Graph, excluded: Set[int], taken: Set[int], silu: Set[int]) -> set[int]:
     """W8A16: every activation quantized at a scale of its own (graph inputs, outputs of ops with their own
     scale or of an activation fused after one) whose readers all take int16, other than those another rule
-    already placed (``taken``). The level bound is chosen at quantization (:func:`wide_activation_bound`); a
+    already placed (``taken``). A SiLU's Sigmoid (``silu``, inside ``excluded``) reads int16: its table, or
+    IntSigmoid's 16-bit form. The level bound is chosen at quantization (:func:`wide_activation_bound`); a
     producer that cannot clamp (:func:`writes_clamped`) keeps the value int8 when a bound is needed."""
     found: set[int] = set()
     candidates = [v for v in graph.inputs if v.dtype == ir.DataType.FLOAT]
@@ -331,7 +332,7 @@ def _wide_activation_values(graph: ir.Graph, excluded: Set[int], taken: Set[int]
         if id(value) in taken:
             continue
         through = _WIDE_ACTIVATION_THROUGH
-        if _readers_all(graph, value, _reads_wide_activation, excluded, any_shape=True, through=through):
+        if _readers_all(graph, value, _reads_wide_activation, excluded - silu, any_shape=True, through=through):
             found.add(id(value))
     return found
 
@@ -492,7 +493,7 @@ def plan_precision(
         }
     bounds = _score_bounds(graph, wide_ids) if attention else {}
     # W8A16 before per-channel int8: 2^15 levels per tensor beat 2^7 per channel (and need no weight folds)
-    wide_activations = _wide_activation_values(graph, excluded, wide_ids) if activations else set()
+    wide_activations = _wide_activation_values(graph, excluded, wide_ids, silu) if activations else set()
     channel_ids -= wide_activations
     weight_absmax = {k: v for k, v in weight_absmax.items() if k in channel_ids}
     return PrecisionPlan(

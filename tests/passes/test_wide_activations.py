@@ -8,6 +8,8 @@ is much closer to float than W8A8's on a mobile block (hard-swish, depthwise, sq
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -224,6 +226,39 @@ def test_wide_activation_bound_formula() -> None:
     )
     huge = ir.serde.deserialize_model(_long_linear(200_000, 0.0))
     assert wide_activation_bound(huge.graph, next(n for n in huge.graph if n.op_type == "Relu").outputs[0], 1.0) == 0
+
+
+@pytest.mark.parametrize("recipe", ["w8a16", "w8a16-polynomials"])
+def test_a_silu_reads_its_input_at_int16(recipe: str, tmp_path) -> None:
+    """EfficientNet's swish, x * Sigmoid(x): x is int16 too (a 65,536-level table, or IntSigmoid's 16-bit form
+    with the polynomial lowering), and the integer code follows its QDQ graph."""
+    rng = np.random.default_rng(6)
+    inits = {"w1": rng.standard_normal((C, C, 3, 3)) * 0.4, "w2": rng.standard_normal((C, C, 1, 1)) * 0.4}
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["a"], pads=[1, 1, 1, 1]),
+        helper.make_node("Sigmoid", ["a"], ["gate"]),
+        helper.make_node("Mul", ["a", "gate"], ["s"]),
+        helper.make_node("Conv", ["s", "w2"], ["y"]),
+    ]
+    model = _model(nodes, inits, [1, C, SIDE, SIDE], [1, C, SIDE, SIDE])
+    if recipe == "w8a16-polynomials":  # the same recipe lowered with I-BERT's integer sigmoid, not tables
+        recipe_path = tmp_path / "poly.toml"
+        source = Path(__file__).resolve().parents[2] / "qcompiler" / "recipes" / "w8a16.toml"
+        text = source.read_text().replace('{ pass = "lower-qdq-to-integer", tables = true }', '"lower-qdq-to-integer"')
+        recipe_path.write_text(text.replace('name = "w8a16"', 'name = "w8a16-polynomials"'))
+        recipe = str(recipe_path)
+    result = _compile(model, recipe, _batches(4, 0))
+    qdq = result.qdq
+    dtypes = {q.inputs[0].name: q.outputs[0].dtype for q in qdq.graph if q.op_type == "QuantizeLinear"}
+    assert dtypes["a"] == dtypes["s"] == ir.DataType.INT16
+    assert float_ops_inside(result.model) == []
+    import qcompiler
+
+    # the simulation with the recipe's own integer nonlinearities (tables, or I-BERT's polynomials)
+    simulation = qcompiler.simulate(
+        model, calibration=_batches(4, 0), recipe=recipe, nonlinearities="integer", progress=False
+    )
+    assert_lowering_matches(simulation, result.model, _batches(2, 5))
 
 
 def test_readers_that_cannot_take_int16_keep_the_tensor_int8() -> None:
