@@ -25,17 +25,7 @@ def test_the_zoo_is_wide_and_its_refusals_are_documented() -> None:
     assert all(reason.strip() for reason in EXPECTED_REFUSALS.values())
 
 
-#: measured 2026-12-04 (docs/results.md): strict, so a fix shows
-NOT_YET = {
-    "efficientnet": "centred cosine 0.945: per-tensor int8 squeeze-excitation products and depthwise outputs "
-    "(its QDQ graph alone loses the same; the integer code follows it op by op)",
-}
-
-
-@pytest.mark.parametrize(
-    "family",
-    [pytest.param(f, marks=pytest.mark.xfail(reason=NOT_YET[f], strict=True)) if f in NOT_YET else f for f in FAMILIES],
-)
+@pytest.mark.parametrize("family", FAMILIES)
 def test_family_compiles_or_is_refused_by_name(family: str) -> None:
     result = evaluate_family(family)
     if result.outcome == "refused":
