@@ -366,6 +366,34 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
 
 
+def schedule_direct_conv(sch: Schedule) -> None:
+    """A grouped (depthwise) convolution in its direct form (kernels.qconv_direct_compute): parallel over (batch,
+    channel, output row); along a row of 8 pixels or more, tiles of 8 or 16 output pixels accumulate in int32
+    registers (``local``), the taps unrolled around the pixel loop, which LLVM vectorizes (no dot instruction: a
+    depthwise tap is one product per pixel), and the requantize runs on each tile while it is in registers."""
+    block = sch.get_sblock("C")
+    n, c, y, x, *reduction = sch.get_loops(block)
+    width = _static(sch.get(x).extent)
+    lanes = next((v for v in (16, 8) if width is not None and width >= v), None)
+    row = sch.fuse(n, c, y)
+    sch.parallel(row)
+    if lanes is None:  # rows of fewer than 8 pixels: the plain loops
+        _parallel_elementwise(sch, "requant", vector=False)
+        return
+    xo, xi = sch.split(x, [None, lanes])
+    sch.reorder(xo, *reduction, xi)
+    sch.set_scope(block, 0, "local")
+    epilogue = sch.get_sblock("requant")
+    sch.reverse_compute_at(epilogue, xo)
+    init = sch.decompose_reduction(block, reduction[0])
+    sch.vectorize(sch.get_loops(init)[-1])
+    update = sch.get_sblock("C_update")
+    loops = sch.get_loops(update)
+    for loop in loops[-1 - len(reduction) : -1]:  # the pixel loop itself stays for LLVM's loop vectorizer
+        sch.unroll(loop)
+    _vectorize_inner(sch, sch.get_loops(epilogue)[-1])
+
+
 def schedule_hadamard(sch: Schedule) -> None:
     """The integer Hadamard's stages (kernels.hadamard_compute: a K x K block product on each run of K channels,
     then one butterfly stage per bit of the run index) all under the row loop of the last one, so a row's
@@ -544,9 +572,8 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
                 _parallel_elementwise(sch, name)
         elif kind == "hadamard":
             schedule_hadamard(sch)
-        elif kind == "direct":  # grouped convolution: parallel over (batch, channel), no tensorization
-            sch.parallel(sch.fuse(*sch.get_loops(sch.get_sblock("C"))[:2]))
-            _parallel_elementwise(sch, "requant", vector=False)
+        elif kind == "direct":
+            schedule_direct_conv(sch)
         else:
             raise ValueError(f"unknown kernel kind {kind!r} on {gvar.name_hint}")
         updates[gvar] = sch.mod["main"].with_attrs(dict(func.attrs))

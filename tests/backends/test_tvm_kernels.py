@@ -81,6 +81,10 @@ def test_qgemm_on_3d_input() -> None:
         ((1, 4, 8, 8), (6, 4, 1, 1), {}),
         ((1, 3, 10, 9), (4, 3, 3, 2), {"dilations": [2, 1], "pads": [0, 1, 2, 0]}),
         ((1, 4, 6, 6), (6, 2, 3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+        # depthwise rows of 8+ pixels: the vectorized direct schedule (16 lanes with a partial tile; 8; stride 2)
+        ((1, 6, 5, 20), (6, 1, 3, 3), {"group": 6, "pads": [1, 1, 1, 1]}),
+        ((2, 4, 3, 8), (4, 1, 5, 5), {"group": 4, "pads": [2, 2, 2, 2]}),
+        ((1, 8, 6, 35), (8, 1, 3, 3), {"group": 8, "strides": [2, 2], "pads": [1, 1, 1, 1]}),
     ],
 )
 @pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
@@ -808,7 +812,7 @@ def test_int16_activation_qconv_bit_exact_on_each_isa(target: dict, layout: str,
     grouped convolution; bit-exact with the reference."""
     _skip_unless_host_runs(target)
     rng = np.random.default_rng(group + len(layout))
-    channels, out, side = 6, 12, 7
+    channels, out, side = 6, 12, 19  # rows of 19 pixels: a full and a partial 16-pixel tile when grouped
     mult, shift = _epilogue_params(rng, out, per_channel=True)
     inits = {"w": rng.integers(-127, 128, (out, channels // group, 3, 3)).astype(np.int8),
              "b": rng.integers(-5000, 5000, out).astype(np.int32), "m": mult, "s": shift}  # fmt: skip
