@@ -111,70 +111,38 @@ def _dot8x4_psign_impl(
         )
 
 
-@T.prim_func(s_tir=True)
-def _dot8x2_i16_impl(
-    A: T.Buffer((2,), "int8", offset_factor=1),
-    B: T.Buffer((8, 2), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(
-                T.broadcast(T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32"), 8),
-                dtype="int16x16",
-            ),
-            T.cast(B.vload([0, 0], dtype="int8x16"), "int16x16"),
-            dtype="int32x8",
-        )
+def _pmaddwd_impl(a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
+    """One vpmaddwd on eight int32 lanes: ``A``'s pair and ``B``'s eight pairs sign-extended to int16 (int8
+    operands; int16 ones as they are), two exact int16 x int16 products per lane summed into ``C``. ``i16``:
+    int8 x int8; ``s8s16``: int8 activations against int16 weights (int4 codes times their group scale);
+    ``s16s16``: int16 activations (W8A16) against int16-widened weights."""
 
+    @T.prim_func(s_tir=True)
+    def impl(
+        A: T.Buffer((2,), a_dtype, offset_factor=1),
+        B: T.Buffer((8, 2), b_dtype, offset_factor=1),
+        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(C[0:8], A[0:2], B[0:8, 0:2])
+            T.writes(C[0:8])
+            C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(
+                    T.broadcast(T.reinterpret(T.cast(A.vload([0], f"{a_dtype}x2"), "int16x2"), dtype="int32"), 8),
+                    dtype="int16x16",
+                ),
+                T.cast(B.vload([0, 0], dtype=f"{b_dtype}x16"), "int16x16"),
+                dtype="int32x8",
+            )
 
-@T.prim_func(s_tir=True)
-def _dot8x2_s16_impl(
-    A: T.Buffer((2,), "int8", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    # int8 activations widened to int16 pairs against int16 weights (int4 codes times their group scale):
-    # vpmaddwd sums two exact int16 x int16 products in int32
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(
-                T.broadcast(T.reinterpret(T.cast(A.vload([0], "int8x2"), "int16x2"), dtype="int32"), 8),
-                dtype="int16x16",
-            ),
-            B.vload([0, 0], dtype="int16x16"),
-            dtype="int32x8",
-        )
-
-
-@T.prim_func(s_tir=True)
-def _dot8x2_s16s16_impl(
-    A: T.Buffer((2,), "int16", offset_factor=1),
-    B: T.Buffer((8, 2), "int16", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
-) -> None:
-    # int16 activations (W8A16) against int16-widened weights: vpmaddwd sums two exact products in int32
-    with T.sblock("root"):
-        T.reads(C[0:8], A[0:2], B[0:8, 0:2])
-        T.writes(C[0:8])
-        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
-            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int16x2"), dtype="int32"), 8), dtype="int16x16"),
-            B.vload([0, 0], dtype="int16x16"),
-            dtype="int32x8",
-        )
+    return impl
 
 
 TensorIntrin.register(AVX2_DOT_8X4_PSIGN, _dot_desc(8, 4, "int8", "int8"), _dot8x4_psign_impl, override=True)
-TensorIntrin.register(AVX2_DOT_8X2_I16, _dot_desc(8, 2, "int8", "int8"), _dot8x2_i16_impl, override=True)
-TensorIntrin.register(AVX2_DOT_8X2_S8S16, _dot_desc(8, 2, "int8", "int16"), _dot8x2_s16_impl, override=True)
-TensorIntrin.register(AVX2_DOT_8X2_S16S16, _dot_desc(8, 2, "int16", "int16"), _dot8x2_s16s16_impl, override=True)
+for _name, _a, _b in ((AVX2_DOT_8X2_I16, "int8", "int8"), (AVX2_DOT_8X2_S8S16, "int8", "int16"),
+                      (AVX2_DOT_8X2_S16S16, "int16", "int16")):  # fmt: skip
+    TensorIntrin.register(_name, _dot_desc(8, 2, _a, _b), _pmaddwd_impl(_a, _b), override=True)
 TensorIntrin.register(
     VNNI_DOT_16X4_U8S8,
     _dot_desc(16, 4, "uint8", "int8"),

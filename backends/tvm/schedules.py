@@ -548,7 +548,9 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
         elif kind == "gemm":
             row_tile = int(func.attrs[ROW_TILE_ATTR]) if ROW_TILE_ATTR in func.attrs else None
             int16_weights = WEIGHT_DTYPE_ATTR in func.attrs and str(func.attrs[WEIGHT_DTYPE_ATTR]) == "int16"
-            activations = str(func.attrs[ACTIVATION_DTYPE_ATTR]) if ACTIVATION_DTYPE_ATTR in func.attrs else "int8"
+            int16_activations = (
+                ACTIVATION_DTYPE_ATTR in func.attrs and str(func.attrs[ACTIVATION_DTYPE_ATTR]) == "int16"
+            )
             schedule_gemm(
                 sch,
                 int(func.attrs[KB_ATTR]),
@@ -559,7 +561,7 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
                 lanes=int(func.attrs[LANES_ATTR]) if LANES_ATTR in func.attrs else 8,
                 mr=int(func.attrs[MR_ATTR]) if MR_ATTR in func.attrs else None,
                 channel_run=int(func.attrs[CHANNEL_RUN_ATTR]) if CHANNEL_RUN_ATTR in func.attrs else None,
-                int16_activations=activations == "int16",
+                int16_activations=int16_activations,
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)

@@ -128,9 +128,9 @@ def _readers_all(
         if node.op_type in through and (index == 0 or node.op_type == "Concat"):
             if node.op_type == "Concat" and not all(_derived_from(v, root, through) for v in node.inputs):
                 return False  # every part must share the value's precision
-            if not (any_shape or _keeps_last_axis(node)) or not _readers_all(
-                graph, node.outputs[0], accept, excluded, any_shape, through, root
-            ):
+            if not (any_shape or _keeps_last_axis(node)) or not all(
+                _readers_all(graph, out, accept, excluded, any_shape, through, root) for out in node.outputs
+            ):  # every part of a Split
                 return False
         elif not accept(node, index):
             return False
@@ -340,13 +340,12 @@ def _wide_activation_values(graph: ir.Graph, excluded: Set[int], taken: Set[int]
 def _sum_readers(graph: ir.Graph, value: ir.Value) -> list[tuple[ir.Node, int]]:
     """The readers of ``value`` and of width-keeping moves of it (the ops whose int32 sums it enters)."""
     found: list[tuple[ir.Node, int]] = []
-    for usage in value.uses():
-        node, index = usage.node, usage.idx
-        if node.op_type in _WIDE_ACTIVATION_THROUGH and (index == 0 or node.op_type == "Concat"):
-            for out in node.outputs:  # every part of a Split
-                found.extend(_sum_readers(graph, out))
-        else:
-            found.append((node, index))
+
+    def collect(node: ir.Node, index: int) -> bool:
+        found.append((node, index))
+        return True
+
+    _readers_all(graph, value, collect, frozenset(), any_shape=True, through=_WIDE_ACTIVATION_THROUGH)
     return found
 
 

@@ -49,6 +49,8 @@ logger = logging.getLogger(__name__)
 WEIGHT_QMAX = 127
 ACT_QMAX = 127
 WIDE_QMAX = 32767
+#: storage bits -> the largest symmetric level
+_QMAX = {8: ACT_QMAX, 16: WIDE_QMAX}
 #: per-channel int16 residual scales cover this multiple of each channel's calibrated maximum
 CHANNEL_HEADROOM = 4.0
 
@@ -604,26 +606,31 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         is needed where nothing can clamp (a graph input; a producer whose integer form has no output clamp)."""
         if id(value) not in self._plan.activations:
             return None
-        assert self.channel_absmax is not None
-        stats = self.channel_absmax.get(value.name or "")
-        if stats is None:
+        absmax = self._absmax(value)
+        if absmax is None:
             return None
-        absmax = float(stats.max()) if float(stats.max()) > 0.0 else 1.0
         bound = wide_activation_bound(graph, value, absmax, weight_qmax=2 ** (self.config.weight_bits - 1) - 1)
         if bound == 0 or (bound < WIDE_QMAX and not writes_clamped(value.producer())):
             return None
-        scale = np.float32(absmax / bound)
+        scale = self._wide_scale(value, bound)
         self._quantize_value(graph, value, None, scale, bits=16, bound=bound)
         return scale
 
-    def _wide_scale(self, value: ir.Value, bound: int = WIDE_QMAX) -> np.float32:
-        """int16 scale from the exact maximum (16 bits leave no reason to clip), ``bound`` its largest level."""
+    def _absmax(self, value: ir.Value) -> float | None:
+        """The exact calibrated maximum of ``|value|`` (1 for a tensor that stayed zero); None without statistics."""
         assert self.channel_absmax is not None
         stats = self.channel_absmax.get(value.name or "")
         if stats is None:
-            raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
+            return None
         absmax = float(stats.max())
-        return np.float32((absmax if absmax > 0.0 else 1.0) / bound)
+        return absmax if absmax > 0.0 else 1.0
+
+    def _wide_scale(self, value: ir.Value, bound: int = WIDE_QMAX) -> np.float32:
+        """int16 scale from the exact maximum (16 bits leave no reason to clip), ``bound`` its largest level."""
+        absmax = self._absmax(value)
+        if absmax is None:
+            raise CalibrationError(f"calibration: no per-channel statistics for tensor {value.name!r}")
+        return np.float32(absmax / bound)
 
     def _wide_channel_scales(self, value: ir.Value) -> np.ndarray:
         """One int16 scale per channel: its calibrated maximum times :data:`CHANNEL_HEADROOM` (a channel's maximum
@@ -701,40 +708,21 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         per_channel = scales.size > 1
         storage = {8: (ir.DataType.INT8, np.int8), 16: (ir.DataType.INT16, np.int16)}[bits]
         base = value.name or "act"
-        fused = value.producer()
-        narrowed = bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits] and _narrows(fused)
-        if narrowed:
-            # a fused Relu/Clip already before the Q: it becomes the one Clip of both ranges (the lowering reads
-            # one activation between an op and its QuantizeLinear)
-            assert fused is not None
-            limit = float(np.float32(bound) * np.float32(scales.max()))
-            old_low, old_high = _clip_range(fused)
-            low = add_initializer(graph, f"{base}_clamp_low", np.array(max(-limit, old_low), np.float32))
-            high = add_initializer(graph, f"{base}_clamp_high", np.array(min(limit, old_high), np.float32))
-            clip = ir.node("Clip", [fused.inputs[0], low, high], name=fused.name)
-            clip.outputs[0].name, clip.outputs[0].dtype, clip.outputs[0].shape = None, value.dtype, value.shape
-            graph.insert_after(fused, clip)
-            value.replace_all_uses_with(clip.outputs[0], replace_graph_outputs=True)
-            graph.remove(fused, safe=True)
-            value.name = f"{base}_unclamped"
-            clip.outputs[0].name = base
-            value = clip.outputs[0]
+        clamped = bound is not None and bound < _QMAX[bits]
+        limit = float(np.float32(bound) * np.float32(scales.max())) if clamped else 0.0
+        fused = value.producer() if clamped and _narrows(value.producer()) else None
+        if fused is not None:  # a fused Relu/Clip already before the Q becomes the one Clip of both ranges (the
+            # lowering reads one activation between an op and its QuantizeLinear)
+            value = self._clip(graph, fused.inputs[0], base, limit, _clip_range(fused), fused)
         readers = list(value.uses())  # before the Q node below becomes a reader too
         scale_value = add_initializer(graph, f"{base}_scale", scales)
         zero_value = add_initializer(graph, f"{base}_zero_point", np.zeros(scales.shape, dtype=storage[1]))
         axis = {"axis": -1} if per_channel else {}
         source = value
         new_nodes = []
-        if bound is not None and bound < {8: ACT_QMAX, 16: WIDE_QMAX}[bits] and not narrowed:
-            limit = float(np.float32(bound) * np.float32(scales.max()))
-            low = add_initializer(graph, f"{base}_clamp_low", np.array(-limit, np.float32))
-            high = add_initializer(graph, f"{base}_clamp_high", np.array(limit, np.float32))
-            clip = ir.node("Clip", [value, low, high])
-            clip.outputs[0].name = f"{base}_clamped"
-            clip.outputs[0].dtype = ir.DataType.FLOAT
-            clip.outputs[0].shape = value.shape
-            new_nodes.append(clip)
-            source = clip.outputs[0]
+        if clamped and fused is None:  # the bound as a Clip before the Q
+            source = self._clip(graph, value, base, limit, (-limit, limit), None)
+            new_nodes.append(source.producer())
         quant = ir.node("QuantizeLinear", [source, scale_value, zero_value], attributes=axis)
         quant.outputs[0].name = f"{base}_q"
         quant.outputs[0].dtype = storage[0]
@@ -785,9 +773,31 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             graph.outputs[position] = deq_out
         self._scale_of[id(deq_out)] = scales if per_channel else np.float32(scales)
         self._bits_of[id(deq_out)] = bits
-        storage_max = {8: ACT_QMAX + 1, 16: WIDE_QMAX + 1}[bits]
+        storage_max = _QMAX[bits] + 1  # QuantizeLinear writes down to -128 / -32768
         self._level_of[id(deq_out)] = min(storage_max, bound if bound is not None else level or storage_max)
         return self._scale_of[id(deq_out)]
+
+    @staticmethod
+    def _clip(
+        graph: ir.Graph, x: ir.Value, base: str, limit: float, keep: tuple[float, float], replaces: ir.Node | None
+    ) -> ir.Value:
+        """``Clip(x)`` to ``[-limit, limit]`` within ``keep``: in place of ``replaces`` (a fused Relu/Clip, whose
+        readers and name it takes), or a new node the caller inserts."""
+        low = add_initializer(graph, f"{base}_clamp_low", np.array(max(-limit, keep[0]), np.float32))
+        high = add_initializer(graph, f"{base}_clamp_high", np.array(min(limit, keep[1]), np.float32))
+        clip = ir.node("Clip", [x, low, high])
+        out = clip.outputs[0]
+        out.dtype, out.shape = ir.DataType.FLOAT, x.shape
+        if replaces is None:
+            out.name = f"{base}_clamped"
+            return out
+        clip.name = replaces.name
+        graph.insert_after(replaces, clip)
+        replaces.outputs[0].replace_all_uses_with(out, replace_graph_outputs=True)
+        graph.remove(replaces, safe=True)
+        replaces.outputs[0].name = f"{base}_unclamped"
+        out.name = base
+        return out
 
     def _quantize_table(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, np.float32], index: int) -> None:
         """A constant operand (embedding table, constant addend or factor): symmetric int8 per tensor, so every
