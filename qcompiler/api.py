@@ -191,9 +191,11 @@ class CompiledModel:
         return target
 
 
-def load(directory: str | Path) -> CompiledModel:
-    """Reload a :meth:`CompiledModel.save` directory."""
+def load(directory: str | Path, rpc: str | None = None) -> CompiledModel:
+    """Reload a :meth:`CompiledModel.save` directory; with ``rpc`` (``"host:port:key"``, as for :func:`compile`),
+    to run on that device: its library is uploaded to it on the first call."""
     from qcompiler.backends.tvm import TVMModule
+    from qcompiler.backends.tvm.remote import Device, Tracker
 
     root = Path(directory)
     for name in (LIBRARY_FILE, INTEGER_FILE, REPORT_FILE):
@@ -205,7 +207,8 @@ def load(directory: str | Path) -> CompiledModel:
     dtypes = [
         onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in integer_model.graph.input
     ]
-    module = TVMModule.load(root / LIBRARY_FILE, names, dtypes)
+    remote = Device(Tracker.parse(rpc)) if rpc is not None else None
+    module = TVMModule.load(root / LIBRARY_FILE, names, dtypes, remote)
     qdq = onnx.load(str(root / QDQ_FILE)) if (root / QDQ_FILE).is_file() else None
     return CompiledModel(module, integer_model, report, qdq)
 
@@ -451,6 +454,7 @@ def compile(
     tune: bool = False,
     metaschedule_trials: int = 0,
     integer_only: bool = True,
+    rpc: str | None = None,
 ) -> CompiledModel:
     """Quantize ``model`` and compile it to integer-only code for ``target``.
 
@@ -475,16 +479,26 @@ def compile(
             (``UnsupportedOpError``). False: such nodes stay in float between a DequantizeLinear and a
             QuantizeLinear (float islands), so the model still compiles and runs; ``report["float_islands"]``
             lists each by node, op and reason.
+        rpc: ``"host:port:key"``: a TVM RPC tracker and the key of the device servers registered with it. The
+            code is built here for that device (``target="llvm"`` then means the device's CPU, read through the
+            session), the tiles (``tune``) and MetaSchedule's trials are timed there, and the returned model runs
+            there (inputs copied to it, outputs back); ``report["device"]`` names it. Same architecture as this
+            machine (its linker links the library).
 
     Raises:
         TargetError, RecipeError, ModelLoadError, CalibrationError, UnsupportedOpError: with what to fix.
     """
     from qcompiler.backends.tvm import build, resolve_target
     from qcompiler.backends.tvm.metaschedule import validate_trials
+    from qcompiler.backends.tvm.remote import Device, Tracker
 
-    tvm_target, _ = resolve_target(target)  # fail on a bad target, trial count or recipe before any work
+    tvm_target, _ = resolve_target(target)  # fail on a bad target, trial count, recipe or device before any work
+    tracker = Tracker.parse(rpc) if rpc is not None else None
     validate_trials(metaschedule_trials)
     chosen = load_recipe(recipe)
+    remote = Device(tracker) if tracker is not None else None
+    if remote is not None and isinstance(target, str) and target in ("llvm", "cpu"):
+        tvm_target, _ = resolve_target(remote.target())  # "llvm" is the device's CPU
     if chosen.simulate is not None:
         raise RecipeError(
             f"recipe {chosen.name!r} is a float simulation ([simulate]: low-bit weights, per-token activations) "
@@ -502,12 +516,19 @@ def compile(
     integer_proto = ir.serde.serialize_model(integer)
     build_start = time.perf_counter()
     module = build(
-        integer_proto, shapes, tvm_target, tune=tune, metaschedule_trials=metaschedule_trials, progress=progress
+        integer_proto,
+        shapes,
+        tvm_target,
+        tune=tune,
+        metaschedule_trials=metaschedule_trials,
+        progress=progress,
+        remote=remote,
     )
     report = {
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
         "target": str(tvm_target),
+        "device": module.where,
         "input_shapes": shapes,
         "passes": [r.as_dict() for r in records],
         "ops": _op_histogram(integer_proto),

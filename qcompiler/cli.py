@@ -57,6 +57,11 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tune the non-GEMM kernels with N MetaSchedule trials (minutes; default 0: off)",
     )
+    comp.add_argument(
+        "--rpc",
+        metavar="HOST:PORT:KEY",
+        help="build for, tune on and check against a device behind a TVM RPC tracker (--target llvm: its CPU)",
+    )
     prof = sub.add_parser("profile", help="time a compiled model kernel by kernel")
     prof.add_argument("directory", help="a directory written by compile (or CompiledModel.save)")
     prof.add_argument("--inputs", help=".npz with one array per model input, at the compiled shapes (default: zeros)")
@@ -109,6 +114,7 @@ def _compile(args: argparse.Namespace) -> int:
         tune=args.tune,
         metaschedule_trials=args.metaschedule_trials,
         integer_only=not args.float_islands,
+        rpc=args.rpc,
     )
     compiled.save(output, overwrite=args.overwrite)
     records = [PassRecord(**r) for r in compiled.report["passes"]]
@@ -118,7 +124,7 @@ def _compile(args: argparse.Namespace) -> int:
     for op, count in sorted(compiled.report["ops"].items()):
         print(f"{op:<28} {count:>5}")
     print()
-    print(f"recipe {compiled.report['recipe']}, target {compiled.report['target']}")
+    print(f"recipe {compiled.report['recipe']}, target {compiled.report['target']} ({compiled.report['device']})")
     if compiled.report.get("auto"):
         auto = compiled.report["auto"]
         print(f"recipe auto: kind {auto['kind']} ({auto['facts']}) -> {auto['recipe']}")

@@ -18,6 +18,7 @@ from tvm import relax
 from tvm.relax.backend import cpu_generic
 
 from qcompiler.backends.tvm import importer, metaschedule, schedules, tuning
+from qcompiler.backends.tvm.remote import Device
 from qcompiler.errors import TargetError
 from qcompiler.logs import native_stderr_routed
 from qcompiler.progress import step
@@ -131,18 +132,35 @@ def configure_threads() -> None:
 class TVMModule:
     """A built integer model: call :meth:`run` with numpy feeds."""
 
-    def __init__(self, executable: Any, input_names: list[str], input_dtypes: list[str]) -> None:
+    def __init__(
+        self, executable: Any, input_names: list[str], input_dtypes: list[str], remote: Device | None = None
+    ) -> None:
         self.executable = executable
         self.input_names = input_names
         self.input_dtypes = input_dtypes
+        self.remote = remote  # a device behind a TVM RPC tracker (remote.py): runs and timings happen there
         self._vm_main: tuple[Any, Any] | None = None  # loaded on the first run: code for another CPU never is
         self._staging: dict[str, Any] = {}  # one reusable device tensor per input: no allocation per call
+        self._library: Path | None = None  # the file it was loaded from: uploaded as it is to a remote device
+
+    @property
+    def device(self) -> Any:
+        return self.remote.tvm_device if self.remote is not None else tvm.cpu()
+
+    @property
+    def where(self) -> str:
+        """Where the code runs: ``"local"`` or ``"rpc:host:port:key"``."""
+        return f"rpc:{self.remote.tracker}" if self.remote is not None else "local"
 
     def _loaded(self) -> tuple[Any, Any]:
-        """The VM and its ``main``, created on first use."""
+        """The VM and its ``main``, created on first use (on the remote device: after uploading the library)."""
         if self._vm_main is None:
-            configure_threads()
-            vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            if self.remote is None:
+                configure_threads()
+                vm = relax.VirtualMachine(self.executable, tvm.cpu())
+            else:
+                code = self.remote.load_file(self._library) if self._library else self.remote.load(self.executable)
+                vm = relax.VirtualMachine(code, self.remote.tvm_device)
             self._vm_main = (vm, vm["main"])
         return self._vm_main
 
@@ -152,7 +170,7 @@ class TVMModule:
             array = np.ascontiguousarray(feeds[name], dtype=dtype)
             staged = self._staging.get(name)
             if staged is None or tuple(staged.shape) != array.shape:
-                staged = self._staging[name] = tvm.runtime.tensor(array)
+                staged = self._staging[name] = tvm.runtime.tensor(array, self.device)
             else:
                 staged.copyfrom(array)
             args.append(staged)
@@ -174,7 +192,7 @@ class TVMModule:
             self._loaded()[1](*args)
             if time.perf_counter() - start > 0.05:
                 break
-        timer = self._loaded()[0].time_evaluator("main", tvm.cpu(), number=number, repeat=repeat)
+        timer = self._loaded()[0].time_evaluator("main", self.device, number=number, repeat=repeat)
         return float(timer(*args).median)
 
     def profile(self, feeds: Mapping[str, np.ndarray], repeat: int = 5) -> list[dict[str, Any]]:
@@ -184,6 +202,11 @@ class TVMModule:
         """
         if repeat < 1:
             raise ValueError(f"profile: repeat must be at least 1, got {repeat}")
+        if self.remote is not None:
+            raise TargetError(
+                f"profile: the model runs on {self.where}; per-kernel timing hooks a Python function into the VM, "
+                "which RPC cannot carry. Use time() (the whole call, timed on the device), or profile a local build"
+            )
         vm = relax.VirtualMachine(self.executable, tvm.cpu())
         args = self._arguments(feeds)
         vm["main"](*args)  # warm-up: constant pages, thread pool
@@ -215,10 +238,15 @@ class TVMModule:
             self.executable.export_library(str(path))
 
     @classmethod
-    def load(cls, path: str | Path, input_names: list[str], input_dtypes: list[str]) -> TVMModule:
+    def load(
+        cls, path: str | Path, input_names: list[str], input_dtypes: list[str], remote: Device | None = None
+    ) -> TVMModule:
+        """A library written by :meth:`export`, run here or, with ``remote``, on that device."""
         with native_stderr_routed():  # and once per memory scope it loads
             module = tvm.runtime.load_module(str(path))
-        return cls(module, input_names, input_dtypes)
+        loaded = cls(module, input_names, input_dtypes, remote)
+        loaded._library = Path(path)
+        return loaded
 
     def llvm_ir(self) -> str:
         """LLVM IR of the host module (the kernels); for the integer-only check."""
@@ -250,6 +278,7 @@ def build(
     conv_layout: str = "auto",
     metaschedule_trials: int = 0,
     progress: bool = False,
+    remote: Device | None = None,
 ) -> TVMModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
 
@@ -261,6 +290,8 @@ def build(
     ``metaschedule_trials``: above 0, a MetaSchedule search of that many trials over the kernels without a hand GEMM
     schedule, each kept only where it beats the hand schedule (metaschedule.py; minutes: off by default).
     ``progress``: one line per stage (import, schedules, code generation), a bar over the kernels scheduled.
+    ``remote``: a device behind a TVM RPC tracker (remote.py): the tiles and MetaSchedule's trials are timed there,
+    and the module runs there; ``target`` should then be the device's (:meth:`Device.target`).
     """
     configure_threads()
     trials = metaschedule.validate_trials(metaschedule_trials)
@@ -275,7 +306,7 @@ def build(
             mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout)
         if tune and gemms:
             cache = tile_cache if tile_cache is not None else tuning.TileCache()
-            tiles = _tuned_tiles(gemms, tvm_target, isa, cache)
+            tiles = _tuned_tiles(gemms, tvm_target, isa, cache, remote)
             mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout)
     unscheduled = metaschedule.tunable_functions(mod) if trials else {}  # our kernels, before their schedules
     mod = schedules.schedule_module(mod, use_avx2=isa != "generic", progress=progress)
@@ -287,17 +318,23 @@ def build(
             unscheduled = {**metaschedule.tunable_functions(mod), **unscheduled}
         mod = schedules.schedule_legalized(mod)
         if trials:
-            mod = metaschedule.tune_module(mod, unscheduled, tvm_target, trials)
+            mod = metaschedule.tune_module(
+                mod, unscheduled, tvm_target, trials, tracker=remote.tracker if remote is not None else None
+            )
         with step(f"build: generate code ({len(mod.functions)} functions, LLVM)", progress):
             executable = tvm.compile(mod, target=tvm_target)
     names = [i.name for i in model.graph.input]
     dtypes = [onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input]
     logger.info("built %d functions for %s (int8 dot: %s)", len(mod.functions), tvm_target, isa)
-    return TVMModule(executable, names, dtypes)
+    return TVMModule(executable, names, dtypes, remote)
 
 
 def _tuned_tiles(
-    gemms: set[tuple[int, int, int, int]], target: tvm.target.Target, isa: str, cache: tuning.TileCache
+    gemms: set[tuple[int, int, int, int]],
+    target: tvm.target.Target,
+    isa: str,
+    cache: tuning.TileCache,
+    remote: Device | None = None,
 ) -> dict[tuple[int, int, int], tuning.Tile]:
     """The tile of every GEMM shape: from the cache, or searched now and cached. Shapes on the int16 pair kernel
     (AVX2 with a -128 weight) keep the default."""
@@ -308,7 +345,7 @@ def _tuned_tiles(
         key = tuning.gemm_key(target, isa, m, n, k, kb)
         tile = cache.get(key)
         if tile is None:
-            tile, seconds = tuning.tune_gemm(m, n, k, target, isa)
+            tile, seconds = tuning.tune_gemm(m, n, k, target, isa, remote)
             cache.put(key, tile, seconds)
         tiles[(m, n, k)] = tile
     return tiles

@@ -37,6 +37,7 @@ from tvm.s_tir import Schedule
 from tvm.s_tir import meta_schedule as ms
 
 from qcompiler.backends.tvm import schedules, tuning
+from qcompiler.backends.tvm.remote import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,7 @@ def tune_module(
     target: tvm.target.Target,
     trials: int,
     work_dir: str | Path | None = None,
+    tracker: Tracker | None = None,
 ) -> tvm.IRModule:
     """``scheduled`` with every candidate function (:func:`candidates`) MetaSchedule found a clearly faster schedule
     for replaced by it, after a search of ``trials`` trials in all; the others keep their hand schedule."""
@@ -142,6 +144,7 @@ def tune_module(
             max_trials_global=trials,
             num_trials_per_iter=min(trials, 64),
             builder=_builder(),
+            runner=_runner(tracker),
             database=database,
             cost_model=cost_model,
             num_tuning_cores="physical",
@@ -149,7 +152,7 @@ def tune_module(
     except (RuntimeError, ValueError) as error:  # a failed search leaves the hand schedules: the build works
         logger.warning("metaschedule: tuning failed (%s); keeping the hand schedules", error)
         return scheduled
-    replacements = _faster_than_hand(chosen, database, target)
+    replacements = _faster_than_hand(chosen, database, target, tracker)
     for gvar in list(scheduled.functions.keys()):
         if gvar.name_hint in replacements:
             scheduled[gvar] = replacements[gvar.name_hint]
@@ -157,7 +160,7 @@ def tune_module(
 
 
 def _faster_than_hand(
-    chosen: list[Candidate], database: ms.Database, target: tvm.target.Target
+    chosen: list[Candidate], database: ms.Database, target: tvm.target.Target, tracker: Tracker | None = None
 ) -> dict[str, tirx.PrimFunc]:
     """The best tuned schedule of each candidate that beat its hand schedule by the margin, carrying the hand
     function's attributes (our kernel tags, the operator pattern) and no global symbol of its own."""
@@ -171,7 +174,7 @@ def _faster_than_hand(
     if not tuned:
         logger.info("metaschedule: no valid schedule found; keeping the hand schedules")
         return {}
-    seconds = measure([f for candidate, func in tuned for f in (candidate.hand, func)], target)
+    seconds = measure([f for candidate, func in tuned for f in (candidate.hand, func)], target, tracker)
     winners = {}
     for (candidate, func), hand_s, tuned_s in zip(tuned, seconds[0::2], seconds[1::2], strict=True):
         better = math.isfinite(hand_s) and tuned_s < MARGIN * hand_s  # a hand kernel that did not run: keep it
@@ -200,12 +203,23 @@ def _builder() -> ms.builder.Builder:
     return ms.builder.LocalBuilder(f_build=build_candidate)
 
 
-def measure(funcs: list[tirx.PrimFunc], target: tvm.target.Target) -> list[float]:
+def _runner(tracker: Tracker | None) -> ms.runner.Runner:
+    """MetaSchedule's runner: local, or its RPC runner on the tracker's device (remote.py)."""
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=20)
+    if tracker is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator)
+    config = ms.runner.RPCConfig(
+        tracker_host=tracker.host, tracker_port=tracker.port, tracker_key=tracker.key, session_timeout_sec=120
+    )
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator)
+
+
+def measure(funcs: list[tirx.PrimFunc], target: tvm.target.Target, tracker: Tracker | None = None) -> list[float]:
     """Seconds per call of each function (``inf`` where it failed to build or run), by MetaSchedule's builder and
-    runner on random arguments: the minimum over interleaved rounds."""
+    runner (on the tracker's device if given) on random arguments: the minimum over interleaved rounds."""
     modules = [tvm.IRModule({"main": f.with_attr("global_symbol", "main")}) for f in funcs]
     builds = _builder().build([ms.builder.BuilderInput(m, target) for m in modules])
-    runner = ms.runner.LocalRunner(evaluator_config=ms.runner.EvaluatorConfig(number=3, repeat=5, min_repeat_ms=20))
+    runner = _runner(tracker)
     inputs = []
     for func, built in zip(funcs, builds, strict=True):
         if built.error_msg is None:

@@ -26,6 +26,7 @@ from tvm import te
 from tvm.s_tir import Schedule
 
 from qcompiler.backends.tvm import kernels, schedules
+from qcompiler.backends.tvm.remote import Device
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,9 @@ def candidates(isa: str, m: int, n: int, lanes: int) -> list[Tile]:
     return tiles or [fallback]
 
 
-def _gemm_kernel(m: int, n: int, k: int, tile: Tile, target: tvm.target.Target, isa: str):
-    """The packed QGemm kernel alone with ``tile``, compiled, and random operands for it."""
+def _gemm_kernel(m: int, n: int, k: int, tile: Tile, target: tvm.target.Target, isa: str, remote: Device | None):
+    """The packed QGemm kernel alone with ``tile``, compiled and loaded (on ``remote`` if given), its time evaluator
+    and random operands for it on that device."""
     weight = np.random.default_rng(0).integers(-127, 128, (n, k)).astype(np.int8)
     plan = kernels.plan_gemm(weight, np.full(n, 40), isa=isa, nr=tile.nr)
     a = te.placeholder((m, k), "int8", name="a")
@@ -107,8 +109,9 @@ def _gemm_kernel(m: int, n: int, k: int, tile: Tile, target: tvm.target.Target, 
     sch = Schedule(te.create_prim_func([a, packed, *channels, out]))
     schedules.schedule_gemm(sch, plan.kb, plan.nr, isa != "generic", lanes=plan.lanes, mr=tile.mr)
     with target:
-        library = tvm.compile(sch.mod, target=target).jit()
-    device = tvm.cpu()
+        executable = tvm.compile(sch.mod, target=target)
+    library = remote.load(executable) if remote is not None else executable.jit()
+    device = remote.tvm_device if remote is not None else tvm.cpu()
     arrays = [
         tvm.runtime.tensor(np.random.default_rng(1).integers(-128, 128, (m, k)).astype(np.int8), device),
         tvm.runtime.tensor(kernels.pack_weight(weight, plan), device),
@@ -132,13 +135,16 @@ def default_tile(isa: str, m: int, n: int) -> Tile:
     return Tile(schedules.default_mr(m, lanes), kernels.default_nr(n, lanes))
 
 
-def tune_gemm(m: int, n: int, k: int, target: tvm.target.Target, isa: str) -> tuple[Tile, float]:
-    """The fastest candidate tile for this shape on this machine and its time: the minimum over interleaved rounds
-    of repeated runs (noise only ever adds time); the default tile unless another beats it by 5 %."""
+def tune_gemm(
+    m: int, n: int, k: int, target: tvm.target.Target, isa: str, remote: Device | None = None
+) -> tuple[Tile, float]:
+    """The fastest candidate tile for this shape on this machine (or on ``remote``, through its RPC session) and
+    its time: the minimum over interleaved rounds of repeated runs (noise only ever adds time); the default tile
+    unless another beats it by 5 %."""
     lanes = kernels.ZMM_LANES if isa == "avx512vnni" else kernels.LANES
     default = default_tile(isa, m, n)
     tiles = list(dict.fromkeys([default, *candidates(isa, m, n, lanes)]))
-    runners = {tile: _gemm_kernel(m, n, k, tile, target, isa) for tile in tiles}
+    runners = {tile: _gemm_kernel(m, n, k, tile, target, isa, remote) for tile in tiles}
     best_seen = dict.fromkeys(tiles, float("inf"))
     for _ in range(ROUNDS):
         for tile, (timer, arrays) in runners.items():
@@ -147,5 +153,6 @@ def tune_gemm(m: int, n: int, k: int, target: tvm.target.Target, isa: str) -> tu
     if best_seen[best] > MARGIN * best_seen[default]:
         best = default
     report = ", ".join(f"{t.mr}x{t.nr}: {s * 1e6:.0f}us" for t, s in best_seen.items())
-    logger.info("tuned %dx%dx%d: %s (%s)", m, n, k, best, report)
+    where = f"rpc:{remote.tracker}" if remote is not None else "here"
+    logger.info("tuned %dx%dx%d %s: %s (%s)", m, n, k, where, best, report)
     return best, best_seen[best]

@@ -85,8 +85,7 @@ def _schemas() -> list[OpSchema]:
         "QGemm",
         DOMAIN,
         OPSET_VERSION,
-        "y = Requantize(x @ w^T + bias, axis=-1): int8 (or int16: W8A16) x int8 -> int32 accumulate, fused "
-        "epilogue.",
+        "y = Requantize(x @ w^T + bias, axis=-1): int8 (or int16: W8A16) x int8 -> int32 accumulate, fused epilogue.",
         inputs=[
             _param("x", "X", "activations [..., K]"),
             _param("w", _I8, "weights [N, K] (nn.Linear layout)"),
