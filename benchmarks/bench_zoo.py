@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import save
 
+from qcompiler import files
 from qcompiler.testing.zoo import FAMILIES, evaluate_family, family_names
 
 COLUMNS = ["family", "outcome", "compile s", "cosine", "float under noise", "detail"]
@@ -33,7 +34,7 @@ def _one(name: str, recipe: str | None, out: Path) -> None:
     start = time.perf_counter()
     result = evaluate_family(name, recipe=recipe).as_dict()
     result["total_seconds"] = time.perf_counter() - start
-    out.write_text(json.dumps(result, default=str))
+    files.write_text(out, json.dumps(result, default=str))
 
 
 def _run(name: str, recipe: str | None, timeout: float) -> dict[str, Any]:

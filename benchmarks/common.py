@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from qcompiler import files
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -52,8 +54,7 @@ def save(name: str, rows: list[dict[str, Any]], extra: dict[str, Any] | None = N
         "rows": rows,
         **(extra or {}),
     }
-    path.write_text(json.dumps(payload, indent=2))
-    return path
+    return files.write_text(path, json.dumps(payload, indent=2))
 
 
 def onnxruntime_float_and_dynamic(float_model: Any, threads: int) -> tuple[Any, Any]:

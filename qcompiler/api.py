@@ -5,9 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -19,6 +16,7 @@ import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from qcompiler import calibrate as calibration_module
+from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
@@ -167,28 +165,13 @@ class CompiledModel:
         Raises:
             FileExistsError: ``directory`` exists and ``overwrite`` is false.
         """
-        target = Path(directory)
-        if target.exists() and not overwrite:
-            raise FileExistsError(f"directory: {target} exists; pass overwrite=True to replace it")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-        try:
+        with files.atomic_directory(directory, overwrite) as staging:
             self.module.export(staging / LIBRARY_FILE)
             onnx.save(self.integer_model, staging / INTEGER_FILE)
             if self.qdq_model is not None:
                 onnx.save(self.qdq_model, staging / QDQ_FILE)
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
-            if target.exists():
-                backup = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-                os.replace(target, backup / target.name)
-                os.replace(staging, target)
-                shutil.rmtree(backup, ignore_errors=True)
-            else:
-                os.replace(staging, target)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
-        return target
+        return Path(directory)
 
 
 def load(directory: str | Path, rpc: str | None = None) -> CompiledModel:

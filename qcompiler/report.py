@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from qcompiler import files
 from qcompiler.ir.analysis.layer_error import activation_name, dequantize
 
 if TYPE_CHECKING:
@@ -120,10 +121,8 @@ def write_html(
     kernels: Sequence[Mapping[str, Any]] | None = None,
     title: str = "compiled model",
 ) -> Path:
-    """Write :func:`render_html` to ``path`` (UTF-8) and return it."""
-    target = Path(path)
-    target.write_text(render_html(report, qdq_model, kernels, title), encoding="utf-8")
-    return target
+    """Write :func:`render_html` to ``path`` (UTF-8, atomically) and return it."""
+    return files.write_text(path, render_html(report, qdq_model, kernels, title))
 
 
 def render_html(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Mapping
@@ -234,6 +235,9 @@ class TVMModule:
         ]
 
     def export(self, path: str | Path) -> None:
+        if self._library is not None:  # loaded from a library: TVM cannot re-export one, and the file is the same
+            shutil.copyfile(self._library, path)
+            return
         with native_stderr_routed():  # the runtime warns once per memory scope it saves
             self.executable.export_library(str(path))
 

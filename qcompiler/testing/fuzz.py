@@ -28,6 +28,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import seed as fixed_seed
 from hypothesis import strategies as st
 
+from qcompiler import files
 from qcompiler.errors import CalibrationError, ModelLoadError, RecipeError, UnsupportedOpError
 from qcompiler.testing.strategies import (
     GeneratedModel,
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         summary: dict[str, Any] = {"count": len(cases), "seconds": seconds, "outcomes": dict(counts),
                                    "cases": [dataclasses.asdict(c) for c in cases if c.outcome != "ok"]}  # fmt: skip
-        args.out.write_text(json.dumps(summary, indent=2))
+        files.write_text(args.out, json.dumps(summary, indent=2))
     return 1 if bad else 0
 
 

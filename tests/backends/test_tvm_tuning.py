@@ -86,7 +86,7 @@ def test_tuning_keeps_the_default_unless_another_tile_is_clearly_faster(monkeypa
         def __call__(self, *arrays):
             return type("Result", (), {"results": [self.seconds]})()
 
-    def fake_kernel(m, n, k, tile, target, isa):
+    def fake_kernel(m, n, k, tile, target, isa, remote):
         return Timer(times.get(tile, 0.97)), []
 
     monkeypatch.setattr(tuning, "_gemm_kernel", fake_kernel)
