@@ -24,7 +24,7 @@ from qcompiler.ir.analysis.architecture import describe
 from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
-from qcompiler.progress import step
+from qcompiler.progress import recording, step
 
 if TYPE_CHECKING:  # the backend (TVM, and through it torch) is imported on the first build or load, not here
     from qcompiler.backends.tvm import TVMModule
@@ -255,7 +255,8 @@ def _quantize_to_integer(
     layer_errors: bool = False,
 ) -> _IntegerResult:
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
-    qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
+    with step("copy the QDQ model", False):
+        qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
     with step("lower to integer ops", progress):
         lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
@@ -325,20 +326,22 @@ def _quantize_qdq(
         choice = AutoChoice(auto.name, architecture.kind, chosen.name, dataclasses.asdict(architecture))
         logger.info("recipe %s: %s, so %s (%s)", auto.name, architecture.kind, chosen.name, choice.facts)
     cal = chosen.calibration
-    ranges = calibration_module.observe(
-        canonical.model,
-        batches,
-        observer=cal.observer,
-        percentile=cal.percentile,
-        progress=progress,
-        max_batches=cal.max_batches,
-        hessians=chosen.quantize.weight_quantizer == "gptq" or bool(chosen.quantize.migration_alpha_grid),
-    )
+    with step("calibrate", False):  # recorded only: the batches' bar is the progress
+        ranges = calibration_module.observe(
+            canonical.model,
+            batches,
+            observer=cal.observer,
+            percentile=cal.percentile,
+            progress=progress,
+            max_batches=cal.max_batches,
+            hessians=chosen.quantize.weight_quantizer == "gptq" or bool(chosen.quantize.migration_alpha_grid),
+        )
     layer_probe = None
     if layer_errors:  # QuantizeQDQPass edits the float model in place: the probe keeps a copy
         from qcompiler.ir.analysis.layer_error import LayerErrorProbe
 
-        layer_probe = LayerErrorProbe.capture(canonical.model, batches)
+        with step("per-layer error: float reference", False):
+            layer_probe = LayerErrorProbe.capture(canonical.model, batches)
     with step(f"quantize ({chosen.quantize.weight_quantizer} weights, QDQ)", progress):
         quantized = Pipeline(
             [
@@ -488,25 +491,29 @@ def compile(
             "with no integer lowering; run it with qcompiler.simulate, or compile with w8a8, w8a8-llm or w4a8"
         )
     start = time.perf_counter()
-    result = _quantize_to_integer(
-        model, example_inputs, calibration, chosen, verify, progress, float_islands=not integer_only, layer_errors=True
-    )
-    integer, records, shapes = result.model, result.records, result.shapes
-    assert result.qdq is not None
-    remaining = float_ops_inside(integer)
-    if remaining:
-        raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
-    integer_proto = ir.serde.serialize_model(integer)
-    build_start = time.perf_counter()
-    module = build(
-        integer_proto,
-        shapes,
-        tvm_target,
-        tune=tune,
-        metaschedule_trials=metaschedule_trials,
-        progress=progress,
-        remote=remote,
-    )
+    with recording() as stages:
+        result = _quantize_to_integer(
+            model, example_inputs, calibration, chosen, verify, progress, not integer_only, layer_errors=True
+        )
+        integer, records, shapes = result.model, result.records, result.shapes
+        assert result.qdq is not None
+        remaining = float_ops_inside(integer)
+        if remaining:
+            raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
+        with step("serialize for the build", False):
+            integer_proto = ir.serde.serialize_model(integer)
+        build_start = time.perf_counter()
+        module = build(
+            integer_proto,
+            shapes,
+            tvm_target,
+            tune=tune,
+            metaschedule_trials=metaschedule_trials,
+            progress=progress,
+            remote=remote,
+        )
+        with step("serialize the QDQ model", False):
+            qdq_proto = ir.serde.serialize_model(result.qdq)
     report = {
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
@@ -520,11 +527,13 @@ def compile(
         "tuned": tune,
         "metaschedule_trials": metaschedule_trials,
         "seconds": {"passes": build_start - start, "build": time.perf_counter() - build_start},
+        "stages": stages,
+        "peak_rss_mb": max((s["peak_rss_mb"] for s in stages if s["peak_rss_mb"] is not None), default=None),
     }
     if result.layers is not None:
         report["layers"] = result.layers
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
-    return CompiledModel(module, integer_proto, report, ir.serde.serialize_model(result.qdq))
+    return CompiledModel(module, integer_proto, report, qdq_proto)
 
 
 def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -12,7 +12,7 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from qcompiler.errors import CalibrationError
-from qcompiler.ir.ort_session import onnxruntime_session
+from qcompiler.ir.ort_session import SegmentedSession
 from qcompiler.observers import Observer, make_observer
 
 logger = logging.getLogger(__name__)
@@ -131,15 +131,13 @@ def observe(
     sums: dict[str, np.ndarray] = {}
     abs_sums: dict[str, np.ndarray] = {}
     counts: dict[str, int] = {}
-    session = onnxruntime_session(model, names, optimize=False)
-    output_names = [o.name for o in session.get_outputs()]
+    session = SegmentedSession(model, names)  # a few hundred MB of activations alive at a time, not all of them
     observers: dict[str, Observer] = {}
     channel_absmax: dict[str, np.ndarray] = {}
     seen = 0
     for batch in tqdm(data, desc="calibrating", unit="batch", disable=not progress):
         feeds = as_feeds(model, batch)
-        results = session.run(output_names, feeds)
-        for name, values in zip(output_names, results, strict=True):
+        for name, values in session.run(feeds):
             values = np.asarray(values)
             if values.dtype.kind != "f":
                 continue

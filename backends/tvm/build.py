@@ -313,14 +313,16 @@ def build(
             tiles = _tuned_tiles(gemms, tvm_target, isa, cache, remote)
             mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout)
     unscheduled = metaschedule.tunable_functions(mod) if trials else {}  # our kernels, before their schedules
-    mod = schedules.schedule_module(mod, use_avx2=isa != "generic", progress=progress)
-    with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
-        mod = tvm.transform.Sequential(
-            cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)
-        )(mod)
-        if trials:
-            unscheduled = {**metaschedule.tunable_functions(mod), **unscheduled}
-        mod = schedules.schedule_legalized(mod)
+    with step("build: schedule and legalize", False):  # recorded only: the kernels' bar is the progress
+        mod = schedules.schedule_module(mod, use_avx2=isa != "generic", progress=progress)
+        with tvm_target:  # TVM's own ops legalized and fused here, so their kernels can be scheduled too
+            mod = tvm.transform.Sequential(
+                cpu_generic.library_dispatch_passes(tvm_target) + cpu_generic.legalize_passes(tvm_target)
+            )(mod)
+            if trials:
+                unscheduled = {**metaschedule.tunable_functions(mod), **unscheduled}
+            mod = schedules.schedule_legalized(mod)
+    with tvm_target:
         if trials:
             mod = metaschedule.tune_module(
                 mod, unscheduled, tvm_target, trials, tracker=remote.tracker if remote is not None else None

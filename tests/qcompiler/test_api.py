@@ -63,6 +63,21 @@ def test_qdq_model_runs_in_onnxruntime(compiled_mnist) -> None:
     assert int(np.argmax(out)) == int(np.argmax(expected))
 
 
+def test_the_report_has_time_and_memory_per_stage(compiled_mnist) -> None:
+    """Issue 20: every stage of the compile with its seconds and the peak resident memory up to its end."""
+    stages = compiled_mnist.report["stages"]
+    labels = [s["stage"] for s in stages]
+    for expected in ("canonicalize", "calibrate", "lower to integer ops", "build: import to TVM Relax"):
+        assert expected in labels, labels
+    assert labels.index("calibrate") < labels.index("lower to integer ops") < labels.index("build: import to TVM Relax")
+    assert all(s["seconds"] >= 0 for s in stages)
+    peaks = [s["peak_rss_mb"] for s in stages]
+    assert all(p is not None and p > 0 for p in peaks)
+    assert peaks == sorted(peaks), "the peak so far can only grow"
+    assert compiled_mnist.report["peak_rss_mb"] == peaks[-1]
+    assert all(s["rss_mb"] <= s["peak_rss_mb"] for s in stages)
+
+
 def test_save_and_load_round_trip(compiled_mnist, tmp_path: Path) -> None:
     x, _ = mnist_test_vector()
     target = compiled_mnist.save(tmp_path / "mnist")

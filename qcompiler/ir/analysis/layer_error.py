@@ -105,37 +105,41 @@ class LayerErrorProbe:
         producers.update({output: node.op_type for node in graph.node for output in node.output})
         # in the float graph's order; a layout op's output holds its input's values, so its input's error
         names = [name for name in producers if name in stored and producers[name] not in LAYOUT_OPS]
-        computed = [name for name in names if name not in self.feeds]
-        floats = dict(zip(computed, _session(self.float_model, computed).run(computed, self.feeds), strict=True))
-        floats.update({name: self.feeds[name] for name in names if name in self.feeds})
-        codes = [stored[name].codes for name in names]
-        rows = []
-        for name, stored_codes in zip(names, _session(qdq_model, codes).run(codes, self.feeds), strict=True):
-            reference, layout = np.asarray(floats.pop(name)), stored[name]
+        # both models in segments, in step: a float tensor waits only until its codes come (the graphs' orders
+        # nearly agree), so a few segments' worth of activations are alive at a time, not all of them
+        floats = _session(self.float_model, names).run(self.feeds)
+        waiting: dict[str, np.ndarray] = {}
+        by_codes = {stored[name].codes: name for name in names}
+        rows_by_name = {}
+        for stored_name, stored_codes in _session(qdq_model, list(by_codes)).run(self.feeds):
+            name = by_codes[stored_name]
+            while name not in waiting:
+                float_name, values = next(floats)
+                waiting[float_name] = values
+            reference, layout = np.asarray(waiting.pop(name)), stored[name]
             threshold = thresholds.get(name)
-            rows.append(
-                {
-                    "tensor": name,
-                    "op": producers[name],
-                    "sqnr_db": sqnr_db(reference, layout.values(stored_codes)),
-                    "absmax": float(np.max(np.abs(reference))) if reference.size else 0.0,
-                    "threshold": float(threshold) if threshold is not None else None,
-                    "scale": float(np.max(layout.scale)),
-                    "channels": int(layout.scale.size),
-                    "bits": layout.bits,
-                }
-            )
-        return rows
+            rows_by_name[name] = {
+                "tensor": name,
+                "op": producers[name],
+                "sqnr_db": sqnr_db(reference, layout.values(stored_codes)),
+                "absmax": float(np.max(np.abs(reference))) if reference.size else 0.0,
+                "threshold": float(threshold) if threshold is not None else None,
+                "scale": float(np.max(layout.scale)),
+                "channels": int(layout.scale.size),
+                "bits": layout.bits,
+            }
+        return [rows_by_name[name] for name in names]
 
 
 def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
-    """An onnxruntime session of ``model`` (edited in place: ``outputs`` exposed) with the basic graph
-    optimizations only: constant folding, no fusion that would compute the QDQ model another way."""
+    """``model`` in onnxruntime sessions of consecutive segments (:class:`SegmentedSession`) with ``outputs``
+    exposed, and the basic graph optimizations only: constant folding, no fusion that would compute the QDQ model
+    another way."""
     import onnxruntime as ort
 
-    from qcompiler.ir.ort_session import onnxruntime_session
+    from qcompiler.ir.ort_session import SegmentedSession
 
-    return onnxruntime_session(model, outputs, optimize=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return SegmentedSession(model, outputs, optimize=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:

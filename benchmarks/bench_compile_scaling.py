@@ -1,0 +1,134 @@
+"""Compile time and memory by stage (issue 20): random Llamas of 4, 8, 16 and 32 layers of one width, and
+SmolLM2-135M's W8A8 compile, each in a fresh process so that its peak resident memory is its own.
+
+For each model: the float32 weight bytes, the peak resident memory of the whole compile (and its ratio to the
+weights), the time and the peak after every stage (``report["stages"]``: the stage whose peak column jumps set
+the peak), and for the random Llamas the compile seconds per layer (flat = linear in depth).
+
+    .venv/bin/python benchmarks/bench_compile_scaling.py [--layers 4,8,16,32] [--hidden 256] [--no-smollm2]
+
+Prints the tables and saves them to benchmarks/results/compile_scaling.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from common import print_table, save
+
+from qcompiler import files
+from qcompiler.progress import memory_mb
+
+TOKENS = 64  # the random Llamas' window
+CALIBRATION_BATCHES = 4
+VOCAB = 2048
+SUMMARY = ["model", "layers", "float MB", "peak MB", "peak / float", "before MB", "compile s", "s / layer"]
+
+
+def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], int]:
+    import numpy as np
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8, num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1),
+        max_position_embeddings=TOKENS,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    rng = np.random.default_rng(1)
+    batches = [{"ids": rng.integers(0, VOCAB, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES)]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return Logits(), batches, weights
+
+
+def _smollm2() -> tuple[Any, list[dict[str, Any]], int]:
+    from qcompiler.testing.llm import load_smollm2
+
+    smol = load_smollm2()
+    weights = sum(p.numel() * p.element_size() for p in smol.model.parameters())
+    return smol.logits_module(), smol.calibration(CALIBRATION_BATCHES), weights
+
+
+def _one(name: str, layers: int, hidden: int, out: Path) -> None:
+    """Compile one model in this process and write its row and stages as JSON."""
+    import torch
+
+    import qcompiler
+
+    torch.set_num_threads(2)
+    module, batches, weights = _smollm2() if name == "smollm2" else _random_llama(layers, hidden)
+    before, _ = memory_mb()  # the float model, as the user holds it
+    example = (torch.from_numpy(batches[0]["ids"]),)
+    recipe = "w8a8-llm"
+    start = time.perf_counter()
+    compiled = qcompiler.compile(module, "llvm", example_inputs=example, calibration=batches, recipe=recipe,
+                                 progress=False)  # fmt: skip
+    seconds = time.perf_counter() - start
+    report = compiled.report
+    row = {
+        "model": name, "layers": layers, "float MB": weights / 2**20, "peak MB": report["peak_rss_mb"],
+        "peak / float": report["peak_rss_mb"] / (weights / 2**20) if report["peak_rss_mb"] else None,
+        "before MB": before, "compile s": seconds, "s / layer": seconds / layers,
+    }  # fmt: skip
+    files.write_text(out, json.dumps({"row": row, "stages": report["stages"]}))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", default="4,8,16,32", help="depths of the random Llamas (comma-separated)")
+    parser.add_argument("--hidden", type=int, default=256, help="the random Llamas' width")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M (its package is optional)")
+    parser.add_argument("--one", nargs=3, metavar=("NAME", "LAYERS", "OUT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        _one(args.one[0], int(args.one[1]), args.hidden, Path(args.one[2]))
+        return
+    configs = [(f"llama-{args.hidden}", int(n)) for n in args.layers.split(",") if n]
+    if not args.no_smollm2:
+        configs.append(("smollm2", 30))
+    rows, stages = [], {}
+    with tempfile.TemporaryDirectory(prefix="qc_scaling_") as folder:
+        for name, layers in configs:
+            out = Path(folder) / f"{name}-{layers}.json"
+            command = [sys.executable, __file__, "--hidden", str(args.hidden), "--one", name, str(layers), str(out)]
+            done = subprocess.run(command, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{name} x{layers} failed:\n{done.stderr[-3000:]}", file=sys.stderr)
+                continue
+            result = json.loads(out.read_text())
+            rows.append(result["row"])
+            stages[f"{name}-{layers}"] = result["stages"]
+            print(f"\n{name}, {layers} layers: stages")
+            print_table(
+                [{**s, "stage": s["stage"][:60]} for s in result["stages"]],
+                ["stage", "seconds", "rss_mb", "peak_rss_mb"],
+            )
+    print()
+    print_table(rows, SUMMARY)
+    llamas = [r["s / layer"] for r in rows if r["model"].startswith("llama")]
+    if len(llamas) > 1:
+        print(f"\nseconds per layer, random Llamas: {min(llamas):.2f}-{max(llamas):.2f} "
+              f"(spread {max(llamas) / min(llamas) - 1:.0%})")  # fmt: skip
+    print(f"saved {save('compile_scaling', rows, {'stages': stages, 'hidden': args.hidden, 'tokens': TOKENS})}")
+
+
+if __name__ == "__main__":
+    main()
