@@ -140,7 +140,7 @@ def test_ranges_are_what_the_codes_and_scales_represent(compiled) -> None:
 
 
 def test_a_failed_measurement_leaves_the_compile_and_the_report_alone(monkeypatch, caplog) -> None:
-    def broken(self, model, thresholds):
+    def broken(self, model, weights, thresholds):
         raise RuntimeError("no runtime today")
 
     monkeypatch.setattr(layer_error.LayerErrorProbe, "_measure", broken)

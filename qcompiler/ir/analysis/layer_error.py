@@ -16,6 +16,7 @@ import onnx_ir as ir
 from onnx import numpy_helper
 
 from qcompiler.ir.ops import LAYOUT_OPS
+from qcompiler.ir.ort_session import serialize_sharing_weights
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +68,8 @@ class LayerErrorProbe:
     """
 
     def __init__(self, float_model: ir.Model, feeds: Mapping[str, np.ndarray]) -> None:
-        self.float_model = ir.serde.serialize_model(float_model)
+        # the graph copied, the weights held (the QDQ pass replaces them, it does not write into them): no copy
+        self.float_model, self._float_weights = serialize_sharing_weights(float_model)
         self.feeds = dict(feeds)
 
     @classmethod
@@ -90,14 +92,16 @@ class LayerErrorProbe:
         ``channels`` and ``bits``; None (and a debug message) if it cannot be measured."""
         try:
             start = time.perf_counter()
-            rows = self._measure(ir.serde.serialize_model(qdq_model), thresholds)
+            rows = self._measure(*serialize_sharing_weights(qdq_model), thresholds)
             logger.debug("per-layer error of %d activations in %.2fs", len(rows), time.perf_counter() - start)
             return rows
         except Exception as exc:
             logger.debug("per-layer error not measured: %s: %s", type(exc).__name__, exc)
             return None
 
-    def _measure(self, qdq_model: onnx.ModelProto, thresholds: Mapping[str, float]) -> list[dict[str, Any]]:
+    def _measure(
+        self, qdq_model: onnx.ModelProto, qdq_weights: Mapping[str, np.ndarray], thresholds: Mapping[str, float]
+    ) -> list[dict[str, Any]]:
         stored = _stored_activations(qdq_model)
         _per_tensor_form(qdq_model, _ranks(qdq_model))
         graph = self.float_model.graph
@@ -107,11 +111,11 @@ class LayerErrorProbe:
         names = [name for name in producers if name in stored and producers[name] not in LAYOUT_OPS]
         # both models in segments, in step: a float tensor waits only until its codes come (the graphs' orders
         # nearly agree), so a few segments' worth of activations are alive at a time, not all of them
-        floats = _session(self.float_model, names).run(self.feeds)
+        floats = _session(self.float_model, self._float_weights, names).run(self.feeds)
         waiting: dict[str, np.ndarray] = {}
         by_codes = {stored[name].codes: name for name in names}
         rows_by_name = {}
-        for stored_name, stored_codes in _session(qdq_model, list(by_codes)).run(self.feeds):
+        for stored_name, stored_codes in _session(qdq_model, qdq_weights, list(by_codes)).run(self.feeds):
             name = by_codes[stored_name]
             while name not in waiting:
                 float_name, values = next(floats)
@@ -131,7 +135,7 @@ class LayerErrorProbe:
         return [rows_by_name[name] for name in names]
 
 
-def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
+def _session(model: onnx.ModelProto, weights: Mapping[str, np.ndarray], outputs: Sequence[str]) -> Any:
     """``model`` in onnxruntime sessions of consecutive segments (:class:`SegmentedSession`) with ``outputs``
     exposed, and the basic graph optimizations only: constant folding, no fusion that would compute the QDQ model
     another way."""
@@ -139,7 +143,7 @@ def _session(model: onnx.ModelProto, outputs: Sequence[str]) -> Any:
 
     from qcompiler.ir.ort_session import SegmentedSession
 
-    return SegmentedSession(model, outputs, optimize=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC)
+    return SegmentedSession(model, outputs, optimize=ort.GraphOptimizationLevel.ORT_ENABLE_BASIC, shared=weights)
 
 
 def _ranks(model: onnx.ModelProto) -> dict[str, int]:
