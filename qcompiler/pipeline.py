@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import PassFailedError, QCompilerError, VerificationError
+from qcompiler.ir.graph import naming
 from qcompiler.ir.verifier import verify
 from qcompiler.logs import third_party_routed
 
@@ -135,7 +136,7 @@ class Pipeline:
                     )
                 pass_.use_statistics(self.calibrate(model))
             try:
-                with third_party_routed():  # onnxscript's folding and version converter talk at WARNING
+                with third_party_routed(), naming(model.graph):  # names read once per pass, not per new name
                     result = pass_(model)
             except QCompilerError:
                 raise  # already names the pass, node or argument at fault

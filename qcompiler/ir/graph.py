@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import onnx_ir as ir
 
@@ -17,15 +20,58 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
+#: id(graph) -> the names of the graph when its :func:`naming` block began, plus every name handed out since
+_SCOPES: dict[int, tuple[set[str], list[str]]] = {}
+
+
+@contextlib.contextmanager
+def naming(graph: ir.Graph) -> Iterator[None]:
+    """A block of many :func:`unique_name` calls on ``graph`` (a pass adding thousands of initializers): the
+    graph's names are read once, at the start, instead of at every call (which made a pass quadratic in the
+    graph's size). A name the block hands out is checked against those and against the names it handed out
+    before; one that a node renamed inside the block took meanwhile is found by an exact scan at the end and the
+    handed-out initializer renamed, so the graph leaves the block with unique names either way."""
+    if id(graph) in _SCOPES:  # nested: the outer block already reads the names once
+        yield
+        return
+    _SCOPES[id(graph)] = (_names(graph), [])
+    try:
+        yield
+    finally:
+        _, handed_out = _SCOPES.pop(id(graph))
+        _rename_collisions(graph, handed_out)
+
+
 def unique_name(graph: ir.Graph, base: str) -> str:
     """A value name not used by any input, initializer or node output of ``graph``."""
-    taken = _names(graph)
-    if base not in taken:
-        return base
-    index = 1
-    while f"{base}_{index}" in taken:
+    scope = _SCOPES.get(id(graph))
+    taken = scope[0] if scope is not None else _names(graph)
+    name = base
+    index = 0
+    while name in taken or name in graph.initializers:  # the second: one registered by other means meanwhile
         index += 1
-    return f"{base}_{index}"
+        name = f"{base}_{index}"
+    if scope is not None:
+        scope[0].add(name)
+        scope[1].append(name)
+    return name
+
+
+def _rename_collisions(graph: ir.Graph, handed_out: list[str]) -> None:
+    """Give a fresh name to every initializer handed out in a :func:`naming` block whose name another value of
+    ``graph`` also carries (one renamed inside the block, after the names were read)."""
+    owners: dict[str, int] = {}
+    for value in graph.inputs:
+        if value.name:
+            owners[value.name] = owners.get(value.name, 0) + 1
+    for node in graph:
+        for value in node.outputs:
+            if value.name:
+                owners[value.name] = owners.get(value.name, 0) + 1
+    for name in handed_out:
+        value = graph.initializers.get(name)
+        if value is not None and owners.get(name, 0) > 0:
+            value.name = unique_name(graph, name)
 
 
 def _names(graph: ir.Graph) -> set[str]:
