@@ -29,7 +29,8 @@ from qcompiler.progress import memory_mb
 TOKENS = 64  # the random Llamas' window
 CALIBRATION_BATCHES = 4
 VOCAB = 2048
-SUMMARY = ["model", "layers", "float MB", "peak MB", "peak / float", "before MB", "compile s", "s / layer"]
+SUMMARY = ["model", "layers", "float MB", "peak MB", "peak / float", "before MB", "compile s", "s / layer",
+           "s / layer beyond fixed"]  # fmt: skip
 
 
 def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], int]:
@@ -121,13 +122,34 @@ def main() -> None:
                 [{**s, "stage": s["stage"][:60]} for s in result["stages"]],
                 ["stage", "seconds", "rss_mb", "peak_rss_mb"],
             )
+    fixed = per_layer(rows)
     print()
     print_table(rows, SUMMARY)
-    llamas = [r["s / layer"] for r in rows if r["model"].startswith("llama")]
-    if len(llamas) > 1:
-        print(f"\nseconds per layer, random Llamas: {min(llamas):.2f}-{max(llamas):.2f} "
-              f"(spread {max(llamas) / min(llamas) - 1:.0%})")  # fmt: skip
-    print(f"saved {save('compile_scaling', rows, {'stages': stages, 'hidden': args.hidden, 'tokens': TOKENS})}")
+    print(
+        f"saved {save('compile_scaling', rows, {'stages': stages, 'hidden': args.hidden, 'tokens': TOKENS, **fixed})}"
+    )
+
+
+def per_layer(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Fit ``seconds = fixed + slope * layers`` over the random Llamas (least squares) and give each of their rows
+    its seconds per layer beyond the fixed cost (imports, the build's per-kernel work): flat when compile time
+    is linear in depth. Prints the fit and the spread."""
+    llamas = [r for r in rows if r["model"].startswith("llama")]
+    if len(llamas) < 2:
+        return {}
+    layers = [r["layers"] for r in llamas]
+    seconds = [r["compile s"] for r in llamas]
+    mean_l, mean_s = sum(layers) / len(layers), sum(seconds) / len(seconds)
+    slope = sum((x - mean_l) * (y - mean_s) for x, y in zip(layers, seconds, strict=True)) / sum(
+        (x - mean_l) ** 2 for x in layers
+    )
+    fixed = mean_s - slope * mean_l
+    for row in llamas:
+        row["s / layer beyond fixed"] = (row["compile s"] - fixed) / row["layers"]
+    beyond = [r["s / layer beyond fixed"] for r in llamas]
+    print(f"\nrandom Llamas: compile s = {fixed:.2f} + {slope:.3f} x layers; seconds per layer beyond the fixed cost "
+          f"{min(beyond):.3f}-{max(beyond):.3f} (spread {max(beyond) / min(beyond) - 1:.0%})")  # fmt: skip
+    return {"fixed_s": fixed, "slope_s_per_layer": slope}
 
 
 if __name__ == "__main__":
