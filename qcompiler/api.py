@@ -167,11 +167,24 @@ class CompiledModel:
         """
         with files.atomic_directory(directory, overwrite) as staging:
             self.module.export(staging / LIBRARY_FILE)
-            onnx.save(self.integer_model, staging / INTEGER_FILE)
+            _save_onnx(self.integer_model, staging / INTEGER_FILE)
             if self.qdq_model is not None:
-                onnx.save(self.qdq_model, staging / QDQ_FILE)
+                _save_onnx(self.qdq_model, staging / QDQ_FILE)
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
         return Path(directory)
+
+
+#: a saved ONNX graph above this size keeps its tensors in a ``.data`` file beside it (protobuf's limit is 2 GiB)
+EXTERNAL_DATA_BYTES = 1 << 30
+
+
+def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
+    """``model`` to ``path``; above :data:`EXTERNAL_DATA_BYTES`, its tensors in ``<file>.data`` next to it (onnx_ir
+    writes them without changing the in-memory model; ``onnx.load`` reads them back)."""
+    if model.ByteSize() <= EXTERNAL_DATA_BYTES:
+        onnx.save(model, path)
+        return
+    ir.save(ir.serde.deserialize_model(model), path, external_data=f"{path.name}.data")
 
 
 def load(directory: str | Path, rpc: str | None = None) -> CompiledModel:

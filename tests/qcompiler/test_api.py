@@ -89,6 +89,23 @@ def test_save_and_load_round_trip(compiled_mnist, tmp_path: Path) -> None:
         compiled_mnist.save(target)
 
 
+def test_a_large_model_saves_its_tensors_beside_the_graph(compiled_mnist, tmp_path: Path, monkeypatch) -> None:
+    """Issue 20: above the size limit the ONNX graphs keep their tensors in a .data file (protobuf stops at 2 GiB),
+    the model in memory is unchanged, and a reload gives the same outputs."""
+    from qcompiler import api
+
+    monkeypatch.setattr(api, "EXTERNAL_DATA_BYTES", 0)
+    before = compiled_mnist.integer_model.SerializeToString()
+    target = compiled_mnist.save(tmp_path / "mnist")
+    assert {"integer.onnx.data", "qdq.onnx.data"} <= {p.name for p in target.iterdir()}
+    assert compiled_mnist.integer_model.SerializeToString() == before
+    assert (target / "integer.onnx").stat().st_size < (target / "integer.onnx.data").stat().st_size
+    reloaded = qcompiler.load(target)
+    x, _ = mnist_test_vector()
+    np.testing.assert_array_equal(reloaded(x), compiled_mnist(x))
+    assert onnx.numpy_helper.to_array(reloaded.integer_model.graph.initializer[0]).size > 0
+
+
 def test_save_failure_leaves_nothing_behind(compiled_mnist, tmp_path: Path, monkeypatch) -> None:
     def broken_export(path):
         Path(path).write_bytes(b"partial")
