@@ -249,12 +249,17 @@ def quantize_to_integer(
     Returns (qdq model, integer model, pass records, static input shapes).
     """
     result = _quantize_to_integer(model, example_inputs, calibration, load_recipe(recipe), verify, progress)
-    return result.qdq, result.model, result.records, result.shapes
+    return result.qdq_ir(), result.model, result.records, result.shapes
 
 
 @dataclasses.dataclass
 class _IntegerResult(_QDQResult):
-    qdq: ir.Model | None = None
+    qdq: onnx.ModelProto | None = None  # the QDQ model before lowering (which edits it in place), serialized once
+
+    def qdq_ir(self) -> ir.Model:
+        """The QDQ model as IR (wrapping the serialized tensors, not copying them)."""
+        assert self.qdq is not None
+        return ir.serde.deserialize_model(self.qdq)
 
 
 def _quantize_to_integer(
@@ -268,12 +273,12 @@ def _quantize_to_integer(
     layer_errors: bool = False,
 ) -> _IntegerResult:
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
-    with step("copy the QDQ model", False):
-        qdq_copy = ir.serde.deserialize_model(ir.serde.serialize_model(qdq.model))
+    with step("serialize the QDQ model", False):
+        qdq_proto = ir.serde.serialize_model(qdq.model)
     with step("lower to integer ops", progress):
         lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
-    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=qdq_copy)
+    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=qdq_proto)
 
 
 def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callable[[ir.Model], Any]:
@@ -525,8 +530,6 @@ def compile(
             progress=progress,
             remote=remote,
         )
-        with step("serialize the QDQ model", False):
-            qdq_proto = ir.serde.serialize_model(result.qdq)
     report = {
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
@@ -546,7 +549,7 @@ def compile(
     if result.layers is not None:
         report["layers"] = result.layers
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
-    return CompiledModel(module, integer_proto, report, qdq_proto)
+    return CompiledModel(module, integer_proto, report, result.qdq)
 
 
 def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:

@@ -158,10 +158,10 @@ def test_a_table_with_per_channel_output_scales_has_a_row_per_channel() -> None:
     batches = [{"x": rng.standard_normal((4, width)).astype(np.float32)} for _ in range(6)]
     result = _quantize_to_integer(model, None, batches[:4], load_recipe("w8a8-tables"), True, False)
     assert result.qdq is not None
-    sigmoid = next(n for n in result.qdq.graph if n.op_type == "Sigmoid")
+    sigmoid = next(n for n in result.qdq_ir().graph if n.op_type == "Sigmoid")
     quant = next(u for u, _ in sigmoid.outputs[0].uses() if u.op_type == "QuantizeLinear")
     assert quant.inputs[1].const_value.numpy().size == width  # per channel
     gather = next(n for n in result.model.graph if n.op_type == "Gather")
     assert gather.inputs[0].const_value.numpy().size == 256 * width
-    assert_lowering_matches(result.qdq, result.model, batches[4:])
+    assert_lowering_matches(result.qdq_ir(), result.model, batches[4:])
     assert_bit_exact(lambda proto: build(proto, result.shapes), result.model, batches[4:])

@@ -123,7 +123,7 @@ def test_w8a16_mobile_block_is_integer_only_exact_and_bounded() -> None:
     from qcompiler.backends.tvm import build
 
     result = _compile(_mobile_block(), "w8a16", _batches(6, 0))
-    qdq, integer = result.qdq, result.model
+    qdq, integer = result.qdq_ir(), result.model
     assert qdq is not None
     assert float_ops_inside(integer) == []
     wide = [q for q in qdq.graph if q.op_type == "QuantizeLinear" and q.outputs[0].dtype == ir.DataType.INT16]
@@ -149,7 +149,7 @@ def test_w8a16_is_much_closer_to_float_than_w8a8() -> None:
     want = np.concatenate([reference.run(None, feeds)[0] for feeds in probe])
     sqnr = {}
     for recipe in ("w8a8-tables", "w8a16"):
-        qdq = _compile(model, recipe, calibration).qdq
+        qdq = _compile(model, recipe, calibration).qdq_ir()
         session = ReferenceEvaluator(ir.serde.serialize_model(qdq))
         got = np.concatenate([session.run(None, feeds)[0] for feeds in probe])
         sqnr[recipe] = _sqnr(got, want)
@@ -190,7 +190,7 @@ def test_the_level_bound_keeps_the_int32_sum_exact(depth: int, bias: float, acti
     the integer code exactly as in the QDQ graph."""
     model = _long_linear(depth, bias, activation)
     result = _compile(model, "w8a16", _batches(4, 0, shape=(2, 4)))
-    qdq = result.qdq
+    qdq = result.qdq_ir()
     assert qdq is not None
     ((_, level, peak),) = [p for p in _accumulator_peaks(qdq) if p[0] == "gemm"]
     assert peak <= INT32_MAX
@@ -248,7 +248,7 @@ def test_a_silu_reads_its_input_at_int16(recipe: str, tmp_path) -> None:
         recipe_path.write_text(text.replace('name = "w8a16"', 'name = "w8a16-polynomials"'))
         recipe = str(recipe_path)
     result = _compile(model, recipe, _batches(4, 0))
-    qdq = result.qdq
+    qdq = result.qdq_ir()
     dtypes = {q.inputs[0].name: q.outputs[0].dtype for q in qdq.graph if q.op_type == "QuantizeLinear"}
     assert dtypes["a"] == dtypes["s"] == ir.DataType.INT16
     assert float_ops_inside(result.model) == []
@@ -275,7 +275,7 @@ def test_readers_that_cannot_take_int16_keep_the_tensor_int8() -> None:
     ]
     model = _model(nodes, inits, [1, C, SIDE, SIDE], [1, C, SIDE, SIDE])
     result = _compile(model, "w8a16", _batches(4, 0))
-    qdq = result.qdq
+    qdq = result.qdq_ir()
     dtypes = {q.inputs[0].name: q.outputs[0].dtype for q in qdq.graph if q.op_type == "QuantizeLinear"}
     assert dtypes["a"] == dtypes["b"] == ir.DataType.INT8
     assert float_ops_inside(result.model) == []
