@@ -25,6 +25,7 @@ from common import print_table, save
 
 from qcompiler import files
 from qcompiler.progress import memory_mb
+from qcompiler.testing.llm import logits_module
 
 TOKENS = 64  # the random Llamas' window
 CALIBRATION_BATCHES = 4
@@ -45,19 +46,10 @@ def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], 
     )  # fmt: skip
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config).eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.model = model
-
-        def forward(self, ids: torch.Tensor) -> torch.Tensor:
-            return self.model(input_ids=ids, use_cache=False).logits
-
     rng = np.random.default_rng(1)
     batches = [{"ids": rng.integers(0, VOCAB, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES)]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return Logits(), batches, weights
+    return logits_module(model), batches, weights
 
 
 def _smollm2() -> tuple[Any, list[dict[str, Any]], int]:

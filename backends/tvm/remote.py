@@ -85,12 +85,10 @@ class Device:
 
     def load(self, executable: Any) -> Any:
         """Upload ``executable`` (a built library) and load it on the device; the remote module."""
-        name = f"qcompiler-{uuid.uuid4().hex}.so"
         with tempfile.TemporaryDirectory(prefix="qc_rpc_") as folder:
-            path = Path(folder) / name
+            path = Path(folder) / "library.so"
             executable.export_library(str(path))
-            self.session.upload(str(path))
-        return self.session.load_module(name)
+            return self.load_file(path)
 
     def load_file(self, path: str | Path) -> Any:
         """Upload a library file written by ``export_library`` and load it on the device."""

@@ -168,7 +168,7 @@ class SegmentedSession:
         nodes = list(proto.graph.node)
         groups = _segments(nodes, wanted, types, budget_bytes)
         initializers = {t.name: t for t in proto.graph.initializer}
-        produced = {name: g for g, group in enumerate(groups) for i in group for name in nodes[i].output if name}
+        produced = _producers(nodes, groups)
         last_read: dict[str, int] = {}
         for g, group in enumerate(groups):
             for i in group:
@@ -254,7 +254,7 @@ def _segments(
         if held >= budget and index + 1 < len(nodes):
             groups.append([])
             held = 0
-    produced = {name: g for g, group in enumerate(groups) for i in group for name in nodes[i].output if name}
+    produced = _producers(nodes, groups)
     for g, group in enumerate(groups):
         for i in group:
             for name in _reads(nodes[i]):
@@ -264,6 +264,11 @@ def _segments(
                     if value is None or value.dtype is None:
                         return everything
     return groups
+
+
+def _producers(nodes: list[onnx.NodeProto], groups: list[list[int]]) -> dict[str, int]:
+    """The group that computes each value."""
+    return {name: g for g, group in enumerate(groups) for i in group for name in nodes[i].output if name}
 
 
 def _value_info(value: ir.Value) -> onnx.ValueInfoProto:

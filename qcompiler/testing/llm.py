@@ -35,19 +35,7 @@ class SmolLM2:
 
     def logits_module(self) -> Any:
         """A ``torch.nn.Module`` mapping token ids ``[1, T]`` to logits (no cache): what torch.export captures."""
-        import torch
-
-        model = self.model
-
-        class Logits(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.model = model
-
-            def forward(self, ids: torch.Tensor) -> torch.Tensor:
-                return self.model(input_ids=ids, use_cache=False).logits
-
-        return Logits()
+        return logits_module(self.model)
 
     def float_step(self, ids: np.ndarray) -> np.ndarray:
         import torch
@@ -59,6 +47,22 @@ class SmolLM2:
         """``windows`` consecutive windows of test tokens from :data:`CALIBRATION_START` on."""
         start = CALIBRATION_START
         return [{"ids": self.tokens[start + i * window : start + (i + 1) * window][None]} for i in range(windows)]
+
+
+def logits_module(model: Any) -> Any:
+    """A transformers causal LM behind a ``torch.nn.Module`` mapping token ids ``[1, T]`` (input ``ids``) to its
+    logits, without a cache: what torch.export captures."""
+    import torch
+
+    class Logits(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.model(input_ids=ids, use_cache=False).logits
+
+    return Logits()
 
 
 def load_smollm2() -> SmolLM2:
