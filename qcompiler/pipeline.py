@@ -70,11 +70,17 @@ def run_model(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarr
 
 
 def run_onnxruntime(model: ir.Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run a standard-ONNX model in onnxruntime (fast probe runner for float stages)."""
-    from qcompiler.ir.ort_session import onnxruntime_session
+    """Run a standard-ONNX model in onnxruntime (fast probe runner for float stages), in segments
+    (:class:`~qcompiler.ir.ort_session.SegmentedSession`: a few hundred MB of weights in play at a time)."""
+    from qcompiler.ir.ort_session import SegmentedSession, onnxruntime_session
 
-    session = onnxruntime_session(model)
-    return [np.asarray(o) for o in session.run(None, dict(feeds))]
+    names = [o.name for o in model.graph.outputs]
+    produced = {v.name for node in model.graph for v in node.outputs}
+    if not all(name in produced for name in names):  # an input or a constant as an output: one session
+        session = onnxruntime_session(model)
+        return [np.asarray(o) for o in session.run(None, dict(feeds))]
+    values = dict(SegmentedSession(model, names, optimize=True).run(dict(feeds)))
+    return [np.asarray(values[name]) for name in names]
 
 
 class Pipeline:

@@ -39,8 +39,9 @@ _NUMPY_EXACT = {
 
 def serialize_sharing_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[str, np.ndarray]]:
     """``model`` as a proto whose large weights (rank 2 and up, :data:`SHARED_BYTES`) are references to external
-    data, and the arrays behind them (views of the IR's own tensors where they are numpy or torch: no copy).
-    onnxruntime takes them with :func:`onnxruntime_session`'s ``shared``. The model is left as it was."""
+    data, and the arrays behind them: the IR's own arrays, or views of them (a torch export's linear weights are
+    transposed views of the module's parameters), never copies. onnxruntime takes them with
+    :func:`onnxruntime_session`'s ``shared``. The model is left as it was."""
     shared: dict[str, np.ndarray] = {}
     swapped: list[tuple[ir.Value, Any]] = []
     try:
@@ -50,7 +51,7 @@ def serialize_sharing_weights(model: ir.Model) -> tuple[onnx.ModelProto, dict[st
                 continue
             if len(tensor.shape) < 2:  # vectors stay in the proto: small, and read back from it (layer_error.py)
                 continue
-            array = np.ascontiguousarray(tensor.numpy())
+            array = np.asarray(tensor.numpy())
             if array.dtype != _NUMPY_EXACT[tensor.dtype] or array.nbytes != tensor.nbytes:
                 continue
             shared[value.name] = array
@@ -71,13 +72,16 @@ def onnxruntime_session(
     optimize: bool | ort.GraphOptimizationLevel = True,
     arena: bool = True,
     shared: Mapping[str, np.ndarray] | None = None,
-) -> ort.InferenceSession:
+) -> FedSession:
     """A CPU session for ``model``, with ``extra_outputs`` (intermediate value names) exposed as outputs.
 
     Dangling initializers are dropped (onnxruntime rejects them) and the IR version is capped. An ``ir.Model`` is
-    serialized with its large initializers shared (:func:`serialize_sharing_weights`: onnxruntime reads the IR's
-    arrays, no copy of the weights is made); a ``ModelProto`` is edited in place, its external initializers taken
-    from ``shared``.
+    serialized with its large initializers shared (:func:`serialize_sharing_weights`); a ``ModelProto`` is edited
+    in place, its external initializers taken from ``shared``. Shared weights become graph inputs that the
+    returned :class:`FedSession` feeds at every run: onnxruntime reads a fed array where it lies, while an
+    initializer it is handed (``add_external_initializers``) is copied into the session, the whole model's
+    weights again (measured: 8 x 64 MB weights, +520 MB). A transposed view (a torch export's linear weight)
+    is fed as the contiguous array under it, through a Transpose that onnxruntime folds into the MatMul.
 
     Args:
         model: the model to run.
@@ -108,27 +112,118 @@ def onnxruntime_session(
     elif optimize is not True:
         options.graph_optimization_level = optimize
     names = [t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    values = []
-    if names:
-        missing = [n for n in names if shared is None or n not in shared]
-        if missing:
-            raise ValueError(f"onnxruntime_session: no array for the external initializers {missing[:5]}")
-        assert shared is not None
-        values = [ort.OrtValue.ortvalue_from_numpy(shared[n]) for n in names]
-        options.add_external_initializers(names, values)
-        options.add_session_config_entry("session.disable_prepacking", "1")  # prepacking copies the weights
+    missing = [n for n in names if shared is None or n not in shared]
+    if missing:
+        raise ValueError(f"onnxruntime_session: no array for the external initializers {missing[:5]}")
+    fed = _feed_shared_weights(proto, {n: shared[n] for n in names} if shared is not None else {})
     session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    session._qcompiler_weights = values  # onnxruntime reads them for the session's lifetime
-    return session
+    return FedSession(session, fed)
+
+
+class FedSession:
+    """An onnxruntime session and the weights it is fed at every run (:func:`onnxruntime_session`). ``run``
+    takes the model's own inputs; ``get_inputs`` lists only those; the rest is the session's."""
+
+    def __init__(self, session: ort.InferenceSession, weights: Mapping[str, np.ndarray]) -> None:
+        self.session = session
+        self.weights = dict(weights)
+
+    def run(self, output_names: Sequence[str] | None, feeds: Mapping[str, Any], *args: Any) -> list[Any]:
+        return self.session.run(output_names, {**feeds, **self.weights}, *args)
+
+    def get_inputs(self) -> list[Any]:
+        return [i for i in self.session.get_inputs() if i.name not in self.weights]
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+#: the suffix of the graph input that feeds a transposed weight's contiguous array (:func:`_feed_shared_weights`)
+_TRANSPOSED = "::transposed"
+
+
+def _feed_shared_weights(proto: onnx.ModelProto, arrays: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Turn ``proto``'s external initializers (``arrays``) into graph inputs, in place, and return the feeds: each
+    array as it is when C-contiguous; anything else copied, except a 2-D array whose transpose is contiguous (a
+    torch export's linear weight: a transposed view of the module's parameter) and which only MatMuls read, as
+    their right operand, with more than one row on the left (``proto.graph.value_info`` says). That one is fed
+    as the contiguous transpose, under ``name::transposed``, and the MatMuls become ``com.microsoft``
+    FusedMatMul with ``transB=1``: the same MLAS GEMM told that B is transposed, bit-identical to the MatMul
+    on a contiguous copy (tested). With one row MatMul takes a GEMV path the transposed GEMM does not match.
+    (A Transpose node in front of the MatMul instead would copy the weight at every run, and onnxruntime runs
+    the Transposes of graph inputs first: every weight copied at once.)"""
+    external = {t.name for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL}
+    tensors = {t.name: t for t in proto.graph.initializer if t.name in external}
+    for index in reversed(range(len(proto.graph.initializer))):
+        if proto.graph.initializer[index].name in external:
+            del proto.graph.initializer[index]
+    transposable = _transposable(proto, {n for n, a in arrays.items() if n in external and _is_transposed(a)})
+    feeds: dict[str, np.ndarray] = {}
+    for name, tensor in tensors.items():
+        array = arrays[name]
+        if name in transposable:
+            feeds[name + _TRANSPOSED] = array.T
+            dims = list(tensor.dims)[::-1]
+            proto.graph.input.append(onnx.helper.make_tensor_value_info(name + _TRANSPOSED, tensor.data_type, dims))
+            continue
+        feeds[name] = array if array.flags.c_contiguous else np.ascontiguousarray(array)
+        proto.graph.input.append(onnx.helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    if transposable:
+        for node in proto.graph.node:
+            if _is_matmul(node) and node.input[1] in transposable:
+                node.op_type, node.domain = "FusedMatMul", _MICROSOFT
+                node.input[1] += _TRANSPOSED
+                node.attribute.append(onnx.helper.make_attribute("transB", 1))
+        if not any(o.domain == _MICROSOFT for o in proto.opset_import):
+            proto.opset_import.append(onnx.helper.make_opsetid(_MICROSOFT, 1))
+    return feeds
+
+
+_MICROSOFT = "com.microsoft"
+
+
+def _is_transposed(array: np.ndarray) -> bool:
+    return array.ndim == 2 and not array.flags.c_contiguous and array.T.flags.c_contiguous
+
+
+def _is_matmul(node: onnx.NodeProto) -> bool:
+    return node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(node.input) == 2
+
+
+def _transposable(proto: onnx.ModelProto, candidates: set[str]) -> set[str]:
+    """The ``candidates`` that every reader (subgraphs and outputs included) reads as a MatMul's right operand
+    with a left operand of known shape and more than one row."""
+    if not candidates:
+        return set()
+    shapes: dict[str, list[int | None]] = {}
+    for info in [*proto.graph.input, *proto.graph.value_info]:
+        if info.type.HasField("tensor_type") and info.type.tensor_type.HasField("shape"):
+            dims = info.type.tensor_type.shape.dim
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    refused = {o.name for o in proto.graph.output}
+    for node in proto.graph.node:
+        if _has_subgraph(node):
+            return set()
+        for index, name in enumerate(node.input):
+            if name not in candidates:
+                continue
+            left = shapes.get(node.input[0]) if _is_matmul(node) and index == 1 else None
+            rows = None if left is None or len(left) < 2 or None in left[:-1] else int(np.prod(left[:-1]))
+            if rows is None or rows < 2 or node.input[0] == name:
+                refused.add(name)
+    return candidates - refused
 
 
 #: how many bytes of exposed values one segment of a :class:`SegmentedSession` may produce in one run
 SEGMENT_BYTES = 256 << 20
+#: how many bytes of shared weights one segment may read: onnxruntime's first run of a FusedMatMul holds a
+#: transposed copy of its weight until the run ends (measured: a segment's worth, freed after)
+SEGMENT_WEIGHT_BYTES = 256 << 20
 
 
 @dataclasses.dataclass
 class _Segment:
-    session: ort.InferenceSession
+    session: FedSession
     inputs: list[str]  # values it reads from the feeds or from earlier segments
     outputs: list[str]  # values it hands on (to later segments) or exposes
     last_reader_of: list[str]  # inputs no later segment reads: dropped after this one runs
@@ -166,8 +261,9 @@ class SegmentedSession:
         types = {v.name: v for v in graph.inputs if v.name}
         types.update((v.name, v) for node in graph for v in node.outputs if v.name)
         nodes = list(proto.graph.node)
-        groups = _segments(nodes, wanted, types, budget_bytes)
         initializers = {t.name: t for t in proto.graph.initializer}
+        weights = {n: int(a.nbytes) for n, a in self._shared.items()}
+        groups = _segments(nodes, wanted, types, budget_bytes, weights)
         produced = _producers(nodes, groups)
         last_read: dict[str, int] = {}
         for g, group in enumerate(groups):
@@ -185,13 +281,15 @@ class SegmentedSession:
                 for name in nodes[i].output
                 if name and (name in wanted or name in finals or last_read.get(name, -1) > g)
             ]
+            lefts = {nodes[i].input[0] for i in group if _is_matmul(nodes[i])} - set(inputs)
             part = onnx.helper.make_graph(
                 [nodes[i] for i in group],
                 f"{proto.graph.name}_segment_{g}",
                 [_value_info(types[n]) for n in inputs],
                 [],
                 [initializers[n] for n in reads if n in initializers],
-            )
+                value_info=[_value_info(types[n]) for n in lefts if n in types and types[n].dtype is not None],
+            )  # the MatMuls' left operands' shapes: _feed_shared_weights reads them
             part_model = onnx.helper.make_model(part, opset_imports=list(proto.opset_import))
             part_model.ir_version = proto.ir_version
             part_model.functions.extend(proto.functions)
@@ -239,21 +337,28 @@ def _nbytes(value: ir.Value | None) -> int:
 
 
 def _segments(
-    nodes: list[onnx.NodeProto], wanted: set[str], types: dict[str, ir.Value], budget: int
+    nodes: list[onnx.NodeProto],
+    wanted: set[str],
+    types: dict[str, ir.Value],
+    budget: int,
+    weights: Mapping[str, int] | None = None,
 ) -> list[list[int]]:
-    """Node indices in consecutive groups of about ``budget`` bytes of exposed outputs; one group where a cut
+    """Node indices in consecutive groups of about ``budget`` bytes of exposed outputs, and about
+    :data:`SEGMENT_WEIGHT_BYTES` of the shared ``weights`` (name: bytes) they read; one group where a cut
     would need a value of unknown type or the graph has subgraphs."""
     everything = [list(range(len(nodes)))]
     if any(_has_subgraph(node) for node in nodes):
         return everything
+    weights = weights or {}
     groups: list[list[int]] = [[]]
-    held = 0
+    held = read = 0
     for index, node in enumerate(nodes):
         groups[-1].append(index)
         held += sum(_nbytes(types.get(name)) for name in node.output if name in wanted)
-        if held >= budget and index + 1 < len(nodes):
+        read += sum(weights.get(name, 0) for name in node.input)
+        if (held >= budget or read >= SEGMENT_WEIGHT_BYTES) and index + 1 < len(nodes):
             groups.append([])
-            held = 0
+            held = read = 0
     produced = _producers(nodes, groups)
     for g, group in enumerate(groups):
         for i in group:

@@ -113,3 +113,45 @@ def test_the_per_layer_error_is_the_same_in_segments(monkeypatch) -> None:
         return result.layers
 
     assert layers(1 << 40) == layers(1)
+
+
+def _exported_mlp(rows: int):
+    """A torch MLP exported by qcompiler.ir.load: its linear weights (each above SHARED_BYTES) are transposed
+    views of the parameters."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(
+        torch.nn.Linear(96, 256), torch.nn.ReLU(), torch.nn.Linear(256, 96), torch.nn.Linear(96, 192)
+    ).eval()
+    example = torch.randn(1, rows, 96)
+    return module, load_model(module, (example,)), example.numpy()
+
+
+@pytest.mark.parametrize("rows", [1, 7, 64])
+def test_transposed_weights_are_fed_in_place_and_give_the_same_values(rows: int) -> None:
+    module, model, x = _exported_mlp(rows)
+    params = [p.detach().numpy() for p in module.parameters() if p.dim() == 2]
+    names = [v.name for node in model.graph for v in node.outputs if v.name]
+    feeds = {model.graph.inputs[0].name: x}
+    fed = SegmentedSession(model, names, budget_bytes=1)
+    weights = [w for segment in fed.segments for w in segment.session.weights.values()]
+    in_place = [w for w in weights if any(np.shares_memory(w, p) for p in params)]
+    # with more than one row each weight is the parameter itself (FusedMatMul, transB); with one row a copy
+    assert len(in_place) == (0 if rows == 1 else len(params)) and len(weights) == len(params)
+    got = dict(fed.run(feeds))
+    for value in model.graph.initializers.values():  # the same model with contiguous weights: plain MatMuls
+        if value.const_value is not None:
+            value.const_value = ir.tensor(np.ascontiguousarray(value.const_value.numpy()), name=value.name)
+    want = dict(SegmentedSession(model, names).run(feeds))
+    assert got.keys() == want.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_segments_also_end_at_their_weight_budget(monkeypatch) -> None:
+    _, model, x = _exported_mlp(8)
+    monkeypatch.setattr(ort_session, "SEGMENT_WEIGHT_BYTES", 1)
+    output = model.graph.outputs[0].name
+    session = SegmentedSession(model, [output])
+    assert [len(s.session.weights) for s in session.segments if s.session.weights] == [1, 1, 1]
+    assert dict(session.run({model.graph.inputs[0].name: x})).keys() == {output}
