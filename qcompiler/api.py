@@ -21,6 +21,7 @@ from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
 from qcompiler.ir import load as load_model
 from qcompiler.ir.analysis.architecture import describe
+from qcompiler.ir.ort_session import serialize_sharing_weights
 from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
 from qcompiler.pipeline import PassRecord, Pipeline, format_records, run_onnxruntime
@@ -102,21 +103,39 @@ def _fix_input_shapes(model: ir.Model, shapes: Mapping[str, list[int]]) -> None:
 
 
 class CompiledModel:
-    """An integer-only compiled model. Call it on numpy arrays or torch tensors."""
+    """An integer-only compiled model. Call it on numpy arrays or torch tensors.
+
+    A model fresh from :func:`compile` holds its integer and QDQ graphs as IR whose tensors are the same arrays
+    (no copy of the weights), and :attr:`integer_model` and :attr:`qdq_model` serialize them on each access;
+    one from :func:`load` holds the protos it read."""
 
     def __init__(
         self,
         module: TVMModule,
-        integer_model: onnx.ModelProto,
+        integer_model: onnx.ModelProto | ir.Model,
         report: dict[str, Any],
-        qdq_model: onnx.ModelProto | None = None,
+        qdq_model: onnx.ModelProto | ir.Model | None = None,
     ) -> None:
         self.module = module
-        self.integer_model = integer_model
-        self.qdq_model = qdq_model
+        self._integer = integer_model
+        self._qdq = qdq_model
         self.report = report
-        self.input_names = [i.name for i in integer_model.graph.input]
-        self.output_names = [o.name for o in integer_model.graph.output]
+        if isinstance(integer_model, ir.Model):
+            self.input_names = [str(v.name) for v in integer_model.graph.inputs]
+            self.output_names = [str(v.name) for v in integer_model.graph.outputs]
+        else:
+            self.input_names = [i.name for i in integer_model.graph.input]
+            self.output_names = [o.name for o in integer_model.graph.output]
+
+    @property
+    def integer_model(self) -> onnx.ModelProto:
+        """The integer graph as ONNX (serialized now when held as IR)."""
+        return _as_proto(self._integer)
+
+    @property
+    def qdq_model(self) -> onnx.ModelProto | None:
+        """The QDQ graph it was lowered from as ONNX (serialized now when held as IR), if known."""
+        return None if self._qdq is None else _as_proto(self._qdq)
 
     def _feeds(self, args: Sequence[Any], kwargs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], bool]:
         """Positional and named inputs -> numpy feeds checked against the compiled shapes; whether any was torch."""
@@ -167,9 +186,9 @@ class CompiledModel:
         """
         with files.atomic_directory(directory, overwrite) as staging:
             self.module.export(staging / LIBRARY_FILE)
-            _save_onnx(self.integer_model, staging / INTEGER_FILE)
-            if self.qdq_model is not None:
-                _save_onnx(self.qdq_model, staging / QDQ_FILE)
+            _save_onnx(self._integer, staging / INTEGER_FILE)
+            if self._qdq is not None:
+                _save_onnx(self._qdq, staging / QDQ_FILE)
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
         return Path(directory)
 
@@ -178,9 +197,18 @@ class CompiledModel:
 EXTERNAL_DATA_BYTES = 1 << 30
 
 
-def _save_onnx(model: onnx.ModelProto, path: Path) -> None:
+def _as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
+    return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+
+
+def _save_onnx(model: onnx.ModelProto | ir.Model, path: Path) -> None:
     """``model`` to ``path``; above :data:`EXTERNAL_DATA_BYTES`, its tensors in ``<file>.data`` next to it (onnx_ir
-    writes them without changing the in-memory model; ``onnx.load`` reads them back)."""
+    writes them without changing the in-memory model; ``onnx.load`` reads them back). IR is written without a
+    proto of the whole model in memory."""
+    if isinstance(model, ir.Model):
+        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        ir.save(model, path, external_data=f"{path.name}.data" if size > EXTERNAL_DATA_BYTES else None)
+        return
     if model.ByteSize() <= EXTERNAL_DATA_BYTES:
         onnx.save(model, path)
         return
@@ -254,12 +282,13 @@ def quantize_to_integer(
 
 @dataclasses.dataclass
 class _IntegerResult(_QDQResult):
-    qdq: onnx.ModelProto | None = None  # the QDQ model before lowering (which edits it in place), serialized once
+    #: the QDQ model before lowering (which edits the graph in place): a clone of its graph, the tensors shared
+    qdq: ir.Model | None = None
 
     def qdq_ir(self) -> ir.Model:
-        """The QDQ model as IR (wrapping the serialized tensors, not copying them)."""
+        """The QDQ model (a clone: the caller may edit it; the tensors are shared, not copied)."""
         assert self.qdq is not None
-        return ir.serde.deserialize_model(self.qdq)
+        return self.qdq.clone()
 
 
 def _quantize_to_integer(
@@ -273,12 +302,12 @@ def _quantize_to_integer(
     layer_errors: bool = False,
 ) -> _IntegerResult:
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
-    with step("serialize the QDQ model", False):
-        qdq_proto = ir.serde.serialize_model(qdq.model)
+    with step("keep the QDQ graph (tensors shared)", False):
+        kept = qdq.model.clone()
     with step("lower to integer ops", progress):
         lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)
-    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=qdq_proto)
+    return _IntegerResult(lowered.model, records, qdq.shapes, qdq.recipe, qdq.choice, layers=qdq.layers, qdq=kept)
 
 
 def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callable[[ir.Model], Any]:
@@ -518,8 +547,9 @@ def compile(
         remaining = float_ops_inside(integer)
         if remaining:
             raise QCompilerError(f"internal: float ops remain in the integer graph: {remaining}")
-        with step("serialize for the build", False):
-            integer_proto = ir.serde.serialize_model(integer)
+        with step("serialize for the build (weights shared)", False):
+            integer_proto, weights = serialize_sharing_weights(integer)
+        ops = _op_histogram(integer_proto)
         build_start = time.perf_counter()
         module = build(
             integer_proto,
@@ -529,7 +559,9 @@ def compile(
             metaschedule_trials=metaschedule_trials,
             progress=progress,
             remote=remote,
+            weights=weights,
         )
+        del integer_proto, weights
     report = {
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
@@ -537,7 +569,7 @@ def compile(
         "device": module.where,
         "input_shapes": shapes,
         "passes": [r.as_dict() for r in records],
-        "ops": _op_histogram(integer_proto),
+        "ops": ops,
         "float_ops_inside": 0,
         "float_islands": float_islands(integer),
         "tuned": tune,
@@ -549,7 +581,7 @@ def compile(
     if result.layers is not None:
         report["layers"] = result.layers
     logger.info("compiled in %.2fs\n%s", time.perf_counter() - start, format_records(records))
-    return CompiledModel(module, integer_proto, report, result.qdq)
+    return CompiledModel(module, integer, report, result.qdq)
 
 
 def _op_histogram(model: onnx.ModelProto) -> dict[str, int]:

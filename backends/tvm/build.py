@@ -283,6 +283,7 @@ def build(
     metaschedule_trials: int = 0,
     progress: bool = False,
     remote: Device | None = None,
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> TVMModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
 
@@ -296,6 +297,7 @@ def build(
     ``progress``: one line per stage (import, schedules, code generation), a bar over the kernels scheduled.
     ``remote``: a device behind a TVM RPC tracker (remote.py): the tiles and MetaSchedule's trials are timed there,
     and the module runs there; ``target`` should then be the device's (:meth:`Device.target`).
+    ``weights``: the arrays of ``model``'s external initializers (:func:`importer.import_onnx`).
     """
     configure_threads()
     trials = metaschedule.validate_trials(metaschedule_trials)
@@ -307,11 +309,11 @@ def build(
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)
         with step("build: import to TVM Relax", progress):
-            mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout)
+            mod = importer.import_onnx(model, static, isa=isa, gemms=gemms, conv_layout=conv_layout, weights=weights)
         if tune and gemms:
             cache = tile_cache if tile_cache is not None else tuning.TileCache()
             tiles = _tuned_tiles(gemms, tvm_target, isa, cache, remote)
-            mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout)
+            mod = importer.import_onnx(model, static, isa=isa, tiles=tiles, conv_layout=conv_layout, weights=weights)
     unscheduled = metaschedule.tunable_functions(mod) if trials else {}  # our kernels, before their schedules
     with step("build: schedule and legalize", False):  # recorded only: the kernels' bar is the progress
         mod = schedules.schedule_module(mod, use_avx2=isa != "generic", progress=progress)

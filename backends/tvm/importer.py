@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -35,6 +36,7 @@ from qcompiler.backends.tvm.tuning import Tile
 from qcompiler.dialect import storage_dtype
 from qcompiler.dialect.dyadic import ROW_EXPONENT_MAX
 from qcompiler.errors import UnsupportedOpError
+from qcompiler.ir.graph import ALIGNMENT
 
 
 def _const_numpy(expr: relax.Expr, what: str, op: str) -> np.ndarray:
@@ -792,6 +794,35 @@ def _extended_convert_map() -> Iterator[None]:
         OF._get_convert_map = original
 
 
+@contextlib.contextmanager
+def _initializers_from(weights: Mapping[str, np.ndarray] | None) -> Iterator[None]:
+    """TVM's importer makes a constant of every initializer from the proto's bytes (a copy of all the weights,
+    on top of the proto's own): for the model's external initializers it takes the arrays in ``weights``
+    instead, adopting their memory where they are C-contiguous and 64-byte aligned (DLPack), else copying."""
+    if not weights:
+        yield
+        return
+    original = OF.ONNXGraphImporter._parse_array
+
+    def parse(importer: Any, tensor: onnx.TensorProto) -> Any:
+        array = weights.get(tensor.name) if tensor.data_location == onnx.TensorProto.EXTERNAL else None
+        if array is None:
+            return original(importer, tensor)
+        return _tvm_tensor(array)
+
+    OF.ONNXGraphImporter._parse_array = parse
+    try:
+        yield
+    finally:
+        OF.ONNXGraphImporter._parse_array = original
+
+
+def _tvm_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
+    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0 and array.size:
+        return tvm.runtime.from_dlpack(array)  # holds the array: no copy
+    return tvm.runtime.tensor(np.ascontiguousarray(array))
+
+
 def import_onnx(
     model: onnx.ModelProto,
     shapes: dict[str, list[int]],
@@ -799,11 +830,14 @@ def import_onnx(
     tiles: Mapping[tuple[int, int, int], Tile] | None = None,
     gemms: set[tuple[int, int, int, int]] | None = None,
     conv_layout: str = "auto",
+    weights: Mapping[str, np.ndarray] | None = None,
 ) -> tvm.IRModule:
     """Relax module of an integer ONNX model with static input ``shapes``; the GEMMs planned for ``isa``
     (:func:`qcompiler.backends.tvm.int8_dot_isa`) with the register ``tiles`` given per (M, N, K) (tuning.py), the
     others the default. ``gemms``: filled with the (M, N, K, kb) of every int8 GEMM planned. ``conv_layout``: the
-    im2col layout of group-1 convolutions (:data:`CONV_LAYOUTS`, :func:`conv_layout_for`)."""
+    im2col layout of group-1 convolutions (:data:`CONV_LAYOUTS`, :func:`conv_layout_for`). ``weights``: the
+    arrays of the model's external initializers (:func:`qcompiler.ir.ort_session.serialize_sharing_weights`:
+    the IR's own, no proto of the weights)."""
     if conv_layout not in CONV_LAYOUTS:
         raise ValueError(f"conv_layout: {conv_layout!r} is not one of {', '.join(CONV_LAYOUTS)}")
     global _STATE
@@ -811,7 +845,7 @@ def import_onnx(
         i.name: onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in model.graph.input
     }
     opset = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
-    with _extended_convert_map():
+    with _extended_convert_map(), _initializers_from(weights):
         _STATE = _ImportState(
             isa=isa, tiles=dict(tiles or {}), gemms=gemms if gemms is not None else set(), conv_layout=conv_layout
         )

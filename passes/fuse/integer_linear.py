@@ -11,7 +11,7 @@ import onnx_ir as ir
 from onnxscript.rewriter import MatchResult, RewritePass, RewriteRuleClassBase, RewriteRuleSet
 
 from qcompiler.dialect import DOMAIN
-from qcompiler.ir.graph import const_array, unique_name
+from qcompiler.ir.graph import aligned_copy, const_array, unique_name
 
 _EPILOGUE = ("zero_point", "lo", "hi")
 
@@ -70,7 +70,7 @@ class _FuseMatMulInteger(RewriteRuleClassBase):
     def rewrite(self, op, x, w, bias, multiplier, shift, requant_out, row_exponent=None, **_):
         weight, b = const_array(w), const_array(bias)
         assert weight is not None and b is not None
-        w_t = _fresh(op, np.ascontiguousarray(weight.T), requant_out, "weight_nk")
+        w_t = _fresh(op, aligned_copy(weight.T), requant_out, "weight_nk")  # the TVM build adopts it, no copy
         b_vec = _fresh(op, b.reshape(-1).astype(np.int32), requant_out, "fused_bias")
         rows = [row_exponent] if row_exponent is not None else []
         return op.QGemm(x, w_t, b_vec, multiplier, shift, *rows, _domain=DOMAIN, **_epilogue(requant_out))

@@ -82,6 +82,20 @@ def _names(graph: ir.Graph) -> set[str]:
     return names
 
 
+#: the alignment TVM needs to adopt an array's memory as a constant (DLPack; else it copies): 64 bytes
+ALIGNMENT = 64
+
+
+def aligned_copy(array: np.ndarray) -> np.ndarray:
+    """``array`` copied into a C-contiguous buffer whose start is :data:`ALIGNMENT`-aligned, so that the TVM
+    backend takes it as a constant without another copy (numpy aligns large buffers to 16 bytes)."""
+    buffer = np.empty(array.nbytes + ALIGNMENT, np.uint8)
+    start = -buffer.ctypes.data % ALIGNMENT
+    out = buffer[start : start + array.nbytes].view(array.dtype).reshape(array.shape)
+    np.copyto(out, array)
+    return out
+
+
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
     """Register ``array`` as a new initializer named after ``base`` and return its value; ``dtype`` stores it
     as another element type (``INT4`` codes given as int8)."""
