@@ -5,7 +5,12 @@ For each model: the float32 weight bytes, the peak resident memory of the whole 
 weights), the time and the peak after every stage (``report["stages"]``: the stage whose peak column jumps set
 the peak), and for the random Llamas the compile seconds per layer (flat = linear in depth).
 
-    .venv/bin/python benchmarks/bench_compile_scaling.py [--layers 4,8,16,32] [--hidden 256] [--no-smollm2]
+    .venv/bin/python benchmarks/bench_compile_scaling.py [--layers 4,8,16,32] [--hidden 256] [--no-smollm2] [--big]
+
+``--big`` adds the 1.1 B-parameter check of issue 20: a random Llama of TinyLlama-1.1B's shape (hidden 2048, 22
+layers, intermediate 5632, 32 heads, 4 key-value heads, vocabulary 32000; 4.4 GB of float32 weights, built from
+its config) compiled W8A8 (``w8a8-llm``, 4 windows of 64 tokens) on this machine: peak memory against twice its
+weights, time per stage. ``--layers ""`` skips the depth series.
 
 Prints the tables and saves them to benchmarks/results/compile_scaling.json.
 """
@@ -52,6 +57,27 @@ def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], 
     return logits_module(model), batches, weights
 
 
+#: TinyLlama-1.1B's shape (issue 20's 1 B check): about 1.1 B parameters
+BIG_LLAMA = {
+    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
+    "num_attention_heads": 32, "num_key_value_heads": 4,
+}  # fmt: skip
+
+
+def _big_llama() -> tuple[Any, list[dict[str, Any]], int]:
+    import numpy as np
+    import torch
+    import transformers
+
+    config = transformers.LlamaConfig(**BIG_LLAMA, max_position_embeddings=TOKENS)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    rng = np.random.default_rng(1)
+    batches = [{"ids": rng.integers(0, config.vocab_size, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES)]
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return logits_module(model), batches, weights
+
+
 def _smollm2() -> tuple[Any, list[dict[str, Any]], int]:
     from qcompiler.testing.llm import load_smollm2
 
@@ -67,7 +93,8 @@ def _one(name: str, layers: int, hidden: int, out: Path) -> None:
     import qcompiler
 
     torch.set_num_threads(2)
-    module, batches, weights = _smollm2() if name == "smollm2" else _random_llama(layers, hidden)
+    builders = {"smollm2": _smollm2, "llama-1.1b": _big_llama}
+    module, batches, weights = builders[name]() if name in builders else _random_llama(layers, hidden)
     before, _ = memory_mb()  # the float model, as the user holds it
     example = (torch.from_numpy(batches[0]["ids"]),)
     recipe = "w8a8-llm"
@@ -89,6 +116,7 @@ def main() -> None:
     parser.add_argument("--layers", default="4,8,16,32", help="depths of the random Llamas (comma-separated)")
     parser.add_argument("--hidden", type=int, default=256, help="the random Llamas' width")
     parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M (its package is optional)")
+    parser.add_argument("--big", action="store_true", help="also the random 1.1 B Llama (TinyLlama's shape)")
     parser.add_argument("--one", nargs=3, metavar=("NAME", "LAYERS", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -97,6 +125,8 @@ def main() -> None:
     configs = [(f"llama-{args.hidden}", int(n)) for n in args.layers.split(",") if n]
     if not args.no_smollm2:
         configs.append(("smollm2", 30))
+    if args.big:
+        configs.append(("llama-1.1b", BIG_LLAMA["num_hidden_layers"]))
     rows, stages = [], {}
     with tempfile.TemporaryDirectory(prefix="qc_scaling_") as folder:
         for name, layers in configs:
@@ -126,7 +156,7 @@ def per_layer(rows: list[dict[str, Any]]) -> dict[str, Any]:
     """Fit ``seconds = fixed + slope * layers`` over the random Llamas (least squares) and give each of their rows
     its seconds per layer beyond the fixed cost (imports, the build's per-kernel work): flat when compile time
     is linear in depth. Prints the fit and the spread."""
-    llamas = [r for r in rows if r["model"].startswith("llama")]
+    llamas = [r for r in rows if r["model"].startswith("llama-") and r["model"] != "llama-1.1b"]
     if len(llamas) < 2:
         return {}
     layers = [r["layers"] for r in llamas]

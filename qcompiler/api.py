@@ -105,9 +105,10 @@ def _fix_input_shapes(model: ir.Model, shapes: Mapping[str, list[int]]) -> None:
 class CompiledModel:
     """An integer-only compiled model. Call it on numpy arrays or torch tensors.
 
-    A model fresh from :func:`compile` holds its integer and QDQ graphs as IR whose tensors are the same arrays
-    (no copy of the weights), and :attr:`integer_model` and :attr:`qdq_model` serialize them on each access;
-    one from :func:`load` holds the protos it read."""
+    A model fresh from :func:`compile` holds its integer and QDQ graphs as IR sharing their tensors where the
+    lowering kept them (no serialized copy of the weights; the fused GEMMs' weights are [N, K] transposes), and
+    :attr:`integer_model` and :attr:`qdq_model` serialize them on each access; one from :func:`load` holds the
+    protos it read."""
 
     def __init__(
         self,
@@ -198,7 +199,39 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 
 def _as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
-    return ir.serde.serialize_model(model) if isinstance(model, ir.Model) else model
+    """The model as a self-contained proto: an IR model's tensors kept in a file (:func:`_offload`) read in."""
+    if not isinstance(model, ir.Model):
+        return model
+    if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
+        model = ir.external_data.load_to_model(model.clone())
+    return ir.serde.serialize_model(model)
+
+
+#: a QDQ graph whose tensors pass this size is kept in a temporary file, memory-mapped, once lowering has read it
+OFFLOAD_BYTES = 256 << 20
+
+
+def _initializer_bytes(model: ir.Model) -> int:
+    return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+
+
+def _offload(model: ir.Model) -> ir.Model:
+    """``model`` written to a temporary directory (its tensors in a ``.data`` file) and read back lazily: its
+    tensors are memory-mapped from the file, resident only while read (a 1.1 B-parameter model's int8 weights
+    are 1.1 GB). The directory goes when the returned model does."""
+    import shutil
+    import tempfile
+    import weakref
+
+    folder = Path(tempfile.mkdtemp(prefix="qcompiler-qdq-"))
+    try:
+        ir.save(model, folder / QDQ_FILE, external_data=f"{QDQ_FILE}.data")
+        kept = ir.load(folder / QDQ_FILE)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    weakref.finalize(kept, shutil.rmtree, folder, True)
+    return kept
 
 
 def _save_onnx(model: onnx.ModelProto | ir.Model, path: Path) -> None:
@@ -206,8 +239,10 @@ def _save_onnx(model: onnx.ModelProto | ir.Model, path: Path) -> None:
     writes them without changing the in-memory model; ``onnx.load`` reads them back). IR is written without a
     proto of the whole model in memory."""
     if isinstance(model, ir.Model):
-        size = sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
-        ir.save(model, path, external_data=f"{path.name}.data" if size > EXTERNAL_DATA_BYTES else None)
+        if _initializer_bytes(model) > EXTERNAL_DATA_BYTES:
+            ir.save(model, path, external_data=f"{path.name}.data")
+        else:  # one file, tensors kept in a file (_offload) read in
+            onnx.save(_as_proto(model), path)
         return
     if model.ByteSize() <= EXTERNAL_DATA_BYTES:
         onnx.save(model, path)
@@ -286,9 +321,13 @@ class _IntegerResult(_QDQResult):
     qdq: ir.Model | None = None
 
     def qdq_ir(self) -> ir.Model:
-        """The QDQ model (a clone: the caller may edit it; the tensors are shared, not copied)."""
+        """The QDQ model (a clone: the caller may edit it; the tensors are shared, not copied, or read in from
+        the file an offloaded graph keeps them in, which goes with this result)."""
         assert self.qdq is not None
-        return self.qdq.clone()
+        clone = self.qdq.clone()
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in clone.graph.initializers.values()):
+            return ir.external_data.load_to_model(clone)
+        return clone
 
 
 def _quantize_to_integer(
@@ -304,6 +343,8 @@ def _quantize_to_integer(
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
     with step("keep the QDQ graph (tensors shared)", False):
         kept = qdq.model.clone()
+        if _initializer_bytes(kept) > OFFLOAD_BYTES:  # lowering replaces the fused GEMMs' codes: not held twice
+            kept = _offload(kept)
     with step("lower to integer ops", progress):
         lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)

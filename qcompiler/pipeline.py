@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.errors import PassFailedError, QCompilerError, VerificationError
-from qcompiler.ir.graph import naming
+from qcompiler.ir.graph import naming, release_removed_values
 from qcompiler.ir.verifier import verify
 from qcompiler.logs import third_party_routed
 
@@ -150,6 +150,7 @@ class Pipeline:
                 raise PassFailedError(name, f"{type(exc).__name__}: {exc}") from exc
             seconds = time.perf_counter() - start
             model = result.model
+            release_removed_values(model)  # else every initializer the pass replaced stays in memory
             after = _op_counts(model)
             record = PassRecord(
                 name=name,

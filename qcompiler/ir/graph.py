@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 from collections.abc import Iterator
 
@@ -80,6 +81,26 @@ def _names(graph: ir.Graph) -> set[str]:
     for node in graph:
         names.update(v.name for v in node.outputs if v.name)
     return names
+
+
+def release_removed_values(model: ir.Model) -> int:
+    """Drop the values a graph no longer holds from onnx_ir's input and output bookkeeping; returns how many.
+
+    onnx_ir 1.1's ``GraphInputs`` and ``GraphOutputs`` count their values in a ``Counter`` and only decrement it,
+    so a value they saw removed (with count 0 or below) stays a key forever, and with it the tensor of a removed
+    initializer: every weight a pass replaced stayed in memory (measured on a 1.1 B Llama: its int8 codes, 1 GB,
+    held after lowering had replaced them). The pipeline calls this after every pass."""
+    released = 0
+    for graph in model.graphs():
+        for container in (graph.inputs, graph.outputs):
+            counter = getattr(container, "_ref_counter", None)
+            if not isinstance(counter, collections.Counter):
+                continue
+            dead = [value for value, count in counter.items() if count <= 0]
+            for value in dead:
+                del counter[value]
+            released += len(dead)
+    return released
 
 
 #: the alignment TVM needs to adopt an array's memory as a constant (DLPack; else it copies): 64 bytes

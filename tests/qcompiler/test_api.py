@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
@@ -336,3 +337,34 @@ def test_simulate_runs_the_rotated_gptq_recipe_and_8_bits_stay_close() -> None:
         assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
         low = run_onnxruntime(w4a4, feeds)[0]
         assert np.all(np.isfinite(low))
+
+
+def test_a_large_qdq_graph_is_kept_in_a_temporary_file_and_serves_as_before(monkeypatch, tmp_path) -> None:
+    """Issue 20: above OFFLOAD_BYTES the QDQ graph a compiled model keeps is memory-mapped from a temporary file
+    (not resident); its proto, its saved copy and its HTML report are what an in-memory graph gives, and the
+    file goes with the model."""
+    import gc
+
+    import qcompiler.api as api
+
+    images, _ = digits_28x28()
+    calibration = [images[i : i + 1] for i in range(0, 32, 4)]
+    kept = qcompiler.compile(str(mnist_model_path()), calibration=calibration, progress=False)
+    monkeypatch.setattr(api, "OFFLOAD_BYTES", 0)
+    offloaded = qcompiler.compile(str(mnist_model_path()), calibration=calibration, progress=False)
+    held = [v.const_value for v in offloaded._qdq.graph.initializers.values() if v.const_value.nbytes >= 1024]
+    assert held and all(isinstance(t, ir.ExternalTensor) for t in held)  # the small ones stay inline
+    folder = Path(held[0].base_dir)
+    assert folder.is_dir() and not folder.is_relative_to(tmp_path)
+    assert offloaded.qdq_model.SerializeToString() == kept.qdq_model.SerializeToString()
+    saved = onnx.load(str(offloaded.save(tmp_path / "model") / api.QDQ_FILE))
+    want = kept.qdq_model
+    assert list(saved.graph.node) == list(want.graph.node)
+    arrays = {t.name: numpy_helper.to_array(t) for t in saved.graph.initializer}
+    assert arrays.keys() == {t.name for t in want.graph.initializer}
+    for tensor in want.graph.initializer:
+        np.testing.assert_array_equal(arrays[tensor.name], numpy_helper.to_array(tensor))
+    offloaded.report_html(tmp_path / "report.html", profile=False)
+    del offloaded, held
+    gc.collect()
+    assert not folder.exists()
