@@ -30,6 +30,7 @@ from common import print_table, save
 
 from qcompiler import files
 from qcompiler.progress import memory_mb
+from qcompiler.testing.big_llama import CONFIG, random_llama
 from qcompiler.testing.llm import logits_module
 
 TOKENS = 64  # the random Llamas' window
@@ -57,25 +58,10 @@ def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], 
     return logits_module(model), batches, weights
 
 
-#: TinyLlama-1.1B's shape (issue 20's 1 B check): about 1.1 B parameters
-BIG_LLAMA = {
-    "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
-    "num_attention_heads": 32, "num_key_value_heads": 4,
-}  # fmt: skip
-
-
 def _big_llama() -> tuple[Any, list[dict[str, Any]], int]:
-    import numpy as np
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig(**BIG_LLAMA, max_position_embeddings=TOKENS)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    rng = np.random.default_rng(1)
-    batches = [{"ids": rng.integers(0, config.vocab_size, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES)]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return logits_module(model), batches, weights
+    """The random 1.1 B Llama of :mod:`qcompiler.testing.big_llama` (its own calibration windows)."""
+    module, batches, _, weights = random_llama(CONFIG["num_hidden_layers"])
+    return module, batches, weights
 
 
 def _smollm2() -> tuple[Any, list[dict[str, Any]], int]:
@@ -126,7 +112,7 @@ def main() -> None:
     if not args.no_smollm2:
         configs.append(("smollm2", 30))
     if args.big:
-        configs.append(("llama-1.1b", BIG_LLAMA["num_hidden_layers"]))
+        configs.append(("llama-1.1b", CONFIG["num_hidden_layers"]))
     rows, stages = [], {}
     with tempfile.TemporaryDirectory(prefix="qc_scaling_") as folder:
         for name, layers in configs:

@@ -208,7 +208,8 @@ def _transposable(proto: onnx.ModelProto, candidates: set[str]) -> set[str]:
             if name not in candidates:
                 continue
             left = shapes.get(node.input[0]) if _is_matmul(node) and index == 1 else None
-            rows = None if left is None or len(left) < 2 or None in left[:-1] else int(np.prod(left[:-1]))
+            known = [d for d in (left or [])[:-1] if d is not None]
+            rows = int(np.prod(known)) if left is not None and len(left) >= 2 and len(known) == len(left) - 1 else None
             if rows is None or rows < 2 or node.input[0] == name:
                 refused.add(name)
     return candidates - refused

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 #: TinyLlama-1.1B's shape
-CONFIG: dict[str, int] = {
+CONFIG: dict[str, Any] = {
     "vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632, "num_hidden_layers": 22,
     "num_attention_heads": 32, "num_key_value_heads": 4,
 }  # fmt: skip
