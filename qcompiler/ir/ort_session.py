@@ -183,7 +183,8 @@ _MICROSOFT = "com.microsoft"
 
 
 def _is_transposed(array: np.ndarray) -> bool:
-    return array.ndim == 2 and not array.flags.c_contiguous and array.T.flags.c_contiguous
+    """A float32 matrix stored transposed (FusedMatMul's CPU kernel is float32 only)."""
+    return array.dtype == np.float32 and array.ndim == 2 and not array.flags.c_contiguous and array.T.flags.c_contiguous
 
 
 def _is_matmul(node: onnx.NodeProto) -> bool:
