@@ -30,32 +30,20 @@ from common import print_table, save
 
 from qcompiler import files
 from qcompiler.progress import memory_mb
-from qcompiler.testing.big_llama import CONFIG, random_llama
-from qcompiler.testing.llm import logits_module
+from qcompiler.testing.big_llama import CALIBRATION_BATCHES, CONFIG, TOKENS, random_llama
 
-TOKENS = 64  # the random Llamas' window
-CALIBRATION_BATCHES = 4
 VOCAB = 2048
 SUMMARY = ["model", "layers", "float MB", "peak MB", "peak / float", "before MB", "compile s", "s / layer",
            "s / layer beyond fixed"]  # fmt: skip
 
 
 def _random_llama(layers: int, hidden: int) -> tuple[Any, list[dict[str, Any]], int]:
-    import numpy as np
-    import torch
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=hidden, intermediate_size=hidden * 8 // 3 // 8 * 8, num_hidden_layers=layers,
-        num_attention_heads=max(hidden // 64, 1), num_key_value_heads=max(hidden // 128, 1),
-        max_position_embeddings=TOKENS,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).eval()
-    rng = np.random.default_rng(1)
-    batches = [{"ids": rng.integers(0, VOCAB, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES)]
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    return logits_module(model), batches, weights
+    shape = {
+        "vocab_size": VOCAB, "hidden_size": hidden, "intermediate_size": hidden * 8 // 3 // 8 * 8,
+        "num_attention_heads": max(hidden // 64, 1), "num_key_value_heads": max(hidden // 128, 1),
+    }  # fmt: skip
+    module, batches, _, weights = random_llama(layers, config=shape)
+    return module, batches, weights
 
 
 def _big_llama() -> tuple[Any, list[dict[str, Any]], int]:

@@ -200,11 +200,14 @@ EXTERNAL_DATA_BYTES = 1 << 30
 
 def _as_proto(model: onnx.ModelProto | ir.Model) -> onnx.ModelProto:
     """The model as a self-contained proto: an IR model's tensors kept in a file (:func:`_offload`) read in."""
-    if not isinstance(model, ir.Model):
-        return model
+    return ir.serde.serialize_model(_in_memory(model.clone())) if isinstance(model, ir.Model) else model
+
+
+def _in_memory(model: ir.Model) -> ir.Model:
+    """``model`` (edited in place) with any tensors kept in a file (:func:`_offload`) read into memory."""
     if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.graph.initializers.values()):
-        model = ir.external_data.load_to_model(model.clone())
-    return ir.serde.serialize_model(model)
+        return ir.external_data.load_to_model(model)
+    return model
 
 
 #: a QDQ graph whose tensors pass this size is kept in a temporary file, memory-mapped, once lowering has read it
@@ -324,10 +327,7 @@ class _IntegerResult(_QDQResult):
         """The QDQ model (a clone: the caller may edit it; the tensors are shared, not copied, or read in from
         the file an offloaded graph keeps them in, which goes with this result)."""
         assert self.qdq is not None
-        clone = self.qdq.clone()
-        if any(isinstance(v.const_value, ir.ExternalTensor) for v in clone.graph.initializers.values()):
-            return ir.external_data.load_to_model(clone)
-        return clone
+        return _in_memory(self.qdq.clone())
 
 
 def _quantize_to_integer(

@@ -81,7 +81,7 @@ def onnxruntime_session(
     returned :class:`FedSession` feeds at every run: onnxruntime reads a fed array where it lies, while an
     initializer it is handed (``add_external_initializers``) is copied into the session, the whole model's
     weights again (measured: 8 x 64 MB weights, +520 MB). A transposed view (a torch export's linear weight)
-    is fed as the contiguous array under it, through a Transpose that onnxruntime folds into the MatMul.
+    is fed as the contiguous array under it to a FusedMatMul with ``transB`` (:func:`_feed_shared_weights`).
 
     Args:
         model: the model to run.

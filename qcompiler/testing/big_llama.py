@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,19 +35,22 @@ BLOCKS = 2  # layers of the op-by-op check's model
 RECIPE = "w8a8-llm"
 
 
-def random_llama(layers: int, seed: int = 0) -> tuple[Any, list[dict[str, np.ndarray]], dict[str, np.ndarray], int]:
+def random_llama(
+    layers: int, seed: int = 0, config: Mapping[str, Any] | None = None
+) -> tuple[Any, list[dict[str, np.ndarray]], dict[str, np.ndarray], int]:
     """(logits module, calibration batches, a held-out batch, float32 weight bytes) of the random Llama with
-    ``layers`` layers of :data:`CONFIG`'s width."""
+    ``layers`` layers of ``config``'s shape (transformers' ``LlamaConfig`` arguments; :data:`CONFIG`)."""
     import torch
     import transformers
 
     from qcompiler.testing.llm import logits_module
 
-    config = transformers.LlamaConfig(**{**CONFIG, "num_hidden_layers": layers}, max_position_embeddings=TOKENS)
+    shape = {**(CONFIG if config is None else config), "num_hidden_layers": layers}
+    llama = transformers.LlamaConfig(**shape, max_position_embeddings=TOKENS)
     torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(llama).eval()
     rng = np.random.default_rng(seed + 1)
-    batches = [{"ids": rng.integers(0, config.vocab_size, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES + 1)]
+    batches = [{"ids": rng.integers(0, llama.vocab_size, (1, TOKENS))} for _ in range(CALIBRATION_BATCHES + 1)]
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     return logits_module(model), batches[:-1], batches[-1], weights
 
