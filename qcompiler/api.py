@@ -18,7 +18,7 @@ from onnx_ir.passes.common import RemoveUnusedNodesPass
 from qcompiler import calibrate as calibration_module
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
-from qcompiler.errors import CalibrationError, QCompilerError, RecipeError
+from qcompiler.errors import CalibrationError, QCompilerError, RecipeError, TargetError
 from qcompiler.ir import load as load_model
 from qcompiler.ir.analysis.architecture import describe
 from qcompiler.ir.ort_session import serialize_sharing_weights
@@ -29,10 +29,12 @@ from qcompiler.progress import recording, step
 
 if TYPE_CHECKING:  # the backend (TVM, and through it torch) is imported on the first build or load, not here
     from qcompiler.backends.tvm import TVMModule
+    from qcompiler.backends.tvm.opencl import OpenCLModule
 
 logger = logging.getLogger(__name__)
 
 LIBRARY_FILE = "model.so"
+OPENCL_FILE = "model.opencl.npz"  # target "opencl": OpenCL C, launch plans and constants (run through pyopencl)
 INTEGER_FILE = "integer.onnx"
 QDQ_FILE = "qdq.onnx"
 REPORT_FILE = "report.json"
@@ -112,7 +114,7 @@ class CompiledModel:
 
     def __init__(
         self,
-        module: TVMModule,
+        module: TVMModule | OpenCLModule,
         integer_model: onnx.ModelProto | ir.Model,
         report: dict[str, Any],
         qdq_model: onnx.ModelProto | ir.Model | None = None,
@@ -186,7 +188,9 @@ class CompiledModel:
             FileExistsError: ``directory`` exists and ``overwrite`` is false.
         """
         with files.atomic_directory(directory, overwrite) as staging:
-            self.module.export(staging / LIBRARY_FILE)
+            self.module.export(staging / (OPENCL_FILE if self.module.where == "opencl" else LIBRARY_FILE))
+            for name, text in self.module.sources.items():  # CUDA: kernels.cu and kernels.ptx
+                (staging / name).write_text(text)
             _save_onnx(self._integer, staging / INTEGER_FILE)
             if self._qdq is not None:
                 _save_onnx(self._qdq, staging / QDQ_FILE)
@@ -257,10 +261,12 @@ def load(directory: str | Path, rpc: str | None = None) -> CompiledModel:
     """Reload a :meth:`CompiledModel.save` directory; with ``rpc`` (``"host:port:key"``, as for :func:`compile`),
     to run on that device: its library is uploaded to it on the first call."""
     from qcompiler.backends.tvm import TVMModule
+    from qcompiler.backends.tvm.opencl import OpenCLModule
     from qcompiler.backends.tvm.remote import Device, Tracker
 
     root = Path(directory)
-    for name in (LIBRARY_FILE, INTEGER_FILE, REPORT_FILE):
+    library = OPENCL_FILE if (root / OPENCL_FILE).is_file() else LIBRARY_FILE
+    for name in (library, INTEGER_FILE, REPORT_FILE):
         if not (root / name).is_file():
             raise QCompilerError(f"directory: {root} is not a saved qcompiler model ({name} is missing)")
     integer_model = onnx.load(str(root / INTEGER_FILE))
@@ -270,7 +276,12 @@ def load(directory: str | Path, rpc: str | None = None) -> CompiledModel:
         onnx.helper.tensor_dtype_to_np_dtype(i.type.tensor_type.elem_type).name for i in integer_model.graph.input
     ]
     remote = Device(Tracker.parse(rpc)) if rpc is not None else None
-    module = TVMModule.load(root / LIBRARY_FILE, names, dtypes, remote)
+    module: TVMModule | OpenCLModule
+    if library == OPENCL_FILE:
+        module = OpenCLModule.load(root / OPENCL_FILE)
+    else:
+        kind = "cuda" if report.get("target_kind") == "cuda" else "cpu"
+        module = TVMModule.load(root / LIBRARY_FILE, names, dtypes, remote, kind)
     qdq = onnx.load(str(root / QDQ_FILE)) if (root / QDQ_FILE).is_file() else None
     return CompiledModel(module, integer_model, report, qdq)
 
@@ -534,7 +545,10 @@ def compile(
 
     Args:
         model: ``torch.nn.Module``, ONNX path, ``onnx.ModelProto`` or ``onnx_ir.Model``.
-        target: ``"llvm"`` (this CPU) or a ``tvm.target.Target`` of kind llvm.
+        target: ``"llvm"`` (this CPU) or a ``tvm.target.Target`` of kind llvm; ``"cuda"`` (this machine's GPU, else
+            sm_80) or ``{"kind": "cuda", "arch": "sm_90"}``: NVIDIA GPUs, built with nvcc (``save`` writes
+            ``kernels.cu`` and ``kernels.ptx`` beside the library; it runs where a CUDA GPU is); ``"opencl"``: run
+            through pyopencl on this machine's OpenCL device (a GPU, else PoCL or Oclgrind on the CPU).
         example_inputs: one input batch; required for torch modules and for dynamic input shapes.
         calibration: representative data: an iterable of batches or a dict ``{input: stacked batches}``.
         recipe: a built-in recipe name (``w8a8``) or a TOML recipe path. The default, ``auto``, chooses one from
@@ -567,6 +581,10 @@ def compile(
     from qcompiler.backends.tvm.remote import Device, Tracker
 
     tvm_target, _ = resolve_target(target)  # fail on a bad target, trial count, recipe or device before any work
+    if tvm_target.kind.name != "llvm" and (tune or metaschedule_trials or rpc is not None):
+        raise TargetError(
+            f"target {tvm_target.kind.name}: tune, metaschedule_trials and rpc are CPU-only for now; build without them"
+        )
     tracker = Tracker.parse(rpc) if rpc is not None else None
     validate_trials(metaschedule_trials)
     chosen = load_recipe(recipe)
@@ -607,6 +625,7 @@ def compile(
         "recipe": result.recipe.name,
         "auto": dataclasses.asdict(result.choice) if result.choice is not None else None,
         "target": str(tvm_target),
+        "target_kind": tvm_target.kind.name,
         "device": module.where,
         "input_shapes": shapes,
         "passes": [r.as_dict() for r in records],

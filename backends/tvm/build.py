@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -10,7 +11,7 @@ import time
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -23,6 +24,9 @@ from qcompiler.backends.tvm.remote import Device
 from qcompiler.errors import TargetError
 from qcompiler.logs import native_stderr_routed
 from qcompiler.progress import step
+
+if TYPE_CHECKING:
+    from qcompiler.backends.tvm.opencl import OpenCLModule
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +47,30 @@ def host_cpu_features() -> frozenset[str]:
 def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple[tvm.target.Target, bool]:
     """The TVM target for ``target`` and whether the AVX2 int8 intrinsics may be used.
 
-    ``"llvm"`` (or ``"cpu"``) means this machine: its CPU name from LLVM and its core count.
+    ``"llvm"`` (or ``"cpu"``) means this machine: its CPU name from LLVM and its core count. ``"cuda"`` (or
+    ``{"kind": "cuda", "arch": "sm_90"}``) and ``"opencl"``: the GPU targets (:mod:`qcompiler.backends.tvm.gpu`);
+    the flag is then False.
 
     Raises:
-        TargetError: an unknown target name, or a GPU target (not built yet).
+        TargetError: an unknown target name or kind; a CUDA arch we do not build for, or no nvcc; no pyopencl or
+            no working OpenCL device.
     """
+    from qcompiler.backends.tvm import gpu
+
+    kind = (
+        target.kind.name
+        if isinstance(target, tvm.target.Target)
+        else str(target.get("kind", ""))
+        if isinstance(target, Mapping)
+        else target
+    )
+    if kind in ("cuda", "gpu"):
+        spec = "cuda" if kind == "gpu" else target
+        if isinstance(spec, tvm.target.Target):
+            spec = {k: v for k, v in spec.export().items() if k != "host"}
+        return gpu.cuda_target(spec), False
+    if kind == "opencl":
+        return gpu.opencl_target("opencl"), False
     if isinstance(target, tvm.target.Target):
         tvm_target = target
     elif isinstance(target, Mapping):
@@ -55,12 +78,12 @@ def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple
     elif target in ("llvm", "cpu"):
         cpu = tvm.target.codegen.llvm_get_system_cpu()
         tvm_target = tvm.target.Target({"kind": "llvm", "mcpu": cpu, "num-cores": os.cpu_count() or 1})
-    elif target in ("cuda", "gpu"):
-        raise TargetError("target: the CUDA backend is not available yet; use target='llvm'")
     else:
-        raise TargetError(f"target: unknown target {target!r}; use 'llvm' (this CPU) or a tvm.target.Target")
+        raise TargetError(
+            f"target: unknown target {target!r}; use 'llvm' (this CPU), 'cuda', 'opencl' or a tvm.target.Target"
+        )
     if tvm_target.kind.name != "llvm":
-        raise TargetError(f"target: kind {tvm_target.kind.name!r} is not supported; use 'llvm'")
+        raise TargetError(f"target: kind {tvm_target.kind.name!r} is not supported; use 'llvm', 'cuda' or 'opencl'")
     return tvm_target, int8_dot_isa(tvm_target) != "generic"
 
 
@@ -134,19 +157,35 @@ class TVMModule:
     """A built integer model: call :meth:`run` with numpy feeds."""
 
     def __init__(
-        self, executable: Any, input_names: list[str], input_dtypes: list[str], remote: Device | None = None
+        self,
+        executable: Any,
+        input_names: list[str],
+        input_dtypes: list[str],
+        remote: Device | None = None,
+        device_kind: str = "cpu",
     ) -> None:
         self.executable = executable
         self.input_names = input_names
         self.input_dtypes = input_dtypes
         self.remote = remote  # a device behind a TVM RPC tracker (remote.py): runs and timings happen there
+        self.device_kind = device_kind  # "cpu" or "cuda": where the kernels run
+        self.sources: dict[str, str] = {}  # generated code saved beside the library (CUDA: kernels.cu, kernels.ptx)
         self._vm_main: tuple[Any, Any] | None = None  # loaded on the first run: code for another CPU never is
         self._staging: dict[str, Any] = {}  # one reusable device tensor per input: no allocation per call
         self._library: Path | None = None  # the file it was loaded from: uploaded as it is to a remote device
 
     @property
     def device(self) -> Any:
-        return self.remote.tvm_device if self.remote is not None else tvm.cpu()
+        if self.remote is not None:
+            return self.remote.tvm_device
+        if self.device_kind == "cuda":
+            if not tvm.runtime.enabled("cuda") or not tvm.cuda(0).exist:
+                raise TargetError(
+                    "this model was built for CUDA and this machine has no CUDA GPU (or no driver): save() it and "
+                    "load() it on a machine with one; its kernels.ptx shows the code"
+                )
+            return tvm.cuda(0)
+        return tvm.cpu()
 
     @property
     def where(self) -> str:
@@ -158,7 +197,7 @@ class TVMModule:
         if self._vm_main is None:
             if self.remote is None:
                 configure_threads()
-                vm = relax.VirtualMachine(self.executable, tvm.cpu())
+                vm = relax.VirtualMachine(self.executable, self.device)
             else:
                 code = self.remote.load_file(self._library) if self._library else self.remote.load(self.executable)
                 vm = relax.VirtualMachine(code, self.remote.tvm_device)
@@ -208,7 +247,7 @@ class TVMModule:
                 f"profile: the model runs on {self.where}; per-kernel timing hooks a Python function into the VM, "
                 "which RPC cannot carry. Use time() (the whole call, timed on the device), or profile a local build"
             )
-        vm = relax.VirtualMachine(self.executable, tvm.cpu())
+        vm = relax.VirtualMachine(self.executable, self.device)
         args = self._arguments(feeds)
         vm["main"](*args)  # warm-up: constant pages, thread pool
         runs: list[dict[str, list[float]]] = []
@@ -243,12 +282,21 @@ class TVMModule:
 
     @classmethod
     def load(
-        cls, path: str | Path, input_names: list[str], input_dtypes: list[str], remote: Device | None = None
+        cls,
+        path: str | Path,
+        input_names: list[str],
+        input_dtypes: list[str],
+        remote: Device | None = None,
+        device_kind: str = "cpu",
     ) -> TVMModule:
-        """A library written by :meth:`export`, run here or, with ``remote``, on that device."""
-        with native_stderr_routed():  # and once per memory scope it loads
+        """A library written by :meth:`export`, run here or, with ``remote``, on that device. A CUDA library built
+        where no CUDA driver was carries CUDA C: nvcc compiles it now for this machine's GPU."""
+        from qcompiler.backends.tvm.gpu import nvcc_compiles_cuda
+
+        hook = nvcc_compiles_cuda() if device_kind == "cuda" else contextlib.nullcontext()
+        with native_stderr_routed(), hook:  # and once per memory scope it loads
             module = tvm.runtime.load_module(str(path))
-        loaded = cls(module, input_names, input_dtypes, remote)
+        loaded = cls(module, input_names, input_dtypes, remote, device_kind)
         loaded._library = Path(path)
         return loaded
 
@@ -284,8 +332,9 @@ def build(
     progress: bool = False,
     remote: Device | None = None,
     weights: Mapping[str, np.ndarray] | None = None,
-) -> TVMModule:
+) -> TVMModule | OpenCLModule:
     """Import, schedule and compile ``model`` (integer ONNX) for ``target`` with static input ``shapes``.
+    GPU targets (``cuda``, ``opencl``) are built by :func:`qcompiler.backends.tvm.gpu.build_gpu`.
 
     ``tune``: search the GEMM register tile of every int8 GEMM shape on this machine (tuning.py), reusing and
     extending ``tile_cache`` (default: the on-disk cache); without it the default tiles, and no cache is read.
@@ -302,9 +351,18 @@ def build(
     configure_threads()
     trials = metaschedule.validate_trials(metaschedule_trials)
     tvm_target, _ = resolve_target(target)
-    isa = int8_dot_isa(tvm_target)
     model = _without_constant_nodes(model)
     static = {k: list(v) for k, v in shapes.items()}
+    if tvm_target.kind.name != "llvm":
+        if tune or trials or remote is not None:
+            raise TargetError(
+                f"target {tvm_target.kind.name}: tune, metaschedule_trials and rpc are CPU-only for now; "
+                "build without them"
+            )
+        from qcompiler.backends.tvm.gpu import build_gpu
+
+        return build_gpu(model, static, tvm_target, weights=weights, progress=progress)
+    isa = int8_dot_isa(tvm_target)
     gemms: set[tuple[int, int, int, int]] = set()
     with warnings.catch_warnings():  # TVM warns about every initializer that is not a graph input
         warnings.simplefilter("ignore", UserWarning)

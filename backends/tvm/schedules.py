@@ -58,7 +58,7 @@ CHANNEL_RUN_ATTR = "qcompiler.channel_run"  # input channels of an NHWC convolut
 _NOT_APPLICABLE = tvm.s_tir.schedule.ScheduleError
 
 
-def _block_names(sch: Schedule) -> list[str]:
+def block_names(sch: Schedule) -> list[str]:
     """The top-level blocks; none for a PrimFunc without a root block (an extern or an opaque TVM kernel)."""
     try:
         root = sch.get_sblock("root")
@@ -187,7 +187,7 @@ def schedule_gemm(
     products) join the parallel loop; 16 lanes mean the VNNI instructions (u8 x s8 for KB 4, int16 pairs for 2).
     ``channel_run``: the input channels of an NHWC convolution (its im2col copies runs of them).
     ``int16_activations``: W8A16 (int16 activations against int16-widened weights, KB 2)."""
-    names = _block_names(sch)
+    names = block_names(sch)
     if "P" in names:  # int4 codes summed per group (kernels.qgemm_int4_compute, grouped form)
         _schedule_grouped_gemm(sch, names, kb, nr, use_avx2, lanes, mr)
         return
@@ -401,7 +401,7 @@ def schedule_hadamard(sch: Schedule) -> None:
     (a broadcast input times a row of ``h`` per step); a butterfly of stride ``s`` splits its channels into
     (pair of runs, upper half or lower, s), so each half is a vector add or subtract of two contiguous runs of
     ``s`` values (strides below 4 stay scalar)."""
-    names = _block_names(sch)
+    names = block_names(sch)
     last = sch.get_sblock(names[-1])
     loops = sch.get_loops(last)
     row, channel = loops[0], loops[-1]
@@ -450,7 +450,7 @@ def default_mr(rows: int | None, lanes: int) -> int:
 def schedule_rowwise(sch: Schedule) -> None:
     """Per-row kernels (softmax, LayerNorm/RMSNorm): every stage moved under the row loop of the last one, so a
     row's intermediates stay in cache, and the rows run in parallel."""
-    names = _block_names(sch)
+    names = block_names(sch)
     loops = sch.get_loops(sch.get_sblock(names[-1]))
     if len(loops) < 2:
         return
@@ -493,14 +493,14 @@ def _schedule_fused(func: tirx.PrimFunc) -> tirx.PrimFunc | None:
     the elementwise schedule; our kernels' schedules stay. ``None`` where nothing applied."""
     sch = Schedule(tvm.IRModule({"main": func}))
     changed = False
-    for name in _block_names(sch)[:-1]:
+    for name in block_names(sch)[:-1]:
         if _spatial(sch, name) and not _scheduled(sch, name):
             try:
                 sch.compute_inline(sch.get_sblock(name))
                 changed = True
             except _NOT_APPLICABLE:
                 pass
-    for name in _block_names(sch):
+    for name in block_names(sch):
         if not _spatial(sch, name) or _scheduled(sch, name):
             continue
         try:
@@ -568,9 +568,9 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
         elif kind == "transpose":
             schedule_transpose(sch)
         elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial
-            _parallel_elementwise(sch, _block_names(sch)[0], vector=False)
+            _parallel_elementwise(sch, block_names(sch)[0], vector=False)
         elif kind == "elementwise":
-            for name in _block_names(sch):
+            for name in block_names(sch):
                 _parallel_elementwise(sch, name)
         elif kind == "hadamard":
             schedule_hadamard(sch)

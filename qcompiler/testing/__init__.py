@@ -9,6 +9,8 @@ from qcompiler.testing.assertions import (
     assert_within_quantization_step,
     float_functions,
     output_steps,
+    ptx_float_kernels,
+    ptx_kernels,
 )
 from qcompiler.testing.lowering import OpAgreement, assert_lowering_matches, compare_lowering
 from qcompiler.testing.strategies import (
@@ -38,6 +40,8 @@ __all__ = [
     "models",
     "modern_cnn_models",
     "output_steps",
+    "ptx_float_kernels",
+    "ptx_kernels",
     "token_mlp_models",
     "transformer_models",
 ]

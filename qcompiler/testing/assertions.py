@@ -211,3 +211,53 @@ def float_functions(llvm_ir: str) -> dict[str, list[str]]:
             label = "/".join([*parents, name])
         found[label] = sorted({m.group(0) for m in FLOAT_INSTRUCTIONS.finditer(body)})
     return found
+
+
+#: PTX instructions an integer-only kernel may use (the part of an opcode before its first ".": ``dp4a.s32.s32``
+#: is ``dp4a``): integer arithmetic and logic, moves, conversions, loads and stores, control flow, barriers,
+#: warp operations and the int8 tensor-core instructions. Anything else (``fma``, ``rcp``, ``ex2``, ...) is float.
+PTX_INTEGER_OPCODES = frozenset({
+    "abs", "activemask", "add", "and", "atom", "bar", "barrier", "bfe", "bfi", "bfind", "bmsk", "bra", "brev",
+    "brkpt", "call", "clz", "cnot", "cp", "cvt", "cvta", "div", "dp2a", "dp4a", "elect", "exit", "fence",
+    "fns", "isspacep", "ld", "ldmatrix", "ldu", "lop3", "mad", "mad24", "madc", "match", "max", "membar", "min",
+    "mma", "mov", "mul", "mul24", "nanosleep", "neg", "not", "or", "popc", "prefetch", "prmt", "red", "redux",
+    "rem", "ret", "sad", "selp", "set", "setp", "shf", "shfl", "shl", "shr", "slct", "st", "stmatrix", "sub",
+    "subc", "addc", "trap", "vote", "wmma", "xor",
+})  # fmt: skip
+#: a floating-point type in an instruction's modifiers or a register declaration (``cvt.rn.f32.s32``, ``.reg .f32``)
+PTX_FLOAT_TYPE = re.compile(r"\.(f16|f16x2|bf16|bf16x2|f32|f64|tf32|e4m3|e4m3x2|e5m2|e5m2x2|e2m1x2|e3m2x2)\b")
+
+
+def ptx_kernels(ptx: str) -> dict[str, str]:
+    """Kernel name -> its body, for every ``.entry`` and ``.func`` of a PTX module."""
+    bodies = {}
+    header = re.compile(r"^\s*(?:\.visible\s+|\.weak\s+)?\.(?:entry|func)\s+(?:\([^)]*\)\s*)?(\w+)\s*\(", re.M)
+    for match in header.finditer(ptx):
+        end = ptx.find("\n}", match.end())
+        bodies[match.group(1)] = ptx[match.start() : end if end >= 0 else len(ptx)]
+    return bodies
+
+
+def ptx_float_kernels(ptx: str) -> dict[str, list[str]]:
+    """Kernels of a PTX module that use floating point, with the offending instructions of each: an opcode outside
+    :data:`PTX_INTEGER_OPCODES`, or any instruction or register declaration of a float type (an allow-list: an
+    instruction this list does not know counts as float until it is added)."""
+    found = {}
+    for name, body in ptx_kernels(ptx.replace("\0", "")).items():
+        bad = set()
+        for raw in body.splitlines()[1:]:
+            line = raw.split("//", 1)[0].strip().rstrip(";")
+            if not line or line.endswith((":", "{", "}", "(", ")", ",")) or line in ("{", "}"):
+                continue
+            if line.startswith("@"):  # a predicate guard: "@%p1 bra $L__BB0_2"
+                line = line.split(None, 1)[1] if " " in line else ""
+            opcode = line.split(None, 1)[0] if line else ""
+            if opcode.startswith("."):  # a directive: only its type matters (".reg .f32 %f<4>")
+                if PTX_FLOAT_TYPE.search(line):
+                    bad.add(line.split("%", 1)[0].strip())
+                continue
+            if opcode.split(".", 1)[0] not in PTX_INTEGER_OPCODES or PTX_FLOAT_TYPE.search(opcode):
+                bad.add(opcode)
+        if bad:
+            found[name] = sorted(bad)
+    return found
