@@ -10,6 +10,7 @@ layer of TVM's own CUDA pipeline; nvcc turns their int8 dot products into ``dp4a
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import shutil
@@ -175,13 +176,22 @@ def _dlight_rules() -> list[Any]:
     from tvm.s_tir import dlight
 
     gpu = dlight.gpu
-    return [gpu.Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
+
+    class Matmul(gpu.Matmul):  # type: ignore[name-defined]
+        """DLight's CUDA tiles with scalar shared-memory loads: its 2-wide int8 vector loads print as OpenCL C
+        that does not compile (``convert_int2`` of a packed int), and the OpenCL build must run these schedules."""
+
+        def get_configs(self, target: tvm.target.Target) -> Any:
+            return dataclasses.replace(super().get_configs(target), vector_size=1)
+
+    return [Matmul(), gpu.GEMV(), gpu.Reduction(), gpu.GeneralReduction(), gpu.Fallback()]
 
 
 def apply_dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     """DLight's GPU rules on every unscheduled kernel, in TVM's order (Matmul, GEMV, Reduction, GeneralReduction,
     Fallback), the first that applies kept. Unlike ``dlight.ApplyDefaultSchedule``, a rule that fails inside
     (DLight's GEMV rule raises "The loop no longer exists" on some fused kernels) passes to the next rule.
+
 
     Raises:
         TargetError: no rule schedules a kernel (names it, with the last rule's error).
@@ -207,11 +217,26 @@ def apply_dlight(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
     return mod
 
 
-def schedule_gpu(mod: tvm.IRModule, target: tvm.target.Target) -> tvm.IRModule:
+def schedule_target() -> tvm.target.Target:
+    """The one target every GPU build is scheduled for, CUDA and OpenCL alike, so that the OpenCL build runs the
+    very schedules the CUDA build compiles (its executable twin): 256 threads and 32 KB of shared memory per block
+    at most (what OpenCL devices commonly allow: Oclgrind's local memory is 32 KB), and an arch below sm_70, so
+    that DLight's Matmul rule keeps to its tiled int8 path, whose multiply-adds nvcc turns into ``dp4a``. Its
+    tensor-core path is not taken: it imports TVM's whole tensor-intrinsic table (75 s on this machine, once per
+    process), and an mma or WMMA schedule cannot be checked bit-exact without a device (OpenCL has neither)."""
+    return tvm.target.Target(
+        {"kind": "cuda", "arch": "sm_61", "max_num_threads": ROW_THREADS, "max_shared_memory_per_block": 32768},
+        host="llvm",
+    )
+
+
+def schedule_gpu(mod: tvm.IRModule) -> tvm.IRModule:
     """Our GPU schedules (:data:`_GPU_SCHEDULES`), then TVM's CUDA legalization (its ops legalized and fused, as
-    TVM's own CUDA pipeline does) and DLight's rules for every kernel left (:func:`apply_dlight`)."""
+    TVM's own CUDA pipeline does) and DLight's rules for every kernel left (:func:`apply_dlight`), all for
+    :func:`schedule_target`."""
     from tvm import relax
 
+    target = schedule_target()
     mod = schedule_kernels(mod)
     with target:
         legalize = [
@@ -236,8 +261,8 @@ def import_for_gpu(
         warnings.simplefilter("ignore", UserWarning)
         with step("build: import to TVM Relax", progress):
             mod = importer.import_onnx(model, shapes, isa="generic", weights=weights)
-    with step(f"build: GPU schedules ({target.kind.name})", progress):
-        return schedule_gpu(mod, target)
+    with step("build: GPU schedules", progress):
+        return schedule_gpu(mod)
 
 
 def compile_cuda_source(source: str, arch: str, kind: str) -> bytes:

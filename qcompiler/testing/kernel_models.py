@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -77,3 +78,80 @@ def int4_gemm_model(
         "QGemmInt4", ["w", "g", "b", "m", "s"], (m, k), constants, output_dtype=output_dtype, group_size=group,
         **attributes,
     )  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelCase:
+    """One kernel of the integer dialect with the inputs that test it: a model, its input shapes, feeds."""
+
+    name: str
+    model: onnx.ModelProto
+    shapes: dict[str, list[int]]
+    feeds: list[dict[str, np.ndarray]]
+
+
+def _epilogue(rng: np.random.Generator, n: int, shifts: tuple[int, int]) -> dict[str, np.ndarray]:
+    return {
+        "b": rng.integers(-5000, 5000, n).astype(np.int32),
+        "m": rng.integers(1 << 30, 1 << 31, n).astype(np.int32),
+        "s": rng.integers(*shifts, n).astype(np.int32),
+    }
+
+
+def _int8_feeds(rng: np.random.Generator, shape: Sequence[int]) -> list[dict[str, np.ndarray]]:
+    """Random int8, then every element at each extreme (the largest accumulators of either sign)."""
+    return [
+        {"x": rng.integers(-128, 128, shape).astype(np.int8)},
+        {"x": np.full(shape, -128, np.int8)},
+        {"x": np.full(shape, 127, np.int8)},
+    ]
+
+
+def kernel_cases() -> list[KernelCase]:
+    """The integer dialect's kernels at odd shapes, extremes and rounding ties: the GPU backends' bit-exact set
+    (tests/backends/test_gpu.py on OpenCL, benchmarks/bench_gpu.py on a CUDA device)."""
+    cases = []
+    for m, n, k in [(1, 10, 256), (3, 33, 5), (17, 64, 130)]:
+        for minus_128 in (False, True):
+            rng = np.random.default_rng(m * 1000 + n * 10 + k)
+            w = rng.integers(-128 if minus_128 else -127, 128, (n, k)).astype(np.int8)
+            if minus_128:
+                w.flat[0] = -128
+            model = single_node_model("QGemm", ["w", "b", "m", "s"], (m, k), {"w": w, **_epilogue(rng, n, (36, 44))},
+                                      lo=-100, hi=120)  # fmt: skip
+            cases.append(KernelCase(f"qgemm {m}x{n}x{k}{' w-128' if minus_128 else ''}", model, {"x": [m, k]},
+                                    _int8_feeds(rng, (m, k))))  # fmt: skip
+    rng = np.random.default_rng(5)
+    inits = {"w": rng.integers(-128, 128, (24, 40)).astype(np.int8), **_epilogue(rng, 24, (30, 31))}
+    wide = single_node_model("QGemm", ["w", "b", "m", "s"], (5, 40), inits, output_dtype=TensorProto.INT16,
+                             lo=-32768, hi=32767)  # fmt: skip
+    cases.append(KernelCase("qgemm int16 out", wide, {"x": [5, 40]}, _int8_feeds(rng, (5, 40))))
+    for shape, w_shape, attrs in [
+        ((1, 1, 28, 28), (8, 1, 5, 5), {"pads": [2, 2, 2, 2]}),
+        ((2, 3, 9, 7), (5, 3, 3, 3), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),
+    ]:
+        inits = {"w": rng.integers(-128, 128, w_shape).astype(np.int8), **_epilogue(rng, w_shape[0], (37, 38))}
+        conv = single_node_model("QConv", ["w", "b", "m", "s"], shape, inits, lo=0, **attrs)  # type: ignore[arg-type]
+        cases.append(KernelCase(f"qconv {shape}", conv, {"x": list(shape)}, _int8_feeds(rng, shape)))
+    x = np.arange(-255, 256, dtype=np.int32).reshape(1, 511)  # multiplier 2^30, shift 31: every odd x is a tie
+    requantize = single_node_model("Requantize", ["m", "s"], x.shape, {"m": np.array(1 << 30, np.int32),
+                                   "s": np.array(31, np.int32)}, input_dtype=TensorProto.INT32, axis=1)  # fmt: skip
+    cases.append(KernelCase("requantize ties", requantize, {"x": [1, 511]}, [{"x": x}]))
+    a = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)  # a/2 + 3b/8: exact .5 ties for many (a, b)
+    add = single_node_model("RescaleAdd", ["x2", "ma", "mb", "s"], (1, 256), {"x2": a[:, ::-1].copy(),
+                            "ma": np.array(1 << 30, np.int32), "mb": np.array(3 << 28, np.int32),
+                            "s": np.array(31, np.int32)}, lo=0)  # fmt: skip
+    cases.append(KernelCase("rescale-add ties", add, {"x": [1, 256]}, [{"x": a}]))
+    ties = (np.arange(-300, 300, dtype=np.float32) * 0.5).reshape(1, 600)
+    quantize = single_node_model("QuantizeLinear", ["s", "z"], (1, 600), {"s": np.array(1.0, np.float32),
+                                 "z": np.array(0, np.int8)}, input_dtype=TensorProto.FLOAT, domain="")  # fmt: skip
+    cases.append(KernelCase("quantize ties (half to even)", quantize, {"x": [1, 600]}, [{"x": ties}]))
+    for m, n, k, group in [(1, 24, 64, 32), (3, 33, 5, 2), (5, 17, 130, 32)]:
+        for extreme in (False, True):
+            rng = np.random.default_rng(m + n + k)
+            model = int4_gemm_model(rng, m, n, k, group, multiplier=rng.integers(1 << 30, 1 << 31, n).astype(np.int32),
+                                    shift=np.full(n, 40, np.int32), bias_bound=5000, codes=(-8, 7), extreme=extreme,
+                                    output_dtype=TensorProto.INT16, lo=-20000, hi=20000)  # fmt: skip
+            cases.append(KernelCase(f"qgemm-int4 {m}x{n}x{k} g{group}{' -8' if extreme else ''}", model,
+                                    {"x": [m, k]}, _int8_feeds(rng, (m, k))[:2]))  # fmt: skip
+    return cases

@@ -26,7 +26,7 @@ from qcompiler.testing import (
     token_mlp_models,
 )
 from qcompiler.testing.data import digits_28x28, mnist_model_path
-from qcompiler.testing.kernel_models import int4_gemm_model, single_node_model
+from qcompiler.testing.kernel_models import KernelCase, kernel_cases, single_node_model
 
 pytestmark = pytest.mark.tvm
 
@@ -111,115 +111,11 @@ $L__BB0_2:
 # --- OpenCL: every kernel bit-exact against the reference, ties and extremes -----------------------------------
 
 
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 10, 256), (3, 33, 5), (17, 64, 130)])
-@pytest.mark.parametrize("minus_128", [False, True])
-def test_opencl_qgemm_bit_exact(m: int, n: int, k: int, minus_128: bool) -> None:
-    rng = np.random.default_rng(m * 1000 + n * 10 + k)
-    w = rng.integers(-128 if minus_128 else -127, 128, (n, k)).astype(np.int8)
-    if minus_128:
-        w.flat[0] = -128
-    inits = {
-        "w": w,
-        "b": rng.integers(-5000, 5000, n).astype(np.int32),
-        "m": rng.integers(1 << 30, 1 << 31, n).astype(np.int32),
-        "s": rng.integers(36, 44, n).astype(np.int32),
-    }
-    model = single_node_model("QGemm", ["w", "b", "m", "s"], (m, k), inits, lo=-100, hi=120)
-    feeds = [
-        {"x": rng.integers(-128, 128, (m, k)).astype(np.int8)},
-        {"x": np.full((m, k), -128, np.int8)},
-        {"x": np.full((m, k), 127, np.int8)},
-    ]
-    assert_bit_exact(_opencl({"x": [m, k]}), model, feeds)
-
-
-def test_opencl_qgemm_int16_output_and_qconv_bit_exact() -> None:
-    rng = np.random.default_rng(5)
-    inits = {
-        "w": rng.integers(-128, 128, (24, 40)).astype(np.int8),
-        "b": rng.integers(-3000, 3000, 24).astype(np.int32),
-        "m": rng.integers(1 << 30, 1 << 31, 24).astype(np.int32),
-        "s": np.full(24, 30, np.int32),
-    }
-    wide = single_node_model(
-        "QGemm", ["w", "b", "m", "s"], (5, 40), inits, output_dtype=TensorProto.INT16, lo=-32768, hi=32767
-    )
-    assert_bit_exact(_opencl({"x": [5, 40]}), wide, [{"x": rng.integers(-128, 128, (5, 40)).astype(np.int8)}])
-    conv_inits = {
-        "w": rng.integers(-128, 128, (5, 3, 3, 3)).astype(np.int8),
-        "b": rng.integers(-3000, 3000, 5).astype(np.int32),
-        "m": rng.integers(1 << 30, 1 << 31, 5).astype(np.int32),
-        "s": np.full(5, 37, np.int32),
-    }
-    conv = single_node_model(
-        "QConv", ["w", "b", "m", "s"], (2, 3, 9, 7), conv_inits, lo=0, strides=[2, 2], pads=[1, 1, 1, 1]
-    )
-    shape = (2, 3, 9, 7)
-    feeds = [{"x": rng.integers(-128, 128, shape).astype(np.int8)}, {"x": np.full(shape, -128, np.int8)}]
-    assert_bit_exact(_opencl({"x": list(shape)}), conv, feeds)
-
-
-def test_opencl_requantize_rescale_add_and_quantize_at_ties() -> None:
-    x = np.arange(-255, 256, dtype=np.int32).reshape(1, 511)  # multiplier 2^30, shift 31: every odd x is a tie
-    requantize = single_node_model(
-        "Requantize",
-        ["m", "s"],
-        x.shape,
-        {"m": np.array(1 << 30, np.int32), "s": np.array(31, np.int32)},
-        input_dtype=TensorProto.INT32,
-        axis=1,
-    )
-    assert_bit_exact(_opencl({"x": list(x.shape)}), requantize, [{"x": x}])
-    a = np.arange(-128, 128, dtype=np.int8).reshape(1, 256)
-    graph = helper.make_graph(
-        [helper.make_node("RescaleAdd", ["x", "x2", "ma", "mb", "s"], ["y"], domain=DOMAIN, lo=0)],
-        "add",
-        [helper.make_tensor_value_info("x", TensorProto.INT8, [1, 256])],
-        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
-        [
-            numpy_helper.from_array(a[:, ::-1].copy(), "x2"),
-            numpy_helper.from_array(np.array(1 << 30, np.int32), "ma"),
-            numpy_helper.from_array(np.array(3 << 28, np.int32), "mb"),
-            numpy_helper.from_array(np.array(31, np.int32), "s"),
-        ],
-    )
-    add = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
-    assert_bit_exact(_opencl({"x": [1, 256]}), add, [{"x": a}])
-    ties = (np.arange(-300, 300, dtype=np.float32) * 0.5).reshape(1, 600)
-    graph = helper.make_graph(
-        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["y"])],
-        "q",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 600])],
-        [helper.make_tensor_value_info("y", TensorProto.INT8, None)],
-        [numpy_helper.from_array(np.array(1.0, np.float32), "s"), numpy_helper.from_array(np.array(0, np.int8), "z")],
-    )
-    quantize = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
-    assert_bit_exact(_opencl({"x": [1, 600]}), quantize, [{"x": ties}])
-
-
-@pytest.mark.parametrize(("m", "n", "k", "group"), [(1, 24, 64, 32), (3, 33, 5, 2), (5, 17, 130, 32)])
-@pytest.mark.parametrize("extreme", [False, True])
-def test_opencl_qgemm_int4_bit_exact(m: int, n: int, k: int, group: int, extreme: bool) -> None:
-    """Odd K (a padding nibble), K not a multiple of the group; random codes, and -8 everywhere at the largest
-    group scale."""
-    rng = np.random.default_rng(m + n + k)
-    model = int4_gemm_model(
-        rng,
-        m,
-        n,
-        k,
-        group,
-        multiplier=rng.integers(1 << 30, 1 << 31, n).astype(np.int32),
-        shift=np.full(n, 40, np.int32),
-        bias_bound=5000,
-        codes=(-8, 7),
-        extreme=extreme,
-        output_dtype=TensorProto.INT16,
-        lo=-20000,
-        hi=20000,
-    )
-    feeds = [{"x": rng.integers(-128, 128, (m, k)).astype(np.int8)}, {"x": np.full((m, k), -128, np.int8)}]
-    assert_bit_exact(_opencl({"x": [m, k]}), model, feeds)
+@pytest.mark.parametrize("case", kernel_cases(), ids=lambda case: case.name)
+def test_opencl_kernel_bit_exact(case: KernelCase) -> None:
+    """QGemm (-128 weights, int16 output), QConv, QGemmInt4 (-8 codes), Requantize, RescaleAdd and
+    QuantizeLinear at rounding ties, every activation at each extreme: the reference's answer, bit for bit."""
+    assert_bit_exact(_opencl(case.shapes), case.model, case.feeds)
 
 
 def _check_block(generated: GeneratedModel) -> None:
