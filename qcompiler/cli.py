@@ -28,7 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     comp = sub.add_parser("compile", help="compile an ONNX model")
     comp.add_argument("model", help="path of the .onnx file (external data next to it)")
-    comp.add_argument("--target", default="llvm", help="compilation target: llvm (default, this CPU), cuda (nvcc) or opencl (pyopencl)")
+    comp.add_argument(
+        "--target",
+        default="llvm",
+        help="compilation target: llvm (default, this CPU), cuda (nvcc) or opencl (pyopencl)",
+    )
     comp.add_argument(
         "--recipe", default="auto", help="built-in recipe name or .toml path (default: auto, chosen from the graph)"
     )

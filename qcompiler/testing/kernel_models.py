@@ -108,7 +108,8 @@ def _int8_feeds(rng: np.random.Generator, shape: Sequence[int]) -> list[dict[str
 
 
 def kernel_cases() -> list[KernelCase]:
-    """The integer dialect's kernels at odd shapes, extremes and rounding ties: the GPU backends' bit-exact set
+    """The integer dialect's kernels (QGemm, QConv, QGemmInt4, Hadamard, Requantize, RescaleAdd, QuantizeLinear)
+    at odd shapes, extremes and rounding ties: the GPU backends' bit-exact set
     (tests/backends/test_gpu.py on OpenCL, benchmarks/bench_gpu.py on a CUDA device)."""
     cases = []
     for m, n, k in [(1, 10, 256), (3, 33, 5), (17, 64, 130)]:
@@ -154,4 +155,21 @@ def kernel_cases() -> list[KernelCase]:
                                     output_dtype=TensorProto.INT16, lo=-20000, hi=20000)  # fmt: skip
             cases.append(KernelCase(f"qgemm-int4 {m}x{n}x{k} g{group}{' -8' if extreme else ''}", model,
                                     {"x": [m, k]}, _int8_feeds(rng, (m, k))[:2]))  # fmt: skip
+    from qcompiler.dialect.hadamard import split_sylvester
+    from qcompiler.passes.transform.hadamard import online_hadamard
+
+    for rows, n in [((3, 64), 64), ((2, 5, 12), 12), ((2, 576), 576)]:
+        block = split_sylvester(online_hadamard(n))
+        assert block is not None
+        for dtype, onnx_dtype in ((np.int8, TensorProto.INT8), (np.int16, TensorProto.INT16)):
+            info = np.iinfo(dtype)
+            model = single_node_model("Hadamard", ["h"], rows, {"h": block}, input_dtype=onnx_dtype,
+                                      output_dtype=TensorProto.INT32)  # fmt: skip
+            rng = np.random.default_rng(n)
+            feeds = [  # H's first column's signs make |y_0| = n max|x|, the largest sum
+                {"x": rng.integers(info.min, info.max + 1, rows).astype(dtype)},
+                {"x": np.full(rows, info.min, dtype)},
+                {"x": (online_hadamard(n)[:, 0] * info.max * np.ones(rows)).astype(dtype)},
+            ]
+            cases.append(KernelCase(f"hadamard {rows} {np.dtype(dtype).name}", model, {"x": list(rows)}, feeds))
     return cases
