@@ -4,8 +4,8 @@ One command for the day a machine with an NVIDIA GPU is lent (the `device` tool;
 H200, the builds included). Every row is measured in this run, in this process:
 
 1. Bit-exact: each kernel of ``qcompiler.testing.kernel_models.kernel_cases`` (QGemm with -128 weights and
-   int16 outputs, QConv, QGemmInt4 with -8 codes, Requantize / RescaleAdd / QuantizeLinear at rounding ties,
-   every activation at each extreme) built for the target and compared with the reference interpreter.
+   int16 outputs, QConv, QGemmInt4 with -8 codes, the online Hadamard, Requantize / RescaleAdd / QuantizeLinear
+   at rounding ties, every activation at each extreme) built for the target and compared with the reference interpreter.
 2. int8 GEMM (CUDA only): one ``QGemm`` (int8 x int8 -> int32, bias, requantize to int8) of M x 4096 x 4096
    for M = 1, 16, 128, 4096, built for the device's arch, against ``torch._int_mm`` (cuBLASLt int8 -> int32,
    no epilogue) and torch fp16 ``x @ W^T``: TOPS = 2 M N K / median seconds, and our share of cuBLASLt's.
