@@ -70,7 +70,7 @@ def resolve_target(target: str | Mapping[str, Any] | tvm.target.Target) -> tuple
             spec = {k: v for k, v in spec.export().items() if k != "host"}
         return gpu.cuda_target(spec), False
     if kind == "opencl":
-        return gpu.opencl_target("opencl"), False
+        return gpu.opencl_target(target if isinstance(target, str | Mapping) else dict(target.export())), False
     if isinstance(target, tvm.target.Target):
         tvm_target = target
     elif isinstance(target, Mapping):

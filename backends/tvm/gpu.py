@@ -29,6 +29,7 @@ from tvm.relax.backend.cuda import pipeline as cuda_pipeline
 from tvm.s_tir import Schedule
 
 from qcompiler.backends.tvm import importer
+from qcompiler.backends.tvm.importer import OPAQUE_PATTERN
 from qcompiler.backends.tvm.schedules import KERNEL_ATTR, block_names
 from qcompiler.errors import TargetError
 from qcompiler.progress import step
@@ -108,8 +109,6 @@ def opencl_target(spec: str | Mapping[str, Any]) -> tvm.target.Target:
 
 #: threads per block of the row-wise kernels: a multiple of every GPU's warp, within OpenCL's usual 256 limit
 ROW_THREADS = 256
-#: TVM's operator pattern "opaque": FuseOps leaves such a function alone (our scheduled kernels)
-_OPAQUE = 8
 
 
 def schedule_rowwise_gpu(sch: Schedule, threads: int = ROW_THREADS) -> None:
@@ -167,7 +166,7 @@ def schedule_kernels(mod: tvm.IRModule) -> tvm.IRModule:
         except tvm.s_tir.schedule.ScheduleError as failure:
             logger.debug("GPU schedule skipped for %s: %s", gvar.name_hint, failure)
             continue
-        attrs = {**dict(func.attrs), "tirx.is_scheduled": True, "op_pattern": _OPAQUE}
+        attrs = {**dict(func.attrs), "tirx.is_scheduled": True, "op_pattern": OPAQUE_PATTERN}
         mod[gvar] = sch.mod["main"].with_attrs(attrs)
     return mod
 

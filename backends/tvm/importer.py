@@ -332,7 +332,7 @@ def _qconv_nhwc(
 
 #: TVM's "opaque" operator pattern: FuseOps then leaves the kernel alone (it would fuse the reshapes around a
 #: transpose into it, and their index arithmetic into its tiles)
-_OPAQUE = 8
+OPAQUE_PATTERN = 8
 
 
 def _emit_transpose(bb: relax.BlockBuilder, compute: Callable[[te.Tensor], te.Tensor], x: relax.Expr) -> relax.Var:
@@ -340,7 +340,7 @@ def _emit_transpose(bb: relax.BlockBuilder, compute: Callable[[te.Tensor], te.Te
         compute,
         x,
         primfunc_name_hint="layout_transpose",
-        primfunc_attrs={KERNEL_ATTR: "transpose", "op_pattern": _OPAQUE},
+        primfunc_attrs={KERNEL_ATTR: "transpose", "op_pattern": OPAQUE_PATTERN},
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from qcompiler.testing.assertions import (
+    EDGE_KERNELS,
     assert_bit_exact,
     assert_equivalent,
     assert_float_exact_pass,
@@ -25,6 +26,7 @@ from qcompiler.testing.strategies import (
 )
 
 __all__ = [
+    "EDGE_KERNELS",
     "GeneratedModel",
     "OpAgreement",
     "assert_bit_exact",

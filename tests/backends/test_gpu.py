@@ -18,6 +18,7 @@ from qcompiler.backends.tvm import opencl as opencl_backend
 from qcompiler.dialect import DOMAIN
 from qcompiler.errors import TargetError
 from qcompiler.testing import (
+    EDGE_KERNELS,
     GeneratedModel,
     assert_bit_exact,
     attention_models,
@@ -26,37 +27,21 @@ from qcompiler.testing import (
     token_mlp_models,
 )
 from qcompiler.testing.data import digits_28x28, mnist_model_path
-from qcompiler.testing.kernel_models import KernelCase, kernel_cases, single_node_model
+from qcompiler.testing.kernel_models import KernelCase, kernel_cases
 
 pytestmark = pytest.mark.tvm
-
-#: kernels at the graph's edges, where float is allowed: the input's QuantizeLinear, the output's DequantizeLinear
-EDGE_KERNELS = ("quantize_input", "dequantize")
 
 
 def _opencl(shapes):
     return lambda proto: build(proto, shapes, "opencl")
 
 
-def _interior_float(ptx: str) -> dict[str, list[str]]:
-    return {name: ops for name, ops in ptx_float_kernels(ptx).items() if not any(e in name for e in EDGE_KERNELS)}
-
-
 # --- the PTX check and its positive control ------------------------------------------------------------------
 
 
-def _requantize_model(float_requantize: bool):
-    """int32 -> int8 rescale: the dyadic ``Requantize`` op, or (the control) the float form a careless lowering
-    would leave, ``QuantizeLinear(DequantizeLinear(x))``, which TVM compiles to f32 multiplies."""
-    if not float_requantize:
-        return single_node_model(
-            "Requantize",
-            ["m", "s"],
-            (4, 64),
-            {"m": np.array(1 << 30, np.int32), "s": np.array(33, np.int32)},
-            input_dtype=TensorProto.INT32,
-            axis=1,
-        )
+def _float_requantize_model():
+    """int32 -> int8 rescale in the float form a careless lowering would leave, ``QuantizeLinear(DequantizeLinear(x))``,
+    which TVM compiles to f32 multiplies: the positive control of the PTX check."""
     graph = helper.make_graph(
         [
             helper.make_node("DequantizeLinear", ["x", "s"], ["f"]),
@@ -75,8 +60,9 @@ def _requantize_model(float_requantize: bool):
 
 
 def test_ptx_check_catches_a_float_requantize_and_passes_the_dyadic_one() -> None:
-    integer = build(_requantize_model(False), {"x": [4, 64]}, "cuda")
-    control = build(_requantize_model(True), {"x": [4, 64]}, "cuda")
+    dyadic = next(case for case in kernel_cases() if case.name == "requantize ties")
+    integer = build(dyadic.model, dyadic.shapes, "cuda")
+    control = build(_float_requantize_model(), {"x": [4, 64]}, "cuda")
     assert ptx_kernels(integer.sources["kernels.ptx"]) and not ptx_float_kernels(integer.sources["kernels.ptx"])
     caught = ptx_float_kernels(control.sources["kernels.ptx"])
     assert caught and any("mul.f32" in ops or "mul.rn.f32" in ops for ops in caught.values()), caught
@@ -169,7 +155,7 @@ def test_mnist_for_cuda_has_integer_only_ptx_and_saves_its_code(mnist_calibratio
     ptx = model.module.sources["kernels.ptx"]
     kernels = ptx_kernels(ptx)
     assert any("qconv" in k for k in kernels) and any("qgemm" in k for k in kernels)
-    assert _interior_float(ptx) == {}
+    assert ptx_float_kernels(ptx, EDGE_KERNELS) == {}
     assert "dp4a" in ptx  # nvcc turns the int8 dot products into the int8 dot instruction
     assert ".target sm_90" in ptx
     model.save(tmp_path / "m")

@@ -11,23 +11,16 @@ import pytest
 
 import qcompiler
 from qcompiler.backends.tvm import build
-from qcompiler.testing import ptx_float_kernels, ptx_kernels
+from qcompiler.testing import EDGE_KERNELS, ptx_float_kernels, ptx_kernels
 
 pytestmark = [pytest.mark.slow, pytest.mark.tvm]
-
-#: kernels at the graph's edges, where float is allowed: the input's QuantizeLinear, the output's DequantizeLinear
-EDGE_KERNELS = ("quantize_input", "dequantize")
-
-
-def _interior_float(ptx: str) -> dict[str, list[str]]:
-    return {name: ops for name, ops in ptx_float_kernels(ptx).items() if not any(e in name for e in EDGE_KERNELS)}
 
 
 def _assert_integer_ptx(ptx: str, kinds: tuple[str, ...]) -> None:
     names = list(ptx_kernels(ptx))
     for kind in kinds:
         assert any(kind in name for name in names), f"no {kind} kernel among {names}"
-    assert _interior_float(ptx) == {}
+    assert ptx_float_kernels(ptx, EDGE_KERNELS) == {}
     assert "dp4a" in ptx
 
 
