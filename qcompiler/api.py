@@ -21,6 +21,7 @@ from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError, TargetError
 from qcompiler.ir import load as load_model
 from qcompiler.ir.analysis.architecture import describe
+from qcompiler.ir.graph import set_dim_bounds
 from qcompiler.ir.ort_session import serialize_sharing_weights
 from qcompiler.passes.lower import float_islands, float_ops_inside
 from qcompiler.passes.quantize import QuantizeQDQPass
@@ -350,8 +351,11 @@ def _quantize_to_integer(
     progress: bool,
     float_islands: bool = False,
     layer_errors: bool = False,
+    cache_inputs: frozenset[str] = frozenset(),
+    dim_bounds: Mapping[str, int] | None = None,
 ) -> _IntegerResult:
-    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors)
+    qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors,
+                        cache_inputs, dim_bounds)  # fmt: skip
     with step("keep the QDQ graph (tensors shared)", False):
         kept = qdq.model.clone()
         if _initializer_bytes(kept) > OFFLOAD_BYTES:  # lowering replaces the fused GEMMs' codes: not held twice
@@ -380,9 +384,15 @@ def _quantize_qdq(
     progress: bool,
     float_islands: bool = False,
     layer_errors: bool = False,
+    cache_inputs: frozenset[str] = frozenset(),
+    dim_bounds: Mapping[str, int] | None = None,
 ) -> _QDQResult:
     """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing);
-    with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list)."""
+    with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list).
+
+    ``dim_bounds`` (symbol -> largest value) keeps the model's symbolic dimensions through the passes (one graph
+    for every sequence length up to the bound) instead of fixing them to the first batch's; ``cache_inputs``
+    names the KV-cache inputs (:class:`QuantizeQDQPass`)."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
     ir_model = load_model(model, torch_args if torch_args is not None else None, progress=progress)
     sample = None
@@ -400,7 +410,10 @@ def _quantize_qdq(
     if sample is None and isinstance(batches, list) and batches:
         sample = calibration_module.as_feeds(ir_model, batches[0])  # fixes dynamic dims to the data's
     shapes = _static_input_shapes(ir_model, sample)
-    _fix_input_shapes(ir_model, shapes)
+    if dim_bounds is None:
+        _fix_input_shapes(ir_model, shapes)
+    else:
+        set_dim_bounds(ir_model.graph, dim_bounds)
     records: list[PassRecord] = []
     choice = None
     passes = [spec.build() for spec in chosen.canonicalize]
@@ -450,6 +463,7 @@ def _quantize_qdq(
                     ranges.channel_absmax,
                     ranges.hessians,
                     float_islands=float_islands,
+                    cache_inputs=cache_inputs,
                 ),
                 RemoveUnusedNodesPass(),
             ],

@@ -26,8 +26,8 @@ from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, node_label
-from qcompiler.ir.ops import CLAMPING_OPS, KEEPS_BOUND_OPS, LINEAR_OPS, traits
+from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, dim_upper_bound, node_label
+from qcompiler.ir.ops import CLAMPING_OPS, KEEPS_BOUND_OPS, LINEAR_OPS, SHAPE_READERS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
 )
@@ -131,10 +131,10 @@ def _softmax_rows(value: ir.Value) -> ir.Node | None:
 def _check_product_bound(node: ir.Node, a: ir.Value, b: ir.Value) -> None:
     """An int32 MatMul of int16 operands is exact while ``max|a| max|b| K < 2^31``; for probabilities (a softmax
     row sums to at most ``2^15 (1 + T 2^-16)`` at 2^-15, or ``2^7 (1 + T 2^-8)`` at 2^-7) ``max|b| sum|a|``."""
-    depth = a.shape[-1] if a.shape is not None and len(a.shape) else None
-    if not isinstance(depth, int):
-        raise UnsupportedOpError(node_label(node), "MatMul", "an int16 activation product needs a static "
-                                 "contracted length to prove it cannot overflow int32")  # fmt: skip
+    depth = dim_upper_bound(node.graph, a.shape[-1]) if a.shape is not None and len(a.shape) else None
+    if depth is None:
+        raise UnsupportedOpError(node_label(node), "MatMul", "an int16 activation product needs a static (or "
+                                 "bounded symbolic) contracted length to prove it cannot overflow int32")  # fmt: skip
     top_b = integer_bound(b)
     if _softmax_rows(a) is not None:
         unit = 1 << 15 if a.dtype == ir.DataType.INT16 else 1 << 7
@@ -279,6 +279,12 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                 raise UnsupportedOpError(node_label(node), node.op_type, "no integer lowering for this op")
             handler(graph, node)
             modified = True
+        for node in graph:  # a shape read from a dequantized value: the same shape as its integer codes
+            source = node.inputs[0] if node.op_type in SHAPE_READERS and node.inputs else None
+            producer = source.producer() if source is not None else None
+            if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None:
+                node.replace_input_with(0, producer.inputs[0])
+                modified = True
         RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified)
 

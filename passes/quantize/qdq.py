@@ -30,6 +30,7 @@ from qcompiler.ir.ops import (
     INHERIT_SCALE_OPS,
     KEEPS_BOUND_OPS,
     OWN_SCALE_OPS,
+    SHAPE_READERS,
     traits,
 )
 from qcompiler.passes.canonicalize.resize import resize_refusal
@@ -70,7 +71,10 @@ _FLOATS = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE,
 
 
 def computes_on_floats(node: ir.Node) -> bool:
-    """False for nodes that only move integers or booleans (mask and index arithmetic): nothing to quantize."""
+    """False for nodes that only move integers or booleans (mask and index arithmetic) or read only a shape:
+    nothing to quantize."""
+    if node.op_type in SHAPE_READERS:
+        return False
     values = [v for v in (*node.inputs, *node.outputs) if v is not None]
     return any(v.dtype is None or v.dtype in _FLOATS for v in values)
 
@@ -259,6 +263,9 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         float_islands: a node the integer path cannot handle stays in float between DequantizeLinear and
             QuantizeLinear (its outputs quantized at their calibrated ranges), tagged :data:`FLOAT_ISLAND` with the
             reason, instead of an :class:`UnsupportedOpError`.
+        cache_inputs: graph inputs that carry a KV cache (a causal LM's past keys and values): each is quantized
+            at the scale and width of the new values a Concat appends to it, so the cache the model writes and
+            the cache it reads are one integer tensor (no float at the boundary, no requantize).
     """
 
     preserves_outputs = False  # quantization changes the outputs by design; tests bound the change
@@ -270,8 +277,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         channel_absmax: Mapping[str, np.ndarray] | None = None,
         hessians: Mapping[str, np.ndarray] | None = None,
         float_islands: bool = False,
+        cache_inputs: frozenset[str] = frozenset(),
     ) -> None:
         super().__init__()
+        self.cache_inputs = frozenset(cache_inputs)
         #: keep nodes the integer path cannot handle in float (tagged FLOAT_ISLAND) instead of refusing them
         self.float_islands = float_islands
         self.ranges = dict(ranges)
@@ -371,6 +380,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 )  # fmt: skip
                 self._score_steps[id(g.scores)] = SOFTMAX_MAX_INPUT_SCALE
         for value in list(graph.inputs):
+            if value.name in self.cache_inputs:
+                continue  # quantized where a Concat appends the new values (_quantize_cache)
             if value.dtype == ir.DataType.FLOAT:
                 wide = self._wide_activation(graph, value)
                 if wide is None:
@@ -446,6 +457,10 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             ):
                 wide = self._wide_activation(graph, out)
                 scale_of[id(out)] = wide if wide is not None else self._quantize_value(graph, out, self._range(out))
+            elif node.op_type == "Concat" and self._quantize_cache(graph, node, scale_of):
+                scale_of[id(out)] = self._quantize_value(
+                    graph, out, None, scale_of[id(node.inputs[-1])], bits=self._bits_of.get(id(node.inputs[-1]), 8)
+                )
             elif node.op_type == "Concat" and not self._concat_shares_scale(node, scale_of):
                 scale_of[id(out)] = self._quantize_concat(graph, node, scale_of)
             elif node.op_type == "Split":
@@ -469,6 +484,31 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
     # --- helpers -------------------------------------------------------------------------------
+    def _quantize_cache(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, Any]) -> bool:
+        """``Concat(past, new)`` of a cache input and the new values: the past quantized at the new values' scale
+        and width (one grid, so the Concat moves codes); True when ``node`` is such a Concat."""
+        caches = [i for i, v in enumerate(node.inputs) if v is not None and v.name in self.cache_inputs]
+        if not caches:
+            return False
+        label = node_label(node)
+        if len(caches) != 1 or caches[0] != 0 or len(node.inputs) != 2:
+            raise UnsupportedOpError(label, "Concat", "a cache input must be the first of two Concat inputs "
+                                     "(past, new), as a KV cache appends the new keys or values")  # fmt: skip
+        new = node.inputs[1]
+        if new is None or id(new) not in scale_of:
+            raise UnsupportedOpError(label, "Concat", "the new values appended to the cache are not quantized")
+        past = node.inputs[0]
+        assert past is not None
+        if id(past) not in scale_of:
+            readers = consumers(past)
+            if len(readers) != 1:
+                raise UnsupportedOpError(label, "Concat", f"cache input {past.name!r} has {len(readers)} readers; "
+                                         "a cache is read once, by the Concat that appends to it")  # fmt: skip
+            scale_of[id(past)] = self._quantize_value(
+                graph, past, None, scale_of[id(new)], bits=self._bits_of.get(id(new), 8)
+            )
+        return True
+
     def _concat_shares_scale(self, node: ir.Node, scale_of: Mapping[int, Any]) -> bool:
         """Every input of the Concat is a quantized activation on one grid (RoPE's halves): a pure move."""
         if any(const_array(v) is not None for v in node.inputs):

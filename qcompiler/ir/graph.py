@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import onnx_ir as ir
@@ -12,6 +13,73 @@ import onnx_ir as ir
 #: metadata key of a node kept in float on purpose (``compile(..., integer_only=False)``); its value is the reason
 #: the integer path refused the node
 FLOAT_ISLAND = "qcompiler.float_island"
+#: metadata key of a graph with symbolic dimensions: a JSON map of each dimension symbol to its largest value
+#: (a sequence length up to the model's context), which bounds proofs read (an int32 sum over a symbolic length)
+DIM_BOUNDS = "qcompiler.dim_bounds"
+
+
+def set_dim_bounds(graph: ir.Graph, bounds: Mapping[str, int]) -> None:
+    """Record the largest value of each symbolic dimension of ``graph`` (:data:`DIM_BOUNDS`)."""
+    graph.metadata_props[DIM_BOUNDS] = json.dumps({str(k): int(v) for k, v in bounds.items()}, sort_keys=True)
+
+
+def _dim_at(dim: object, values: Mapping[str, int]) -> object:
+    """``dim`` with its symbols replaced by ``values``: an int when that leaves a number, else ``dim``."""
+    if isinstance(dim, int):
+        return dim
+    text = getattr(dim, "value", None)
+    if not isinstance(text, str):
+        return dim
+    import sympy
+
+    try:
+        expression = sympy.sympify(text).subs({sympy.Symbol(k): v for k, v in values.items()})
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return dim
+    return int(expression) if expression.is_number and expression.is_integer else dim
+
+
+def specialize_dims(model: ir.Model, values: Mapping[str, int]) -> ir.Model:
+    """A copy of ``model`` (tensors shared) for one value of each symbolic dimension (``{"s1": 1}``): every shape
+    that torch.export wrote as an expression of the symbols becomes static, and the shape arithmetic that read
+    them (Shape, Gather, Concat of dims) is folded to constants, which is the static graph a backend builds."""
+    import onnxscript.optimizer
+
+    copy = model.clone()
+    values_ = [*copy.graph.inputs, *(v for node in copy.graph for v in node.outputs)]
+    for value in values_:
+        if value.shape is not None:
+            value.shape = ir.Shape([_dim_at(d, values) for d in value.shape])
+    onnxscript.optimizer.fold_constants(copy)
+    ir.passes.common.RemoveUnusedNodesPass()(copy)
+    if DIM_BOUNDS in copy.graph.metadata_props:
+        del copy.graph.metadata_props[DIM_BOUNDS]
+    return copy
+
+
+def dim_upper_bound(graph: ir.Graph | None, dim: object) -> int | None:
+    """The largest value ``dim`` takes: itself when static; for a symbolic dimension (``s1`` or an expression of
+    symbols such as ``s1 + 16``, as torch.export writes them) its value at every symbol's recorded bound, when all
+    are bounded and the expression grows with each (sums and products of positive terms), else None."""
+    if isinstance(dim, int):
+        return dim
+    text = getattr(dim, "value", None)
+    if graph is None or not isinstance(text, str) or DIM_BOUNDS not in graph.metadata_props:
+        return None
+    import sympy
+
+    bounds = json.loads(graph.metadata_props[DIM_BOUNDS])
+    try:
+        expression = sympy.sympify(text)
+    except (sympy.SympifyError, TypeError, SyntaxError):
+        return None
+    symbols = expression.free_symbols
+    if not all(str(s) in bounds for s in symbols):
+        return None
+    if any(sympy.diff(expression, s).subs({t: bounds[str(t)] for t in symbols}) < 0 for s in symbols):
+        return None
+    value = expression.subs({s: bounds[str(s)] for s in symbols})
+    return int(value) if value.is_integer else None
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:

@@ -27,6 +27,8 @@ Traits:
     norm: a normalisation over the last axis with a gain (and bias).
     elementwise_nonlinear: an elementwise function that no rotation commutes with.
     positive_homogeneous: ``f(x / s) = f(x) / s`` for every ``s > 0`` (cross-layer equalization passes it).
+    reads_shape_only: reads only its input's shape, never its values (Shape, Size): integer index arithmetic
+        however the input is stored, nothing to quantize (a symbolic sequence length's reshapes).
     quantize: how the output gets its scale: ``"own"`` (calibrated, its own Q/DQ), ``"inherit"`` (the input's
         scale), ``"fixed"`` (a scale fixed by the op: softmax probabilities) or ``""`` (not on the integer path).
     lowering: the integer lowering's handler (``passes/lower/dyadic.py``'s dispatch table), or ``""``;
@@ -60,6 +62,7 @@ class OpTraits:
     norm: bool = False
     elementwise_nonlinear: bool = False
     positive_homogeneous: bool = False
+    reads_shape_only: bool = False
     quantize: str = ""
     lowering: str = ""
 
@@ -88,6 +91,9 @@ def _lookup(op_type: str, **traits: Any) -> OpTraits:
 _ROWS: tuple[OpTraits, ...] = (
     # layout: values moved, none changed
     *(_layout(op) for op in ("Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity")),
+    # the input's shape, not its values: integer index arithmetic
+    OpTraits("Shape", reads_shape_only=True),
+    OpTraits("Size", reads_shape_only=True),
     # selections and broadcasts: on the input's grid
     OpTraits("Slice", moves_values=True, keeps_width=True, keeps_bound=True, wide_input=True, quantize="inherit",
              lowering="move"),
@@ -184,6 +190,7 @@ CHANNEL_PRODUCERS = ops_where(lambda t: t.channel_producer)
 NORM_OPS = ops_where(lambda t: t.norm)
 ELEMENTWISE_NONLINEAR = ops_where(lambda t: t.elementwise_nonlinear)
 POSITIVE_HOMOGENEOUS = ops_where(lambda t: t.positive_homogeneous)
+SHAPE_READERS = ops_where(lambda t: t.reads_shape_only)
 #: ops whose output gets its own (or a fixed) scale
 OWN_SCALE_OPS = ops_where(lambda t: t.quantize in ("own", "fixed"))
 #: ops whose output keeps the input's scale

@@ -744,6 +744,20 @@ FAMILIES: dict[str, Callable[[], ZooCase]] = {
     "poolformer": poolformer,
 }
 
+#: the causal decoders of :data:`FAMILIES` (token ids in, logits out): the families a KV cache must serve
+DECODERS: tuple[str, ...] = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gpt2", "gpt-j", "gpt-neo", "gpt-neox", "opt", "falcon", "bloom",
+    "mpt", "phi", "phi3", "stablelm", "starcoder2",
+)  # fmt: skip
+
+
+def decoder(name: str) -> tuple[Any, list[np.ndarray], list[np.ndarray]]:
+    """The transformers causal LM of decoder family ``name``, its calibration and held-out token ids ``[1, T]``."""
+    if name not in DECODERS:
+        raise ValueError(f"{name!r} is not a decoder family; choose one of {DECODERS}")
+    case = FAMILIES[name]()
+    return case.module.model, [b[0] for b in case.calibration], [b[0] for b in case.held_out]
+
 
 # --- evaluation -----------------------------------------------------------------------------------------------
 

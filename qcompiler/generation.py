@@ -1,0 +1,519 @@
+"""Causal LMs that generate: one integer graph for every sequence length, an integer KV cache, prefill and decode.
+
+:func:`compile_causal_lm` captures a transformers causal LM as one step of generation::
+
+    logits, new_kv = step(input_ids [1, s], position_ids [1, s], keep [1, 1, s, P + s], past_kv [.., P, ..])
+
+with ``s`` symbolic (torch.export's dynamic dimension) and ``P = max_context`` slots of cache per layer. The
+model's own code appends the new keys and values to the past ones (transformers' cache classes, so whatever an
+architecture does to its keys before caching them, RoPE, fused QKV, partial rotary, is what gets cached), and
+the boolean ``keep`` says which slots each query attends to (the causal mask, empty slots, a sliding window).
+The whole pipeline runs once on that symbolic graph:
+
+- RoPE's tables (and any float function of the positions) become tables read at ``position_ids``
+  (:class:`~qcompiler.passes.canonicalize.index_tables.TabulateIndexFunctionsPass`);
+- the cache inputs are quantized at the scale and width of the new keys and values appended to them
+  (``QuantizeQDQPass(cache_inputs=...)``), so the cache a step writes is the integer tensor the next step reads:
+  the graph's cache inputs and outputs are integer codes, with no float at the boundary;
+- proofs over a symbolic length (an int32 sum over ``P + s``) use its bound (``s <= chunk``).
+
+The integer graph is then built twice, for ``s = chunk`` (prefill, in chunks) and ``s = 1`` (decode)
+(:func:`~qcompiler.ir.graph.specialize_dims`): the same integer model at two lengths, so a token decoded with
+the cache gets the logits the prefill of the whole sequence gives it, bit for bit (the integer softmax leaves
+masked slots out of its maximum and its sum, and every other op is per token).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from qcompiler import files
+from qcompiler.config import Recipe, load_recipe
+from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
+from qcompiler.ir.graph import specialize_dims
+
+logger = logging.getLogger(__name__)
+
+IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
+LOGITS = "logits"
+PREFILL_FILE, DECODE_FILE = "prefill.so", "decode.so"
+META_FILE = "causal_lm.json"
+DEFAULT_CHUNK = 32
+
+
+class ContextFullError(QCompilerError, ValueError):
+    """The cache holds ``max_context`` tokens: a longer sequence needs a model compiled with a larger one."""
+
+
+def _cache_name(index: int) -> str:
+    return f"past_{index}"
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheLayout:
+    """The cache tensors of one model, in the order the model's cache lists them (keys and values per layer):
+    the shape of each for one token (the sequence axis of length 1) and that axis."""
+
+    token_shapes: tuple[tuple[int, ...], ...]
+    axis: int  # the sequence axis (transformers: -2 of [batch, heads, seq, head_dim])
+
+    def shape(self, index: int, length: int) -> list[int]:
+        shape = list(self.token_shapes[index])
+        shape[self.axis] = length
+        return shape
+
+    @property
+    def count(self) -> int:
+        return len(self.token_shapes)
+
+
+def _transformers_causal_lm(model: Any) -> Any:
+    """The transformers model behind ``model`` (a causal LM), or a named refusal."""
+    forward = getattr(model, "forward", None)
+    config = getattr(model, "config", None)
+    if forward is None or config is None or not hasattr(model, "generation_config"):
+        raise ModelLoadError(
+            f"model: compile_causal_lm takes a transformers causal LM (an *ForCausalLM), got {type(model).__name__}; "
+            "compile other models with qcompiler.compile"
+        )
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelLoadError(f"model: {type(model).__name__} is an encoder-decoder; compile_causal_lm takes decoders")
+    return model
+
+
+def _cache_tensors(cache: Any) -> list[Any]:
+    """The key and value tensors of a transformers cache, per layer (keys, values, keys, ...)."""
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ModelLoadError(f"model: its cache ({type(cache).__name__}) has no layers; a transformers Cache is needed")
+    tensors = []
+    for layer in layers:
+        tensors += [layer.keys, layer.values]
+    return tensors
+
+
+def _sliding_window(config: Any, max_context: int) -> int | None:
+    """A window every layer attends within (Mistral), or None; layers of mixed windows are refused."""
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    window = getattr(text, "sliding_window", None)
+    if window is None or window >= max_context:
+        return None
+    kinds = set(getattr(text, "layer_types", None) or [])
+    if kinds - {"sliding_attention"}:
+        raise ModelLoadError(
+            f"model: its layers mix sliding-window ({window} tokens) and full attention ({sorted(kinds)}); compile "
+            f"with max_context <= {window}, where every layer sees the whole context"
+        )
+    return int(window)
+
+
+def _layout(model: Any) -> CacheLayout:
+    """The cache of ``model`` measured from two runs (one token, then two): its tensors and their sequence axis."""
+    import torch
+
+    with torch.no_grad():
+        one = _cache_tensors(model(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True).past_key_values)
+        two = _cache_tensors(model(input_ids=torch.zeros(1, 2, dtype=torch.long), use_cache=True).past_key_values)
+    axes = {
+        tuple(i for i, (a, b) in enumerate(zip(x.shape, y.shape, strict=True)) if (a, b) == (1, 2))
+        for x, y in zip(one, two, strict=True)
+    }
+    if len(axes) != 1 or len(next(iter(axes))) != 1:
+        raise ModelLoadError(f"model: its cache tensors have no one sequence axis ({[tuple(t.shape) for t in two]})")
+    axis = next(iter(axes))[0]
+    return CacheLayout(tuple(tuple(int(d) for d in t.shape) for t in one), axis)
+
+
+def _step_module(model: Any, layout: CacheLayout) -> Any:
+    """``model`` as one generation step over flat cache tensors (the module torch.export captures)."""
+    import torch
+    import transformers
+
+    class CachedStep(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids: Any, position_ids: Any, keep: Any, past: list[Any]) -> tuple[Any, ...]:
+            pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
+            cache = transformers.DynamicCache(ddp_cache_data=pairs)
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=keep,
+                             past_key_values=cache, use_cache=True)  # fmt: skip
+            count = input_ids.shape[1]
+            new = [t.narrow(layout.axis, t.shape[layout.axis] - count, count) for t in _cache_tensors(cache)]
+            return (out.logits, *new)
+
+    return CachedStep().eval()
+
+
+def keep_mask(start: int, count: int, slots: int, window: int | None = None) -> np.ndarray:
+    """``keep [1, 1, count, slots + count]``: query ``i`` (position ``start + i``) attends to the cache slots
+    before ``start`` and to the new tokens up to itself, within ``window`` positions when one is given."""
+    query = start + np.arange(count)[:, None]
+    key = np.concatenate([np.arange(slots), start + np.arange(count)])[None, :]
+    keep = key <= query
+    keep[:, :slots] &= np.arange(slots)[None, :] < start
+    if window is not None:
+        keep &= query - key < window
+    return keep[None, None]
+
+
+def _feeds(ids: np.ndarray, start: int, slots: int, max_context: int, window: int | None) -> dict[str, np.ndarray]:
+    count = ids.shape[1]
+    positions = np.minimum(start + np.arange(count), max_context - 1)  # padding past the end reads the last row
+    return {IDS: ids.astype(np.int64), POSITIONS: positions[None].astype(np.int64),
+            KEEP: keep_mask(start, count, slots, window)}  # fmt: skip
+
+
+def _token_sequences(calibration: Any) -> list[np.ndarray]:
+    """Calibration token ids as ``[1, T]`` int64 arrays (from arrays, lists, or dicts with ``input_ids``)."""
+    if calibration is None:
+        raise CalibrationError("calibration: required (token id sequences: arrays [1, T] or [T], or dicts of them)")
+    sequences = []
+    for item in calibration:
+        ids = item.get(IDS) if isinstance(item, dict) else item[0] if isinstance(item, tuple) else item
+        array = np.asarray(ids.numpy() if hasattr(ids, "numpy") else ids)
+        if array.dtype.kind not in "iu" or array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[0] != 1):
+            raise CalibrationError(
+                f"calibration: expected token ids of shape [1, T] or [T], got {array.dtype} {list(array.shape)}"
+            )
+        sequences.append(array.reshape(1, -1).astype(np.int64))
+    return sequences
+
+
+def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarray], chunk: int, max_context: int,
+                       window: int | None) -> list[dict[str, np.ndarray]]:  # fmt: skip
+    """Each sequence in chunks of ``chunk`` tokens through the float step, its cache carried from chunk to chunk:
+    the feeds the symbolic graph is calibrated on (partial chunks at the end are left out)."""
+    import torch
+
+    feeds = []
+    for ids in sequences:
+        usable = min(ids.shape[1], max_context) // chunk * chunk
+        cache = [np.zeros(layout.shape(i, max_context), np.float32) for i in range(layout.count)]
+        for start in range(0, usable, chunk):
+            feed = _feeds(ids[:, start : start + chunk], start, max_context, max_context, window)
+            feed.update({_cache_name(i): cache[i].copy() for i in range(layout.count)})
+            feeds.append(feed)
+            with torch.no_grad():
+                args = [torch.from_numpy(feed[n]) for n in (IDS, POSITIONS, KEEP)]
+                out = step(*args, [torch.from_numpy(c) for c in cache])
+            for i, new in enumerate(out[1:]):
+                _write(cache[i], layout.axis, start, new.numpy())
+    if not feeds:
+        raise CalibrationError(
+            f"calibration: no sequence holds a whole chunk of {chunk} tokens; give longer sequences or a smaller chunk"
+        )
+    return feeds
+
+
+def _write(cache: np.ndarray, axis: int, start: int, new: np.ndarray) -> None:
+    index = [slice(None)] * cache.ndim
+    index[axis] = slice(start, start + new.shape[axis])
+    cache[tuple(index)] = new
+
+
+def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
+    """The cache inputs and outputs of the integer graph as the integer codes (the QuantizeLinear after each cache
+    input and the DequantizeLinear before each cache output dropped); returns each one's scale, after checking
+    that every cache output is written at the scale its input is read."""
+    graph = model.graph
+    scales: dict[str, Any] = {}
+    for position, value in enumerate(list(graph.inputs)):
+        if not value.name.startswith("past_"):
+            continue
+        readers = [use.node for use in value.uses()]
+        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+            raise QCompilerError(f"internal: cache input {value.name} is not read by one QuantizeLinear")
+        codes = readers[0].outputs[0]
+        integer = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(codes.dtype))
+        value.name = f"{value.name}_float"
+        graph.inputs[position] = integer
+        codes.replace_all_uses_with(integer)
+        scales[integer.name] = readers[0].inputs[1].const_value.numpy()  # type: ignore[union-attr]
+    outputs = list(graph.outputs)
+    for position in range(1, len(outputs)):
+        producer = outputs[position].producer()
+        if producer is None or producer.op_type != "DequantizeLinear" or producer.inputs[0] is None:
+            raise QCompilerError(f"internal: cache output {outputs[position].name} is not dequantized integer codes")
+        name = _cache_name(position - 1)
+        scale = producer.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        if not np.array_equal(scale, scales[name]):
+            raise QCompilerError(f"internal: cache {name} is written at scale {scale} and read at {scales[name]}")
+        codes = producer.inputs[0]
+        outputs[position].name = f"new_{name}_float"
+        codes.name = f"new_{name}"
+        graph.outputs[position] = codes
+    graph.outputs[0].name = LOGITS
+    ir.passes.common.RemoveUnusedNodesPass()(model)
+    if len(scales) != count:
+        raise QCompilerError(f"internal: {len(scales)} cache inputs, {count} expected")
+    return {k: float(np.asarray(v).max()) for k, v in scales.items()}
+
+
+class CausalLM:
+    """A compiled causal LM: prefill and decode over an integer KV cache, greedy or sampled generation.
+
+    Not thread-safe: one conversation at a time (the cache is its state); :meth:`reset` starts another.
+    """
+
+    def __init__(self, prefill: Any, decode: Any, integer_model: ir.Model | onnx.ModelProto, meta: dict[str, Any],
+                 report: dict[str, Any]) -> None:  # fmt: skip
+        self.prefill_module, self.decode_module = prefill, decode
+        self._integer = integer_model
+        self.meta = meta
+        self.report = report
+        self.max_context = int(meta["max_context"])
+        self.chunk = int(meta["chunk"])
+        self.window = meta.get("window")
+        self.layout = CacheLayout(tuple(tuple(s) for s in meta["token_shapes"]), int(meta["axis"]))
+        self.cache_dtypes = [np.dtype(d) for d in meta["cache_dtypes"]]
+        self.length = 0
+        self.cache = [
+            np.zeros(self.layout.shape(i, self.max_context), dtype) for i, dtype in enumerate(self.cache_dtypes)
+        ]
+
+    # --- state ------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the cached tokens (the next prefill starts a new sequence)."""
+        self.length = 0
+
+    @property
+    def integer_model(self) -> onnx.ModelProto:
+        """The symbolic integer graph (every sequence length up to the chunk), as ONNX."""
+        return ir.serde.serialize_model(self._integer) if isinstance(self._integer, ir.Model) else self._integer
+
+    @property
+    def cache_bytes_per_token(self) -> int:
+        return int(sum(np.prod(s) * d.itemsize for s, d in zip(self.layout.token_shapes, self.cache_dtypes,
+                                                               strict=True)))  # fmt: skip
+
+    # --- steps ------------------------------------------------------------------------------------------------
+    def _run(self, module: Any, ids: np.ndarray) -> np.ndarray:
+        """Run ``ids`` (one chunk, padded to the module's length) at the current position; caches the real ones."""
+        real = ids.shape[1]
+        if self.length + real > self.max_context:
+            raise ContextFullError(
+                f"input_ids: {self.length} cached + {real} new tokens exceed max_context {self.max_context}; "
+                "reset() the model, or compile with a larger max_context"
+            )
+        size = 1 if module is self.decode_module else self.chunk
+        padded = np.zeros((1, size), np.int64)
+        padded[:, :real] = ids
+        feeds = _feeds(padded, self.length, self.max_context, self.max_context, self.window)
+        feeds.update({_cache_name(i): c for i, c in enumerate(self.cache)})
+        outputs = module.run(feeds)
+        for i, new in enumerate(outputs[1:]):
+            index = [slice(None)] * new.ndim
+            index[self.layout.axis] = slice(0, real)
+            _write(self.cache[i], self.layout.axis, self.length, new[tuple(index)])
+        self.length += real
+        return outputs[0][0, :real]
+
+    def prefill(self, input_ids: Any) -> np.ndarray:
+        """Append ``input_ids`` (``[1, T]`` or ``[T]``) to the cache, in chunks; returns their logits ``[T, vocab]``."""
+        ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        parts = []
+        for start in range(0, ids.shape[1], self.chunk):
+            part = ids[:, start : start + self.chunk]
+            module = self.decode_module if part.shape[1] == 1 else self.prefill_module
+            parts.append(self._run(module, part))
+        return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
+
+    def decode_step(self, token: int) -> np.ndarray:
+        """Append one token; returns its logits ``[vocab]``."""
+        return self._run(self.decode_module, np.array([[int(token)]], np.int64))[0]
+
+    # --- generation -------------------------------------------------------------------------------------------
+    def stream(self, input_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, stop: Sequence[int] | int | None = None,
+               seed: int | None = None) -> Iterator[int]:  # fmt: skip
+        """Yield new tokens one by one after the prompt ``input_ids`` (a new sequence: the cache is reset).
+
+        Greedy with ``temperature = 0`` (the default); else sampled from the softmax at ``temperature``, over the
+        ``top_k`` likeliest tokens and the smallest set whose probability reaches ``top_p``. Stops after
+        ``max_new_tokens`` or on a token in ``stop`` (yielded).
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: must be >= 0, got {max_new_tokens}")
+        if temperature < 0 or (top_k is not None and top_k < 1) or (top_p is not None and not 0 < top_p <= 1):
+            raise ValueError(f"temperature >= 0, top_k >= 1, 0 < top_p <= 1; got {temperature}, {top_k}, {top_p}")
+        stops = {stop} if isinstance(stop, int) else set(stop or ())
+        rng = np.random.default_rng(seed)
+        self.reset()
+        logits = self.prefill(input_ids)[-1]
+        for produced in range(max_new_tokens):
+            token = _choose(logits, temperature, top_k, top_p, rng)
+            yield token
+            if token in stops or produced == max_new_tokens - 1:
+                return
+            logits = self.decode_step(token)
+
+    def generate(self, input_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
+                 top_p: float | None = None, stop: Sequence[int] | int | None = None,
+                 seed: int | None = None) -> np.ndarray:  # fmt: skip
+        """The prompt followed by its continuation, ``[1, T + new]`` int64 (:meth:`stream`'s tokens)."""
+        prompt = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
+        new = list(self.stream(prompt, max_new_tokens, temperature, top_k, top_p, stop, seed))
+        return np.concatenate([prompt, np.array([new], np.int64).reshape(1, -1)], axis=1)
+
+    def logits(self, input_ids: Any) -> np.ndarray:
+        """Logits of every position of ``input_ids`` as a new sequence (perplexity): ``[T, vocab]``."""
+        self.reset()
+        return self.prefill(input_ids)
+
+    # --- files ------------------------------------------------------------------------------------------------
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        """Write both libraries, the symbolic integer graph and the cache layout; atomically."""
+        from qcompiler.api import INTEGER_FILE, REPORT_FILE, _save_onnx
+
+        with files.atomic_directory(directory, overwrite) as staging:
+            self.prefill_module.export(staging / PREFILL_FILE)
+            self.decode_module.export(staging / DECODE_FILE)
+            _save_onnx(self._integer, staging / INTEGER_FILE)
+            (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
+            (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
+        return Path(directory)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CausalLM:
+        """A directory written by :meth:`save`."""
+        from qcompiler.api import INTEGER_FILE, REPORT_FILE
+        from qcompiler.backends.tvm import TVMModule
+
+        root = Path(directory)
+        for name in (PREFILL_FILE, DECODE_FILE, INTEGER_FILE, META_FILE):
+            if not (root / name).is_file():
+                raise QCompilerError(f"directory: {root} is not a saved causal LM ({name} is missing)")
+        meta = json.loads((root / META_FILE).read_text())
+        names, dtypes = meta["input_names"], meta["input_dtypes"]
+        prefill = TVMModule.load(root / PREFILL_FILE, names, dtypes)
+        decode = TVMModule.load(root / DECODE_FILE, names, dtypes)
+        report = json.loads((root / REPORT_FILE).read_text()) if (root / REPORT_FILE).is_file() else {}
+        return cls(prefill, decode, onnx.load(str(root / INTEGER_FILE)), meta, report)
+
+
+def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
+    if temperature == 0.0:
+        return int(np.argmax(logits))
+    scaled = logits.astype(np.float64) / temperature
+    order = np.argsort(-scaled, kind="stable")
+    if top_k is not None:
+        order = order[:top_k]
+    probabilities = np.exp(scaled[order] - scaled[order[0]])
+    probabilities /= probabilities.sum()
+    if top_p is not None:
+        keep = int(np.searchsorted(np.cumsum(probabilities), top_p) + 1)
+        order, probabilities = order[:keep], probabilities[:keep] / probabilities[:keep].sum()
+    return int(order[rng.choice(len(order), p=probabilities)])
+
+
+def compile_causal_lm(
+    model: Any,
+    target: str = "llvm",
+    *,
+    calibration: Any,
+    recipe: str | Path | Recipe = "w8a8-llm",
+    max_context: int = 2048,
+    chunk: int = DEFAULT_CHUNK,
+    verify: bool = True,
+    progress: bool = True,
+) -> CausalLM:
+    """Compile a transformers causal LM for generation with an integer KV cache.
+
+    Args:
+        model: a transformers ``*ForCausalLM`` (in eval mode).
+        target: a CPU target (``"llvm"``); the cache path is CPU-only for now.
+        calibration: token id sequences (arrays ``[1, T]`` or ``[T]``, or dicts with ``input_ids``), run in chunks
+            of ``chunk`` tokens with the cache carried between them.
+        recipe: an integer-path recipe (``w8a8-llm``, ``w4a8``, ...).
+        max_context: cache slots: the longest sequence (prompt and continuation) a conversation holds.
+        chunk: tokens per prefill call (a prompt runs in chunks of this many, the last one padded).
+
+    Raises:
+        ModelLoadError: not a transformers causal LM, or its cache has no one sequence axis.
+        CalibrationError: no calibration sequence holds a whole chunk.
+    """
+    import torch
+    from torch.export import Dim
+
+    from qcompiler.api import _quantize_to_integer
+    from qcompiler.backends.tvm.build import build, resolve_target
+    from qcompiler.ir import load as load_model
+    from qcompiler.ir.ort_session import serialize_sharing_weights
+    from qcompiler.passes.canonicalize.index_tables import TabulateIndexFunctionsPass
+    from qcompiler.progress import recording, step
+
+    if not 2 <= chunk <= max_context:
+        raise ValueError(f"chunk: must lie in [2, max_context = {max_context}], got {chunk}")
+    tvm_target, _ = resolve_target(target)
+    if tvm_target.kind.name != "llvm":
+        raise QCompilerError(f"target {tvm_target.kind.name}: compile_causal_lm builds for CPUs (llvm) for now")
+    chosen = load_recipe(recipe)
+    lm = _transformers_causal_lm(model).eval()
+    window = _sliding_window(lm.config, max_context)
+    layout = _layout(lm)
+    step_module = _step_module(lm, layout)
+    sequences = _token_sequences(calibration)
+    start = time.perf_counter()
+    with recording() as stages:
+        with step("calibration feeds (float, cache carried)", progress):
+            feeds = _calibration_feeds(step_module, layout, sequences, chunk, max_context, window)
+        example = feeds[0]
+        seq = Dim("seq", min=1, max=chunk)
+        dynamic = {IDS: {1: seq}, POSITIONS: {1: seq}, KEEP: {2: seq, 3: seq + max_context},
+                   "past": [None] * layout.count}  # fmt: skip
+        args = [torch.from_numpy(example[IDS]), torch.from_numpy(example[POSITIONS]), torch.from_numpy(example[KEEP]),
+                [torch.from_numpy(example[_cache_name(i)]) for i in range(layout.count)]]  # fmt: skip
+        with step("export (torch.export, symbolic sequence length)", progress), torch.no_grad():
+            exported = load_model(step_module, args, dynamic_shapes=dynamic)
+        symbol = exported.graph.inputs[0].shape[1] if exported.graph.inputs[0].shape is not None else None
+        if isinstance(symbol, int) or symbol is None:
+            raise ModelLoadError("model: the exported step has no symbolic sequence length")
+        TabulateIndexFunctionsPass({POSITIONS: max_context})(exported)
+        cache_names = frozenset(_cache_name(i) for i in range(layout.count))
+        result = _quantize_to_integer(exported, None, feeds, chosen, verify, progress, cache_inputs=cache_names,
+                                      dim_bounds={str(symbol.value): chunk})  # fmt: skip
+        integer = result.model
+        scales = _integer_cache_io(integer, layout.count)
+        modules = []
+        for length in (chunk, 1):
+            with step(f"build for {length}-token steps", progress):
+                static = specialize_dims(integer, {str(symbol.value): length})
+                shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}  # type: ignore[union-attr]
+                proto, weights = serialize_sharing_weights(static)
+                modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))
+    inputs = integer.graph.inputs
+    meta = {
+        "max_context": max_context,
+        "chunk": chunk,
+        "window": window,
+        "axis": layout.axis,
+        "token_shapes": [list(s) for s in layout.token_shapes],
+        "cache_dtypes": [v.dtype.numpy().name for v in inputs if v.name in cache_names],  # type: ignore[union-attr]
+        "cache_scales": scales,
+        "input_names": [v.name for v in inputs],
+        "input_dtypes": [v.dtype.numpy().name for v in inputs],  # type: ignore[union-attr]
+    }
+    report = {
+        "recipe": result.recipe.name,
+        "target": str(tvm_target),
+        "passes": [r.as_dict() for r in result.records],
+        "seconds": time.perf_counter() - start,
+        "stages": stages,
+        "max_context": max_context,
+        "chunk": chunk,
+    }
+    compiled = CausalLM(modules[0], modules[1], integer, meta, report)
+    report["cache_bytes_per_token"] = compiled.cache_bytes_per_token
+    return compiled

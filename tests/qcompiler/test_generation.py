@@ -1,0 +1,172 @@
+"""compile_causal_lm: one symbolic integer graph, an integer KV cache, prefill in chunks and decode steps.
+
+The property that matters is exactness: a token decoded with the cache gets the logits that the prefill of the
+whole sequence (the same integer model, no cache carried between calls) gives it, bit for bit; and the compiled
+code agrees with the reference interpreter on the symbolic integer graph at every length it is built for.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("transformers", reason="pip install -e '.[models]'")
+
+import onnx_ir as ir
+import torch
+
+from qcompiler.dialect.reference import run_reference
+from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
+from qcompiler.generation import CausalLM, ContextFullError, compile_causal_lm, keep_mask
+from qcompiler.ir.graph import specialize_dims
+from qcompiler.passes.lower import float_ops_inside
+from qcompiler.testing.zoo import decoder
+
+pytestmark = pytest.mark.tvm
+
+MAX_CONTEXT, CHUNK = 32, 8
+
+
+@pytest.fixture(scope="module")
+def llama() -> tuple[object, CausalLM, list[np.ndarray]]:
+    model, calibration, held_out = decoder("llama")
+    compiled = compile_causal_lm(model, calibration=calibration, max_context=MAX_CONTEXT, chunk=CHUNK, progress=False)
+    return model, compiled, held_out
+
+
+def _incremental(compiled: CausalLM, ids: np.ndarray, prompt: int) -> np.ndarray:
+    compiled.reset()
+    logits = [compiled.prefill(ids[:, :prompt])]
+    logits += [compiled.decode_step(int(t))[None] for t in ids[0, prompt:]]
+    return np.concatenate(logits)
+
+
+def test_decode_with_the_cache_equals_the_whole_prefill_bit_for_bit(llama) -> None:
+    _, compiled, held_out = llama
+    ids = held_out[0]
+    whole = compiled.logits(ids)  # chunks of 8, the last one padded: no cache carried within a chunk
+    assert whole.shape[0] == ids.shape[1]
+    for prompt in (1, 5, CHUNK, ids.shape[1] - 1):
+        np.testing.assert_array_equal(_incremental(compiled, ids, prompt), whole)
+
+
+def test_prefill_split_anywhere_gives_the_same_logits(llama) -> None:
+    _, compiled, held_out = llama
+    ids = held_out[1]
+    whole = compiled.logits(ids)
+    compiled.reset()
+    parts = [compiled.prefill(ids[:, a:b]) for a, b in ((0, 3), (3, 12), (12, ids.shape[1]))]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+
+
+def test_the_cache_is_integer_and_no_float_op_is_inside(llama) -> None:
+    _, compiled, _ = llama
+    assert all(d.kind == "i" for d in compiled.cache_dtypes)
+    assert compiled.cache_bytes_per_token == sum(int(np.prod(s)) * d.itemsize for s, d in
+                                                 zip(compiled.layout.token_shapes, compiled.cache_dtypes))  # fmt: skip
+    assert float_ops_inside(ir.serde.deserialize_model(compiled.integer_model)) == []
+    assert compiled.report["cache_bytes_per_token"] == compiled.cache_bytes_per_token
+
+
+@pytest.mark.parametrize("length", [1, CHUNK])
+def test_compiled_steps_agree_with_the_reference_interpreter(llama, length: int) -> None:
+    _, compiled, held_out = llama
+    compiled.reset()
+    compiled.prefill(held_out[2][:, :5])  # a cache with 5 tokens in it
+    module = compiled.decode_module if length == 1 else compiled.prefill_module
+    feeds = {
+        "input_ids": held_out[2][:, 5 : 5 + length],
+        "position_ids": np.arange(5, 5 + length)[None],
+        "keep": keep_mask(5, length, MAX_CONTEXT),
+        **{f"past_{i}": c for i, c in enumerate(compiled.cache)},
+    }
+    symbolic = ir.serde.deserialize_model(compiled.integer_model)
+    symbol = symbolic.graph.inputs[0].shape[1].value
+    static = ir.serde.serialize_model(specialize_dims(symbolic, {symbol: length}))
+    expected = run_reference(static, feeds)
+    got = module.run(feeds)
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_generate_greedy_is_the_argmax_of_recomputed_logits(llama) -> None:
+    _, compiled, held_out = llama
+    prompt = held_out[0][:, :6]
+    out = compiled.generate(prompt, max_new_tokens=7)
+    assert out.dtype == np.int64 and out.shape == (1, 13)
+    np.testing.assert_array_equal(out[:, :6], prompt)
+    sequence = prompt
+    for _ in range(7):  # no cache across tokens: the whole sequence each time
+        sequence = np.concatenate([sequence, [[int(np.argmax(compiled.logits(sequence)[-1]))]]], axis=1)
+    np.testing.assert_array_equal(out, sequence)
+
+
+def test_stream_stops_on_a_stop_token_and_sampling_is_seeded(llama) -> None:
+    _, compiled, held_out = llama
+    prompt = held_out[0][:, :4]
+    greedy = list(compiled.stream(prompt, 6))
+    assert len(greedy) == 6
+    assert list(compiled.stream(prompt, 6, stop=greedy[2])) == greedy[:3]
+    assert list(compiled.stream(prompt, 6, temperature=0.7, top_k=1)) == greedy  # top-1 sampling is greedy
+    sampled = [list(compiled.stream(prompt, 8, temperature=1.5, top_p=0.9, seed=s)) for s in (3, 3, 4)]
+    assert sampled[0] == sampled[1]
+    with pytest.raises(ValueError, match="top_p"):
+        list(compiled.stream(prompt, 2, top_p=1.5))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        list(compiled.stream(prompt, -1))
+
+
+def test_integer_logits_stay_close_to_float(llama) -> None:
+    model, compiled, held_out = llama
+    ids = held_out[0]
+    with torch.no_grad():
+        reference = model(torch.from_numpy(ids)).logits[0].numpy()
+    ours = compiled.logits(ids)
+    cosine = (reference * ours).sum(-1) / np.linalg.norm(reference, axis=-1) / np.linalg.norm(ours, axis=-1)
+    assert cosine.min() > 0.97
+
+
+def test_a_full_cache_is_refused_by_name(llama) -> None:
+    _, compiled, held_out = llama
+    compiled.reset()
+    compiled.prefill(np.resize(held_out[0], (1, MAX_CONTEXT)))
+    with pytest.raises(ContextFullError, match="max_context 32"):
+        compiled.decode_step(1)
+    compiled.reset()
+    with pytest.raises(ContextFullError):
+        compiled.prefill(np.zeros((1, MAX_CONTEXT + 1), np.int64))
+
+
+def test_save_and_load_give_the_same_generation(llama, tmp_path) -> None:
+    _, compiled, held_out = llama
+    prompt = held_out[1][:, :5]
+    expected = compiled.generate(prompt, 5)
+    compiled.save(tmp_path / "lm")
+    loaded = CausalLM.load(tmp_path / "lm")
+    np.testing.assert_array_equal(loaded.generate(prompt, 5), expected)
+    np.testing.assert_array_equal(loaded.logits(held_out[2]), compiled.logits(held_out[2]))
+    with pytest.raises(QCompilerError, match="not a saved causal LM"):
+        CausalLM.load(tmp_path)
+
+
+def test_bad_arguments_are_refused_by_name(llama) -> None:
+    model, calibration, _ = decoder("llama")
+    with pytest.raises(ModelLoadError, match="causal LM"):
+        compile_causal_lm(torch.nn.Linear(3, 3), calibration=calibration)
+    with pytest.raises(CalibrationError, match="whole chunk"):
+        compile_causal_lm(model, calibration=[c[:, :3] for c in calibration], max_context=32, chunk=8)
+    with pytest.raises(CalibrationError, match="token ids"):
+        compile_causal_lm(model, calibration=[np.zeros((1, 16), np.float32)], max_context=32, chunk=8)
+    with pytest.raises(ValueError, match="chunk"):
+        compile_causal_lm(model, calibration=calibration, max_context=32, chunk=64)
+    with pytest.raises(QCompilerError, match="CPUs"):
+        compile_causal_lm(model, "opencl", calibration=calibration, max_context=32, chunk=8)
+
+
+def test_keep_mask_is_causal_over_filled_slots_and_windowed() -> None:
+    keep = keep_mask(start=3, count=2, slots=5)[0, 0]
+    expected = np.array([[1, 1, 1, 0, 0, 1, 0], [1, 1, 1, 0, 0, 1, 1]], bool)
+    np.testing.assert_array_equal(keep, expected)
+    windowed = keep_mask(start=3, count=2, slots=5, window=2)[0, 0]
+    np.testing.assert_array_equal(windowed, [[0, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]])
