@@ -41,6 +41,7 @@ from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
 from qcompiler.ir.graph import specialize_dims
+from qcompiler.ir.ops import SHAPE_READERS
 
 logger = logging.getLogger(__name__)
 
@@ -194,20 +195,23 @@ def _token_sequences(calibration: Any) -> list[np.ndarray]:
 def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarray], chunk: int, max_context: int,
                        window: int | None) -> list[dict[str, np.ndarray]]:  # fmt: skip
     """Each sequence in chunks of ``chunk`` tokens through the float step, its cache carried from chunk to chunk:
-    the feeds the symbolic graph is calibrated on (partial chunks at the end are left out)."""
+    the feeds the symbolic graph is calibrated on (partial chunks at the end are left out). The past length is
+    symbolic too, so each feed holds just the tokens before its chunk (one masked slot for the first chunk), not
+    ``max_context`` slots: calibration memory follows the calibration text, not the context."""
     import torch
 
     feeds = []
     for ids in sequences:
         usable = min(ids.shape[1], max_context) // chunk * chunk
-        cache = [np.zeros(layout.shape(i, max_context), np.float32) for i in range(layout.count)]
+        cache = [np.zeros(layout.shape(i, usable), np.float32) for i in range(layout.count)]
         for start in range(0, usable, chunk):
-            feed = _feeds(ids[:, start : start + chunk], start, max_context, max_context, window)
-            feed.update({_cache_name(i): cache[i].copy() for i in range(layout.count)})
+            slots = max(start, 1)
+            feed = _feeds(ids[:, start : start + chunk], start, slots, max_context, window)
+            feed.update({_cache_name(i): _slots(cache[i], layout.axis, slots) for i in range(layout.count)})
             feeds.append(feed)
             with torch.no_grad():
                 args = [torch.from_numpy(feed[n]) for n in (IDS, POSITIONS, KEEP)]
-                out = step(*args, [torch.from_numpy(c) for c in cache])
+                out = step(*args, [torch.from_numpy(feed[_cache_name(i)]) for i in range(layout.count)])
             for i, new in enumerate(out[1:]):
                 _write(cache[i], layout.axis, start, new.numpy())
     if not feeds:
@@ -215,6 +219,13 @@ def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarra
             f"calibration: no sequence holds a whole chunk of {chunk} tokens; give longer sequences or a smaller chunk"
         )
     return feeds
+
+
+def _slots(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
+    """A copy of the first ``count`` slots of ``cache``."""
+    index = [slice(None)] * cache.ndim
+    index[axis] = slice(0, count)
+    return cache[tuple(index)].copy()
 
 
 def _write(cache: np.ndarray, axis: int, start: int, new: np.ndarray) -> None:
@@ -233,14 +244,16 @@ def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
         if not value.name.startswith("past_"):
             continue
         readers = [use.node for use in value.uses()]
-        if len(readers) != 1 or readers[0].op_type != "QuantizeLinear":
+        quantizers = [r for r in readers if r.op_type == "QuantizeLinear"]
+        if len(quantizers) != 1 or any(r.op_type not in SHAPE_READERS for r in readers if r is not quantizers[0]):
             raise QCompilerError(f"internal: cache input {value.name} is not read by one QuantizeLinear")
-        codes = readers[0].outputs[0]
+        codes = quantizers[0].outputs[0]
         integer = ir.Value(name=value.name, shape=value.shape, type=ir.TensorType(codes.dtype))
         value.name = f"{value.name}_float"
         graph.inputs[position] = integer
         codes.replace_all_uses_with(integer)
-        scales[integer.name] = readers[0].inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        value.replace_all_uses_with(integer)  # its shape readers (the quantizer goes with the float input)
+        scales[integer.name] = quantizers[0].inputs[1].const_value.numpy()  # type: ignore[union-attr]
     outputs = list(graph.outputs)
     for position in range(1, len(outputs)):
         producer = outputs[position].producer()
@@ -259,6 +272,22 @@ def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
     if len(scales) != count:
         raise QCompilerError(f"internal: {len(scales)} cache inputs, {count} expected")
     return {k: float(np.asarray(v).max()) for k, v in scales.items()}
+
+
+def _zero_feed(layout: CacheLayout, chunk: int, max_context: int, window: int | None) -> dict[str, np.ndarray]:
+    feed = _feeds(np.zeros((1, chunk), np.int64), chunk, chunk, max_context, window)
+    feed.update({_cache_name(i): np.zeros(layout.shape(i, chunk), np.float32) for i in range(layout.count)})
+    return feed
+
+
+def _symbols(model: ir.Model, layout: CacheLayout) -> tuple[str, str]:
+    """The exported step's symbols for the new tokens' count and the past slots' (from its inputs' shapes)."""
+    ids = model.graph.inputs[0].shape
+    cache = model.graph.inputs[3].shape
+    found = [None if shape is None else shape[axis] for shape, axis in ((ids, 1), (cache, layout.axis))]
+    if any(d is None or isinstance(d, int) or not isinstance(getattr(d, "value", None), str) for d in found):
+        raise ModelLoadError(f"model: the exported step has no symbolic sequence and cache lengths ({ids}, {cache})")
+    return str(found[0].value), str(found[1].value)  # type: ignore[union-attr]
 
 
 class CausalLM:
@@ -469,27 +498,30 @@ def compile_causal_lm(
     with recording() as stages:
         with step("calibration feeds (float, cache carried)", progress):
             feeds = _calibration_feeds(step_module, layout, sequences, chunk, max_context, window)
-        example = feeds[0]
-        seq = Dim("seq", min=1, max=chunk)
-        dynamic = {IDS: {1: seq}, POSITIONS: {1: seq}, KEEP: {2: seq, 3: seq + max_context},
-                   "past": [None] * layout.count}  # fmt: skip
+        # an example of two or more past slots: torch.export would take a length of 1 for a constant
+        example = next((f for f in feeds if f[KEEP].shape[3] - f[KEEP].shape[2] >= 2), None) or _zero_feed(
+            layout, chunk, max_context, window
+        )
+        seq, past = Dim("seq", min=1, max=chunk), Dim("past", min=1, max=max_context)
+        dynamic = {IDS: {1: seq}, POSITIONS: {1: seq}, KEEP: {2: seq, 3: Dim.AUTO},
+                   "past": [{layout.axis % len(s): past} for s in layout.token_shapes]}  # fmt: skip
         args = [torch.from_numpy(example[IDS]), torch.from_numpy(example[POSITIONS]), torch.from_numpy(example[KEEP]),
                 [torch.from_numpy(example[_cache_name(i)]) for i in range(layout.count)]]  # fmt: skip
         with step("export (torch.export, symbolic sequence length)", progress), torch.no_grad():
             exported = load_model(step_module, args, dynamic_shapes=dynamic)
-        symbol = exported.graph.inputs[0].shape[1] if exported.graph.inputs[0].shape is not None else None
-        if isinstance(symbol, int) or symbol is None:
-            raise ModelLoadError("model: the exported step has no symbolic sequence length")
+        symbols = _symbols(exported, layout)
+        keep = exported.graph.inputs[2]  # torch.export cannot write its last dim as seq + past: it is that
+        keep.shape = ir.Shape([1, 1, symbols[0], f"{symbols[0]} + {symbols[1]}"])
         TabulateIndexFunctionsPass({POSITIONS: max_context})(exported)
         cache_names = frozenset(_cache_name(i) for i in range(layout.count))
         result = _quantize_to_integer(exported, None, feeds, chosen, verify, progress, cache_inputs=cache_names,
-                                      dim_bounds={str(symbol.value): chunk})  # fmt: skip
+                                      dim_bounds={symbols[0]: chunk, symbols[1]: max_context})  # fmt: skip
         integer = result.model
         scales = _integer_cache_io(integer, layout.count)
         modules = []
         for length in (chunk, 1):
             with step(f"build for {length}-token steps", progress):
-                static = specialize_dims(integer, {str(symbol.value): length})
+                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context})
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}  # type: ignore[union-attr]
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))

@@ -131,7 +131,9 @@ def _softmax_rows(value: ir.Value) -> ir.Node | None:
 def _check_product_bound(node: ir.Node, a: ir.Value, b: ir.Value) -> None:
     """An int32 MatMul of int16 operands is exact while ``max|a| max|b| K < 2^31``; for probabilities (a softmax
     row sums to at most ``2^15 (1 + T 2^-16)`` at 2^-15, or ``2^7 (1 + T 2^-8)`` at 2^-7) ``max|b| sum|a|``."""
-    depth = dim_upper_bound(node.graph, a.shape[-1]) if a.shape is not None and len(a.shape) else None
+    sides = ((a.shape, -1), (b.shape, -2))  # the contracted length, read from whichever operand's shape has it
+    bounds = [dim_upper_bound(node.graph, s[i]) for s, i in sides if s is not None and len(s) >= -i]
+    depth = min((d for d in bounds if d is not None), default=None)
     if depth is None:
         raise UnsupportedOpError(node_label(node), "MatMul", "an int16 activation product needs a static (or "
                                  "bounded symbolic) contracted length to prove it cannot overflow int32")  # fmt: skip

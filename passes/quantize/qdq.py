@@ -500,10 +500,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         past = node.inputs[0]
         assert past is not None
         if id(past) not in scale_of:
-            readers = consumers(past)
+            readers = [r for r in consumers(past) if r.op_type not in SHAPE_READERS]
             if len(readers) != 1:
                 raise UnsupportedOpError(label, "Concat", f"cache input {past.name!r} has {len(readers)} readers; "
-                                         "a cache is read once, by the Concat that appends to it")  # fmt: skip
+                                         "a cache is read once (besides its shape), by the Concat that appends to "
+                                         "it")  # fmt: skip
             scale_of[id(past)] = self._quantize_value(
                 graph, past, None, scale_of[id(new)], bits=self._bits_of.get(id(new), 8)
             )

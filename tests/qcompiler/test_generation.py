@@ -62,8 +62,9 @@ def test_prefill_split_anywhere_gives_the_same_logits(llama) -> None:
 def test_the_cache_is_integer_and_no_float_op_is_inside(llama) -> None:
     _, compiled, _ = llama
     assert all(d.kind == "i" for d in compiled.cache_dtypes)
-    assert compiled.cache_bytes_per_token == sum(int(np.prod(s)) * d.itemsize for s, d in
-                                                 zip(compiled.layout.token_shapes, compiled.cache_dtypes))  # fmt: skip
+    shapes, dtypes = compiled.layout.token_shapes, compiled.cache_dtypes
+    expected = sum(int(np.prod(s)) * d.itemsize for s, d in zip(shapes, dtypes, strict=True))
+    assert compiled.cache_bytes_per_token == expected
     assert float_ops_inside(ir.serde.deserialize_model(compiled.integer_model)) == []
     assert compiled.report["cache_bytes_per_token"] == compiled.cache_bytes_per_token
 
