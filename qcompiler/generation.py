@@ -4,7 +4,7 @@
 
     logits, new_kv = step(input_ids [1, s], position_ids [1, s], keep [1, 1, s, P + s], past_kv [.., P, ..])
 
-with ``s`` symbolic (torch.export's dynamic dimension) and ``P = max_context`` slots of cache per layer. The
+with ``s`` and ``P`` symbolic (torch.export's dynamic dimensions): ``s`` new tokens after ``P`` cache slots. The
 model's own code appends the new keys and values to the past ones (transformers' cache classes, so whatever an
 architecture does to its keys before caching them, RoPE, fused QKV, partial rotary, is what gets cached), and
 the boolean ``keep`` says which slots each query attends to (the causal mask, empty slots, a sliding window).
@@ -17,10 +17,11 @@ The whole pipeline runs once on that symbolic graph:
   the graph's cache inputs and outputs are integer codes, with no float at the boundary;
 - proofs over a symbolic length (an int32 sum over ``P + s``) use its bound (``s <= chunk``).
 
-The integer graph is then built twice, for ``s = chunk`` (prefill, in chunks) and ``s = 1`` (decode)
-(:func:`~qcompiler.ir.graph.specialize_dims`): the same integer model at two lengths, so a token decoded with
-the cache gets the logits the prefill of the whole sequence gives it, bit for bit (the integer softmax leaves
-masked slots out of its maximum and its sum, and every other op is per token).
+The integer graph is then built twice (:func:`~qcompiler.ir.graph.specialize_dims`): for ``s = chunk`` after
+``P = max_context - chunk`` slots (prefill, in chunks) and for ``s = 1`` after ``P = max_context - 1`` (decode).
+It is the same integer model at two lengths, so a token decoded with the cache gets the logits the prefill of the
+whole sequence gives it, bit for bit: the integer softmax leaves masked slots out of its maximum and its sum, and
+every other op is per token.
 """
 
 from __future__ import annotations
@@ -148,7 +149,10 @@ def _step_module(model: Any, layout: CacheLayout) -> Any:
         def forward(self, input_ids: Any, position_ids: Any, keep: Any, past: list[Any]) -> tuple[Any, ...]:
             pairs = [(past[i], past[i + 1]) for i in range(0, len(past), 2)]
             cache = transformers.DynamicCache(ddp_cache_data=pairs)
-            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=keep,
+            # additive (0 or the dtype's lowest): eager attention adds it, SDPA takes it as is; the exported
+            # Where(keep, 0, lowest) is the mask form the softmax groups read
+            mask = torch.where(keep, 0.0, torch.finfo(torch.float32).min)
+            out = self.model(input_ids=input_ids, position_ids=position_ids, attention_mask=mask,
                              past_key_values=cache, use_cache=True)  # fmt: skip
             count = input_ids.shape[1]
             new = [t.narrow(layout.axis, t.shape[layout.axis] - count, count) for t in _cache_tensors(cache)]
@@ -193,15 +197,16 @@ def _token_sequences(calibration: Any) -> list[np.ndarray]:
 
 
 def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarray], chunk: int, max_context: int,
-                       window: int | None) -> list[dict[str, np.ndarray]]:  # fmt: skip
+                       window: int | None) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:  # fmt: skip
     """Each sequence in chunks of ``chunk`` tokens through the float step, its cache carried from chunk to chunk:
-    the feeds the symbolic graph is calibrated on (partial chunks at the end are left out). The past length is
-    symbolic too, so each feed holds just the tokens before its chunk (one masked slot for the first chunk), not
-    ``max_context`` slots: calibration memory follows the calibration text, not the context."""
+    the feeds the symbolic graph is calibrated on (partial chunks at the end are left out), and the step's logits
+    of the first sequence. The past length is symbolic too, so each feed holds just the tokens before its chunk
+    (one masked slot for the first chunk), not ``max_context`` slots: calibration memory follows the text."""
     import torch
 
-    feeds = []
-    for ids in sequences:
+    feeds: list[dict[str, np.ndarray]] = []
+    first: list[np.ndarray] = []
+    for number, ids in enumerate(sequences):
         usable = min(ids.shape[1], max_context) // chunk * chunk
         cache = [np.zeros(layout.shape(i, usable), np.float32) for i in range(layout.count)]
         for start in range(0, usable, chunk):
@@ -212,13 +217,43 @@ def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarra
             with torch.no_grad():
                 args = [torch.from_numpy(feed[n]) for n in (IDS, POSITIONS, KEEP)]
                 out = step(*args, [torch.from_numpy(feed[_cache_name(i)]) for i in range(layout.count)])
+            if number == 0:
+                first.append(out[0][0].numpy())
             for i, new in enumerate(out[1:]):
                 _write(cache[i], layout.axis, start, new.numpy())
     if not feeds:
         raise CalibrationError(
             f"calibration: no sequence holds a whole chunk of {chunk} tokens; give longer sequences or a smaller chunk"
         )
-    return feeds
+    return feeds, np.concatenate(first)
+
+
+#: the cached float step against the model's own forward pass: ``max |a - b| / max |b|`` of the logits
+STEP_TOLERANCE = 1e-4
+
+
+def _check_step(model: Any, sequences: list[np.ndarray], logits: np.ndarray) -> None:
+    """The float step, run in chunks with its cache, gives the model's own logits (the captured mask, positions
+    and cache are what the model means): else a named refusal."""
+    import torch
+
+    ids = next(s for s in sequences if s.shape[1] >= logits.shape[0])[:, : logits.shape[0]]
+    with torch.no_grad():
+        expected = model(input_ids=torch.from_numpy(ids)).logits[0].numpy()
+    error = float(np.abs(logits - expected).max() / max(float(np.abs(expected).max()), 1e-30))
+    if not error <= STEP_TOLERANCE:
+        raise ModelLoadError(
+            f"model: {type(model).__name__} run one chunk at a time with its cache gives logits {error:.1e} away from "
+            "its own forward pass (it computes positions or masks from more than position_ids and a 4-D attention "
+            "mask, e.g. ALiBi from a 2-D mask); compile it without a cache with qcompiler.compile"
+        )
+
+
+def _view(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
+    """The first ``count`` slots of ``cache`` (a view)."""
+    index = [slice(None)] * cache.ndim
+    index[axis] = slice(0, count)
+    return cache[tuple(index)]
 
 
 def _slots(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
@@ -336,11 +371,13 @@ class CausalLM:
                 f"input_ids: {self.length} cached + {real} new tokens exceed max_context {self.max_context}; "
                 "reset() the model, or compile with a larger max_context"
             )
-        size = 1 if module is self.decode_module else self.chunk
+        decode = module is self.decode_module
+        size, slots = (1, self.max_context - 1) if decode else (self.chunk, self.max_context - self.chunk)
+        assert self.length <= slots, "prefill() runs a chunk only where the chunk graph's past holds the cache"
         padded = np.zeros((1, size), np.int64)
         padded[:, :real] = ids
-        feeds = _feeds(padded, self.length, self.max_context, self.max_context, self.window)
-        feeds.update({_cache_name(i): c for i, c in enumerate(self.cache)})
+        feeds = _feeds(padded, self.length, slots, self.max_context, self.window)
+        feeds.update({_cache_name(i): _view(c, self.layout.axis, slots) for i, c in enumerate(self.cache)})
         outputs = module.run(feeds)
         for i, new in enumerate(outputs[1:]):
             index = [slice(None)] * new.ndim
@@ -353,10 +390,14 @@ class CausalLM:
         """Append ``input_ids`` (``[1, T]`` or ``[T]``) to the cache, in chunks; returns their logits ``[T, vocab]``."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
         parts = []
-        for start in range(0, ids.shape[1], self.chunk):
+        start = 0
+        while start < ids.shape[1]:
             part = ids[:, start : start + self.chunk]
-            module = self.decode_module if part.shape[1] == 1 else self.prefill_module
-            parts.append(self._run(module, part))
+            whole_chunk = part.shape[1] > 1 and self.length + self.chunk <= self.max_context
+            if not whole_chunk:  # one token, or the last slots of the cache: decode steps
+                part = part[:, :1]
+            parts.append(self._run(self.prefill_module if whole_chunk else self.decode_module, part))
+            start += part.shape[1]
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
     def decode_step(self, token: int) -> np.ndarray:
@@ -483,8 +524,8 @@ def compile_causal_lm(
     from qcompiler.passes.canonicalize.index_tables import TabulateIndexFunctionsPass
     from qcompiler.progress import recording, step
 
-    if not 2 <= chunk <= max_context:
-        raise ValueError(f"chunk: must lie in [2, max_context = {max_context}], got {chunk}")
+    if not 2 <= chunk < max_context:
+        raise ValueError(f"chunk: must lie in [2, max_context = {max_context}), got {chunk}")
     tvm_target, _ = resolve_target(target)
     if tvm_target.kind.name != "llvm":
         raise QCompilerError(f"target {tvm_target.kind.name}: compile_causal_lm builds for CPUs (llvm) for now")
@@ -497,7 +538,17 @@ def compile_causal_lm(
     start = time.perf_counter()
     with recording() as stages:
         with step("calibration feeds (float, cache carried)", progress):
-            feeds = _calibration_feeds(step_module, layout, sequences, chunk, max_context, window)
+            try:
+                feeds, logits = _calibration_feeds(step_module, layout, sequences, chunk, max_context, window)
+            except (RuntimeError, ValueError, TypeError, IndexError) as failure:
+                if isinstance(failure, CalibrationError):
+                    raise
+                raise ModelLoadError(
+                    f"model: {type(lm).__name__} does not run as a cached step (input ids, position ids, a 4-D "
+                    f"additive attention mask and a DynamicCache): {type(failure).__name__}: {failure}; compile it "
+                    "without a cache with qcompiler.compile"
+                ) from failure
+            _check_step(lm, sequences, logits)
         # an example of two or more past slots: torch.export would take a length of 1 for a constant
         example = next((f for f in feeds if f[KEEP].shape[3] - f[KEEP].shape[2] >= 2), None) or _zero_feed(
             layout, chunk, max_context, window
@@ -507,8 +558,15 @@ def compile_causal_lm(
                    "past": [{layout.axis % len(s): past} for s in layout.token_shapes]}  # fmt: skip
         args = [torch.from_numpy(example[IDS]), torch.from_numpy(example[POSITIONS]), torch.from_numpy(example[KEEP]),
                 [torch.from_numpy(example[_cache_name(i)]) for i in range(layout.count)]]  # fmt: skip
-        with step("export (torch.export, symbolic sequence length)", progress), torch.no_grad():
-            exported = load_model(step_module, args, dynamic_shapes=dynamic)
+        with step("export (torch.export, symbolic lengths)", progress), torch.no_grad():
+            try:
+                exported = load_model(step_module, args, dynamic_shapes=dynamic)
+            except ModelLoadError as failure:
+                raise ModelLoadError(
+                    f"model: the cached step of {type(lm).__name__} could not be captured with symbolic lengths "
+                    f"(new tokens up to {chunk}, past up to {max_context}); compile it without a cache with "
+                    f"qcompiler.compile. {failure}"
+                ) from failure
         symbols = _symbols(exported, layout)
         keep = exported.graph.inputs[2]  # torch.export cannot write its last dim as seq + past: it is that
         keep.shape = ir.Shape([1, 1, symbols[0], f"{symbols[0]} + {symbols[1]}"])
@@ -519,9 +577,11 @@ def compile_causal_lm(
         integer = result.model
         scales = _integer_cache_io(integer, layout.count)
         modules = []
+        # each step's past holds what it can read: slots + new tokens = max_context (a multiple of the kernels'
+        # vector lanes when max_context is)
         for length in (chunk, 1):
             with step(f"build for {length}-token steps", progress):
-                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context})
+                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context - length})
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}  # type: ignore[union-attr]
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))

@@ -498,7 +498,7 @@ class MatMulInteger(OF.OnnxOpConverter):
         zero_points = [z for z in inputs[2:] if z is not None]
         if zero_points or not _dtype(a) == _dtype(b) == "int8" or not _same_batch(a, b):
             return OF.MatMulInteger._impl_v10(bb, inputs, attr, params)
-        if _STATE.isa == "avx512vnni":
+        if _STATE.isa == "avx512vnni" and not _few_rows(a):
             return _vnni_batched(bb, a, b, u8=True)
         return _lanes_batched(bb, a, b)
 
@@ -512,7 +512,7 @@ class MatMul(OF.OnnxOpConverter):
         a, b = inputs
         if _dtype(a) == _dtype(b) == "int32" and _same_batch(a, b):
             narrow_a, narrow_b = _widened_from(bb, a), _widened_from(bb, b)
-            if _STATE.isa == "avx512vnni" and narrow_a is not None and narrow_b is not None:
+            if _STATE.isa == "avx512vnni" and narrow_a is not None and narrow_b is not None and not _few_rows(a):
                 return _vnni_batched(bb, narrow_a, narrow_b, u8=False)
             return _lanes_batched(bb, a, b)
         return OF.MatMul._impl_v13(bb, inputs, attr, params)
@@ -529,6 +529,16 @@ def _widened_from(bb: relax.BlockBuilder, value: relax.Expr) -> relax.Expr | Non
         if _dtype(source) in ("int8", "int16"):
             return source
     return None
+
+
+#: a batched product of fewer rows (a decode step's attention: one query per head) runs on int32 lanes, reading
+#: ``b`` once in place: the VNNI kernel packs all of ``b`` (the whole KV cache) on every call to reuse it over rows
+VNNI_MIN_ROWS = 4
+
+
+def _few_rows(a: relax.Expr) -> bool:
+    rows = _static_shape(a, "MatMul")[-2]
+    return rows < VNNI_MIN_ROWS
 
 
 def _lanes_batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr) -> relax.Expr:
@@ -818,8 +828,8 @@ def _initializers_from(weights: Mapping[str, np.ndarray] | None) -> Iterator[Non
 
 
 def _tvm_tensor(array: np.ndarray) -> tvm.runtime.Tensor:
-    if array.flags.c_contiguous and array.ctypes.data % ALIGNMENT == 0 and array.size:
-        return tvm.runtime.from_dlpack(array)  # holds the array: no copy
+    if array.flags.c_contiguous and array.flags.writeable and array.ctypes.data % ALIGNMENT == 0 and array.size:
+        return tvm.runtime.from_dlpack(array)  # holds the array: no copy (DLPack cannot export a read-only one)
     return tvm.runtime.tensor(np.ascontiguousarray(array))
 
 

@@ -75,15 +75,16 @@ def test_compiled_steps_agree_with_the_reference_interpreter(llama, length: int)
     compiled.reset()
     compiled.prefill(held_out[2][:, :5])  # a cache with 5 tokens in it
     module = compiled.decode_module if length == 1 else compiled.prefill_module
+    slots = MAX_CONTEXT - length  # the past each step reads: slots and new tokens fill max_context
     feeds = {
         "input_ids": held_out[2][:, 5 : 5 + length],
         "position_ids": np.arange(5, 5 + length)[None],
-        "keep": keep_mask(5, length, MAX_CONTEXT),
-        **{f"past_{i}": c for i, c in enumerate(compiled.cache)},
+        "keep": keep_mask(5, length, slots),
+        **{f"past_{i}": np.ascontiguousarray(c[:, :, :slots]) for i, c in enumerate(compiled.cache)},
     }
     symbolic = ir.serde.deserialize_model(compiled.integer_model)
-    symbol = symbolic.graph.inputs[0].shape[1].value
-    static = ir.serde.serialize_model(specialize_dims(symbolic, {symbol: length}))
+    seq, past = symbolic.graph.inputs[0].shape[1].value, symbolic.graph.inputs[3].shape[2].value
+    static = ir.serde.serialize_model(specialize_dims(symbolic, {seq: length, past: slots}))
     expected = run_reference(static, feeds)
     got = module.run(feeds)
     assert len(got) == len(expected)
