@@ -1,4 +1,5 @@
-"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``profile`` a compiled one kernel by
+"""The ``qcompiler`` command line: ``compile`` a model to integer-only code, ``compile-lm`` a transformers causal LM
+for generation with an integer KV cache and ``generate`` text with it, ``profile`` a compiled model kernel by
 kernel, ``report`` it as an HTML page, ``inspect`` its transformable regions, ``recipes`` to list recipes."""
 
 from __future__ import annotations
@@ -65,6 +66,30 @@ def _parser() -> argparse.ArgumentParser:
         "--rpc",
         metavar="HOST:PORT:KEY",
         help="build for, tune on and check against a device behind a TVM RPC tracker (--target llvm: its CPU)",
+    )
+    lm = sub.add_parser("compile-lm", help="compile a transformers causal LM for generation (integer KV cache)")
+    lm.add_argument("model", help="a transformers model directory (config, weights and tokenizer; read offline)")
+    lm.add_argument(
+        "--calibration", required=True, help="a UTF-8 text file: tokenized and cut into windows of --window tokens"
+    )
+    lm.add_argument("--window", type=int, default=512, help="tokens per calibration window (default: 512)")
+    lm.add_argument("--windows", type=int, default=8, help="calibration windows (default: 8)")
+    lm.add_argument("--recipe", default="w8a8-llm", help="built-in recipe name or .toml path (default: w8a8-llm)")
+    lm.add_argument("--max-context", type=int, default=2048, help="cache slots: prompt plus continuation (2048)")
+    lm.add_argument("--chunk", type=int, default=32, help="prompt tokens per prefill call (default: 32)")
+    lm.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    lm.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
+    lm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    gen = sub.add_parser("generate", help="generate text with a model written by compile-lm")
+    gen.add_argument("directory", help="a directory written by compile-lm (or CausalLM.save with a tokenizer)")
+    gen.add_argument("--prompt", required=True, help="the text to continue")
+    gen.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy; above 0: sampled")
+    gen.add_argument("--top-k", type=int, help="sample among the k likeliest tokens")
+    gen.add_argument("--top-p", type=float, help="sample among the likeliest tokens of total probability p")
+    gen.add_argument("--seed", type=int, help="seed of the sampling")
+    gen.add_argument(
+        "--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template (a user turn)"
     )
     prof = sub.add_parser("profile", help="time a compiled model kernel by kernel")
     prof.add_argument("directory", help="a directory written by compile (or CompiledModel.save)")
@@ -135,6 +160,79 @@ def _compile(args: argparse.Namespace) -> int:
     for island in compiled.report.get("float_islands", []):
         print(f"float island: {island['node']} ({island['op']}): {island['reason']}")
     print(f"compiled in {time.perf_counter() - start:.2f}s -> {output}")
+    return 0
+
+
+def _compile_lm(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never the hub
+    from qcompiler.generation import compile_causal_lm
+
+    output = Path(args.output)
+    if output.exists() and not args.overwrite:
+        print(f"error: -o/--output: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return 2
+    text_path = Path(args.calibration)
+    if not text_path.is_file():
+        print(f"error: --calibration: no such file {text_path}", file=sys.stderr)
+        return 2
+    try:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError:
+        print("error: compile-lm needs transformers: pip install 'qcompiler[models]'", file=sys.stderr)
+        return 2
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype="float32").eval()
+    except (OSError, ValueError) as error:
+        print(f"error: model: {args.model} is not a transformers causal LM directory: {error}", file=sys.stderr)
+        return 2
+    tokens = np.asarray(tokenizer(text_path.read_text(encoding="utf-8"))["input_ids"], dtype=np.int64)
+    windows = [tokens[i * args.window : (i + 1) * args.window][None] for i in range(args.windows)]
+    windows = [w for w in windows if w.shape[1] == args.window] or [tokens[None]]
+    start = time.perf_counter()
+    compiled = compile_causal_lm(model, calibration=windows, recipe=args.recipe, max_context=args.max_context,
+                                 chunk=args.chunk, tokenizer=tokenizer, progress=not args.quiet)  # fmt: skip
+    compiled.save(output, overwrite=args.overwrite)
+    print(f"recipe {compiled.report['recipe']}, {compiled.cache_dtypes[0]} KV cache "
+          f"({compiled.cache_bytes_per_token} bytes per token, {args.max_context} slots)")  # fmt: skip
+    print(f"compiled in {time.perf_counter() - start:.2f}s -> {output}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from qcompiler.generation import CausalLM
+
+    compiled = CausalLM.load(args.directory)
+    tokenizer = compiled.tokenizer
+    if tokenizer is None:
+        print(f"error: directory: {args.directory} holds no tokenizer; compile with compile-lm", file=sys.stderr)
+        return 2
+    if args.chat:
+        if not getattr(tokenizer, "chat_template", None):
+            print("error: --chat: this model's tokenizer has no chat template", file=sys.stderr)
+            return 2
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}], add_generation_prompt=True)
+    else:
+        ids = tokenizer(args.prompt)["input_ids"]
+    ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+    if ids.size == 0:
+        print("error: --prompt: it has no tokens", file=sys.stderr)
+        return 2
+    stop = [t for t in (tokenizer.eos_token_id,) if t is not None]
+    produced: list[int] = []
+    shown = ""
+    print(args.prompt, end="", flush=True)
+    for token in compiled.stream(ids, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                                 top_p=args.top_p, stop=stop, seed=args.seed):  # fmt: skip
+        if token in stop:
+            break
+        produced.append(token)
+        text = tokenizer.decode(produced, skip_special_tokens=True)
+        print(text[len(shown) :], end="", flush=True)  # whole words as they complete (decode is not per token)
+        shown = text
+    print()
     return 0
 
 
@@ -257,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _profile(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "compile-lm":
+            return _compile_lm(args)
+        if args.command == "generate":
+            return _generate(args)
         return _compile(args)
     except QCompilerError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -50,6 +50,7 @@ IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
 LOGITS = "logits"
 PREFILL_FILE, DECODE_FILE = "prefill.so", "decode.so"
 META_FILE = "causal_lm.json"
+TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
 DEFAULT_CHUNK = 32
 
 
@@ -332,8 +333,9 @@ class CausalLM:
     """
 
     def __init__(self, prefill: Any, decode: Any, integer_model: ir.Model | onnx.ModelProto, meta: dict[str, Any],
-                 report: dict[str, Any]) -> None:  # fmt: skip
+                 report: dict[str, Any], tokenizer: Any = None) -> None:  # fmt: skip
         self.prefill_module, self.decode_module = prefill, decode
+        self.tokenizer = tokenizer  # a transformers tokenizer, when the model was compiled with one
         self._integer = integer_model
         self.meta = meta
         self.report = report
@@ -453,6 +455,8 @@ class CausalLM:
             _save_onnx(self._integer, staging / INTEGER_FILE)
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
         return Path(directory)
 
     @classmethod
@@ -470,7 +474,12 @@ class CausalLM:
         prefill = TVMModule.load(root / PREFILL_FILE, names, dtypes)
         decode = TVMModule.load(root / DECODE_FILE, names, dtypes)
         report = json.loads((root / REPORT_FILE).read_text()) if (root / REPORT_FILE).is_file() else {}
-        return cls(prefill, decode, onnx.load(str(root / INTEGER_FILE)), meta, report)
+        tokenizer = None
+        if (root / TOKENIZER_DIR).is_dir():
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
+        return cls(prefill, decode, onnx.load(str(root / INTEGER_FILE)), meta, report, tokenizer)
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
@@ -496,6 +505,7 @@ def compile_causal_lm(
     recipe: str | Path | Recipe = "w8a8-llm",
     max_context: int = 2048,
     chunk: int = DEFAULT_CHUNK,
+    tokenizer: Any = None,
     verify: bool = True,
     progress: bool = True,
 ) -> CausalLM:
@@ -509,6 +519,7 @@ def compile_causal_lm(
         recipe: an integer-path recipe (``w8a8-llm``, ``w4a8``, ...).
         max_context: cache slots: the longest sequence (prompt and continuation) a conversation holds.
         chunk: tokens per prefill call (a prompt runs in chunks of this many, the last one padded).
+        tokenizer: the model's transformers tokenizer: saved with it, for ``qcompiler generate``.
 
     Raises:
         ModelLoadError: not a transformers causal LM, or its cache has no one sequence axis.
@@ -606,6 +617,6 @@ def compile_causal_lm(
         "max_context": max_context,
         "chunk": chunk,
     }
-    compiled = CausalLM(modules[0], modules[1], integer, meta, report)
+    compiled = CausalLM(modules[0], modules[1], integer, meta, report, tokenizer)
     report["cache_bytes_per_token"] = compiled.cache_bytes_per_token
     return compiled
