@@ -13,7 +13,30 @@ from qcompiler.generation import CausalLM
 
 pytestmark = pytest.mark.tvm
 
-WORDS = "the a of to and in is was it for on as with by at from that this be are or an".split()
+WORDS = [
+    "the",
+    "a",
+    "of",
+    "to",
+    "and",
+    "in",
+    "is",
+    "was",
+    "it",
+    "for",
+    "on",
+    "as",
+    "with",
+    "by",
+    "at",
+    "from",
+    "that",
+    "this",
+    "be",
+    "are",
+    "or",
+    "an",
+]
 TEXT = " ".join(WORDS[(i * 7 + i // 3) % len(WORDS)] for i in range(900))
 
 
