@@ -512,8 +512,10 @@ class MatMul(OF.OnnxOpConverter):
         a, b = inputs
         if _dtype(a) == _dtype(b) == "int32" and _same_batch(a, b):
             narrow_a, narrow_b = _widened_from(bb, a), _widened_from(bb, b)
-            if _STATE.isa == "avx512vnni" and narrow_a is not None and narrow_b is not None and not _few_rows(a):
-                return _vnni_batched(bb, narrow_a, narrow_b, u8=False)
+            if narrow_a is not None and narrow_b is not None:
+                if _STATE.isa == "avx512vnni" and not _few_rows(a):
+                    return _vnni_batched(bb, narrow_a, narrow_b, u8=False)
+                return _lanes_batched(bb, narrow_a, narrow_b)  # widened in registers, not in memory
             return _lanes_batched(bb, a, b)
         return OF.MatMul._impl_v13(bb, inputs, attr, params)
 
