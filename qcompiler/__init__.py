@@ -10,6 +10,7 @@ from qcompiler import dialect as dialect  # registers the qcompiler ONNX schemas
 from qcompiler.api import CompiledModel, compile, load, simulate
 from qcompiler.errors import (
     CalibrationError,
+    ContextFullError,
     ModelLoadError,
     PassFailedError,
     QCompilerError,
@@ -17,12 +18,15 @@ from qcompiler.errors import (
     TargetError,
     UnsupportedOpError,
 )
+from qcompiler.generation import CausalLM, compile_causal_lm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CalibrationError",
+    "CausalLM",
     "CompiledModel",
+    "ContextFullError",
     "ModelLoadError",
     "PassFailedError",
     "QCompilerError",
@@ -30,6 +34,7 @@ __all__ = [
     "TargetError",
     "UnsupportedOpError",
     "compile",
+    "compile_causal_lm",
     "load",
     "simulate",
 ]

@@ -32,6 +32,10 @@ class TargetError(QCompilerError, ValueError):
     """Unknown or unsupported compilation target."""
 
 
+class ContextFullError(QCompilerError, ValueError):
+    """A causal LM's cache holds ``max_context`` tokens: a longer sequence needs a model compiled with more."""
+
+
 class VerificationError(QCompilerError, RuntimeError):
     """The IR is structurally invalid."""
 

@@ -40,7 +40,7 @@ import onnx_ir as ir
 
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
-from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
+from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError
 from qcompiler.ir.graph import specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
 
@@ -52,10 +52,6 @@ PREFILL_FILE, DECODE_FILE = "prefill.so", "decode.so"
 META_FILE = "causal_lm.json"
 TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
 DEFAULT_CHUNK = 32
-
-
-class ContextFullError(QCompilerError, ValueError):
-    """The cache holds ``max_context`` tokens: a longer sequence needs a model compiled with a larger one."""
 
 
 def _cache_name(index: int) -> str:
@@ -363,6 +359,12 @@ class CausalLM:
     def cache_bytes_per_token(self) -> int:
         return int(sum(np.prod(s) * d.itemsize for s, d in zip(self.layout.token_shapes, self.cache_dtypes,
                                                                strict=True)))  # fmt: skip
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes of the integer graph's constants (the weights a decode step streams)."""
+        model = self._integer if isinstance(self._integer, ir.Model) else ir.serde.deserialize_model(self._integer)
+        return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     # --- steps ------------------------------------------------------------------------------------------------
     def _run(self, module: Any, ids: np.ndarray) -> np.ndarray:

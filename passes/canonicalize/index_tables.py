@@ -51,13 +51,14 @@ def _cone(graph: ir.Graph, source: ir.Value) -> list[ir.Node]:
 
 
 def _frontier(graph: ir.Graph, cone: list[ir.Node]) -> list[ir.Value]:
-    """The float values of the cone read outside it (or graph outputs)."""
+    """The float values (or of unknown type: checked once evaluated) of the cone read outside it or outputs."""
     members = {id(n) for n in cone}
     return [
         v
         for node in cone
         for v in node.outputs
-        if v.dtype in _FLOATS and (is_graph_output(graph, v) or any(id(c) not in members for c in consumers(v)))
+        if (v.dtype is None or v.dtype in _FLOATS)
+        and (is_graph_output(graph, v) or any(id(c) not in members for c in consumers(v)))
     ]
 
 
@@ -90,7 +91,9 @@ def _evaluate(model: ir.Model, source: ir.Value, targets: list[ir.Value], index:
         copy = ir.Node(node.domain, node.op_type, inputs, attributes=list(node.attributes.values()),
                        num_outputs=len(node.outputs), name=node.name, version=node.version)  # fmt: skip
         for old, new in zip(node.outputs, copy.outputs, strict=True):
-            new.name, new.dtype = old.name, old.dtype
+            new.name = old.name
+            if old.dtype is not None:
+                new.dtype = old.dtype
             mapping[id(old)] = new
         nodes.append(copy)
     initializers = [v for n in nodes for v in n.inputs if v is not None and v.const_value is not None]
@@ -135,6 +138,8 @@ class TabulateIndexFunctionsPass(ir.passes.InPlacePass):
             probe = np.random.default_rng(PROBE_SEED).integers(0, bound, probe_shape).astype(everything.dtype)
             probed = _evaluate(model, source, frontier, probe)
             for value, table, check in zip(frontier, tables, probed, strict=True):
+                if table.dtype.kind != "f":
+                    continue  # integer index arithmetic: already integer
                 axes = [i for i, (a, b) in enumerate(zip(table.shape, check.shape, strict=False)) if a != b]
                 if table.ndim != check.ndim or len(axes) != 1 or table.shape[axes[0]] != bound:
                     logger.info("tabulate: %s (shape %s) has no one axis of %d indices; left as it is", value.name,
@@ -150,13 +155,13 @@ class TabulateIndexFunctionsPass(ir.passes.InPlacePass):
                 table_value = add_initializer(graph, name, np.ascontiguousarray(rows))
                 gather = ir.node("Gather", [table_value, source], attributes={"axis": 0})
                 gather.outputs[0].name = unique_name(graph, f"{value.name}_rows")
-                gather.outputs[0].dtype = value.dtype
+                gather.outputs[0].dtype = ir.DataType.from_numpy(rows.dtype)
                 target = [int(d) for d in table.shape]
                 target[axes[0]] = -1  # the index axis: as many rows as indices
                 shape = add_initializer(graph, f"{name}_shape", np.array(target, np.int64))
                 reshape = ir.node("Reshape", [gather.outputs[0], shape])
                 reshape.outputs[0].name = unique_name(graph, f"{value.name}_by_index")
-                reshape.outputs[0].dtype = value.dtype
+                reshape.outputs[0].dtype = ir.DataType.from_numpy(rows.dtype)
                 reshape.outputs[0].shape = value.shape
                 producer = value.producer()
                 assert producer is not None
