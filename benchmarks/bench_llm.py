@@ -70,14 +70,18 @@ class _LlamaCpp:
         self.model = Llama(model_path=path, n_ctx=max_context, n_threads=THREADS, n_batch=512,
                            logits_all=logits_all, verbose=False)  # fmt: skip
 
+    def _last_logits(self) -> np.ndarray:
+        """The last token's logits (without ``logits_all``, llama.cpp computes only those)."""
+        return np.ctypeslib.as_array(self.model._ctx.get_logits(), shape=(self.model.n_vocab(),)).copy()
+
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.model.reset()
         self.model.eval(ids.reshape(-1).tolist())
-        return np.asarray(self.model.scores[self.model.n_tokens - 1])
+        return self._last_logits()
 
     def decode(self, token: int) -> np.ndarray:
         self.model.eval([token])
-        return np.asarray(self.model.scores[self.model.n_tokens - 1])
+        return self._last_logits()
 
     def window_logits(self, ids: np.ndarray) -> np.ndarray:
         self.model.reset()

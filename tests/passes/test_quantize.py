@@ -437,3 +437,46 @@ def test_dead_weight_channels_with_a_live_bias_get_the_scale_their_bias_needs() 
     assert_lowering_matches(qdq, integer, batches[2:])
     out = ort.InferenceSession(ir.serde.serialize_model(qdq).SerializeToString()).run(None, batches[0])[0]
     assert np.allclose(out[0, 1], 0.5, atol=0.01)  # the dead channel outputs its bias
+
+
+def _cache_graph(past_first: bool, second_reader: bool) -> ir.Model:
+    """``y = Concat(past, x @ w)`` (the cache's Concat), optionally ``past`` read a second time."""
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["new"]),
+             helper.make_node("Concat", ["past", "new"] if past_first else ["new", "past"], ["y"], axis=0)]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 4])]
+    if second_reader:
+        nodes.append(helper.make_node("Relu", ["past"], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [3, 4]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+              helper.make_tensor_value_info("past", TensorProto.FLOAT, [3, 4])]  # fmt: skip
+    graph = helper.make_graph(nodes, "cache", inputs, outputs, initializer=[w])
+    return ir.serde.deserialize_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def test_a_cache_input_takes_the_scale_of_the_values_appended_to_it() -> None:
+    model = _cache_graph(past_first=True, second_reader=False)
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((2, 4)).astype(np.float32), "past": 9 * rng.standard_normal((3, 4))
+                .astype(np.float32)} for _ in range(4)]  # fmt: skip
+    QuantizeQDQPass(calibrate(model, batches, progress=False), cache_inputs=frozenset({"past"}))(model)
+    quantizers = {n.inputs[0].name: n for n in model.graph if n.op_type == "QuantizeLinear"}
+    past_scale = quantizers["past"].inputs[1].const_value.numpy()
+    new_scale = quantizers["new"].inputs[1].const_value.numpy()
+    assert past_scale == new_scale  # the new values' scale, not the past's own (9x wider) range
+    concat = next(n for n in model.graph if n.op_type == "Concat")
+    output_q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.inputs[0] is concat.outputs[0])
+    assert output_q.inputs[1].const_value.numpy() == new_scale
+
+
+@pytest.mark.parametrize(("past_first", "second_reader", "match"), [
+    (False, False, "first of two Concat inputs"),
+    (True, True, "has 2 readers"),
+])  # fmt: skip
+def test_a_cache_input_read_otherwise_is_refused_by_name(past_first: bool, second_reader: bool, match: str) -> None:
+    model = _cache_graph(past_first, second_reader)
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((2, 4)).astype(np.float32),
+                "past": rng.standard_normal((3, 4)).astype(np.float32)} for _ in range(2)]  # fmt: skip
+    with pytest.raises(UnsupportedOpError, match=match):
+        QuantizeQDQPass(calibrate(model, batches, progress=False), cache_inputs=frozenset({"past"}))(model)
