@@ -32,11 +32,17 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check qcompiler passes backends tests examples benchmarks
 	$(VENV)/bin/mypy
 
-bench: $(STAMP)
+BENCH_STAMP := $(VENV)/.bench-stamp
+$(BENCH_STAMP): $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=ON" $(PY) -m pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(STAMP) $(BENCH_STAMP)
 	$(PY) benchmarks/bench_cnn_mlp.py
 	$(PY) benchmarks/bench_gemm.py
 	$(PY) benchmarks/bench_minilm.py
 	$(PY) benchmarks/bench_smollm2_prefill.py
+	$(PY) benchmarks/bench_llm.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .hypothesis

@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     lm.add_argument("--windows", type=int, default=8, help="calibration windows (default: 8)")
     lm.add_argument("--recipe", default="w8a8-llm", help="built-in recipe name or .toml path (default: w8a8-llm)")
     lm.add_argument("--max-context", type=int, default=2048, help="cache slots: prompt plus continuation (2048)")
-    lm.add_argument("--chunk", type=int, default=32, help="prompt tokens per prefill call (default: 32)")
+    lm.add_argument("--chunk", type=int, default=128, help="prompt tokens per prefill call (default: 128)")
     lm.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     lm.add_argument("--overwrite", action="store_true", help="replace the output directory if it exists")
     lm.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

@@ -51,7 +51,7 @@ LOGITS = "logits"
 PREFILL_FILE, DECODE_FILE = "prefill.so", "decode.so"
 META_FILE = "causal_lm.json"
 TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
-DEFAULT_CHUNK = 32
+DEFAULT_CHUNK = 128  # prefill 512 tokens of SmolLM2: 957 ms at 64, 840 at 128, 808 at 256 (attention over every slot)
 
 
 def _cache_name(index: int) -> str:
