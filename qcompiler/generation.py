@@ -183,7 +183,7 @@ def _token_sequences(calibration: Any) -> list[np.ndarray]:
         raise CalibrationError("calibration: required (token id sequences: arrays [1, T] or [T], or dicts of them)")
     sequences = []
     for item in calibration:
-        ids = item.get(IDS) if isinstance(item, dict) else item[0] if isinstance(item, tuple) else item
+        ids: Any = item.get(IDS) if isinstance(item, dict) else item[0] if isinstance(item, tuple) else item
         array = np.asarray(ids.numpy() if hasattr(ids, "numpy") else ids)
         if array.dtype.kind not in "iu" or array.ndim not in (1, 2) or (array.ndim == 2 and array.shape[0] != 1):
             raise CalibrationError(
@@ -285,14 +285,14 @@ def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
         graph.inputs[position] = integer
         codes.replace_all_uses_with(integer)
         value.replace_all_uses_with(integer)  # its shape readers (the quantizer goes with the float input)
-        scales[integer.name] = quantizers[0].inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        scales[integer.name] = quantizers[0].inputs[1].const_value.numpy()
     outputs = list(graph.outputs)
     for position in range(1, len(outputs)):
         producer = outputs[position].producer()
         if producer is None or producer.op_type != "DequantizeLinear" or producer.inputs[0] is None:
             raise QCompilerError(f"internal: cache output {outputs[position].name} is not dequantized integer codes")
         name = _cache_name(position - 1)
-        scale = producer.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        scale = producer.inputs[1].const_value.numpy()
         if not np.array_equal(scale, scales[name]):
             raise QCompilerError(f"internal: cache {name} is written at scale {scale} and read at {scales[name]}")
         codes = producer.inputs[0]
@@ -328,11 +328,11 @@ class CausalLM:
     Not thread-safe: one conversation at a time (the cache is its state); :meth:`reset` starts another.
     """
 
-    def __init__(self, prefill: Any, decode: Any, integer_model: ir.Model | onnx.ModelProto, meta: dict[str, Any],
-                 report: dict[str, Any], tokenizer: Any = None) -> None:  # fmt: skip
+    def __init__(self, prefill: Any, decode: Any, integer_model: ir.Model | onnx.ModelProto | Path,
+                 meta: dict[str, Any], report: dict[str, Any], tokenizer: Any = None) -> None:  # fmt: skip
         self.prefill_module, self.decode_module = prefill, decode
         self.tokenizer = tokenizer  # a transformers tokenizer, when the model was compiled with one
-        self._integer = integer_model
+        self._integer = integer_model  # a loaded model's graph stays in its file until asked for
         self.meta = meta
         self.report = report
         self.max_context = int(meta["max_context"])
@@ -353,7 +353,13 @@ class CausalLM:
     @property
     def integer_model(self) -> onnx.ModelProto:
         """The symbolic integer graph (every sequence length up to the chunk), as ONNX."""
-        return ir.serde.serialize_model(self._integer) if isinstance(self._integer, ir.Model) else self._integer
+        integer = self._integer_graph()
+        return ir.serde.serialize_model(integer) if isinstance(integer, ir.Model) else integer
+
+    def _integer_graph(self) -> ir.Model | onnx.ModelProto:
+        if isinstance(self._integer, Path):
+            self._integer = onnx.load(str(self._integer))
+        return self._integer
 
     @property
     def cache_bytes_per_token(self) -> int:
@@ -363,7 +369,8 @@ class CausalLM:
     @property
     def weight_bytes(self) -> int:
         """Bytes of the integer graph's constants (the weights a decode step streams)."""
-        model = self._integer if isinstance(self._integer, ir.Model) else ir.serde.deserialize_model(self._integer)
+        integer = self._integer_graph()
+        model = integer if isinstance(integer, ir.Model) else ir.serde.deserialize_model(integer)
         return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     # --- steps ------------------------------------------------------------------------------------------------
@@ -454,7 +461,7 @@ class CausalLM:
         with files.atomic_directory(directory, overwrite) as staging:
             self.prefill_module.export(staging / PREFILL_FILE)
             self.decode_module.export(staging / DECODE_FILE)
-            _save_onnx(self._integer, staging / INTEGER_FILE)
+            _save_onnx(self._integer_graph(), staging / INTEGER_FILE)
             (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
             if self.tokenizer is not None:
@@ -481,7 +488,7 @@ class CausalLM:
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-        return cls(prefill, decode, onnx.load(str(root / INTEGER_FILE)), meta, report, tokenizer)
+        return cls(prefill, decode, root / INTEGER_FILE, meta, report, tokenizer)
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
@@ -595,7 +602,7 @@ def compile_causal_lm(
         for length in (chunk, 1):
             with step(f"build for {length}-token steps", progress):
                 static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context - length})
-                shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}  # type: ignore[union-attr]
+                shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))
     inputs = integer.graph.inputs
@@ -605,10 +612,10 @@ def compile_causal_lm(
         "window": window,
         "axis": layout.axis,
         "token_shapes": [list(s) for s in layout.token_shapes],
-        "cache_dtypes": [v.dtype.numpy().name for v in inputs if v.name in cache_names],  # type: ignore[union-attr]
+        "cache_dtypes": [v.dtype.numpy().name for v in inputs if v.name in cache_names],
         "cache_scales": scales,
         "input_names": [v.name for v in inputs],
-        "input_dtypes": [v.dtype.numpy().name for v in inputs],  # type: ignore[union-attr]
+        "input_dtypes": [v.dtype.numpy().name for v in inputs],
     }
     report = {
         "recipe": result.recipe.name,

@@ -71,7 +71,7 @@ def _evaluate(model: ir.Model, source: ir.Value, targets: list[ir.Value], index:
     mapping: dict[int, ir.Value] = {id(source): sub_source}
     nodes = []
     for node in cone:
-        inputs = []
+        inputs: list[ir.Value | None] = []
         for v in node.inputs:
             if v is None:
                 inputs.append(None)
