@@ -197,13 +197,15 @@ def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarra
                        window: int | None) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:  # fmt: skip
     """Each sequence in chunks of ``chunk`` tokens through the float step, its cache carried from chunk to chunk:
     the feeds the symbolic graph is calibrated on (partial chunks at the end are left out), and the step's logits
-    of the first sequence. The past length is symbolic too, so each feed holds just the tokens before its chunk
-    (one masked slot for the first chunk), not ``max_context`` slots: calibration memory follows the text."""
+    of the first sequence holding a whole chunk. The past length is symbolic too, so each feed holds just the
+    tokens before its chunk (one masked slot for the first chunk), not ``max_context`` slots: calibration memory
+    follows the text."""
     import torch
 
     feeds: list[dict[str, np.ndarray]] = []
-    first: list[np.ndarray] = []
-    for number, ids in enumerate(sequences):
+    first: list[np.ndarray] = []  # the logits of the first sequence that holds a whole chunk
+    for ids in sequences:
+        recording = not first
         usable = min(ids.shape[1], max_context) // chunk * chunk
         cache = [np.zeros(layout.shape(i, usable), np.float32) for i in range(layout.count)]
         for start in range(0, usable, chunk):
@@ -214,7 +216,7 @@ def _calibration_feeds(step: Any, layout: CacheLayout, sequences: list[np.ndarra
             with torch.no_grad():
                 args = [torch.from_numpy(feed[n]) for n in (IDS, POSITIONS, KEEP)]
                 out = step(*args, [torch.from_numpy(feed[_cache_name(i)]) for i in range(layout.count)])
-            if number == 0:
+            if recording:
                 first.append(out[0][0].numpy())
             for i, new in enumerate(out[1:]):
                 _write(cache[i], layout.axis, start, new.numpy())
@@ -234,7 +236,7 @@ def _check_step(model: Any, sequences: list[np.ndarray], logits: np.ndarray) -> 
     and cache are what the model means): else a named refusal."""
     import torch
 
-    ids = next(s for s in sequences if s.shape[1] >= logits.shape[0])[:, : logits.shape[0]]
+    ids = next(s for s in sequences if s.shape[1] >= logits.shape[0])[:, : logits.shape[0]]  # that sequence
     with torch.no_grad():
         expected = model(input_ids=torch.from_numpy(ids)).logits[0].numpy()
     error = float(np.abs(logits - expected).max() / max(float(np.abs(expected).max()), 1e-30))
