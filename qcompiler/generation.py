@@ -7,7 +7,9 @@
 with ``s`` and ``P`` symbolic (torch.export's dynamic dimensions): ``s`` new tokens after ``P`` cache slots. The
 model's own code appends the new keys and values to the past ones (transformers' cache classes, so whatever an
 architecture does to its keys before caching them, RoPE, fused QKV, partial rotary, is what gets cached), and
-the boolean ``keep`` says which slots each query attends to (the causal mask, empty slots, a sliding window).
+the boolean ``keep`` says which slots each query attends to (the causal mask, empty slots, a sliding window; the
+model gets it as an additive mask, which eager and SDPA attention both take). Before anything is compiled, the
+step run in chunks with its cache is checked against the model's own forward pass.
 The whole pipeline runs once on that symbolic graph:
 
 - RoPE's tables (and any float function of the positions) become tables read at ``position_ids``
@@ -54,8 +56,11 @@ TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the m
 DEFAULT_CHUNK = 128  # prefill 512 tokens of SmolLM2: 957 ms at 64, 840 at 128, 808 at 256 (attention over every slot)
 
 
+CACHE_PREFIX = "past_"  # the cache inputs: past_0, past_1, ... (keys and values per layer, the model's order)
+
+
 def _cache_name(index: int) -> str:
-    return f"past_{index}"
+    return f"{CACHE_PREFIX}{index}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -275,7 +280,7 @@ def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
     graph = model.graph
     scales: dict[str, Any] = {}
     for position, value in enumerate(list(graph.inputs)):
-        if not value.name.startswith("past_"):
+        if not value.name.startswith(CACHE_PREFIX):
             continue
         readers = [use.node for use in value.uses()]
         quantizers = [r for r in readers if r.op_type == "QuantizeLinear"]

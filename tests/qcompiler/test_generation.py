@@ -172,3 +172,12 @@ def test_keep_mask_is_causal_over_filled_slots_and_windowed() -> None:
     np.testing.assert_array_equal(keep, expected)
     windowed = keep_mask(start=3, count=2, slots=5, window=2)[0, 0]
     np.testing.assert_array_equal(windowed, [[0, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]])
+
+
+def test_w4a8_with_rotations_and_int4_weights_decodes_bit_for_bit() -> None:
+    model, calibration, held_out = decoder("qwen2")  # biases on q/k/v, tied embeddings
+    compiled = compile_causal_lm(model, calibration=calibration, recipe="w4a8", max_context=MAX_CONTEXT, chunk=CHUNK,
+                                 progress=False)  # fmt: skip
+    assert "qcompiler::QGemmInt4" in {f"{n.domain}::{n.op_type}" for n in compiled.integer_model.graph.node}
+    ids = held_out[0]
+    np.testing.assert_array_equal(_incremental(compiled, ids, 4), compiled.logits(ids))
