@@ -19,8 +19,9 @@ The whole pipeline runs once on that symbolic graph:
   the graph's cache inputs and outputs are integer codes, with no float at the boundary;
 - proofs over a symbolic length (an int32 sum over ``P + s``) use its bound (``s <= chunk``).
 
-The integer graph is then built twice (:func:`~qcompiler.ir.graph.specialize_dims`): for ``s = chunk`` after
-``P = max_context - chunk`` slots (prefill, in chunks) and for ``s = 1`` after ``P = max_context - 1`` (decode).
+The integer graph is then built twice (:func:`~qcompiler.ir.graph.specialize_dims`), for ``s = chunk`` (prefill,
+in chunks) and ``s = 1`` (decode), both after ``P = max_context - 1`` slots: one cache, whose arrays the library
+reads in place.
 It is the same integer model at two lengths, so a token decoded with the cache gets the logits the prefill of the
 whole sequence gives it, bit for bit: the integer softmax leaves masked slots out of its maximum and its sum, and
 every other op is per token.
@@ -43,7 +44,7 @@ import onnx_ir as ir
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError
-from qcompiler.ir.graph import specialize_dims
+from qcompiler.ir.graph import aligned_copy, specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
 
 logger = logging.getLogger(__name__)
@@ -253,13 +254,6 @@ def _check_step(model: Any, sequences: list[np.ndarray], logits: np.ndarray) -> 
         )
 
 
-def _view(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
-    """The first ``count`` slots of ``cache`` (a view)."""
-    index = [slice(None)] * cache.ndim
-    index[axis] = slice(0, count)
-    return cache[tuple(index)]
-
-
 def _slots(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
     """A copy of the first ``count`` slots of ``cache``."""
     index = [slice(None)] * cache.ndim
@@ -348,9 +342,25 @@ class CausalLM:
         self.layout = CacheLayout(tuple(tuple(s) for s in meta["token_shapes"]), int(meta["axis"]))
         self.cache_dtypes = [np.dtype(d) for d in meta["cache_dtypes"]]
         self.length = 0
+        # max_context - 1 slots: both steps read all of them (the last token's keys are never read again), so
+        # the arrays go to the library as they are, shared with it (no copy per step)
         self.cache = [
-            np.zeros(self.layout.shape(i, self.max_context), dtype) for i, dtype in enumerate(self.cache_dtypes)
+            aligned_copy(np.zeros(self.layout.shape(i, self.slots), dtype)) for i, dtype in enumerate(self.cache_dtypes)
         ]
+        self._shared: list[Any] | None = None
+
+    @property
+    def slots(self) -> int:
+        """Cache slots each step reads: ``max_context - 1``."""
+        return self.max_context - 1
+
+    def _cache_feeds(self) -> list[Any]:
+        """The cache as the library's tensors over the same memory (numpy writes are what the next step reads)."""
+        if self._shared is None:
+            import tvm
+
+            self._shared = [tvm.runtime.from_dlpack(c) for c in self.cache]
+        return self._shared
 
     # --- state ------------------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -389,17 +399,16 @@ class CausalLM:
                 f"input_ids: {self.length} cached + {real} new tokens exceed max_context {self.max_context}; "
                 "reset() the model, or compile with a larger max_context"
             )
-        decode = module is self.decode_module
-        size, slots = (1, self.max_context - 1) if decode else (self.chunk, self.max_context - self.chunk)
-        assert self.length <= slots, "prefill() runs a chunk only where the chunk graph's past holds the cache"
+        size = 1 if module is self.decode_module else self.chunk
         padded = np.zeros((1, size), np.int64)
         padded[:, :real] = ids
-        feeds = _feeds(padded, self.length, slots, self.max_context, self.window)
-        feeds.update({_cache_name(i): _view(c, self.layout.axis, slots) for i, c in enumerate(self.cache)})
+        feeds: dict[str, Any] = _feeds(padded, self.length, self.slots, self.max_context, self.window)
+        feeds.update({_cache_name(i): c for i, c in enumerate(self._cache_feeds())})
         outputs = module.run(feeds)
+        kept = min(real, self.slots - self.length)  # a token in the last slot is never read again
         for i, new in enumerate(outputs[1:]):
             index = [slice(None)] * new.ndim
-            index[self.layout.axis] = slice(0, real)
+            index[self.layout.axis] = slice(0, kept)
             _write(self.cache[i], self.layout.axis, self.length, new[tuple(index)])
         self.length += real
         return outputs[0][0, :real]
@@ -411,7 +420,7 @@ class CausalLM:
         start = 0
         while start < ids.shape[1]:
             part = ids[:, start : start + self.chunk]
-            whole_chunk = part.shape[1] > 1 and self.length + self.chunk <= self.max_context
+            whole_chunk = part.shape[1] > 1
             if not whole_chunk:  # one token, or the last slots of the cache: decode steps
                 part = part[:, :1]
             parts.append(self._run(self.prefill_module if whole_chunk else self.decode_module, part))
@@ -604,11 +613,11 @@ def compile_causal_lm(
         integer = result.model
         scales = _integer_cache_io(integer, layout.count)
         modules = []
-        # each step's past holds what it can read: slots + new tokens = max_context (a multiple of the kernels'
-        # vector lanes when max_context is)
+        # both steps read max_context - 1 slots (one cache for both; a decode step attends over max_context
+        # positions, a multiple of the kernels' vector lanes when max_context is)
         for length in (chunk, 1):
             with step(f"build for {length}-token steps", progress):
-                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context - length})
+                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context - 1})
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))

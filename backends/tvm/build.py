@@ -207,6 +207,9 @@ class TVMModule:
     def _arguments(self, feeds: Mapping[str, np.ndarray]) -> list[Any]:
         args = []
         for name, dtype in zip(self.input_names, self.input_dtypes, strict=True):
+            if isinstance(feeds[name], tvm.runtime.Tensor) and self.remote is None:
+                args.append(feeds[name])  # the caller's tensor on this device, as it is (a KV cache: no copy)
+                continue
             array = np.ascontiguousarray(feeds[name], dtype=dtype)
             staged = self._staging.get(name)
             if staged is None or tuple(staged.shape) != array.shape:
