@@ -75,7 +75,7 @@ def test_compiled_steps_agree_with_the_reference_interpreter(llama, length: int)
     compiled.reset()
     compiled.prefill(held_out[2][:, :5])  # a cache with 5 tokens in it
     module = compiled.decode_module if length == 1 else compiled.prefill_module
-    slots = MAX_CONTEXT - 1  # the past both steps read
+    slots = MAX_CONTEXT - length  # the past each step reads
     feeds = {
         "input_ids": held_out[2][:, 5 : 5 + length],
         "position_ids": np.arange(5, 5 + length)[None],
