@@ -353,13 +353,18 @@ def _quantize_to_integer(
     layer_errors: bool = False,
     cache_inputs: frozenset[str] = frozenset(),
     dim_bounds: Mapping[str, int] | None = None,
+    keep_qdq: bool = True,
 ) -> _IntegerResult:
+    """``keep_qdq``: keep the QDQ graph (the result's ``qdq``) for callers that save or report it; a large one is
+    written to a temporary file, which callers without use for it need not pay for."""
     qdq = _quantize_qdq(model, example_inputs, calibration, chosen, verify, progress, float_islands, layer_errors,
                         cache_inputs, dim_bounds)  # fmt: skip
-    with step("keep the QDQ graph (tensors shared)", False):
-        kept = qdq.model.clone()
-        if _initializer_bytes(kept) > OFFLOAD_BYTES:  # lowering replaces the fused GEMMs' codes: not held twice
-            kept = _offload(kept)
+    kept = None
+    if keep_qdq:
+        with step("keep the QDQ graph (tensors shared)", False):
+            kept = qdq.model.clone()
+            if _initializer_bytes(kept) > OFFLOAD_BYTES:  # lowering replaces the fused GEMMs' codes: not held twice
+                kept = _offload(kept)
     with step("lower to integer ops", progress):
         lowered = Pipeline([spec.build() for spec in qdq.recipe.lower], verify_each=verify).run(qdq.model)
     records = qdq.records + list(lowered.records)

@@ -113,6 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _arguments_usable(calibration: Path, output: Path, overwrite: bool) -> bool:
+    """The --calibration file exists and -o/--output may be written; else the error, printed."""
+    if not calibration.is_file():
+        print(f"error: --calibration: no such file {calibration}", file=sys.stderr)
+        return False
+    if output.exists() and not overwrite:
+        print(f"error: -o/--output: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+        return False
+    return True
+
+
 def _compile(args: argparse.Namespace) -> int:
     from qcompiler.api import compile as compile_model
     from qcompiler.backends.tvm.metaschedule import validate_trials
@@ -122,13 +133,8 @@ def _compile(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(f"error: --metaschedule-trials: {error}", file=sys.stderr)
         return 2
-    calibration_path = Path(args.calibration)
-    if not calibration_path.is_file():
-        print(f"error: --calibration: no such file {calibration_path}", file=sys.stderr)
-        return 2
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        print(f"error: -o/--output: {output} exists; pass --overwrite to replace it", file=sys.stderr)
+    calibration_path, output = Path(args.calibration), Path(args.output)
+    if not _arguments_usable(calibration_path, output, args.overwrite):
         return 2
     with np.load(calibration_path) as data:
         calibration = {name: data[name] for name in data.files}
@@ -169,13 +175,8 @@ def _compile_lm(args: argparse.Namespace) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local directory: never the hub
     from qcompiler.generation import compile_causal_lm
 
-    output = Path(args.output)
-    if output.exists() and not args.overwrite:
-        print(f"error: -o/--output: {output} exists; pass --overwrite to replace it", file=sys.stderr)
-        return 2
-    text_path = Path(args.calibration)
-    if not text_path.is_file():
-        print(f"error: --calibration: no such file {text_path}", file=sys.stderr)
+    text_path, output = Path(args.calibration), Path(args.output)
+    if not _arguments_usable(text_path, output, args.overwrite):
         return 2
     try:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -43,7 +43,7 @@ import onnx_ir as ir
 
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
-from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError
+from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError, TargetError
 from qcompiler.ir.graph import aligned_copy, specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
 
@@ -254,17 +254,20 @@ def _check_step(model: Any, sequences: list[np.ndarray], logits: np.ndarray) -> 
         )
 
 
+def _along(array: np.ndarray, axis: int, part: slice) -> np.ndarray:
+    """``array[..., part, ...]`` with ``part`` on ``axis`` (a view)."""
+    index = [slice(None)] * array.ndim
+    index[axis] = part
+    return array[tuple(index)]
+
+
 def _slots(cache: np.ndarray, axis: int, count: int) -> np.ndarray:
     """A copy of the first ``count`` slots of ``cache``."""
-    index = [slice(None)] * cache.ndim
-    index[axis] = slice(0, count)
-    return cache[tuple(index)].copy()
+    return _along(cache, axis, slice(0, count)).copy()
 
 
 def _write(cache: np.ndarray, axis: int, start: int, new: np.ndarray) -> None:
-    index = [slice(None)] * cache.ndim
-    index[axis] = slice(start, start + new.shape[axis])
-    cache[tuple(index)] = new
+    _along(cache, axis, slice(start, start + new.shape[axis]))[...] = new
 
 
 def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
@@ -419,9 +422,7 @@ class CausalLM:
         outputs = module.run(feeds)
         kept = min(real, self.slots - self.length)  # a token in the last slot is never read again
         for i, new in enumerate(outputs[1:]):
-            index = [slice(None)] * new.ndim
-            index[self.layout.axis] = slice(0, kept)
-            _write(self.cache[i], self.layout.axis, self.length, new[tuple(index)])
+            _write(self.cache[i], self.layout.axis, self.length, _along(new, self.layout.axis, slice(0, kept)))
         self.length += real
         return outputs[0][0, :real]
 
@@ -576,7 +577,7 @@ def compile_causal_lm(
         raise ValueError(f"chunk: must lie in [2, max_context = {max_context}), got {chunk}")
     tvm_target, _ = resolve_target(target)
     if tvm_target.kind.name != "llvm":
-        raise QCompilerError(f"target {tvm_target.kind.name}: compile_causal_lm builds for CPUs (llvm) for now")
+        raise TargetError(f"target {tvm_target.kind.name}: compile_causal_lm builds for CPUs (llvm) for now")
     chosen = load_recipe(recipe)
     lm = _transformers_causal_lm(model).eval()
     window = _sliding_window(lm.config, max_context)
@@ -621,7 +622,8 @@ def compile_causal_lm(
         TabulateIndexFunctionsPass({POSITIONS: max_context})(exported)
         cache_names = frozenset(_cache_name(i) for i in range(layout.count))
         result = _quantize_to_integer(exported, None, feeds, chosen, verify, progress, cache_inputs=cache_names,
-                                      dim_bounds={symbols[0]: chunk, symbols[1]: max_context})  # fmt: skip
+                                      dim_bounds={symbols[0]: chunk, symbols[1]: max_context},
+                                      keep_qdq=False)  # fmt: skip
         integer = result.model
         scales = _integer_cache_io(integer, layout.count)
         modules = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -62,12 +63,11 @@ def _frontier(graph: ir.Graph, cone: list[ir.Node]) -> list[ir.Value]:
     ]
 
 
-def _evaluate(model: ir.Model, source: ir.Value, targets: list[ir.Value], index: np.ndarray) -> list[np.ndarray]:
-    """``targets`` computed by onnxruntime from ``source = index`` (the cone's own nodes, nothing else)."""
+def _cone_session(model: ir.Model, source: ir.Value, cone: list[ir.Node], targets: list[ir.Value]) -> Any:
+    """An onnxruntime session computing ``targets`` from ``source`` alone: the cone's own nodes, nothing else."""
     from qcompiler.ir.ort_session import onnxruntime_session
 
-    cone = _cone(model.graph, source)
-    sub_source = ir.Value(name=source.name, shape=ir.Shape(list(index.shape)), type=source.type)
+    sub_source = ir.Value(name=source.name, shape=source.shape, type=source.type)
     mapping: dict[int, ir.Value] = {id(source): sub_source}
     nodes = []
     for node in cone:
@@ -100,8 +100,7 @@ def _evaluate(model: ir.Model, source: ir.Value, targets: list[ir.Value], index:
     unique = list({v.name: v for v in initializers}.values())
     outputs = [mapping[id(v)] for v in targets]
     sub = ir.Graph([sub_source], outputs, nodes=nodes, initializers=unique, opset_imports=model.opset_imports)
-    session = onnxruntime_session(ir.Model(sub, ir_version=model.ir_version))
-    return [np.asarray(a) for a in session.run(None, {source.name: index})]
+    return onnxruntime_session(ir.Model(sub, ir_version=model.ir_version))
 
 
 class TabulateIndexFunctionsPass(ir.passes.InPlacePass):
@@ -125,18 +124,20 @@ class TabulateIndexFunctionsPass(ir.passes.InPlacePass):
             if source.dtype not in (ir.DataType.INT64, ir.DataType.INT32) or axis is None:
                 logger.info("tabulate: %s is not an integer index of one non-unit axis; left as it is", source.name)
                 continue
-            frontier = _frontier(graph, _cone(graph, source))
+            cone = _cone(graph, source)
+            frontier = _frontier(graph, cone)
             if not frontier:
                 continue
+            session = _cone_session(model, source, cone, frontier)
             bound = self.bounds[source.name]
             full_shape = [1] * len(source.shape)
             full_shape[axis] = bound
             everything = np.arange(bound, dtype=source.dtype.numpy()).reshape(full_shape)
-            tables = _evaluate(model, source, frontier, everything)
+            tables = [np.asarray(a) for a in session.run(None, {source.name: everything})]
             probe_shape = list(full_shape)
             probe_shape[axis] = PROBE_INDICES
             probe = np.random.default_rng(PROBE_SEED).integers(0, bound, probe_shape).astype(everything.dtype)
-            probed = _evaluate(model, source, frontier, probe)
+            probed = [np.asarray(a) for a in session.run(None, {source.name: probe})]
             for value, table, check in zip(frontier, tables, probed, strict=True):
                 if table.dtype.kind != "f":
                     continue  # integer index arithmetic: already integer

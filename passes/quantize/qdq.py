@@ -457,11 +457,11 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             ):
                 wide = self._wide_activation(graph, out)
                 scale_of[id(out)] = wide if wide is not None else self._quantize_value(graph, out, self._range(out))
-            elif node.op_type == "Concat" and self._quantize_cache(graph, node, scale_of):
-                scale_of[id(out)] = self._quantize_value(
-                    graph, out, None, scale_of[id(node.inputs[-1])], bits=self._bits_of.get(id(node.inputs[-1]), 8)
-                )
-            elif node.op_type == "Concat" and not self._concat_shares_scale(node, scale_of):
+            elif (
+                node.op_type == "Concat"
+                and not self._quantize_cache(graph, node, scale_of)  # a cache: on the new values' grid, a move
+                and not self._concat_shares_scale(node, scale_of)
+            ):
                 scale_of[id(out)] = self._quantize_concat(graph, node, scale_of)
             elif node.op_type == "Split":
                 source = node.inputs[0]
@@ -486,7 +486,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     # --- helpers -------------------------------------------------------------------------------
     def _quantize_cache(self, graph: ir.Graph, node: ir.Node, scale_of: dict[int, Any]) -> bool:
         """``Concat(past, new)`` of a cache input and the new values: the past quantized at the new values' scale
-        and width (one grid, so the Concat moves codes); True when ``node`` is such a Concat."""
+        and width (one grid: the Concat is then a move, quantized as one); True when ``node`` is such a Concat."""
         caches = [i for i, v in enumerate(node.inputs) if v is not None and v.name in self.cache_inputs]
         if not caches:
             return False

@@ -6,6 +6,7 @@ import collections
 import contextlib
 import json
 from collections.abc import Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -23,20 +24,26 @@ def set_dim_bounds(graph: ir.Graph, bounds: Mapping[str, int]) -> None:
     graph.metadata_props[DIM_BOUNDS] = json.dumps({str(k): int(v) for k, v in bounds.items()}, sort_keys=True)
 
 
-def _dim_at(dim: object, values: Mapping[str, int]) -> object:
-    """``dim`` with its symbols replaced by ``values``: an int when that leaves a number, else ``dim``."""
-    if isinstance(dim, int):
-        return dim
+def _expression(dim: object) -> Any:
+    """The sympy expression of a symbolic dimension (``s1``, ``s1 + 16``: torch.export's text), or None."""
     text = getattr(dim, "value", None)
-    if not isinstance(text, str):
-        return dim
+    if isinstance(dim, int) or not isinstance(text, str):
+        return None
     import sympy
 
     try:
-        expression = sympy.sympify(text).subs({sympy.Symbol(k): v for k, v in values.items()})
+        return sympy.sympify(text)
     except (sympy.SympifyError, TypeError, SyntaxError):
+        return None
+
+
+def _dim_at(dim: object, values: Mapping[str, int]) -> object:
+    """``dim`` with its symbols replaced by ``values``: an int when that leaves a number, else ``dim``."""
+    expression = _expression(dim)
+    if expression is None:
         return dim
-    return int(expression) if expression.is_number and expression.is_integer else dim
+    value = expression.subs({s: values[str(s)] for s in expression.free_symbols if str(s) in values})
+    return int(value) if value.is_number and value.is_integer else dim
 
 
 def specialize_dims(model: ir.Model, values: Mapping[str, int]) -> ir.Model:
@@ -63,22 +70,19 @@ def dim_upper_bound(graph: ir.Graph | None, dim: object) -> int | None:
     are bounded and the expression grows with each (sums and products of positive terms), else None."""
     if isinstance(dim, int):
         return dim
-    text = getattr(dim, "value", None)
-    if graph is None or not isinstance(text, str) or DIM_BOUNDS not in graph.metadata_props:
+    expression = _expression(dim)
+    if graph is None or expression is None or DIM_BOUNDS not in graph.metadata_props:
         return None
     import sympy
 
     bounds = json.loads(graph.metadata_props[DIM_BOUNDS])
-    try:
-        expression = sympy.sympify(text)
-    except (sympy.SympifyError, TypeError, SyntaxError):
-        return None
     symbols = expression.free_symbols
     if not all(str(s) in bounds for s in symbols):
         return None
-    if any(sympy.diff(expression, s).subs({t: bounds[str(t)] for t in symbols}) < 0 for s in symbols):
+    at_bounds = {s: bounds[str(s)] for s in symbols}
+    if any(sympy.diff(expression, s).subs(at_bounds) < 0 for s in symbols):
         return None
-    value = expression.subs({s: bounds[str(s)] for s in symbols})
+    value = expression.subs(at_bounds)
     return int(value) if value.is_integer else None
 
 

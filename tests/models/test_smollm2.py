@@ -21,17 +21,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 CALIBRATION_WINDOWS = 8
 
 
-@pytest.fixture(scope="module")
-def smol():
-    pytest.importorskip("torch")
-    from qcompiler.testing.llm import ModelUnavailableError, load_smollm2
-
-    try:
-        return load_smollm2()
-    except ModelUnavailableError as missing:
-        pytest.skip(str(missing))
-
-
 def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
     import torch
 

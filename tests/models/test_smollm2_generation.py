@@ -18,17 +18,6 @@ CALIBRATION_WINDOWS = 8
 
 
 @pytest.fixture(scope="module")
-def smol():
-    pytest.importorskip("torch")
-    from qcompiler.testing.llm import ModelUnavailableError, load_smollm2
-
-    try:
-        return load_smollm2()
-    except ModelUnavailableError as missing:
-        pytest.skip(str(missing))
-
-
-@pytest.fixture(scope="module")
 def compiled(smol):
     from qcompiler.generation import compile_causal_lm
 
