@@ -19,6 +19,7 @@ from qcompiler import calibrate as calibration_module
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, QCompilerError, RecipeError, TargetError
+from qcompiler.files import INTEGER_FILE, LIBRARY_FILE, OPENCL_FILE, QDQ_FILE, REPORT_FILE
 from qcompiler.ir import load as load_model
 from qcompiler.ir.analysis.architecture import describe
 from qcompiler.ir.graph import set_dim_bounds
@@ -33,12 +34,6 @@ if TYPE_CHECKING:  # the backend (TVM, and through it torch) is imported on the 
     from qcompiler.backends.tvm.opencl import OpenCLModule
 
 logger = logging.getLogger(__name__)
-
-LIBRARY_FILE = "model.so"
-OPENCL_FILE = "model.opencl.npz"  # target "opencl": OpenCL C, launch plans and constants (run through pyopencl)
-INTEGER_FILE = "integer.onnx"
-QDQ_FILE = "qdq.onnx"
-REPORT_FILE = "report.json"
 
 
 def _to_numpy(value: Any) -> np.ndarray:

@@ -19,6 +19,13 @@ from pathlib import Path
 _STAGING = "staging"
 _PARKED = "old"
 
+#: the files of a saved model (CompiledModel.save, CausalLM.save)
+LIBRARY_FILE = "model.so"
+OPENCL_FILE = "model.opencl.npz"  # target "opencl": OpenCL C, launch plans and constants (run through pyopencl)
+INTEGER_FILE = "integer.onnx"
+QDQ_FILE = "qdq.onnx"
+REPORT_FILE = "report.json"
+
 
 def _hidden(target: Path, kind: str) -> str:
     return f".{target.name}.{kind}-{os.getpid()}-"

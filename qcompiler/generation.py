@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -44,6 +46,7 @@ import onnx_ir as ir
 from qcompiler import files
 from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError, TargetError
+from qcompiler.files import INTEGER_FILE, REPORT_FILE
 from qcompiler.ir.graph import aligned_copy, specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
 
@@ -51,7 +54,8 @@ logger = logging.getLogger(__name__)
 
 IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
 LOGITS = "logits"
-PREFILL_FILE, DECODE_FILE = "prefill.so", "decode.so"
+PREFILL_FILE, DECODE_FILE = "prefill_{slots}.so", "decode.so"  # a prefill library per span (prefill_spans)
+PARAMS_FILE = "weights.bin"  # both libraries' weights, once (backends/tvm/params.py), its index in weights.bin.json
 META_FILE = "causal_lm.json"
 TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
 DEFAULT_CHUNK = 128  # prefill 512 tokens of SmolLM2: 957 ms at 64, 840 at 128, 808 at 256 (attention over every slot)
@@ -162,6 +166,19 @@ def _step_module(model: Any, layout: CacheLayout) -> Any:
             return (out.logits, *new)
 
     return CachedStep().eval()
+
+
+def prefill_spans(chunk: int, max_context: int) -> list[int]:
+    """The attention spans (cache slots read plus the chunk) of the prefill libraries: ``2, 4, 8, ... x chunk``
+    below ``max_context``, then ``max_context``. A chunk runs on the smallest span that holds the cache: a prompt
+    attends over twice its length at most, not over ``max_context`` (a library costs code alone: the weights are
+    shared)."""
+    spans = []
+    span = 2 * chunk
+    while span < max_context:
+        spans.append(span)
+        span *= 2
+    return [*spans, max_context]
 
 
 def keep_mask(start: int, count: int, slots: int, window: int | None = None) -> np.ndarray:
@@ -326,15 +343,31 @@ def _symbols(model: ir.Model, layout: CacheLayout) -> tuple[str, str]:
     return str(found[0].value), str(found[1].value)  # type: ignore[union-attr]
 
 
+def runtime_only() -> bool:
+    """Make this process load TVM's runtime alone, for a process that only runs saved models (``qcompiler
+    generate``, a server): 80 MB instead of 400 (TVM's compiler library, and torch, which TVM's FFI imports when it
+    is installed; a saved model needs neither). Call it first: True when it took effect, False when TVM or torch
+    was already imported (then nothing changes). Afterwards nothing in this process can compile or import torch.
+    """
+    if any(name in sys.modules for name in ("tvm", "tvm_ffi", "torch")):
+        return False
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    sys.modules["torch"] = None  # type: ignore[assignment]  # an import of torch now fails: TVM's FFI then skips it
+    return True
+
+
 class CausalLM:
     """A compiled causal LM: prefill and decode over an integer KV cache, greedy or sampled generation.
 
     Not thread-safe: one conversation at a time (the cache is its state); :meth:`reset` starts another.
     """
 
-    def __init__(self, prefill: Any, decode: Any, integer_model: ir.Model | onnx.ModelProto | Path,
+    def __init__(self, prefills: dict[int, Any], decode: Any, integer_model: ir.Model | onnx.ModelProto | Path,
                  meta: dict[str, Any], report: dict[str, Any], tokenizer: Any = None) -> None:  # fmt: skip
-        self.prefill_module, self.decode_module = prefill, decode
+        #: cache slots read -> the library of a chunk after that many (prefill_spans): a chunk runs on the smallest
+        #: that holds the cache, so its attention spans what is filled, not max_context
+        self.prefill_modules = dict(sorted(prefills.items()))
+        self.decode_module = decode
         self.tokenizer = tokenizer  # a transformers tokenizer, when the model was compiled with one
         self._integer = integer_model  # a loaded model's graph stays in its file until asked for
         self.meta = meta
@@ -347,8 +380,8 @@ class CausalLM:
         self.length = 0
         # max_context - 1 slots, what a decode step reads (the last token's keys are never read again): the arrays
         # go to the decode library as they are, shared with it (no copy per step); a prefill chunk reads a copy of
-        # the first max_context - chunk (its attention then spans max_context positions, a multiple of the
-        # kernels' vector lanes: 195 ms a chunk of 128 on SmolLM2, against 317 ms over 2047 + 128)
+        # the first slots of its library's span (spans are multiples of the kernels' vector lanes: 195 ms a chunk
+        # of 128 on SmolLM2 over 2048 positions, against 317 ms over 2047 + 128)
         self.cache = [
             aligned_copy(np.zeros(self.layout.shape(i, self.slots), dtype)) for i, dtype in enumerate(self.cache_dtypes)
         ]
@@ -361,8 +394,13 @@ class CausalLM:
 
     @property
     def prefill_slots(self) -> int:
-        """Cache slots a prefill chunk reads: ``max_context - chunk``."""
-        return self.max_context - self.chunk
+        """The most cache slots a prefill chunk reads: ``max_context - chunk``."""
+        return max(self.prefill_modules)
+
+    @property
+    def prefill_module(self) -> Any:
+        """The library of a chunk after :attr:`prefill_slots` slots (attention over ``max_context`` positions)."""
+        return self.prefill_modules[self.prefill_slots]
 
     def _cache_feeds(self) -> list[Any]:
         """The cache as the library's tensors over the same memory (numpy writes are what the next step reads)."""
@@ -401,16 +439,18 @@ class CausalLM:
         return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _run(self, module: Any, ids: np.ndarray) -> np.ndarray:
-        """Run ``ids`` (one chunk, padded to the module's length) at the current position; caches the real ones."""
+    def _run(self, ids: np.ndarray, slots: int | None = None) -> np.ndarray:
+        """Run ``ids`` at the current position, one token on the decode library, else one chunk (padded to its
+        length) on the prefill library of ``slots``; caches the real ones."""
         real = ids.shape[1]
         if self.length + real > self.max_context:
             raise ContextFullError(
                 f"input_ids: {self.length} cached + {real} new tokens exceed max_context {self.max_context}; "
                 "reset() the model, or compile with a larger max_context"
             )
-        decode = module is self.decode_module
-        size, slots = (1, self.slots) if decode else (self.chunk, self.prefill_slots)
+        decode = slots is None
+        module = self.decode_module if slots is None else self.prefill_modules[slots]
+        size, slots = (1, self.slots) if slots is None else (self.chunk, slots)
         assert self.length <= slots, "prefill() runs a chunk only where the chunk graph's past holds the cache"
         padded = np.zeros((1, size), np.int64)
         padded[:, :real] = ids
@@ -436,13 +476,14 @@ class CausalLM:
             whole_chunk = part.shape[1] > 1 and self.length <= self.prefill_slots
             if not whole_chunk:  # one token, or the last slots of the cache: decode steps
                 part = part[:, :1]
-            parts.append(self._run(self.prefill_module if whole_chunk else self.decode_module, part))
+            slots = next(s for s in self.prefill_modules if s >= self.length) if whole_chunk else None
+            parts.append(self._run(part, slots))
             start += part.shape[1]
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
     def decode_step(self, token: int) -> np.ndarray:
         """Append one token; returns its logits ``[vocab]``."""
-        return self._run(self.decode_module, np.array([[int(token)]], np.int64))[0]
+        return self._run(np.array([[int(token)]], np.int64))[0]
 
     # --- generation -------------------------------------------------------------------------------------------
     def stream(self, input_ids: Any, max_new_tokens: int, temperature: float = 0.0, top_k: int | None = None,
@@ -484,14 +525,19 @@ class CausalLM:
 
     # --- files ------------------------------------------------------------------------------------------------
     def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        """Write both libraries, the symbolic integer graph and the cache layout; atomically."""
-        from qcompiler.api import INTEGER_FILE, REPORT_FILE, _save_onnx
+        """Write the libraries, their weights (once), the symbolic integer graph and the cache layout; atomically."""
+        from qcompiler.api import _save_onnx
+        from qcompiler.backends.tvm.params import write_params
 
         with files.atomic_directory(directory, overwrite) as staging:
-            self.prefill_module.export(staging / PREFILL_FILE)
+            for slots, module in self.prefill_modules.items():
+                module.export(staging / PREFILL_FILE.format(slots=slots))
             self.decode_module.export(staging / DECODE_FILE)
+            modules = [self.decode_module, *self.prefill_modules.values()]
+            keys = write_params(staging / PARAMS_FILE, [m.params for m in modules])
+            meta = {**self.meta, "prefill_slots": list(self.prefill_modules), "param_keys": keys}
             _save_onnx(self._integer_graph(), staging / INTEGER_FILE)
-            (staging / META_FILE).write_text(json.dumps(self.meta, indent=2))
+            (staging / META_FILE).write_text(json.dumps(meta, indent=2))
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(str(staging / TOKENIZER_DIR))
@@ -500,24 +546,31 @@ class CausalLM:
     @classmethod
     def load(cls, directory: str | Path) -> CausalLM:
         """A directory written by :meth:`save`."""
-        from qcompiler.api import INTEGER_FILE, REPORT_FILE
-        from qcompiler.backends.tvm import TVMModule
+        from qcompiler.backends.tvm.params import read_params
+        from qcompiler.backends.tvm.runtime import TVMModule
 
         root = Path(directory)
-        for name in (PREFILL_FILE, DECODE_FILE, INTEGER_FILE, META_FILE):
+        if not (root / META_FILE).is_file():
+            raise QCompilerError(f"directory: {root} is not a saved causal LM ({META_FILE} is missing)")
+        meta = json.loads((root / META_FILE).read_text())
+        spans = [int(s) for s in meta.pop("prefill_slots", [])]
+        libraries = [DECODE_FILE, *(PREFILL_FILE.format(slots=s) for s in spans)]
+        for name in (*libraries, PARAMS_FILE, INTEGER_FILE):
             if not (root / name).is_file():
                 raise QCompilerError(f"directory: {root} is not a saved causal LM ({name} is missing)")
-        meta = json.loads((root / META_FILE).read_text())
         names, dtypes = meta["input_names"], meta["input_dtypes"]
-        prefill = TVMModule.load(root / PREFILL_FILE, names, dtypes)
-        decode = TVMModule.load(root / DECODE_FILE, names, dtypes)
+        weights = read_params(root / PARAMS_FILE)
+        decode, *prefills = (
+            TVMModule.load(root / name, names, dtypes, params=[weights[k] for k in keys])
+            for name, keys in zip(libraries, meta.pop("param_keys"), strict=True)
+        )
         report = json.loads((root / REPORT_FILE).read_text()) if (root / REPORT_FILE).is_file() else {}
         tokenizer = None
         if (root / TOKENIZER_DIR).is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-        return cls(prefill, decode, root / INTEGER_FILE, meta, report, tokenizer)
+        return cls(dict(zip(spans, prefills, strict=True)), decode, root / INTEGER_FILE, meta, report, tokenizer)
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
@@ -568,9 +621,11 @@ def compile_causal_lm(
 
     from qcompiler.api import _quantize_to_integer
     from qcompiler.backends.tvm.build import build, resolve_target
+    from qcompiler.backends.tvm.params import share_params
     from qcompiler.ir import load as load_model
     from qcompiler.ir.ort_session import serialize_sharing_weights
     from qcompiler.passes.canonicalize.index_tables import TabulateIndexFunctionsPass
+    from qcompiler.passes.canonicalize.product_scalars import MoveProductScalarsLeftPass
     from qcompiler.progress import recording, step
 
     if not 2 <= chunk < max_context:
@@ -620,6 +675,8 @@ def compile_causal_lm(
         keep = exported.graph.inputs[2]  # torch.export cannot write its last dim as seq + past: it is that
         keep.shape = ir.Shape([1, 1, symbols[0], f"{symbols[0]} + {symbols[1]}"])
         TabulateIndexFunctionsPass({POSITIONS: max_context})(exported)
+        # the keys' scalar moves to the query: the cache is then read as it lies (no requantize of it per step)
+        MoveProductScalarsLeftPass()(exported)
         cache_names = frozenset(_cache_name(i) for i in range(layout.count))
         result = _quantize_to_integer(exported, None, feeds, chosen, verify, progress, cache_inputs=cache_names,
                                       dim_bounds={symbols[0]: chunk, symbols[1]: max_context},
@@ -629,12 +686,14 @@ def compile_causal_lm(
         modules = []
         # each step attends over max_context positions (a multiple of the kernels' vector lanes when max_context
         # is): a chunk after max_context - chunk slots, a token after max_context - 1 (CausalLM.__init__)
-        for length in (chunk, 1):
-            with step(f"build for {length}-token steps", progress):
-                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: max_context - length})
+        builds = [(1, max_context - 1)] + [(chunk, span - chunk) for span in prefill_spans(chunk, max_context)]
+        for length, slots in builds:
+            with step(f"build for {length}-token steps after {slots} slots", progress):
+                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: slots})
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}
                 proto, weights = serialize_sharing_weights(static)
-                modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False))
+                modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False, lift_weights=True))
+        share_params(modules)  # every build packs the same weights: one copy runs them all
     inputs = integer.graph.inputs
     meta = {
         "max_context": max_context,
@@ -656,6 +715,7 @@ def compile_causal_lm(
         "max_context": max_context,
         "chunk": chunk,
     }
-    compiled = CausalLM(modules[0], modules[1], integer, meta, report, tokenizer)
+    prefills = {slots: module for (_, slots), module in zip(builds[1:], modules[1:], strict=True)}
+    compiled = CausalLM(prefills, modules[0], integer, meta, report, tokenizer)
     report["cache_bytes_per_token"] = compiled.cache_bytes_per_token
     return compiled

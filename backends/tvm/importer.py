@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import onnx
 import tvm
-from tvm import relax, te, tirx
+from tvm import relax, te, tirx, topi
 from tvm.relax.frontend.onnx import onnx_frontend as OF
 
 from qcompiler.backends.tvm import kernels, nonlinear
@@ -544,14 +544,88 @@ def _few_rows(a: relax.Expr) -> bool:
 
 
 def _lanes_batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr) -> relax.Expr:
-    """The batched product on int32 lanes (any target)."""
-    return bb.emit_te(
-        kernels.batch_matmul_compute,
-        a,
-        b,
-        primfunc_name_hint="qbatch_matmul",
-        primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
+    """The batched product on int32 lanes (any target). With few rows (a decode step's attention), ``b`` is read
+    through the layout ops that made it (:func:`_view_of`: the cache Concat, the grouped-query head broadcast, the
+    keys' transpose) inside the kernel, from the tensors they read: no copy of the cache per step; keys that arrive
+    transposed are read along their rows (:func:`kernels.batch_matmul_rows_compute`)."""
+    if not _few_rows(a):
+        return bb.emit_te(
+            kernels.batch_matmul_compute, a, b, primfunc_name_hint="qbatch_matmul",
+            primfunc_attrs={KERNEL_ATTR: "batch_matmul"},
+        )  # fmt: skip
+    roots, replay, transposed = _view_of(bb, b)
+    depth = _static_shape(a, "MatMul")[-1]
+    rows_kernel = transposed and depth % 8 == 0
+
+    def body(a_te: te.Tensor, *root_te: te.Tensor) -> te.Tensor:
+        view = replay(list(root_te))
+        if rows_kernel:
+            return kernels.batch_matmul_rows_compute(a_te, view)
+        return kernels.batch_matmul_compute(a_te, view)
+
+    kind = "batch_matmul_rows" if rows_kernel else "batch_matmul"
+    return bb.emit_te(body, a, *roots, primfunc_name_hint=f"q{kind}", primfunc_attrs={KERNEL_ATTR: kind})
+
+
+def _replay_reshape(parts: list[te.Tensor], call: relax.Call, shape: list[int]) -> te.Tensor:
+    return topi.reshape(parts[0], shape)
+
+
+def _replay_permute(parts: list[te.Tensor], call: relax.Call, shape: list[int]) -> te.Tensor:
+    axes = call.attrs.axes
+    return topi.transpose(parts[0], None if axes is None else [int(x) for x in axes])
+
+
+#: layout ops a few-row product reads through (:func:`_view_of`), each replayed in TE on the tensors it reads:
+#: Relax op -> (its TE form, given the parts, the call and the output shape)
+_VIEW_REPLAYS: dict[str, Callable[[list[te.Tensor], relax.Call, list[int]], te.Tensor]] = {
+    "relax.reshape": _replay_reshape,
+    "relax.expand_dims": _replay_reshape,
+    "relax.squeeze": _replay_reshape,
+    "relax.permute_dims": _replay_permute,
+    "relax.broadcast_to": lambda parts, call, shape: topi.broadcast_to(parts[0], shape),
+    "relax.concat": lambda parts, call, shape: topi.concatenate(parts, axis=int(call.attrs.axis)),
+}
+#: how many layout ops a view may stack (a KV cache's: concat, unsqueeze, expand, reshapes, transpose)
+_VIEW_DEPTH = 12
+
+
+def _view_of(
+    bb: relax.BlockBuilder, value: relax.Expr, depth: int = 0
+) -> tuple[list[relax.Expr], Callable[[list[te.Tensor]], te.Tensor], bool]:
+    """``value`` as layout ops (:data:`_VIEW_REPLAYS`) over the tensors they read: those tensors, a function that
+    rebuilds ``value`` in TE from them, and whether a transpose moved its last axis (keys read transposed)."""
+    binding = bb.lookup_binding(value) if isinstance(value, relax.Var) else None
+    op = binding.op.name if isinstance(binding, relax.Call) and isinstance(binding.op, tvm.ir.Op) else None
+    if op not in _VIEW_REPLAYS or depth >= _VIEW_DEPTH:
+        return [value], lambda parts: parts[0], False
+    assert isinstance(binding, relax.Call)
+    try:
+        shape = _static_shape(value, "MatMul")
+    except UnsupportedOpError:
+        return [value], lambda parts: parts[0], False
+    sources = [binding.args[0]]
+    if op == "relax.concat":
+        fields = bb.lookup_binding(sources[0]) if isinstance(sources[0], relax.Var) else sources[0]
+        if not isinstance(fields, relax.Tuple):
+            return [value], lambda parts: parts[0], False
+        sources = list(fields.fields)
+    views = [_view_of(bb, source, depth + 1) for source in sources]
+    roots = [root for view in views for root in view[0]]
+    counts = [len(view[0]) for view in views]
+    moved = op == "relax.permute_dims" and (
+        binding.attrs.axes is None or int(binding.attrs.axes[-1]) != len(binding.attrs.axes) - 1
     )
+    transposed = moved != any(view[2] for view in views)  # two transposes of the last axis undo each other
+
+    def replay(parts: list[te.Tensor]) -> te.Tensor:
+        rebuilt, start = [], 0
+        for view, count in zip(views, counts, strict=True):
+            rebuilt.append(view[1](parts[start : start + count]))
+            start += count
+        return _VIEW_REPLAYS[op](rebuilt, binding, shape)
+
+    return roots, replay, transposed
 
 
 def _vnni_batched(bb: relax.BlockBuilder, a: relax.Expr, b: relax.Expr, *, u8: bool) -> relax.Expr:

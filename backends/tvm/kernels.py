@@ -623,6 +623,25 @@ def batch_matmul_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
     return te.compute((*batch, int(a.shape[-2]), n), body, name="C")
 
 
+def batch_matmul_rows_compute(a: te.Tensor, b: te.Tensor) -> te.Tensor:
+    """:func:`batch_matmul_compute` for a ``b`` stored transposed (keys ``[..., N, K]`` read as ``K^T``, a view
+    whose K axis is contiguous): each output is a dot product along K, summed in ``lanes`` int32 partial sums
+    (``C_lanes``, vector registers) then across them; exact in int32 as the plain sum is."""
+    *batch, m, k_len = (int(d) for d in a.shape)
+    n = int(b.shape[-1])
+    lanes = 16 if k_len % 16 == 0 else 8
+    ko = te.reduce_axis((0, k_len // lanes), name="ko")
+
+    def partial(*idx):
+        *bi, i, j, lane = idx
+        k = ko * lanes + lane
+        return te.sum(a[(*bi, i, k)].astype("int32") * b[(*bi, k, j)].astype("int32"), axis=ko)
+
+    sums = te.compute((*batch, m, n, lanes), partial, name="C_lanes")
+    lane = te.reduce_axis((0, lanes), name="lane")
+    return te.compute((*batch, m, n), lambda *idx: te.sum(sums[(*idx, lane)], axis=lane), name="C")
+
+
 def batch_column_offset_compute(b: te.Tensor) -> te.Tensor:
     """``-128 sum_k b[z, k, n]`` per batch and column, zero-padded to the 16-lane tile: the correction of the u8
     offset in :func:`batch_matmul_vnni_compute` (a kernel of its own so the product's epilogue can read it)."""

@@ -334,10 +334,19 @@ def _schedule_grouped_gemm(
             _parallel_elementwise(sch, name, vector=False)
 
 
+def _inline_views(sch: Schedule, keep: tuple[str, ...]) -> None:
+    """Inline every block but ``keep``: the layout ops a few-row product reads its operand through
+    (importer._view_of), so the kernel indexes the tensors they read."""
+    for name in reversed(block_names(sch)):
+        if name not in keep:
+            sch.compute_inline(sch.get_sblock(name))
+
+
 def schedule_batch_matmul(sch: Schedule) -> None:
     """``C[..., M, N]`` int32 of int8 operands: a ``4 x T`` tile of accumulators (T <= 64 columns, in lanes of 16
     or 8) kept in registers over K, each step one broadcast of ``a`` per row times one row of ``b``; the batch loop
-    parallel."""
+    parallel. Layout ops feeding ``b`` (a decode step's cache view) are inlined: ``b`` is read where it lies."""
+    _inline_views(sch, ("C",))
     block = sch.get_sblock("C")
     *batch, i, j, k = sch.get_loops(block)
     rows, cols = _static(sch.get(i).extent), _static(sch.get(j).extent)
@@ -364,6 +373,29 @@ def schedule_batch_matmul(sch: Schedule) -> None:
     init = sch.decompose_reduction(block, k)
     sch.vectorize(sch.get_loops(init)[-1])
     _vectorize_inner(sch, sch.get_loops(writer)[-1])
+
+
+def schedule_batch_matmul_rows(sch: Schedule) -> None:
+    """kernels.batch_matmul_rows_compute (a decode step's ``q K^T`` over the cache as it lies, keys along rows):
+    per output, the dot product's partial sums in one vector register over K, then summed across; the batch (the
+    heads) parallel."""
+    _inline_views(sch, ("C_lanes", "C"))
+    block, lanes_block = sch.get_sblock("C"), sch.get_sblock("C_lanes")
+    *batch, _, j, _ = sch.get_loops(block)
+    sch.compute_at(lanes_block, j)
+    sch.set_scope(lanes_block, 0, "local")
+    if batch:  # parallel and vectorized before the init is split off: those loops must hold complete blocks
+        outer = sch.fuse(*batch) if len(batch) > 1 else batch[0]
+        sch.parallel(outer)
+    inner = sch.get_loops(lanes_block)[(1 if batch else 0) + 2 :]  # (lane, ko) under (batch, row, column)
+    if len(inner) == 2:  # ko is gone when K is one vector
+        lane, ko = inner
+        sch.reorder(ko, lane)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(lanes_block, ko)
+        sch.vectorize(sch.get_loops(init)[-1])
+    else:
+        sch.vectorize(inner[0])
 
 
 def schedule_direct_conv(sch: Schedule) -> None:
@@ -565,6 +597,8 @@ def schedule_module(mod: tvm.IRModule, use_avx2: bool, progress: bool = False) -
             )
         elif kind == "batch_matmul":
             schedule_batch_matmul(sch)
+        elif kind == "batch_matmul_rows":
+            schedule_batch_matmul_rows(sch)
         elif kind == "transpose":
             schedule_transpose(sch)
         elif kind == "column_sums":  # [batch, columns] reductions: parallel over both, the sum serial

@@ -26,7 +26,15 @@ from qcompiler.errors import UnsupportedOpError
 from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, dim_upper_bound, node_label
+from qcompiler.ir.graph import (
+    FLOAT_ISLAND,
+    INPUT_LEVEL_PROP,
+    add_initializer,
+    const_array,
+    consumers,
+    dim_upper_bound,
+    node_label,
+)
 from qcompiler.ir.ops import CLAMPING_OPS, KEEPS_BOUND_OPS, LINEAR_OPS, SHAPE_READERS, traits
 from qcompiler.passes.lower.groups import (
     ACTIVATIONS as _ACTIVATIONS,
@@ -96,6 +104,8 @@ def integer_bound(value: ir.Value) -> int:
         if before is not None and before.op_type in _ACTIVATIONS:
             lo, hi = clamp_bounds(before, producer)
             return max(abs(lo), abs(hi))
+        if before is None and INPUT_LEVEL_PROP in producer.metadata_props:  # a KV cache input (qdq.py)
+            return min(storage, int(producer.metadata_props[INPUT_LEVEL_PROP]))
         if before is None or before.op_type not in _LEVEL_PASS_THROUGH:
             return storage
         dequantized_inputs = before.inputs if before.op_type == "Concat" else before.inputs[:1]

@@ -61,6 +61,7 @@ from qcompiler.ir.ops import (
     KEEPS_WIDTH_OPS,
     LAYOUT_OPS,
     OWN_SCALE_OPS,
+    SHAPE_READERS,
     WIDE_INPUT_OPS,
     WIDE_PRODUCERS,
     ops_where,
@@ -115,9 +116,11 @@ def _readers_all(
     any_shape: bool = False,
     through: Set[str] = _PASS_THROUGH,
     root: ir.Value | None = None,
+    caches: Set[int] = frozenset(),
 ) -> bool:
     """Every reader of ``value`` (looking through last-axis-keeping shape ops, or through every op of ``through``
-    with ``any_shape``: storage width survives a head merge, per-channel scales do not) satisfies ``accept``."""
+    with ``any_shape``: storage width survives a head merge, per-channel scales do not) satisfies ``accept``.
+    ``caches``: ``id`` of KV-cache inputs, which a Concat may join to the value (they take its precision)."""
     readers = list(value.uses())
     if not readers and not is_graph_output(graph, value):
         return False
@@ -125,11 +128,15 @@ def _readers_all(
     for node, index in readers:
         if id(node) in excluded:
             return False
+        if node.op_type in SHAPE_READERS:
+            continue  # reads the shape alone: any precision serves it
         if node.op_type in through and (index == 0 or node.op_type == "Concat"):
-            if node.op_type == "Concat" and not all(_derived_from(v, root, through) for v in node.inputs):
+            if node.op_type == "Concat" and not all(
+                id(v) in caches or _derived_from(v, root, through) for v in node.inputs
+            ):
                 return False  # every part must share the value's precision
             if not (any_shape or _keeps_last_axis(node)) or not all(
-                _readers_all(graph, out, accept, excluded, any_shape, through, root) for out in node.outputs
+                _readers_all(graph, out, accept, excluded, any_shape, through, root, caches) for out in node.outputs
             ):  # every part of a Split
                 return False
         elif not accept(node, index):
@@ -238,8 +245,9 @@ def linear_reader_weights(value: ir.Value) -> list[np.ndarray]:
     return weights
 
 
-def _product_operands(product: ir.Node) -> list[list[ir.Value]]:
-    """For each input of an attention product, the tensors it is read from through width pass-through ops."""
+def _product_operands(product: ir.Node, caches: Set[int] = frozenset()) -> list[list[ir.Value]]:
+    """For each input of an attention product, the tensors it is read from through width pass-through ops (but
+    the KV-cache inputs ``caches``: they hold what the new values were)."""
     found: list[list[ir.Value]] = []
     for value in product.inputs:
         roots: list[ir.Value] = []
@@ -249,20 +257,20 @@ def _product_operands(product: ir.Node) -> list[list[ir.Value]]:
             producer = current.producer() if current is not None else None
             if producer is not None and producer.op_type in _WIDTH_PASS_THROUGH:
                 stack.extend(producer.inputs if producer.op_type == "Concat" else producer.inputs[:1])
-            elif current is not None:
+            elif current is not None and id(current) not in caches:
                 roots.append(current)
         found.append(roots)
     return found
 
 
-def _score_bounds(graph: ir.Graph, wide_ids: Set[int]) -> dict[int, int]:
+def _score_bounds(graph: ir.Graph, wide_ids: Set[int], caches: Set[int] = frozenset()) -> dict[int, int]:
     """The clamp of every wide operand of an attention product whose other operand is wide too (``Q K^T``):
     ``|a| |b| d <= 2^31 - 1`` with equal bounds, ``d`` the contracted length."""
     bounds: dict[int, int] = {}
     for node in graph:
         if not is_attention_product(node):
             continue
-        operands = _product_operands(node)
+        operands = _product_operands(node, caches)
         if not all(roots and all(id(r) in wide_ids for r in roots) for roots in operands):
             continue
         shape = node.inputs[0].shape
@@ -424,6 +432,7 @@ def plan_precision(
     silu: Set[int] = frozenset(),
     residual_channels: bool = False,
     activations: bool = False,
+    cache_inputs: Set[str] = frozenset(),
 ) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 
@@ -438,7 +447,10 @@ def plan_precision(
             residual adds and RMSNorms) get one int16 scale per channel (the massive activations of Llama-family
             models would otherwise set one coarse step for every channel).
         activations: W8A16, every other activation int16 where its readers take it (the module docstring).
+        cache_inputs: names of KV-cache inputs: the Concat that appends new keys or values to one is looked through
+            (the cache is stored at the new values' precision: int16 attention operands make an int16 cache).
     """
+    caches = frozenset(id(v) for v in graph.inputs if v.name in cache_inputs)
     wide_ids: set[int] = set()
     channel_ids: set[int] = set()
     weight_absmax: dict[int, np.ndarray] = {}
@@ -460,7 +472,9 @@ def plan_precision(
             attention
             and node.op_type in _WIDE_PRODUCERS
             and not is_attention_product(node)  # the scores' width is softmax_input_bits' business
-            and _readers_all(graph, out, reads_operand, excluded - silu, any_shape=True, through=_WIDTH_PASS_THROUGH)
+            and _readers_all(
+                graph, out, reads_operand, excluded - silu, any_shape=True, through=_WIDTH_PASS_THROUGH, caches=caches
+            )
         )
         if operand:
             wide_ids.add(id(out))
@@ -490,7 +504,7 @@ def plan_precision(
             and _writes_stream(node)
             and _readers_all(graph, node.outputs[0], _reads_stream, excluded)
         }
-    bounds = _score_bounds(graph, wide_ids) if attention else {}
+    bounds = _score_bounds(graph, wide_ids, caches) if attention else {}
     # W8A16 before per-channel int8: 2^15 levels per tensor beat 2^7 per channel (and need no weight folds)
     wide_activations = _wide_activation_values(graph, excluded, wide_ids, silu) if activations else set()
     channel_ids -= wide_activations

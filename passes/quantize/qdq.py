@@ -23,7 +23,15 @@ from qcompiler.errors import CalibrationError, UnsupportedOpError
 from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
-from qcompiler.ir.graph import FLOAT_ISLAND, add_initializer, const_array, consumers, is_graph_output, node_label
+from qcompiler.ir.graph import (
+    FLOAT_ISLAND,
+    INPUT_LEVEL_PROP,
+    add_initializer,
+    const_array,
+    consumers,
+    is_graph_output,
+    node_label,
+)
 from qcompiler.ir.ops import (
     FUSABLE_ACTIVATIONS,
     FUSING_ANCHORS,
@@ -342,6 +350,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             silu=silu_sigmoids(graph),
             residual_channels=self.config.residual_per_channel,
             activations=self.config.activation_bits == 16,
+            cache_inputs=self.cache_inputs,
         )
         if self.config.activation_bits == 16 and stats is None:
             raise CalibrationError("activation_bits = 16: calibration without per-channel statistics (observe(...) "
@@ -505,9 +514,13 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 raise UnsupportedOpError(label, "Concat", f"cache input {past.name!r} has {len(readers)} readers; "
                                          "a cache is read once (besides its shape), by the Concat that appends to "
                                          "it")  # fmt: skip
+            level = self._level_of.get(id(new))
             scale_of[id(past)] = self._quantize_value(
-                graph, past, None, scale_of[id(new)], bits=self._bits_of.get(id(new), 8)
+                graph, past, None, scale_of[id(new)], bits=self._bits_of.get(id(new), 8), level=level
             )
+            if level is not None:  # the cache holds what the step wrote: the lowering's product bounds read it
+                quantize = next(n for n in consumers(past) if n.op_type == "QuantizeLinear")
+                quantize.metadata_props[INPUT_LEVEL_PROP] = str(level)
         return True
 
     def _concat_shares_scale(self, node: ir.Node, scale_of: Mapping[int, Any]) -> bool:

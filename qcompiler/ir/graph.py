@@ -14,6 +14,9 @@ import onnx_ir as ir
 #: metadata key of a node kept in float on purpose (``compile(..., integer_only=False)``); its value is the reason
 #: the integer path refused the node
 FLOAT_ISLAND = "qcompiler.float_island"
+#: metadata key of the QuantizeLinear of a graph input that holds what the graph itself wrote (a KV cache): the
+#: largest ``|q|`` it can hold (the clamp of the values written), which the lowering's product bounds read
+INPUT_LEVEL_PROP = "qcompiler.input_level"
 #: metadata key of a graph with symbolic dimensions: a JSON map of each dimension symbol to its largest value
 #: (a sequence length up to the model's context), which bounds proofs read (an int32 sum over a symbolic length)
 DIM_BOUNDS = "qcompiler.dim_bounds"

@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 
 import qcompiler
-from qcompiler.api import LIBRARY_FILE
 from qcompiler.backends.tvm import tuning
 from qcompiler.backends.tvm.remote import Device, Tracker
 from qcompiler.errors import TargetError
+from qcompiler.files import LIBRARY_FILE
 from qcompiler.testing.data import mnist_model_path
 
 pytest.importorskip("tornado", reason="TVM's RPC tracker needs tornado: pip install -e '.[dev]'")

@@ -16,7 +16,7 @@ import pytest
 
 import qcompiler
 from qcompiler import files
-from qcompiler.api import LIBRARY_FILE
+from qcompiler.files import LIBRARY_FILE
 from qcompiler.testing.data import mnist_model_path, mnist_test_vector
 
 pytestmark = pytest.mark.tvm

@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -68,7 +71,7 @@ def test_compile_lm_then_generate_streams_the_api_s_greedy_text(model_dir, tmp_p
     args = ["compile-lm", model_dir, "--calibration", calibration, "--window", "64", "--windows", "4",
             "--max-context", "64", "--chunk", "16", "-o", str(out), "-q"]  # fmt: skip
     assert main(args) == 0
-    assert "int8 KV cache" in capsys.readouterr().out
+    assert "KV cache" in capsys.readouterr().out
     prompt = "the cat of the"
     assert main(["generate", str(out), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.strip()
@@ -78,6 +81,16 @@ def test_compile_lm_then_generate_streams_the_api_s_greedy_text(model_dir, tmp_p
     tokens = [t for t in compiled.stream(ids, 6, stop=1) if t != 1]
     assert printed == prompt + tokenizer.decode(tokens, skip_special_tokens=True)
     assert len(printed) > len(prompt)
+
+    # the command in a process of its own loads TVM's runtime alone (no compiler library, no torch) and says the
+    # same; the probe after it shows the process really was runtime-only
+    probe = ("import sys, tvm.base; "
+             "print('runtime-only' if tvm.base._RUNTIME_ONLY and sys.modules['torch'] is None else 'all')")  # fmt: skip
+    script = (f"import sys; sys.argv = ['qcompiler', 'generate', {str(out)!r}, '--prompt', {prompt!r}, "
+              f"'--max-new-tokens', '6']\nfrom qcompiler.cli import entry\ntry:\n    entry()\nexcept SystemExit:\n"
+              f"    pass\n{probe}")  # fmt: skip
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    assert run.stdout.splitlines() == [printed, "runtime-only"]
 
 
 def test_generate_and_compile_lm_refuse_bad_arguments(model_dir, tmp_path, capsys) -> None:
