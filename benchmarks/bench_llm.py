@@ -1,6 +1,7 @@
-"""SmolLM2-135M generation: qcompiler's integer-only model with its int8 KV cache against llama.cpp, same run.
+"""SmolLM2-135M generation: qcompiler's integer-only models with their integer KV cache against llama.cpp, same run.
 
-Rows: qcompiler W8A8 (recipe ``w8a8-llm``) and llama.cpp Q8_0, Q4_0 and F32 (llama-cpp-python, the same GGUF
+Rows: qcompiler W8A8 (recipe ``w8a8-llm``) and W4A8 (``w4a8``), each run in a process that loads TVM's runtime
+alone (as ``qcompiler generate`` does), and llama.cpp Q8_0, Q4_0 and F32 (llama-cpp-python, the same GGUF
 requantized with llama.cpp's own ``llama_model_quantize``; optional: ``pip install llama-cpp-python``, which
 builds llama.cpp from source). Each system runs in a process of its own, loaded from disk, and the systems
 alternate over ``--rounds`` rounds; every number is the median over the rounds with the range beside it:
@@ -37,13 +38,21 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, save
 
-from qcompiler.generation import DEFAULT_CHUNK
+from qcompiler.generation import DEFAULT_CHUNK, runtime_only
 from qcompiler.testing.llm import GGUF, ModelUnavailableError, load_smollm2, perplexity
+
+#: set for the child processes that run our saved models: they load TVM's runtime alone, as ``qcompiler generate``
+#: does (no compiler library, no torch)
+RUNTIME_ONLY_ENV = "QCOMPILER_BENCH_RUNTIME_ONLY"
+if os.environ.get(RUNTIME_ONLY_ENV) == "1":
+    runtime_only()
 
 THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 PROMPTS = (128, 512)
 DECODE_STEPS = 16
 LLAMA_TYPES = ("Q8_0", "Q4_0", "F32")
+#: our systems: (recipe, label)
+OUR_RECIPES = (("w8a8-llm", "W8A8"), ("w4a8", "W4A8"))
 
 
 # --- the systems, each measured in a process of its own -------------------------------------------------------
@@ -55,7 +64,7 @@ class _Ours:
 
     def prefill(self, ids: np.ndarray) -> np.ndarray:
         self.model.reset()
-        return self.model.prefill(ids)[-1]
+        return self.model.prefill(ids, last_only=True)[-1]
 
     def decode(self, token: int) -> np.ndarray:
         return self.model.decode_step(token)
@@ -128,7 +137,11 @@ def _run(kind: str, where: str, max_context: int, tokens: np.ndarray, task: str)
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
     process = context.Process(target=_measure, args=(kind, where, max_context, tokens, task, queue))
-    process.start()
+    os.environ[RUNTIME_ONLY_ENV] = "1" if kind == "ours" else "0"  # read by the child as it imports this module
+    try:
+        process.start()
+    finally:
+        os.environ.pop(RUNTIME_ONLY_ENV)
     row = queue.get()
     process.join()
     return row
@@ -185,16 +198,19 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
-        start = time.perf_counter()
         calibration = [window["ids"] for window in smol.calibration(8)]
-        compiled = compile_causal_lm(smol.model, calibration=calibration, recipe="w8a8-llm",
-                                     max_context=args.max_context, chunk=args.chunk, progress=False)  # fmt: skip
-        compile_s = time.perf_counter() - start
-        compiled.save(folder / "w8a8")
-        weight_bytes = compiled.weight_bytes
-        cache_bytes = compiled.cache_bytes_per_token * args.max_context
-        del compiled
-        systems = {"qcompiler W8A8 (int8 KV)": ("ours", str(folder / "w8a8"))}
+        systems: dict[str, tuple[str, str]] = {}
+        compile_s, weight_bytes, cache_bytes = {}, {}, {}
+        for recipe, label in OUR_RECIPES:
+            start = time.perf_counter()
+            compiled = compile_causal_lm(smol.model, calibration=calibration, recipe=recipe,
+                                         max_context=args.max_context, chunk=args.chunk, progress=False)  # fmt: skip
+            compile_s[recipe] = time.perf_counter() - start
+            compiled.save(folder / recipe)
+            weight_bytes[recipe] = compiled.weight_bytes
+            cache_bytes[recipe] = compiled.cache_bytes_per_token * args.max_context
+            systems[f"qcompiler {label} ({compiled.cache_dtypes[0]} KV)"] = ("ours", str(folder / recipe))
+            del compiled
         systems.update({f"llama.cpp {k}": ("llama", v) for k, v in _llama_cpp_models(folder).items()})
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
         for round_ in range(args.rounds):
@@ -224,9 +240,11 @@ def main() -> None:
                "decode@128 ms", "decode@512 ms", "decode@512 ms range", "decode@512 vs ours", "peak RSS MB",
                "perplexity"]  # fmt: skip
     print_table(rows, columns)
-    floor_ms = 1000 * (weight_bytes + cache_bytes) / (bandwidth * 1e9)
-    print(f"memory bandwidth (streaming read) {bandwidth:.1f} GB/s; a decode step reads {weight_bytes / 1e6:.0f} MB "
-          f"of weights and up to {cache_bytes / 1e6:.0f} MB of cache: at least {floor_ms:.1f} ms")  # fmt: skip
+    floor_ms = {r: 1000 * (weight_bytes[r] + cache_bytes[r]) / (bandwidth * 1e9) for r in weight_bytes}
+    for recipe, _ in OUR_RECIPES:
+        print(f"{recipe}: memory bandwidth (streaming read) {bandwidth:.1f} GB/s; a decode step reads "
+              f"{weight_bytes[recipe] / 1e6:.0f} MB of weights and up to {cache_bytes[recipe] / 1e6:.0f} MB of cache: "
+              f"at least {floor_ms[recipe]:.1f} ms")  # fmt: skip
     save("llm", rows, {"threads": THREADS, "rounds": args.rounds, "max_context": args.max_context,
                        "compile_s": compile_s, "bandwidth_gb_s": bandwidth, "decode_floor_ms": floor_ms,
                        "weight_bytes": weight_bytes, "cache_bytes": cache_bytes})  # fmt: skip

@@ -6,8 +6,10 @@
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from qcompiler import dialect as dialect  # registers the qcompiler ONNX schemas
-from qcompiler.api import CompiledModel, compile, load, simulate
 from qcompiler.errors import (
     CalibrationError,
     ContextFullError,
@@ -18,7 +20,22 @@ from qcompiler.errors import (
     TargetError,
     UnsupportedOpError,
 )
-from qcompiler.generation import CausalLM, compile_causal_lm
+
+if TYPE_CHECKING:
+    from qcompiler.api import CompiledModel, compile, load, simulate
+    from qcompiler.generation import CausalLM, compile_causal_lm
+
+#: the API's names, each loaded from its module on first use: a process that only runs a saved causal LM
+#: (qcompiler generate) then never imports the passes, onnxruntime or onnxscript
+_HOMES = {"CompiledModel": "api", "compile": "api", "load": "api", "simulate": "api", "CausalLM": "generation",
+          "compile_causal_lm": "generation"}  # fmt: skip
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_HOMES[name]}"), name)
+
 
 __version__ = "0.1.0"
 

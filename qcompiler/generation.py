@@ -37,18 +37,20 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
 import onnx_ir as ir
 
 from qcompiler import files
-from qcompiler.config import Recipe, load_recipe
 from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError, TargetError
 from qcompiler.files import INTEGER_FILE, REPORT_FILE
 from qcompiler.ir.graph import aligned_copy, specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
+
+if TYPE_CHECKING:
+    from qcompiler.config import Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -466,10 +468,11 @@ class CausalLM:
         self.length += real
         return outputs[0][0, :real]
 
-    def prefill(self, input_ids: Any) -> np.ndarray:
-        """Append ``input_ids`` (``[1, T]`` or ``[T]``) to the cache, in chunks; returns their logits ``[T, vocab]``."""
+    def prefill(self, input_ids: Any, last_only: bool = False) -> np.ndarray:
+        """Append ``input_ids`` (``[1, T]`` or ``[T]``) to the cache, in chunks; returns their logits ``[T, vocab]``
+        (``last_only``: the last token's alone, ``[1, vocab]``, what generation reads: no ``[T, vocab]`` array)."""
         ids = np.asarray(input_ids, dtype=np.int64).reshape(1, -1)
-        parts = []
+        parts: list[np.ndarray] = []
         start = 0
         while start < ids.shape[1]:
             part = ids[:, start : start + self.chunk]
@@ -477,7 +480,8 @@ class CausalLM:
             if not whole_chunk:  # one token, or the last slots of the cache: decode steps
                 part = part[:, :1]
             slots = next(s for s in self.prefill_modules if s >= self.length) if whole_chunk else None
-            parts.append(self._run(part, slots))
+            logits = self._run(part, slots)
+            parts = [logits[-1:].copy()] if last_only else [*parts, logits]
             start += part.shape[1]
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
@@ -502,7 +506,7 @@ class CausalLM:
         stops = {stop} if isinstance(stop, int) else set(stop or ())
         rng = np.random.default_rng(seed)
         self.reset()
-        logits = self.prefill(input_ids)[-1]
+        logits = self.prefill(input_ids, last_only=True)[-1]
         for produced in range(max_new_tokens):
             token = _choose(logits, temperature, top_k, top_p, rng)
             yield token
@@ -622,6 +626,7 @@ def compile_causal_lm(
     from qcompiler.api import _quantize_to_integer
     from qcompiler.backends.tvm.build import build, resolve_target
     from qcompiler.backends.tvm.params import share_params
+    from qcompiler.config import load_recipe
     from qcompiler.ir import load as load_model
     from qcompiler.ir.ort_session import serialize_sharing_weights
     from qcompiler.passes.canonicalize.index_tables import TabulateIndexFunctionsPass
