@@ -92,14 +92,27 @@ def as_linear(node: ir.Node, activation: ir.Value | None = None) -> Linear | Non
     return None
 
 
+#: named symbolic dims as the negative ints :func:`static_shape` gives them (equal names, equal ints)
+_SYMBOLS: dict[str, int] = {}
+
+
 def static_shape(value: ir.Value | None) -> tuple[int, ...] | None:
+    """``value``'s shape for the region analyses, or None: static dims as they are, and named symbolic ones (a
+    graph compiled for every sequence length has symbolic leading axes) as distinct negative ints, equal where the
+    names are, so that shapes compare as they should and no analysis takes a symbol for a size. The last axis (the
+    features the analyses act on) must be static."""
     if value is None or value.shape is None:
         return None
     dims = []
     for dim in value.shape:
-        if not isinstance(dim, int):
+        if isinstance(dim, int):
+            dims.append(dim)
+        elif getattr(dim, "value", None) is not None:
+            dims.append(_SYMBOLS.setdefault(str(dim.value), -1 - len(_SYMBOLS)))
+        else:
             return None
-        dims.append(dim)
+    if dims and dims[-1] < 0:
+        return None
     return tuple(dims)
 
 
@@ -343,6 +356,42 @@ class HeadPair:
     blockers: list[str]
 
 
+def _writes_cache_output(node: ir.Node) -> bool:
+    """A Slice or Identity whose outputs are graph outputs read by nothing else: the new values written to a KV
+    cache output (a move; the graph reads them back as a cache input, in whatever basis it wrote them)."""
+    graph = node.graph
+    return (
+        node.op_type in ("Slice", "Identity")
+        and graph is not None
+        and all(is_graph_output(graph, out) and not out.uses() for out in node.outputs)
+    )
+
+
+def _appends_to_cache(node: ir.Node, value: ir.Value, shape: tuple[int, ...] | None) -> bool:
+    """``node`` is ``Concat(past, value)`` along an axis before the channels, ``past`` a graph input (a KV cache)."""
+    if node.op_type != "Concat" or shape is None or len(node.inputs) != 2 or node.inputs[1] is not value:
+        return False
+    past = node.inputs[0]
+    axis = node.attributes.get_int("axis", 0) % len(shape)
+    return past is not None and past.producer() is None and const_array(past) is None and axis != len(shape) - 1
+
+
+def _cached_along(start: ir.Value) -> bool:
+    """Whether a value on ``start``'s single-reader path (looking through shape ops) is written to a KV cache
+    output (:func:`_writes_cache_output`)."""
+    current: ir.Value | None = start
+    for _ in range(16):
+        if current is None:
+            return False
+        readers = consumers(current)
+        if any(_writes_cache_output(r) for r in readers):
+            return True
+        moves = [r for r in readers if r.op_type in ("Reshape", "Transpose", "Unsqueeze", "Squeeze")
+                 or _appends_to_cache(r, current, static_shape(current))]  # fmt: skip
+        current = moves[0].outputs[0] if len(moves) == 1 and len(readers) == 1 else None
+    return False
+
+
 def _trace_value_path(start: ir.Value) -> tuple[Linear | None, int | None, bool, str | None]:
     """Follow V's output to the linear that reads the merged heads.
 
@@ -350,7 +399,7 @@ def _trace_value_path(start: ir.Value) -> tuple[Linear | None, int | None, bool,
     """
     current, head_dim, through_pv = start, None, False
     for _ in range(64):
-        readers = consumers(current)
+        readers = [r for r in consumers(current) if not _writes_cache_output(r)]
         if len(readers) != 1:
             return None, head_dim, through_pv, f"{current.name!r} has {len(readers)} readers"
         node = readers[0]
@@ -384,6 +433,8 @@ def _trace_value_path(start: ir.Value) -> tuple[Linear | None, int | None, bool,
                 return None, head_dim, through_pv, f"{node_label(node)} changes the channel axis"
         elif node.op_type == "MatMul" and node.inputs[1] is current and head_dim is not None:
             through_pv = True
+        elif _appends_to_cache(node, current, before):
+            pass  # the cached values of earlier steps (written by this graph: in the same basis) before the new
         else:
             return None, head_dim, through_pv, f"{node_label(node)} ({node.op_type}) is not on an attention value path"
         current = node.outputs[0]
@@ -398,11 +449,14 @@ def head_pairs(graph: ir.Graph) -> list[HeadPair]:
         if linear is None:
             continue
         o, head_dim, through_pv, reason = _trace_value_path(node.outputs[0])
+        cached = _cached_along(node.outputs[0])
         if head_dim is None:
             continue  # never split into heads: not a value projection
         if o is None and not through_pv:
             continue  # never reached an attention product as its V operand: a query, key or other projection
         blockers = [] if reason is None else [reason]
+        if cached:  # rotated values would be cached rotated, and earlier steps' come in from outside the graph
+            blockers.append(f"{linear.label}: its values are written to a KV cache output")
         if o is not None and o.in_features % head_dim:
             blockers.append(f"{o.label} reads {o.in_features} features, not a multiple of head_dim {head_dim}")
         pairs.append(HeadPair(linear, o, head_dim, blockers))

@@ -179,5 +179,11 @@ def test_w4a8_with_rotations_and_int4_weights_decodes_bit_for_bit() -> None:
     compiled = compile_causal_lm(model, calibration=calibration, recipe="w4a8", max_context=MAX_CONTEXT, chunk=CHUNK,
                                  progress=False)  # fmt: skip
     assert "qcompiler::QGemmInt4" in {f"{n.domain}::{n.op_type}" for n in compiled.integer_model.graph.node}
+    # the rotations reach the symbolic-length graph (the region analyses read symbolic sequence axes): the residual
+    # rotation and online Hadamards; the per-head rotation of V is refused by name (the cache would hold rotated
+    # values that earlier steps wrote unrotated)
+    passes = {r["name"]: r for r in compiled.report["passes"]}
+    assert passes["RotateResidualPass"]["modified"] and passes["OnlineHadamardPass"]["modified"]
+    assert not passes["RotateHeadsPass"]["modified"]
     ids = held_out[0]
     np.testing.assert_array_equal(_incremental(compiled, ids, 4), compiled.logits(ids))
