@@ -74,7 +74,7 @@ def test_wheel_contains_every_file_of_the_packages(wheel: Path) -> None:
     with zipfile.ZipFile(wheel) as archive:
         names = set(archive.namelist())
         entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
-        assert "qcompiler = qcompiler.cli:main" in archive.read(entry_points).decode()
+        assert "qcompiler = qcompiler.cli:entry" in archive.read(entry_points).decode()
     missing = sorted(expected - names)
     assert not missing, f"missing from the wheel (pyproject.toml's packages or package-data): {missing}"
     shipped = {n for n in names if not n.startswith("qcompiler-")}

@@ -476,11 +476,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
                 source = node.inputs[0]
                 if source is None or id(source) not in scale_of:
                     raise UnsupportedOpError(node_label(node), node.op_type, "its input is not quantized")
-                for part in node.outputs:  # every part on the input's grid
+                for part in node.outputs:  # every part on the input's grid, within its bound (a Split moves values)
                     if part.uses() or is_graph_output(graph, part):
                         scale_of[id(part)] = self._quantize_value(
-                            graph, part, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8)
-                        )
+                            graph, part, None, scale_of[id(source)], bits=self._bits_of.get(id(source), 8),
+                            level=self._level_of.get(id(source)),
+                        )  # fmt: skip
             else:  # pass-through: same scale as the input
                 source = node.inputs[0]
                 if source is None or id(source) not in scale_of:
