@@ -595,20 +595,21 @@ def _view_of(
 ) -> tuple[list[relax.Expr], Callable[[list[te.Tensor]], te.Tensor], bool]:
     """``value`` as layout ops (:data:`_VIEW_REPLAYS`) over the tensors they read: those tensors, a function that
     rebuilds ``value`` in TE from them, and whether a transpose moved its last axis (keys read transposed)."""
+    leaf: tuple[list[relax.Expr], Callable[[list[te.Tensor]], te.Tensor], bool] = ([value], lambda p: p[0], False)
     binding = bb.lookup_binding(value) if isinstance(value, relax.Var) else None
     op = binding.op.name if isinstance(binding, relax.Call) and isinstance(binding.op, tvm.ir.Op) else None
     if op not in _VIEW_REPLAYS or depth >= _VIEW_DEPTH:
-        return [value], lambda parts: parts[0], False
+        return leaf
     assert isinstance(binding, relax.Call)
     try:
         shape = _static_shape(value, "MatMul")
     except UnsupportedOpError:
-        return [value], lambda parts: parts[0], False
+        return leaf
     sources = [binding.args[0]]
     if op == "relax.concat":
         fields = bb.lookup_binding(sources[0]) if isinstance(sources[0], relax.Var) else sources[0]
         if not isinstance(fields, relax.Tuple):
-            return [value], lambda parts: parts[0], False
+            return leaf
         sources = list(fields.fields)
     views = [_view_of(bb, source, depth + 1) for source in sources]
     roots = [root for view in views for root in view[0]]

@@ -75,7 +75,8 @@ def _digest(array: np.ndarray) -> str:
     return digest.hexdigest()
 
 
-def _numpy(param: Any) -> np.ndarray:
+def host_array(param: Any) -> np.ndarray:
+    """A parameter (numpy array or TVM tensor) as a numpy array."""
     return param if isinstance(param, np.ndarray) else param.numpy()
 
 
@@ -94,7 +95,7 @@ def write_params(path: str | Path, modules: Sequence[Sequence[Any]]) -> list[lis
             for param in params:
                 key = known.get(id(param))
                 if key is None:
-                    array = _numpy(param)
+                    array = host_array(param)
                     key = known[id(param)] = _digest(array)
                     if key not in index:
                         pad = -offset % PARAM_ALIGNMENT
@@ -116,11 +117,12 @@ def read_params(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     index = json.loads(Path(f"{path}.json").read_text())
     tensors = {}
-    for key, entry in index.items():
-        dtype = np.dtype(entry["dtype"])
-        count = int(np.prod(entry["shape"], dtype=np.int64))
-        array = np.fromfile(path, dtype=dtype, count=count, offset=int(entry["offset"])).reshape(entry["shape"])
-        tensors[key] = tvm.runtime.tensor(array)
+    with path.open("rb") as stored:
+        for key, entry in index.items():
+            dtype = np.dtype(entry["dtype"])
+            count = int(np.prod(entry["shape"], dtype=np.int64))
+            stored.seek(int(entry["offset"]))
+            tensors[key] = tvm.runtime.tensor(np.fromfile(stored, dtype=dtype, count=count).reshape(entry["shape"]))
     return tensors
 
 
@@ -134,7 +136,7 @@ def share_params(modules: Sequence[Any]) -> None:
     for module in modules:
         shared = []
         for param in module.params:
-            array = _numpy(param)
+            array = host_array(param)
             key = _digest(array)
             if key not in seen:
                 seen[key] = tvm.runtime.tensor(np.ascontiguousarray(array))

@@ -18,6 +18,7 @@ import numpy as np
 import tvm
 import tvm.runtime.vm
 
+from qcompiler.backends.tvm.params import host_array
 from qcompiler.errors import TargetError
 from qcompiler.logs import native_stderr_routed
 
@@ -100,9 +101,7 @@ class TVMModule:
             self._param_tensors = [
                 p
                 if local and isinstance(p, tvm.runtime.Tensor)
-                else tvm.runtime.tensor(
-                    np.ascontiguousarray(p if isinstance(p, np.ndarray) else p.numpy()), self.device
-                )
+                else tvm.runtime.tensor(np.ascontiguousarray(host_array(p)), self.device)
                 for p in self.params
             ]
         return self._param_tensors

@@ -59,11 +59,9 @@ class MoveProductScalarsLeftPass(ir.passes.InPlacePass):
             left_scale = _scalar_factor(left, graph)
             if left_scale is not None:  # the query's own scalar: one constant for both
                 left_node, left_source, left_factor = left_scale
-                dtype = const_array(left_node.inputs[1] if left_node.inputs[0] is left_source else left_node.inputs[0])
-                assert dtype is not None
-                merged = add_initializer(
-                    graph, f"{left_node.name}_scale", np.asarray(left_factor * factor, dtype=dtype.dtype)
-                )
+                own = const_array(left_node.inputs[1] if left_node.inputs[0] is left_source else left_node.inputs[0])
+                assert own is not None
+                merged = add_initializer(graph, f"{left_node.name}_scale", np.asarray(left_factor * factor, own.dtype))
                 scaled = ir.node("Mul", [left_source, merged], name=unique_name(graph, f"{left_node.name}_moved"))
                 graph.insert_before(left_node, scaled)
                 like = left_source

@@ -376,30 +376,18 @@ def _appends_to_cache(node: ir.Node, value: ir.Value, shape: tuple[int, ...] | N
     return past is not None and past.producer() is None and const_array(past) is None and axis != len(shape) - 1
 
 
-def _cached_along(start: ir.Value) -> bool:
-    """Whether a value on ``start``'s single-reader path (looking through shape ops) is written to a KV cache
-    output (:func:`_writes_cache_output`)."""
-    current: ir.Value | None = start
-    for _ in range(16):
-        if current is None:
-            return False
-        readers = consumers(current)
-        if any(_writes_cache_output(r) for r in readers):
-            return True
-        moves = [r for r in readers if r.op_type in ("Reshape", "Transpose", "Unsqueeze", "Squeeze")
-                 or _appends_to_cache(r, current, static_shape(current))]  # fmt: skip
-        current = moves[0].outputs[0] if len(moves) == 1 and len(readers) == 1 else None
-    return False
-
-
-def _trace_value_path(start: ir.Value) -> tuple[Linear | None, int | None, bool, str | None]:
+def _trace_value_path(start: ir.Value, cached: list[bool]) -> tuple[Linear | None, int | None, bool, str | None]:
     """Follow V's output to the linear that reads the merged heads.
 
-    Returns (o linear, head_dim, whether an attention product read it as V, why the path stops if it does).
+    Returns (o linear, head_dim, whether an attention product read it as V, why the path stops if it does);
+    ``cached`` gets True when a value on the path is written to a KV cache output (:func:`_writes_cache_output`).
     """
     current, head_dim, through_pv = start, None, False
     for _ in range(64):
-        readers = [r for r in consumers(current) if not _writes_cache_output(r)]
+        readers = consumers(current)
+        if any(_writes_cache_output(r) for r in readers):
+            cached[0] = True
+            readers = [r for r in readers if not _writes_cache_output(r)]
         if len(readers) != 1:
             return None, head_dim, through_pv, f"{current.name!r} has {len(readers)} readers"
         node = readers[0]
@@ -448,14 +436,14 @@ def head_pairs(graph: ir.Graph) -> list[HeadPair]:
         linear = as_linear(node)
         if linear is None:
             continue
-        o, head_dim, through_pv, reason = _trace_value_path(node.outputs[0])
-        cached = _cached_along(node.outputs[0])
+        cached = [False]
+        o, head_dim, through_pv, reason = _trace_value_path(node.outputs[0], cached)
         if head_dim is None:
             continue  # never split into heads: not a value projection
         if o is None and not through_pv:
             continue  # never reached an attention product as its V operand: a query, key or other projection
         blockers = [] if reason is None else [reason]
-        if cached:  # rotated values would be cached rotated, and earlier steps' come in from outside the graph
+        if cached[0]:  # rotated values would be cached rotated, and earlier steps' come in from outside the graph
             blockers.append(f"{linear.label}: its values are written to a KV cache output")
         if o is not None and o.in_features % head_dim:
             blockers.append(f"{o.label} reads {o.in_features} features, not a multiple of head_dim {head_dim}")

@@ -174,8 +174,9 @@ def test_keep_mask_is_causal_over_filled_slots_and_windowed() -> None:
     np.testing.assert_array_equal(windowed, [[0, 0, 1, 0, 0, 1, 0], [0, 0, 0, 0, 0, 1, 1]])
 
 
-def test_w4a8_with_rotations_and_int4_weights_decodes_bit_for_bit() -> None:
-    model, calibration, held_out = decoder("qwen2")  # biases on q/k/v, tied embeddings
+@pytest.mark.parametrize("family", ["qwen2", "llama"])  # qwen2: biases on q/k/v, tied embeddings
+def test_w4a8_with_rotations_and_int4_weights_decodes_bit_for_bit(family: str) -> None:
+    model, calibration, held_out = decoder(family)
     compiled = compile_causal_lm(model, calibration=calibration, recipe="w4a8", max_context=MAX_CONTEXT, chunk=CHUNK,
                                  progress=False)  # fmt: skip
     assert "qcompiler::QGemmInt4" in {f"{n.domain}::{n.op_type}" for n in compiled.integer_model.graph.node}
