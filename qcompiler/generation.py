@@ -57,6 +57,7 @@ logger = logging.getLogger(__name__)
 IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
 LOGITS = "logits"
 PREFILL_FILE, DECODE_FILE = "prefill_{slots}.so", "decode.so"  # a prefill library per span (prefill_spans)
+HEAD_FILE = "head_{rows}.so"  # the row-wise tail (row_tail.py) on 1 row (generation) or a chunk's (logits)
 PARAMS_FILE = "weights.bin"  # both libraries' weights, once (backends/tvm/params.py), its index in weights.bin.json
 META_FILE = "causal_lm.json"
 TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
@@ -365,11 +366,15 @@ class CausalLM:
     """
 
     def __init__(self, prefills: dict[int, Any], decode: Any, integer_model: ir.Model | onnx.ModelProto | Path,
-                 meta: dict[str, Any], report: dict[str, Any], tokenizer: Any = None) -> None:  # fmt: skip
+                 meta: dict[str, Any], report: dict[str, Any], tokenizer: Any = None,
+                 heads: dict[int, Any] | None = None) -> None:  # fmt: skip
         #: cache slots read -> the library of a chunk after that many (prefill_spans): a chunk runs on the smallest
         #: that holds the cache, so its attention spans what is filled, not max_context
         self.prefill_modules = dict(sorted(prefills.items()))
         self.decode_module = decode
+        #: rows -> the library of the logits' row-wise tail on that many rows (1, and a chunk's), when the prefill
+        #: libraries stop at the tail's input (``meta["head_input"]``); empty: they compute the logits themselves
+        self.head_modules = dict(heads or {})
         self.tokenizer = tokenizer  # a transformers tokenizer, when the model was compiled with one
         self._integer = integer_model  # a loaded model's graph stays in its file until asked for
         self.meta = meta
@@ -441,9 +446,10 @@ class CausalLM:
         return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     # --- steps ------------------------------------------------------------------------------------------------
-    def _run(self, ids: np.ndarray, slots: int | None = None) -> np.ndarray:
+    def _run(self, ids: np.ndarray, slots: int | None = None, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` at the current position, one token on the decode library, else one chunk (padded to its
-        length) on the prefill library of ``slots``; caches the real ones."""
+        length) on the prefill library of ``slots``; caches the real ones. Returns the logits of the real tokens
+        (``last_only``: of the last one, ``[1, vocab]``; the tail runs on that row alone)."""
         real = ids.shape[1]
         if self.length + real > self.max_context:
             raise ContextFullError(
@@ -466,7 +472,12 @@ class CausalLM:
         for i, new in enumerate(outputs[1:]):
             _write(self.cache[i], self.layout.axis, self.length, _along(new, self.layout.axis, slice(0, kept)))
         self.length += real
-        return outputs[0][0, :real]
+        first = outputs[0][:, :real]
+        if not decode and self.head_modules:  # the prefill library stops at the tail's input: run the tail
+            rows = first[:, -1:] if last_only else outputs[0]
+            first = self.head_modules[rows.shape[1]].run({self.meta["head_input"]: rows})[0]
+            first = first if last_only else first[:, :real]
+        return first[0, -1:] if last_only else first[0]
 
     def prefill(self, input_ids: Any, last_only: bool = False) -> np.ndarray:
         """Append ``input_ids`` (``[1, T]`` or ``[T]``) to the cache, in chunks; returns their logits ``[T, vocab]``
@@ -480,8 +491,8 @@ class CausalLM:
             if not whole_chunk:  # one token, or the last slots of the cache: decode steps
                 part = part[:, :1]
             slots = next(s for s in self.prefill_modules if s >= self.length) if whole_chunk else None
-            logits = self._run(part, slots)
-            parts = [logits[-1:].copy()] if last_only else [*parts, logits]
+            logits = self._run(part, slots, last_only)
+            parts = [logits.copy()] if last_only else [*parts, logits]
             start += part.shape[1]
         return np.concatenate(parts, axis=0) if parts else np.zeros((0, 0), np.float32)
 
@@ -537,9 +548,12 @@ class CausalLM:
             for slots, module in self.prefill_modules.items():
                 module.export(staging / PREFILL_FILE.format(slots=slots))
             self.decode_module.export(staging / DECODE_FILE)
-            modules = [self.decode_module, *self.prefill_modules.values()]
+            for rows, module in self.head_modules.items():
+                module.export(staging / HEAD_FILE.format(rows=rows))
+            modules = [self.decode_module, *self.prefill_modules.values(), *self.head_modules.values()]
             keys = write_params(staging / PARAMS_FILE, [m.params for m in modules])
-            meta = {**self.meta, "prefill_slots": list(self.prefill_modules), "param_keys": keys}
+            meta = {**self.meta, "prefill_slots": list(self.prefill_modules), "head_rows": list(self.head_modules),
+                    "param_keys": keys}  # fmt: skip
             _save_onnx(self._integer_graph(), staging / INTEGER_FILE)
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
@@ -558,23 +572,28 @@ class CausalLM:
             raise QCompilerError(f"directory: {root} is not a saved causal LM ({META_FILE} is missing)")
         meta = json.loads((root / META_FILE).read_text())
         spans = [int(s) for s in meta.pop("prefill_slots", [])]
-        libraries = [DECODE_FILE, *(PREFILL_FILE.format(slots=s) for s in spans)]
+        head_rows = [int(r) for r in meta.pop("head_rows", [])]
+        heads = [HEAD_FILE.format(rows=r) for r in head_rows]
+        libraries = [DECODE_FILE, *(PREFILL_FILE.format(slots=s) for s in spans), *heads]
         for name in (*libraries, PARAMS_FILE, INTEGER_FILE):
             if not (root / name).is_file():
                 raise QCompilerError(f"directory: {root} is not a saved causal LM ({name} is missing)")
         names, dtypes = meta["input_names"], meta["input_dtypes"]
         weights = read_params(root / PARAMS_FILE)
         decode, *prefills = (
-            TVMModule.load(root / name, names, dtypes, params=[weights[k] for k in keys])
+            TVMModule.load(root / name, *([[meta["head_input"]], [meta["head_dtype"]]] if name in heads
+                                          else [names, dtypes]), params=[weights[k] for k in keys])
             for name, keys in zip(libraries, meta.pop("param_keys"), strict=True)
-        )
+        )  # fmt: skip
+        prefills, tails = prefills[: len(spans)], prefills[len(spans) :]
         report = json.loads((root / REPORT_FILE).read_text()) if (root / REPORT_FILE).is_file() else {}
         tokenizer = None
         if (root / TOKENIZER_DIR).is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-        return cls(dict(zip(spans, prefills, strict=True)), decode, root / INTEGER_FILE, meta, report, tokenizer)
+        return cls(dict(zip(spans, prefills, strict=True)), decode, root / INTEGER_FILE, meta, report, tokenizer,
+                   dict(zip(head_rows, tails, strict=True)))  # fmt: skip
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
@@ -628,6 +647,7 @@ def compile_causal_lm(
     from qcompiler.backends.tvm.params import share_params
     from qcompiler.config import load_recipe
     from qcompiler.ir import load as load_model
+    from qcompiler.ir.analysis.row_tail import row_tail, split_at
     from qcompiler.ir.ort_session import serialize_sharing_weights
     from qcompiler.passes.canonicalize.index_tables import TabulateIndexFunctionsPass
     from qcompiler.passes.canonicalize.product_scalars import MoveProductScalarsLeftPass
@@ -688,13 +708,22 @@ def compile_causal_lm(
                                       keep_qdq=False)  # fmt: skip
         integer = result.model
         scales = _integer_cache_io(integer, layout.count)
+        # a prefill chunk stops where the logits' row-wise tail begins (the last layer's MLP, the final norm, the
+        # LM head): the tail runs on the one row generation reads, or on the chunk's rows for logits()
+        tail = row_tail(integer.graph, integer.graph.outputs[0])
+        body, head = split_at(integer, tail[0]) if tail is not None else (integer, None)
         modules = []
         # each step attends over max_context positions (a multiple of the kernels' vector lanes when max_context
         # is): a chunk after max_context - chunk slots, a token after max_context - 1 (CausalLM.__init__)
-        builds = [(1, max_context - 1)] + [(chunk, span - chunk) for span in prefill_spans(chunk, max_context)]
-        for length, slots in builds:
-            with step(f"build for {length}-token steps after {slots} slots", progress):
-                static = specialize_dims(integer, {symbols[0]: length, symbols[1]: slots})
+        builds = [(integer, 1, max_context - 1)]
+        builds += [(body, chunk, span - chunk) for span in prefill_spans(chunk, max_context)]
+        builds += [(head, rows, 0) for rows in (1, chunk) if head is not None]
+        for graph, length, slots in builds:
+            what = f"{length}-token steps after {slots} slots"
+            if graph is head:
+                what = f"the logits' row-wise tail on {length} row" + "s" * (length > 1)
+            with step(f"build for {what}", progress):
+                static = specialize_dims(graph, {symbols[0]: length, symbols[1]: slots})
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False, lift_weights=True))
@@ -711,6 +740,8 @@ def compile_causal_lm(
         "input_names": [v.name for v in inputs],
         "input_dtypes": [v.dtype.numpy().name for v in inputs],
     }
+    if tail is not None:
+        meta.update(head_input=tail[0].name, head_dtype=tail[0].dtype.numpy().name)
     report = {
         "recipe": result.recipe.name,
         "target": str(tvm_target),
@@ -720,7 +751,8 @@ def compile_causal_lm(
         "max_context": max_context,
         "chunk": chunk,
     }
-    prefills = {slots: module for (_, slots), module in zip(builds[1:], modules[1:], strict=True)}
-    compiled = CausalLM(prefills, modules[0], integer, meta, report, tokenizer)
+    prefills = {slots: module for (graph, _, slots), module in zip(builds, modules, strict=True) if graph is body}
+    heads = {rows: module for (graph, rows, _), module in zip(builds, modules, strict=True) if graph is head}
+    compiled = CausalLM(prefills, modules[0], integer, meta, report, tokenizer, heads)
     report["cache_bytes_per_token"] = compiled.cache_bytes_per_token
     return compiled

@@ -49,6 +49,10 @@ def test_family_decodes_with_the_cache_bit_for_bit_or_is_refused_by_name(family:
         compiled.reset()
         steps = [compiled.prefill(ids[:, :PROMPT])] + [compiled.decode_step(int(t))[None] for t in ids[0, PROMPT:]]
         np.testing.assert_array_equal(np.concatenate(steps), whole, err_msg=f"{family}: cached != whole prefill")
+        compiled.reset()  # generation's prefill: the logits' row-wise tail on the last row alone
+        last = compiled.prefill(ids, last_only=True)
+        np.testing.assert_array_equal(last, whole[-1:], err_msg=f"{family}: last-row prefill != whole prefill")
+    assert compiled.head_modules, f"{family}: no row-wise tail found before the logits (row_tail.py)"
     with torch.no_grad():
         reference = model(torch.from_numpy(held_out[0])).logits[0].numpy()
     ours = compiled.logits(held_out[0])
