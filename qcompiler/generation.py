@@ -46,7 +46,7 @@ import onnx_ir as ir
 from qcompiler import files
 from qcompiler.errors import CalibrationError, ContextFullError, ModelLoadError, QCompilerError, TargetError
 from qcompiler.files import INTEGER_FILE, REPORT_FILE
-from qcompiler.ir.graph import aligned_copy, specialize_dims
+from qcompiler.ir.graph import add_initializer, aligned_copy, naming, specialize_dims
 from qcompiler.ir.ops import SHAPE_READERS
 
 if TYPE_CHECKING:
@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 
 IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
 LOGITS = "logits"
-PREFILL_FILE, DECODE_FILE = "prefill_{slots}.so", "decode.so"  # a prefill library per span (prefill_spans)
+PREFILL_FILE, DECODE_FILE = "prefill_{slots}.so", "decode_{slots}.so"  # a library of each per span (prefill_spans)
 HEAD_FILE = "head_{rows}.so"  # the row-wise tail (row_tail.py) on 1 row (generation) or a chunk's (logits)
 PARAMS_FILE = "weights.bin"  # both libraries' weights, once (backends/tvm/params.py), its index in weights.bin.json
 META_FILE = "causal_lm.json"
@@ -290,6 +290,32 @@ def _write(cache: np.ndarray, axis: int, start: int, new: np.ndarray) -> None:
     _along(cache, axis, slice(start, start + new.shape[axis]))[...] = new
 
 
+def _reading_prefix(model: ir.Model, layout: CacheLayout, slots: int) -> ir.Model:
+    """``model`` (static, its cache inputs of ``n`` slots) reading the first ``n`` of ``slots`` slots: each cache
+    input takes the whole cache and a Slice reads the prefix. A step then reads the filled span of the cache where
+    it lies: no copy of it, and not all ``max_context`` slots (the importer folds the Slice into the attention's
+    reads)."""
+    graph = model.graph
+    with naming(graph):
+        for position, value in enumerate(list(graph.inputs)):
+            if not value.name.startswith(CACHE_PREFIX) or value.shape is None:
+                continue
+            dims = [int(d) for d in value.shape]
+            axis = layout.axis % len(dims)
+            if dims[axis] == slots:
+                continue
+            name = value.name
+            whole = ir.Value(name=name, shape=ir.Shape([*dims[:axis], slots, *dims[axis + 1 :]]), type=value.type)
+            bounds = [add_initializer(graph, f"{name}_prefix_{what}", np.array([v], np.int64))
+                      for what, v in (("start", 0), ("end", dims[axis]), ("axis", axis))]  # fmt: skip
+            prefix = ir.Value(name=f"{name}_prefix", shape=value.shape, type=value.type)
+            value.name = f"{name}_replaced"
+            value.replace_all_uses_with(prefix)
+            graph.inputs[position] = whole
+            graph.insert_before(graph.node(0), ir.Node("", "Slice", [whole, *bounds], outputs=[prefix]))
+    return model
+
+
 def _integer_cache_io(model: ir.Model, count: int) -> dict[str, float]:
     """The cache inputs and outputs of the integer graph as the integer codes (the QuantizeLinear after each cache
     input and the DequantizeLinear before each cache output dropped); returns each one's scale, after checking
@@ -365,13 +391,14 @@ class CausalLM:
     Not thread-safe: one conversation at a time (the cache is its state); :meth:`reset` starts another.
     """
 
-    def __init__(self, prefills: dict[int, Any], decode: Any, integer_model: ir.Model | onnx.ModelProto | Path,
-                 meta: dict[str, Any], report: dict[str, Any], tokenizer: Any = None,
-                 heads: dict[int, Any] | None = None) -> None:  # fmt: skip
+    def __init__(self, prefills: dict[int, Any], decodes: dict[int, Any],
+                 integer_model: ir.Model | onnx.ModelProto | Path, meta: dict[str, Any], report: dict[str, Any],
+                 tokenizer: Any = None, heads: dict[int, Any] | None = None) -> None:  # fmt: skip
         #: cache slots read -> the library of a chunk after that many (prefill_spans): a chunk runs on the smallest
         #: that holds the cache, so its attention spans what is filled, not max_context
         self.prefill_modules = dict(sorted(prefills.items()))
-        self.decode_module = decode
+        #: cache slots read -> the library of a token after that many (``span - 1`` per span): the same
+        self.decode_modules = dict(sorted(decodes.items()))
         #: rows -> the library of the logits' row-wise tail on that many rows (1, and a chunk's), when the prefill
         #: libraries stop at the tail's input (``meta["head_input"]``); empty: they compute the logits themselves
         self.head_modules = dict(heads or {})
@@ -385,10 +412,10 @@ class CausalLM:
         self.layout = CacheLayout(tuple(tuple(s) for s in meta["token_shapes"]), int(meta["axis"]))
         self.cache_dtypes = [np.dtype(d) for d in meta["cache_dtypes"]]
         self.length = 0
-        # max_context - 1 slots, what a decode step reads (the last token's keys are never read again): the arrays
-        # go to the decode library as they are, shared with it (no copy per step); a prefill chunk reads a copy of
-        # the first slots of its library's span (spans are multiples of the kernels' vector lanes: 195 ms a chunk
-        # of 128 on SmolLM2 over 2048 positions, against 317 ms over 2047 + 128)
+        # max_context - 1 slots (the last token's keys are never read again): the arrays go to every library as
+        # they are, shared with it (no copy per step), and a library reads the first slots of its span in them
+        # (spans are multiples of the kernels' vector lanes: 195 ms a chunk of 128 on SmolLM2 over 2048 positions,
+        # against 317 ms over 2047 + 128)
         self.cache = [
             aligned_copy(np.zeros(self.layout.shape(i, self.slots), dtype)) for i, dtype in enumerate(self.cache_dtypes)
         ]
@@ -408,6 +435,11 @@ class CausalLM:
     def prefill_module(self) -> Any:
         """The library of a chunk after :attr:`prefill_slots` slots (attention over ``max_context`` positions)."""
         return self.prefill_modules[self.prefill_slots]
+
+    @property
+    def decode_module(self) -> Any:
+        """The library of a token after :attr:`slots` slots (attention over ``max_context`` positions)."""
+        return self.decode_modules[self.slots]
 
     def _cache_feeds(self) -> list[Any]:
         """The cache as the library's tensors over the same memory (numpy writes are what the next step reads)."""
@@ -457,16 +489,15 @@ class CausalLM:
                 "reset() the model, or compile with a larger max_context"
             )
         decode = slots is None
-        module = self.decode_module if slots is None else self.prefill_modules[slots]
-        size, slots = (1, self.slots) if slots is None else (self.chunk, slots)
-        assert self.length <= slots, "prefill() runs a chunk only where the chunk graph's past holds the cache"
+        if slots is None:  # the smallest span that holds the cache
+            slots = next(s for s in self.decode_modules if s >= self.length)
+        module = self.decode_modules[slots] if decode else self.prefill_modules[slots]
+        size = 1 if decode else self.chunk
+        assert self.length <= slots, "a step runs only where its graph's past holds the cache"
         padded = np.zeros((1, size), np.int64)
         padded[:, :real] = ids
         feeds: dict[str, Any] = _feeds(padded, self.length, slots, self.max_context, self.window)
-        if decode:
-            feeds.update({_cache_name(i): c for i, c in enumerate(self._cache_feeds())})
-        else:
-            feeds.update({_cache_name(i): _slots(c, self.layout.axis, slots) for i, c in enumerate(self.cache)})
+        feeds.update({_cache_name(i): c for i, c in enumerate(self._cache_feeds())})  # its span read in place
         outputs = module.run(feeds)
         kept = min(real, self.slots - self.length)  # a token in the last slot is never read again
         for i, new in enumerate(outputs[1:]):
@@ -545,15 +576,16 @@ class CausalLM:
         from qcompiler.backends.tvm.params import write_params
 
         with files.atomic_directory(directory, overwrite) as staging:
+            for slots, module in self.decode_modules.items():
+                module.export(staging / DECODE_FILE.format(slots=slots))
             for slots, module in self.prefill_modules.items():
                 module.export(staging / PREFILL_FILE.format(slots=slots))
-            self.decode_module.export(staging / DECODE_FILE)
             for rows, module in self.head_modules.items():
                 module.export(staging / HEAD_FILE.format(rows=rows))
-            modules = [self.decode_module, *self.prefill_modules.values(), *self.head_modules.values()]
+            modules = [*self.decode_modules.values(), *self.prefill_modules.values(), *self.head_modules.values()]
             keys = write_params(staging / PARAMS_FILE, [m.params for m in modules])
-            meta = {**self.meta, "prefill_slots": list(self.prefill_modules), "head_rows": list(self.head_modules),
-                    "param_keys": keys}  # fmt: skip
+            meta = {**self.meta, "decode_slots": list(self.decode_modules), "prefill_slots": list(self.prefill_modules),
+                    "head_rows": list(self.head_modules), "param_keys": keys}  # fmt: skip
             _save_onnx(self._integer_graph(), staging / INTEGER_FILE)
             (staging / META_FILE).write_text(json.dumps(meta, indent=2))
             (staging / REPORT_FILE).write_text(json.dumps(self.report, indent=2, default=str))
@@ -571,29 +603,32 @@ class CausalLM:
         if not (root / META_FILE).is_file():
             raise QCompilerError(f"directory: {root} is not a saved causal LM ({META_FILE} is missing)")
         meta = json.loads((root / META_FILE).read_text())
+        steps = [int(s) for s in meta.pop("decode_slots", [])]
         spans = [int(s) for s in meta.pop("prefill_slots", [])]
         head_rows = [int(r) for r in meta.pop("head_rows", [])]
         heads = [HEAD_FILE.format(rows=r) for r in head_rows]
-        libraries = [DECODE_FILE, *(PREFILL_FILE.format(slots=s) for s in spans), *heads]
+        libraries = [*(DECODE_FILE.format(slots=s) for s in steps), *(PREFILL_FILE.format(slots=s) for s in spans),
+                     *heads]  # fmt: skip
         for name in (*libraries, PARAMS_FILE, INTEGER_FILE):
             if not (root / name).is_file():
                 raise QCompilerError(f"directory: {root} is not a saved causal LM ({name} is missing)")
         names, dtypes = meta["input_names"], meta["input_dtypes"]
         weights = read_params(root / PARAMS_FILE)
-        decode, *prefills = (
+        loaded = [
             TVMModule.load(root / name, *([[meta["head_input"]], [meta["head_dtype"]]] if name in heads
                                           else [names, dtypes]), params=[weights[k] for k in keys])
             for name, keys in zip(libraries, meta.pop("param_keys"), strict=True)
-        )  # fmt: skip
-        prefills, tails = prefills[: len(spans)], prefills[len(spans) :]
+        ]  # fmt: skip
+        decodes, prefills = loaded[: len(steps)], loaded[len(steps) : len(steps) + len(spans)]
+        tails = loaded[len(steps) + len(spans) :]
         report = json.loads((root / REPORT_FILE).read_text()) if (root / REPORT_FILE).is_file() else {}
         tokenizer = None
         if (root / TOKENIZER_DIR).is_dir():
             from transformers import AutoTokenizer
 
             tokenizer = AutoTokenizer.from_pretrained(str(root / TOKENIZER_DIR))
-        return cls(dict(zip(spans, prefills, strict=True)), decode, root / INTEGER_FILE, meta, report, tokenizer,
-                   dict(zip(head_rows, tails, strict=True)))  # fmt: skip
+        return cls(dict(zip(spans, prefills, strict=True)), dict(zip(steps, decodes, strict=True)), root / INTEGER_FILE,
+                   meta, report, tokenizer, dict(zip(head_rows, tails, strict=True)))  # fmt: skip
 
 
 def _choose(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None, rng: Any) -> int:
@@ -712,11 +747,12 @@ def compile_causal_lm(
         # LM head): the tail runs on the one row generation reads, or on the chunk's rows for logits()
         tail = row_tail(integer.graph, integer.graph.outputs[0])
         body, head = split_at(integer, tail[0]) if tail is not None else (integer, None)
-        modules = []
+        modules: list[Any] = []
+        shared: dict[str, Any] = {}  # the weights' tensors, by digest (params.share_params)
         # each step attends over max_context positions (a multiple of the kernels' vector lanes when max_context
         # is): a chunk after max_context - chunk slots, a token after max_context - 1 (CausalLM.__init__)
-        builds = [(integer, 1, max_context - 1)]
-        builds += [(body, chunk, span - chunk) for span in prefill_spans(chunk, max_context)]
+        spans = prefill_spans(chunk, max_context)
+        builds = [(integer, 1, span - 1) for span in spans] + [(body, chunk, span - chunk) for span in spans]
         builds += [(head, rows, 0) for rows in (1, chunk) if head is not None]
         for graph, length, slots in builds:
             what = f"{length}-token steps after {slots} slots"
@@ -724,10 +760,12 @@ def compile_causal_lm(
                 what = f"the logits' row-wise tail on {length} row" + "s" * (length > 1)
             with step(f"build for {what}", progress):
                 static = specialize_dims(graph, {symbols[0]: length, symbols[1]: slots})
+                if graph is not head:  # every step takes the whole cache and reads its span in it
+                    _reading_prefix(static, layout, max_context - 1)
                 shapes = {v.name: [int(d) for d in v.shape] for v in static.graph.inputs}
                 proto, weights = serialize_sharing_weights(static)
                 modules.append(build(proto, shapes, tvm_target, weights=weights, progress=False, lift_weights=True))
-        share_params(modules)  # every build packs the same weights: one copy runs them all
+                share_params(modules[-1:], shared)  # every build packs the same weights: one copy runs them all
     inputs = integer.graph.inputs
     meta = {
         "max_context": max_context,
@@ -751,8 +789,10 @@ def compile_causal_lm(
         "max_context": max_context,
         "chunk": chunk,
     }
-    prefills = {slots: module for (graph, _, slots), module in zip(builds, modules, strict=True) if graph is body}
-    heads = {rows: module for (graph, rows, _), module in zip(builds, modules, strict=True) if graph is head}
-    compiled = CausalLM(prefills, modules[0], integer, meta, report, tokenizer, heads)
+    built = list(zip(builds, modules, strict=True))
+    decodes = {slots: module for (graph, length, slots), module in built if graph is integer and length == 1}
+    prefills = {slots: module for (graph, length, slots), module in built if graph is body and length == chunk}
+    heads = {rows: module for (graph, rows, _), module in built if graph is head}
+    compiled = CausalLM(prefills, decodes, integer, meta, report, tokenizer, heads)
     report["cache_bytes_per_token"] = compiled.cache_bytes_per_token
     return compiled

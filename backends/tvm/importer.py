@@ -576,6 +576,16 @@ def _replay_permute(parts: list[te.Tensor], call: relax.Call, shape: list[int]) 
     return topi.transpose(parts[0], None if axes is None else [int(x) for x in axes])
 
 
+def _replay_slice(parts: list[te.Tensor], call: relax.Call, shape: list[int]) -> te.Tensor:
+    """A strided slice with constant bounds (a step's span of the whole KV cache)."""
+    axes, begins, _, strides = ([int(f.value) for f in arg.fields] for arg in call.args[1:5])
+    rank = len(shape)
+    start = {a % rank: b for a, b in zip(axes, begins, strict=True)}
+    step = {a % rank: s for a, s in zip(axes, strides, strict=True)}
+    return te.compute(shape, lambda *i: parts[0](*(start.get(a, 0) + step.get(a, 1) * i[a] for a in range(rank))),
+                      name="slice")  # fmt: skip
+
+
 #: layout ops a few-row product reads through (:func:`_view_of`), each replayed in TE on the tensors it reads:
 #: Relax op -> (its TE form, given the parts, the call and the output shape)
 _VIEW_REPLAYS: dict[str, Callable[[list[te.Tensor], relax.Call, list[int]], te.Tensor]] = {
@@ -585,8 +595,9 @@ _VIEW_REPLAYS: dict[str, Callable[[list[te.Tensor], relax.Call, list[int]], te.T
     "relax.permute_dims": _replay_permute,
     "relax.broadcast_to": lambda parts, call, shape: topi.broadcast_to(parts[0], shape),
     "relax.concat": lambda parts, call, shape: topi.concatenate(parts, axis=int(call.attrs.axis)),
+    "relax.strided_slice": _replay_slice,
 }
-#: how many layout ops a view may stack (a KV cache's: concat, unsqueeze, expand, reshapes, transpose)
+#: how many layout ops a view may stack (a KV cache's: its span, concat, unsqueeze, expand, reshapes, transpose)
 _VIEW_DEPTH = 12
 
 

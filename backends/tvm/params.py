@@ -126,13 +126,14 @@ def read_params(path: str | Path) -> dict[str, Any]:
     return tensors
 
 
-def share_params(modules: Sequence[Any]) -> None:
+def share_params(modules: Sequence[Any], seen: dict[str, Any] | None = None) -> None:
     """Make equal parameters of ``modules`` (TVMModules built with lifted weights) one TVM tensor each, so that
     the modules run on one copy of the weights (a causal LM's prefill and decode builds pack the same weights);
-    the arrays are then released."""
+    the arrays are then released. ``seen``: the tensors of earlier calls, by digest (a caller that shares each
+    module as it is built holds one copy of the weights while it builds the next, not one per build)."""
     import tvm
 
-    seen: dict[str, Any] = {}
+    seen = {} if seen is None else seen
     for module in modules:
         shared = []
         for param in module.params:

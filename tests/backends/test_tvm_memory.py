@@ -70,3 +70,24 @@ def test_outputs_are_computed_where_their_inputs_are_and_free_them() -> None:
     got = build(model, shapes).run(feeds)
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_outputs_are_views_of_fresh_memory_and_never_of_the_inputs() -> None:
+    """CPU outputs come back as numpy views of the VM's output tensors, except those over an input's memory (a
+    reshaped input): the staging tensors are refilled by the next call, so those are copied."""
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["flat"]), helper.make_node("Neg", ["x"], ["negated"])]
+    graph = helper.make_graph(
+        nodes,
+        "views",
+        [helper.make_tensor_value_info("x", TensorProto.INT32, [2, 3])],
+        [helper.make_tensor_value_info("flat", TensorProto.INT32, [6]),
+         helper.make_tensor_value_info("negated", TensorProto.INT32, [2, 3])],
+        [numpy_helper.from_array(np.array([6], np.int64), "shape")],
+    )  # fmt: skip
+    module = build(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"x": [2, 3]})
+    first = module.run({"x": np.arange(6, dtype=np.int32).reshape(2, 3)})
+    second = module.run({"x": np.full((2, 3), 7, np.int32)})
+    np.testing.assert_array_equal(first[0], np.arange(6))  # not the refilled staging tensor
+    np.testing.assert_array_equal(first[1], -np.arange(6).reshape(2, 3))
+    np.testing.assert_array_equal(second[0], np.full(6, 7))
+    assert first[1].base is not None  # a view (no copy), alive while the array is

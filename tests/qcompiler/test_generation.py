@@ -17,7 +17,7 @@ import torch
 
 from qcompiler.dialect.reference import run_reference
 from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
-from qcompiler.generation import CausalLM, ContextFullError, compile_causal_lm, keep_mask
+from qcompiler.generation import CausalLM, ContextFullError, compile_causal_lm, keep_mask, prefill_spans
 from qcompiler.ir.graph import specialize_dims
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.testing.zoo import decoder
@@ -75,6 +75,29 @@ def test_generation_prefill_computes_the_last_logits_alone_and_exactly(llama) ->
     assert rows == [compiled.meta["head_input"]]
 
 
+def test_a_step_runs_on_the_smallest_span_that_holds_the_cache(llama, monkeypatch) -> None:
+    """Decode and prefill libraries per span (``span - 1`` and ``span - chunk`` slots): a step reads the span of
+    the cache that holds what is filled, where it lies, not all ``max_context`` slots."""
+    _, compiled, held_out = llama
+    spans = prefill_spans(CHUNK, MAX_CONTEXT)
+    assert sorted(compiled.decode_modules) == [s - 1 for s in spans]
+    assert sorted(compiled.prefill_modules) == [s - CHUNK for s in spans]
+    ran: list[tuple[str, int]] = []
+    for kind, modules in (("decode", compiled.decode_modules), ("prefill", compiled.prefill_modules)):
+        for slots, module in modules.items():
+            monkeypatch.setattr(module, "run", lambda feeds, m=module, k=kind, s=slots: ran.append((k, s)) or
+                                type(m).run(m, feeds))  # fmt: skip
+    ids = np.concatenate(held_out[:2], axis=1)
+    assert ids.shape[1] >= 2 * CHUNK + 3
+    compiled.reset()
+    compiled.prefill(ids[:, :CHUNK])  # a chunk over no slots: the smallest span
+    compiled.decode_step(int(ids[0, CHUNK]))  # 8 cached: the 15-slot library
+    compiled.prefill(ids[:, CHUNK + 1 : 2 * CHUNK + 1])  # 9 cached: the 24-slot library (8 is too few)
+    for token in ids[0, 2 * CHUNK + 1 : 2 * CHUNK + 3]:  # 17 and 18 cached: the 31-slot library
+        compiled.decode_step(int(token))
+    assert ran == [("prefill", 8), ("decode", 15), ("prefill", 24), ("decode", 31), ("decode", 31)]
+
+
 def test_the_cache_is_integer_and_no_float_op_is_inside(llama) -> None:
     _, compiled, _ = llama
     assert all(d.kind == "i" for d in compiled.cache_dtypes)
@@ -98,11 +121,12 @@ def test_compiled_steps_agree_with_the_reference_interpreter(llama, length: int)
         "keep": keep_mask(5, length, slots),
         **{f"past_{i}": np.ascontiguousarray(c[:, :, :slots]) for i, c in enumerate(compiled.cache)},
     }
+    whole = {**feeds, **{f"past_{i}": c for i, c in enumerate(compiled.cache)}}  # a library reads its span in it
     symbolic = ir.serde.deserialize_model(compiled.integer_model)
     seq, past = symbolic.graph.inputs[0].shape[1].value, symbolic.graph.inputs[3].shape[2].value
     static = ir.serde.serialize_model(specialize_dims(symbolic, {seq: length, past: slots}))
     expected = run_reference(static, feeds)
-    got = module.run(feeds)
+    got = module.run(whole)
     if length > 1:  # the prefill library stops at the logits' row-wise tail; its own library finishes them
         assert compiled.meta["head_input"] and sorted(compiled.head_modules) == [1, CHUNK]
         got = [compiled.head_modules[length].run({compiled.meta["head_input"]: got[0]})[0], *got[1:]]
