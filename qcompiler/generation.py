@@ -58,7 +58,7 @@ IDS, POSITIONS, KEEP = "input_ids", "position_ids", "keep"
 LOGITS = "logits"
 PREFILL_FILE, DECODE_FILE = "prefill_{slots}.so", "decode_{slots}.so"  # a library of each per span (prefill_spans)
 HEAD_FILE = "head_{rows}.so"  # the row-wise tail (row_tail.py) on 1 row (generation) or a chunk's (logits)
-PARAMS_FILE = "weights.bin"  # both libraries' weights, once (backends/tvm/params.py), its index in weights.bin.json
+PARAMS_FILE = "weights.bin"  # the libraries' weights, once (backends/tvm/params.py), its index in weights.bin.json
 META_FILE = "causal_lm.json"
 TOKENIZER_DIR = "tokenizer"  # transformers' tokenizer files, saved beside the model (qcompiler generate reads it)
 DEFAULT_CHUNK = 128  # prefill 512 tokens of SmolLM2: 957 ms at 64, 840 at 128, 808 at 256 (attention over every slot)
@@ -172,10 +172,10 @@ def _step_module(model: Any, layout: CacheLayout) -> Any:
 
 
 def prefill_spans(chunk: int, max_context: int) -> list[int]:
-    """The attention spans (cache slots read plus the chunk) of the prefill libraries: ``2, 4, 8, ... x chunk``
-    below ``max_context``, then ``max_context``. A chunk runs on the smallest span that holds the cache: a prompt
-    attends over twice its length at most, not over ``max_context`` (a library costs code alone: the weights are
-    shared)."""
+    """The attention spans (cache slots read plus the new tokens) of the prefill and decode libraries:
+    ``2, 4, 8, ... x chunk`` below ``max_context``, then ``max_context``. A step runs on the smallest span that holds
+    the cache: it attends over twice what is filled at most, not over ``max_context`` (a library costs code alone:
+    the weights are shared)."""
     spans = []
     span = 2 * chunk
     while span < max_context:
@@ -749,8 +749,8 @@ def compile_causal_lm(
         body, head = split_at(integer, tail[0]) if tail is not None else (integer, None)
         modules: list[Any] = []
         shared: dict[str, Any] = {}  # the weights' tensors, by digest (params.share_params)
-        # each step attends over max_context positions (a multiple of the kernels' vector lanes when max_context
-        # is): a chunk after max_context - chunk slots, a token after max_context - 1 (CausalLM.__init__)
+        # a step attends over its span (a multiple of the kernels' vector lanes when the chunk is): a chunk after
+        # span - chunk slots, a token after span - 1
         spans = prefill_spans(chunk, max_context)
         builds = [(integer, 1, span - 1) for span in spans] + [(body, chunk, span - chunk) for span in spans]
         builds += [(head, rows, 0) for rows in (1, chunk) if head is not None]

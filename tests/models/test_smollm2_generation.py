@@ -24,7 +24,7 @@ def compiled(smol):
     from qcompiler.generation import compile_causal_lm
 
     calibration = [window["ids"] for window in smol.calibration(CALIBRATION_WINDOWS)]
-    return compile_causal_lm(smol.model, calibration=calibration, recipe="w8a8-llm", max_context=1024, chunk=64,
+    return compile_causal_lm(smol.model, calibration=calibration, recipe="w8a8-llm", max_context=512, chunk=128,
                              tokenizer=smol.tokenizer, progress=False)  # fmt: skip
 
 
