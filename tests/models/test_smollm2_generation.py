@@ -13,7 +13,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.tvm]
+# one xdist worker for the module (make test runs --dist loadgroup): spread over two, each built the cached
+# compile fixture (4 minutes) again
+pytestmark = [pytest.mark.slow, pytest.mark.tvm, pytest.mark.xdist_group("smollm2_generation")]
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 24, 16
 CALIBRATION_WINDOWS = 8
