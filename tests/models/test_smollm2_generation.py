@@ -13,24 +13,25 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-# one xdist worker for the module (make test runs --dist loadgroup): spread over two, each built the cached
-# compile fixture (4 minutes) again
-pytestmark = [pytest.mark.slow, pytest.mark.tvm, pytest.mark.xdist_group("smollm2_generation")]
+pytestmark = [pytest.mark.slow, pytest.mark.tvm]
 
 PROMPTS, PROMPT_TOKENS, NEW_TOKENS = 8, 24, 16
 CALIBRATION_WINDOWS = 8
 
 
-@pytest.fixture(scope="module")
-def compiled(smol):
+def test_cached_generation_is_exact_and_its_perplexity_stays_near_float(smol) -> None:
+    """One test for both properties: the compile takes 4 minutes, and xdist would build a module fixture once per
+    worker that runs one of its tests."""
     from qcompiler.generation import compile_causal_lm
 
     calibration = [window["ids"] for window in smol.calibration(CALIBRATION_WINDOWS)]
-    return compile_causal_lm(smol.model, calibration=calibration, recipe="w8a8-llm", max_context=512, chunk=128,
-                             tokenizer=smol.tokenizer, progress=False)  # fmt: skip
+    compiled = compile_causal_lm(smol.model, calibration=calibration, recipe="w8a8-llm", max_context=512, chunk=128,
+                                 tokenizer=smol.tokenizer, progress=False)  # fmt: skip
+    _cached_generation_equals_the_whole_sequence_token_for_token(smol, compiled)
+    _cached_perplexity_stays_near_float(smol, compiled)
 
 
-def test_cached_generation_equals_the_whole_sequence_token_for_token(smol, compiled) -> None:
+def _cached_generation_equals_the_whole_sequence_token_for_token(smol, compiled) -> None:
     assert all(d == np.int16 for d in compiled.cache_dtypes)
     starts = np.linspace(20000, 60000, PROMPTS).astype(int)  # WikiText-2 test text away from calibration
     for start in starts:
@@ -47,7 +48,7 @@ def test_cached_generation_equals_the_whole_sequence_token_for_token(smol, compi
         assert [int(t) for t in np.argmax(whole[:-1], axis=-1)] == generated
 
 
-def test_cached_perplexity_stays_near_float(smol, compiled) -> None:
+def _cached_perplexity_stays_near_float(smol, compiled) -> None:
     from qcompiler.testing.llm import perplexity
 
     reference = perplexity(smol.float_step, smol.tokens)
