@@ -14,7 +14,7 @@ from __future__ import annotations
 import onnx_ir as ir
 from onnx_ir.passes.common import RemoveUnusedNodesPass
 
-from qcompiler.ir.graph import consumers
+from qcompiler.ir.graph import consumers, is_graph_output
 
 #: (domain, op type) of the ops of an integer graph whose output rows (every axis but the last) each read the same
 #: row of their inputs alone: elementwise ops (their other inputs constants, or rows of the same shape), products
@@ -69,10 +69,8 @@ def row_tail(graph: ir.Graph, output: ir.Value) -> tuple[ir.Value, list[ir.Node]
                    key=lambda n: order[id(n)], default=None)  # fmt: skip
         if node is None or not _row_wise(node, rank):
             break
-        outputs_read_outside = any(graph_output in node.outputs for graph_output in graph.outputs) or any(
-            id(user) not in tail for out in node.outputs for user in consumers(out)
-        )
-        if outputs_read_outside:
+        if any(is_graph_output(graph, out) or any(id(user) not in tail for user in consumers(out))
+               for out in node.outputs):  # fmt: skip
             break
         tail[id(node)] = node
         for out in node.outputs:
