@@ -22,3 +22,12 @@ settings.register_profile("dev", parent=settings.get_profile("ci"), max_examples
 settings.register_profile("explore", parent=settings.get_profile("ci"), derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 warnings.filterwarnings("ignore", category=UserWarning, module="tvm")
+
+
+def pytest_collection_modifyitems(config: object, items: list) -> None:
+    """Modules with a slow test run first, each module's tests kept together (its module-scoped fixtures are built
+    once per worker): under xdist the long tests start early and the short ones fill the gaps, instead of one
+    worker finishing a 4-minute test alone while the other idles (make test: 56 CPU-minutes took 43 on 2 workers)."""
+    slow_modules = {item.module.__name__ for item in items if item.get_closest_marker("slow") is not None}
+    order = {id(item): index for index, item in enumerate(items)}
+    items.sort(key=lambda item: (item.module.__name__ not in slow_modules, order[id(item)]))

@@ -28,6 +28,9 @@ The score product ``Q K^T`` then multiplies two int16 tensors: each is clamped t
 accumulator cannot overflow; the clamp is a ``Clip`` before the ``QuantizeLinear`` (the fused-activation form
 the lowering already reads), so the QDQ graph and the integer code agree. ``P V`` needs no clamp: a row of int16
 probabilities sums to at most ``2^15 (1 + T 2^-16)``, so ``|P V| < 2^31`` for int16 V and T < 65,000 tokens.
+With ``narrow_kv`` (recipe key ``kv_bits = 8``) the right operands of the products (K and V: what a KV cache
+holds) stay int8: the cache is half the size, and the int16 queries need no clamp (``127 * 32767 * d < 2^31``
+for d up to 516).
 
 With ``activations`` (recipe key ``activation_bits = 16``, W8A16) every other activation is int16 too where its
 producer can clamp its output and every reader takes int16 (the ``wide_input`` column of
@@ -195,12 +198,13 @@ def is_attention_product(node: ir.Node) -> bool:
     return node.op_type == "MatMul" and all(v is not None and const_array(v) is None for v in node.inputs)
 
 
-def _reads_attention_operand(node: ir.Node, index: int) -> bool:
+def _reads_attention_operand(node: ir.Node, index: int, narrow_kv: bool = False) -> bool:
     """int16 costs nothing here: an int32 product with a constant (RoPE's tables) or a scalar rescale, or an
-    attention product (bounded as the module docstring says)."""
+    attention product (bounded as the module docstring says); with ``narrow_kv`` only its left operand (Q, P):
+    the right one (K, V: what a KV cache holds) stays int8."""
     if node.op_type in ("Mul", "Div"):
         return any(const_array(v) is not None for v in node.inputs)
-    return is_attention_product(node)
+    return is_attention_product(node) and (index == 0 or not narrow_kv)
 
 
 def _reads_per_channel(node: ir.Node, index: int) -> bool:
@@ -433,6 +437,7 @@ def plan_precision(
     residual_channels: bool = False,
     activations: bool = False,
     cache_inputs: Set[str] = frozenset(),
+    narrow_kv: bool = False,
 ) -> PrecisionPlan:
     """Decide, from the graph alone, which anchor outputs are wide and which are per-channel.
 
@@ -449,6 +454,8 @@ def plan_precision(
         activations: W8A16, every other activation int16 where its readers take it (the module docstring).
         cache_inputs: names of KV-cache inputs: the Concat that appends new keys or values to one is looked through
             (the cache is stored at the new values' precision: int16 attention operands make an int16 cache).
+        narrow_kv: with ``attention``, the right operands of attention products (keys and values) stay int8
+            (recipe key ``kv_bits = 8``): an int8 cache, and no clamp on the score product's int16 queries.
     """
     caches = frozenset(id(v) for v in graph.inputs if v.name in cache_inputs)
     wide_ids: set[int] = set()
@@ -459,7 +466,7 @@ def plan_precision(
     def reads_operand(node: ir.Node, index: int) -> bool:
         # residual adds and norms only when residuals are wide; SiLU's product and Sigmoid always
         stream = _reads_wide(node, index) if wide else _is_activation_product(node, index)
-        return stream or _reads_attention_operand(node, index) or id(node) in silu
+        return stream or _reads_attention_operand(node, index, narrow_kv) or id(node) in silu
 
     for node in graph:
         if id(node) in excluded or not node.outputs:

@@ -118,6 +118,10 @@ class QuantizeConfig:
     #: attention operands (Q, K after RoPE, V, what RoPE reads, SiLU's input): 8 (int8) or 16 (int16; Q and K
     #: clamped so the int32 score accumulator cannot overflow: qcompiler.passes.quantize.precision)
     attention_bits: int = 8
+    #: keys and values (the right operand of every attention product: what a KV cache holds): 0 at the
+    #: attention operands' width, 8 for int8 keys and values under int16 queries and probabilities (the cache is
+    #: then half the size, and ``Q K^T`` needs no clamp: int16 x int8 over the head dimension cannot overflow)
+    kv_bits: int = 0
     #: int8 GEMM inputs (read only by bias-free linears) stored as int16 at ``row_exponent_refinement`` times
     #: finer static steps and read per token as int8 codes with a power-of-two step (qcompiler.RowExponent;
     #: passes/quantize/row_exponent.py): an outlier token no longer sets every token's step
@@ -151,6 +155,9 @@ class QuantizeConfig:
             raise ValueError(f"softmax_input_bits: must be 8 or 16, got {self.softmax_input_bits}")
         if self.attention_bits not in (8, 16):
             raise ValueError(f"attention_bits: must be 8 or 16, got {self.attention_bits}")
+        if self.kv_bits not in (0, 8) or (self.kv_bits == 8 and self.attention_bits != 16):
+            raise ValueError(f"kv_bits: 0 (the attention operands' width) or 8 with attention_bits = 16, got "
+                             f"{self.kv_bits} with attention_bits = {self.attention_bits}")  # fmt: skip
         if self.residual_bits not in (8, 16):
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits not in (4, 8):
@@ -347,6 +354,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             wide=stats is not None and self.config.residual_bits == 16,
             per_channel=stats is not None and self.config.per_channel_norm_outputs,
             attention=stats is not None and self.config.attention_bits == 16,
+            narrow_kv=self.config.kv_bits == 8,
             silu=silu_sigmoids(graph),
             residual_channels=self.config.residual_per_channel,
             activations=self.config.activation_bits == 16,

@@ -164,8 +164,10 @@ def test_w4a8_recipe_lowers_to_int4_kernels_within_one_step_of_its_simulation(ti
         step = float(np.abs(simulated).max()) / 127
         gap = np.abs(ours - simulated)
         print(f"max gap {gap.max() / step:.2f} step, {np.mean(gap <= step):.5f} of logits within one step")
-        assert np.mean(gap <= step) >= 0.999  # measured 1.0 and 0.99976
-        assert gap.max() <= 1.25 * step  # measured 0.89 and 1.04
+        # measured 0.99902 and 0.99976 within one step, at most 1.31 and 1.03 steps (int8 keys and values, the
+        # recipe's kv_bits = 8; with int16 ones 1.0 and 0.99976, 0.89 and 1.04)
+        assert np.mean(gap <= step) >= 0.998
+        assert gap.max() <= 1.5 * step
         assert (ours.argmax(-1) == want.argmax(-1)).mean() >= 0.9  # measured 1.0
 
 
@@ -187,27 +189,34 @@ def test_int16_scores_reach_the_integer_softmax(tiny_llama) -> None:
     _assert_close(qdq, integer, probe, reference)
 
 
-def test_int16_attention_operands_reach_the_score_product(tiny_llama) -> None:
-    """attention_bits = 16 (w8a8-llm): q, k (after RoPE) and v, the projections RoPE reads and SiLU's input are
-    int16; both attention products run as int32 MatMuls on int16 operands, Q and K clamped for the 16-term score
-    sum (floor(sqrt((2^31 - 1) / 16)) = 11585); bit-exact, and close to the QDQ graph and to float."""
+@pytest.mark.parametrize("kv_bits", [8, 0])
+def test_int16_attention_operands_reach_the_score_product(tiny_llama, kv_bits: int) -> None:
+    """attention_bits = 16 (w8a8-llm): q (after RoPE), the projections RoPE reads and SiLU's input are int16. With
+    the recipe's kv_bits = 8 the keys and values (the right operands, what a cache holds) are int8 and the queries
+    unclamped; with kv_bits = 0 they are int16 too, Q and K clamped for the 16-term score sum
+    (floor(sqrt((2^31 - 1) / 16)) = 11585). Both attention products run as int32 MatMuls; bit-exact, and close to
+    the QDQ graph and to float."""
+    import dataclasses
+
     from qcompiler.config import load_recipe
     from qcompiler.passes.lower.dyadic import integer_bound
 
     exported, calibration, probe, reference = tiny_llama
     recipe = load_recipe("w8a8-llm")
-    assert recipe.quantize.attention_bits == 16
+    assert recipe.quantize.attention_bits == 16 and recipe.quantize.kv_bits == 8
+    recipe = dataclasses.replace(recipe, quantize=dataclasses.replace(recipe.quantize, kv_bits=kv_bits))
     model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
     qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
     assert float_ops_inside(integer) == []
     ops = collections.Counter(n.op_type for n in integer.graph)
-    assert ops["MatMulInteger"] == 0 and ops["MatMul"] == 4  # Q K^T and P V per layer, both int32 on int16
+    assert ops["MatMulInteger"] == 0 and ops["MatMul"] == 4  # Q K^T and P V per layer, both int32
     products = [n for n in integer.graph if n.op_type == "MatMul"]
+    right = ir.DataType.INT8 if kv_bits == 8 else ir.DataType.INT16
     for product in products:
-        sources = [v.producer().inputs[0] for v in product.inputs]  # through the widening Casts
-        assert all(s.dtype == ir.DataType.INT16 for s in sources)
+        left_source, right_source = (v.producer().inputs[0] for v in product.inputs)  # through the widening Casts
+        assert (left_source.dtype, right_source.dtype) == (ir.DataType.INT16, right)
     bounds = sorted(integer_bound(v.producer().inputs[0]) for n in products for v in n.inputs)
-    assert bounds.count(11585) == 4  # q and k of both layers; P and V keep the int16 range
+    assert bounds.count(11585) == (0 if kv_bits == 8 else 4)  # q and k of both layers when both are int16
     silus = [n for n in integer.graph if n.op_type == "IntSigmoid"]
     assert all(n.inputs[0].dtype == ir.DataType.INT16 for n in silus)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)

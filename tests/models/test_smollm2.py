@@ -1,6 +1,7 @@
 """Issue 3 on SmolLM2-135M (Llama architecture), W8A8 integer-only on the CPU: WikiText-2 perplexity over the first
-4096 test tokens in 512-token windows, the lowered graph free of float ops and the kernels free of float
-instructions (acceptance 4).
+4096 test tokens in 512-token windows and over 4096 held-out tokens (issue 18: text never used for a decision,
+qcompiler.testing.llm.HELD_OUT), the lowered graph free of float ops and the kernels free of float instructions
+(acceptance 4).
 
 Acceptance 2 asks for the perplexity within 5 % of float (issue 4's W8A8 target: 2 %): this test asserts 2 %
 (measured 1.2 % with row exponents, docs/results.md) and prints both numbers. The W4A8 recipe (issue 4,
@@ -24,7 +25,7 @@ CALIBRATION_WINDOWS = 8
 def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
     import torch
 
-    from qcompiler.testing.llm import perplexity
+    from qcompiler.testing.llm import reported_perplexities
 
     calibration = smol.calibration(CALIBRATION_WINDOWS)
     example = (torch.from_numpy(calibration[0]["ids"]),)
@@ -37,11 +38,15 @@ def test_smollm2_w8a8_integer_only_perplexity(smol) -> None:
     offenders = {n: ops for n, ops in float_functions(compiled.module.llvm_ir()).items() if "dequantize" not in n}
     assert not offenders, f"float instructions in integer kernels: {offenders}"
 
-    reference = perplexity(smol.float_step, smol.tokens)
-    ours = perplexity(lambda ids: compiled(ids), smol.tokens)
-    print(f"\nSmolLM2-135M WikiText-2 perplexity: float {reference:.2f}, W8A8 integer-only {ours:.2f}")
-    assert abs(reference - 27.6) < 0.2  # the float model's perplexity on this protocol (docs/results.md)
-    assert ours <= 1.02 * reference  # issue 3's 5 % and issue 4's 2 %; measured 1.012 (27.95 / 27.61)
+    reference = reported_perplexities(smol.float_step, smol.tokens)
+    ours = reported_perplexities(lambda ids: compiled(ids), smol.tokens)
+    for split in reference:
+        print(f"\nSmolLM2-135M WikiText-2 perplexity, {split}: float {reference[split]:.2f}, W8A8 integer-only "
+              f"{ours[split]:.2f}")  # fmt: skip
+    assert abs(reference["evaluation"] - 27.6) < 0.2  # the float model's perplexity on this protocol (docs/results.md)
+    # issue 3's 5 % and issue 4's 2 % on the tokens the recipe was tuned on; measured 1.012 (27.95 / 27.61)
+    assert ours["evaluation"] <= 1.02 * reference["evaluation"]
+    assert ours["held-out"] <= 1.05 * reference["held-out"]  # text never tuned on: measured HELD
     _assert_op_by_op(compiled.qdq_model, compiled.integer_model, smol.tokens, "QGemm")
 
 

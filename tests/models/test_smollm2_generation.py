@@ -1,11 +1,11 @@
-"""Issue 16, acceptance 1 on SmolLM2-135M: W8A8 integer-only generation with an integer KV cache (int16: the cache
-holds the attention operands at the width ``w8a8-llm`` gives them, attention_bits = 16).
+"""Issue 16, acceptance 1 on SmolLM2-135M: W8A8 integer-only generation with an int8 KV cache (``w8a8-llm``'s
+``kv_bits = 8``: int8 keys and values under int16 queries and probabilities).
 
 Greedy generation from 8 WikiText-2 prompts with the cache equals, token for token, the same integer model run on
 the whole sequence without a cache carried between calls (its logits at every generated position are the decode
-steps' logits, bit for bit), and WikiText-2 perplexity through the cached model (first 4096 test tokens, 512-token
-windows, each a new sequence prefilled in chunks) stays within 2 % of float (measured 27.98 against 27.61 at 2048
-slots and chunks of 128; the fixed-window integer model without a cache: 27.95).
+steps' logits, bit for bit), and WikiText-2 perplexity through the cached model (512-token windows, each a new
+sequence prefilled in chunks) stays within 2 % of float on the first 4096 test tokens (measured 28.05 against 27.61
+at 2048 slots and chunks of 128) and within 5 % on 4096 held-out tokens (measured 42.54 against 41.45).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_cached_generation_is_exact_and_its_perplexity_stays_near_float(smol) ->
 
 
 def _cached_generation_equals_the_whole_sequence_token_for_token(smol, compiled) -> None:
-    assert all(d == np.int16 for d in compiled.cache_dtypes)
+    assert all(d == np.int8 for d in compiled.cache_dtypes)
     starts = np.linspace(20000, 60000, PROMPTS).astype(int)  # WikiText-2 test text away from calibration
     for start in starts:
         prompt = smol.tokens[start : start + PROMPT_TOKENS][None]
@@ -49,9 +49,12 @@ def _cached_generation_equals_the_whole_sequence_token_for_token(smol, compiled)
 
 
 def _cached_perplexity_stays_near_float(smol, compiled) -> None:
-    from qcompiler.testing.llm import perplexity
+    from qcompiler.testing.llm import reported_perplexities
 
-    reference = perplexity(smol.float_step, smol.tokens)
-    ours = perplexity(lambda ids: compiled.logits(ids)[None], smol.tokens)
-    print(f"\nSmolLM2 WikiText-2 perplexity: float {reference:.2f}, W8A8 with the int16 KV cache {ours:.2f}")
-    assert ours <= 1.02 * reference
+    reference = reported_perplexities(smol.float_step, smol.tokens)
+    ours = reported_perplexities(lambda ids: compiled.logits(ids)[None], smol.tokens)
+    for split in reference:
+        print(f"\nSmolLM2 WikiText-2 perplexity, {split}: float {reference[split]:.2f}, W8A8 with the int8 KV cache "
+              f"{ours[split]:.2f}")  # fmt: skip
+    assert ours["evaluation"] <= 1.02 * reference["evaluation"]
+    assert ours["held-out"] <= 1.05 * reference["held-out"]  # text never tuned on

@@ -187,9 +187,10 @@ def _score_block(seed: int = 0) -> tuple[object, list[dict[str, np.ndarray]], np
     return model, batches, ta, tb
 
 
-def _attention_recipe(bits: int) -> Recipe:
+def _attention_recipe(bits: int, kv_bits: int = 0) -> Recipe:
     base = load_recipe("w8a8")
-    return Recipe("test", "", base.canonicalize, CalibrationConfig(), QuantizeConfig(attention_bits=bits), base.lower)
+    config = QuantizeConfig(attention_bits=bits, kv_bits=kv_bits)
+    return Recipe("test", "", base.canonicalize, CalibrationConfig(), config, base.lower)
 
 
 def test_attention_operands_are_int16_and_clamped_so_scores_cannot_overflow() -> None:
@@ -235,6 +236,44 @@ def test_int16_attention_operands_are_finer_than_int8() -> None:
             [np.abs(run_reference(proto, f)[0] - _float_reference(model, f)).mean() for f in batches]
         )
     assert errors[16] < errors[8], errors
+
+
+def test_kv_bits_8_keeps_keys_int8_under_unclamped_int16_queries() -> None:
+    """kv_bits = 8: the score product's right operand (the keys, what a cache holds) is int8 and its left (the
+    queries) int16 at its full range, no clamp (127 * 32767 * 64 < 2^31); the integer code is bit-exact in TVM,
+    and its error to float lies between the all-int8 and the all-int16 products'."""
+    from qcompiler.passes.lower.dyadic import integer_bound
+
+    model, batches, _, _ = _score_block(2)
+    qdq, integer, _, shapes = quantize_to_integer(
+        model, calibration=batches, recipe=_attention_recipe(16, kv_bits=8), progress=False
+    )
+    assert not [n for n in qdq.graph if n.op_type == "Clip"]
+    product = next(n for n in integer.graph if n.op_type == "MatMul")
+    sources = [cast.inputs[0] for cast in (v.producer() for v in product.inputs)]
+    assert [s.dtype for s in sources] == [ir.DataType.INT16, ir.DataType.INT8]
+    assert integer_bound(sources[0]) == 32767
+    errors = {}
+    for name, recipe in (("kv8", None), ("int8", _attention_recipe(8)), ("int16", _attention_recipe(16))):
+        built = (
+            integer
+            if recipe is None
+            else quantize_to_integer(model, calibration=batches, recipe=recipe, progress=False)[1]
+        )
+        proto = ir.serde.serialize_model(built)
+        errors[name] = np.mean(
+            [np.abs(run_reference(proto, f)[0] - _float_reference(model, f)).mean() for f in batches]
+        )
+    assert errors["int16"] < errors["kv8"] < errors["int8"], errors
+    high = np.full((1, TOKENS, DEPTH), 1000.0, np.float32)
+    assert_bit_exact(lambda p: build(p, shapes), integer, [{"x": high, "y": -high}, *batches[:2]])
+
+
+def test_config_validates_kv_bits() -> None:
+    with pytest.raises(ValueError, match="kv_bits"):
+        QuantizeConfig(attention_bits=8, kv_bits=8)
+    with pytest.raises(ValueError, match="kv_bits"):
+        QuantizeConfig(attention_bits=16, kv_bits=4)
 
 
 def test_unbounded_int16_activation_product_is_refused() -> None:
