@@ -9,7 +9,8 @@ alternate over ``--rounds`` rounds; every number is the median over the rounds w
 - prefill of 128 and 512 tokens (seconds, a new sequence each time);
 - decode ms/token after a prompt of 128 and 512 tokens (16 greedy steps, the median step);
 - peak RSS of the process (loaded model, a 512-token prompt and its decode);
-- WikiText-2 perplexity, first 4096 test tokens in 512-token windows (each window a new sequence), once.
+- WikiText-2 perplexity in 512-token windows (each window a new sequence), once, on the first 4096 test tokens and on
+  4096 held-out tokens (qcompiler.testing.llm.REPORTED).
 
 Also the machine's memory bandwidth (a streaming read of 1 GiB with numpy) and the bytes a decode step after 512
 tokens must read (the weights and its span of the cache), which bound the decode step from below.
@@ -39,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, save
 
 from qcompiler.generation import DEFAULT_CHUNK, runtime_only
-from qcompiler.testing.llm import GGUF, ModelUnavailableError, load_smollm2, perplexity
+from qcompiler.testing.llm import GGUF, ModelUnavailableError, load_smollm2, reported_perplexities
 
 #: set for the child processes that run our saved models: they load TVM's runtime alone, as ``qcompiler generate``
 #: does (no compiler library, no torch)
@@ -105,7 +106,8 @@ def _measure(kind: str, where: str, max_context: int, tokens: np.ndarray, task: 
     os.environ.setdefault("TVM_NUM_THREADS", str(THREADS))
     system = _Ours(where) if kind == "ours" else _LlamaCpp(where, max_context, logits_all=task == "perplexity")
     if task == "perplexity":
-        out.put({"perplexity": perplexity(lambda ids: system.window_logits(ids)[None], tokens)})
+        scores = reported_perplexities(lambda ids: system.window_logits(ids)[None], tokens)
+        out.put({f"perplexity {split}": value for split, value in scores.items()})
         return
     row: dict[str, Any] = {}
     for length in PROMPTS:
@@ -189,29 +191,39 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of every system (default 3)")
     parser.add_argument("--max-context", type=int, default=2048, help="cache slots of every system (default 2048)")
     parser.add_argument("--chunk", type=int, default=DEFAULT_CHUNK, help=f"qcompiler's prefill chunk ({DEFAULT_CHUNK})")
+    parser.add_argument("--builds", type=Path, help="keep our compiled models in DIR/<recipe> and reuse them "
+                        "(delete one after changing the compiler; default: a temporary folder)")  # fmt: skip
     args = parser.parse_args()
     try:
         smol = load_smollm2()
     except ModelUnavailableError as missing:
         raise SystemExit(f"{missing} (make test installs everything)") from None
-    from qcompiler.generation import compile_causal_lm
+    from qcompiler.generation import CausalLM, compile_causal_lm
 
     with tempfile.TemporaryDirectory() as scratch:
         folder = Path(scratch)
         calibration = [window["ids"] for window in smol.calibration(8)]
         systems: dict[str, tuple[str, str]] = {}
         compile_s, weight_bytes, cache_bytes, span = {}, {}, {}, {}
+        builds = args.builds or folder
         for recipe, label in OUR_RECIPES:
             start = time.perf_counter()
-            compiled = compile_causal_lm(smol.model, calibration=calibration, recipe=recipe,
-                                         max_context=args.max_context, chunk=args.chunk, progress=False)  # fmt: skip
-            compile_s[recipe] = time.perf_counter() - start
-            compiled.save(folder / recipe)
+            if (builds / recipe).is_dir():
+                compiled = CausalLM.load(builds / recipe)
+                if compiled.max_context != args.max_context:
+                    raise SystemExit(f"--builds: {builds / recipe} holds max_context {compiled.max_context}, not "
+                                     f"{args.max_context}: delete it")  # fmt: skip
+                print(f"{recipe}: reusing {builds / recipe}", flush=True)
+            else:
+                compiled = compile_causal_lm(smol.model, calibration=calibration, recipe=recipe, progress=False,
+                                             max_context=args.max_context, chunk=args.chunk)  # fmt: skip
+                compile_s[recipe] = time.perf_counter() - start
+                compiled.save(builds / recipe)
             weight_bytes[recipe] = compiled.weight_bytes
             # a decode step after the longest prompt reads its span of the cache (the smallest that holds it)
             span[recipe] = next(s for s in compiled.decode_modules if s >= max(PROMPTS))
             cache_bytes[recipe] = compiled.cache_bytes_per_token * span[recipe]
-            systems[f"qcompiler {label} ({compiled.cache_dtypes[0]} KV)"] = ("ours", str(folder / recipe))
+            systems[f"qcompiler {label} ({compiled.cache_dtypes[0]} KV)"] = ("ours", str(builds / recipe))
             del compiled
         systems.update({f"llama.cpp {k}": ("llama", v) for k, v in _llama_cpp_models(folder).items()})
         samples: dict[str, list[dict[str, Any]]] = {name: [] for name in systems}
@@ -240,7 +252,7 @@ def main() -> None:
             row[f"prefill {length} vs ours"] = row[f"prefill {length} s"] / ours[f"prefill {length} s"]
     columns = ["system", "prefill 128 s", "prefill 512 s", "prefill 512 s range", "prefill 512 vs ours",
                "decode@128 ms", "decode@512 ms", "decode@512 ms range", "decode@512 vs ours", "peak RSS MB",
-               "perplexity"]  # fmt: skip
+               "perplexity evaluation", "perplexity held-out"]  # fmt: skip
     print_table(rows, columns)
     floor_ms = {r: 1000 * (weight_bytes[r] + cache_bytes[r]) / (bandwidth * 1e9) for r in weight_bytes}
     for recipe, _ in OUR_RECIPES:
