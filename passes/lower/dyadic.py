@@ -162,6 +162,24 @@ def _check_product_bound(node: ir.Node, a: ir.Value, b: ir.Value) -> None:
         )
 
 
+def _share_row_exponents(graph: ir.Graph) -> bool:
+    """One ``RowExponent`` per int16 source: the linears that read one value (q, k and v; gate and up) each got
+    their own, the same integers, which a decode step then computed (and allocated) three and two times. The
+    others' readers take the first one's outputs (first in graph order: it precedes every reader of the later
+    ones); the unused ones go with the pass's clean-up."""
+    first: dict[int, ir.Node] = {}
+    shared = False
+    for node in graph:
+        if node.op_type != "RowExponent" or node.domain != DOMAIN or node.inputs[0] is None:
+            continue
+        kept = first.setdefault(id(node.inputs[0]), node)
+        if kept is not node:
+            for old, new in zip(node.outputs, kept.outputs, strict=True):
+                old.replace_all_uses_with(new)
+            shared = True
+    return shared
+
+
 def _conv_pads(node: ir.Node, x: ir.Value, kernel: tuple[int, int]) -> list[int]:
     auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad in ("NOTSET", "VALID"):
@@ -297,6 +315,7 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
             if producer is not None and producer.op_type == "DequantizeLinear" and producer.inputs[0] is not None:
                 node.replace_input_with(0, producer.inputs[0])
                 modified = True
+        modified |= _share_row_exponents(graph)
         RemoveUnusedNodesPass()(model)
         return ir.passes.PassResult(model, modified)
 
