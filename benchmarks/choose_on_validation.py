@@ -84,6 +84,8 @@ def main() -> None:
               flush=True)  # fmt: skip
     chosen = min(rows, key=lambda row: row["validation"])[args.key]
     current = getattr(base.quantize, args.key)
+    for value in [v for v in sessions if v not in (chosen, current)]:
+        del sessions[value]  # a QDQ model each: only the two scored again are kept
     for value in dict.fromkeys([chosen, current]):
         row = next((r for r in rows if r[args.key] == value), None)
         if row is None:
