@@ -191,13 +191,10 @@ class QGemmInt4(OF.OnnxOpConverter):
         plan = kernels.plan_int4_gemm(n, k, shift - ROW_EXPONENT_MAX if rows_in else shift, group_size, _STATE.isa)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, k])) if len(shape) != 2 else x
-        codes = kernels.int4_codes(packed, k, plan)  # unpacked once, for the layout and the VNNI offsets
-        te_kwargs: dict[str, relax.Expr] = {}
+        codes = kernels.int4_codes(packed, k, plan)  # unpacked once, into the kernel's layout
         if plan.group:  # int4 codes on the int8 dot, scaled per group
-            scales = relax.const(kernels.int4_group_scales(group_scale.astype(np.int32), plan), "int32")
+            scales = relax.const(kernels.int4_group_scales(group_scale.astype(np.int16), plan), "int16")
             attrs = _gemm_attrs(plan)
-            if plan.u8_activations:  # emit_te converts relax arguments given to it, not those inside a partial
-                te_kwargs["group_offset"] = relax.const(kernels.int4_group_offsets(codes, plan), "int32")
         else:  # int16 weights: codes times group scales
             scales = relax.const(kernels.int4_panel_scales(group_scale.astype(np.int16), group_size, plan), "int16")
             attrs = {**_gemm_attrs(plan), WEIGHT_DTYPE_ATTR: "int16"}
@@ -213,7 +210,7 @@ class QGemmInt4(OF.OnnxOpConverter):
         ]
         if rows_in:
             args.append(bb.normalize(relax.op.reshape(inputs[6], [rows, 1])))
-        out = bb.emit_te(compute, x2, *args, **te_kwargs, primfunc_name_hint="qgemm_int4", primfunc_attrs=attrs)
+        out = bb.emit_te(compute, x2, *args, primfunc_name_hint="qgemm_int4", primfunc_attrs=attrs)
         if len(shape) != 2:
             return relax.op.reshape(out, [*shape[:-1], n])
         return out

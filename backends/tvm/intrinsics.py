@@ -9,6 +9,9 @@ symmetric weight quantizer produces). ``i16``: sign-extend to int16 then vpmaddw
 int32 with no int16 pair sums to saturate; the activations arrive offset to u8 (``a + 128``) and the offset is
 compensated in the bias (kernels.py), so it is exact for every int8 weight. ``vnni s16``: one 512-bit vpdpwssd,
 two int16 x int16 products per lane into int32 (attention's int16 probabilities times values).
+``u4``: unsigned int4 codes (``code + 8``, in [0, 15]) as the unsigned operand against int8 activations, the
+activations broadcast: one vpdpbusd (VNNI) or vpmaddubsw + vpmaddwd (AVX2; a pair sum is at most 2 * 15 * 128,
+so nothing saturates): exact for every int8 activation, with no offset on either operand.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
 AVX2_DOT_8X2_S16S16 = "qcompiler_avx2_dot_8x2_s16s16s32"
 VNNI_DOT_16X4_U8S8 = "qcompiler_avx512vnni_dot_16x4_u8s8s32"
 VNNI_DOT_16X2_S16S16 = "qcompiler_avx512vnni_dot_16x2_s16s16s32"
+AVX2_DOT_8X4_U4 = "qcompiler_avx2_dot_8x4_s8u4s32"
+VNNI_DOT_16X4_U4 = "qcompiler_avx512vnni_dot_16x4_s8u4s32"
 
 
 def _dot_desc(lanes: int, kb: int, a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
@@ -111,6 +116,49 @@ def _dot8x4_psign_impl(
         )
 
 
+@T.prim_func(s_tir=True)
+def _vnni_u4_impl(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((16, 4), "uint8", offset_factor=1),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # unsigned int4 codes (one per byte) as vpdpbusd's unsigned operand, the int8 activations broadcast as its
+    # signed one
+    with T.sblock("root"):
+        T.reads(C[0:16], A[0:4], B[0:16, 0:4])
+        T.writes(C[0:16])
+        C[T.ramp(T.int32(0), 1, 16)] = T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"),
+            C[T.ramp(T.int32(0), 1, 16)],
+            B.vload([0, 0], dtype="uint8x64"),
+            T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 16), dtype="int8x64"),
+            dtype="int32x16",
+        )
+
+
+@T.prim_func(s_tir=True)
+def _avx2_u4_impl(
+    A: T.Buffer((4,), "int8", offset_factor=1),
+    B: T.Buffer((8, 4), "uint8", offset_factor=1),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+) -> None:
+    # vpmaddubsw's pair sums are at most 2 * 15 * 128: unsigned int4 codes never saturate them
+    with T.sblock("root"):
+        T.reads(C[0:8], A[0:4], B[0:8, 0:4])
+        T.writes(C[0:8])
+        C[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+            T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+            T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                B.vload([0, 0], dtype="uint8x32"),
+                T.reinterpret(T.broadcast(T.reinterpret(A.vload([0], "int8x4"), dtype="int32"), 8), dtype="int8x32"),
+                dtype="int16x16",
+            ),
+            T.int16x16(1),
+            dtype="int32x8",
+        )
+
+
 def _pmaddwd_impl(a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
     """One vpmaddwd on eight int32 lanes: ``A``'s pair and ``B``'s eight pairs sign-extended to int16 (int8
     operands; int16 ones as they are), two exact int16 x int16 products per lane summed into ``C``. ``i16``:
@@ -149,6 +197,8 @@ TensorIntrin.register(
     _vnni_impl("llvm.x86.avx512.vpdpbusd.512", 4, "uint8", "int8"),
     override=True,
 )
+TensorIntrin.register(AVX2_DOT_8X4_U4, _dot_desc(8, 4, "int8", "uint8"), _avx2_u4_impl, override=True)
+TensorIntrin.register(VNNI_DOT_16X4_U4, _dot_desc(16, 4, "int8", "uint8"), _vnni_u4_impl, override=True)
 TensorIntrin.register(
     VNNI_DOT_16X2_S16S16,
     _dot_desc(16, 2, "int16", "int16"),

@@ -199,24 +199,25 @@ def plan_int4_gemm(
     n: int, k: int, shifts: np.ndarray | None = None, group_size: int | None = None, isa: str = "avx2"
 ) -> GemmPlan:
     """Tiling of an int4 GEMM, the register tile of :func:`plan_gemm`. Where the group size is a multiple of 4
-    (every recipe's), the codes themselves go through the int8 dot of ``isa`` (:func:`int8_dot_isa`: AVX2
-    ``psign``, exact since codes lie in [-8, 7]; AVX-512 VNNI u8 x s8 on 16 lanes) and each group's int32 sum is
-    scaled by its group scale; otherwise int16 weight pairs, code times group scale, on the AVX2 ``s8s16``
-    intrinsic (both in :func:`qgemm_int4_compute`)."""
+    (every recipe's), the codes themselves go through the int8 dot of ``isa`` (:func:`int8_dot_isa`) as its
+    unsigned operand, ``code + 8`` in [0, 15], against the int8 activations (AVX2 vpmaddubsw on 8 lanes, AVX-512
+    VNNI vpdpbusd on 16), each group's int32 sum corrected by ``8 sum a`` and scaled by its group scale; otherwise
+    int16 weight pairs, code times group scale, on the AVX2 ``s8s16`` intrinsic (both in
+    :func:`qgemm_int4_compute`)."""
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
     if group_size is not None and group_size % 4 == 0:
         if isa == "avx512vnni":
             # two registers per tile row: the tile holds both the running sum and the group's partial sums (2 x 8
             # of 32 zmm at 4 rows); measured against 4 (default_nr): 1.7x at 512x576x1536, 1.9x at 16x4096x4096
             nr = min(2, default_nr(n, ZMM_LANES))
-            return GemmPlan(n, k, 4, nr, hi32, lanes=ZMM_LANES, u8_activations=True, group=group_size)
+            return GemmPlan(n, k, 4, nr, hi32, lanes=ZMM_LANES, group=group_size)
         return GemmPlan(n=n, k=k, kb=4, nr=default_nr(n, LANES), hi32_epilogue=hi32, group=group_size)
     return GemmPlan(n=n, k=k, kb=2, nr=default_nr(n, LANES), hi32_epilogue=hi32)
 
 
 def int4_codes(packed: np.ndarray, k: int, plan: GemmPlan) -> np.ndarray:
-    """The dialect's int4 bytes ``[N, ceil(K/2)]`` -> int8 codes ``[Np, Kp]``, zero-padded (unpacked once per
-    weight: :func:`pack_int4_panels` and :func:`int4_group_offsets` both read them)."""
+    """The dialect's int4 bytes ``[N, ceil(K/2)]`` -> int8 codes ``[Np, Kp]``, zero-padded (the input of
+    :func:`pack_int4_panels`)."""
     codes = np.zeros((plan.n_padded, plan.k_padded), np.int8)
     codes[: packed.shape[0], :k] = unpack_int4(packed)[:, :k]
     return codes
@@ -228,12 +229,15 @@ def pack_int4_panels(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
     The expansion writes each block ``(jo, ko)`` of the packed GEMM as ``L KB`` values (16 int16 for KB = 2, 32 int8
     codes for KB = 4), ``p = KB ji + ki`` (column ``L jo + ji``, input channel ``KB ko + ki``); byte ``b`` holds
     position ``b`` in its low nibble and ``b + L KB / 2`` in its high one, so either half of a block is one
-    contiguous load (a vector, not a gather)."""
+    contiguous load (a vector, not a gather). Grouped plans (``plan.group``) store each code unsigned, ``code + 8``
+    (the dot's unsigned operand as it is loaded); the int16 form stores it as the dialect does (two's complement)."""
     panels, kb = plan.n_padded // plan.lanes, plan.kb
     blocks = codes.reshape(panels, plan.lanes, plan.k_padded // kb, kb).transpose(0, 2, 1, 3)
     positions = blocks.reshape(panels, plan.k_padded // kb, kb * plan.lanes)
     half = kb * plan.lanes // 2
-    return pack_int4(np.stack([positions[..., :half], positions[..., half:]], axis=-1))[..., 0]  # [.., h, 2] -> [.., h]
+    packed = pack_int4(np.stack([positions[..., :half], positions[..., half:]], axis=-1))[..., 0]  # [..h, 2] -> [..h]
+    # a two's-complement nibble with its top bit flipped is the code plus 8
+    return packed ^ np.uint8(0x88) if plan.group else packed
 
 
 def _per_column_block(values: np.ndarray, plan: GemmPlan, dtype: type) -> np.ndarray:
@@ -246,17 +250,9 @@ def _per_column_block(values: np.ndarray, plan: GemmPlan, dtype: type) -> np.nda
 
 
 def int4_group_scales(group_scale: np.ndarray, plan: GemmPlan) -> np.ndarray:
-    """Group scales ``[N, G]`` -> ``[Np/L, G, L]`` int32, for the grouped kernel (``plan.group``: K is padded to
-    whole groups, so G = Kp / group)."""
-    return _per_column_block(group_scale, plan, np.int32)
-
-
-def int4_group_offsets(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
-    """For u8 activations (``a + 128``, VNNI): ``128 sum_{k in g} code[n, k]`` per column and group of the padded
-    codes (:func:`int4_codes`), in the layout of :func:`int4_group_scales`; the kernel subtracts it from each
-    group's sum before scaling, so every intermediate is the true (signed) group sum, as in the reference."""
-    sums = U8_OFFSET * codes.astype(np.int32).reshape(plan.n_padded, -1, plan.group).sum(axis=-1)
-    return _per_column_block(sums, plan, np.int32)
+    """Group scales ``[N, G]`` -> ``[Np/L, G, L]`` int16 (each at most :data:`INT4_INT16_MAX_SCALE`), for the
+    grouped kernel (``plan.group``: K is padded to whole groups, so G = Kp / group)."""
+    return _per_column_block(group_scale, plan, np.int16)
 
 
 def int4_panel_scales(group_scale: np.ndarray, group_size: int, plan: GemmPlan) -> np.ndarray:
@@ -277,6 +273,13 @@ def _int4_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position
     return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
+def _int4_unsigned(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position: tirx.PrimExpr, half: int):
+    """The unsigned code ``code + 8`` at ``position`` of block ``(jo, ko)`` of a grouped plan's bytes
+    (:func:`pack_int4_panels`): the nibble itself, a shift and a mask."""
+    byte = packed[jo, ko, position % half]
+    return (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+
 def qgemm_int4_compute(
     a: te.Tensor,
     packed: te.Tensor,
@@ -286,7 +289,6 @@ def qgemm_int4_compute(
     shift: te.Tensor,
     row_exponent: te.Tensor | None = None,
     *,
-    group_offset: te.Tensor | None = None,
     plan: GemmPlan,
     group_size: int,
     zero_point: int,
@@ -296,11 +298,11 @@ def qgemm_int4_compute(
     """``requant(a[M, K] @ (codes * group_scale)^T + bias)``, ``packed`` (:func:`pack_int4_panels`) and
     ``group_scale`` in the kernel's layouts, built at compile time. Two forms, by :func:`plan_int4_gemm`:
 
-    - grouped (``plan.group``): ``sum_g s[j, g] (sum_{k in g} a[i, k] code[j, k])``, the same integers (int32
-      sums of exact products, regrouped), the inner sums on the int8 dot with the codes themselves unpacked to
-      int8 (4 products per lane per instruction), the scale applied once per group; ``group_scale`` from
-      :func:`int4_group_scales`. With u8 activations (VNNI), ``group_offset`` (:func:`int4_group_offsets`) takes
-      the offset's contribution out of each group's sum.
+    - grouped (``plan.group``): ``sum_g s[j, g] (sum_{k in g} a[i, k] (code[j, k] + 8) - 8 sum_{k in g} a[i, k])``,
+      the same integers (int32 sums of exact products, regrouped), the inner sums on the int8 dot with the
+      unsigned codes (a nibble, shifted and masked: nothing else) as its unsigned operand, the activations' group
+      sums ``A_sum`` computed once per row, the scale applied once per group; ``group_scale`` from
+      :func:`int4_group_scales`.
     - int16 (a group size that is not a multiple of 4): the codes expanded times their group scale into the int16
       ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, which runs on int16 weight pairs; ``group_scale`` from
       :func:`int4_panel_scales`.
@@ -324,13 +326,15 @@ def qgemm_int4_compute(
         weights = te.compute(shape, expand, name="W_expand")
         return _gemm_requant(a, weights, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
 
-    if plan.u8_activations and group_offset is None:
-        raise ValueError("qgemm_int4_compute: u8 activations need the group offsets (int4_group_offsets)")
-    size = plan.group
-    codes = te.compute(shape, lambda jo, ko, ji, ki: _int4_code(packed, jo, ko, ji * kb + ki, half), name="W_expand")
+    if plan.u8_activations:
+        raise ValueError("qgemm_int4_compute: a grouped plan reads its activations as int8 (no u8 offset)")
+    size, groups = plan.group, plan.k_padded // plan.group
+    codes = te.compute(
+        shape, lambda jo, ko, ji, ki: _int4_unsigned(packed, jo, ko, ji * kb + ki, half), name="W_expand"
+    )
     kk = te.reduce_axis((0, size), name="kk")
     partial = te.compute(
-        (m, plan.k_padded // size, plan.n_padded),  # columns innermost: a tile row of P is one dot's lanes
+        (m, groups, plan.n_padded),  # columns innermost: a tile row of P is one dot's lanes
         lambda i, g, j: te.sum(
             a[i, g * size + kk].astype("int32")
             * codes[j // lanes, g * (size // kb) + kk // kb, j % lanes, kk % kb].astype("int32"),
@@ -338,16 +342,16 @@ def qgemm_int4_compute(
         ),
         name="P",
     )
-
-    def group_sum(i: tirx.PrimExpr, g: tirx.PrimExpr, j: tirx.PrimExpr) -> tirx.PrimExpr:
-        if group_offset is None:
-            return partial[i, g, j]
-        return partial[i, g, j] - group_offset[j // lanes, g, j % lanes]
-
-    gr = te.reduce_axis((0, plan.k_padded // size), name="g")
+    ka = te.reduce_axis((0, size), name="ka")
+    sums = te.compute((m, groups), lambda i, g: te.sum(a[i, g * size + ka].astype("int32"), axis=ka), name="A_sum")
+    eight = tirx.const(8, "int32")  # the codes' +8, taken back out of each group's sum
+    gr = te.reduce_axis((0, groups), name="g")
     acc = te.compute(
         (m, plan.n_padded),
-        lambda i, j: te.sum(group_sum(i, gr, j) * group_scale[j // lanes, gr, j % lanes], axis=gr),
+        lambda i, j: te.sum(
+            (partial[i, gr, j] - sums[i, gr] * eight) * group_scale[j // lanes, gr, j % lanes].astype("int32"),
+            axis=gr,
+        ),
         name="C",
     )
     return _requant(acc, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)

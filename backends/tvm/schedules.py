@@ -264,9 +264,9 @@ def _schedule_grouped_gemm(
     sch: Schedule, names: list[str], kb: int, nr: int, use_avx2: bool, lanes: int, mr: int | None
 ) -> None:
     """An int4 GEMM summed per group: the ``mr x (nr*L)`` tile of :func:`schedule_gemm` holds the running sum
-    ``C``; for each group, the tile of its partial sums ``P`` is streamed over the group's K on the int8 dot
-    intrinsic (the codes unpacked to int8 per column panel, in the panel's thread), then added to ``C`` times the
-    group's scales (one vector multiply-add per accumulator and group).
+    ``C``; for each group, the tile of its partial sums ``P`` is streamed over the group's K on the unsigned-code
+    dot intrinsic (the codes unpacked to bytes), then added to ``C``, less the activations' group sum (``A_sum``,
+    computed once before the tiles), times the group's scales (one vector multiply-add per accumulator and group).
 
     Where the codes come from: for at most :data:`DECODE_MAX_ROW_TILES` row tiles (decode-sized M) each step of
     the dot unpacks the ``nr L KB`` codes it is about to read, from the packed bytes into a stack buffer that
@@ -324,13 +324,13 @@ def _schedule_grouped_gemm(
         sch.unroll(loops[-3])
         sch.unroll(loops[-4])
         intrinsics = _intrinsics()
-        intrin = intrinsics.VNNI_DOT_16X4_U8S8 if lanes == 16 else intrinsics.AVX2_DOT_8X4_PSIGN
+        intrin = intrinsics.VNNI_DOT_16X4_U4 if lanes == 16 else intrinsics.AVX2_DOT_8X4_U4
         sch.tensorize(loops[-2], intrin)
     else:
         sch.unroll(loops[-2])
         sch.unroll(loops[-3])
     for name in names:
-        if name in ("A_pad", "unpad") or (name == "W_expand" and not expand_panels and not per_step):
+        if name in ("A_pad", "A_sum", "unpad") or (name == "W_expand" and not expand_panels and not per_step):
             _parallel_elementwise(sch, name, vector=False)
 
 

@@ -367,17 +367,19 @@ def test_qgemm_int4_bit_exact_on_generated_shapes(m: int, n: int, k: int, group:
 @pytest.mark.parametrize(
     ("target", "group", "instruction"),
     [
-        ("avx2", 128, "llvm.x86.avx2.pmadd.ub.sw"),  # the codes on the psign int8 dot, summed per group
-        ("avx512vnni", 64, "llvm.x86.avx512.vpdpbusd.512"),  # u8 x s8 on 16 lanes, the offset taken out per group
+        ("avx2", 128, "llvm.x86.avx2.pmadd.ub.sw"),  # unsigned codes x int8 on vpmaddubsw, summed per group
+        ("avx512vnni", 64, "llvm.x86.avx512.vpdpbusd.512"),  # the same on 16 lanes
         ("avx2", 6, "llvm.x86.avx2.pmadd.wd"),  # a group size that is not a multiple of 4: int16 weights
     ],
 )
 def test_qgemm_int4_kernel_uses_the_targets_dot_and_no_float(target: str, group: int, instruction: str) -> None:
     """Compiles on any host (the code is not run): the int8 dot of the target on the int4 codes where the group
-    size allows, the int16 pair kernel otherwise; no float instruction either way."""
+    size allows, the int16 pair kernel otherwise; no float instruction either way. The grouped form reads the
+    unsigned codes as they are unpacked: no sign fix-up (vpsignb) of either operand."""
     chosen = _AVX2_TARGET if target == "avx2" else _VNNI_TARGET
     module = build(_int4_model(np.random.default_rng(1), 16, 64, 256, group), {"x": [16, 256]}, target=chosen)
     assert instruction in module.llvm_ir()
+    assert "psign" not in module.llvm_ir()
     assert not float_functions(module.llvm_ir())
 
 
