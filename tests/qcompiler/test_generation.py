@@ -17,7 +17,7 @@ import torch
 
 from qcompiler.dialect.reference import run_reference
 from qcompiler.errors import CalibrationError, ModelLoadError, QCompilerError
-from qcompiler.generation import CausalLM, ContextFullError, compile_causal_lm, keep_mask, prefill_spans
+from qcompiler.generation import CausalLM, ContextFullError, compile_causal_lm, decode_spans, keep_mask, prefill_spans
 from qcompiler.ir.graph import specialize_dims
 from qcompiler.passes.lower import float_ops_inside
 from qcompiler.testing.zoo import decoder
@@ -77,10 +77,12 @@ def test_generation_prefill_computes_the_last_logits_alone_and_exactly(llama) ->
 
 def test_a_step_runs_on_the_smallest_span_that_holds_the_cache(llama, monkeypatch) -> None:
     """Decode and prefill libraries per span (``span - 1`` and ``span - chunk`` slots): a step reads the span of
-    the cache that holds what is filled, where it lies, not all ``max_context`` slots."""
+    the cache that holds what is filled, where it lies, not all ``max_context`` slots. Decode has a span between
+    each two of prefill's (three quarters of the larger): a token reads at most 4/3 of what is filled."""
     _, compiled, held_out = llama
     spans = prefill_spans(CHUNK, MAX_CONTEXT)
-    assert sorted(compiled.decode_modules) == [s - 1 for s in spans]
+    assert spans == [16, 32] and decode_spans(CHUNK, MAX_CONTEXT) == [16, 24, 32]
+    assert sorted(compiled.decode_modules) == [15, 23, 31]
     assert sorted(compiled.prefill_modules) == [s - CHUNK for s in spans]
     ran: list[tuple[str, int]] = []
     for kind, modules in (("decode", compiled.decode_modules), ("prefill", compiled.prefill_modules)):
@@ -93,9 +95,9 @@ def test_a_step_runs_on_the_smallest_span_that_holds_the_cache(llama, monkeypatc
     compiled.prefill(ids[:, :CHUNK])  # a chunk over no slots: the smallest span
     compiled.decode_step(int(ids[0, CHUNK]))  # 8 cached: the 15-slot library
     compiled.prefill(ids[:, CHUNK + 1 : 2 * CHUNK + 1])  # 9 cached: the 24-slot library (8 is too few)
-    for token in ids[0, 2 * CHUNK + 1 : 2 * CHUNK + 3]:  # 17 and 18 cached: the 31-slot library
+    for token in ids[0, 2 * CHUNK + 1 : 2 * CHUNK + 3]:  # 17 and 18 cached: the 23-slot library
         compiled.decode_step(int(token))
-    assert ran == [("prefill", 8), ("decode", 15), ("prefill", 24), ("decode", 31), ("decode", 31)]
+    assert ran == [("prefill", 8), ("decode", 15), ("prefill", 24), ("decode", 23), ("decode", 23)]
 
 
 def test_the_cache_is_integer_and_no_float_op_is_inside(llama) -> None:
