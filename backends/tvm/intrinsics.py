@@ -20,6 +20,8 @@ from tvm import tirx
 from tvm.s_tir import TensorIntrin
 from tvm.script import tirx as T
 
+from qcompiler.backends.tvm.schedules import ACCUMULATOR_SCOPE  # the accumulators' buffers, as scheduled
+
 AVX2_DOT_8X4_PSIGN = "qcompiler_avx2_dot_8x4_s8s8s32_psign"
 AVX2_DOT_8X2_I16 = "qcompiler_avx2_dot_8x2_s8s8s32_i16"
 AVX2_DOT_8X2_S8S16 = "qcompiler_avx2_dot_8x2_s8s16s32"
@@ -37,7 +39,7 @@ def _dot_desc(lanes: int, kb: int, a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
     def desc(
         A: T.Buffer((kb,), a_dtype, offset_factor=1),
         B: T.Buffer((lanes, kb), b_dtype, offset_factor=1),
-        C: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((lanes,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:lanes], A[0:kb], B[0:lanes, 0:kb])
@@ -60,7 +62,7 @@ def _vnni_impl(instruction: str, kb: int, a_dtype: str, b_dtype: str) -> tirx.Pr
     def impl(
         A: T.Buffer((kb,), a_dtype, offset_factor=1),
         B: T.Buffer((16, kb), b_dtype, offset_factor=1),
-        C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((16,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:16], A[0:kb], B[0:16, 0:kb])
@@ -80,7 +82,7 @@ def _vnni_impl(instruction: str, kb: int, a_dtype: str, b_dtype: str) -> tirx.Pr
 def _dot8x4_psign_impl(
     A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((8, 4), "int8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
 ) -> None:
     # One expression on purpose: a TVMScript assignment becomes a local buffer, which TVM allocates with
     # TVMBackendAllocWorkspace inside parallel loops (five heap allocations per call, measured 5x slower).
@@ -120,7 +122,7 @@ def _dot8x4_psign_impl(
 def _vnni_u4_impl(
     A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((16, 4), "uint8", offset_factor=1),
-    C: T.Buffer((16,), "int32", offset_factor=1, scope="local"),
+    C: T.Buffer((16,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
 ) -> None:
     # unsigned int4 codes (one per byte) as vpdpbusd's unsigned operand, the int8 activations broadcast as its
     # signed one
@@ -140,7 +142,7 @@ def _vnni_u4_impl(
 def _avx2_u4_impl(
     A: T.Buffer((4,), "int8", offset_factor=1),
     B: T.Buffer((8, 4), "uint8", offset_factor=1),
-    C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    C: T.Buffer((8,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
 ) -> None:
     # vpmaddubsw's pair sums are at most 2 * 15 * 128: unsigned int4 codes never saturate them
     with T.sblock("root"):
@@ -169,7 +171,7 @@ def _pmaddwd_impl(a_dtype: str, b_dtype: str) -> tirx.PrimFunc:
     def impl(
         A: T.Buffer((2,), a_dtype, offset_factor=1),
         B: T.Buffer((8, 2), b_dtype, offset_factor=1),
-        C: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+        C: T.Buffer((8,), "int32", offset_factor=1, scope=ACCUMULATOR_SCOPE),
     ) -> None:
         with T.sblock("root"):
             T.reads(C[0:8], A[0:2], B[0:8, 0:2])
