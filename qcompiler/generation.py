@@ -492,6 +492,10 @@ class CausalLM:
         return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
 
     # --- steps ------------------------------------------------------------------------------------------------
+    def _span(self, decode: bool) -> int:
+        """The slots of the smallest decode (or prefill) library whose span holds the cache."""
+        return next(s for s in (self.decode_modules if decode else self.prefill_modules) if s >= self.length)
+
     def _run(self, ids: np.ndarray, slots: int | None = None, last_only: bool = False) -> np.ndarray:
         """Run ``ids`` at the current position, one token on the decode library, else one chunk (padded to its
         length) on the prefill library of ``slots``; caches the real ones. Returns the logits of the real tokens
@@ -503,8 +507,8 @@ class CausalLM:
                 "reset() the model, or compile with a larger max_context"
             )
         decode = slots is None
-        if slots is None:  # the smallest span that holds the cache
-            slots = next(s for s in self.decode_modules if s >= self.length)
+        if slots is None:
+            slots = self._span(decode=True)
         module = self.decode_modules[slots] if decode else self.prefill_modules[slots]
         size = 1 if decode else self.chunk
         assert self.length <= slots, "a step runs only where its graph's past holds the cache"
@@ -535,7 +539,7 @@ class CausalLM:
             whole_chunk = part.shape[1] > 1 and self.length <= self.prefill_slots
             if not whole_chunk:  # one token, or the last slots of the cache: decode steps
                 part = part[:, :1]
-            slots = next(s for s in self.prefill_modules if s >= self.length) if whole_chunk else None
+            slots = self._span(decode=False) if whole_chunk else None
             logits = self._run(part, slots, last_only)
             parts = [logits.copy()] if last_only else [*parts, logits]
             start += part.shape[1]

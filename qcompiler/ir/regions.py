@@ -376,57 +376,72 @@ def _appends_to_cache(node: ir.Node, value: ir.Value, shape: tuple[int, ...] | N
     return past is not None and past.producer() is None and const_array(past) is None and axis != len(shape) - 1
 
 
-def _trace_value_path(start: ir.Value, cached: list[bool]) -> tuple[Linear | None, int | None, bool, str | None]:
-    """Follow V's output to the linear that reads the merged heads.
+@dataclasses.dataclass
+class _ValuePath:
+    """Where V's output leads (:func:`_trace_value_path`)."""
 
-    Returns (o linear, head_dim, whether an attention product read it as V, why the path stops if it does);
-    ``cached`` gets True when a value on the path is written to a KV cache output (:func:`_writes_cache_output`).
-    """
-    current, head_dim, through_pv = start, None, False
+    o: Linear | None = None  # the linear that reads the merged heads
+    head_dim: int | None = None
+    through_pv: bool = False  # an attention product read it as V
+    cached: bool = False  # a value on the path is written to a KV cache output (:func:`_writes_cache_output`)
+    reason: str | None = None  # why the path stops, if it does
+
+
+def _trace_value_path(start: ir.Value) -> _ValuePath:
+    """Follow V's output to the linear that reads the merged heads."""
+    path = _ValuePath()
+    current = start
     for _ in range(64):
         readers = consumers(current)
         if any(_writes_cache_output(r) for r in readers):
-            cached[0] = True
+            path.cached = True
             readers = [r for r in readers if not _writes_cache_output(r)]
         if len(readers) != 1:
-            return None, head_dim, through_pv, f"{current.name!r} has {len(readers)} readers"
+            return dataclasses.replace(path, reason=f"{current.name!r} has {len(readers)} readers")
         node = readers[0]
         before, after = static_shape(node.inputs[0]), static_shape(node.outputs[0]) if node.outputs else None
+        head_dim = path.head_dim
         if node.op_type == "Reshape" and before is not None and after is not None:
             if head_dim is None:
                 if len(after) == len(before) + 1 and after[:-2] == before[:-1] and after[-2] * after[-1] == before[-1]:
-                    head_dim = after[-1]  # [..., heads * d] -> [..., heads, d] (one head included)
+                    path.head_dim = after[-1]  # [..., heads * d] -> [..., heads, d] (one head included)
                 elif after[-1] == before[-1]:
                     pass  # flatten/unflatten around a Gemm
                 else:
                     reason = f"{node_label(node)} reshapes the projection's output in an unknown way"
-                    return None, None, through_pv, reason
-            elif through_pv and len(before) >= 2 and after[-1] == before[-2] * before[-1] and after[:-1] == before[:-2]:
+                    return dataclasses.replace(path, reason=reason)
+            elif (
+                path.through_pv
+                and len(before) >= 2
+                and after[-1] == before[-2] * before[-1]
+                and after[:-1] == before[:-2]
+            ):
                 linears, others = linear_readers(node.outputs[0])
                 if len(linears) == 1 and not others:
-                    return linears[0], head_dim, through_pv, None
+                    return dataclasses.replace(path, o=linears[0])
                 reason = f"the merged heads {node.outputs[0].name!r} are not read by one linear"
-                return None, head_dim, through_pv, reason
+                return dataclasses.replace(path, reason=reason)
             elif after[-1] == head_dim:
                 pass  # leading axes regrouped (grouped-query attention's expanded heads)
             else:
-                return None, head_dim, through_pv, f"{node_label(node)} reshapes across the head_dim axis"
+                return dataclasses.replace(path, reason=f"{node_label(node)} reshapes across the head_dim axis")
         elif node.op_type == "Transpose":
             rank = len(before) if before is not None else 0
             perm = list(node.attributes.get_ints("perm", list(range(rank))[::-1]))
             if not perm or perm[-1] != len(perm) - 1:
-                return None, head_dim, through_pv, f"{node_label(node)} moves the channel axis"
+                return dataclasses.replace(path, reason=f"{node_label(node)} moves the channel axis")
         elif node.op_type in ("Unsqueeze", "Expand") and before is not None and after is not None:
             if after[-1] != before[-1]:
-                return None, head_dim, through_pv, f"{node_label(node)} changes the channel axis"
+                return dataclasses.replace(path, reason=f"{node_label(node)} changes the channel axis")
         elif node.op_type == "MatMul" and node.inputs[1] is current and head_dim is not None:
-            through_pv = True
+            path.through_pv = True
         elif _appends_to_cache(node, current, before):
             pass  # the cached values of earlier steps (written by this graph: in the same basis) before the new
         else:
-            return None, head_dim, through_pv, f"{node_label(node)} ({node.op_type}) is not on an attention value path"
+            reason = f"{node_label(node)} ({node.op_type}) is not on an attention value path"
+            return dataclasses.replace(path, reason=reason)
         current = node.outputs[0]
-    return None, head_dim, through_pv, "path too long"
+    return dataclasses.replace(path, reason="path too long")
 
 
 def head_pairs(graph: ir.Graph) -> list[HeadPair]:
@@ -436,14 +451,14 @@ def head_pairs(graph: ir.Graph) -> list[HeadPair]:
         linear = as_linear(node)
         if linear is None:
             continue
-        cached = [False]
-        o, head_dim, through_pv, reason = _trace_value_path(node.outputs[0], cached)
+        path = _trace_value_path(node.outputs[0])
+        o, head_dim, reason = path.o, path.head_dim, path.reason
         if head_dim is None:
             continue  # never split into heads: not a value projection
-        if o is None and not through_pv:
+        if o is None and not path.through_pv:
             continue  # never reached an attention product as its V operand: a query, key or other projection
         blockers = [] if reason is None else [reason]
-        if cached[0]:  # rotated values would be cached rotated, and earlier steps' come in from outside the graph
+        if path.cached:  # rotated values would be cached rotated, and earlier steps' come in from outside the graph
             blockers.append(f"{linear.label}: its values are written to a KV cache output")
         if o is not None and o.in_features % head_dim:
             blockers.append(f"{o.label} reads {o.in_features} features, not a multiple of head_dim {head_dim}")
