@@ -486,10 +486,15 @@ class CausalLM:
 
     @property
     def weight_bytes(self) -> int:
-        """Bytes of the integer graph's constants (the weights a decode step streams)."""
+        """Bytes of the integer graph's constants a decode step streams: all but the tables only a Gather reads
+        (the embedding, a positions table: one row a token; SmolLM2's embedding is 28.6 MB)."""
         integer = self._integer_graph()
         model = integer if isinstance(integer, ir.Model) else ir.serde.deserialize_model(integer)
-        return sum(v.const_value.nbytes for v in model.graph.initializers.values() if v.const_value is not None)
+        return sum(
+            v.const_value.nbytes
+            for v in model.graph.initializers.values()
+            if v.const_value is not None and not (v.uses() and all(u.node.op_type == "Gather" for u in v.uses()))
+        )
 
     # --- steps ------------------------------------------------------------------------------------------------
     def _span(self, decode: bool) -> int:

@@ -110,6 +110,20 @@ def test_the_cache_is_integer_and_no_float_op_is_inside(llama) -> None:
     assert compiled.report["cache_bytes_per_token"] == compiled.cache_bytes_per_token
 
 
+def test_weight_bytes_are_what_a_decode_step_streams(llama) -> None:
+    """Every constant but the tables a Gather reads one row of per token (the embedding, the positions' RoPE
+    tables): the decode floor's numerator."""
+    model, compiled, _ = llama
+    graph = ir.serde.deserialize_model(compiled.integer_model).graph
+    sizes = {v.name: v.const_value.nbytes for v in graph.initializers.values() if v.const_value is not None}
+    tables = [
+        v.name for v in graph.initializers.values() if v.uses() and all(u.node.op_type == "Gather" for u in v.uses())
+    ]
+    embedding = model.config.vocab_size * model.config.hidden_size
+    assert any(sizes[t] % embedding == 0 for t in tables)
+    assert compiled.weight_bytes == sum(sizes.values()) - sum(sizes[t] for t in tables)
+
+
 @pytest.mark.parametrize("length", [1, CHUNK])
 def test_compiled_steps_agree_with_the_reference_interpreter(llama, length: int) -> None:
     _, compiled, held_out = llama
