@@ -11,6 +11,7 @@ Shape-only ops (MaxPool, Reshape, ...) and stand-alone ReLU keep their input's s
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 
 from qcompiler.dialect.dyadic import INT4_ACC_BUDGET, group_scale_bits
-from qcompiler.errors import CalibrationError, UnsupportedOpError
+from qcompiler.errors import CalibrationError, RecipeError, UnsupportedOpError
 from qcompiler.ir.analysis.pooling import average_pool_window
 from qcompiler.ir.analysis.silu import silu_sigmoids
 from qcompiler.ir.analysis.softmax_groups import is_mask_where, softmax_groups
@@ -138,6 +139,11 @@ class QuantizeConfig:
     group_size: int = 0
     #: int4 weights: per-group clipping ratios searched for the smallest weight error (1 always competes)
     weight_clip_grid: tuple[float, ...] = ()
+    #: per-layer weight bits (mixed precision): ``{pattern: bits}`` in order, the first pattern (fnmatch) that
+    #: matches one of a linear's names (:func:`layer_names`: its module path from torch.export, its node name,
+    #: its weight's name) gives its bits, 4 or 8; the others take ``weight_bits``. A pattern that matches no
+    #: linear is an error (a misspelt name would otherwise quantize nothing differently)
+    layer_weight_bits: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.weight_quantizer not in ("rtn", "gptq"):
@@ -162,7 +168,16 @@ class QuantizeConfig:
             raise ValueError(f"residual_bits: must be 8 or 16, got {self.residual_bits}")
         if self.weight_bits not in (4, 8):
             raise ValueError(f"weight_bits: the integer path supports 8 and 4, got {self.weight_bits}")
-        if self.group_size < 0 or (self.group_size and self.weight_bits != 4):
+        layers = self.layer_weight_bits
+        pairs = layers.items() if isinstance(layers, Mapping) else layers
+        try:
+            object.__setattr__(self, "layer_weight_bits", tuple((str(p), int(b)) for p, b in pairs))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"layer_weight_bits: a table of pattern = bits, got {layers!r}") from exc
+        wrong = [(p, b) for p, b in self.layer_weight_bits if b not in (4, 8)]
+        if wrong:
+            raise ValueError(f"layer_weight_bits: bits must be 4 or 8, got {dict(wrong)}")
+        if self.group_size < 0 or (self.group_size and 4 not in self.bits_used):
             raise ValueError(f"group_size: groups need weight_bits = 4 and a size >= 1 (0: per channel), got "
                              f"{self.group_size} with weight_bits = {self.weight_bits}")  # fmt: skip
         object.__setattr__(self, "weight_clip_grid", tuple(float(r) for r in self.weight_clip_grid))
@@ -173,9 +188,48 @@ class QuantizeConfig:
         if self.activation_bits not in (8, 16):
             raise ValueError(f"activation_bits: must be 8 or 16 (W8A16: int16 wherever the readers take it), got "
                              f"{self.activation_bits}")  # fmt: skip
-        if self.activation_bits == 16 and (self.weight_bits != 8 or self.row_exponents):
-            raise ValueError("activation_bits = 16 needs weight_bits = 8 and row_exponents = false (its int16 "
+        if self.activation_bits == 16 and (self.bits_used != {8} or self.row_exponents):
+            raise ValueError("activation_bits = 16 needs 8-bit weights in every layer (weight_bits and "
+                             "layer_weight_bits) and row_exponents = false (its int16 "
                              "activations are read whole by int8-weight linears)")  # fmt: skip
+
+    @property
+    def bits_used(self) -> set[int]:
+        """Every weight width the config can give a layer."""
+        return {self.weight_bits, *(bits for _, bits in self.layer_weight_bits)}
+
+
+def layer_names(node: ir.Node) -> list[str]:
+    """The names a linear answers to in ``layer_weight_bits``: its module path (torch.export's
+    ``pkg.torch.onnx.name_scopes``, e.g. ``model.layers.0.mlp.down_proj``), its node name and its weight's name
+    (an ONNX file's ``/model/layers.0/mlp/down_proj/MatMul`` and ``model.layers.0.mlp.down_proj.weight``)."""
+    names = []
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        parts = [p.strip(" '\"") for p in scopes.strip("[]").split(",")]
+        names.append(next((p for p in reversed(parts[:-1]) if p), ""))
+    names.append(node.name or "")
+    if len(node.inputs) > 1 and node.inputs[1] is not None:
+        names.append(node.inputs[1].name or "")
+    return [n for n in names if n]
+
+
+def _answers_to(node: ir.Node, pattern: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for name in layer_names(node))
+
+
+def _check_layer_patterns(graph: ir.Graph, patterns: tuple[tuple[str, int], ...]) -> None:
+    """Every ``layer_weight_bits`` pattern matches some linear layer (a weighted Conv, Gemm or MatMul)."""
+    if not patterns:
+        return
+    linears = [n for n in graph if n.op_type in ("Conv", "Gemm", "MatMul") and const_array(n.inputs[1]) is not None]
+    unmatched = [p for p, _ in patterns if not any(_answers_to(n, p) for n in linears)]
+    if unmatched:
+        examples = [layer_names(n)[0] for n in linears[:3] if layer_names(n)]
+        raise RecipeError(
+            f"quantize.layer_weight_bits: pattern(s) {unmatched} match no linear layer; a layer answers to its "
+            f"module path, node name or weight name, e.g. {examples}"
+        )
 
 
 def _narrows(node: ir.Node | None) -> bool:
@@ -308,7 +362,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     def requires(self, model: ir.Model) -> None:
         if model.opset_imports.get("", 0) < 13:
             raise ir.passes.PreconditionError("QuantizeQDQPass needs opset >= 13 (per-axis QuantizeLinear)")
-        if self.config.weight_bits == 4 and model.opset_imports.get("", 0) < 21:
+        if 4 in self.config.bits_used and model.opset_imports.get("", 0) < 21:
             raise ir.passes.PreconditionError(
                 "weight_bits = 4 needs opset >= 21 (INT4 and blocked DequantizeLinear): put "
                 '{ pass = "upgrade-opset", opset = 21 } first in the recipe\'s canonicalize list'
@@ -323,6 +377,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         inside_groups = set().union(*(g.ids for g in groups.values())) | {id(n) for n in graph if is_mask_where(n)}
         inside_groups |= silu_sigmoids(graph)  # the Sigmoid of x * Sigmoid(x) stays inside the SiLU group
         self._check_supported(graph, inside_groups)
+        _check_layer_patterns(graph, self.config.layer_weight_bits)  # before anything is rewritten
         scale_of: dict[int, Any] = {}  # id(float value or its DQ output) -> scale (float32 scalar or per channel)
         self._scale_of = scale_of
         self._bits_of: dict[int, int] = {}  # id(DQ output) -> 16 for wide tensors
@@ -904,7 +959,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Symmetric per-output-channel int8 codes by GPTQ."""
         in_out = weight.astype(np.float64) if axis == 1 else weight.astype(np.float64).T
-        spec = WeightQuantSpec(self.config.weight_bits)
+        spec = WeightQuantSpec(8)
         result = gptq(
             in_out, self._hessian(node, fold), spec, damp=self.config.gptq_damp, act_order=self.config.gptq_act_order
         )
@@ -977,6 +1032,12 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         mask = low.reshape(shape) & np.ones(weight.shape, dtype=bool)
         return np.where(mask, codes, q_weight).astype(np.int8), scales
 
+    def _layer_bits(self, node: ir.Node) -> int:
+        """The weight bits of ``node``: the first ``layer_weight_bits`` pattern one of its names matches, else
+        ``weight_bits``."""
+        return next((bits for pattern, bits in self.config.layer_weight_bits if _answers_to(node, pattern)),
+                    self.config.weight_bits)  # fmt: skip
+
     def _quantize_weights(self, graph: ir.Graph, node: ir.Node, scale_of: Mapping[int, np.float32]) -> None:
         source = node.inputs[0]
         assert source is not None
@@ -1001,7 +1062,7 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         hadamard = hadamard_matmul(node) if fold is None else None
         level = self._level_of.get(id(source), ACT_QMAX + 1)  # the largest |x| the input's levels reach
         accumulator_bound = (int(np.prod(weight.shape)) // weight.shape[axis]) * level * 127
-        if hadamard is None and self.config.weight_bits == 4 and node.op_type != "Conv":
+        if hadamard is None and self._layer_bits(node) == 4 and node.op_type != "Conv":
             _, w_scales = self._int4_weight(graph, node, weight, axis, fold)
             accumulator_bound = INT4_ACC_BUDGET
         else:

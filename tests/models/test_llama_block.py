@@ -368,3 +368,37 @@ def test_simulate_with_integer_nonlinearities(tiny_llama) -> None:
         qcompiler.simulate(copy(), calibration=calibration, recipe="w8a8", nonlinearities="fixed")
     with pytest.raises(ValueError, match="float-only simulation"):
         qcompiler.simulate(copy(), calibration=calibration, recipe="w4a8-dynamic", nonlinearities="integer")
+
+
+def test_layer_weight_bits_mix_int8_and_int4_layers(tiny_llama) -> None:
+    """Mixed precision (issue 18): ``layer_weight_bits`` keeps the down and output projections int8 in the w4a8
+    recipe, matched by their module paths; the rest stay int4. Integer-only, TVM bit-exact, within the w4a8
+    test's bound of its simulation; a pattern that matches no layer is refused by name before anything is
+    rewritten."""
+    import dataclasses
+
+    from qcompiler.config import load_recipe
+    from qcompiler.errors import RecipeError
+
+    exported, calibration, probe, _ = tiny_llama
+    base = load_recipe("w4a8")
+    layers = {"*.mlp.down_proj": 8, "*.self_attn.o_proj": 8}
+    quantize = dataclasses.replace(base.quantize, group_size=32, layer_weight_bits=layers)
+    recipe = dataclasses.replace(base, quantize=quantize)
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    ops = collections.Counter(n.op_type for n in integer.graph)
+    assert ops["QGemmInt4"] == 11 and ops["QGemm"] == 4  # int8: down and o of both layers
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
+    for feeds in probe:
+        simulated, ours = run_reference(qdq_proto, feeds)[0], run_reference(proto, feeds)[0]
+        step = float(np.abs(simulated).max()) / 127
+        assert np.abs(ours - simulated).max() <= 1.5 * step
+
+    typo = dataclasses.replace(base.quantize, layer_weight_bits={"*.mlp.dwn_proj": 8})
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    with pytest.raises(RecipeError, match=r"dwn_proj.*match no linear layer.*model\.layers\.0"):
+        quantize_to_integer(model, calibration=calibration, recipe=dataclasses.replace(base, quantize=typo),
+                            progress=False)  # fmt: skip

@@ -178,6 +178,24 @@ def test_malformed_recipe_names_the_field(tmp_path: Path) -> None:
         qcompiler.compile(str(mnist_model_path()), calibration=[], recipe=recipe)
 
 
+def test_layer_weight_bits_load_from_toml_in_order_and_bad_values_name_the_field(tmp_path: Path) -> None:
+    from qcompiler.config import load_recipe
+
+    recipe = tmp_path / "mixed.toml"
+    recipe.write_text('name = "mixed"\n[quantize]\nweight_bits = 4\ngroup_size = 128\n'
+                      '[quantize.layer_weight_bits]\n"*.down_proj" = 8\n"model.layers.0.*" = 8\n')  # fmt: skip
+    loaded = load_recipe(recipe).quantize
+    assert loaded.layer_weight_bits == (("*.down_proj", 8), ("model.layers.0.*", 8))
+    assert loaded.bits_used == {4, 8}
+    for text, field in (('"*.down_proj" = 3', "bits must be 4 or 8"), ('"*" = "eight"', "layer_weight_bits")):
+        recipe.write_text(f'name = "mixed"\n[quantize.layer_weight_bits]\n{text}\n')
+        with pytest.raises(qcompiler.RecipeError, match=field):
+            load_recipe(recipe)
+    recipe.write_text('name = "w8a16"\n[quantize]\nactivation_bits = 16\n[quantize.layer_weight_bits]\n"*" = 4\n')
+    with pytest.raises(qcompiler.RecipeError, match="activation_bits = 16 needs"):
+        load_recipe(recipe)
+
+
 def test_unknown_target() -> None:
     with pytest.raises(qcompiler.TargetError, match="unknown target 'tpu'"):
         qcompiler.compile(str(mnist_model_path()), target="tpu", calibration=[])
