@@ -375,24 +375,31 @@ def _calibrator(batches: Any, max_batches: int | None, progress: bool) -> Callab
     return calibrate
 
 
-def _quantize_qdq(
+@dataclasses.dataclass
+class _Calibrated:
+    """A model canonicalized by its recipe and calibrated: what quantization starts from."""
+
+    model: ir.Model
+    ranges: Any  # calibrate.Ranges
+    batches: Any
+    shapes: dict[str, list[int]]
+    recipe: Recipe  # the recipe used (an [auto] recipe's choice)
+    choice: AutoChoice | None
+    records: list[PassRecord]
+
+
+def _canonical_calibrated(
     model: Any,
     example_inputs: Sequence[Any] | Mapping[str, Any] | None,
     calibration: Any,
     chosen: Recipe,
     verify: bool,
     progress: bool,
-    float_islands: bool = False,
-    layer_errors: bool = False,
-    cache_inputs: frozenset[str] = frozenset(),
     dim_bounds: Mapping[str, int] | None = None,
-) -> _QDQResult:
-    """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing);
-    with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list).
-
-    ``dim_bounds`` (symbol -> largest value) keeps the model's symbolic dimensions through the passes (one graph
-    for every sequence length up to the bound) instead of fixing them to the first batch's; ``cache_inputs``
-    names the KV-cache inputs (:class:`QuantizeQDQPass`)."""
+    hessians: bool = False,
+) -> _Calibrated:
+    """Load, canonicalize (an ``[auto]`` recipe chooses its recipe after canonicalizing) and calibrate;
+    ``hessians``: the linears' input Hessians even where the recipe does not need them."""
     torch_args = list(example_inputs) if isinstance(example_inputs, list | tuple) else None
     ir_model = load_model(model, torch_args if torch_args is not None else None, progress=progress)
     sample = None
@@ -446,14 +453,40 @@ def _quantize_qdq(
             percentile=cal.percentile,
             progress=progress,
             max_batches=cal.max_batches,
-            hessians=chosen.quantize.weight_quantizer == "gptq" or bool(chosen.quantize.migration_alpha_grid),
+            hessians=hessians
+            or chosen.quantize.weight_quantizer == "gptq"
+            or bool(chosen.quantize.migration_alpha_grid),
         )
+    return _Calibrated(canonical.model, ranges, batches, shapes, chosen, choice, records)
+
+
+def _quantize_qdq(
+    model: Any,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None,
+    calibration: Any,
+    chosen: Recipe,
+    verify: bool,
+    progress: bool,
+    float_islands: bool = False,
+    layer_errors: bool = False,
+    cache_inputs: frozenset[str] = frozenset(),
+    dim_bounds: Mapping[str, int] | None = None,
+) -> _QDQResult:
+    """Canonicalize, calibrate and quantize to QDQ (an ``[auto]`` recipe chooses its recipe after canonicalizing);
+    with ``layer_errors``, also the per-layer SQNR against float on the first calibration batch (if a list).
+
+    ``dim_bounds`` (symbol -> largest value) keeps the model's symbolic dimensions through the passes (one graph
+    for every sequence length up to the bound) instead of fixing them to the first batch's; ``cache_inputs``
+    names the KV-cache inputs (:class:`QuantizeQDQPass`)."""
+    calibrated = _canonical_calibrated(model, example_inputs, calibration, chosen, verify, progress, dim_bounds)
+    canonical_model, ranges, batches = calibrated.model, calibrated.ranges, calibrated.batches
+    shapes, chosen, choice, records = calibrated.shapes, calibrated.recipe, calibrated.choice, calibrated.records
     layer_probe = None
     if layer_errors:  # QuantizeQDQPass edits the float model in place: the probe keeps a copy
         from qcompiler.ir.analysis.layer_error import LayerErrorProbe
 
         with step("per-layer error: float reference", False):
-            layer_probe = LayerErrorProbe.capture(canonical.model, batches)
+            layer_probe = LayerErrorProbe.capture(canonical_model, batches)
     with step(f"quantize ({chosen.quantize.weight_quantizer} weights, QDQ)", progress):
         quantized = Pipeline(
             [
@@ -468,13 +501,48 @@ def _quantize_qdq(
                 RemoveUnusedNodesPass(),
             ],
             verify_each=verify,
-        ).run(canonical.model)
+        ).run(canonical_model)
     records += quantized.records
     layers = None
     if layer_probe is not None:
         with step("per-layer error against float", progress):
             layers = layer_probe.measure(quantized.model, ranges.thresholds)
     return _QDQResult(quantized.model, records, shapes, chosen, choice, layers)
+
+
+def choose_layer_bits(
+    model: Any,
+    *,
+    calibration: Any,
+    recipe: str | Path | Recipe = "w4a8",
+    size_ratio: float = 1.1,
+    example_inputs: Sequence[Any] | Mapping[str, Any] | None = None,
+    verify: bool = False,
+    progress: bool = True,
+) -> tuple[Recipe, list[Any]]:
+    """Mixed precision (HAWQ-V3's integer program): each linear layer's weight bits, 4 or 8, minimising the summed
+    output error on the calibration inputs within ``size_ratio`` times the weight bytes of every layer at 4 bits
+    (passes/quantize/mixed.py). Returns ``recipe`` with the choice in ``quantize.layer_weight_bits`` (compile with
+    it, or save its table to a TOML recipe) and the layers' costs.
+
+    Raises:
+        RecipeError: the recipe has no integer path or ``size_ratio`` is below 1.
+    """
+    from qcompiler.passes.quantize.mixed import as_layer_weight_bits, choose_layer_bits, layer_costs
+
+    chosen = load_recipe(recipe)
+    if chosen.simulate is not None or chosen.auto:
+        raise RecipeError(f"recipe: {chosen.name!r}: choose_layer_bits needs an integer-path recipe (w4a8, w8a8-llm)")
+    if size_ratio < 1.0:
+        raise RecipeError(f"size_ratio: {size_ratio} is below 1 (every layer at 4 bits)")
+    calibrated = _canonical_calibrated(model, example_inputs, calibration, chosen, verify, progress, hessians=True)
+    base = dataclasses.replace(chosen.quantize, weight_bits=4, layer_weight_bits=())
+    costs = layer_costs(calibrated.model.graph, calibrated.ranges.hessians, base)
+    budget = int(size_ratio * sum(c.sizes[4] for c in costs))
+    table = as_layer_weight_bits(choose_layer_bits(costs, budget), default=4)
+    quantize = dataclasses.replace(base, layer_weight_bits=table)
+    name = f"{chosen.name}-mixed-{size_ratio:g}"
+    return dataclasses.replace(chosen, name=name, quantize=quantize), costs
 
 
 def simulate(

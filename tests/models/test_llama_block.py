@@ -402,3 +402,38 @@ def test_layer_weight_bits_mix_int8_and_int4_layers(tiny_llama) -> None:
     with pytest.raises(RecipeError, match=r"dwn_proj.*match no linear layer.*model\.layers\.0"):
         quantize_to_integer(model, calibration=calibration, recipe=dataclasses.replace(base, quantize=typo),
                             progress=False)  # fmt: skip
+
+
+def test_choose_layer_bits_solves_the_size_budget_exactly(tiny_llama) -> None:
+    """HAWQ-V3's integer program (issue 18): per-layer bits minimising the summed output error within the size
+    budget; checked against brute force over every one of the 2^15 choices, and the recipe it returns compiles
+    with exactly its int8 layers as QGemm."""
+    import dataclasses
+    import itertools
+
+    from qcompiler.api import choose_layer_bits
+    from qcompiler.config import load_recipe
+
+    exported, calibration, _, _ = tiny_llama
+    base = load_recipe("w4a8")
+    base = dataclasses.replace(base, quantize=dataclasses.replace(base.quantize, group_size=32))
+    copy = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    recipe, costs = choose_layer_bits(copy, calibration=calibration, recipe=base, size_ratio=1.3, progress=False)
+    assert len(costs) == 15 and all(c.errors[8] < c.errors[4] and c.sizes[8] > c.sizes[4] for c in costs)
+    budget = int(1.3 * sum(c.sizes[4] for c in costs))
+    errors = np.array([[c.errors[4], c.errors[8]] for c in costs])
+    sizes = np.array([[c.sizes[4], c.sizes[8]] for c in costs])
+    choices = np.array(list(itertools.product((0, 1), repeat=len(costs))))
+    rows = np.arange(len(costs))
+    total_size, total_error = sizes[rows, choices].sum(axis=1), errors[rows, choices].sum(axis=1)
+    best = total_error[total_size <= budget].min()
+    eight = {pattern for pattern, bits in recipe.quantize.layer_weight_bits if bits == 8}
+    assert len({c.name for c in costs}) == 15  # module paths: each pattern names one layer
+    picked = np.array([int(c.name in eight) for c in costs])
+    assert picked.sum() == len(eight) > 0
+    assert sizes[rows, picked].sum() <= budget
+    assert np.isclose(errors[rows, picked].sum(), best, rtol=1e-6)
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    _, integer, _, _ = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    ops = collections.Counter(n.op_type for n in integer.graph)
+    assert ops["QGemm"] == len(eight) and ops["QGemmInt4"] == 15 - len(eight)
