@@ -26,14 +26,13 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, save
+from common import print_table, save, streaming_bandwidth_gb_s
 
 from qcompiler.backends.tvm import build, int8_dot_isa, resolve_target
 from qcompiler.dialect import run_reference
@@ -43,17 +42,6 @@ THREADS = int(os.environ.get("TVM_NUM_THREADS", os.cpu_count() or 1))
 #: SmolLM2-135M's projections (N x K): q and o, k and v, gate and up, down, the LM head
 SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536), (49152, 576)]
 GROUP = 128
-
-
-def _bandwidth_gb_s() -> float:
-    """A streaming read of 1 GiB (numpy's sum of int64, the median of 5), GB/s."""
-    data = np.ones(1 << 27, np.int64)
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        samples.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(samples) / 1e9
 
 
 def _models(rng: np.random.Generator, n: int, k: int) -> dict[str, tuple[Any, int]]:
@@ -94,7 +82,7 @@ def main() -> None:
     samples: dict[tuple[int, int, str], dict[str, list[float]]] = {key: {"hot": [], "cold": []} for key in modules}
     bandwidths = []
     for round_ in range(args.rounds):
-        bandwidths.append(_bandwidth_gb_s())
+        bandwidths.append(streaming_bandwidth_gb_s())
         for key, (module, x, _) in modules.items():
             for kind, seconds in _times(module, x, repeat=50).items():
                 samples[key][kind].append(seconds)

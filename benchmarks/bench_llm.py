@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, save
+from common import print_table, save, streaming_bandwidth_gb_s
 
 from qcompiler.generation import DEFAULT_CHUNK, runtime_only
 from qcompiler.testing.llm import GGUF, ModelUnavailableError, load_smollm2, reported_perplexities
@@ -150,15 +150,6 @@ def _run(kind: str, where: str, max_context: int, tokens: np.ndarray, task: str)
 
 
 # --- set-up -----------------------------------------------------------------------------------------------------
-def _bandwidth_gb_s() -> float:
-    """A streaming read of 1 GiB (numpy's sum of int64, the median of 5), GB/s."""
-    data = np.ones(1 << 27, np.int64)
-    samples = []
-    for _ in range(5):
-        start = time.perf_counter()
-        data.sum()
-        samples.append(time.perf_counter() - start)
-    return data.nbytes / statistics.median(samples) / 1e9
 
 
 def _llama_cpp_models(folder: Path) -> dict[str, str]:
@@ -235,7 +226,7 @@ def main() -> None:
                 print(f"round {round_ + 1}/{args.rounds} {name}: {shown}", flush=True)
         for name, (kind, where) in systems.items():
             samples[name][0].update(_run(kind, where, args.max_context, smol.tokens, "perplexity"))
-        bandwidth = _bandwidth_gb_s()
+        bandwidth = streaming_bandwidth_gb_s()
     rows = []
     for name, runs in samples.items():
         row: dict[str, Any] = {"system": name}

@@ -28,6 +28,20 @@ def median_seconds(fn: Callable[[], Any], *, warmup: int = 10, repeats: int = 30
     return statistics.median(samples)
 
 
+def streaming_bandwidth_gb_s() -> float:
+    """The machine's memory bandwidth as one thread streams it: numpy's sum over 1 GiB of int64, the median of 5,
+    GB/s (a decode step's floor is its bytes over this)."""
+    import numpy as np
+
+    data = np.ones(1 << 27, np.int64)
+    samples = []
+    for _ in range(5):
+        start = time.perf_counter()
+        data.sum()
+        samples.append(time.perf_counter() - start)
+    return data.nbytes / statistics.median(samples) / 1e9
+
+
 def print_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     widths = {c: max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns}
     lines = [" | ".join(c.ljust(widths[c]) for c in columns), "-+-".join("-" * widths[c] for c in columns)]
