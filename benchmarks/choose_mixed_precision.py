@@ -14,7 +14,7 @@ perplexity on the evaluation and held-out ranges (qcompiler.testing.llm, 512-tok
 windows from token 8192. Weight bytes: the linears' codes and scales (``LayerCost.sizes``; the embedding and
 norms are the same in every row).
 
-    .venv/bin/python benchmarks/choose_mixed_precision.py [--ratios 1.1 1.25] [--windows 8]
+    .venv/bin/python benchmarks/choose_mixed_precision.py [--ratios 1.1 1.25] [--windows 8] [--rows uniform hand ilp]
 
 Prints the table and saves benchmarks/results/mixed_precision.json.
 """
@@ -46,6 +46,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ratios", nargs="*", type=float, default=[1.1, 1.25], help="size budgets over all-int4")
     parser.add_argument("--windows", type=int, default=8, help="512-token windows per perplexity (default 8)")
+    parser.add_argument("--rows", nargs="*", default=["uniform", "hand", "ilp"], choices=["uniform", "hand", "ilp"],
+                        help="which rows to measure (default all)")  # fmt: skip
     args = parser.parse_args()
     import torch
 
@@ -62,8 +64,12 @@ def main() -> None:
                                      progress=False)  # fmt: skip
     choose_s = time.perf_counter() - start
     all4 = sum(c.sizes[4] for c in costs)
-    tables = {"uniform int4": {}, "down_proj int8 (hand)": HAND}
-    for ratio in args.ratios:
+    tables: dict[str, dict[str, int]] = {}
+    if "uniform" in args.rows:
+        tables["uniform int4"] = {}
+    if "hand" in args.rows:
+        tables["down_proj int8 (hand)"] = HAND
+    for ratio in args.ratios if "ilp" in args.rows else []:
         choice = solve(costs, int(ratio * all4))
         tables[f"ILP within {ratio:g}x"] = as_layer_weight_bits(choice, default=4)
 

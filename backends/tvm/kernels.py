@@ -41,6 +41,9 @@ class GemmPlan:
     u8_activations: bool = False  # activations offset to u8 (a + 128), compensated in the bias (VNNI)
     group: int = 0  # int4 codes on the int8 dot, summed per group of this many (K padded to whole groups); 0: none
     wide_activations: bool = False  # int16 activations (W8A16) in pairs against int16-widened weights (KB 2)
+    #: grouped int4 plans on an x86 dot: the codes stored ``code + 8``, the dot's unsigned operand (the u4
+    #: intrinsics); elsewhere (generic: the GPU builds, whose dp4a takes signed bytes) two's complement
+    unsigned_codes: bool = False
 
     @property
     def n_padded(self) -> int:
@@ -213,9 +216,10 @@ def plan_int4_gemm(
     n: int, k: int, shifts: np.ndarray | None = None, group_size: int | None = None, isa: str = "avx2"
 ) -> GemmPlan:
     """Tiling of an int4 GEMM, the register tile of :func:`plan_gemm`. Where the group size is a multiple of 4
-    (every recipe's), the codes themselves go through the int8 dot of ``isa`` (:func:`int8_dot_isa`) as its
+    (every recipe's), the codes themselves go through the int8 dot of ``isa`` (:func:`int8_dot_isa`), on x86 as its
     unsigned operand, ``code + 8`` in [0, 15], against the int8 activations (AVX2 vpmaddubsw on 8 lanes, AVX-512
-    VNNI vpdpbusd on 16), each group's int32 sum corrected by ``8 sum a`` and scaled by its group scale; otherwise
+    VNNI vpdpbusd on 16), each group's int32 sum corrected by ``8 sum a``; signed on ``generic`` (the GPU builds:
+    dp4a's signed bytes); each group's sum scaled by its group scale; otherwise
     int16 weight pairs, code times group scale, on the AVX2 ``s8s16`` intrinsic (both in
     :func:`qgemm_int4_compute`)."""
     hi32 = shifts is not None and int(np.min(shifts)) >= HI32_MIN_SHIFT
@@ -224,8 +228,9 @@ def plan_int4_gemm(
             # two registers per tile row: the tile holds both the running sum and the group's partial sums (2 x 8
             # of 32 zmm at 4 rows); measured against 4 (default_nr): 1.7x at 512x576x1536, 1.9x at 16x4096x4096
             nr = min(2, default_nr(n, ZMM_LANES))
-            return GemmPlan(n, k, 4, nr, hi32, lanes=ZMM_LANES, group=group_size)
-        return GemmPlan(n=n, k=k, kb=4, nr=default_nr(n, LANES), hi32_epilogue=hi32, group=group_size)
+            return GemmPlan(n, k, 4, nr, hi32, lanes=ZMM_LANES, group=group_size, unsigned_codes=True)
+        return GemmPlan(n=n, k=k, kb=4, nr=default_nr(n, LANES), hi32_epilogue=hi32, group=group_size,
+                        unsigned_codes=isa == "avx2")  # fmt: skip
     return GemmPlan(n=n, k=k, kb=2, nr=default_nr(n, LANES), hi32_epilogue=hi32)
 
 
@@ -244,12 +249,12 @@ def pack_int4_panels(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
     codes for KB = 4), ``p = KB ji + ki`` (column ``L jo + ji``, input channel ``KB ko + ki``); byte ``b`` holds
     position ``b`` in its low nibble and ``b + L KB / 2`` in its high one, so either half of a block is one
     contiguous load (a vector, not a gather). The int16 form stores each code as the dialect does (two's
-    complement). Grouped plans (``plan.group``) store it unsigned, ``code + 8`` (the dot's unsigned operand as it is
-    loaded), and interleave the ``nr`` blocks of a register tile: ``[Np/(L nr), Kp/KB, nr, L KB / 2]``, so that a
-    tile's step of the dot reads one run of ``nr L KB / 2`` bytes (a cache line at nr = 2 on 16 lanes) and a thread
-    streams its tiles' bytes in one sequence (SmolLM2's GEMVs cold from DRAM, VNNI: 576 x 576 14.2 -> 7.2 us,
-    1536 x 576 25 -> 14 us, the 49152 x 576 LM head 621 -> 394 us, 36 GB/s; two half lines from two streams per
-    step left the prefetchers behind)."""
+    complement). Grouped plans (``plan.group``) store it unsigned, ``code + 8`` (the dot's unsigned operand as it
+    is loaded), where ``plan.unsigned_codes``, and interleave the ``nr`` blocks of a register tile:
+    ``[Np/(L nr), Kp/KB, nr, L KB / 2]``, so that a tile's step of the dot reads one run of ``nr L KB / 2`` bytes
+    (a cache line at nr = 2 on 16 lanes) and a thread streams its tiles' bytes in one sequence (SmolLM2's GEMVs
+    cold from DRAM, VNNI: 576 x 576 14.2 -> 7.2 us, 1536 x 576 25 -> 14 us, the 49152 x 576 LM head 621 -> 394 us,
+    36 GB/s; two half lines from two streams per step left the prefetchers behind)."""
     panels, kb = plan.n_padded // plan.lanes, plan.kb
     blocks = codes.reshape(panels, plan.lanes, plan.k_padded // kb, kb).transpose(0, 2, 1, 3)
     positions = blocks.reshape(panels, plan.k_padded // kb, kb * plan.lanes)
@@ -257,9 +262,11 @@ def pack_int4_panels(codes: np.ndarray, plan: GemmPlan) -> np.ndarray:
     packed = pack_int4(np.stack([positions[..., :half], positions[..., half:]], axis=-1))[..., 0]  # [..h, 2] -> [..h]
     if not plan.group:
         return packed
-    tiles = packed.reshape(panels // plan.nr, plan.nr, plan.k_padded // kb, half).transpose(0, 2, 1, 3)
+    tiles = np.ascontiguousarray(
+        packed.reshape(panels // plan.nr, plan.nr, plan.k_padded // kb, half).transpose(0, 2, 1, 3)
+    )
     # a two's-complement nibble with its top bit flipped is the code plus 8
-    return np.ascontiguousarray(tiles) ^ np.uint8(0x88)
+    return tiles ^ np.uint8(0x88) if plan.unsigned_codes else tiles
 
 
 def _per_column_block(values: np.ndarray, plan: GemmPlan, dtype: type) -> np.ndarray:
@@ -295,12 +302,17 @@ def _int4_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position
     return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
-def _int4_unsigned(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position: tirx.PrimExpr, half: int):
-    """The unsigned code ``code + 8`` at ``position`` of block ``(jo, ko)`` of a grouped plan's tile-interleaved
-    bytes (:func:`pack_int4_panels`): the nibble itself, a shift and a mask."""
+def _int4_tile_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position: tirx.PrimExpr, half: int,
+                    unsigned: bool):  # fmt: skip
+    """The code at ``position`` of block ``(jo, ko)`` of a grouped plan's tile-interleaved bytes
+    (:func:`pack_int4_panels`): unsigned, ``code + 8``, the nibble itself (a shift and a mask); else the signed
+    code, sign-extended in bytes."""
     nr = int(packed.shape[2])
     byte = packed[jo // nr, ko, jo % nr, position % half]
-    return (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+    nibble = (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+    if unsigned:
+        return nibble
+    return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
 def qgemm_int4_compute(
@@ -324,7 +336,8 @@ def qgemm_int4_compute(
     - grouped (``plan.group``): ``sum_g s[j, g] (sum_{k in g} a[i, k] (code[j, k] + 8) - 8 sum_{k in g} a[i, k])``,
       the same integers (int32 sums of exact products, regrouped), the inner sums on the int8 dot with the
       unsigned codes (a nibble, shifted and masked: nothing else) as its unsigned operand, the activations' group
-      sums ``A_sum`` computed once per row, the scale applied once per group; ``group_scale`` from
+      sums ``A_sum`` computed once per row (``plan.unsigned_codes``; else the signed codes and no correction),
+      the scale applied once per group; ``group_scale`` from
       :func:`int4_group_scales`.
     - int16 (a group size that is not a multiple of 4): the codes expanded times their group scale into the int16
       ``[Np/8, Kp/2, 8, 2]`` layout of the packed GEMM, which runs on int16 weight pairs; ``group_scale`` from
@@ -352,8 +365,9 @@ def qgemm_int4_compute(
     if plan.u8_activations:
         raise ValueError("qgemm_int4_compute: a grouped plan reads its activations as int8 (no u8 offset)")
     size, groups = plan.group, plan.k_padded // plan.group
+    unsigned = plan.unsigned_codes
     codes = te.compute(
-        shape, lambda jo, ko, ji, ki: _int4_unsigned(packed, jo, ko, ji * kb + ki, half), name="W_expand"
+        shape, lambda jo, ko, ji, ki: _int4_tile_code(packed, jo, ko, ji * kb + ki, half, unsigned), name="W_expand"
     )
     kk = te.reduce_axis((0, size), name="kk")
     partial = te.compute(
@@ -366,15 +380,21 @@ def qgemm_int4_compute(
         name="P",
     )
     ka = te.reduce_axis((0, size), name="ka")
-    sums = te.compute((m, groups), lambda i, g: te.sum(a[i, g * size + ka].astype("int32"), axis=ka), name="A_sum")
-    eight = tirx.const(8, "int32")  # the codes' +8, taken back out of each group's sum
     gr = te.reduce_axis((0, groups), name="g")
+    if unsigned:
+        sums = te.compute((m, groups), lambda i, g: te.sum(a[i, g * size + ka].astype("int32"), axis=ka), name="A_sum")
+        eight = tirx.const(8, "int32")  # the codes' +8, taken back out of each group's sum
+
+        def group_sum(i, g, j):
+            return partial[i, g, j] - sums[i, g] * eight
+    else:
+
+        def group_sum(i, g, j):
+            return partial[i, g, j]
+
     acc = te.compute(
         (m, plan.n_padded),
-        lambda i, j: te.sum(
-            (partial[i, gr, j] - sums[i, gr] * eight) * group_scale[j // lanes, gr, j % lanes].astype("int32"),
-            axis=gr,
-        ),
+        lambda i, j: te.sum(group_sum(i, gr, j) * group_scale[j // lanes, gr, j % lanes].astype("int32"), axis=gr),
         name="C",
     )
     return _requant(acc, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_exponent)
