@@ -297,8 +297,16 @@ def _int4_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, position
     """The int8 code at ``position`` of block ``(jo, ko)`` of :func:`pack_int4_panels`' bytes: the low nibble of
     byte ``position`` or the high one of byte ``position - half``; ``(n ^ 8) - 8`` sign-extends a nibble ``n``,
     all in bytes."""
-    byte = packed[jo, ko, position % half]
-    nibble = (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+    return _signed(_nibble(packed[jo, ko, position % half], position, half))
+
+
+def _nibble(byte: tirx.PrimExpr, position: tirx.PrimExpr, half: int) -> tirx.PrimExpr:
+    """The low nibble of ``byte`` for positions below ``half``, else the high one."""
+    return (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
+
+
+def _signed(nibble: tirx.PrimExpr) -> tirx.PrimExpr:
+    """A two's-complement nibble sign-extended in bytes: ``(n ^ 8) - 8``."""
     return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
 
 
@@ -308,11 +316,8 @@ def _int4_tile_code(packed: te.Tensor, jo: tirx.PrimExpr, ko: tirx.PrimExpr, pos
     (:func:`pack_int4_panels`): unsigned, ``code + 8``, the nibble itself (a shift and a mask); else the signed
     code, sign-extended in bytes."""
     nr = int(packed.shape[2])
-    byte = packed[jo // nr, ko, jo % nr, position % half]
-    nibble = (byte >> ((position // half) * 4).astype("uint8")) & tirx.const(15, "uint8")
-    if unsigned:
-        return nibble
-    return (nibble ^ tirx.const(8, "uint8")).astype("int8") - tirx.const(8, "int8")
+    nibble = _nibble(packed[jo // nr, ko, jo % nr, position % half], position, half)
+    return nibble if unsigned else _signed(nibble)
 
 
 def qgemm_int4_compute(

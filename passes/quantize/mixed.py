@@ -17,11 +17,10 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from qcompiler.dialect.dyadic import group_scale_bits
 from qcompiler.ir.graph import const_array
 from qcompiler.passes.quantize.precision import hadamard_matmul
-from qcompiler.passes.quantize.qdq import QuantizeConfig, layer_names, quantize_weight_per_channel
-from qcompiler.passes.quantize.weights import WeightQuantSpec, quantize_rtn
+from qcompiler.passes.quantize.qdq import QuantizeConfig, int4_weight_spec, layer_names, quantize_weight_per_channel
+from qcompiler.passes.quantize.weights import quantize_rtn
 
 BITS = (4, 8)
 
@@ -47,13 +46,10 @@ def _rounded(w: np.ndarray, bits: int, config: QuantizeConfig) -> tuple[np.ndarr
     if bits == 8:
         q, scales = quantize_weight_per_channel(w, axis=1)
         return q.astype(np.float64) * scales.astype(np.float64)[None, :], k * n + 4 * n
-    group = config.group_size if 0 < config.group_size < k else None
-    spec = WeightQuantSpec(
-        4, group, True, config.weight_clip_grid, scale_grid_bits=group_scale_bits(k, group) if group else None
-    )
+    spec = int4_weight_spec(config, k)
     result = quantize_rtn(w, spec)
     groups = result.scales.shape[0]
-    rows = np.arange(k) // (group or k)
+    rows = np.arange(k) // (spec.group_size or k)
     return result.q.astype(np.float64) * result.scales.astype(np.float64)[rows], (k * n + 1) // 2 + 2 * n * groups
 
 

@@ -199,6 +199,15 @@ class QuantizeConfig:
         return {self.weight_bits, *(bits for _, bits in self.layer_weight_bits)}
 
 
+def int4_weight_spec(config: QuantizeConfig, k: int) -> WeightQuantSpec:
+    """How a layer of ``k`` input channels is quantized at 4 bits: symmetric, per group of ``group_size`` (per
+    output channel when that is 0 or covers K) with the group scales on :func:`group_scale_bits`' integer grid."""
+    group = config.group_size if 0 < config.group_size < k else None
+    return WeightQuantSpec(
+        4, group, True, config.weight_clip_grid, scale_grid_bits=group_scale_bits(k, group) if group else None
+    )
+
+
 def layer_names(node: ir.Node) -> list[str]:
     """The names a linear answers to in ``layer_weight_bits``: its module path (torch.export's
     ``pkg.torch.onnx.name_scopes``, e.g. ``model.layers.0.mlp.down_proj``), its node name and its weight's name
@@ -974,9 +983,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         along the input axis for groups) and the per-channel unit scale ``s_max / 2^B`` the bias is stored at."""
         in_out = weight.astype(np.float64) if axis == 1 else weight.astype(np.float64).T
         k = in_out.shape[0]
-        group = self.config.group_size if 0 < self.config.group_size < k else None
-        bits = group_scale_bits(k, group)
-        spec = WeightQuantSpec(4, group, True, self.config.weight_clip_grid, scale_grid_bits=bits if group else None)
+        spec = int4_weight_spec(self.config, k)
+        group, bits = spec.group_size, group_scale_bits(k, spec.group_size)
         if self.config.weight_quantizer == "gptq":
             result = gptq(in_out, self._hessian(node, fold), spec, damp=self.config.gptq_damp,
                           act_order=self.config.gptq_act_order)  # fmt: skip
