@@ -83,10 +83,13 @@ class Recipe:
 
 def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
     """``[simulate]``: weight_bits, group_size (0: per channel), symmetric, clip_grid, clip_objective,
-    weight_quantizer, activation_bits (0: float activations), activation_clip, gptq_damp, gptq_act_order."""
+    weight_quantizer, activation_bits (0: float activations), activation_clip, gptq_damp, gptq_act_order; or a
+    number format (passes/quantize/formats.py) for either side: weight_format (with export_weights),
+    activation_format."""
     fields = dict(data)
     known = {"weight_bits", "group_size", "symmetric", "clip_grid", "clip_objective", "weight_quantizer",
-             "activation_bits", "activation_clip", "gptq_damp", "gptq_act_order"}  # fmt: skip
+             "activation_bits", "activation_clip", "gptq_damp", "gptq_act_order", "weight_format",
+             "activation_format", "export_weights"}  # fmt: skip
     unknown = sorted(set(fields) - known)
     if unknown:
         raise ValueError(f"simulate: unknown keys {unknown}; known: {sorted(known)}")
@@ -98,7 +101,7 @@ def _simulate_config(data: Mapping[str, Any]) -> FakeQuantConfig:
         clip_grid=tuple(float(r) for r in fields.pop("clip_grid", ())),
         clip_objective=str(fields.pop("clip_objective", "weight")),
     )
-    activation_bits = int(fields.pop("activation_bits", 8))
+    activation_bits = int(fields.pop("activation_bits", 0 if "activation_format" in fields else 8))
     return FakeQuantConfig(weight=weight, activation_bits=activation_bits or None, **fields)
 
 

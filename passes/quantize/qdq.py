@@ -144,6 +144,10 @@ class QuantizeConfig:
     #: its weight's name) gives its bits, 4 or 8; the others take ``weight_bits``. A pattern that matches no
     #: linear is an error (a misspelt name would otherwise quantize nothing differently)
     layer_weight_bits: tuple[tuple[str, int], ...] = ()
+    #: the 4-bit weights' number format (passes/quantize/formats.py): ``int4`` (a float scale per group, on the
+    #: integer grid of ``group_scale_bits``) or ``mxint4`` (OCP MX: one power-of-two scale per block of 32 input
+    #: channels, ``group_size = 32``)
+    weight_format: str = "int4"
 
     def __post_init__(self) -> None:
         if self.weight_quantizer not in ("rtn", "gptq"):
@@ -177,6 +181,14 @@ class QuantizeConfig:
         wrong = [(p, b) for p, b in self.layer_weight_bits if b not in (4, 8)]
         if wrong:
             raise ValueError(f"layer_weight_bits: bits must be 4 or 8, got {dict(wrong)}")
+        if self.weight_format not in INTEGER_WEIGHT_FORMATS:
+            raise ValueError(f"weight_format: the integer path compiles {sorted(INTEGER_WEIGHT_FORMATS)} 4-bit "
+                             f"weights, got {self.weight_format!r} (others: [simulate] weight_format)")  # fmt: skip
+        block = INTEGER_WEIGHT_FORMATS[self.weight_format]
+        if block and (4 not in self.bits_used or self.group_size != block):
+            raise ValueError(f"weight_format {self.weight_format!r}: needs 4-bit weights and group_size = {block} "
+                             f"(its blocks), got bits {sorted(self.bits_used)}, "
+                             f"group_size {self.group_size}")  # fmt: skip
         if self.group_size < 0 or (self.group_size and 4 not in self.bits_used):
             raise ValueError(f"group_size: groups need weight_bits = 4 and a size >= 1 (0: per channel), got "
                              f"{self.group_size} with weight_bits = {self.weight_bits}")  # fmt: skip
@@ -199,13 +211,19 @@ class QuantizeConfig:
         return {self.weight_bits, *(bits for _, bits in self.layer_weight_bits)}
 
 
+#: 4-bit weight formats the integer path compiles -> the block size they fix (0: any group_size)
+INTEGER_WEIGHT_FORMATS = {"int4": 0, "mxint4": 32}
+
+
 def int4_weight_spec(config: QuantizeConfig, k: int) -> WeightQuantSpec:
     """How a layer of ``k`` input channels is quantized at 4 bits: symmetric, per group of ``group_size`` (per
     output channel when that is 0 or covers K) with the group scales on :func:`group_scale_bits`' integer grid."""
     group = config.group_size if 0 < config.group_size < k else None
+    shared_exponent = config.weight_format == "mxint4"
     return WeightQuantSpec(
-        4, group, True, config.weight_clip_grid, scale_grid_bits=group_scale_bits(k, group) if group else None
-    )
+        4, group, True, () if shared_exponent else config.weight_clip_grid,
+        scale_grid_bits=group_scale_bits(k, group) if group else None, shared_exponent=shared_exponent,
+    )  # fmt: skip
 
 
 def layer_names(node: ir.Node) -> list[str]:

@@ -44,6 +44,10 @@ class WeightQuantSpec:
     #: group scale: the integer kernels then rescale groups by exact integers ``b in [1, 2^bits]``
     #: (:func:`qcompiler.dialect.group_scale_bits`); symmetric only
     scale_grid_bits: int | None = None
+    #: MX's shared exponent: each group's scale the power of two ``2^(floor(log2 max|w|) - (bits - 2))`` (the
+    #: element ``q 2^-(bits-2)`` under OCP's ``X = 2^(floor(log2 max|w|))``), codes saturating at ``qmax``
+    #: (:data:`qcompiler.passes.quantize.formats.FORMATS` ``mxint4``, ``mxint8``); symmetric, no clipping search
+    shared_exponent: bool = False
 
     def __post_init__(self) -> None:
         if not 2 <= self.bits <= 8:
@@ -58,6 +62,9 @@ class WeightQuantSpec:
             raise ValueError(
                 f"scale_grid_bits: must lie in [0, 14] with symmetric quantization, got {self.scale_grid_bits}"
             )
+        if self.shared_exponent and (not self.symmetric or self.clip_grid or self.bits < 3):
+            raise ValueError("shared_exponent: symmetric codes of 3 bits or more, without clip_grid (the scale is "
+                             "the block's power of two)")  # fmt: skip
 
     @property
     def qmin(self) -> int:
@@ -88,6 +95,10 @@ def _group_size(spec: WeightQuantSpec, rows: int) -> int:
 
 def _params(block: np.ndarray, spec: WeightQuantSpec, ratio: float | np.ndarray = 1.0) -> tuple[np.ndarray, ...]:
     """Scale and zero point per column of ``block [rows, out]`` from its (clipped) range."""
+    if spec.shared_exponent:
+        absmax = np.abs(block).max(axis=0)
+        exponent = np.frexp(np.where(absmax > 0, absmax, 1.0))[1] - 1 - (spec.bits - 2)
+        return np.where(absmax > 0, np.exp2(exponent), 1.0), np.zeros(block.shape[1])
     if spec.symmetric:
         absmax = np.abs(block).max(axis=0) * ratio
         scale = np.where(absmax > 0, absmax / spec.qmax, 1.0)

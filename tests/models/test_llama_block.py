@@ -437,3 +437,39 @@ def test_choose_layer_bits_solves_the_size_budget_exactly(tiny_llama) -> None:
     _, integer, _, _ = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
     ops = collections.Counter(n.op_type for n in integer.graph)
     assert ops["QGemm"] == len(eight) and ops["QGemmInt4"] == 15 - len(eight)
+
+
+def test_mxint4_weights_compile_integer_only(tiny_llama) -> None:
+    """MX block weights (issue 18): the ``w4a8-mxint4`` recipe stores every projection's weights as int4 codes with
+    one power-of-two scale per block of 32 input channels (OCP's shared exponent), run by the grouped int4 GEMM:
+    integer-only, TVM bit-exact, within one step of its simulation; the QDQ graph's weights are the MXINT4 format's
+    own values (passes/quantize/formats.py) wherever GPTQ left a weight alone, and every group scale is a power of
+    two times its column's."""
+    from qcompiler.config import load_recipe
+
+    exported, calibration, probe, _ = tiny_llama
+    recipe = load_recipe("w4a8-mxint4")
+    model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
+    qdq, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
+    assert float_ops_inside(integer) == []
+    gemms = [n for n in integer.graph if n.op_type == "QGemmInt4"]
+    assert len(gemms) == 15 and {n.attributes.get_int("group_size", 0) for n in gemms} == {32}
+    for node in gemms:  # int16 group rescales b = 2^j: power-of-two group scales under the column's largest
+        group_scales = node.inputs[2].const_value.numpy().astype(np.int64)
+        assert np.all(group_scales > 0) and np.all(group_scales & (group_scales - 1) == 0), node.name
+    assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)
+    qdq_proto, proto = ir.serde.serialize_model(qdq), ir.serde.serialize_model(integer)
+    for feeds in probe:
+        simulated, ours = run_reference(qdq_proto, feeds)[0], run_reference(proto, feeds)[0]
+        assert np.abs(ours - simulated).max() <= 1.5 * float(np.abs(simulated).max()) / 127
+
+
+def test_mxint4_rtn_weights_are_the_format_definition() -> None:
+    """RTN with the shared exponent (the integer path's quantizer) gives exactly formats.quantize's MXINT4 values."""
+    from qcompiler.passes.quantize.formats import FORMATS, quantize
+    from qcompiler.passes.quantize.weights import WeightQuantSpec, quantize_rtn
+
+    weight = np.random.default_rng(5).standard_t(4, size=(128, 48)) * 0.02
+    weight[:32, 7] = 0.0  # an all-zero block
+    restored = quantize_rtn(weight, WeightQuantSpec(4, 32, shared_exponent=True)).dequantize()
+    np.testing.assert_array_equal(restored.astype(np.float32), quantize(weight, FORMATS["mxint4"], axis=0))
