@@ -436,27 +436,32 @@ def _requant(acc, bias, multiplier, shift, m, plan, zero_point, lo, hi, row_expo
 
 
 def row_exponent_compute(x: te.Tensor, *, qmax: int = 127, max_exponent: int = 9) -> te.Tensor:
-    """Per row of int16 ``x [R, C]``: the smallest ``e >= 0`` with ``max |x| <= qmax 2^e``, int8 ``[R, 1]``."""
+    """Per row of int16 ``x [R, C]``: the smallest ``e in [0, max_exponent]`` with ``max |x| <= qmax 2^e``
+    (``max_exponent`` where none is), int8 ``[R, 1]``."""
     rows, cols = x.shape
     c = te.reduce_axis((0, cols), name="c")
     peak = te.compute((rows,), lambda r: te.max(te.abs(x[r, c].astype("int32")), axis=c), name="peak")
 
     def exponent(r: tirx.PrimExpr, _: tirx.PrimExpr) -> tirx.PrimExpr:
         total = tirx.const(0, "int32")
-        for j in range(max_exponent + 1):
+        for j in range(max_exponent):
             total = total + tirx.Select(peak[r] > tirx.const(qmax << j, "int32"), 1, 0)
         return total.astype("int8")
 
     return te.compute((rows, 1), exponent, name="exponent")
 
 
-def row_shift_compute(x: te.Tensor, exponent: te.Tensor) -> te.Tensor:
-    """``round_shift(x, e)`` per row (x itself where e = 0: the half ``(1 << e) >> 1`` is then 0), int8."""
+def row_shift_compute(x: te.Tensor, exponent: te.Tensor, *, qmax: int = 127) -> te.Tensor:
+    """``round_shift(x, e)`` per row (x itself where e = 0: the half ``(1 << e) >> 1`` is then 0), int8, clamped
+    to ``[-qmax, qmax]`` below 127 (int16 input reaches at most 64 at the largest exponent for int8 codes)."""
 
     def body(r: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         e = exponent[r, 0].astype("int32")
         half = (tirx.const(1, "int32") << e) >> tirx.const(1, "int32")
-        return ((x[r, c].astype("int32") + half) >> e).astype("int8")
+        shifted = (x[r, c].astype("int32") + half) >> e
+        if qmax < 127:
+            shifted = tirx.max(tirx.min(shifted, tirx.const(qmax, "int32")), tirx.const(-qmax, "int32"))
+        return shifted.astype("int8")
 
     return te.compute(tuple(x.shape), body, name="row_shift")
 

@@ -94,7 +94,8 @@ class QuantizeConfig:
 
     weight_bits: int = 8
     #: 8: int8 activations; 16 (W8A16): int16 wherever the producer can clamp and every reader takes int16
-    #: (qcompiler.passes.quantize.precision), each at the largest level bound its readers' int32 sums allow
+    #: (qcompiler.passes.quantize.precision), each at the largest level bound its readers' int32 sums allow;
+    #: 4 (W4A4): every linear that reads its input per token (``row_exponents``) reads int4 levels, [-7, 7]
     activation_bits: int = 8
     #: 16: tensors only residual adds and norms read are int16 (never GEMM operands); 8: all int8
     residual_bits: int = 16
@@ -197,9 +198,12 @@ class QuantizeConfig:
             raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
         if not 1 <= self.row_exponent_refinement <= 256:
             raise ValueError(f"row_exponent_refinement: must lie in [1, 256], got {self.row_exponent_refinement}")
-        if self.activation_bits not in (8, 16):
-            raise ValueError(f"activation_bits: must be 8 or 16 (W8A16: int16 wherever the readers take it), got "
-                             f"{self.activation_bits}")  # fmt: skip
+        if self.activation_bits not in (4, 8, 16):
+            raise ValueError(f"activation_bits: must be 4, 8 or 16 (W8A16: int16 wherever the readers take it), "
+                             f"got {self.activation_bits}")  # fmt: skip
+        if self.activation_bits == 4 and not self.row_exponents:
+            raise ValueError("activation_bits = 4 reads every linear's input per token (row_exponents = true): "
+                             "one static int4 step per tensor cannot hold a token's range")  # fmt: skip
         if self.activation_bits == 16 and (self.bits_used != {8} or self.row_exponents):
             raise ValueError("activation_bits = 16 needs 8-bit weights in every layer (weight_bits and "
                              "layer_weight_bits) and row_exponents = false (its int16 "
@@ -904,7 +908,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
             self._rows.add(id(deq_out))
         if read_rows:  # the linears read the (linear) DQ output per row
             top = np.float32(scales.max())
-            linear_target = row_exponent.insert(graph, linear_target, float(top))
+            qmax = row_exponent.ROW_QMAX_OF_BITS.get(self.config.activation_bits, row_exponent.ROW_QMAX)
+            linear_target = row_exponent.insert(graph, linear_target, float(top), qmax=qmax)
             linear_readers = list(readers)
             self._scale_of[id(linear_target)] = top
             if per_channel:

@@ -12,10 +12,11 @@ In the QDQ graph (float, any ONNX runtime) the same arithmetic is written with s
 ``DequantizeLinear`` the linears read (scale ``u``: the largest per-channel scale when ratios fold into the
 weights) and the linears; each node carries the metadata key :data:`TAG`, which is how the lowering finds it:
 
-    z = Round(x / u); M = ReduceMax(|z|); e = sum_j [M > 127 2^j]; y = Floor(z / 2^e + 1/2); out = y 2^e u
+    z = Round(x / u); M = ReduceMax(|z|); e = sum_j [M > q 2^j]; y = Floor(z / 2^e + 1/2); out = y 2^e u
 
 ``Floor(z / 2^e + 1/2)`` is the dialect's ``round_shift`` (ties toward +inf) exactly, so the integer code and
-the QDQ graph agree bit for bit on this step.
+the QDQ graph agree bit for bit on this step. ``q`` is 127, or 7 for 4-bit activations (``activation_bits = 4``:
+W4A4's linears read int4 levels, ``y`` then clipped to ``[-7, 7]``, which only a row beyond ``7 2^9`` needs).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from qcompiler.passes.quantize.precision import hadamard_matmul
 
 TAG = "qcompiler.row_exponent"
 ROW_QMAX = 127
+#: ``activation_bits`` -> the largest code a linear reads per token
+ROW_QMAX_OF_BITS = {8: 127, 4: 7}
 
 
 def reads_as_bias_free_linear(node: ir.Node, index: int) -> bool:
@@ -66,12 +69,14 @@ def candidate(graph: ir.Graph, value: ir.Value, through_shape_ops: bool = False)
     return True
 
 
-def insert(graph: ir.Graph, source: ir.Value, scale: float, before: ir.Node | None = None) -> ir.Value:
-    """The row-exponent read of ``source`` (a DequantizeLinear output at the scalar ``scale``), inserted after
-    ``source``'s producer; returns its float output."""
+def insert(
+    graph: ir.Graph, source: ir.Value, scale: float, before: ir.Node | None = None, qmax: int = ROW_QMAX
+) -> ir.Value:
+    """The row-exponent read of ``source`` (a DequantizeLinear output at the scalar ``scale``) at codes up to
+    ``qmax``, inserted after ``source``'s producer; returns its float output."""
     base = source.name or "x"
     u = add_initializer(graph, f"{base}_row_scale", np.array(scale, np.float32))
-    bounds = (ROW_QMAX * 2.0 ** np.arange(ROW_EXPONENT_MAX + 1)).astype(np.float32)
+    bounds = (qmax * 2.0 ** np.arange(ROW_EXPONENT_MAX)).astype(np.float32)
     nodes: list[ir.Node] = []
 
     def op(kind: str, inputs: list[ir.Value], role: str, **attributes) -> ir.Value:
@@ -93,6 +98,9 @@ def insert(graph: ir.Graph, source: ir.Value, scale: float, before: ir.Node | No
     step = op("Pow", [const("two", np.array(2.0, np.float32)), exponent], "step")
     half = const("half", np.array(0.5, np.float32))
     shifted = op("Floor", [op("Add", [op("Div", [codes, step], "divide"), half], "half_up")], "shifted")
+    if qmax < ROW_QMAX:  # saturate past qmax 2^9 (RowExponent's clamp)
+        lo, hi = const("lo", np.array(-qmax, np.float32)), const("hi", np.array(qmax, np.float32))
+        shifted = op("Clip", [shifted, lo, hi], "saturate")
     out = op("Mul", [op("Mul", [shifted, step], "restore"), u], "output")
     out.shape = source.shape
     producer = source.producer()
@@ -120,6 +128,20 @@ def source_of(value: ir.Value | None) -> ir.Value | None:
             return None
         current = nxt
     return None
+
+
+def qmax_of(value: ir.Value) -> int:
+    """The largest code of the row-exponent read whose output is ``value`` (its first bound)."""
+    pending, seen = [value.producer()], set()
+    while pending:
+        node = pending.pop()
+        if node is None or id(node) in seen or TAG not in node.metadata_props:
+            continue
+        seen.add(id(node))
+        if node.metadata_props[TAG] == "over" and (bounds := const_array(node.inputs[1])) is not None:
+            return int(np.asarray(bounds).ravel()[0])
+        pending.extend(v.producer() for v in node.inputs if v is not None)
+    return ROW_QMAX
 
 
 def nodes_of(graph: ir.Graph) -> set[int]:

@@ -94,24 +94,26 @@ def round_shift(value: np.ndarray | np.integer, shift: np.ndarray | np.integer) 
     return (value + (np.int64(1) << (shift - 1))) >> shift
 
 
-#: the largest row exponent: an int16 row needs at most 9 (127 * 2^9 >= 32768)
+#: the largest row exponent: an int16 row read as int8 needs at most 9 (127 * 2^8 < 32767 <= 127 * 2^9); with
+#: fewer levels (int4: 7) a row beyond ``qmax 2^9`` saturates at ``qmax``
 ROW_EXPONENT_MAX = 9
 
 
 def row_exponents(x: np.ndarray, qmax: int = 127) -> np.ndarray:
-    """Per row of the last axis, the smallest ``e >= 0`` with ``max |x| <= qmax * 2^e``: int8 ``[..., 1]``."""
+    """Per row of the last axis, the smallest ``e in [0, 9]`` with ``max |x| <= qmax * 2^e`` (9 where none is):
+    int8 ``[..., 1]``."""
     peak = np.abs(np.asarray(x, dtype=np.int64)).max(axis=-1, keepdims=True)
-    bounds = np.int64(qmax) << np.arange(ROW_EXPONENT_MAX + 1, dtype=np.int64)
+    bounds = np.int64(qmax) << np.arange(ROW_EXPONENT_MAX, dtype=np.int64)
     return (peak > bounds).sum(axis=-1, keepdims=True).astype(np.int8)
 
 
-def row_shift(x: np.ndarray, exponents: np.ndarray) -> np.ndarray:
-    """``round_shift(x, e)`` per row (``e = 0``: x itself), int8: within ``[-qmax, qmax]`` when ``e`` comes from
-    :func:`row_exponents` (``|x| <= qmax 2^e`` rounds to at most ``qmax``)."""
+def row_shift(x: np.ndarray, exponents: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """``round_shift(x, e)`` per row (``e = 0``: x itself), clamped to ``[-qmax, qmax]``, int8 (the clamp acts only
+    where :func:`row_exponents` reached its largest exponent: ``|x| <= qmax 2^e`` rounds to at most ``qmax``)."""
     x64 = np.asarray(x, dtype=np.int64)
     e = np.asarray(exponents, dtype=np.int64)
     shifted = round_shift(x64, np.maximum(e, 1))
-    return np.where(e == 0, x64, shifted).astype(np.int8)
+    return np.clip(np.where(e == 0, x64, shifted), -qmax, qmax).astype(np.int8)
 
 
 #: the int32 accumulator budget an int4 GEMM's products may take (the rest is the bias's)

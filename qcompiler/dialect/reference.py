@@ -174,9 +174,9 @@ class Requantize(OpRun):
 class RowExponent(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x):
-        e = row_exponents(x)
-        return (row_shift(x, e), e)
+    def _run(self, x, qmax=127):
+        e = row_exponents(x, qmax)
+        return (row_shift(x, e, qmax), e)
 
 
 class RescaleAdd(OpRun):

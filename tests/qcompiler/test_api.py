@@ -288,7 +288,7 @@ def test_dynamic_batch_is_fixed_from_the_data() -> None:
         qcompiler.compile(model, calibration=generator, progress=False)
 
 
-# --- float-simulation recipes (w4a8-dynamic, w4a4) and simulations of integer recipes ----------------------------
+# --- float-simulation recipes (w4a8-dynamic, w4a4-dynamic) and simulations of integer recipes ------------------------
 
 
 def _pre_norm_llama_block():
@@ -305,7 +305,7 @@ def _pre_norm_llama_block():
 def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> None:
     from qcompiler.config import load_recipe
 
-    w4a8, w4a4 = load_recipe("w4a8-dynamic"), load_recipe("w4a4")
+    w4a8, w4a4 = load_recipe("w4a8-dynamic"), load_recipe("w4a4-dynamic")
     assert w4a8.simulate is not None and w4a4.simulate is not None
     integer_w4a8 = load_recipe("w4a8")
     assert integer_w4a8.simulate is None
@@ -319,7 +319,7 @@ def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> 
     path = tmp_path / "block.onnx"
     onnx.save(generated.model, str(path))
     with pytest.raises(qcompiler.RecipeError, match="float simulation.*qcompiler.simulate"):
-        qcompiler.compile(str(path), "llvm", calibration=generated.inputs(2), recipe="w4a4")
+        qcompiler.compile(str(path), "llvm", calibration=generated.inputs(2), recipe="w4a4-dynamic")
     qdq = qcompiler.simulate(str(path), calibration=generated.inputs(2), recipe="w8a8", progress=False)
     assert sum(n.op_type == "QuantizeLinear" for n in qdq.graph) > 0  # an integer recipe simulates as its QDQ graph
     bad = tmp_path / "bad.toml"
@@ -329,7 +329,7 @@ def test_simulation_recipes_load_and_refuse_the_integer_path(tmp_path: Path) -> 
 
 
 def test_simulate_runs_the_rotated_gptq_recipe_and_8_bits_stay_close() -> None:
-    """w4a4 on a generated Llama block: a float graph with rotations, online Hadamards, GPTQ weights and
+    """w4a4-dynamic on a generated Llama block: a float graph with rotations, online Hadamards, GPTQ weights and
     per-token activations; at 8 bits the same pipeline stays within a few percent of float."""
     import dataclasses
 
@@ -340,10 +340,10 @@ def test_simulate_runs_the_rotated_gptq_recipe_and_8_bits_stay_close() -> None:
     generated = _pre_norm_llama_block()
     calibration, probe = generated.inputs(8), generated.inputs(2, offset=1)
     reference = [ort.InferenceSession(generated.model.SerializeToString()).run(None, feeds)[0] for feeds in probe]
-    w4a4 = qcompiler.simulate(generated.model, calibration=calibration, recipe="w4a4", progress=False)
+    w4a4 = qcompiler.simulate(generated.model, calibration=calibration, recipe="w4a4-dynamic", progress=False)
     # one fake quantizer per linear input: q/k/v, o, gate/up, down per layer, and the head
     assert sum(n.op_type == "Round" for n in w4a4.graph) == 4 * 2 + 1
-    base = load_recipe("w4a4")
+    base = load_recipe("w4a4-dynamic")
     assert base.simulate is not None
     eight = dataclasses.replace(
         base,

@@ -116,7 +116,7 @@ def test_a_plain_recipe_chooses_itself() -> None:
     ("table", "message"),
     [
         ('causal-decoder = "w8a8"\nattention = "w8a8"\nother = "w8a8"', r"missing \['depthwise-cnn'\]"),
-        ('causal-decoder = "w8a8"\nattention = "w8a8"\ndepthwise-cnn = "w8a8"\nother = "w4a4"', "integer-path"),
+        ('causal-decoder = "w8a8"\nattention = "w8a8"\ndepthwise-cnn = "w8a8"\nother = "w4a4-dynamic"', "integer-path"),
         ('causal-decoder = "nope"\nattention = "w8a8"\ndepthwise-cnn = "w8a8"\nother = "w8a8"', "unknown recipe"),
     ],
 )

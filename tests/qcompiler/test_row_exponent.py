@@ -39,6 +39,23 @@ def test_row_exponent_is_the_smallest_that_fits_and_rounds_half_up(x: np.ndarray
     assert np.all(np.where(e == 0, y == x, True))
 
 
+@settings(max_examples=300, deadline=None)
+@given(INT16)
+def test_int4_levels_fit_or_saturate_at_the_largest_exponent(x: np.ndarray) -> None:
+    """qmax = 7 (W4A4's reads): the smallest exponent that fits, codes in [-7, 7]; a row beyond 7 2^9 takes
+    exponent 9 and saturates."""
+    e = row_exponents(x, 7).astype(np.int64)
+    y = row_shift(x, e, 7).astype(np.int64)
+    peak = np.abs(x.astype(np.int64)).max(axis=-1, keepdims=True)
+    assert e.max() <= ROW_EXPONENT_MAX and np.abs(y).max() <= 7
+    fits = peak <= 7 << e
+    assert np.all(fits | (e == ROW_EXPONENT_MAX))
+    assert np.all((e == 0) | (peak > 7 << np.maximum(e - 1, 0)))
+    unclamped = np.where(e == 0, x, round_shift(x, np.maximum(e, 1)))
+    np.testing.assert_array_equal(y, np.clip(unclamped, -7, 7))
+    assert np.all(np.where(fits, y == unclamped, True))  # the clamp acts only on rows beyond 7 2^9
+
+
 def test_row_exponent_at_the_extremes() -> None:
     x = np.array([[127, -127], [128, 0], [-32768, 32767], [254, -254], [255, 0], [0, 0]], np.int16)
     np.testing.assert_array_equal(row_exponents(x).ravel(), [0, 1, 9, 1, 2, 0])
@@ -72,8 +89,8 @@ def _graph_model(nodes, inputs, outputs, inits=()) -> bytes:
 
 
 @settings(max_examples=60, deadline=None)
-@given(INT16, st.floats(1e-4, 10.0))
-def test_qdq_form_computes_the_integer_arithmetic_bit_for_bit(codes: np.ndarray, scale: float) -> None:
+@given(INT16, st.floats(1e-4, 10.0), st.sampled_from([127, 7]))
+def test_qdq_form_computes_the_integer_arithmetic_bit_for_bit(codes: np.ndarray, scale: float, qmax: int) -> None:
     """The standard-op form the quantizer writes (passes/quantize/row_exponent.py) gives ``y 2^e u`` with y and e
     exactly RowExponent's, on every int16 input: the QDQ graph and the integer code agree on this step."""
     u = np.float32(scale)
@@ -91,18 +108,19 @@ def test_qdq_form_computes_the_integer_arithmetic_bit_for_bit(codes: np.ndarray,
     dq = ir.node("DequantizeLinear", [x, s, zero])
     dq.outputs[0].dtype = ir.DataType.FLOAT
     graph.append(dq)
-    out = row_exponent.insert(graph, dq.outputs[0], float(u))
+    out = row_exponent.insert(graph, dq.outputs[0], float(u), qmax=qmax)
     graph.outputs.append(out)
-    assert row_exponent.source_of(out) is dq.outputs[0]
+    assert row_exponent.source_of(out) is dq.outputs[0] and row_exponent.qmax_of(out) == qmax
     (got,) = run_reference(ir.serde.serialize_model(model), {"z": codes})
-    e = row_exponents(codes)
-    want = (row_shift(codes, e).astype(np.float32) * np.float32(2.0) ** e.astype(np.float32)) * u
+    e = row_exponents(codes, qmax)
+    want = (row_shift(codes, e, qmax).astype(np.float32) * np.float32(2.0) ** e.astype(np.float32)) * u
     np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.tvm
-@pytest.mark.parametrize(("m", "n", "k"), [(1, 9, 5), (6, 40, 130), (17, 64, 64)])
-def test_row_exponent_and_qgemm_rows_bit_exact_in_tvm(m: int, n: int, k: int) -> None:
+@pytest.mark.parametrize(("m", "n", "k", "qmax"), [(1, 9, 5, 127), (6, 40, 130, 127), (17, 64, 64, 127),
+                                                   (6, 40, 130, 7)])  # fmt: skip
+def test_row_exponent_and_qgemm_rows_bit_exact_in_tvm(m: int, n: int, k: int, qmax: int) -> None:
     """RowExponent -> QGemm(row_exponent) compiled by TVM against the reference: rows at -32768, 32767, 127, 128,
     zero and random ones (exponents 0 to 9), per-channel shifts down to 10."""
     from qcompiler.backends.tvm import build
@@ -114,7 +132,7 @@ def test_row_exponent_and_qgemm_rows_bit_exact_in_tvm(m: int, n: int, k: int) ->
     shift = rng.integers(ROW_EXPONENT_MAX + 1, 48, n).astype(np.int32)
     shift[0] = ROW_EXPONENT_MAX + 1  # the smallest a row exponent allows
     nodes = [
-        helper.make_node("RowExponent", ["x"], ["codes", "e"], domain=DOMAIN),
+        helper.make_node("RowExponent", ["x"], ["codes", "e"], domain=DOMAIN, qmax=qmax),
         helper.make_node("QGemm", ["codes", "w", "b", "m", "s", "e"], ["y"], domain=DOMAIN, lo=-32768, hi=32767),
     ]
     model = _graph_model(
@@ -134,8 +152,8 @@ def test_row_exponent_and_qgemm_rows_bit_exact_in_tvm(m: int, n: int, k: int) ->
         extreme[3, :] = 128
     feeds = [{"x": extreme}, {"x": rng.integers(-300, 300, (m, k)).astype(np.int16)},
              {"x": rng.integers(-127, 128, (m, k)).astype(np.int16)}]  # fmt: skip
-    exponents = {int(v) for f in feeds for v in row_exponents(f["x"]).ravel()}
-    assert 0 in exponents and 9 in exponents
+    exponents = {int(v) for f in feeds for v in row_exponents(f["x"], qmax).ravel()}
+    assert 9 in exponents and (0 in exponents or qmax < 127)
     assert_bit_exact(lambda proto: build(proto, {"x": [m, k]}), model, feeds)
 
 
