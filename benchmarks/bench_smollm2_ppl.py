@@ -10,7 +10,9 @@ token 8192 on. ``--split validation`` scores the validation range instead (where
   int8 RTN weights; without smoothing (every norm and SwiGLU output per tensor) and with smoothing (those
   outputs per channel, SmoothQuant's migration at alpha 0.75 folded into the next weights).
 - W4A8 integer path (recipe ``w4a8``, its QDQ graph in onnxruntime as above): rotate (below), GPTQ int4 weights
-  per group of 128 on the integer scale grid, static per-tensor int8 activations with the settings of w8a8-llm.
+  per group of 128 on the integer scale grid, static per-tensor int8 activations with the settings of w8a8-llm;
+  ``w4a8-mxint4`` the same with MXINT4 weights (a power-of-two scale per block of 32); ``w4a4`` with every
+  linear's input read per token at int4 levels (one power-of-two step per token).
 - W4 rows, float simulation (passes/quantize/fake.py): 4-bit symmetric weights per group of 128 input rows
   (clipping search), dynamic per-token symmetric activations at every linear input (8 bits, or 4 bits clipped
   at 0.9 of the row maximum); "rotate" = fold-norm-gains + rotate-residual + rotate-heads + online Hadamards
@@ -84,8 +86,13 @@ SIMULATED = {
     "W4A4 rotate (KLT) + GPTQ": (KLT, FakeQuantConfig(W4, "gptq", 4, activation_clip=0.9)),
 }
 INTEGER = {"W8A8 RTN (integer path)": False, "W8A8 RTN + smoothing (integer path)": True}
-W4A8_INTEGER = "W4A8 rotate + GPTQ (integer path, w4a8)"
-ROWS = ["float", *INTEGER, W4A8_INTEGER, *SIMULATED]
+#: integer-path recipes measured as they are (their QDQ graph, the arithmetic of their integer code)
+INTEGER_RECIPES = {
+    "W4A8 rotate + GPTQ (integer path, w4a8)": "w4a8",
+    "W4A8 MXINT4 weights, rotate + GPTQ (integer path, w4a8-mxint4)": "w4a8-mxint4",
+    "W4A4 rotate + GPTQ, per-token power-of-two int4 (integer path, w4a4)": "w4a4",
+}
+ROWS = ["float", *INTEGER, *INTEGER_RECIPES, *SIMULATED]
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -133,8 +140,8 @@ def main() -> None:
         start = time.perf_counter()
         if name == "float":
             session = _session(canonical, qdq=False)
-        elif name == W4A8_INTEGER:
-            recipe = load_recipe("w4a8")
+        elif name in INTEGER_RECIPES:
+            recipe = load_recipe(INTEGER_RECIPES[name])
             qdq, _, _, _ = quantize_to_integer(_copy(exported), calibration=calibration, recipe=recipe, progress=False)
             session = _session(qdq, qdq=True)
         elif name in INTEGER:
