@@ -124,6 +124,13 @@ def floor_log2(values: np.ndarray) -> np.ndarray:
     return (np.frexp(values)[1] - 1).astype(np.float32)
 
 
+def shared_exponent_scale(peak: np.ndarray, emax: int) -> np.ndarray:
+    """MX's block scale ``X = 2^(floor(log2 peak) - emax)`` (E8M0), 1 where the block is all zeros."""
+    peak = np.asarray(peak)
+    exponent = floor_log2(np.where(peak > 0, peak, 1)).astype(peak.dtype) - emax
+    return np.where(peak > 0, np.exp2(exponent), 1).astype(peak.dtype)
+
+
 def round_elements(values: np.ndarray, fmt: NumberFormat) -> np.ndarray:
     """``values`` (already divided by their scale, float32) rounded onto ``fmt``'s element grid, float32."""
     v = np.asarray(values, dtype=np.float32)
@@ -155,7 +162,7 @@ def block_scales(x: np.ndarray, fmt: NumberFormat, clip: float = 1.0) -> np.ndar
     if fmt.block_scale is None:
         scale = peak * np.float32(clip / fmt.max_value)
     elif fmt.block_scale == "e8m0":
-        scale = np.exp2(floor_log2(np.where(zero, 1, peak)) - np.float32(fmt.emax))
+        scale = shared_exponent_scale(peak, fmt.emax)
     else:  # e4m3 block scales under one float scale per slice
         slice_peak = peak.max(axis=-2, keepdims=True)
         outer = np.where(slice_peak > 0, slice_peak * np.float32(1.0 / (fmt.max_value * E4M3_MAX)), 1)

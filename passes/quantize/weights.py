@@ -20,6 +20,7 @@ import dataclasses
 import numpy as np
 
 from qcompiler.dialect.int4 import pack_int4, unpack_int4
+from qcompiler.passes.quantize.formats import shared_exponent_scale
 
 __all__ = [
     "QuantizedWeight", "WeightQuantSpec", "gptq", "hessian", "pack_int4", "quantize_rtn", "snap_scales", "unpack_int4",
@@ -95,10 +96,9 @@ def _group_size(spec: WeightQuantSpec, rows: int) -> int:
 
 def _params(block: np.ndarray, spec: WeightQuantSpec, ratio: float | np.ndarray = 1.0) -> tuple[np.ndarray, ...]:
     """Scale and zero point per column of ``block [rows, out]`` from its (clipped) range."""
-    if spec.shared_exponent:
-        absmax = np.abs(block).max(axis=0)
-        exponent = np.frexp(np.where(absmax > 0, absmax, 1.0))[1] - 1 - (spec.bits - 2)
-        return np.where(absmax > 0, np.exp2(exponent), 1.0), np.zeros(block.shape[1])
+    if spec.shared_exponent:  # X = 2^(floor(log2 max|w|)) (emax 0), codes at 2^-(bits-2) of it
+        scale = shared_exponent_scale(np.abs(block).max(axis=0), 0) * 2.0 ** -(spec.bits - 2)
+        return scale, np.zeros(block.shape[1])
     if spec.symmetric:
         absmax = np.abs(block).max(axis=0) * ratio
         scale = np.where(absmax > 0, absmax / spec.qmax, 1.0)
