@@ -10,21 +10,24 @@ the first 4096 WikiText-2 test tokens and on 4096 held-out tokens (qcompiler.tes
 windows). Which of these compile integer-only: int8 and int4 weights, and mxint4 weights (recipe key
 ``quantize.weight_format``); the rest are simulations.
 
-    .venv/bin/python benchmarks/compare_formats.py [--rows NAME ...] [--windows 8]
+    .venv/bin/python benchmarks/compare_formats.py [--rows NAME ...] [--windows 8] [--merge]
 
-Prints the table and saves benchmarks/results/formats.json.
+Prints the table and saves benchmarks/results/formats.json after every row (``--merge``: into the rows already
+there, replacing those measured again).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_smollm2_ppl import ROTATE, _copy, _perplexity, _session
-from common import print_table, save
+from common import RESULTS, print_table, save
 
 import qcompiler
 from qcompiler.calibrate import observe
@@ -50,6 +53,7 @@ def main() -> None:
     names = ["float", *ROWS]
     parser.add_argument("--rows", nargs="*", default=names, choices=names, help="which rows to measure")
     parser.add_argument("--windows", type=int, default=8, help="512-token windows scored per range (8 = 4096 tokens)")
+    parser.add_argument("--merge", action="store_true", help="keep the other rows of results/formats.json")
     args = parser.parse_args()
     import torch
 
@@ -61,7 +65,9 @@ def main() -> None:
     exported = qcompiler.ir.load(smol.logits_module(), example_inputs=(torch.from_numpy(calibration[0]["ids"]),))
     canonical = Pipeline([spec.build() for spec in load_recipe("w8a8-llm").canonicalize]).run(exported).model
     rotated = None
-    rows = []
+    path = RESULTS / "formats.json"
+    rows = json.loads(path.read_text())["rows"] if args.merge and path.exists() else []
+    ranges = {split: [SPLITS[split].start, SPLITS[split].start + args.windows * WINDOW] for split in REPORTED}
     for name in args.rows:
         start = time.perf_counter()
         model = _copy(canonical)
@@ -84,17 +90,25 @@ def main() -> None:
         row = {"recipe": name, "prepare_s": round(prepared, 1)}
         for split in REPORTED:
             row[split] = round(_perplexity(session, smol.tokens, args.windows, split), 2)
-        rows.append(row)
+        rows = [r for r in rows if r["recipe"] != name] + [row]
         print(f"{name}: {', '.join(f'{s} {row[s]:.2f}' for s in REPORTED)} ({prepared:.0f}s)", flush=True)
+        _ratios(rows)
+        save("formats", rows, {"tokens": ranges, "window": WINDOW})  # a long run keeps what it measured
+        del session, model
+        gc.collect()  # each row's graph and session (a rotated SmolLM2 with its quantizers: gigabytes)
+    order = {name: i for i, name in enumerate(names)}
+    rows.sort(key=lambda r: order.get(r["recipe"], len(order)))
+    _ratios(rows)
+    columns = [column for split in REPORTED for column in (split, f"{split} vs float")]
+    print_table(rows, ["recipe", *columns])
+    print(f"saved {save('formats', rows, {'tokens': ranges, 'window': WINDOW})}")
+
+
+def _ratios(rows: list[dict]) -> None:
     floats = next((row for row in rows if row["recipe"] == "float"), None)
     for row in rows:
         for split in REPORTED:
             row[f"{split} vs float"] = round(row[split] / floats[split], 4) if floats else None
-    columns = [column for split in REPORTED for column in (split, f"{split} vs float")]
-    print_table(rows, ["recipe", *columns])
-    ranges = {split: [SPLITS[split].start, SPLITS[split].start + args.windows * WINDOW] for split in REPORTED}
-    path = save("formats", rows, {"tokens": ranges, "window": WINDOW})
-    print(f"saved {path}")
 
 
 if __name__ == "__main__":
