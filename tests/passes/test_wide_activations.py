@@ -283,8 +283,10 @@ def test_readers_that_cannot_take_int16_keep_the_tensor_int8() -> None:
 
 
 def test_config_validates_activation_bits() -> None:
-    with pytest.raises(ValueError, match="activation_bits: must be 8 or 16"):
+    with pytest.raises(ValueError, match="activation_bits: must be 4, 8 or 16"):
         QuantizeConfig(activation_bits=12)
+    with pytest.raises(ValueError, match="activation_bits = 4 reads every linear's input per token"):
+        QuantizeConfig(activation_bits=4, weight_bits=4)  # W4A4 without row exponents
     with pytest.raises(ValueError, match="8-bit weights in every layer"):
         QuantizeConfig(activation_bits=16, weight_bits=4)
     with pytest.raises(ValueError, match="row_exponents"):
