@@ -155,7 +155,9 @@ def _blocks(x: np.ndarray, fmt: NumberFormat) -> np.ndarray:
 
 def block_scales(x: np.ndarray, fmt: NumberFormat, clip: float = 1.0) -> np.ndarray:
     """The scale of every block of ``x [..., n]`` along its last axis, ``[..., n / b, 1]`` float32 (one slice:
-    ``[..., 1, 1]``); 1 where a block is all zeros. ``clip`` scales the per-slice maximum (slice scales only)."""
+    ``[..., 1, 1]``); 1 where a block is all zeros, 0 where its scale underflows (an NV block below E4M3's
+    smallest step of its slice's scale: it reads as zeros). ``clip`` scales the per-slice maximum (slice scales
+    only)."""
     blocks = _blocks(np.asarray(x, dtype=np.float32), fmt)
     peak = np.abs(blocks).max(axis=-1, keepdims=True)
     zero = peak == 0
@@ -168,8 +170,12 @@ def block_scales(x: np.ndarray, fmt: NumberFormat, clip: float = 1.0) -> np.ndar
         outer = np.where(slice_peak > 0, slice_peak * np.float32(1.0 / (fmt.max_value * E4M3_MAX)), 1)
         inner = round_elements(peak * np.float32(1.0 / fmt.max_value) / outer, _E4M3_GRID)
         scale = inner * outer
-        zero |= inner == 0
     return np.where(zero, np.float32(1), scale).astype(np.float32)
+
+
+def _divisor(scales: np.ndarray) -> np.ndarray:
+    """The scales elements are divided by: 1 where a scale is 0 (its elements are then multiplied by 0)."""
+    return np.where(scales > 0, scales, np.float32(1)).astype(np.float32)
 
 
 def quantize(x: np.ndarray, fmt: NumberFormat, axis: int = -1, clip: float = 1.0) -> np.ndarray:
@@ -181,7 +187,7 @@ def quantize(x: np.ndarray, fmt: NumberFormat, axis: int = -1, clip: float = 1.0
     """
     moved = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
     scales = block_scales(moved, fmt, clip)
-    restored = round_elements(_blocks(moved, fmt) / scales, fmt) * scales
+    restored = round_elements(_blocks(moved, fmt) / _divisor(scales), fmt) * scales
     return np.moveaxis(restored.reshape(moved.shape), -1, axis)
 
 
@@ -193,7 +199,7 @@ def export_weight(graph: ir.Graph, weight: np.ndarray, fmt: NumberFormat, name: 
     w = np.asarray(weight, dtype=np.float32)
     scales = block_scales(w.T, fmt)[..., 0].T  # [in / b, out] (one slice: [1, out])
     size = fmt.block_size or w.shape[0]
-    elements = round_elements(w / np.repeat(scales, size, axis=0), fmt)
+    elements = round_elements(w / np.repeat(_divisor(scales), size, axis=0), fmt)
     unit = np.float32(2.0**fmt.mantissa_bits) if fmt.element == "int" else np.float32(1)
     stored = (
         np.rint(elements * unit).astype(np.int8) if fmt.element == "int" else elements.astype(_ML_DTYPES[fmt.onnx_type])
@@ -291,9 +297,9 @@ def fake_quantize_graph(
             b.op("Div", b.op("Mul", peak, b.const("inner_ratio", 1.0 / fmt.max_value)), outer), _E4M3_GRID
         )
         scale = b.op("Mul", inner, outer)
-        nonzero = b.op("Greater", inner, b.const("zero_inner", 0.0))
     scale = b.op("Where", nonzero, scale, one)
-    restored = b.op("Mul", b.round_elements(b.op("Div", blocks, scale), fmt), scale)
+    divisor = b.op("Where", b.op("Greater", scale, b.const("zero_scale", 0.0)), scale, one)
+    restored = b.op("Mul", b.round_elements(b.op("Div", blocks, divisor), fmt), scale)
     out = b.op("Reshape", restored, b.op("Shape", x))
     out.name, out.shape = f"{x.name or 'x'}_{fmt.name}_fq", x.shape
     graph.insert_before(before, b.nodes)

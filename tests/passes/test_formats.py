@@ -73,6 +73,17 @@ def test_mx_block_scale_is_the_ocp_shared_exponent() -> None:
     assert block_scales(np.zeros((2, 32), np.float32), fmt).ravel().tolist() == [1.0, 1.0]
 
 
+def test_an_nv_block_below_its_scales_range_reads_as_zeros() -> None:
+    """A block whose E4M3 scale underflows (its peak below about 2e-6 of its slice's) has scale 0, as NVFP4 stores
+    it, so its elements read as 0, in the definition, in the ONNX simulation and in the QDQ export alike."""
+    x = np.full((1, 1, 32), 1.0, np.float32)
+    x[0, 0, :16] = 1e9  # the slice's peak; the second block's scale then underflows
+    fmt = FORMATS["nvfp4"]
+    assert block_scales(x, fmt)[0, 0, 1, 0] == 0.0
+    assert np.all(quantize(x, fmt)[0, 0, 16:] == 0.0) and quantize(x, fmt)[0, 0, 0] == 1e9 * np.float32(1.0)
+    np.testing.assert_array_equal(_run_graph_subgraph(x, "nvfp4"), quantize(x, fmt))
+
+
 def test_nv_block_scale_is_e4m3_under_the_slice_scale() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(3, 64)).astype(np.float32)
@@ -135,6 +146,7 @@ def test_qdq_export_dequantizes_to_the_simulated_weight(name) -> None:
     fmt = FORMATS[name]
     weight = np.random.default_rng(4).normal(size=(64, 24)).astype(np.float32) * 0.05
     weight[:, 3] = 0.0  # a dead output channel
+    weight[:32, 5], weight[32:, 5] = 1e6, 1e-3  # an NV block whose scale underflows: zeros in every form
     x = ir.Value(name="x", shape=ir.Shape([2, 64]), type=ir.TensorType(ir.DataType.FLOAT))
     matmul = ir.node("MatMul", [x, x])
     graph = ir.Graph([x], [matmul.outputs[0]], nodes=[matmul], opset_imports={"": 23}, name="export")
