@@ -161,12 +161,13 @@ class RowExponent(OF.OnnxOpConverter):
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         x2 = bb.normalize(relax.op.reshape(x, [rows, shape[-1]])) if len(shape) != 2 else x
         qmax = int(attr.get("qmax", 127))
+        bound = int(attr.get("bound", 0)) or qmax
         exponent = bb.emit_te(
-            kernels.row_exponent_compute, x2, qmax=qmax, primfunc_name_hint="row_exponent",
+            kernels.row_exponent_compute, x2, qmax=bound, primfunc_name_hint="row_exponent",
             primfunc_attrs={KERNEL_ATTR: "rowwise"},
         )  # fmt: skip
         codes = bb.emit_te(
-            kernels.row_shift_compute, x2, exponent, qmax=qmax, primfunc_name_hint="row_shift",
+            kernels.row_shift_compute, x2, exponent, qmax=qmax, clamp=bound > qmax, primfunc_name_hint="row_shift",
             primfunc_attrs={KERNEL_ATTR: "elementwise"},
         )  # fmt: skip
         if len(shape) != 2:

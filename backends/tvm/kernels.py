@@ -451,15 +451,16 @@ def row_exponent_compute(x: te.Tensor, *, qmax: int = 127, max_exponent: int = 9
     return te.compute((rows, 1), exponent, name="exponent")
 
 
-def row_shift_compute(x: te.Tensor, exponent: te.Tensor, *, qmax: int = 127) -> te.Tensor:
+def row_shift_compute(x: te.Tensor, exponent: te.Tensor, *, qmax: int = 127, clamp: bool = False) -> te.Tensor:
     """``round_shift(x, e)`` per row (x itself where e = 0: the half ``(1 << e) >> 1`` is then 0), int8, clamped
-    to ``[-qmax, qmax]`` below 127 (int16 input reaches at most 64 at the largest exponent for int8 codes)."""
+    to ``[-qmax, qmax]`` below 127 or with ``clamp`` (exponents chosen for a bound above ``qmax``; int16 input
+    reaches at most 64 at the largest exponent for plain int8 codes)."""
 
     def body(r: tirx.PrimExpr, c: tirx.PrimExpr) -> tirx.PrimExpr:
         e = exponent[r, 0].astype("int32")
         half = (tirx.const(1, "int32") << e) >> tirx.const(1, "int32")
         shifted = (x[r, c].astype("int32") + half) >> e
-        if qmax < 127:
+        if qmax < 127 or clamp:
             shifted = tirx.max(tirx.min(shifted, tirx.const(qmax, "int32")), tirx.const(-qmax, "int32"))
         return shifted.astype("int8")
 

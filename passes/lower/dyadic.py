@@ -167,12 +167,13 @@ def _share_row_exponents(graph: ir.Graph) -> bool:
     their own, the same integers, which a decode step then computed (and allocated) three and two times. The
     others' readers take the first one's outputs (first in graph order: it precedes every reader of the later
     ones); the unused ones go with the pass's clean-up."""
-    first: dict[tuple[int, int], ir.Node] = {}
+    first: dict[tuple[int, int, int], ir.Node] = {}
     shared = False
     for node in graph:
         if node.op_type != "RowExponent" or node.domain != DOMAIN or node.inputs[0] is None:
             continue
-        kept = first.setdefault((id(node.inputs[0]), node.attributes.get_int("qmax", 127)), node)
+        levels = (node.attributes.get_int("qmax", 127), node.attributes.get_int("bound", 0))
+        kept = first.setdefault((id(node.inputs[0]), *levels), node)
         if kept is not node:
             for old, new in zip(node.outputs, kept.outputs, strict=True):
                 old.replace_all_uses_with(new)
@@ -507,8 +508,10 @@ class LowerQDQToIntegerPass(ir.passes.InPlacePass):
                     node_label(node), node.op_type, "a row-exponent input must be int16 and the linear bias-free"
                 )
             base = (quantized_output(node)[1].outputs[0].name or "y") + "_rows"
-            qmax = row_exponent.qmax_of(node.inputs[0])
+            qmax, bound = row_exponent.levels_of(node.inputs[0])
             attributes = {"qmax": qmax} if qmax != row_exponent.ROW_QMAX else {}
+            if bound != qmax:
+                attributes["bound"] = bound
             split = ir.node("RowExponent", [x.value], attributes=attributes, domain=DOMAIN, num_outputs=2)
             split.outputs[0].dtype, split.outputs[1].dtype = ir.DataType.INT8, ir.DataType.INT8
             split.outputs[0].name, split.outputs[1].name = base, f"{base}_exponent"

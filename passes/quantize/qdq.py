@@ -129,6 +129,9 @@ class QuantizeConfig:
     #: passes/quantize/row_exponent.py): an outlier token no longer sets every token's step
     row_exponents: bool = False
     row_exponent_refinement: int = 4
+    #: each token's row exponent holds its peak within ``qmax / row_exponent_clip`` levels: below 1, a peak up to
+    #: that far beyond ``qmax`` clips into it instead of doubling every element's step
+    row_exponent_clip: float = 1.0
     #: ``rtn`` (round to nearest) or ``gptq`` (error compensation through the calibration inputs' Hessian)
     weight_quantizer: str = "rtn"
     #: GPTQ's damping, a fraction of the Hessian's mean diagonal
@@ -196,6 +199,8 @@ class QuantizeConfig:
         object.__setattr__(self, "weight_clip_grid", tuple(float(r) for r in self.weight_clip_grid))
         if any(not 0.0 < r <= 1.0 for r in self.weight_clip_grid):
             raise ValueError(f"weight_clip_grid: ratios must lie in (0, 1], got {list(self.weight_clip_grid)}")
+        if not 0.5 <= self.row_exponent_clip <= 1.0:
+            raise ValueError(f"row_exponent_clip: must lie in [0.5, 1], got {self.row_exponent_clip}")
         if not 1 <= self.row_exponent_refinement <= 256:
             raise ValueError(f"row_exponent_refinement: must lie in [1, 256], got {self.row_exponent_refinement}")
         if self.activation_bits not in (4, 8, 16):
@@ -909,7 +914,8 @@ class QuantizeQDQPass(ir.passes.InPlacePass):
         if read_rows:  # the linears read the (linear) DQ output per row
             top = np.float32(scales.max())
             qmax = row_exponent.ROW_QMAX_OF_BITS.get(self.config.activation_bits, row_exponent.ROW_QMAX)
-            linear_target = row_exponent.insert(graph, linear_target, float(top), qmax=qmax)
+            bound = round(qmax / self.config.row_exponent_clip)
+            linear_target = row_exponent.insert(graph, linear_target, float(top), qmax=qmax, bound=bound)
             linear_readers = list(readers)
             self._scale_of[id(linear_target)] = top
             if per_channel:

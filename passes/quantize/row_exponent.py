@@ -70,13 +70,20 @@ def candidate(graph: ir.Graph, value: ir.Value, through_shape_ops: bool = False)
 
 
 def insert(
-    graph: ir.Graph, source: ir.Value, scale: float, before: ir.Node | None = None, qmax: int = ROW_QMAX
+    graph: ir.Graph,
+    source: ir.Value,
+    scale: float,
+    before: ir.Node | None = None,
+    qmax: int = ROW_QMAX,
+    bound: int = 0,
 ) -> ir.Value:
     """The row-exponent read of ``source`` (a DequantizeLinear output at the scalar ``scale``) at codes up to
-    ``qmax``, inserted after ``source``'s producer; returns its float output."""
+    ``qmax``, each row's exponent the smallest that holds its peak within ``bound`` (0: ``qmax``; above it, the
+    peak clips), inserted after ``source``'s producer; returns its float output."""
     base = source.name or "x"
+    bound = bound or qmax
     u = add_initializer(graph, f"{base}_row_scale", np.array(scale, np.float32))
-    bounds = (qmax * 2.0 ** np.arange(ROW_EXPONENT_MAX)).astype(np.float32)
+    bounds = (bound * 2.0 ** np.arange(ROW_EXPONENT_MAX)).astype(np.float32)
     nodes: list[ir.Node] = []
 
     def op(kind: str, inputs: list[ir.Value], role: str, **attributes) -> ir.Value:
@@ -98,7 +105,7 @@ def insert(
     step = op("Pow", [const("two", np.array(2.0, np.float32)), exponent], "step")
     half = const("half", np.array(0.5, np.float32))
     shifted = op("Floor", [op("Add", [op("Div", [codes, step], "divide"), half], "half_up")], "shifted")
-    if qmax < ROW_QMAX:  # saturate past qmax 2^9 (RowExponent's clamp)
+    if qmax < ROW_QMAX or bound > qmax:  # saturate past qmax 2^9, or a clipped peak (RowExponent's clamp)
         lo, hi = const("lo", np.array(-qmax, np.float32)), const("hi", np.array(qmax, np.float32))
         shifted = op("Clip", [shifted, lo, hi], "saturate")
     out = op("Mul", [op("Mul", [shifted, step], "restore"), u], "output")
@@ -130,18 +137,23 @@ def source_of(value: ir.Value | None) -> ir.Value | None:
     return None
 
 
-def qmax_of(value: ir.Value) -> int:
-    """The largest code of the row-exponent read whose output is ``value`` (its first bound)."""
+def levels_of(value: ir.Value) -> tuple[int, int]:
+    """``(qmax, bound)`` of the row-exponent read whose output is ``value``: its saturating Clip's top (127
+    without one) and its first exponent bound."""
     pending, seen = [value.producer()], set()
+    qmax, bound = ROW_QMAX, 0
     while pending:
         node = pending.pop()
         if node is None or id(node) in seen or TAG not in node.metadata_props:
             continue
         seen.add(id(node))
-        if node.metadata_props[TAG] == "over" and (bounds := const_array(node.inputs[1])) is not None:
-            return int(np.asarray(bounds).ravel()[0])
+        role = node.metadata_props[TAG]
+        if role == "over" and (bounds := const_array(node.inputs[1])) is not None:
+            bound = int(np.asarray(bounds).ravel()[0])
+        if role == "saturate" and (top := const_array(node.inputs[2])) is not None:
+            qmax = int(top)
         pending.extend(v.producer() for v in node.inputs if v is not None)
-    return ROW_QMAX
+    return qmax, bound or qmax
 
 
 def nodes_of(graph: ir.Graph) -> set[int]:

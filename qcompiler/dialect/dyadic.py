@@ -99,11 +99,12 @@ def round_shift(value: np.ndarray | np.integer, shift: np.ndarray | np.integer) 
 ROW_EXPONENT_MAX = 9
 
 
-def row_exponents(x: np.ndarray, qmax: int = 127) -> np.ndarray:
-    """Per row of the last axis, the smallest ``e in [0, 9]`` with ``max |x| <= qmax * 2^e`` (9 where none is):
-    int8 ``[..., 1]``."""
+def row_exponents(x: np.ndarray, qmax: int = 127, bound: int = 0) -> np.ndarray:
+    """Per row of the last axis, the smallest ``e in [0, 9]`` with ``max |x| <= bound * 2^e`` (9 where none is;
+    ``bound`` 0: ``qmax``; a larger one clips a row's peak into ``qmax`` rather than doubling its step): int8
+    ``[..., 1]``."""
     peak = np.abs(np.asarray(x, dtype=np.int64)).max(axis=-1, keepdims=True)
-    bounds = np.int64(qmax) << np.arange(ROW_EXPONENT_MAX, dtype=np.int64)
+    bounds = np.int64(bound or qmax) << np.arange(ROW_EXPONENT_MAX, dtype=np.int64)
     return (peak > bounds).sum(axis=-1, keepdims=True).astype(np.int8)
 
 

@@ -174,8 +174,8 @@ class Requantize(OpRun):
 class RowExponent(OpRun):
     op_domain = DOMAIN
 
-    def _run(self, x, qmax=127):
-        e = row_exponents(x, qmax)
+    def _run(self, x, qmax=127, bound=0):
+        e = row_exponents(x, qmax, bound)
         return (row_shift(x, e, qmax), e)
 
 

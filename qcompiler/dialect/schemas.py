@@ -272,12 +272,15 @@ def _schemas() -> list[OpSchema]:
         "RowExponent",
         DOMAIN,
         OPSET_VERSION,
-        "Per row of the last axis: e = the smallest e in [0, 9] with max|x| <= qmax * 2^e (9 where none is), "
+        "Per row of the last axis: e = the smallest e in [0, 9] with max|x| <= bound * 2^e (9 where none is), "
         "y = clamp(round_shift(x, e), -qmax, qmax) (x itself where e = 0): an int16 tensor as int8 codes with one "
         "power-of-two step per row (per token); qmax 127 (int8) or 7 (int4 levels).",
         inputs=[_param("x", _I16, "int16 [..., C]")],
         outputs=[_param("y", _I8, "int8 [..., C] in [-qmax, qmax]"), _param("e", _I8, "int8 [..., 1] in [0, 9]")],
-        attributes=[_attr("qmax", 127, "the largest code: 127, or 7 for int4 levels")],
+        attributes=[
+            _attr("qmax", 127, "the largest code: 127, or 7 for int4 levels"),
+            _attr("bound", 0, "e is the smallest with max|x| <= bound * 2^e (0: qmax; above qmax: clipping)"),
+        ],
     )
     return [
         requantize,

@@ -475,10 +475,12 @@ def test_mxint4_rtn_weights_are_the_format_definition() -> None:
     np.testing.assert_array_equal(restored.astype(np.float32), quantize(weight, FORMATS["mxint4"], axis=0))
 
 
-def test_w4a4_recipe_compiles_int4_activations_integer_only(tiny_llama) -> None:
+@pytest.mark.parametrize("clip", [1.0, 0.875])
+def test_w4a4_recipe_compiles_int4_activations_integer_only(tiny_llama, clip: float) -> None:
     """W4A4 integer-only (issue 18): every linear reads its input per token at int4 levels (RowExponent with
     qmax 7: codes in [-7, 7], one power-of-two step per token) against int4 weights, TVM bit-exact, and every op
-    agrees with the recipe's simulation (qcompiler.simulate with the integer nonlinearities) within one step."""
+    agrees with the recipe's simulation (qcompiler.simulate with the integer nonlinearities) within one step. With
+    ``row_exponent_clip = 0.875`` each token's exponent holds its peak within 8 levels (clipping it into 7)."""
     import dataclasses
 
     from onnx.reference import ReferenceEvaluator
@@ -489,12 +491,14 @@ def test_w4a4_recipe_compiles_int4_activations_integer_only(tiny_llama) -> None:
 
     exported, calibration, probe, reference = tiny_llama
     base = load_recipe("w4a4")
-    recipe = dataclasses.replace(base, quantize=dataclasses.replace(base.quantize, group_size=32))  # K = 64, 128
+    quantize = dataclasses.replace(base.quantize, group_size=32, row_exponent_clip=clip)  # K = 64, 128
+    recipe = dataclasses.replace(base, quantize=quantize)
     model = ir.serde.deserialize_model(ir.serde.serialize_model(exported))
     _, integer, _, shapes = quantize_to_integer(model, calibration=calibration, recipe=recipe, progress=False)
     assert float_ops_inside(integer) == []
     reads = [n for n in integer.graph if n.op_type == "RowExponent"]
     assert len(reads) == 9 and {n.attributes.get_int("qmax", 127) for n in reads} == {7}
+    assert {n.attributes.get_int("bound", 0) for n in reads} == ({0} if clip == 1.0 else {8})
     gemms = [n for n in integer.graph if n.op_type == "QGemmInt4"]
     assert len(gemms) == 15 and all(len(g.inputs) > 6 and g.inputs[6] is not None for g in gemms)
     assert_bit_exact(lambda proto: build(proto, shapes), integer, probe)

@@ -287,6 +287,8 @@ def test_config_validates_activation_bits() -> None:
         QuantizeConfig(activation_bits=12)
     with pytest.raises(ValueError, match="activation_bits = 4 reads every linear's input per token"):
         QuantizeConfig(activation_bits=4, weight_bits=4)  # W4A4 without row exponents
+    with pytest.raises(ValueError, match=r"row_exponent_clip: must lie in \[0.5, 1\], got 0.2"):
+        QuantizeConfig(row_exponents=True, row_exponent_clip=0.2)
     with pytest.raises(ValueError, match="8-bit weights in every layer"):
         QuantizeConfig(activation_bits=16, weight_bits=4)
     with pytest.raises(ValueError, match="row_exponents"):
