@@ -186,9 +186,14 @@ def quantize(x: np.ndarray, fmt: NumberFormat, axis: int = -1, clip: float = 1.0
         ValueError: a block format over an axis whose length is not a multiple of the block size.
     """
     moved = np.moveaxis(np.asarray(x, dtype=np.float32), axis, -1)
+    elements, scales = _encode(moved, fmt, clip)
+    return np.moveaxis((elements * scales).reshape(moved.shape), -1, axis)
+
+
+def _encode(moved: np.ndarray, fmt: NumberFormat, clip: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """``moved [..., n]``'s elements on ``fmt``'s grid ``[..., n / b, b]`` and their scales ``[..., n / b, 1]``."""
     scales = block_scales(moved, fmt, clip)
-    restored = round_elements(_blocks(moved, fmt) / _divisor(scales), fmt) * scales
-    return np.moveaxis(restored.reshape(moved.shape), -1, axis)
+    return round_elements(_blocks(moved, fmt) / _divisor(scales), fmt), scales
 
 
 def export_weight(graph: ir.Graph, weight: np.ndarray, fmt: NumberFormat, name: str, before: ir.Node) -> ir.Value:
@@ -197,9 +202,9 @@ def export_weight(graph: ir.Graph, weight: np.ndarray, fmt: NumberFormat, name: 
     output channel) inserted before ``before``: the standard QDQ form other ONNX tools read. Its value equals
     :func:`quantize` ``(weight, fmt, axis=0)`` bit for bit. Returns the ``DequantizeLinear`` output."""
     w = np.asarray(weight, dtype=np.float32)
-    scales = block_scales(w.T, fmt)[..., 0].T  # [in / b, out] (one slice: [1, out])
+    blocked, block_scale = _encode(w.T, fmt)  # [out, in / b, b], [out, in / b, 1]
+    elements, scales = blocked.reshape(w.T.shape).T, block_scale[..., 0].T  # [in, out], [in / b, out]
     size = fmt.block_size or w.shape[0]
-    elements = round_elements(w / np.repeat(_divisor(scales), size, axis=0), fmt)
     unit = np.float32(2.0**fmt.mantissa_bits) if fmt.element == "int" else np.float32(1)
     stored = (
         np.rint(elements * unit).astype(np.int8) if fmt.element == "int" else elements.astype(_ML_DTYPES[fmt.onnx_type])

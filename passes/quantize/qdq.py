@@ -44,6 +44,7 @@ from qcompiler.ir.ops import (
 )
 from qcompiler.passes.canonicalize.resize import resize_refusal
 from qcompiler.passes.quantize import row_exponent
+from qcompiler.passes.quantize.formats import FORMATS
 from qcompiler.passes.quantize.precision import (
     INT32_MAX,
     hadamard_matmul,
@@ -220,13 +221,15 @@ class QuantizeConfig:
         return {self.weight_bits, *(bits for _, bits in self.layer_weight_bits)}
 
 
-#: 4-bit weight formats the integer path compiles -> the block size they fix (0: any group_size)
-INTEGER_WEIGHT_FORMATS = {"int4": 0, "mxint4": 32}
+#: 4-bit weight formats the integer path compiles (passes/quantize/formats.py) -> the block size they fix (0: any
+#: group_size)
+INTEGER_WEIGHT_FORMATS = {name: FORMATS[name].block_size or 0 for name in ("int4", "mxint4")}
 
 
 def int4_weight_spec(config: QuantizeConfig, k: int) -> WeightQuantSpec:
     """How a layer of ``k`` input channels is quantized at 4 bits: symmetric, per group of ``group_size`` (per
-    output channel when that is 0 or covers K) with the group scales on :func:`group_scale_bits`' integer grid."""
+    output channel when that is 0 or covers K) with the group scales on :func:`group_scale_bits`' integer grid;
+    with ``weight_format = "mxint4"`` each group's scale MX's shared exponent (no clipping search)."""
     group = config.group_size if 0 < config.group_size < k else None
     shared_exponent = config.weight_format == "mxint4"
     return WeightQuantSpec(
